@@ -1,0 +1,214 @@
+//! HTTP GET of discovery documents and key sets, with every limit a hostile or broken server
+//! could abuse bounded: connect and read timeouts, no redirects, a body cap, HTTPS only.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::error::{ConfigError, KeyError, Quoted};
+
+/// A successful response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpResponse {
+    /// The body (at most the configured cap).
+    pub body: Vec<u8>,
+    /// `Cache-Control: max-age`, in seconds, if the server sent one (and no `no-store`/`no-cache`,
+    /// which read as 0).
+    pub max_age: Option<u64>,
+}
+
+/// Fetches a URL. Replaceable in tests.
+pub trait Fetcher: Send + Sync {
+    /// GETs `url`.
+    fn get(&self, url: &str) -> Result<HttpResponse, KeyError>;
+}
+
+/// Limits of the HTTP client.
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    /// Time to open the connection (TCP and TLS).
+    pub connect_timeout: Duration,
+    /// Time for the whole request after connecting.
+    pub read_timeout: Duration,
+    /// Largest body accepted.
+    pub max_body_bytes: usize,
+    /// INSECURE, for loopback tests only: allow `http://` URLs whose host is a loopback address.
+    pub insecure_allow_http_loopback: bool,
+    /// PEM file of CA certificates to trust instead of the public web roots (private IdPs).
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(2),
+            read_timeout: Duration::from_secs(3),
+            max_body_bytes: 64 * 1024,
+            insecure_allow_http_loopback: false,
+            ca_file: None,
+        }
+    }
+}
+
+/// Splits `url` into (is_https, host), refusing user info and anything that is not http(s).
+fn scheme_and_host(url: &str) -> Result<(bool, &str), KeyError> {
+    let bad = || KeyError::BadUrl(Quoted::new(url));
+    let (https, rest) = if let Some(r) = url.strip_prefix("https://") {
+        (true, r)
+    } else if let Some(r) = url.strip_prefix("http://") {
+        (false, r)
+    } else {
+        return Err(KeyError::InsecureUrl(Quoted::new(url)));
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if authority.is_empty() || authority.contains('@') || url.chars().any(char::is_whitespace) {
+        return Err(bad());
+    }
+    let host = if let Some(v6) = authority.strip_prefix('[') {
+        v6.split(']').next().ok_or_else(bad)?
+    } else {
+        authority.rsplit_once(':').map_or(authority, |(h, _)| h)
+    };
+    Ok((https, host))
+}
+
+fn is_loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Checks that `url` may be fetched under `settings`.
+pub fn check_url(url: &str, allow_http_loopback: bool) -> Result<(), KeyError> {
+    let (https, host) = scheme_and_host(url)?;
+    if !https && !(allow_http_loopback && is_loopback(host)) {
+        return Err(KeyError::InsecureUrl(Quoted::new(url)));
+    }
+    Ok(())
+}
+
+/// Reads `Cache-Control` for a max-age. `no-store` and `no-cache` count as 0.
+pub fn parse_max_age(cache_control: &str) -> Option<u64> {
+    let mut max_age = None;
+    for directive in cache_control.split(',').map(str::trim) {
+        let lower = directive.to_ascii_lowercase();
+        if lower == "no-store" || lower == "no-cache" {
+            return Some(0);
+        }
+        if let Some(v) = lower.strip_prefix("max-age=") {
+            max_age = v.trim_matches('"').parse().ok();
+        }
+    }
+    max_age
+}
+
+/// The real fetcher, on ureq with rustls (aws-lc-rs).
+pub struct UreqFetcher {
+    agent: ureq::Agent,
+    settings: HttpSettings,
+}
+
+impl UreqFetcher {
+    /// Builds the client; fails if the CA file cannot be read.
+    pub fn new(settings: HttpSettings) -> Result<Self, ConfigError> {
+        use ureq::tls::{RootCerts, TlsConfig, TlsProvider};
+        let roots = match &settings.ca_file {
+            None => RootCerts::WebPki,
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    ConfigError::new("ca_file", format!("cannot read {}: {e}", path.display()))
+                })?;
+                let certs: Vec<_> = ureq::tls::parse_pem(&pem)
+                    .filter_map(|item| match item {
+                        Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
+                        _ => None,
+                    })
+                    .collect();
+                if certs.is_empty() {
+                    return Err(ConfigError::new(
+                        "ca_file",
+                        format!("{} holds no PEM certificate", path.display()),
+                    ));
+                }
+                RootCerts::Specific(Arc::new(certs))
+            }
+        };
+        let tls = TlsConfig::builder()
+            .provider(TlsProvider::Rustls)
+            .root_certs(roots)
+            .unversioned_rustls_crypto_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+            .build();
+        let agent = ureq::Agent::config_builder()
+            .tls_config(tls)
+            .proxy(None)
+            .max_redirects(0)
+            .http_status_as_error(false)
+            .https_only(!settings.insecure_allow_http_loopback)
+            .timeout_connect(Some(settings.connect_timeout))
+            .timeout_resolve(Some(settings.connect_timeout))
+            .timeout_recv_response(Some(settings.read_timeout))
+            .timeout_recv_body(Some(settings.read_timeout))
+            .timeout_global(Some(settings.connect_timeout + settings.read_timeout))
+            .user_agent(concat!("gprxy/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .into();
+        Ok(Self { agent, settings })
+    }
+}
+
+impl Fetcher for UreqFetcher {
+    fn get(&self, url: &str) -> Result<HttpResponse, KeyError> {
+        check_url(url, self.settings.insecure_allow_http_loopback)?;
+        let q = || Quoted::new(url);
+        let transport = |e: ureq::Error| match e {
+            ureq::Error::Timeout(_) => KeyError::Timeout(q()),
+            ureq::Error::BodyExceedsLimit(_) => {
+                KeyError::TooLarge { url: q(), limit: self.settings.max_body_bytes }
+            }
+            other => KeyError::Transport { url: q(), reason: other.to_string() },
+        };
+        let mut resp = self.agent.get(url).header("Accept", "application/json").call().map_err(transport)?;
+        let status = resp.status().as_u16();
+        if (300..400).contains(&status) {
+            return Err(KeyError::Redirect(q()));
+        }
+        if status != 200 {
+            return Err(KeyError::Status { url: q(), status });
+        }
+        let max_age =
+            resp.headers().get("cache-control").and_then(|v| v.to_str().ok()).and_then(parse_max_age);
+        let body = resp
+            .body_mut()
+            .with_config()
+            .limit(self.settings.max_body_bytes as u64)
+            .read_to_vec()
+            .map_err(transport)?;
+        Ok(HttpResponse { body, max_age })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_rules() {
+        assert!(check_url("https://idp.example/jwks", false).is_ok());
+        assert!(matches!(check_url("http://idp.example/jwks", false), Err(KeyError::InsecureUrl(_))));
+        assert!(matches!(check_url("http://idp.example/jwks", true), Err(KeyError::InsecureUrl(_))));
+        assert!(check_url("http://127.0.0.1:8080/jwks", true).is_ok());
+        assert!(check_url("http://[::1]:8080/jwks", true).is_ok());
+        assert!(check_url("http://localhost/jwks", true).is_ok());
+        assert!(matches!(check_url("http://127.0.0.1/x", false), Err(KeyError::InsecureUrl(_))));
+        assert!(matches!(check_url("file:///etc/passwd", true), Err(KeyError::InsecureUrl(_))));
+        assert!(matches!(check_url("https://user@idp/x", false), Err(KeyError::BadUrl(_))));
+        assert!(matches!(check_url("http://127.0.0.1.evil.com/x", true), Err(KeyError::InsecureUrl(_))));
+    }
+
+    #[test]
+    fn cache_control() {
+        assert_eq!(parse_max_age("public, max-age=600"), Some(600));
+        assert_eq!(parse_max_age("no-store"), Some(0));
+        assert_eq!(parse_max_age("public"), None);
+        assert_eq!(parse_max_age("max-age=abc"), None);
+    }
+}

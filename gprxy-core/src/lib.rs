@@ -1,0 +1,29 @@
+//! gprxy-core: the one implementation of "is this bearer token good, and who is it", shared by
+//! the PostgreSQL extension and the proxy.
+//!
+//! - [`Validator`] checks a JWT access token against a [`Policy`] (RFC 9068, RFC 8725).
+//! - [`JwksCache`] fetches and caches the issuer's keys ([`KeySource`]).
+//! - [`jose`] verifies compact JWS signatures strictly.
+//!
+//! Pure Rust: no pgrx, no async runtime.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod claims;
+pub mod error;
+pub mod fetch;
+pub mod jose;
+pub mod jwk;
+pub mod jwks;
+pub mod policy;
+#[cfg(feature = "testkit")]
+pub mod testkit;
+pub mod validate;
+
+pub use error::{ConfigError, KeyError, Malformed, Quoted, ValidationError};
+pub use fetch::{Fetcher, HttpResponse, HttpSettings, UreqFetcher};
+pub use jose::{fingerprint, peek_unverified, KeySource, Unverified};
+pub use jwk::{KeySet, VerifyKey};
+pub use jwks::{CacheSettings, Clock, JwksCache, JwksSource, Snapshot, SystemClock};
+pub use policy::{parse_algorithms, Algorithm, IdentityForm, Policy, PolicyBuilder, MAX_TOKEN_BYTES};
+pub use validate::{ValidatedToken, Validator};

@@ -1,0 +1,364 @@
+//! What a token must satisfy: a typed policy, checked once when it is built.
+//!
+//! Defaults follow RFC 8725 (JWT best current practice) and RFC 9068 (JWT access tokens):
+//! asymmetric algorithms only, `typ` `at+jwt`, issuer compared exactly, an audience required.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::claims::ClaimPath;
+use crate::error::ConfigError;
+
+/// Signature algorithms gprxy can verify. HMAC is deliberately absent: an access-token validator
+/// that shares a secret with the issuer can mint tokens, and `HS256` with a public key as the
+/// secret is a classic confusion attack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Algorithm {
+    /// RSASSA-PKCS1-v1_5 with SHA-256.
+    RS256,
+    /// RSASSA-PKCS1-v1_5 with SHA-384.
+    RS384,
+    /// RSASSA-PKCS1-v1_5 with SHA-512.
+    RS512,
+    /// RSASSA-PSS with SHA-256.
+    PS256,
+    /// RSASSA-PSS with SHA-384.
+    PS384,
+    /// RSASSA-PSS with SHA-512.
+    PS512,
+    /// ECDSA P-256 with SHA-256.
+    ES256,
+    /// ECDSA P-384 with SHA-384.
+    ES384,
+    /// Ed25519.
+    EdDSA,
+}
+
+impl Algorithm {
+    /// Every algorithm, in the default allowlist's order.
+    pub const ALL: [Algorithm; 9] = [
+        Self::RS256,
+        Self::RS384,
+        Self::RS512,
+        Self::PS256,
+        Self::PS384,
+        Self::PS512,
+        Self::ES256,
+        Self::ES384,
+        Self::EdDSA,
+    ];
+
+    /// The JOSE name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::RS256 => "RS256",
+            Self::RS384 => "RS384",
+            Self::RS512 => "RS512",
+            Self::PS256 => "PS256",
+            Self::PS384 => "PS384",
+            Self::PS512 => "PS512",
+            Self::ES256 => "ES256",
+            Self::ES384 => "ES384",
+            Self::EdDSA => "EdDSA",
+        }
+    }
+
+    /// Parses a JOSE name exactly (JOSE names are case-sensitive).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|a| a.name() == name)
+    }
+
+    pub(crate) fn to_jwt(self) -> jsonwebtoken::Algorithm {
+        use jsonwebtoken::Algorithm as J;
+        match self {
+            Self::RS256 => J::RS256,
+            Self::RS384 => J::RS384,
+            Self::RS512 => J::RS512,
+            Self::PS256 => J::PS256,
+            Self::PS384 => J::PS384,
+            Self::PS512 => J::PS512,
+            Self::ES256 => J::ES256,
+            Self::ES384 => J::ES384,
+            Self::EdDSA => J::EdDSA,
+        }
+    }
+}
+
+impl fmt::Display for Algorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Algorithm {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::from_name(s.trim()).ok_or_else(|| {
+            ConfigError::new(
+                "allowed_algorithms",
+                format!(
+                    "unknown or forbidden algorithm {s:?} (allowed: {})",
+                    Self::ALL.map(Self::name).join(", ")
+                ),
+            )
+        })
+    }
+}
+
+/// How the authenticated identity is formed from the configured claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IdentityForm {
+    /// The claim's value as it is (`auth0|123`).
+    #[default]
+    Plain,
+    /// `<iss>#<value>`: unique across issuers (an issuer URL never contains `#`).
+    IssuerQualified,
+}
+
+/// A complete, checked validation policy. Build it with [`PolicyBuilder`].
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub(crate) issuer: String,
+    pub(crate) audiences: Vec<String>,
+    pub(crate) skip_audience: bool,
+    pub(crate) algorithms: Vec<Algorithm>,
+    pub(crate) leeway_secs: u64,
+    pub(crate) required_scopes: Vec<String>,
+    pub(crate) accept_generic_typ: bool,
+    pub(crate) max_token_bytes: usize,
+    pub(crate) identity_claim: ClaimPath,
+    pub(crate) identity_form: IdentityForm,
+    pub(crate) role_claim: Option<ClaimPath>,
+}
+
+impl Policy {
+    /// Starts a policy for tokens from `issuer` accepted by one of `audiences`.
+    pub fn builder(issuer: impl Into<String>) -> PolicyBuilder {
+        PolicyBuilder {
+            issuer: issuer.into(),
+            audiences: Vec::new(),
+            skip_audience: false,
+            algorithms: Algorithm::ALL.to_vec(),
+            leeway_secs: 30,
+            required_scopes: Vec::new(),
+            accept_generic_typ: false,
+            max_token_bytes: MAX_TOKEN_BYTES,
+            identity_claim: "sub".to_owned(),
+            identity_form: IdentityForm::Plain,
+            role_claim: None,
+        }
+    }
+
+    /// The expected issuer.
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
+    /// The allowed algorithms.
+    pub fn algorithms(&self) -> &[Algorithm] {
+        &self.algorithms
+    }
+
+    /// Whether audience checking is switched off (tests only).
+    pub fn skips_audience(&self) -> bool {
+        self.skip_audience
+    }
+}
+
+/// PostgreSQL's own limit on a bearer token (src/backend/libpq/auth-oauth.c).
+pub const MAX_TOKEN_BYTES: usize = 65535;
+
+/// Builds a [`Policy`]; [`PolicyBuilder::build`] refuses unsafe or inconsistent settings.
+#[derive(Debug, Clone)]
+pub struct PolicyBuilder {
+    issuer: String,
+    audiences: Vec<String>,
+    skip_audience: bool,
+    algorithms: Vec<Algorithm>,
+    leeway_secs: u64,
+    required_scopes: Vec<String>,
+    accept_generic_typ: bool,
+    max_token_bytes: usize,
+    identity_claim: String,
+    identity_form: IdentityForm,
+    role_claim: Option<String>,
+}
+
+impl PolicyBuilder {
+    /// Accepted audiences: the token's `aud` must contain at least one of them.
+    pub fn audiences<I, S>(mut self, audiences: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.audiences = audiences.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// INSECURE, for tests only: accept any audience. Tokens issued for other services then
+    /// log in here. Logged loudly by every caller that sets it.
+    pub fn insecure_skip_audience(mut self, skip: bool) -> Self {
+        self.skip_audience = skip;
+        self
+    }
+
+    /// The algorithm allowlist (default: every [`Algorithm`]).
+    pub fn algorithms(mut self, algorithms: Vec<Algorithm>) -> Self {
+        self.algorithms = algorithms;
+        self
+    }
+
+    /// Allowed clock skew for `exp`, `nbf` and `iat`, in seconds (default 30, at most 300).
+    pub fn leeway_secs(mut self, secs: u64) -> Self {
+        self.leeway_secs = secs;
+        self
+    }
+
+    /// Scopes the token must grant (through `scope` or `scp`).
+    pub fn required_scopes<I, S>(mut self, scopes: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.required_scopes = scopes.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Also accept `typ` `JWT` or no `typ` at all (Auth0, Entra ID, Keycloak, Kubernetes issue
+    /// those). Without this only `at+jwt` (RFC 9068) is accepted.
+    pub fn accept_generic_typ(mut self, accept: bool) -> Self {
+        self.accept_generic_typ = accept;
+        self
+    }
+
+    /// Maximum token size in bytes (default and upper bound 65535).
+    pub fn max_token_bytes(mut self, max: usize) -> Self {
+        self.max_token_bytes = max;
+        self
+    }
+
+    /// The claim that names the user (default `sub`): an exact claim name, or a dotted path.
+    pub fn identity_claim(mut self, claim: impl Into<String>) -> Self {
+        self.identity_claim = claim.into();
+        self
+    }
+
+    /// Whether the identity is issuer-qualified.
+    pub fn identity_form(mut self, form: IdentityForm) -> Self {
+        self.identity_form = form;
+        self
+    }
+
+    /// The claim that lists the user's roles (none by default).
+    pub fn role_claim(mut self, claim: Option<String>) -> Self {
+        self.role_claim = claim.filter(|c| !c.is_empty());
+        self
+    }
+
+    /// Checks the settings and returns the policy.
+    pub fn build(self) -> Result<Policy, ConfigError> {
+        if self.issuer.is_empty() {
+            return Err(ConfigError::new("issuer", "must not be empty"));
+        }
+        if self.issuer.contains('#') || self.issuer.contains('?') {
+            return Err(ConfigError::new("issuer", "must not contain a query or fragment"));
+        }
+        let audiences: Vec<String> = self.audiences.into_iter().filter(|a| !a.is_empty()).collect();
+        if audiences.is_empty() && !self.skip_audience {
+            return Err(ConfigError::new(
+                "audience",
+                "at least one accepted audience is required (RFC 9068 section 4)",
+            ));
+        }
+        if self.algorithms.is_empty() {
+            return Err(ConfigError::new("allowed_algorithms", "must not be empty"));
+        }
+        if self.leeway_secs > 300 {
+            return Err(ConfigError::new("leeway", "at most 300 seconds"));
+        }
+        if self.max_token_bytes == 0 || self.max_token_bytes > MAX_TOKEN_BYTES {
+            return Err(ConfigError::new(
+                "max_token_bytes",
+                format!("must be between 1 and {MAX_TOKEN_BYTES}"),
+            ));
+        }
+        let identity_claim = ClaimPath::parse(&self.identity_claim)
+            .map_err(|reason| ConfigError::new("authn_claim", reason))?;
+        let role_claim = self
+            .role_claim
+            .as_deref()
+            .map(ClaimPath::parse)
+            .transpose()
+            .map_err(|reason| ConfigError::new("role_claim", reason))?;
+        let required_scopes = self
+            .required_scopes
+            .into_iter()
+            .flat_map(|s| s.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+            .collect();
+        let mut algorithms = self.algorithms;
+        algorithms.dedup();
+        Ok(Policy {
+            issuer: self.issuer,
+            audiences,
+            skip_audience: self.skip_audience,
+            algorithms,
+            leeway_secs: self.leeway_secs,
+            required_scopes,
+            accept_generic_typ: self.accept_generic_typ,
+            max_token_bytes: self.max_token_bytes,
+            identity_claim,
+            identity_form: self.identity_form,
+            role_claim,
+        })
+    }
+}
+
+/// Parses a comma- or space-separated algorithm list (`"RS256, ES256"`).
+pub fn parse_algorithms(list: &str) -> Result<Vec<Algorithm>, ConfigError> {
+    list.split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            if s.eq_ignore_ascii_case("none") || s.starts_with("HS") {
+                Err(ConfigError::new(
+                    "allowed_algorithms",
+                    format!("{s} is never allowed (unsigned or symmetric)"),
+                ))
+            } else {
+                s.parse()
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn audience_required_unless_insecure() {
+        let err = Policy::builder("https://idp").build().unwrap_err();
+        assert_eq!(err.setting, "audience");
+        assert!(Policy::builder("https://idp").insecure_skip_audience(true).build().is_ok());
+    }
+
+    #[test]
+    fn algorithm_list_refuses_none_and_hmac() {
+        assert_eq!(parse_algorithms("RS256, ES256").unwrap(), vec![Algorithm::RS256, Algorithm::ES256]);
+        assert!(parse_algorithms("none").unwrap_err().reason.contains("never allowed"));
+        assert!(parse_algorithms("HS256").unwrap_err().reason.contains("never allowed"));
+        assert!(parse_algorithms("RS257").unwrap_err().reason.contains("unknown"));
+    }
+
+    #[test]
+    fn leeway_and_size_bounded() {
+        let b = || Policy::builder("https://idp").audiences(["a"]);
+        assert_eq!(b().leeway_secs(301).build().unwrap_err().setting, "leeway");
+        assert_eq!(b().max_token_bytes(70000).build().unwrap_err().setting, "max_token_bytes");
+        assert_eq!(b().identity_claim("").build().unwrap_err().setting, "authn_claim");
+    }
+
+    #[test]
+    fn issuer_with_fragment_refused() {
+        assert_eq!(Policy::builder("https://idp#x").audiences(["a"]).build().unwrap_err().setting, "issuer");
+    }
+}
