@@ -5,15 +5,15 @@
 //! - Keys are fresh for a TTL: the server's `Cache-Control: max-age` clamped to [min, max], or the
 //!   default. [`JwksCache::refresh_if_due`], called by a background worker, refreshes at 80 % of it.
 //! - Only one fetch runs at a time (single flight): callers that wait for it use its result.
-//! - An unknown `kid` causes a refetch at most once per cooldown, and a `kid` still unknown after
-//!   a fetch is remembered (negative cache), so a flood of made-up `kid`s costs at most one fetch
-//!   per cooldown.
+//! - An unknown `kid` causes a refetch at most once per cooldown. Within the cooldown every `kid`
+//!   missing from the keys is refused from memory (the cooldown is the negative cache), so a flood
+//!   of made-up `kid`s costs at most one fetch per cooldown, while a newly rotated key is found at
+//!   most one cooldown after it is first seen.
 //! - When the issuer is down, the last good keys serve until they are `max_staleness` past
 //!   expiry, with exponential backoff between attempts; then validation fails closed.
 //! - The state can be exported to bytes and imported elsewhere (the extension keeps one copy in
 //!   shared memory for all backends).
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -72,8 +72,6 @@ pub struct CacheSettings {
     pub max_ttl: Duration,
     /// Least time between two fetches caused by unknown `kid`s.
     pub unknown_kid_cooldown: Duration,
-    /// How long a `kid` found missing stays remembered as missing.
-    pub negative_ttl: Duration,
     /// How long past expiry the last good keys may still be used while the issuer is unreachable.
     pub max_staleness: Duration,
     /// First wait after a failed fetch; doubles per failure.
@@ -89,7 +87,6 @@ impl Default for CacheSettings {
             min_ttl: Duration::from_secs(60),
             max_ttl: Duration::from_secs(86400),
             unknown_kid_cooldown: Duration::from_secs(30),
-            negative_ttl: Duration::from_secs(300),
             max_staleness: Duration::from_secs(3600),
             backoff_initial: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
@@ -144,11 +141,7 @@ struct State {
     last_error: Option<KeyError>,
     /// Bumped whenever the keys change.
     generation: u64,
-    /// `kid`s missing from the current keys, with when to forget them.
-    missing_kids: HashMap<String, u64>,
 }
-
-const MAX_MISSING_KIDS: usize = 1024;
 
 /// A cached, self-refreshing key set for one issuer. Cheap to share behind an `Arc`.
 pub struct JwksCache {
@@ -270,17 +263,20 @@ impl JwksCache {
         }
     }
 
-    /// For an unknown `kid`: refetch once if the cooldown allows and the `kid` is not known
-    /// missing. Returns the new keys if a fetch (ours or a concurrent one) changed them.
-    fn refetch_for_unknown(&self, kid: &str, seen_generation: u64) -> Option<Arc<KeySet>> {
+    /// For an unknown `kid`: refetch once, unless keys were fetched less than a cooldown ago
+    /// (then the `kid` was just checked against fresh keys: the cooldown is the negative cache).
+    /// Returns the new keys if a fetch (ours or a concurrent one) changed them.
+    fn refetch_for_unknown(&self, seen_generation: u64) -> Option<Arc<KeySet>> {
         let may_fetch = |st: &State, now: u64| {
             now >= st.last_attempt_ms.saturating_add(ms(self.settings.unknown_kid_cooldown))
                 && now >= st.retry_at_ms
-                && st.missing_kids.get(kid).is_none_or(|&until| now >= until)
         };
         {
             let st = self.state.read();
-            if st.generation == seen_generation && !may_fetch(&st, self.clock.now_ms()) {
+            if st.generation != seen_generation {
+                return st.keys.clone();
+            }
+            if !may_fetch(&st, self.clock.now_ms()) {
                 return None;
             }
         }
@@ -295,18 +291,8 @@ impl JwksCache {
                 return None;
             }
         }
-        let fetched = self.fetch_locked(now).ok();
-        let mut st = self.state.write();
-        if st.keys.as_ref().is_some_and(|k| !k.has_kid(kid)) {
-            if st.missing_kids.len() >= MAX_MISSING_KIDS {
-                st.missing_kids.retain(|_, until| *until > now);
-                if st.missing_kids.len() >= MAX_MISSING_KIDS {
-                    st.missing_kids.clear();
-                }
-            }
-            st.missing_kids.insert(kid.to_owned(), now + ms(self.settings.negative_ttl));
-        }
-        fetched.and(st.keys.clone())
+        self.fetch_locked(now).ok()?;
+        self.state.read().keys.clone()
     }
 
     /// For a background worker: refresh when 80 % of the TTL has passed (or there are no keys),
@@ -413,7 +399,7 @@ impl JwksCache {
         let (keys, generation) = self.keys_and_generation()?;
         match keys.find(kid, alg) {
             Err(e @ (ValidationError::KidUnknown(_) | ValidationError::NoKeyForAlg(_))) => {
-                match self.refetch_for_unknown(kid.unwrap_or(""), generation) {
+                match self.refetch_for_unknown(generation) {
                     Some(fresh) => fresh.find(kid, alg),
                     None => Err(e),
                 }
@@ -437,7 +423,6 @@ fn install(st: &mut State, keys: KeySet, snap: Snapshot) {
     st.retry_at_ms = 0;
     st.last_error = None;
     st.generation += 1;
-    st.missing_kids.clear();
 }
 
 fn parse_keys(url: &str, body: &[u8]) -> Result<KeySet, KeyError> {
