@@ -79,12 +79,16 @@ pub fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, Malformed> {
 }
 
 /// Where a claim lives: an exact claim name (`https://gprxy.io/roles`), or failing that a dotted
-/// path into nested objects (`realm_access.roles`).
+/// path into nested objects (`realm_access.roles`). Keys may themselves contain dots
+/// (`kubernetes.io.namespace` finds `{"kubernetes.io": {"namespace": ..}}`): at each level the
+/// whole rest is tried as a key first, then each split point from the left.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClaimPath {
     raw: String,
-    segments: Vec<String>,
 }
+
+/// Deepest nesting a claim path may reach.
+const MAX_PATH_DEPTH: usize = 8;
 
 impl ClaimPath {
     /// Parses a claim name or dotted path.
@@ -93,7 +97,10 @@ impl ClaimPath {
         if raw.is_empty() {
             return Err("claim name must not be empty");
         }
-        Ok(Self { raw: raw.to_owned(), segments: raw.split('.').map(str::to_owned).collect() })
+        if raw.len() > 256 {
+            return Err("claim name longer than 256 bytes");
+        }
+        Ok(Self { raw: raw.to_owned() })
     }
 
     /// The name as configured.
@@ -101,21 +108,23 @@ impl ClaimPath {
         &self.raw
     }
 
-    /// Finds the claim: the exact name first, then the dotted path.
+    /// Finds the claim.
     pub fn lookup<'a>(&self, claims: &'a Map<String, Value>) -> Option<&'a Value> {
-        if let Some(v) = claims.get(&self.raw) {
-            return Some(v);
-        }
-        if self.segments.len() < 2 {
-            return None;
-        }
-        let (first, rest) = self.segments.split_first()?;
-        let mut cur = claims.get(first)?;
-        for seg in rest {
-            cur = cur.as_object()?.get(seg)?;
-        }
-        Some(cur)
+        lookup_in(claims, &self.raw, MAX_PATH_DEPTH)
     }
+}
+
+fn lookup_in<'a>(obj: &'a Map<String, Value>, path: &str, depth: usize) -> Option<&'a Value> {
+    if let Some(v) = obj.get(path) {
+        return Some(v);
+    }
+    if depth == 0 {
+        return None;
+    }
+    path.match_indices('.').find_map(|(i, _)| {
+        let inner = obj.get(&path[..i])?.as_object()?;
+        lookup_in(inner, &path[i + 1..], depth - 1)
+    })
 }
 
 /// A claim value as a list of strings: an array of strings (other entries ignored), or one

@@ -1,0 +1,160 @@
+//! Claim shapes of real identity providers: identity and roles come out right for each.
+//! Shapes follow each provider's documented access-token format.
+
+use gprxy_core::testkit::{jwks, now, TestKey};
+use gprxy_core::{KeySet, Policy, PolicyBuilder, ValidatedToken, Validator};
+use serde_json::{json, Value};
+
+fn run(key: &TestKey, header: Value, claims: Value, policy: PolicyBuilder) -> ValidatedToken {
+    let keys = KeySet::from_json(jwks(&[key]).to_string().as_bytes()).unwrap();
+    let token = key.token(header, &claims);
+    Validator::new(policy.build().unwrap()).validate(&token, &keys, now()).unwrap()
+}
+
+fn times() -> (i64, i64) {
+    let t = now();
+    (t, t + 600)
+}
+
+#[test]
+fn auth0_namespaced_roles_and_audience_array() {
+    let k = TestKey::rsa("auth0-key");
+    let (iat, exp) = times();
+    let iss = "https://test-org-flow.us.auth0.com/";
+    let claims = json!({
+        "iss": iss, "sub": "auth0|65a1b2c3d4e5f6a7b8c9d0e1",
+        "aud": ["https://gprxy.io", "https://test-org-flow.us.auth0.com/userinfo"],
+        "iat": iat, "exp": exp, "azp": "client123", "scope": "openid profile email",
+        "https://gprxy.io/roles": ["app_writer"], "https://gprxy.io/email": "alice@example.com"
+    });
+    let p = Policy::builder(iss)
+        .audiences(["https://gprxy.io"])
+        .accept_generic_typ(true)
+        .role_claim(Some("https://gprxy.io/roles".into()));
+    let v = run(&k, json!({"typ": "JWT"}), claims, p);
+    assert_eq!(v.identity, "auth0|65a1b2c3d4e5f6a7b8c9d0e1");
+    assert_eq!(v.roles, vec!["app_writer"]);
+}
+
+#[test]
+fn entra_id_v2_scp_and_app_roles() {
+    let k = TestKey::rsa("entra-key");
+    let (iat, exp) = times();
+    let tid = "9188040d-6c67-4c5b-b112-36a304b66dad";
+    let iss = format!("https://login.microsoftonline.com/{tid}/v2.0");
+    let claims = json!({
+        "iss": iss, "aud": "6e74172b-be56-4843-9ff4-e66a39bb12e3", "iat": iat, "nbf": iat, "exp": exp,
+        "oid": "00000000-0000-0000-66f3-3332eca7ea81", "sub": "AAAAAAAAAAAAAAAAAAAAAIkzqFVrSaSaFHy782bbtaQ",
+        "tid": tid, "ver": "2.0", "scp": "db.read db.write", "roles": ["App.Admin"],
+        "preferred_username": "alice@contoso.com"
+    });
+    let p = Policy::builder(iss.clone())
+        .audiences(["6e74172b-be56-4843-9ff4-e66a39bb12e3"])
+        .accept_generic_typ(true)
+        .identity_claim("oid")
+        .role_claim(Some("roles".into()))
+        .required_scopes(["db.read"]);
+    let v = run(&k, json!({"typ": "JWT"}), claims, p);
+    assert_eq!(v.identity, "00000000-0000-0000-66f3-3332eca7ea81");
+    assert_eq!(v.roles, vec!["App.Admin"]);
+    assert_eq!(v.scopes, vec!["db.read", "db.write"]);
+}
+
+#[test]
+fn keycloak_realm_roles() {
+    let k = TestKey::rsa("kc-key");
+    let (iat, exp) = times();
+    let iss = "https://kc.example.com/realms/acme";
+    let claims = json!({
+        "iss": iss, "aud": ["gprxy", "account"], "sub": "f:8c6:alice", "typ": "Bearer", "azp": "psql",
+        "iat": iat, "exp": exp, "scope": "openid email profile",
+        "realm_access": {"roles": ["app_reader", "offline_access", "uma_authorization"]},
+        "resource_access": {"gprxy": {"roles": ["app_writer"]}},
+        "preferred_username": "alice", "email": "alice@acme.example"
+    });
+    let p = Policy::builder(iss)
+        .audiences(["gprxy"])
+        .accept_generic_typ(true)
+        .identity_claim("preferred_username")
+        .role_claim(Some("realm_access.roles".into()));
+    let v = run(&k, json!({"typ": "JWT"}), claims.clone(), p);
+    assert_eq!(v.identity, "alice");
+    assert_eq!(v.roles, vec!["app_reader", "offline_access", "uma_authorization"]);
+    let p = Policy::builder(iss)
+        .audiences(["gprxy"])
+        .accept_generic_typ(true)
+        .role_claim(Some("resource_access.gprxy.roles".into()));
+    assert_eq!(run(&k, json!({"typ": "JWT"}), claims, p).roles, vec!["app_writer"]);
+}
+
+#[test]
+fn okta_scp_array_and_groups() {
+    let k = TestKey::rsa("okta-key");
+    let (iat, exp) = times();
+    let iss = "https://acme.okta.com/oauth2/default";
+    let claims = json!({
+        "ver": 1, "jti": "AT.abc", "iss": iss, "aud": "api://default", "iat": iat, "exp": exp,
+        "cid": "0oa1", "uid": "00u1", "scp": ["openid", "db.read"], "auth_time": iat,
+        "sub": "alice@acme.example", "groups": ["Everyone", "app_writer"]
+    });
+    let p = Policy::builder(iss)
+        .audiences(["api://default"])
+        .accept_generic_typ(true)
+        .role_claim(Some("groups".into()))
+        .required_scopes(["db.read"]);
+    let v = run(&k, json!({}), claims, p);
+    assert_eq!(v.identity, "alice@acme.example");
+    assert_eq!(v.roles, vec!["Everyone", "app_writer"]);
+}
+
+#[test]
+fn kubernetes_service_account_token() {
+    let k = TestKey::rsa("k8s-key");
+    let (iat, exp) = times();
+    let iss = "https://kubernetes.default.svc.cluster.local";
+    let claims = json!({
+        "aud": ["https://kubernetes.default.svc.cluster.local"], "exp": exp, "iat": iat, "nbf": iat, "iss": iss,
+        "kubernetes.io": {"namespace": "payments",
+                          "pod": {"name": "api-7d9f", "uid": "1b2c"},
+                          "serviceaccount": {"name": "api", "uid": "9a8b"}},
+        "sub": "system:serviceaccount:payments:api"
+    });
+    let p = Policy::builder(iss)
+        .audiences(["https://kubernetes.default.svc.cluster.local"])
+        .accept_generic_typ(true)
+        .role_claim(Some("kubernetes.io.namespace".into()));
+    let v = run(&k, json!({}), claims.clone(), p);
+    assert_eq!(v.identity, "system:serviceaccount:payments:api");
+    assert_eq!(v.roles, vec!["payments"]);
+    let p = Policy::builder(iss)
+        .audiences(["https://kubernetes.default.svc.cluster.local"])
+        .accept_generic_typ(true)
+        .identity_claim("kubernetes.io.serviceaccount.name");
+    assert_eq!(run(&k, json!({}), claims, p).identity, "api");
+}
+
+#[test]
+fn github_actions_oidc_token() {
+    let k = TestKey::rsa("gha-key");
+    let (iat, exp) = times();
+    let iss = "https://token.actions.githubusercontent.com";
+    let claims = json!({
+        "jti": "example-id", "sub": "repo:octo-org/octo-repo:environment:prod",
+        "environment": "prod", "aud": "https://github.com/octo-org", "ref": "refs/heads/main",
+        "sha": "example-sha", "repository": "octo-org/octo-repo", "repository_owner": "octo-org",
+        "actor_id": "12", "repository_visibility": "private", "repository_id": "74",
+        "repository_owner_id": "65", "run_id": "example-run-id", "run_number": "10",
+        "run_attempt": "2", "actor": "octocat", "workflow": "example-workflow", "head_ref": "",
+        "base_ref": "", "event_name": "workflow_dispatch", "ref_type": "branch",
+        "job_workflow_ref": "octo-org/octo-automation/.github/workflows/oidc.yml@refs/heads/main",
+        "iss": iss, "nbf": iat, "exp": exp, "iat": iat
+    });
+    let p = Policy::builder(iss)
+        .audiences(["https://github.com/octo-org"])
+        .accept_generic_typ(true)
+        .identity_form(gprxy_core::IdentityForm::IssuerQualified)
+        .role_claim(Some("environment".into()));
+    let v = run(&k, json!({"typ": "JWT", "x5t": "example-thumbprint"}), claims, p);
+    assert_eq!(v.identity, format!("{iss}#repo:octo-org/octo-repo:environment:prod"));
+    assert_eq!(v.roles, vec!["prod"]);
+}
