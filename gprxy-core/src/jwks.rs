@@ -35,6 +35,11 @@ pub trait Clock: Send + Sync {
     fn now_ms(&self) -> u64;
 }
 
+/// Seconds since the Unix epoch, by the system clock.
+pub fn unix_time() -> i64 {
+    (SystemClock.now_ms() / 1000) as i64
+}
+
 /// The system clock.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct SystemClock;

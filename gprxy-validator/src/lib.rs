@@ -1,2 +1,75 @@
+//! gprxy_validator: PostgreSQL 18 OAuth validator module and SQL claim functions.
+//!
+//! Built for PostgreSQL 18 it validates bearer tokens (`oauth_validator_libraries`) through
+//! gprxy-core; built for older servers it provides the SQL side only. All unsafe code lives in
+//! [`ffi`]; validation logic lives in gprxy-core where plain unit tests reach it.
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 use pgrx::prelude::*;
+
+#[cfg(feature = "pg18")]
+mod ffi;
+#[cfg(feature = "pg18")]
+mod login;
+mod session;
+#[cfg(feature = "pg18")]
+mod settings;
+#[cfg(feature = "pg18")]
+mod shared;
+#[cfg(feature = "pg18")]
+mod worker;
+
 ::pgrx::pg_module_magic!();
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    #[cfg(feature = "pg18")]
+    ffi::init();
+}
+
+/// One audit line per login attempt. Failures go only to the server log (COMMERROR, as
+/// PostgreSQL's validator documentation asks); successes at LOG.
+#[cfg(feature = "pg18")]
+fn audit(line: &str, authorized: bool) {
+    use pgrx::pg_sys::panic::ErrorReport;
+    use pgrx::{PgLogLevel, PgSqlErrorCode};
+    let (level, code) = if authorized {
+        (PgLogLevel::LOG, PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION)
+    } else {
+        (PgLogLevel::LOG_SERVER_ONLY, PgSqlErrorCode::ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION)
+    };
+    ErrorReport::new(code, line.to_owned(), "gprxy_validator").report(level);
+}
+
+/// The claims of the token that authenticated this session (NULL without one).
+#[pg_extern(stable, parallel_restricted)]
+fn claims() -> Option<pgrx::JsonB> {
+    session::get().map(|s| pgrx::JsonB(serde_json::Value::Object(s.claims)))
+}
+
+/// One claim, by name or dotted path: a string claim as text, any other as JSON text.
+#[pg_extern(stable, parallel_restricted)]
+fn claim(name: &str) -> Option<String> {
+    session::claim_text(name)
+}
+
+/// The roles from the configured role claim (NULL without a token).
+#[pg_extern(stable, parallel_restricted)]
+fn roles() -> Option<Vec<String>> {
+    session::get().map(|s| s.roles)
+}
+
+/// The token's `sub` (NULL without a token).
+#[pg_extern(stable, parallel_restricted)]
+fn subject() -> Option<String> {
+    session::get().and_then(|s| s.subject)
+}
+
+pgrx::extension_sql!(
+    r#"
+-- Every role may read its own session's identity; only the validator can set it.
+GRANT USAGE ON SCHEMA gprxy TO PUBLIC;
+"#,
+    name = "grant_schema_usage",
+    finalize,
+);

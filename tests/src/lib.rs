@@ -5,6 +5,8 @@
 //! then the server log is printed first.
 #![forbid(unsafe_code)]
 
+pub mod idp;
+
 use std::fmt;
 use std::net::TcpListener;
 use std::os::unix::fs::MetadataExt;
@@ -378,5 +380,44 @@ pub fn process_alive(pid: u32) -> bool {
         // The state follows the parenthesised command name.
         Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')),
         Err(_) => false,
+    }
+}
+
+/// Path of an extension library installed into a server's prefix.
+pub fn extension_installed(version: PgVersion, lib: &str) -> bool {
+    let out = Command::new(version.bin("pg_config")).arg("--pkglibdir").output();
+    out.ok()
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()).join(format!("{lib}.so")))
+        .is_some_and(|p| p.exists())
+}
+
+/// Panics with how to install gprxy_validator when it is missing.
+pub fn require_validator(version: PgVersion) {
+    assert!(
+        extension_installed(version, "gprxy_validator"),
+        "gprxy_validator is not installed into PostgreSQL {version}: run `make test` (it runs cargo pgrx install)"
+    );
+}
+
+/// Runs psql 18 through libpq's OAuth device flow against `host:port`, as `user`, with the
+/// test issuer's `client_id` choosing the token. Returns stdout, or stderr on failure.
+pub fn oauth_psql(port: u16, user: &str, issuer: &str, client_id: &str, sql: &str) -> Result<String, String> {
+    oauth_psql_with(&format!("host=127.0.0.1 port={port} user={user} dbname=postgres"), issuer, client_id, sql)
+}
+
+/// [`oauth_psql`] with a full connection string (TLS options, ...).
+pub fn oauth_psql_with(conninfo: &str, issuer: &str, client_id: &str, sql: &str) -> Result<String, String> {
+    let conn = format!("{conninfo} oauth_issuer={issuer} oauth_client_id={client_id} connect_timeout=20");
+    let out = Command::new(PgVersion::V18.bin("psql"))
+        .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-d", &conn, "-c", sql])
+        .env("PGOAUTHDEBUG", "UNSAFE")
+        .env_remove("PGPASSWORD")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run psql: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim_end().to_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
     }
 }

@@ -1,0 +1,45 @@
+# gprxy: the two set-up commands are `make demo` and `make test`; both install what they need.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+GPRXY_CACHE ?= /var/cache/gprxy
+export GPRXY_CACHE
+export GPRXY_PG18_PREFIX := $(GPRXY_CACHE)/pg18
+export CARGO_TERM_COLOR := never
+
+.PHONY: all bootstrap fmt-check clippy lint install-extension build unit-test test demo bench fuzz
+
+all: test
+
+## Debian packages, PostgreSQL 18 (built once into $(GPRXY_CACHE)), cargo-pgrx, the test user.
+bootstrap:
+	@bash scripts/bootstrap.sh
+
+fmt-check:
+	cargo fmt --all -- --check
+
+clippy:
+	cargo clippy --workspace --all-targets -- -D warnings
+	cargo clippy -p gprxy-validator --no-default-features --features pg15 -- -D warnings
+
+lint: fmt-check clippy
+
+## gprxy_validator into PostgreSQL 18 (validator) and 15 (SQL functions).
+install-extension: bootstrap
+	@bash scripts/install-extension.sh
+
+build:
+	cargo build --workspace --all-targets
+
+## Everything: bootstrap, format and lint checks, the extension, every test (unit and end-to-end).
+test: bootstrap lint install-extension
+	cargo test --workspace --no-fail-fast
+	cargo run -q -p gprxy-tests --bin gprxy-demo -- --check
+
+## The whole product on this machine, no account anywhere; Ctrl-C stops and cleans up.
+demo: bootstrap install-extension
+	cargo run -q -p gprxy-tests --bin gprxy-demo
+
+## Benchmarks (criterion): ratios against a baseline measured in the same run.
+bench: bootstrap install-extension
+	cargo bench -p gprxy-core --bench validate
+	python3 scripts/bench-ratios.py target "validate_*" bare_verify validate_warm_cache 1.3

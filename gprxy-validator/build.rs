@@ -1,0 +1,42 @@
+//! Builds the C shim that reads `MyProcPort->hba` (pgrx's `Port` is opaque) for PostgreSQL 18.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// pg_config for the PostgreSQL 18 build: `PGRX_PG_CONFIG_PATH` (set by `cargo pgrx`), else the
+/// pg18 entry of pgrx's config.toml, else `pg_config` on PATH.
+fn pg_config() -> PathBuf {
+    if let Some(p) = std::env::var_os("PGRX_PG_CONFIG_PATH") {
+        return p.into();
+    }
+    let home = std::env::var_os("PGRX_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".pgrx")));
+    if let Some(cfg) = home.and_then(|h| std::fs::read_to_string(h.join("config.toml")).ok()) {
+        for line in cfg.lines() {
+            if let Some(v) = line.trim().strip_prefix("pg18") {
+                let v = v.trim().trim_start_matches('=').trim().trim_matches('"');
+                if !v.is_empty() {
+                    return v.into();
+                }
+            }
+        }
+    }
+    "pg_config".into()
+}
+
+fn main() {
+    println!("cargo:rerun-if-changed=src/shim.c");
+    println!("cargo:rerun-if-env-changed=PGRX_PG_CONFIG_PATH");
+    if std::env::var_os("CARGO_FEATURE_PG18").is_none() {
+        return; // Before 18 there is no validator: SQL functions only.
+    }
+    let pg_config = pg_config();
+    let out = Command::new(&pg_config)
+        .arg("--includedir-server")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", pg_config.display()));
+    assert!(out.status.success(), "{} --includedir-server failed", pg_config.display());
+    let include = String::from_utf8(out.stdout).expect("utf-8 path").trim().to_owned();
+    cc::Build::new().file("src/shim.c").include(include).warnings(true).compile("gprxy_shim");
+}

@@ -1,0 +1,307 @@
+//! The only unsafe code of gprxy: the PostgreSQL 18 OAuth validator ABI (`libpq/oauth.h`, which
+//! pgrx does not bind), GUC registration with check hooks, shared memory, and the background
+//! worker's entry point. Everything here converts between C and Rust and calls safe modules.
+
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use pgrx::bgworkers::{BackgroundWorkerBuilder, BgWorkerStartTime};
+use pgrx::prelude::*;
+use pgrx::{pg_shmem_init, GucContext, GucFlags, GucRegistry, PgLwLock};
+
+use crate::login::{self, LoginRequest};
+use crate::settings::{self as s};
+use crate::shared::SharedKeys;
+
+// ---------------------------------------------------------------- libpq/oauth.h
+
+/// `PG_OAUTH_VALIDATOR_MAGIC`.
+const PG_OAUTH_VALIDATOR_MAGIC: u32 = 0x2025_0220;
+
+#[repr(C)]
+pub struct ValidatorModuleState {
+    sversion: c_int,
+    private_data: *mut c_void,
+}
+
+#[repr(C)]
+pub struct ValidatorModuleResult {
+    authorized: bool,
+    authn_id: *mut c_char,
+}
+
+type StartupCb = unsafe extern "C-unwind" fn(*mut ValidatorModuleState);
+type ShutdownCb = unsafe extern "C-unwind" fn(*mut ValidatorModuleState);
+type ValidateCb = unsafe extern "C-unwind" fn(
+    *const ValidatorModuleState,
+    *const c_char,
+    *const c_char,
+    *mut ValidatorModuleResult,
+) -> bool;
+
+#[repr(C)]
+pub struct OAuthValidatorCallbacks {
+    magic: u32,
+    startup_cb: Option<StartupCb>,
+    shutdown_cb: Option<ShutdownCb>,
+    validate_cb: Option<ValidateCb>,
+}
+
+static CALLBACKS: OAuthValidatorCallbacks = OAuthValidatorCallbacks {
+    magic: PG_OAUTH_VALIDATOR_MAGIC,
+    startup_cb: Some(startup_cb),
+    shutdown_cb: Some(shutdown_cb),
+    validate_cb: Some(validate_cb),
+};
+
+/// Called by PostgreSQL when it loads an `oauth_validator_libraries` entry.
+#[no_mangle]
+pub extern "C-unwind" fn _PG_oauth_validator_module_init() -> *const OAuthValidatorCallbacks {
+    &CALLBACKS
+}
+
+// The C shim (src/shim.c): MyProcPort is opaque to pgrx.
+extern "C" {
+    fn gprxy_hba_oauth_issuer() -> *const c_char;
+    fn gprxy_hba_oauth_scope() -> *const c_char;
+    fn gprxy_hba_oauth_skip_usermap() -> c_int;
+    fn gprxy_port_remote_host() -> *const c_char;
+    fn gprxy_port_database() -> *const c_char;
+}
+
+/// Copies a C string that may be NULL.
+///
+/// # Safety
+/// `p` is NULL or points to a NUL-terminated string valid for the call.
+unsafe fn opt_str(p: *const c_char) -> Option<String> {
+    // SAFETY: guaranteed by the caller.
+    (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn startup_cb(state: *mut ValidatorModuleState) {
+    // SAFETY: PostgreSQL passes its module state, valid for this call.
+    if let Some(state) = unsafe { state.as_mut() } {
+        state.private_data = std::ptr::null_mut();
+        if state.sversion / 10000 != 18 {
+            pgrx::warning!("gprxy_validator was built for PostgreSQL 18, server is {}", state.sversion);
+        }
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn shutdown_cb(_state: *mut ValidatorModuleState) {}
+
+/// Validates one bearer token. Returns false only for an internal fault (bad arguments); a
+/// refused token is `authorized = false`.
+#[pg_guard]
+unsafe extern "C-unwind" fn validate_cb(
+    _state: *const ValidatorModuleState,
+    token: *const c_char,
+    role: *const c_char,
+    result: *mut ValidatorModuleResult,
+) -> bool {
+    let started = Instant::now();
+    if token.is_null() || role.is_null() || result.is_null() {
+        return false;
+    }
+    // SAFETY: PostgreSQL passes NUL-terminated token and role strings valid for this call.
+    let (token, role) = unsafe { (CStr::from_ptr(token), CStr::from_ptr(role)) };
+    // SAFETY: the shim only reads MyProcPort, which is set for the whole authentication.
+    let (issuer, scope, delegated, client, database) = unsafe {
+        (
+            opt_str(gprxy_hba_oauth_issuer()),
+            opt_str(gprxy_hba_oauth_scope()),
+            gprxy_hba_oauth_skip_usermap() != 0,
+            opt_str(gprxy_port_remote_host()),
+            opt_str(gprxy_port_database()),
+        )
+    };
+    let token = token.to_str().unwrap_or("");
+    let role = role.to_string_lossy();
+    let req = LoginRequest {
+        token,
+        role: &role,
+        hba_issuer: issuer.as_deref(),
+        hba_scope: scope.as_deref(),
+        delegated,
+        client: client.as_deref(),
+        database: database.as_deref(),
+    };
+    let outcome = login::decide(&req);
+    crate::audit(&login::audit_line(&req, &outcome, started), outcome.authorized);
+    if outcome.authorized {
+        if let Some(t) = &outcome.token {
+            crate::session::set(crate::session::SessionIdentity {
+                claims: t.claims.clone(),
+                roles: t.roles.clone(),
+                subject: t.subject.clone(),
+            });
+        }
+    }
+    let authn_id = outcome.authn_id.and_then(|id| CString::new(id).ok());
+    // SAFETY: `result` is PostgreSQL's result struct for this call; pstrdup copies into the
+    // current memory context as oauth.h requires ("a palloc'd string").
+    unsafe {
+        (*result).authorized = outcome.authorized;
+        (*result).authn_id = match authn_id {
+            Some(id) => pg_sys::pstrdup(id.as_ptr()),
+            None => std::ptr::null_mut(),
+        };
+    }
+    true
+}
+
+// ---------------------------------------------------------------- shared memory
+
+/// Cluster-wide key sets, one slot per issuer.
+pub static SHARED: PgLwLock<SharedKeys> =
+    // SAFETY: the lock name is unique to this extension.
+    unsafe { PgLwLock::new(c"gprxy_jwks") };
+
+// SAFETY: SharedKeys is plain bytes and integers (no pointers), so it may live in shared memory.
+unsafe impl pgrx::shmem::PGRXSharedMemory for SharedKeys {}
+
+static SHMEM_READY: AtomicBool = AtomicBool::new(false);
+
+/// Whether the shared key store exists (the library was preloaded).
+pub fn shmem_ready() -> bool {
+    SHMEM_READY.load(Ordering::Relaxed)
+}
+
+// ---------------------------------------------------------------- settings
+
+/// Sets the detail of a refused GUC value.
+fn check_detail(msg: &str) {
+    let msg = CString::new(msg.replace('\0', " ")).unwrap_or_default();
+    // SAFETY: GUC_check_errdetail_string is read by the GUC machinery after the hook returns;
+    // pstrdup gives it a palloc'd copy.
+    unsafe {
+        pg_sys::GUC_check_errdetail_string = pg_sys::pstrdup(msg.as_ptr());
+    }
+}
+
+macro_rules! string_check_hook {
+    ($name:ident, $check:path) => {
+        #[pg_guard]
+        unsafe extern "C-unwind" fn $name(
+            newval: *mut *mut c_char,
+            _extra: *mut *mut c_void,
+            _source: pg_sys::GucSource::Type,
+        ) -> bool {
+            // SAFETY: PostgreSQL passes a pointer to the candidate value, which may be NULL.
+            let value = unsafe { opt_str((*newval).cast_const()) }.unwrap_or_default();
+            match $check(value.trim()) {
+                Ok(()) => true,
+                Err(msg) => {
+                    check_detail(&msg);
+                    false
+                }
+            }
+        }
+    };
+}
+
+string_check_hook!(check_algorithms, s::check_algorithms);
+string_check_hook!(check_token_types, s::check_token_types);
+string_check_hook!(check_role_map, s::check_role_map);
+string_check_hook!(check_claim, s::check_claim);
+string_check_hook!(check_url, s::check_url);
+string_check_hook!(check_file, s::check_file);
+
+fn no_check(_: &str) -> Result<(), String> {
+    Ok(())
+}
+string_check_hook!(check_none, no_check);
+
+fn define_string(
+    name: &'static CStr,
+    desc: &'static CStr,
+    setting: &'static pgrx::GucSetting<Option<CString>>,
+    hook: pg_sys::GucStringCheckHook,
+) {
+    // SAFETY: the hook is #[pg_guard]ed; name, description and setting are 'static.
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            name,
+            desc,
+            c"",
+            setting,
+            GucContext::Sighup,
+            GucFlags::default(),
+            hook,
+            None,
+            None,
+        )
+    }
+}
+
+fn define_int(name: &'static CStr, desc: &'static CStr, setting: &'static pgrx::GucSetting<i32>, min: i32, max: i32, unit: GucFlags) {
+    GucRegistry::define_int_guc(name, desc, c"", setting, min, max, GucContext::Sighup, unit);
+}
+
+fn define_bool(name: &'static CStr, desc: &'static CStr, setting: &'static pgrx::GucSetting<bool>) {
+    GucRegistry::define_bool_guc(name, desc, c"", setting, GucContext::Sighup, GucFlags::default());
+}
+
+fn define_settings() {
+    define_string(c"gprxy.audience", c"Accepted token audiences (comma-separated); one must be in aud.", &s::AUDIENCE, Some(check_none));
+    define_string(c"gprxy.jwks_uri", c"JWKS URL; empty: discovery from the pg_hba issuer.", &s::JWKS_URI, Some(check_url));
+    define_string(c"gprxy.authn_claim", c"Claim (name or dotted path) that is the authenticated identity.", &s::AUTHN_CLAIM, Some(check_claim));
+    define_bool(c"gprxy.authn_issuer_qualified", c"Identity is issuer#claim instead of the claim alone.", &s::AUTHN_ISSUER_QUALIFIED);
+    define_string(c"gprxy.role_claim", c"Claim (name or dotted path) listing the user's roles.", &s::ROLE_CLAIM, Some(check_claim));
+    define_string(c"gprxy.role_map", c"token_role:db_role pairs for delegate_ident_mapping.", &s::ROLE_MAP, Some(check_role_map));
+    define_string(c"gprxy.allowed_algorithms", c"Signature algorithms accepted (never none or HMAC).", &s::ALLOWED_ALGORITHMS, Some(check_algorithms));
+    define_string(c"gprxy.required_scopes", c"Scopes every token must grant, besides the pg_hba scope.", &s::REQUIRED_SCOPES, Some(check_none));
+    define_bool(c"gprxy.require_hba_scopes", c"Tokens must grant the pg_hba line's scopes (less openid).", &s::REQUIRE_HBA_SCOPES);
+    define_string(c"gprxy.token_types", c"Accepted typ headers: at+jwt, and JWT (also no typ).", &s::TOKEN_TYPES, Some(check_token_types));
+    define_int(c"gprxy.leeway", c"Allowed clock skew for exp, nbf and iat.", &s::LEEWAY, 0, 300, GucFlags::UNIT_S);
+    define_int(c"gprxy.jwks_cache_ttl", c"JWKS freshness without Cache-Control max-age.", &s::JWKS_CACHE_TTL, 1, 604_800, GucFlags::UNIT_S);
+    define_int(c"gprxy.jwks_cache_ttl_min", c"Lower bound on the JWKS freshness.", &s::JWKS_CACHE_TTL_MIN, 1, 604_800, GucFlags::UNIT_S);
+    define_int(c"gprxy.jwks_cache_ttl_max", c"Upper bound on the JWKS freshness.", &s::JWKS_CACHE_TTL_MAX, 1, 604_800, GucFlags::UNIT_S);
+    define_int(c"gprxy.jwks_max_staleness", c"How long past expiry the last good keys serve during an issuer outage.", &s::JWKS_MAX_STALENESS, 0, 604_800, GucFlags::UNIT_S);
+    define_int(c"gprxy.jwks_unknown_kid_cooldown", c"Least time between refetches caused by unknown kids.", &s::JWKS_UNKNOWN_KID_COOLDOWN, 1, 3600, GucFlags::UNIT_S);
+    define_int(c"gprxy.jwks_refresh_check_interval", c"How often the background worker checks whether keys are due for refresh.", &s::JWKS_REFRESH_CHECK_INTERVAL, 1, 3600, GucFlags::UNIT_S);
+    define_int(c"gprxy.http_connect_timeout", c"Timeout to connect to the issuer.", &s::HTTP_CONNECT_TIMEOUT, 100, 10_000, GucFlags::UNIT_MS);
+    define_int(c"gprxy.http_read_timeout", c"Timeout for the issuer's answer.", &s::HTTP_READ_TIMEOUT, 100, 20_000, GucFlags::UNIT_MS);
+    define_int(c"gprxy.http_max_body", c"Largest discovery or JWKS document accepted.", &s::HTTP_MAX_BODY, 1024, crate::shared::JWKS_MAX as i32, GucFlags::UNIT_BYTE);
+    define_string(c"gprxy.ca_file", c"PEM CA bundle for a private issuer; empty: public web roots.", &s::CA_FILE, Some(check_file));
+    define_bool(c"gprxy.insecure_allow_http_loopback", c"INSECURE, tests only: allow http:// issuers on loopback.", &s::INSECURE_ALLOW_HTTP_LOOPBACK);
+    define_bool(c"gprxy.insecure_skip_audience", c"INSECURE, tests only: accept any audience.", &s::INSECURE_SKIP_AUDIENCE);
+    // SAFETY: called once from _PG_init with a static prefix.
+    unsafe { pg_sys::MarkGUCPrefixReserved(c"gprxy".as_ptr()) };
+}
+
+/// Re-reads postgresql.conf (background worker, after SIGHUP).
+pub fn reload_config() {
+    // SAFETY: called from the worker's main loop, outside any transaction, as PostgreSQL's own
+    // background processes do.
+    unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+}
+
+/// The background worker's entry point.
+#[pg_guard]
+#[no_mangle]
+pub extern "C-unwind" fn gprxy_jwks_worker(_arg: pg_sys::Datum) {
+    crate::worker::run();
+}
+
+/// Everything `_PG_init` does on PostgreSQL 18.
+pub fn init() {
+    define_settings();
+    // SAFETY: reading a postmaster-set flag during library load.
+    let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
+    if preloading {
+        pg_shmem_init!(SHARED = SharedKeys::default());
+        SHMEM_READY.store(true, Ordering::Relaxed);
+        BackgroundWorkerBuilder::new("gprxy JWKS refresher")
+            .set_type("gprxy JWKS refresher")
+            .set_library("gprxy_validator")
+            .set_function("gprxy_jwks_worker")
+            .enable_shmem_access(None)
+            .set_start_time(BgWorkerStartTime::PostmasterStart)
+            .set_restart_time(Some(std::time::Duration::from_secs(10)))
+            .load();
+    }
+}

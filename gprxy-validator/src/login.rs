@@ -1,0 +1,161 @@
+//! One OAuth login: validate the bearer token for the pg_hba line that matched, decide, audit.
+//!
+//! Keys come from a per-backend [`JwksCache`] per issuer, synchronised with the cluster-wide
+//! copy in shared memory when the library is preloaded ([`crate::shared`]).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use gprxy_core::{
+    peek_unverified, ConfigError, JwksCache, JwksSource, SystemClock, UreqFetcher, ValidatedToken, Validator,
+};
+use parking_lot::Mutex;
+
+use crate::settings::Settings;
+
+/// What PostgreSQL tells us about the login.
+pub struct LoginRequest<'a> {
+    pub token: &'a str,
+    pub role: &'a str,
+    pub hba_issuer: Option<&'a str>,
+    pub hba_scope: Option<&'a str>,
+    pub delegated: bool,
+    pub client: Option<&'a str>,
+    pub database: Option<&'a str>,
+}
+
+/// What we tell PostgreSQL, and what the audit line says.
+pub struct LoginOutcome {
+    pub authorized: bool,
+    pub authn_id: Option<String>,
+    pub reason: &'static str,
+    pub detail: String,
+    pub token: Option<ValidatedToken>,
+}
+
+struct CacheEntry {
+    cache: Arc<JwksCache>,
+    built_for: String,
+}
+
+/// Per-backend caches by issuer. A backend is single-threaded; the mutex only satisfies `static`.
+static CACHES: Mutex<Option<HashMap<String, CacheEntry>>> = Mutex::new(None);
+
+/// The JWKS source for an issuer under these settings.
+pub fn source_for(settings: &Settings, issuer: &str) -> JwksSource {
+    match &settings.jwks_uri {
+        Some(uri) => JwksSource::Explicit { jwks_uri: uri.clone() },
+        None => JwksSource::Discovery { issuer: issuer.to_owned() },
+    }
+}
+
+/// The backend's cache for `issuer`, rebuilt when the settings that shape it change.
+pub fn cache_for(settings: &Settings, issuer: &str) -> Result<Arc<JwksCache>, ConfigError> {
+    let fingerprint = format!("{:?}|{:?}|{:?}", source_for(settings, issuer), settings.cache, settings.http);
+    let mut guard = CACHES.lock();
+    let map = guard.get_or_insert_with(HashMap::new);
+    if let Some(e) = map.get(issuer) {
+        if e.built_for == fingerprint {
+            return Ok(e.cache.clone());
+        }
+    }
+    let fetcher = Arc::new(UreqFetcher::new(settings.http.clone())?);
+    let cache = Arc::new(JwksCache::new(
+        source_for(settings, issuer),
+        fetcher,
+        Arc::new(SystemClock),
+        settings.cache.clone(),
+        settings.http.insecure_allow_http_loopback,
+    )?);
+    if let Some(old) = map.get(issuer).and_then(|e| e.cache.export()) {
+        let _ = cache.import(&old);
+    }
+    map.insert(issuer.to_owned(), CacheEntry { cache: cache.clone(), built_for: fingerprint });
+    Ok(cache)
+}
+
+fn deny(reason: &'static str, detail: String, authn_id: Option<String>) -> LoginOutcome {
+    LoginOutcome { authorized: false, authn_id, reason, detail, token: None }
+}
+
+/// Validates and decides. Never panics on bad input; every refusal has a reason code.
+pub fn decide(req: &LoginRequest<'_>) -> LoginOutcome {
+    let settings = match Settings::current() {
+        Ok(s) => s,
+        Err(e) => return deny("config", e.to_string(), None),
+    };
+    // Who tried, for the log, even when the token is refused (never used for a decision).
+    let unverified_id = || peek_unverified(req.token).sub;
+    let Some(issuer) = req.hba_issuer.filter(|i| !i.is_empty()) else {
+        return deny("config", "the pg_hba.conf line has no issuer".into(), unverified_id());
+    };
+    let policy = match settings.policy(issuer, req.hba_scope) {
+        Ok(p) => p,
+        Err(e) => return deny("config", e.to_string(), unverified_id()),
+    };
+    let cache = match cache_for(&settings, issuer) {
+        Ok(c) => c,
+        Err(e) => return deny("config", e.to_string(), unverified_id()),
+    };
+    crate::shared::pull(issuer, &cache);
+    let result = Validator::new(policy).validate(req.token, &*cache, gprxy_core::unix_time());
+    crate::shared::push(issuer, &cache);
+    let token = match result {
+        Ok(t) => t,
+        Err(e) => return deny(e.code(), e.to_string(), unverified_id()),
+    };
+    if req.delegated {
+        let granted = settings.granted_db_roles(&token.roles);
+        if !granted.iter().any(|r| r == req.role) {
+            let detail = format!(
+                "role {:?} is not among the roles the token grants ({})",
+                req.role,
+                if granted.is_empty() { "none".to_owned() } else { granted.join(", ") }
+            );
+            return LoginOutcome {
+                authorized: false,
+                authn_id: Some(token.identity.clone()),
+                reason: "role_not_granted",
+                detail,
+                token: Some(token),
+            };
+        }
+    }
+    LoginOutcome {
+        authorized: true,
+        authn_id: Some(token.identity.clone()),
+        reason: "ok",
+        detail: String::new(),
+        token: Some(token),
+    }
+}
+
+/// The audit line for one attempt: outcome, reason code, role, identity, issuer, key, algorithm,
+/// fingerprint and time taken. Never the token.
+pub fn audit_line(req: &LoginRequest<'_>, out: &LoginOutcome, started: Instant) -> String {
+    let peek = peek_unverified(req.token);
+    let (iss, kid, alg, fp) = match &out.token {
+        Some(t) => (Some(t.issuer.clone()), t.kid.clone(), Some(t.alg.name().to_owned()), t.fingerprint.clone()),
+        None => (peek.iss, peek.kid, peek.alg, gprxy_core::fingerprint(req.token.as_bytes())),
+    };
+    let q = |v: Option<&str>| gprxy_core::Quoted::new(v.unwrap_or("-")).to_string();
+    let mut line = format!(
+        "gprxy: oauth login {} reason={} role={} authn_id={} iss={} kid={} alg={} token_fp={} client={} database={} elapsed_ms={:.3}",
+        if out.authorized { "authorized" } else { "refused" },
+        out.reason,
+        q(Some(req.role)),
+        q(out.authn_id.as_deref()),
+        q(iss.as_deref()),
+        q(kid.as_deref()),
+        q(alg.as_deref()),
+        fp,
+        q(req.client),
+        q(req.database),
+        started.elapsed().as_secs_f64() * 1000.0,
+    );
+    if !out.detail.is_empty() {
+        line.push_str(&format!(" detail={}", gprxy_core::Quoted::new(&out.detail)));
+    }
+    line
+}

@@ -1,0 +1,243 @@
+//! Every `gprxy.*` setting in one place, and their parsing into typed values.
+//!
+//! All settings are `PGC_SIGHUP`: only postgresql.conf (or ALTER SYSTEM) sets them, never a
+//! client. String settings are checked when the file is loaded or reloaded; a bad value is
+//! refused with a message naming the setting and the old value stays.
+
+use std::ffi::CString;
+use std::time::Duration;
+
+use gprxy_core::{parse_algorithms, Algorithm, CacheSettings, ConfigError, HttpSettings, IdentityForm, Policy};
+use pgrx::GucSetting;
+
+type Str = GucSetting<Option<CString>>;
+
+pub static AUDIENCE: Str = Str::new(None);
+pub static JWKS_URI: Str = Str::new(None);
+pub static AUTHN_CLAIM: Str = Str::new(Some(c"sub"));
+pub static AUTHN_ISSUER_QUALIFIED: GucSetting<bool> = GucSetting::<bool>::new(false);
+pub static ROLE_CLAIM: Str = Str::new(None);
+pub static ROLE_MAP: Str = Str::new(None);
+pub static ALLOWED_ALGORITHMS: Str = Str::new(Some(c"RS256,RS384,RS512,PS256,PS384,PS512,ES256,ES384,EdDSA"));
+pub static REQUIRED_SCOPES: Str = Str::new(None);
+pub static REQUIRE_HBA_SCOPES: GucSetting<bool> = GucSetting::<bool>::new(true);
+pub static TOKEN_TYPES: Str = Str::new(Some(c"at+jwt"));
+pub static LEEWAY: GucSetting<i32> = GucSetting::<i32>::new(30);
+pub static JWKS_CACHE_TTL: GucSetting<i32> = GucSetting::<i32>::new(3600);
+pub static JWKS_CACHE_TTL_MIN: GucSetting<i32> = GucSetting::<i32>::new(60);
+pub static JWKS_CACHE_TTL_MAX: GucSetting<i32> = GucSetting::<i32>::new(86400);
+pub static JWKS_MAX_STALENESS: GucSetting<i32> = GucSetting::<i32>::new(3600);
+pub static JWKS_UNKNOWN_KID_COOLDOWN: GucSetting<i32> = GucSetting::<i32>::new(30);
+pub static JWKS_REFRESH_CHECK_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(10);
+pub static HTTP_CONNECT_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(2000);
+pub static HTTP_READ_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(3000);
+pub static HTTP_MAX_BODY: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024);
+pub static CA_FILE: Str = Str::new(None);
+pub static INSECURE_ALLOW_HTTP_LOOPBACK: GucSetting<bool> = GucSetting::<bool>::new(false);
+pub static INSECURE_SKIP_AUDIENCE: GucSetting<bool> = GucSetting::<bool>::new(false);
+
+fn string(s: &Str) -> String {
+    s.get().map(|c| c.to_string_lossy().trim().to_owned()).unwrap_or_default()
+}
+
+fn list(s: &str) -> Vec<String> {
+    s.split([',', ' ', '\t', '\n']).filter(|x| !x.is_empty()).map(str::to_owned).collect()
+}
+
+fn secs(v: i32) -> Duration {
+    Duration::from_secs(u64::try_from(v).unwrap_or(0))
+}
+
+// ---- checks used by the GUC check hooks (pure, so they can be unit-tested) ----
+
+/// `gprxy.allowed_algorithms`.
+pub fn check_algorithms(v: &str) -> Result<(), String> {
+    match parse_algorithms(v) {
+        Ok(a) if a.is_empty() => Err("at least one algorithm is required".into()),
+        Ok(_) => Ok(()),
+        Err(e) => Err(e.reason),
+    }
+}
+
+/// `gprxy.token_types`: a list of `at+jwt` and `JWT`.
+pub fn check_token_types(v: &str) -> Result<(), String> {
+    let types = list(v);
+    if types.is_empty() {
+        return Err("at least one token type is required (at+jwt)".into());
+    }
+    for t in types {
+        if !["at+jwt", "application/at+jwt", "jwt"].contains(&t.to_ascii_lowercase().as_str()) {
+            return Err(format!("unknown token type {t:?}: use at+jwt and/or JWT"));
+        }
+    }
+    Ok(())
+}
+
+/// `gprxy.role_map`: `token_role:db_role` pairs.
+pub fn check_role_map(v: &str) -> Result<(), String> {
+    parse_role_map(v).map(|_| ())
+}
+
+fn parse_role_map(v: &str) -> Result<Vec<(String, String)>, String> {
+    list(v)
+        .into_iter()
+        .map(|pair| match pair.split_once(':') {
+            Some((from, to)) if !from.is_empty() && !to.is_empty() => Ok((from.to_owned(), to.to_owned())),
+            _ => Err(format!("{pair:?} is not token_role:db_role")),
+        })
+        .collect()
+}
+
+/// A claim name setting (`gprxy.authn_claim`, `gprxy.role_claim`).
+pub fn check_claim(v: &str) -> Result<(), String> {
+    if v.len() > 256 {
+        return Err("claim name longer than 256 bytes".into());
+    }
+    Ok(())
+}
+
+/// `gprxy.jwks_uri`: empty, or an https URL.
+pub fn check_url(v: &str) -> Result<(), String> {
+    if v.is_empty() {
+        return Ok(());
+    }
+    gprxy_core::fetch::check_url(v, true).map_err(|e| e.to_string())
+}
+
+/// `gprxy.ca_file`: empty, or a readable file.
+pub fn check_file(v: &str) -> Result<(), String> {
+    if v.is_empty() || std::path::Path::new(v).is_file() {
+        Ok(())
+    } else {
+        Err(format!("{v} is not a readable file"))
+    }
+}
+
+/// The settings in force, typed.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub audiences: Vec<String>,
+    pub skip_audience: bool,
+    pub jwks_uri: Option<String>,
+    pub authn_claim: String,
+    pub issuer_qualified: bool,
+    pub role_claim: Option<String>,
+    pub role_map: Vec<(String, String)>,
+    pub algorithms: Vec<Algorithm>,
+    pub required_scopes: Vec<String>,
+    pub require_hba_scopes: bool,
+    pub accept_generic_typ: bool,
+    pub leeway: u64,
+    pub cache: CacheSettings,
+    pub http: HttpSettings,
+    pub refresh_check_interval: Duration,
+}
+
+impl Settings {
+    /// Reads the GUCs.
+    pub fn current() -> Result<Self, ConfigError> {
+        let cfg = |setting: &'static str, reason: String| ConfigError { setting, reason };
+        let algorithms = parse_algorithms(&string(&ALLOWED_ALGORITHMS))?;
+        let role_map = parse_role_map(&string(&ROLE_MAP)).map_err(|r| cfg("gprxy.role_map", r))?;
+        let ca = string(&CA_FILE);
+        let jwks_uri = string(&JWKS_URI);
+        let s = Self {
+            audiences: list(&string(&AUDIENCE)),
+            skip_audience: INSECURE_SKIP_AUDIENCE.get(),
+            jwks_uri: (!jwks_uri.is_empty()).then_some(jwks_uri),
+            authn_claim: string(&AUTHN_CLAIM),
+            issuer_qualified: AUTHN_ISSUER_QUALIFIED.get(),
+            role_claim: Some(string(&ROLE_CLAIM)).filter(|c| !c.is_empty()),
+            role_map,
+            algorithms,
+            required_scopes: list(&string(&REQUIRED_SCOPES)),
+            require_hba_scopes: REQUIRE_HBA_SCOPES.get(),
+            accept_generic_typ: list(&string(&TOKEN_TYPES)).iter().any(|t| t.eq_ignore_ascii_case("jwt")),
+            leeway: u64::try_from(LEEWAY.get()).unwrap_or(0),
+            cache: CacheSettings {
+                default_ttl: secs(JWKS_CACHE_TTL.get()),
+                min_ttl: secs(JWKS_CACHE_TTL_MIN.get()),
+                max_ttl: secs(JWKS_CACHE_TTL_MAX.get()),
+                unknown_kid_cooldown: secs(JWKS_UNKNOWN_KID_COOLDOWN.get()),
+                max_staleness: secs(JWKS_MAX_STALENESS.get()),
+                ..CacheSettings::default()
+            },
+            http: HttpSettings {
+                connect_timeout: Duration::from_millis(u64::try_from(HTTP_CONNECT_TIMEOUT.get()).unwrap_or(0)),
+                read_timeout: Duration::from_millis(u64::try_from(HTTP_READ_TIMEOUT.get()).unwrap_or(0)),
+                max_body_bytes: usize::try_from(HTTP_MAX_BODY.get()).unwrap_or(0),
+                insecure_allow_http_loopback: INSECURE_ALLOW_HTTP_LOOPBACK.get(),
+                ca_file: (!ca.is_empty()).then(|| ca.into()),
+            },
+            refresh_check_interval: secs(JWKS_REFRESH_CHECK_INTERVAL.get()),
+        };
+        s.cache.check()?;
+        Ok(s)
+    }
+
+    /// The policy for a login that matched a pg_hba line with this issuer and scope.
+    pub fn policy(&self, issuer: &str, hba_scope: Option<&str>) -> Result<Policy, ConfigError> {
+        let mut scopes = self.required_scopes.clone();
+        if self.require_hba_scopes {
+            // `openid` asks for an ID token; access tokens need not repeat it.
+            scopes.extend(hba_scope.map(list).unwrap_or_default().into_iter().filter(|s| s != "openid"));
+        }
+        Policy::builder(issuer)
+            .audiences(self.audiences.clone())
+            .insecure_skip_audience(self.skip_audience)
+            .algorithms(self.algorithms.clone())
+            .leeway_secs(self.leeway)
+            .required_scopes(scopes)
+            .accept_generic_typ(self.accept_generic_typ)
+            .identity_claim(self.authn_claim.clone())
+            .identity_form(if self.issuer_qualified { IdentityForm::IssuerQualified } else { IdentityForm::Plain })
+            .role_claim(self.role_claim.clone())
+            .build()
+            .map_err(|e| ConfigError { setting: setting_name(e.setting), reason: e.reason })
+    }
+
+    /// The database roles a token's roles grant in delegated mode: mapped through
+    /// `gprxy.role_map` when it is set, else taken as they are.
+    pub fn granted_db_roles(&self, token_roles: &[String]) -> Vec<String> {
+        if self.role_map.is_empty() {
+            return token_roles.to_vec();
+        }
+        self.role_map
+            .iter()
+            .filter(|(from, _)| token_roles.iter().any(|r| r == from))
+            .map(|(_, to)| to.clone())
+            .collect()
+    }
+}
+
+/// gprxy-core's setting names as the GUCs spell them.
+fn setting_name(core: &'static str) -> &'static str {
+    match core {
+        "audience" => "gprxy.audience",
+        "allowed_algorithms" => "gprxy.allowed_algorithms",
+        "leeway" => "gprxy.leeway",
+        "authn_claim" => "gprxy.authn_claim",
+        "role_claim" => "gprxy.role_claim",
+        "issuer" => "pg_hba.conf issuer",
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checks() {
+        assert!(check_algorithms("RS256, ES256").is_ok());
+        assert!(check_algorithms("HS256").unwrap_err().contains("never allowed"));
+        assert!(check_algorithms("").unwrap_err().contains("at least one"));
+        assert!(check_token_types("at+jwt, JWT").is_ok());
+        assert!(check_token_types("id_token").unwrap_err().contains("unknown token type"));
+        assert!(check_role_map("admin:app_admin, writer:app_writer").is_ok());
+        assert!(check_role_map("admin").unwrap_err().contains("token_role:db_role"));
+        assert!(check_url("https://idp/jwks").is_ok());
+        assert!(check_url("ftp://idp/jwks").is_err());
+        assert!(check_file("/nonexistent/ca.pem").is_err());
+    }
+}
