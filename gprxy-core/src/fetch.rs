@@ -80,7 +80,8 @@ fn is_loopback(host: &str) -> bool {
 /// Checks that `url` may be fetched under `settings`.
 pub fn check_url(url: &str, allow_http_loopback: bool) -> Result<(), KeyError> {
     let (https, host) = scheme_and_host(url)?;
-    if !https && !(allow_http_loopback && is_loopback(host)) {
+    let allowed = https || (allow_http_loopback && is_loopback(host));
+    if !allowed {
         return Err(KeyError::InsecureUrl(Quoted::new(url)));
     }
     Ok(())

@@ -8,6 +8,7 @@
 //! Pure Rust: no pgrx, no async runtime.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod claims;
 pub mod error;
@@ -17,6 +18,7 @@ pub mod jwk;
 pub mod jwks;
 pub mod policy;
 #[cfg(feature = "testkit")]
+#[allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 pub mod testkit;
 pub mod validate;
 

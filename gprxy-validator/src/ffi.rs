@@ -237,7 +237,14 @@ fn define_string(
     }
 }
 
-fn define_int(name: &'static CStr, desc: &'static CStr, setting: &'static pgrx::GucSetting<i32>, min: i32, max: i32, unit: GucFlags) {
+fn define_int(
+    name: &'static CStr,
+    desc: &'static CStr,
+    setting: &'static pgrx::GucSetting<i32>,
+    min: i32,
+    max: i32,
+    unit: GucFlags,
+) {
     GucRegistry::define_int_guc(name, desc, c"", setting, min, max, GucContext::Sighup, unit);
 }
 
@@ -246,29 +253,160 @@ fn define_bool(name: &'static CStr, desc: &'static CStr, setting: &'static pgrx:
 }
 
 fn define_settings() {
-    define_string(c"gprxy.audience", c"Accepted token audiences (comma-separated); one must be in aud.", &s::AUDIENCE, Some(check_none));
-    define_string(c"gprxy.jwks_uri", c"JWKS URL; empty: discovery from the pg_hba issuer.", &s::JWKS_URI, Some(check_url));
-    define_string(c"gprxy.authn_claim", c"Claim (name or dotted path) that is the authenticated identity.", &s::AUTHN_CLAIM, Some(check_claim));
-    define_bool(c"gprxy.authn_issuer_qualified", c"Identity is issuer#claim instead of the claim alone.", &s::AUTHN_ISSUER_QUALIFIED);
-    define_string(c"gprxy.role_claim", c"Claim (name or dotted path) listing the user's roles.", &s::ROLE_CLAIM, Some(check_claim));
-    define_string(c"gprxy.role_map", c"token_role:db_role pairs for delegate_ident_mapping.", &s::ROLE_MAP, Some(check_role_map));
-    define_string(c"gprxy.allowed_algorithms", c"Signature algorithms accepted (never none or HMAC).", &s::ALLOWED_ALGORITHMS, Some(check_algorithms));
-    define_string(c"gprxy.required_scopes", c"Scopes every token must grant, besides the pg_hba scope.", &s::REQUIRED_SCOPES, Some(check_none));
-    define_bool(c"gprxy.require_hba_scopes", c"Tokens must grant the pg_hba line's scopes (less openid).", &s::REQUIRE_HBA_SCOPES);
-    define_string(c"gprxy.token_types", c"Accepted typ headers: at+jwt, and JWT (also no typ).", &s::TOKEN_TYPES, Some(check_token_types));
-    define_int(c"gprxy.leeway", c"Allowed clock skew for exp, nbf and iat.", &s::LEEWAY, 0, 300, GucFlags::UNIT_S);
-    define_int(c"gprxy.jwks_cache_ttl", c"JWKS freshness without Cache-Control max-age.", &s::JWKS_CACHE_TTL, 1, 604_800, GucFlags::UNIT_S);
-    define_int(c"gprxy.jwks_cache_ttl_min", c"Lower bound on the JWKS freshness.", &s::JWKS_CACHE_TTL_MIN, 1, 604_800, GucFlags::UNIT_S);
-    define_int(c"gprxy.jwks_cache_ttl_max", c"Upper bound on the JWKS freshness.", &s::JWKS_CACHE_TTL_MAX, 1, 604_800, GucFlags::UNIT_S);
-    define_int(c"gprxy.jwks_max_staleness", c"How long past expiry the last good keys serve during an issuer outage.", &s::JWKS_MAX_STALENESS, 0, 604_800, GucFlags::UNIT_S);
-    define_int(c"gprxy.jwks_unknown_kid_cooldown", c"Least time between refetches caused by unknown kids.", &s::JWKS_UNKNOWN_KID_COOLDOWN, 1, 3600, GucFlags::UNIT_S);
-    define_int(c"gprxy.jwks_refresh_check_interval", c"How often the background worker checks whether keys are due for refresh.", &s::JWKS_REFRESH_CHECK_INTERVAL, 1, 3600, GucFlags::UNIT_S);
-    define_int(c"gprxy.http_connect_timeout", c"Timeout to connect to the issuer.", &s::HTTP_CONNECT_TIMEOUT, 100, 10_000, GucFlags::UNIT_MS);
-    define_int(c"gprxy.http_read_timeout", c"Timeout for the issuer's answer.", &s::HTTP_READ_TIMEOUT, 100, 20_000, GucFlags::UNIT_MS);
-    define_int(c"gprxy.http_max_body", c"Largest discovery or JWKS document accepted.", &s::HTTP_MAX_BODY, 1024, crate::shared::JWKS_MAX as i32, GucFlags::UNIT_BYTE);
-    define_string(c"gprxy.ca_file", c"PEM CA bundle for a private issuer; empty: public web roots.", &s::CA_FILE, Some(check_file));
-    define_bool(c"gprxy.insecure_allow_http_loopback", c"INSECURE, tests only: allow http:// issuers on loopback.", &s::INSECURE_ALLOW_HTTP_LOOPBACK);
-    define_bool(c"gprxy.insecure_skip_audience", c"INSECURE, tests only: accept any audience.", &s::INSECURE_SKIP_AUDIENCE);
+    define_string(
+        c"gprxy.audience",
+        c"Accepted token audiences (comma-separated); one must be in aud.",
+        &s::AUDIENCE,
+        Some(check_none),
+    );
+    define_string(
+        c"gprxy.jwks_uri",
+        c"JWKS URL; empty: discovery from the pg_hba issuer.",
+        &s::JWKS_URI,
+        Some(check_url),
+    );
+    define_string(
+        c"gprxy.authn_claim",
+        c"Claim (name or dotted path) that is the authenticated identity.",
+        &s::AUTHN_CLAIM,
+        Some(check_claim),
+    );
+    define_bool(
+        c"gprxy.authn_issuer_qualified",
+        c"Identity is issuer#claim instead of the claim alone.",
+        &s::AUTHN_ISSUER_QUALIFIED,
+    );
+    define_string(
+        c"gprxy.role_claim",
+        c"Claim (name or dotted path) listing the user's roles.",
+        &s::ROLE_CLAIM,
+        Some(check_claim),
+    );
+    define_string(
+        c"gprxy.role_map",
+        c"token_role:db_role pairs for delegate_ident_mapping.",
+        &s::ROLE_MAP,
+        Some(check_role_map),
+    );
+    define_string(
+        c"gprxy.allowed_algorithms",
+        c"Signature algorithms accepted (never none or HMAC).",
+        &s::ALLOWED_ALGORITHMS,
+        Some(check_algorithms),
+    );
+    define_string(
+        c"gprxy.required_scopes",
+        c"Scopes every token must grant, besides the pg_hba scope.",
+        &s::REQUIRED_SCOPES,
+        Some(check_none),
+    );
+    define_bool(
+        c"gprxy.require_hba_scopes",
+        c"Tokens must grant the pg_hba line's scopes (less openid).",
+        &s::REQUIRE_HBA_SCOPES,
+    );
+    define_string(
+        c"gprxy.token_types",
+        c"Accepted typ headers: at+jwt, and JWT (also no typ).",
+        &s::TOKEN_TYPES,
+        Some(check_token_types),
+    );
+    define_int(
+        c"gprxy.leeway",
+        c"Allowed clock skew for exp, nbf and iat.",
+        &s::LEEWAY,
+        0,
+        300,
+        GucFlags::UNIT_S,
+    );
+    define_int(
+        c"gprxy.jwks_cache_ttl",
+        c"JWKS freshness without Cache-Control max-age.",
+        &s::JWKS_CACHE_TTL,
+        1,
+        604_800,
+        GucFlags::UNIT_S,
+    );
+    define_int(
+        c"gprxy.jwks_cache_ttl_min",
+        c"Lower bound on the JWKS freshness.",
+        &s::JWKS_CACHE_TTL_MIN,
+        1,
+        604_800,
+        GucFlags::UNIT_S,
+    );
+    define_int(
+        c"gprxy.jwks_cache_ttl_max",
+        c"Upper bound on the JWKS freshness.",
+        &s::JWKS_CACHE_TTL_MAX,
+        1,
+        604_800,
+        GucFlags::UNIT_S,
+    );
+    define_int(
+        c"gprxy.jwks_max_staleness",
+        c"How long past expiry the last good keys serve during an issuer outage.",
+        &s::JWKS_MAX_STALENESS,
+        0,
+        604_800,
+        GucFlags::UNIT_S,
+    );
+    define_int(
+        c"gprxy.jwks_unknown_kid_cooldown",
+        c"Least time between refetches caused by unknown kids.",
+        &s::JWKS_UNKNOWN_KID_COOLDOWN,
+        1,
+        3600,
+        GucFlags::UNIT_S,
+    );
+    define_int(
+        c"gprxy.jwks_refresh_check_interval",
+        c"How often the background worker checks whether keys are due for refresh.",
+        &s::JWKS_REFRESH_CHECK_INTERVAL,
+        1,
+        3600,
+        GucFlags::UNIT_S,
+    );
+    define_int(
+        c"gprxy.http_connect_timeout",
+        c"Timeout to connect to the issuer.",
+        &s::HTTP_CONNECT_TIMEOUT,
+        100,
+        10_000,
+        GucFlags::UNIT_MS,
+    );
+    define_int(
+        c"gprxy.http_read_timeout",
+        c"Timeout for the issuer's answer.",
+        &s::HTTP_READ_TIMEOUT,
+        100,
+        20_000,
+        GucFlags::UNIT_MS,
+    );
+    define_int(
+        c"gprxy.http_max_body",
+        c"Largest discovery or JWKS document accepted.",
+        &s::HTTP_MAX_BODY,
+        1024,
+        crate::shared::JWKS_MAX as i32,
+        GucFlags::UNIT_BYTE,
+    );
+    define_string(
+        c"gprxy.ca_file",
+        c"PEM CA bundle for a private issuer; empty: public web roots.",
+        &s::CA_FILE,
+        Some(check_file),
+    );
+    define_bool(
+        c"gprxy.insecure_allow_http_loopback",
+        c"INSECURE, tests only: allow http:// issuers on loopback.",
+        &s::INSECURE_ALLOW_HTTP_LOOPBACK,
+    );
+    define_bool(
+        c"gprxy.insecure_skip_audience",
+        c"INSECURE, tests only: accept any audience.",
+        &s::INSECURE_SKIP_AUDIENCE,
+    );
     // SAFETY: called once from _PG_init with a static prefix.
     unsafe { pg_sys::MarkGUCPrefixReserved(c"gprxy".as_ptr()) };
 }

@@ -4,6 +4,7 @@
 //! gprxy-core; built for older servers it provides the SQL side only. All unsafe code lives in
 //! [`ffi`]; validation logic lives in gprxy-core where plain unit tests reach it.
 #![deny(clippy::undocumented_unsafe_blocks)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 use pgrx::prelude::*;
 

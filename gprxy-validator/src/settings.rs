@@ -7,7 +7,9 @@
 use std::ffi::CString;
 use std::time::Duration;
 
-use gprxy_core::{parse_algorithms, Algorithm, CacheSettings, ConfigError, HttpSettings, IdentityForm, Policy};
+use gprxy_core::{
+    parse_algorithms, Algorithm, CacheSettings, ConfigError, HttpSettings, IdentityForm, Policy,
+};
 use pgrx::GucSetting;
 
 type Str = GucSetting<Option<CString>>;
@@ -163,7 +165,9 @@ impl Settings {
                 ..CacheSettings::default()
             },
             http: HttpSettings {
-                connect_timeout: Duration::from_millis(u64::try_from(HTTP_CONNECT_TIMEOUT.get()).unwrap_or(0)),
+                connect_timeout: Duration::from_millis(
+                    u64::try_from(HTTP_CONNECT_TIMEOUT.get()).unwrap_or(0),
+                ),
                 read_timeout: Duration::from_millis(u64::try_from(HTTP_READ_TIMEOUT.get()).unwrap_or(0)),
                 max_body_bytes: usize::try_from(HTTP_MAX_BODY.get()).unwrap_or(0),
                 insecure_allow_http_loopback: INSECURE_ALLOW_HTTP_LOOPBACK.get(),
@@ -190,7 +194,11 @@ impl Settings {
             .required_scopes(scopes)
             .accept_generic_typ(self.accept_generic_typ)
             .identity_claim(self.authn_claim.clone())
-            .identity_form(if self.issuer_qualified { IdentityForm::IssuerQualified } else { IdentityForm::Plain })
+            .identity_form(if self.issuer_qualified {
+                IdentityForm::IssuerQualified
+            } else {
+                IdentityForm::Plain
+            })
             .role_claim(self.role_claim.clone())
             .build()
             .map_err(|e| ConfigError { setting: setting_name(e.setting), reason: e.reason })

@@ -125,5 +125,10 @@ pub fn issuers() -> Vec<String> {
         return Vec::new();
     }
     let guard = SHARED.share();
-    guard.slots.iter().filter(|s| s.issuer_len > 0).map(|s| String::from_utf8_lossy(s.issuer()).into_owned()).collect()
+    guard
+        .slots
+        .iter()
+        .filter(|s| s.issuer_len > 0)
+        .map(|s| String::from_utf8_lossy(s.issuer()).into_owned())
+        .collect()
 }

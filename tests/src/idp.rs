@@ -103,7 +103,9 @@ fn handle(req: &Request, base: &str, state: &Mutex<State>) -> Response {
         ("POST", "/token") => {
             let device = req.form("device_code").or_else(|| client_id(req)).unwrap_or_default();
             match state.lock().tokens.get(&device) {
-                Some(t) => Response::json(&json!({"access_token": t, "token_type": "Bearer", "expires_in": 300})),
+                Some(t) => {
+                    Response::json(&json!({"access_token": t, "token_type": "Bearer", "expires_in": 300}))
+                }
                 None => Response::json(&json!({"error": "access_denied"})).with_status(400),
             }
         }

@@ -402,19 +402,32 @@ pub fn require_validator(version: PgVersion) {
 /// Runs psql 18 through libpq's OAuth device flow against `host:port`, as `user`, with the
 /// test issuer's `client_id` choosing the token. Returns stdout, or stderr on failure.
 pub fn oauth_psql(port: u16, user: &str, issuer: &str, client_id: &str, sql: &str) -> Result<String, String> {
-    oauth_psql_with(&format!("host=127.0.0.1 port={port} user={user} dbname=postgres"), issuer, client_id, sql)
+    oauth_psql_with(
+        &format!("host=127.0.0.1 port={port} user={user} dbname=postgres"),
+        issuer,
+        client_id,
+        sql,
+    )
 }
 
-/// [`oauth_psql`] with a full connection string (TLS options, ...).
+/// [`oauth_psql`] with a full connection string (TLS options, ...). The SQL is read from stdin,
+/// so each statement runs on its own (autocommit).
 pub fn oauth_psql_with(conninfo: &str, issuer: &str, client_id: &str, sql: &str) -> Result<String, String> {
+    use std::io::Write;
     let conn = format!("{conninfo} oauth_issuer={issuer} oauth_client_id={client_id} connect_timeout=20");
-    let out = Command::new(PgVersion::V18.bin("psql"))
-        .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-d", &conn, "-c", sql])
+    let mut child = Command::new(PgVersion::V18.bin("psql"))
+        .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-d", &conn, "-f", "-"])
         .env("PGOAUTHDEBUG", "UNSAFE")
         .env_remove("PGPASSWORD")
-        .stdin(Stdio::null())
-        .output()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .map_err(|e| format!("cannot run psql: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(sql.as_bytes());
+    }
+    let out = child.wait_with_output().map_err(|e| format!("psql: {e}"))?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).trim_end().to_owned())
     } else {

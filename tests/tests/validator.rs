@@ -22,7 +22,10 @@ fn setup_with(hba_options: &str, conf: &[&str], ident: &[&str]) -> Setup {
         .conf("oauth_validator_libraries = 'gprxy_validator'")
         .conf(format!("gprxy.audience = '{AUD}'"))
         .conf("gprxy.insecure_allow_http_loopback = on")
-        .hba(format!("host all all 127.0.0.1/32 oauth issuer=\"{}\" scope=\"openid db:read\" {hba_options}", idp.issuer()));
+        .hba(format!(
+            "host all all 127.0.0.1/32 oauth issuer=\"{}\" scope=\"openid db:read\" {hba_options}",
+            idp.issuer()
+        ));
     for c in conf {
         b = b.conf(*c);
     }
@@ -55,8 +58,228 @@ fn device_flow_login_shows_identity_and_claims() {
     let s = setup();
     let t = s.token(s.idp.claims("alice", AUD));
     let out = s
-        .login("alice", &t, "SELECT current_user, system_user, gprxy.subject(), gprxy.claim('aud'), gprxy.claims()->>'iss'")
+        .login(
+            "alice",
+            &t,
+            "SELECT current_user, system_user, gprxy.subject(), gprxy.claim('aud'), gprxy.claims()->>'iss'",
+        )
         .unwrap();
     assert_eq!(out, format!("alice|oauth:alice|alice|db|{}", s.idp.issuer()));
-    assert!(s.pg.log().contains("gprxy: oauth login authorized reason=ok role=\"alice\" authn_id=\"alice\""), "{}", s.pg.log());
+    assert!(
+        s.pg.log().contains("gprxy: oauth login authorized reason=ok role=\"alice\" authn_id=\"alice\""),
+        "{}",
+        s.pg.log()
+    );
+}
+
+const REFUSED: &str = "OAuth bearer authentication failed for user";
+
+impl Setup {
+    /// The newest audit line.
+    fn last_audit(&self) -> String {
+        self.pg
+            .log()
+            .lines()
+            .filter(|l| l.contains("gprxy: oauth login"))
+            .last()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    fn audits(&self) -> usize {
+        self.pg.log().matches("gprxy: oauth login").count()
+    }
+
+    /// Logs in with `token`, expects a refusal with this reason code.
+    fn refused(&self, user: &str, token: &str, reason: &str) {
+        let before = self.audits();
+        let err = self.login(user, token, "SELECT 1").expect_err("login must be refused");
+        assert!(err.contains(&format!("{REFUSED} \"{user}\"")), "psql said:\n{err}");
+        assert_eq!(self.audits(), before + 1, "one audit line per attempt");
+        let line = self.last_audit();
+        assert!(line.contains(&format!("oauth login refused reason={reason} ")), "expected {reason}: {line}");
+        assert!(
+            !line.contains(token) && !line.contains(token.split('.').nth(1).unwrap_or("-")),
+            "token logged: {line}"
+        );
+    }
+}
+
+fn with(mut c: serde_json::Value, k: &str, v: serde_json::Value) -> serde_json::Value {
+    c[k] = v;
+    c
+}
+
+#[test]
+fn refused_tokens_each_with_their_reason() {
+    use gprxy_core::testkit::b64;
+    let s = setup();
+    let c = || s.idp.claims("alice", AUD);
+    let now = gprxy_core::unix_time();
+    s.refused("alice", &s.token(with(c(), "exp", json!(now - 120))), "expired");
+    s.refused("alice", &s.token(with(c(), "nbf", json!(now + 600))), "not_yet_valid");
+    s.refused("alice", &s.token(with(c(), "aud", json!("other-service"))), "aud_mismatch");
+    s.refused("alice", &s.token(with(c(), "iss", json!("https://evil.example"))), "iss_mismatch");
+    s.refused("alice", &s.token(with(c(), "iss", json!(format!("{}/", s.idp.issuer())))), "iss_mismatch");
+    s.refused("alice", &s.token(with(c(), "scope", json!("openid"))), "scope_missing");
+
+    let good = s.token(c());
+    let (input, sig) = good.rsplit_once('.').unwrap();
+    let mut flipped = sig.as_bytes().to_vec();
+    flipped[5] = if flipped[5] == b'A' { b'B' } else { b'A' };
+    s.refused("alice", &format!("{input}.{}", String::from_utf8(flipped).unwrap()), "bad_signature");
+
+    let stranger = TestKey::rsa("unknown-kid");
+    s.refused("alice", &stranger.token(json!({"typ": "at+jwt"}), &c()), "kid_unknown");
+
+    let none = format!("{}.{}.", b64(br#"{"alg":"none","typ":"at+jwt"}"#), b64(c().to_string().as_bytes()));
+    s.refused("alice", &none, "alg_none");
+
+    // HS256 with the RSA public key as the HMAC secret: the classic confusion attack.
+    let h = json!({"alg": "HS256", "typ": "at+jwt", "kid": "key-1"}).to_string();
+    let si = format!("{}.{}", b64(h.as_bytes()), b64(c().to_string().as_bytes()));
+    let tag = aws_lc_rs::hmac::sign(
+        &aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &s.key.rsa_public_der()),
+        si.as_bytes(),
+    );
+    s.refused("alice", &format!("{si}.{}", b64(tag.as_ref())), "alg_not_allowed");
+
+    // A jku header pointing at the attacker's key server: never fetched.
+    let evil = gprxy_core::testkit::TestServer::start(|_| gprxy_core::testkit::Response::status(200));
+    let attacker = TestKey::rsa("attacker");
+    let t = attacker.token(json!({"typ": "at+jwt", "jku": format!("{}/jwks", evil.url())}), &c());
+    s.refused("alice", &t, "kid_unknown");
+    assert_eq!(evil.request_count(), 0, "the jku server was contacted");
+}
+
+#[test]
+fn identity_not_mapped_for_the_requested_role_is_refused() {
+    let s = setup();
+    s.pg.sql("CREATE ROLE bob LOGIN");
+    let err = s.login("bob", &s.token(s.idp.claims("alice", AUD)), "SELECT 1").unwrap_err();
+    assert!(err.contains(&format!("{REFUSED} \"bob\"")), "{err}");
+    // The token itself was good; pg_ident refused alice as bob.
+    assert!(
+        s.last_audit().contains("authorized reason=ok role=\"bob\" authn_id=\"alice\""),
+        "{}",
+        s.last_audit()
+    );
+    assert!(
+        s.pg.log().contains("no match in usermap \"m\" for user \"bob\" authenticated as \"alice\""),
+        "{}",
+        s.pg.log()
+    );
+}
+
+#[test]
+fn delegated_mode_allows_only_roles_the_token_grants() {
+    let s = setup_with(
+        "delegate_ident_mapping=1",
+        &[
+            "gprxy.role_claim = 'https://gprxy.io/roles'",
+            "gprxy.role_map = 'writer:app_writer, admin:app_admin'",
+        ],
+        &[],
+    );
+    let t = s.token(with(s.idp.claims("alice", AUD), "https://gprxy.io/roles", json!(["writer"])));
+    assert_eq!(
+        s.login("app_writer", &t, "SELECT current_user, system_user").unwrap(),
+        "app_writer|oauth:alice"
+    );
+    s.refused("alice", &t, "role_not_granted");
+    assert!(
+        s.last_audit()
+            .contains("detail=\"role \\\"alice\\\" is not among the roles the token grants (app_writer)\""),
+        "{}",
+        s.last_audit()
+    );
+}
+
+#[test]
+fn key_rotation_new_key_works_removed_key_refused() {
+    let s = setup_with(
+        "map=m",
+        &["gprxy.jwks_unknown_kid_cooldown = 1", "gprxy.jwks_cache_ttl = 2", "gprxy.jwks_cache_ttl_min = 1"],
+        &["m alice alice"],
+    );
+    let old = s.token(s.idp.claims("alice", AUD));
+    assert_eq!(s.login("alice", &old, "SELECT 1").unwrap(), "1");
+    let k2 = TestKey::p256("key-2");
+    s.idp.publish(&[&s.key, &k2]);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let new = k2.token(json!({"typ": "at+jwt"}), &s.idp.claims("alice", AUD));
+    assert_eq!(s.login("alice", &new, "SELECT gprxy.subject()").unwrap(), "alice");
+    s.idp.publish(&[&k2]);
+    std::thread::sleep(std::time::Duration::from_millis(2200));
+    s.refused("alice", &s.token(s.idp.claims("alice", AUD)), "kid_unknown");
+    assert_eq!(s.login("alice", &new, "SELECT 1").unwrap(), "1");
+}
+
+#[test]
+fn key_outage_served_until_max_staleness_then_closed() {
+    let s = setup_with(
+        "map=m",
+        &["gprxy.jwks_cache_ttl = 2", "gprxy.jwks_cache_ttl_min = 1", "gprxy.jwks_max_staleness = 4"],
+        &["m alice alice"],
+    );
+    let t = || s.token(s.idp.claims("alice", AUD));
+    assert_eq!(s.login("alice", &t(), "SELECT 1").unwrap(), "1");
+    s.idp.fail_jwks(Some(503));
+    std::thread::sleep(std::time::Duration::from_millis(3000)); // expired, within staleness
+    assert_eq!(s.login("alice", &t(), "SELECT 1").unwrap(), "1");
+    std::thread::sleep(std::time::Duration::from_millis(4000)); // past expiry + staleness
+    s.refused("alice", &t(), "keys_unavailable");
+    s.idp.fail_jwks(None);
+    std::thread::sleep(std::time::Duration::from_millis(1500)); // past the fetch backoff
+    assert_eq!(s.login("alice", &t(), "SELECT 1").unwrap(), "1");
+}
+
+#[test]
+fn two_hundred_logins_share_one_key_fetch() {
+    let s = setup();
+    let t = s.token(s.idp.claims("alice", AUD));
+    for i in 0..200 {
+        let out = s.login("alice", &t, "SELECT 1").unwrap_or_else(|e| panic!("login {i}: {e}"));
+        assert_eq!(out, "1");
+    }
+    assert!(s.idp.jwks_requests() <= 2, "{} JWKS requests for 200 logins", s.idp.jwks_requests());
+}
+
+#[test]
+fn claim_functions_cannot_be_changed_by_sql_and_are_null_without_oauth() {
+    let s = setup();
+    let t = s.token(s.idp.claims("alice", AUD));
+    let attempts = "SELECT gprxy.subject();
+         DO $$ BEGIN PERFORM set_config('gprxy.subject', 'mallory', false); EXCEPTION WHEN OTHERS THEN NULL; END $$;
+         DO $$ BEGIN EXECUTE 'SET gprxy.claims = ''{}'''; EXCEPTION WHEN OTHERS THEN NULL; END $$;
+         RESET ALL;
+         DISCARD ALL;
+         SELECT gprxy.subject() || ',' || gprxy.claim('sub') || ',' || (gprxy.claims()->>'sub');";
+    assert_eq!(s.login("alice", &t, attempts).unwrap(), "alice\nalice,alice,alice");
+    let err = s.login("alice", &t, "SET gprxy.subject = 'mallory'").unwrap_err();
+    assert!(err.contains("invalid configuration parameter name \"gprxy.subject\""), "{err}");
+    // A superuser over the socket (trust, no token): every function is NULL.
+    assert_eq!(
+        s.pg.sql("SELECT coalesce(gprxy.subject(), 'NULL') || coalesce(gprxy.claims()::text, 'NULL') || coalesce(gprxy.roles()::text, 'NULL') || coalesce(gprxy.claim('sub'), 'NULL')"),
+        "NULLNULLNULLNULL"
+    );
+}
+
+#[test]
+fn bad_settings_are_refused_at_reload_with_the_setting_named() {
+    let s = setup();
+    let err = s.pg.try_sql("ALTER SYSTEM SET gprxy.allowed_algorithms = 'HS256'").unwrap_err();
+    assert!(err.contains("invalid value for parameter \"gprxy.allowed_algorithms\": \"HS256\""), "{err}");
+    assert!(err.contains("HS256 is never allowed (unsigned or symmetric)"), "{err}");
+    // The same kind of value written into postgresql.conf is refused at reload; the old one stays.
+    let conf = s.pg.data_dir().join("postgresql.conf");
+    let mut text = std::fs::read_to_string(&conf).unwrap();
+    text.push_str("gprxy.token_types = 'id_token'\n");
+    std::fs::write(&conf, text).unwrap();
+    s.pg.sql("SELECT pg_reload_conf()");
+    let refused = "invalid value for parameter \"gprxy.token_types\": \"id_token\"";
+    assert!(s.pg.wait_for_log(refused, std::time::Duration::from_secs(5)), "{}", s.pg.log());
+    assert!(s.pg.log().contains("unknown token type \"id_token\": use at+jwt and/or JWT"));
+    let t = s.token(s.idp.claims("alice", AUD));
+    assert_eq!(s.login("alice", &t, "SHOW gprxy.token_types").unwrap(), "at+jwt");
 }

@@ -44,7 +44,10 @@ fn main() {
         .conf("gprxy.audience = 'gprxy-demo'")
         .conf("gprxy.role_claim = 'roles'")
         .conf("gprxy.insecure_allow_http_loopback = on  # the dev issuer is plain HTTP on loopback")
-        .hba(format!("host all all 127.0.0.1/32 oauth issuer=\"{}\" scope=\"openid db:read\" map=demo", idp.issuer()))
+        .hba(format!(
+            "host all all 127.0.0.1/32 oauth issuer=\"{}\" scope=\"openid db:read\" map=demo",
+            idp.issuer()
+        ))
         .ident("demo alice alice")
         .start();
     pg.sql("CREATE ROLE alice LOGIN; CREATE EXTENSION gprxy_validator");
@@ -54,13 +57,19 @@ fn main() {
 
     step(3, "psql 18 logs in as alice through the OAuth device flow");
     let sql = "SELECT current_user, system_user, gprxy.subject(), gprxy.claim('email')";
-    let out = oauth_psql(pg.port(), "alice", &idp.issuer(), "demo-alice", sql).unwrap_or_else(|e| panic!("login failed:\n{e}"));
+    let out = oauth_psql(pg.port(), "alice", &idp.issuer(), "demo-alice", sql)
+        .unwrap_or_else(|e| panic!("login failed:\n{e}"));
     println!("    {sql}\n    -> {out}");
     assert_eq!(out, "alice|oauth:alice|alice|alice@example.com");
 
     let psql18 = PgVersion::V18.bin("psql");
     println!("\nTry it yourself:");
-    println!("  superuser:  {} -h {} -p {} -U postgres -c 'SHOW oauth_validator_libraries'", psql18.display(), pg.root().display(), pg.port());
+    println!(
+        "  superuser:  {} -h {} -p {} -U postgres -c 'SHOW oauth_validator_libraries'",
+        psql18.display(),
+        pg.root().display(),
+        pg.port()
+    );
     println!(
         "  OAuth:      PGOAUTHDEBUG=UNSAFE {} \"host=127.0.0.1 port={} user=alice dbname=postgres oauth_issuer={} oauth_client_id=demo-alice\" -c \"SELECT gprxy.claims()\"",
         psql18.display(),
