@@ -434,3 +434,14 @@ pub fn oauth_psql_with(conninfo: &str, issuer: &str, client_id: &str, sql: &str)
         Err(String::from_utf8_lossy(&out.stderr).into_owned())
     }
 }
+
+/// The repository's sql/ folder.
+pub fn sql_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../sql")
+}
+
+/// Runs a file from sql/ as superuser in `db`.
+pub fn apply_sql_file(cluster: &Cluster, db: &str, file: &str) {
+    let text = std::fs::read_to_string(sql_dir().join(file)).unwrap_or_else(|e| panic!("sql/{file}: {e}"));
+    cluster.try_sql_in(db, &text).unwrap_or_else(|e| panic!("sql/{file} failed:\n{e}"));
+}

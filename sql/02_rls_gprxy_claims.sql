@@ -1,0 +1,65 @@
+-- The design document's multi-tenant schema, with row-level security on gprxy's claim functions
+-- (the recommended style): gprxy.claim()/gprxy.subject() return what the validated token said,
+-- and no SET, set_config or RESET can change them. Requires CREATE EXTENSION gprxy_validator.
+--
+-- Tokens carry: sub (the user), tenant_id (a UUID claim), roles.
+CREATE TABLE IF NOT EXISTS users (
+  id         uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+  tenant_id  uuid NOT NULL,
+  user_id    text NOT NULL,            -- the token's sub
+  email      text NOT NULL,
+  created_at timestamptz DEFAULT now()
+);
+
+CREATE TABLE IF NOT EXISTS posts (
+  id         uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+  tenant_id  uuid NOT NULL,
+  owner_id   text NOT NULL,            -- the token's sub
+  title      text NOT NULL,
+  content    text,
+  visibility text NOT NULL DEFAULT 'private' CHECK (visibility IN ('private', 'public')),
+  created_at timestamptz DEFAULT now()
+);
+
+GRANT ALL ON users, posts TO app_admin;
+GRANT SELECT, INSERT, UPDATE, DELETE ON users, posts TO app_writer;
+GRANT SELECT ON users, posts TO app_reader;
+
+ALTER TABLE users ENABLE ROW LEVEL SECURITY;
+ALTER TABLE posts ENABLE ROW LEVEL SECURITY;
+
+-- Tenant isolation is RESTRICTIVE: no permissive policy can widen it for writers and readers.
+-- A session without a token has no tenant_id claim: NULL matches nothing.
+DROP POLICY IF EXISTS tenant_isolation ON users;
+CREATE POLICY tenant_isolation ON users AS RESTRICTIVE TO app_writer, app_reader
+  USING (tenant_id::text = gprxy.claim('tenant_id'))
+  WITH CHECK (tenant_id::text = gprxy.claim('tenant_id'));
+DROP POLICY IF EXISTS tenant_isolation ON posts;
+CREATE POLICY tenant_isolation ON posts AS RESTRICTIVE TO app_writer, app_reader
+  USING (tenant_id::text = gprxy.claim('tenant_id'))
+  WITH CHECK (tenant_id::text = gprxy.claim('tenant_id'));
+
+-- Inside the tenant: everyone sees the tenant's users; each user updates only their own row.
+DROP POLICY IF EXISTS users_read ON users;
+CREATE POLICY users_read ON users FOR SELECT TO app_writer, app_reader USING (true);
+DROP POLICY IF EXISTS users_own_data ON users;
+CREATE POLICY users_own_data ON users FOR UPDATE TO app_writer
+  USING (user_id = gprxy.subject()) WITH CHECK (user_id = gprxy.subject());
+
+-- Posts: your own and the tenant's public ones; writers change only their own.
+DROP POLICY IF EXISTS posts_visibility ON posts;
+CREATE POLICY posts_visibility ON posts FOR SELECT TO app_writer, app_reader
+  USING (owner_id = gprxy.subject() OR visibility = 'public');
+DROP POLICY IF EXISTS posts_insert ON posts;
+CREATE POLICY posts_insert ON posts FOR INSERT TO app_writer WITH CHECK (owner_id = gprxy.subject());
+DROP POLICY IF EXISTS posts_modify ON posts;
+CREATE POLICY posts_modify ON posts FOR UPDATE TO app_writer
+  USING (owner_id = gprxy.subject()) WITH CHECK (owner_id = gprxy.subject());
+DROP POLICY IF EXISTS posts_delete ON posts;
+CREATE POLICY posts_delete ON posts FOR DELETE TO app_writer USING (owner_id = gprxy.subject());
+
+-- Admins: an explicit policy for the role (ALTER ROLE ... NOINHERIT does not do this).
+DROP POLICY IF EXISTS admin_all ON users;
+CREATE POLICY admin_all ON users TO app_admin USING (true) WITH CHECK (true);
+DROP POLICY IF EXISTS admin_all ON posts;
+CREATE POLICY admin_all ON posts TO app_admin USING (true) WITH CHECK (true);
