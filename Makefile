@@ -42,4 +42,6 @@ demo: bootstrap install-extension
 ## Benchmarks (criterion): ratios against a baseline measured in the same run.
 bench: bootstrap install-extension
 	cargo bench -p gprxy-core --bench validate
+	cargo bench -p gprxy-tests --bench connect
 	python3 scripts/bench-ratios.py target "validate_*" bare_verify validate_warm_cache 1.3
+	python3 scripts/bench-ratios.py target "connect" scram_sha256 oauthbearer 1.0

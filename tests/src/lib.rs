@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod idp;
+pub mod pgwire;
 
 use std::fmt;
 use std::net::TcpListener;

@@ -1,0 +1,212 @@
+//! A small blocking PostgreSQL client for tests and benchmarks: trust, cleartext password,
+//! SCRAM-SHA-256 and SASL OAUTHBEARER (RFC 7628) logins, simple queries, cancel requests.
+//! Messages are encoded and parsed by postgres-protocol.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use fallible_iterator::FallibleIterator;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use postgres_protocol::message::{backend::Message, frontend};
+
+/// How to authenticate.
+#[derive(Debug, Clone, Copy)]
+pub enum Auth<'a> {
+    /// Whatever the server asks, answer with nothing (trust).
+    None,
+    /// Cleartext or SCRAM-SHA-256 with this password.
+    Password(&'a str),
+    /// OAUTHBEARER with this token.
+    Bearer(&'a str),
+}
+
+/// An ErrorResponse (or a transport failure, with no SQLSTATE).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgError {
+    /// SQLSTATE.
+    pub code: Option<String>,
+    /// Message.
+    pub message: String,
+}
+
+impl std::fmt::Display for PgError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.message, self.code.as_deref().unwrap_or("-"))
+    }
+}
+
+fn io_err(e: impl std::fmt::Display) -> PgError {
+    PgError { code: None, message: e.to_string() }
+}
+
+/// An open session.
+pub struct PgConn {
+    stream: TcpStream,
+    buf: BytesMut,
+    /// Backend process id and secret key from BackendKeyData.
+    pub key: Option<(i32, i32)>,
+}
+
+/// Connects over TCP and authenticates.
+pub fn connect(addr: SocketAddr, user: &str, db: &str, auth: Auth<'_>) -> Result<PgConn, PgError> {
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(io_err)?;
+    stream.set_read_timeout(Some(Duration::from_secs(60))).map_err(io_err)?;
+    stream.set_nodelay(true).map_err(io_err)?;
+    let mut c = PgConn { stream, buf: BytesMut::with_capacity(8192), key: None };
+    let mut out = BytesMut::new();
+    frontend::startup_message(
+        [("user", user), ("database", db), ("application_name", "gprxy-tests")],
+        &mut out,
+    )
+    .map_err(io_err)?;
+    c.send(&out)?;
+    c.authenticate(auth)?;
+    Ok(c)
+}
+
+fn error_of(body: &postgres_protocol::message::backend::ErrorResponseBody) -> PgError {
+    let mut e = PgError { code: None, message: String::new() };
+    let mut fields = body.fields();
+    while let Ok(Some(f)) = fields.next() {
+        let v = String::from_utf8_lossy(f.value_bytes()).into_owned();
+        match f.type_() {
+            b'C' => e.code = Some(v),
+            b'M' => e.message = v,
+            _ => {}
+        }
+    }
+    e
+}
+
+impl PgConn {
+    fn send(&mut self, bytes: &[u8]) -> Result<(), PgError> {
+        self.stream.write_all(bytes).map_err(io_err)
+    }
+
+    /// The next backend message.
+    pub fn next(&mut self) -> Result<Message, PgError> {
+        loop {
+            if let Some(m) = Message::parse(&mut self.buf).map_err(io_err)? {
+                return Ok(m);
+            }
+            let mut chunk = [0u8; 16384];
+            let n = self.stream.read(&mut chunk).map_err(io_err)?;
+            if n == 0 {
+                return Err(io_err("server closed the connection"));
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    fn authenticate(&mut self, auth: Auth<'_>) -> Result<(), PgError> {
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let mut out = BytesMut::new();
+            match self.next()? {
+                Message::AuthenticationOk => break,
+                Message::AuthenticationCleartextPassword => match auth {
+                    Auth::Password(p) | Auth::Bearer(p) => {
+                        frontend::password_message(p.as_bytes(), &mut out).map_err(io_err)?
+                    }
+                    Auth::None => return Err(io_err("server asked for a password")),
+                },
+                Message::AuthenticationSasl(body) => {
+                    let mechs: Vec<String> =
+                        body.mechanisms().map(|m| Ok(m.to_owned())).collect().map_err(io_err)?;
+                    match auth {
+                        Auth::Bearer(token) if mechs.iter().any(|m| m == "OAUTHBEARER") => {
+                            let msg = format!("n,,\x01auth=Bearer {token}\x01\x01");
+                            frontend::sasl_initial_response("OAUTHBEARER", msg.as_bytes(), &mut out)
+                                .map_err(io_err)?;
+                        }
+                        Auth::Password(p) if mechs.iter().any(|m| m == "SCRAM-SHA-256") => {
+                            let s = ScramSha256::new(p.as_bytes(), ChannelBinding::unsupported());
+                            frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut out)
+                                .map_err(io_err)?;
+                            scram = Some(s);
+                        }
+                        _ => return Err(io_err(format!("no usable SASL mechanism in {mechs:?}"))),
+                    }
+                }
+                Message::AuthenticationSaslContinue(body) => match scram.as_mut() {
+                    Some(s) => {
+                        s.update(body.data()).map_err(io_err)?;
+                        frontend::sasl_response(s.message(), &mut out).map_err(io_err)?;
+                    }
+                    // OAUTHBEARER error challenge: acknowledge with a lone kvsep (RFC 7628 3.2.3).
+                    None => frontend::sasl_response(b"\x01", &mut out).map_err(io_err)?,
+                },
+                Message::AuthenticationSaslFinal(body) => {
+                    if let Some(s) = scram.as_mut() {
+                        s.finish(body.data()).map_err(io_err)?;
+                    }
+                }
+                Message::ErrorResponse(body) => return Err(error_of(&body)),
+                _ => return Err(io_err("unexpected message during authentication")),
+            }
+            if !out.is_empty() {
+                self.send(&out)?;
+            }
+        }
+        loop {
+            match self.next()? {
+                Message::ReadyForQuery(_) => return Ok(()),
+                Message::BackendKeyData(k) => self.key = Some((k.process_id(), k.secret_key())),
+                Message::ErrorResponse(body) => return Err(error_of(&body)),
+                _ => {}
+            }
+        }
+    }
+
+    /// Runs a simple query; returns the rows of the last result as text.
+    pub fn query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, PgError> {
+        let mut out = BytesMut::new();
+        frontend::query(sql, &mut out).map_err(io_err)?;
+        self.send(&out)?;
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            match self.next()? {
+                Message::DataRow(row) => {
+                    let buf = row.buffer();
+                    let vals: Vec<Option<String>> = row
+                        .ranges()
+                        .map(|r| Ok(r.map(|r| String::from_utf8_lossy(&buf[r]).into_owned())))
+                        .collect()
+                        .map_err(io_err)?;
+                    rows.push(vals);
+                }
+                Message::RowDescription(_) => rows.clear(),
+                Message::ErrorResponse(body) => error = Some(error_of(&body)),
+                Message::ReadyForQuery(_) => break,
+                _ => {}
+            }
+        }
+        error.map_or(Ok(rows), Err)
+    }
+
+    /// The first column of the first row.
+    pub fn scalar(&mut self, sql: &str) -> Result<Option<String>, PgError> {
+        Ok(self.query(sql)?.into_iter().next().and_then(|r| r.into_iter().next()).flatten())
+    }
+
+    /// Sends Terminate and closes.
+    pub fn close(mut self) {
+        let mut out = BytesMut::new();
+        frontend::terminate(&mut out);
+        let _ = self.send(&out);
+    }
+}
+
+/// Sends a CancelRequest for `key` to `addr`.
+pub fn cancel(addr: SocketAddr, key: (i32, i32)) -> std::io::Result<()> {
+    let mut out = BytesMut::new();
+    frontend::cancel_request(key.0, key.1, &mut out);
+    let mut s = TcpStream::connect(addr)?;
+    s.write_all(&out)?;
+    let mut sink = [0u8; 1];
+    let _ = s.read(&mut sink);
+    Ok(())
+}
