@@ -86,7 +86,7 @@ impl PgConn {
     }
 
     /// The next backend message.
-    pub fn next(&mut self) -> Result<Message, PgError> {
+    pub fn next_message(&mut self) -> Result<Message, PgError> {
         loop {
             if let Some(m) = Message::parse(&mut self.buf).map_err(io_err)? {
                 return Ok(m);
@@ -104,7 +104,7 @@ impl PgConn {
         let mut scram: Option<ScramSha256> = None;
         loop {
             let mut out = BytesMut::new();
-            match self.next()? {
+            match self.next_message()? {
                 Message::AuthenticationOk => break,
                 Message::AuthenticationCleartextPassword => match auth {
                     Auth::Password(p) | Auth::Bearer(p) => {
@@ -151,7 +151,7 @@ impl PgConn {
             }
         }
         loop {
-            match self.next()? {
+            match self.next_message()? {
                 Message::ReadyForQuery(_) => return Ok(()),
                 Message::BackendKeyData(k) => self.key = Some((k.process_id(), k.secret_key())),
                 Message::ErrorResponse(body) => return Err(error_of(&body)),
@@ -168,7 +168,7 @@ impl PgConn {
         let mut rows = Vec::new();
         let mut error = None;
         loop {
-            match self.next()? {
+            match self.next_message()? {
                 Message::DataRow(row) => {
                     let buf = row.buffer();
                     let vals: Vec<Option<String>> = row

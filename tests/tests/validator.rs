@@ -77,13 +77,7 @@ const REFUSED: &str = "OAuth bearer authentication failed for user";
 impl Setup {
     /// The newest audit line.
     fn last_audit(&self) -> String {
-        self.pg
-            .log()
-            .lines()
-            .filter(|l| l.contains("gprxy: oauth login"))
-            .last()
-            .unwrap_or_default()
-            .to_owned()
+        self.pg.log().lines().rfind(|l| l.contains("gprxy: oauth login")).unwrap_or_default().to_owned()
     }
 
     fn audits(&self) -> usize {
