@@ -1,0 +1,283 @@
+//! Configuration: a TOML file (unknown keys refused) plus CLI flags and environment variables,
+//! checked once into typed values. A missing or bad file stops start-up with the line at fault.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+
+/// The file as written.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<String>,
+    upstream: Option<String>,
+    #[serde(default)]
+    tls: FileTls,
+    #[serde(default)]
+    upstream_tls: FileUpstreamTls,
+    #[serde(default)]
+    limits: FileLimits,
+    #[serde(default)]
+    admin: FileAdmin,
+    #[serde(default)]
+    log: FileLog,
+    #[serde(default)]
+    bridge: FileBridge,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileTls {
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    #[serde(default)]
+    require: bool,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileUpstreamTls {
+    #[serde(default)]
+    enabled: bool,
+    ca_file: Option<PathBuf>,
+    server_name: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileLimits {
+    max_client_connections: Option<usize>,
+    login_timeout_ms: Option<u64>,
+    upstream_connect_timeout_ms: Option<u64>,
+    shutdown_grace_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileAdmin {
+    listen: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileLog {
+    format: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileBridge {
+    #[serde(default)]
+    token_as_password: bool,
+}
+
+/// Flags that override the file.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct Overrides {
+    /// Address clients connect to.
+    #[arg(long, env = "GPRXY_LISTEN")]
+    pub listen: Option<String>,
+    /// PostgreSQL server address (host:port).
+    #[arg(long, env = "GPRXY_UPSTREAM")]
+    pub upstream: Option<String>,
+    /// Admin listener for /metrics and /healthz.
+    #[arg(long, env = "GPRXY_ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
+    /// Log format: text or json.
+    #[arg(long, env = "GPRXY_LOG_FORMAT")]
+    pub log_format: Option<String>,
+}
+
+/// Client-side TLS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// Certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Private key (PEM).
+    pub key: PathBuf,
+}
+
+/// Upstream TLS: always with certificate and host-name verification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTls {
+    /// CA bundle (PEM) the server's certificate must chain to.
+    pub ca_file: PathBuf,
+    /// Name the certificate must carry (default: the upstream host).
+    pub server_name: String,
+}
+
+/// Log output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The checked configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Client listener.
+    pub listen: SocketAddr,
+    /// Upstream server.
+    pub upstream: String,
+    /// Client TLS, if configured.
+    pub tls: Option<TlsFiles>,
+    /// Refuse clients that do not use TLS.
+    pub require_tls: bool,
+    /// Upstream TLS, if enabled.
+    pub upstream_tls: Option<UpstreamTls>,
+    /// Concurrent client connections at most.
+    pub max_client_connections: usize,
+    /// Time from accept to AuthenticationOk.
+    pub login_timeout: Duration,
+    /// Time to connect upstream.
+    pub upstream_connect_timeout: Duration,
+    /// Time sessions get to finish after SIGTERM.
+    pub shutdown_grace: Duration,
+    /// Admin listener.
+    pub admin_listen: Option<SocketAddr>,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Token-as-password bridge.
+    pub token_as_password: bool,
+}
+
+fn addr(what: &str, s: &str) -> anyhow::Result<SocketAddr> {
+    s.parse().with_context(|| format!("{what}: {s:?} is not an address like 127.0.0.1:6432"))
+}
+
+impl Config {
+    /// Reads and checks `path` (if any), then applies `overrides`.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> anyhow::Result<Self> {
+        let file: FileConfig = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("cannot read config file {}", p.display()))?;
+                toml::from_str(&text).map_err(|e| anyhow::anyhow!("config file {}: {e}", p.display()))?
+            }
+            None => FileConfig::default(),
+        };
+        let listen = overrides.listen.clone().or(file.listen).unwrap_or_else(|| "127.0.0.1:6432".into());
+        let Some(upstream) = overrides.upstream.clone().or(file.upstream) else {
+            bail!("upstream: no PostgreSQL server configured (upstream = \"host:port\" or --upstream)");
+        };
+        if upstream.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
+            bail!("upstream: {upstream:?} is not host:port");
+        }
+        let tls = match (file.tls.cert, file.tls.key) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            (None, None) => None,
+            _ => bail!("tls: cert and key must be given together"),
+        };
+        if file.tls.require && tls.is_none() {
+            bail!("tls.require: set tls.cert and tls.key too");
+        }
+        if file.bridge.token_as_password && tls.is_none() {
+            bail!("bridge.token_as_password: needs tls.cert and tls.key (the token travels as a password)");
+        }
+        let upstream_tls = if file.upstream_tls.enabled {
+            let ca_file = file
+                .upstream_tls
+                .ca_file
+                .context("upstream_tls.ca_file: required when upstream_tls.enabled")?;
+            let host = upstream.rsplit_once(':').map_or(upstream.as_str(), |(h, _)| h);
+            let server_name =
+                file.upstream_tls.server_name.unwrap_or_else(|| host.trim_matches(['[', ']']).to_owned());
+            Some(UpstreamTls { ca_file, server_name })
+        } else {
+            None
+        };
+        let log_format = match overrides.log_format.clone().or(file.log.format).as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => bail!("log.format: {other:?} is not text or json"),
+        };
+        let max_client_connections = file.limits.max_client_connections.unwrap_or(1000);
+        if max_client_connections == 0 {
+            bail!("limits.max_client_connections: must be at least 1");
+        }
+        Ok(Self {
+            listen: addr("listen", &listen)?,
+            upstream,
+            tls,
+            require_tls: file.tls.require,
+            upstream_tls,
+            max_client_connections,
+            login_timeout: Duration::from_millis(file.limits.login_timeout_ms.unwrap_or(15_000)),
+            upstream_connect_timeout: Duration::from_millis(
+                file.limits.upstream_connect_timeout_ms.unwrap_or(5_000),
+            ),
+            shutdown_grace: Duration::from_millis(file.limits.shutdown_grace_ms.unwrap_or(30_000)),
+            admin_listen: overrides
+                .admin_listen
+                .clone()
+                .or(file.admin.listen)
+                .map(|a| addr("admin.listen", &a))
+                .transpose()?,
+            log_format,
+            token_as_password: file.bridge.token_as_password,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> anyhow::Result<Config> {
+        let dir = tempfile::tempdir()?;
+        let p = dir.path().join("gprxy.toml");
+        std::fs::write(&p, text)?;
+        Config::load(Some(&p), &Overrides::default())
+    }
+
+    #[test]
+    fn unknown_key_names_the_line() {
+        let e = load("upstream = \"127.0.0.1:5432\"\n\n[limits]\nmax_clients = 5\n").unwrap_err().to_string();
+        assert!(e.contains("line 4") && e.contains("unknown field `max_clients`"), "{e}");
+    }
+
+    #[test]
+    fn missing_file_and_missing_upstream() {
+        let e = Config::load(Some(Path::new("/nonexistent/gprxy.toml")), &Overrides::default()).unwrap_err();
+        assert!(format!("{e:#}").contains("cannot read config file /nonexistent/gprxy.toml"));
+        assert!(load("").unwrap_err().to_string().contains("upstream: no PostgreSQL server configured"));
+    }
+
+    #[test]
+    fn tls_rules() {
+        assert!(load("upstream = \"h:1\"\n[tls]\ncert = \"c\"\n")
+            .unwrap_err()
+            .to_string()
+            .contains("together"));
+        assert!(load("upstream = \"h:1\"\n[tls]\nrequire = true\n")
+            .unwrap_err()
+            .to_string()
+            .contains("tls.require"));
+        assert!(load("upstream = \"h:1\"\n[bridge]\ntoken_as_password = true\n")
+            .unwrap_err()
+            .to_string()
+            .contains("bridge"));
+        let c =
+            load("upstream = \"db.internal:5432\"\n[upstream_tls]\nenabled = true\nca_file = \"ca.pem\"\n")
+                .unwrap();
+        assert_eq!(c.upstream_tls.unwrap().server_name, "db.internal");
+    }
+
+    #[test]
+    fn overrides_win() {
+        let o = Overrides {
+            upstream: Some("127.0.0.1:1".into()),
+            listen: Some("127.0.0.1:2".into()),
+            ..Default::default()
+        };
+        let c = Config::load(None, &o).unwrap();
+        assert_eq!(c.listen.port(), 2);
+        assert_eq!(c.upstream, "127.0.0.1:1");
+    }
+}

@@ -1,0 +1,474 @@
+//! PostgreSQL wire protocol framing, without I/O.
+//!
+//! <https://www.postgresql.org/docs/18/protocol-message-formats.html>. Every length read from the
+//! wire is checked against a hard maximum before any memory is reserved; a parser returns
+//! `Ok(None)` when it needs more bytes.
+
+use bytes::{Buf, BufMut, BytesMut};
+
+/// PostgreSQL's own limit on a startup packet (src/include/libpq/pqcomm.h, MAX_STARTUP_PACKET_LENGTH).
+pub const MAX_STARTUP_PACKET: usize = 10_000;
+/// SSLRequest code.
+pub const SSL_REQUEST: u32 = 80_877_103;
+/// GSSENCRequest code.
+pub const GSSENC_REQUEST: u32 = 80_877_104;
+/// CancelRequest code.
+pub const CANCEL_REQUEST: u32 = 80_877_102;
+/// Longest cancel key (protocol 3.2 allows up to 256 bytes).
+pub const MAX_CANCEL_KEY: usize = 256;
+/// A bearer token is at most 65535 bytes; the SASL message around it adds a little.
+pub const MAX_SASL_MESSAGE: usize = 65_535 + 1024;
+/// Largest authentication-phase message from a server we accept.
+pub const MAX_SERVER_AUTH_MESSAGE: usize = 1 << 20;
+
+/// A protocol violation; the connection is ended with an ErrorResponse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtoError {
+    /// A length field is below its own size.
+    #[error("invalid length {0} in message header")]
+    BadLength(u32),
+    /// A message is longer than allowed for its kind.
+    #[error("{kind} of {len} bytes exceeds the limit of {max}")]
+    TooLong {
+        /// Which message.
+        kind: &'static str,
+        /// Announced length.
+        len: usize,
+        /// Its limit.
+        max: usize,
+    },
+    /// The startup packet's protocol version is not 3.x.
+    #[error("unsupported frontend protocol {major}.{minor}")]
+    UnsupportedProtocol {
+        /// Major version.
+        major: u16,
+        /// Minor version.
+        minor: u16,
+    },
+    /// The startup packet's parameters are malformed.
+    #[error("invalid startup packet: {0}")]
+    BadStartup(&'static str),
+    /// A message body is malformed.
+    #[error("invalid {0} message")]
+    BadMessage(&'static str),
+}
+
+/// The first packet a client sends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FirstPacket {
+    /// SSLRequest.
+    SslRequest,
+    /// GSSENCRequest.
+    GssEncRequest,
+    /// CancelRequest with the process id and (variable-length) secret key.
+    Cancel {
+        /// Backend process id.
+        pid: i32,
+        /// Secret key (4 bytes before protocol 3.2).
+        key: Vec<u8>,
+    },
+    /// StartupMessage.
+    Startup(Startup),
+}
+
+/// A StartupMessage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Startup {
+    /// Protocol version (major << 16 | minor).
+    pub version: u32,
+    /// Parameters in order.
+    pub params: Vec<(String, String)>,
+    /// The packet as received, to forward unchanged.
+    pub raw: Vec<u8>,
+}
+
+impl Startup {
+    /// A parameter's value.
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+}
+
+/// Parses the first packet (untyped: length then code). `Ok(None)`: need more bytes.
+pub fn parse_first_packet(buf: &mut BytesMut) -> Result<Option<FirstPacket>, ProtoError> {
+    if buf.len() < 4 {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+    if len < 8 {
+        return Err(ProtoError::BadLength(len));
+    }
+    let len = len as usize;
+    if len > MAX_STARTUP_PACKET {
+        return Err(ProtoError::TooLong { kind: "startup packet", len, max: MAX_STARTUP_PACKET });
+    }
+    if buf.len() < len {
+        return Ok(None);
+    }
+    let packet = buf.split_to(len);
+    let code = u32::from_be_bytes([packet[4], packet[5], packet[6], packet[7]]);
+    let body = &packet[8..];
+    match code {
+        SSL_REQUEST if len == 8 => Ok(Some(FirstPacket::SslRequest)),
+        GSSENC_REQUEST if len == 8 => Ok(Some(FirstPacket::GssEncRequest)),
+        SSL_REQUEST | GSSENC_REQUEST => Err(ProtoError::BadStartup("request with a body")),
+        CANCEL_REQUEST => {
+            if body.len() < 8 || body.len() - 4 > MAX_CANCEL_KEY {
+                return Err(ProtoError::BadStartup("cancel request length"));
+            }
+            let pid = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+            Ok(Some(FirstPacket::Cancel { pid, key: body[4..].to_vec() }))
+        }
+        version => {
+            let (major, minor) = ((version >> 16) as u16, (version & 0xffff) as u16);
+            if major != 3 {
+                return Err(ProtoError::UnsupportedProtocol { major, minor });
+            }
+            let params = parse_params(body)?;
+            Ok(Some(FirstPacket::Startup(Startup { version, params, raw: packet.to_vec() })))
+        }
+    }
+}
+
+fn parse_params(mut body: &[u8]) -> Result<Vec<(String, String)>, ProtoError> {
+    let mut params = Vec::new();
+    loop {
+        let (key, rest) = take_cstr(body).ok_or(ProtoError::BadStartup("unterminated parameter name"))?;
+        if key.is_empty() {
+            if !rest.is_empty() {
+                return Err(ProtoError::BadStartup("bytes after the terminator"));
+            }
+            break;
+        }
+        let (value, rest) = take_cstr(rest).ok_or(ProtoError::BadStartup("unterminated parameter value"))?;
+        params.push((key, value));
+        body = rest;
+    }
+    if !params.iter().any(|(k, _)| k == "user") {
+        return Err(ProtoError::BadStartup("no user name"));
+    }
+    Ok(params)
+}
+
+fn take_cstr(b: &[u8]) -> Option<(String, &[u8])> {
+    let nul = b.iter().position(|&c| c == 0)?;
+    let s = std::str::from_utf8(&b[..nul]).ok()?.to_owned();
+    Some((s, &b[nul + 1..]))
+}
+
+/// A typed message (tag, then a length that counts itself).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// The tag byte.
+    pub tag: u8,
+    /// The whole message, tag included, to forward unchanged.
+    pub raw: BytesMut,
+}
+
+impl Message {
+    /// The body after tag and length.
+    pub fn body(&self) -> &[u8] {
+        &self.raw[5..]
+    }
+}
+
+/// Parses one typed message of at most `max` bytes. `Ok(None)`: need more bytes.
+pub fn parse_message(
+    buf: &mut BytesMut,
+    max: usize,
+    kind: &'static str,
+) -> Result<Option<Message>, ProtoError> {
+    if buf.len() < 5 {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
+    let body_len = (len as usize).checked_sub(4).ok_or(ProtoError::BadLength(len))?;
+    if body_len > max {
+        return Err(ProtoError::TooLong { kind, len: len as usize, max });
+    }
+    if buf.len() < 5 + body_len {
+        buf.reserve(5 + body_len - buf.len());
+        return Ok(None);
+    }
+    let raw = buf.split_to(5 + body_len);
+    Ok(Some(Message { tag: raw[0], raw }))
+}
+
+/// The authentication request codes of an `R` message.
+pub mod auth {
+    /// AuthenticationOk.
+    pub const OK: u32 = 0;
+    /// AuthenticationCleartextPassword.
+    pub const CLEARTEXT: u32 = 3;
+    /// AuthenticationSASL.
+    pub const SASL: u32 = 10;
+    /// AuthenticationSASLContinue.
+    pub const SASL_CONTINUE: u32 = 11;
+}
+
+/// The code of an Authentication (`R`) message.
+pub fn auth_code(m: &Message) -> Option<u32> {
+    let b = m.body();
+    (m.tag == b'R' && b.len() >= 4).then(|| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+/// The mechanisms of an AuthenticationSASL message.
+pub fn sasl_mechanisms(m: &Message) -> Result<Vec<String>, ProtoError> {
+    let mut rest = m.body().get(4..).ok_or(ProtoError::BadMessage("AuthenticationSASL"))?;
+    let mut out = Vec::new();
+    loop {
+        let (mech, r) = take_cstr(rest).ok_or(ProtoError::BadMessage("AuthenticationSASL"))?;
+        if mech.is_empty() {
+            return Ok(out);
+        }
+        out.push(mech);
+        rest = r;
+    }
+}
+
+/// An AuthenticationSASL message offering `mechanisms`.
+pub fn encode_sasl_mechanisms(mechanisms: &[String]) -> BytesMut {
+    let mut body = BytesMut::new();
+    body.put_u32(auth::SASL);
+    for m in mechanisms {
+        body.put_slice(m.as_bytes());
+        body.put_u8(0);
+    }
+    body.put_u8(0);
+    frame(b'R', &body)
+}
+
+/// A typed message with this tag and body.
+pub fn frame(tag: u8, body: &[u8]) -> BytesMut {
+    let mut out = BytesMut::with_capacity(5 + body.len());
+    out.put_u8(tag);
+    out.put_u32((body.len() + 4) as u32);
+    out.put_slice(body);
+    out
+}
+
+/// The SASLInitialResponse fields: mechanism and client-first data (None: no data).
+pub fn parse_sasl_initial(m: &Message) -> Result<(String, Option<Vec<u8>>), ProtoError> {
+    let err = ProtoError::BadMessage("SASLInitialResponse");
+    let (mech, rest) = take_cstr(m.body()).ok_or(err.clone())?;
+    if rest.len() < 4 {
+        return Err(err);
+    }
+    let len = i32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]);
+    let data = &rest[4..];
+    match len {
+        -1 if data.is_empty() => Ok((mech, None)),
+        n if n >= 0 && n as usize == data.len() => Ok((mech, Some(data.to_vec()))),
+        _ => Err(err),
+    }
+}
+
+/// A SASLInitialResponse (`p`) message.
+pub fn encode_sasl_initial(mechanism: &str, data: &[u8]) -> BytesMut {
+    let mut body = BytesMut::new();
+    body.put_slice(mechanism.as_bytes());
+    body.put_u8(0);
+    body.put_i32(data.len() as i32);
+    body.put_slice(data);
+    frame(b'p', &body)
+}
+
+/// The bearer token of an OAUTHBEARER client-initial-response (RFC 7628 3.1):
+/// `Ok(None)` for libpq's discovery round (empty `auth=`).
+pub fn oauthbearer_token(data: &[u8]) -> Result<Option<&str>, ProtoError> {
+    let err = ProtoError::BadMessage("OAUTHBEARER initial response");
+    let text = std::str::from_utf8(data).map_err(|_| err.clone())?;
+    let mut parts = text.split('\x01');
+    let gs2 = parts.next().ok_or(err.clone())?;
+    if !gs2.starts_with("n,") && !gs2.starts_with("y,") {
+        return Err(err);
+    }
+    for kv in parts {
+        if let Some(auth) = kv.strip_prefix("auth=") {
+            if auth.is_empty() {
+                return Ok(None);
+            }
+            let token =
+                auth.strip_prefix("Bearer ").or_else(|| auth.strip_prefix("bearer ")).ok_or(err.clone())?;
+            return Ok(Some(token.trim()));
+        }
+    }
+    Err(err)
+}
+
+/// The fields of an ErrorResponse: (SQLSTATE, message).
+pub fn error_fields(m: &Message) -> (String, String) {
+    let (mut code, mut msg) = (String::new(), String::new());
+    let mut rest = m.body();
+    while let Some((&kind, r)) = rest.split_first() {
+        if kind == 0 {
+            break;
+        }
+        let Some((value, r)) = take_cstr(r) else { break };
+        match kind {
+            b'C' => code = value,
+            b'M' => msg = value,
+            _ => {}
+        }
+        rest = r;
+    }
+    (code, msg)
+}
+
+/// An ErrorResponse (severity FATAL) with this SQLSTATE and message.
+pub fn error_response(sqlstate: &str, message: &str) -> BytesMut {
+    let mut body = BytesMut::new();
+    for (k, v) in [(b'S', "FATAL"), (b'V', "FATAL"), (b'C', sqlstate), (b'M', message)] {
+        body.put_u8(k);
+        body.put_slice(v.replace('\0', " ").as_bytes());
+        body.put_u8(0);
+    }
+    body.put_u8(0);
+    frame(b'E', &body)
+}
+
+/// A CancelRequest packet.
+pub fn encode_cancel(pid: i32, key: &[u8]) -> BytesMut {
+    let mut out = BytesMut::with_capacity(12 + key.len());
+    out.put_u32((12 + key.len()) as u32);
+    out.put_u32(CANCEL_REQUEST);
+    out.put_i32(pid);
+    out.put_slice(key);
+    out
+}
+
+/// BackendKeyData: (pid, key).
+pub fn backend_key(m: &Message) -> Option<(i32, Vec<u8>)> {
+    let mut b = m.body();
+    (m.tag == b'K' && b.len() >= 8 && b.len() - 4 <= MAX_CANCEL_KEY).then(|| {
+        let pid = b.get_i32();
+        (pid, b.to_vec())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn startup(params: &[(&str, &str)]) -> BytesMut {
+        let mut body = BytesMut::new();
+        body.put_u32(196_608);
+        for (k, v) in params {
+            body.put_slice(k.as_bytes());
+            body.put_u8(0);
+            body.put_slice(v.as_bytes());
+            body.put_u8(0);
+        }
+        body.put_u8(0);
+        let mut out = BytesMut::new();
+        out.put_u32(body.len() as u32 + 4);
+        out.put_slice(&body);
+        out
+    }
+
+    #[test]
+    fn startup_roundtrip_and_partial_reads() {
+        let full = startup(&[("user", "alice"), ("database", "db")]);
+        for cut in 0..full.len() {
+            let mut b = BytesMut::from(&full[..cut]);
+            assert_eq!(parse_first_packet(&mut b), Ok(None), "cut at {cut}");
+        }
+        let mut b = full.clone();
+        match parse_first_packet(&mut b).unwrap().unwrap() {
+            FirstPacket::Startup(s) => {
+                assert_eq!(s.param("user"), Some("alice"));
+                assert_eq!(s.param("database"), Some("db"));
+                assert_eq!(s.raw, full.to_vec());
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(b.is_empty());
+    }
+
+    #[test]
+    fn startup_limits_and_garbage() {
+        let mut b = BytesMut::from(&[0u8, 0, 0, 3, 0, 0, 0, 0][..]);
+        assert_eq!(parse_first_packet(&mut b), Err(ProtoError::BadLength(3)));
+        let mut b = BytesMut::from(&[0u8, 0, 0x27, 0x11][..]);
+        assert_eq!(
+            parse_first_packet(&mut b),
+            Err(ProtoError::TooLong { kind: "startup packet", len: 10_001, max: 10_000 })
+        );
+        let mut b = BytesMut::from(&b"GET / HTTP/1.1\r\n\r\n"[..]);
+        assert!(parse_first_packet(&mut b).is_err());
+        let mut b = startup(&[("database", "db")]);
+        assert_eq!(parse_first_packet(&mut b), Err(ProtoError::BadStartup("no user name")));
+        let mut b = BytesMut::from(&[0u8, 0, 0, 8, 0, 2, 0, 0][..]);
+        assert_eq!(parse_first_packet(&mut b), Err(ProtoError::UnsupportedProtocol { major: 2, minor: 0 }));
+    }
+
+    #[test]
+    fn ssl_gss_cancel() {
+        let mut b = BytesMut::new();
+        b.put_u32(8);
+        b.put_u32(SSL_REQUEST);
+        b.put_u32(8);
+        b.put_u32(GSSENC_REQUEST);
+        assert_eq!(parse_first_packet(&mut b), Ok(Some(FirstPacket::SslRequest)));
+        assert_eq!(parse_first_packet(&mut b), Ok(Some(FirstPacket::GssEncRequest)));
+        let mut b = encode_cancel(42, &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]);
+        assert_eq!(
+            parse_first_packet(&mut b),
+            Ok(Some(FirstPacket::Cancel { pid: 42, key: vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12] }))
+        );
+    }
+
+    #[test]
+    fn typed_messages_bounded() {
+        let mut b = frame(b'p', b"hello");
+        assert_eq!(parse_message(&mut b, 100, "x").unwrap().unwrap().body(), b"hello");
+        let mut b = BytesMut::from(&[b'p', 0, 0, 0, 2][..]);
+        assert_eq!(parse_message(&mut b, 100, "x"), Err(ProtoError::BadLength(2)));
+        let mut b = BytesMut::from(&[b'p', 0x7f, 0, 0, 0][..]);
+        assert!(matches!(parse_message(&mut b, 100, "x"), Err(ProtoError::TooLong { .. })));
+    }
+
+    #[test]
+    fn sasl_helpers() {
+        let m = Message {
+            tag: b'R',
+            raw: encode_sasl_mechanisms(&["SCRAM-SHA-256-PLUS".into(), "SCRAM-SHA-256".into()]),
+        };
+        assert_eq!(auth_code(&m), Some(auth::SASL));
+        assert_eq!(sasl_mechanisms(&m).unwrap(), vec!["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"]);
+        let init = Message {
+            tag: b'p',
+            raw: encode_sasl_initial("OAUTHBEARER", b"n,,\x01auth=Bearer abc.def.ghi\x01\x01"),
+        };
+        let (mech, data) = parse_sasl_initial(&init).unwrap();
+        assert_eq!(mech, "OAUTHBEARER");
+        assert_eq!(oauthbearer_token(&data.unwrap()).unwrap(), Some("abc.def.ghi"));
+        assert_eq!(oauthbearer_token(b"n,,\x01auth=\x01\x01").unwrap(), None);
+        assert!(oauthbearer_token(b"garbage").is_err());
+        let e = Message { tag: b'E', raw: error_response("28000", "nope") };
+        assert_eq!(error_fields(&e), ("28000".into(), "nope".into()));
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        // A short deterministic fuzz run; cargo-fuzz runs the same parsers longer (fuzz/).
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..20_000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let len = (seed % 64) as usize;
+            let bytes: Vec<u8> = (0..len).map(|i| (seed >> (i % 8 * 8)) as u8 ^ i as u8).collect();
+            let mut b = BytesMut::from(&bytes[..]);
+            let _ = parse_first_packet(&mut b);
+            let mut b = BytesMut::from(&bytes[..]);
+            if let Ok(Some(m)) = parse_message(&mut b, 1 << 16, "x") {
+                let _ = sasl_mechanisms(&m);
+                let _ = parse_sasl_initial(&m);
+                let _ = error_fields(&m);
+                let _ = backend_key(&m);
+            }
+            let _ = oauthbearer_token(&bytes);
+        }
+    }
+}

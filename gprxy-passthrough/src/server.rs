@@ -1,0 +1,122 @@
+//! The accept loop: a connection cap, SIGHUP reload and SIGTERM drain.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use parking_lot::{Mutex, RwLock};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tracing::{info, warn};
+
+use crate::config::{Config, Overrides};
+use crate::metrics::Metrics;
+use crate::session::{self, Shared};
+
+/// Builds the shared state (TLS material loaded and checked) from a configuration.
+pub fn shared_state(config: Config) -> anyhow::Result<Arc<Shared>> {
+    let tls =
+        config.tls.as_ref().map(|t| crate::tls::server_config(&t.cert, &t.key)).transpose().context("tls")?;
+    let upstream_tls = config
+        .upstream_tls
+        .as_ref()
+        .map(|u| crate::tls::upstream_config(&u.ca_file))
+        .transpose()
+        .context("upstream_tls")?;
+    Ok(Arc::new(Shared {
+        config: RwLock::new(Arc::new(config)),
+        tls: RwLock::new(tls),
+        upstream_tls: RwLock::new(upstream_tls),
+        cancel_keys: Mutex::new(Default::default()),
+        metrics: Metrics::new(),
+    }))
+}
+
+/// Re-reads the file and certificates; keeps the old state if anything is wrong.
+fn reload(shared: &Shared, path: Option<&PathBuf>, overrides: &Overrides) {
+    let result = (|| -> anyhow::Result<()> {
+        let config = Config::load(path.map(PathBuf::as_path), overrides)?;
+        let tls = config.tls.as_ref().map(|t| crate::tls::server_config(&t.cert, &t.key)).transpose()?;
+        let up = config.upstream_tls.as_ref().map(|u| crate::tls::upstream_config(&u.ca_file)).transpose()?;
+        if config.listen != shared.config.read().listen {
+            warn!("listen address changes need a restart; keeping the old one");
+        }
+        *shared.tls.write() = tls;
+        *shared.upstream_tls.write() = up;
+        *shared.config.write() = Arc::new(config);
+        Ok(())
+    })();
+    match result {
+        Ok(()) => info!(event = "reload", "configuration and certificates reloaded"),
+        Err(e) => {
+            warn!(event = "reload", error = %format!("{e:#}"), "reload failed; keeping the running configuration")
+        }
+    }
+}
+
+/// Runs until SIGTERM or SIGINT, then drains sessions for the grace period.
+pub async fn run(
+    shared: Arc<Shared>,
+    config_path: Option<PathBuf>,
+    overrides: Overrides,
+) -> anyhow::Result<()> {
+    let config = shared.config.read().clone();
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    info!(listen = %listener.local_addr()?, upstream = %config.upstream, tls = config.tls.is_some(), "gprxy listening");
+    if let Some(admin) = config.admin_listen {
+        let l =
+            TcpListener::bind(admin).await.with_context(|| format!("cannot listen on {admin} (admin)"))?;
+        tokio::spawn(crate::admin::serve(l, shared.clone()));
+    }
+    let limit = Arc::new(Semaphore::new(config.max_client_connections));
+    // Each session holds a clone: the count tells how many are still running.
+    let tracker = Arc::new(());
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (mut sock, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => { warn!(error = %e, "accept failed"); continue; }
+                };
+                let _ = sock.set_nodelay(true);
+                shared.metrics.connections.inc();
+                let Ok(permit) = limit.clone().try_acquire_owned() else {
+                    shared.metrics.rejected.inc();
+                    let msg = crate::proto::error_response("53300", "gprxy: too many client connections");
+                    tokio::spawn(async move { let _ = sock.write_all(&msg).await; });
+                    continue;
+                };
+                let shared = shared.clone();
+                let guard = tracker.clone();
+                tokio::spawn(async move {
+                    shared.metrics.active.inc();
+                    session::handle(shared.clone(), sock, peer).await;
+                    shared.metrics.active.dec();
+                    drop(permit);
+                    drop(guard);
+                });
+            }
+            _ = hup.recv() => reload(&shared, config_path.as_ref(), &overrides),
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    drop(listener);
+    let grace = shared.config.read().shutdown_grace;
+    info!(
+        sessions = Arc::strong_count(&tracker) - 1,
+        grace_ms = grace.as_millis() as u64,
+        "shutting down: no new connections"
+    );
+    let deadline = tokio::time::Instant::now() + grace;
+    while Arc::strong_count(&tracker) > 1 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    info!(left = Arc::strong_count(&tracker) - 1, "stopped");
+    Ok(())
+}

@@ -1,0 +1,552 @@
+//! One client connection: TLS negotiation, startup, the authentication exchange relayed (and
+//! logged), then a plain byte relay in both directions.
+//!
+//! Until ReadyForQuery every message is framed and bounded ([`crate::proto`]); afterwards bytes are
+//! copied without parsing. Any protocol violation ends that connection with an ErrorResponse.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Buf, BytesMut};
+use parking_lot::{Mutex, RwLock};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tracing::{field::Empty, info, warn, Instrument};
+
+use crate::config::Config;
+use crate::metrics::{DirectionLabels, Metrics};
+use crate::proto::{self, auth, FirstPacket, ProtoError};
+
+/// A byte stream, plain or TLS.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+type BoxStream = Box<dyn Stream>;
+
+/// State shared by all connections; replaced in part on SIGHUP.
+pub struct Shared {
+    /// Current settings.
+    pub config: RwLock<Arc<Config>>,
+    /// Client TLS (None: no TLS offered).
+    pub tls: RwLock<Option<Arc<rustls::ServerConfig>>>,
+    /// Upstream TLS (None: plain upstream).
+    pub upstream_tls: RwLock<Option<Arc<rustls::ClientConfig>>>,
+    /// Live sessions' cancel keys → upstream address.
+    pub cancel_keys: Mutex<HashMap<(i32, Vec<u8>), String>>,
+    /// Metrics.
+    pub metrics: Metrics,
+}
+
+/// Why a connection ended before the relay.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("protocol violation: {0}")]
+    Proto(#[from] ProtoError),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("client closed the connection")]
+    ClientGone,
+    #[error("{message}")]
+    Refused { sqlstate: &'static str, message: String },
+    /// The server refused; its ErrorResponse was already relayed to the client.
+    #[error("server: {sqlstate} {message}")]
+    Server { sqlstate: String, message: String },
+}
+
+impl SessionError {
+    fn refused(sqlstate: &'static str, message: impl Into<String>) -> Self {
+        Self::Refused { sqlstate, message: message.into() }
+    }
+
+    /// What the client is told: protocol details, never internal ones.
+    fn client_message(&self) -> Option<(&'static str, String)> {
+        match self {
+            Self::Proto(e) => Some(("08P01", format!("gprxy: {e}"))),
+            Self::Refused { sqlstate, message } => Some((sqlstate, message.clone())),
+            Self::Io(_) | Self::ClientGone | Self::Server { .. } => None,
+        }
+    }
+}
+
+/// What is known about a login, for its one log event.
+#[derive(Default)]
+struct LoginInfo {
+    user: String,
+    database: String,
+    mechanism: Option<String>,
+    discovery: bool,
+    token: Option<gprxy_core::Unverified>,
+    token_fp: Option<String>,
+    tls: bool,
+}
+
+/// Handles one accepted connection to its end.
+pub async fn handle(shared: Arc<Shared>, sock: TcpStream, peer: SocketAddr) {
+    let span = tracing::info_span!("conn", client = %peer, user = Empty, database = Empty);
+    async move {
+        let started = Instant::now();
+        let config = shared.config.read().clone();
+        let mut client: BoxStream = Box::new(sock);
+        let mut info = LoginInfo::default();
+        let login =
+            tokio::time::timeout(config.login_timeout, login(&shared, &config, &mut client, &mut info)).await;
+        let result = match login {
+            Ok(r) => r,
+            Err(_) => Err(SessionError::refused("08006", "gprxy: login timed out")),
+        };
+        shared.metrics.login_duration.observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(Some(mut up)) => {
+                log_login(&shared, &info, "success", None, started);
+                relay(&shared, &mut client, &mut up).await;
+                remove_cancel_key(&shared, &up);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                let outcome = match &e {
+                    SessionError::ClientGone | SessionError::Io(_) => "aborted",
+                    _ if info.discovery => "discovery",
+                    _ => "failure",
+                };
+                if let Some((code, msg)) = e.client_message() {
+                    let _ = client.write_all(&proto::error_response(code, &msg)).await;
+                    let _ = client.flush().await;
+                }
+                if !info.user.is_empty() || !matches!(e, SessionError::ClientGone) {
+                    log_login(&shared, &info, outcome, Some(&e), started);
+                }
+            }
+        }
+        let _ = client.shutdown().await;
+    }
+    .instrument(span)
+    .await
+}
+
+/// The upstream side of a logged-in session.
+struct Upstream {
+    stream: BoxStream,
+    key: Option<(i32, Vec<u8>)>,
+    leftover_client: BytesMut,
+    leftover_server: BytesMut,
+}
+
+fn remove_cancel_key(shared: &Shared, up: &Upstream) {
+    if let Some(k) = &up.key {
+        shared.cancel_keys.lock().remove(k);
+    }
+}
+
+fn log_login(shared: &Shared, info: &LoginInfo, outcome: &str, err: Option<&SessionError>, started: Instant) {
+    let mechanism = info.mechanism.clone().unwrap_or_else(|| "none".into());
+    shared.metrics.login(&mechanism, outcome);
+    let (sqlstate, message) = match err {
+        Some(SessionError::Refused { sqlstate, message }) => (sqlstate.to_string(), message.clone()),
+        Some(SessionError::Server { sqlstate, message }) => (sqlstate.clone(), message.clone()),
+        Some(e) => (String::new(), e.to_string()),
+        None => (String::new(), String::new()),
+    };
+    let t = info.token.clone().unwrap_or_default();
+    info!(
+        event = "login",
+        user = %info.user,
+        database = %info.database,
+        mechanism = %mechanism,
+        outcome,
+        sqlstate = %sqlstate,
+        message = %message,
+        tls = info.tls,
+        duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+        token_sub = t.sub.as_deref().unwrap_or(""),
+        token_iss = t.iss.as_deref().unwrap_or(""),
+        token_kid = t.kid.as_deref().unwrap_or(""),
+        token_exp = t.exp.unwrap_or(0),
+        token_fp = info.token_fp.as_deref().unwrap_or(""),
+        "login"
+    );
+}
+
+async fn read_more(s: &mut BoxStream, buf: &mut BytesMut) -> Result<(), SessionError> {
+    if s.read_buf(buf).await? == 0 {
+        return Err(SessionError::ClientGone);
+    }
+    Ok(())
+}
+
+async fn first_packet(client: &mut BoxStream, buf: &mut BytesMut) -> Result<FirstPacket, SessionError> {
+    loop {
+        if let Some(p) = proto::parse_first_packet(buf)? {
+            return Ok(p);
+        }
+        read_more(client, buf).await?;
+    }
+}
+
+async fn tls_accept(
+    shared: &Shared,
+    client: &mut BoxStream,
+    cfg: Arc<rustls::ServerConfig>,
+    direct: bool,
+) -> Result<(), SessionError> {
+    let plain = std::mem::replace(client, Box::new(tokio::io::duplex(1).0));
+    match tokio_rustls::TlsAcceptor::from(cfg).accept(plain).await {
+        Ok(tls) => {
+            let alpn_ok = tls.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_POSTGRESQL);
+            *client = Box::new(tls);
+            if direct && !alpn_ok {
+                // libpq 17+ always sends ALPN on direct TLS; anything else is not PostgreSQL.
+                return Err(SessionError::refused("08P01", "gprxy: direct TLS requires ALPN \"postgresql\""));
+            }
+            Ok(())
+        }
+        Err(e) => {
+            shared.metrics.tls_failures.inc();
+            warn!(error = %e, "TLS handshake failed");
+            Err(SessionError::ClientGone)
+        }
+    }
+}
+
+async fn login(
+    shared: &Shared,
+    config: &Config,
+    client: &mut BoxStream,
+    info: &mut LoginInfo,
+) -> Result<Option<Upstream>, SessionError> {
+    let mut buf = BytesMut::with_capacity(1024);
+    let tls_cfg = shared.tls.read().clone();
+
+    // Direct TLS (sslnegotiation=direct): the first byte is a TLS handshake record.
+    let mut first = [0u8; 1];
+    let direct = match client_peek(client, &mut first).await? {
+        0 => return Err(SessionError::ClientGone),
+        _ => first[0] == 0x16,
+    };
+    if direct {
+        let Some(cfg) = tls_cfg.clone() else {
+            return Err(SessionError::ClientGone); // no TLS configured: nothing sensible to answer
+        };
+        tls_accept(shared, client, cfg, true).await?;
+        info.tls = true;
+    }
+
+    let startup = loop {
+        match first_packet(client, &mut buf).await? {
+            FirstPacket::SslRequest if !info.tls => {
+                match &tls_cfg {
+                    Some(cfg) => {
+                        client.write_all(b"S").await?;
+                        client.flush().await?;
+                        // Bytes sent before the handshake would be read as if encrypted
+                        // (CVE-2021-23214): refuse them.
+                        if !buf.is_empty() {
+                            return Err(SessionError::refused(
+                                "08P01",
+                                "gprxy: unexpected data after SSLRequest",
+                            ));
+                        }
+                        tls_accept(shared, client, cfg.clone(), false).await?;
+                        info.tls = true;
+                    }
+                    None => client.write_all(b"N").await?,
+                }
+            }
+            FirstPacket::GssEncRequest if !info.tls => client.write_all(b"N").await?,
+            FirstPacket::SslRequest | FirstPacket::GssEncRequest => {
+                return Err(SessionError::Proto(ProtoError::BadStartup("encryption requested twice")));
+            }
+            FirstPacket::Cancel { pid, key } => {
+                forward_cancel(shared, config, pid, key).await;
+                return Ok(None);
+            }
+            FirstPacket::Startup(s) => break s,
+        }
+    };
+    info.user = startup.param("user").unwrap_or_default().to_owned();
+    info.database = startup.param("database").unwrap_or(&info.user).to_owned();
+    let span = tracing::Span::current();
+    span.record("user", info.user.as_str());
+    span.record("database", info.database.as_str());
+    if config.require_tls && !info.tls {
+        return Err(SessionError::refused(
+            "28000",
+            "gprxy: TLS is required (use sslmode=require or stronger)",
+        ));
+    }
+
+    let mut up = connect_upstream(shared, config).await?;
+    up.write_all(&startup.raw).await?;
+    up.flush().await?;
+    authenticate(shared, config, client, up, buf, info).await.map(Some)
+}
+
+async fn client_peek(client: &mut BoxStream, out: &mut [u8; 1]) -> Result<usize, SessionError> {
+    // The stream is still the raw socket here; peeking through the box is not possible, so read
+    // one byte and remember it via a rewinding wrapper.
+    let n = client.read(out).await?;
+    if n == 1 {
+        let inner = std::mem::replace(client, Box::new(tokio::io::duplex(1).0));
+        *client = Box::new(Rewind { prefix: Some(out[0]), inner });
+    }
+    Ok(n)
+}
+
+/// A stream that yields one already-read byte first.
+struct Rewind {
+    prefix: Option<u8>,
+    inner: BoxStream,
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if let Some(b) = self.prefix.take() {
+            if buf.remaining() > 0 {
+                buf.put_slice(&[b]);
+                return std::task::Poll::Ready(Ok(()));
+            }
+            self.prefix = Some(b);
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+async fn connect_upstream(shared: &Shared, config: &Config) -> Result<BoxStream, SessionError> {
+    let unreachable = |e: String| {
+        shared.metrics.upstream_errors.inc();
+        warn!(upstream = %config.upstream, error = %e, "cannot reach the server");
+        SessionError::refused("08006", "gprxy: cannot reach the database server")
+    };
+    let tcp = tokio::time::timeout(config.upstream_connect_timeout, TcpStream::connect(&config.upstream))
+        .await
+        .map_err(|_| unreachable("connect timed out".into()))?
+        .map_err(|e| unreachable(e.to_string()))?;
+    let _ = tcp.set_nodelay(true);
+    let (Some(tls), Some(up_cfg)) = (shared.upstream_tls.read().clone(), config.upstream_tls.clone()) else {
+        return Ok(Box::new(tcp));
+    };
+    let mut tcp = tcp;
+    tcp.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).await?;
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await?;
+    if answer[0] != b'S' {
+        return Err(unreachable("server refused TLS".into()));
+    }
+    let name = rustls::pki_types::ServerName::try_from(up_cfg.server_name.clone())
+        .map_err(|_| unreachable(format!("bad server name {:?}", up_cfg.server_name)))?;
+    let s = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| unreachable(format!("TLS: {e}")))?;
+    Ok(Box::new(s))
+}
+
+async fn forward_cancel(shared: &Shared, config: &Config, pid: i32, key: Vec<u8>) {
+    let known = shared.cancel_keys.lock().contains_key(&(pid, key.clone()));
+    if !known {
+        info!(event = "cancel", pid, outcome = "dropped", "cancel request with an unknown key dropped");
+        return;
+    }
+    match connect_upstream(shared, config).await {
+        Ok(mut up) => {
+            let _ = up.write_all(&proto::encode_cancel(pid, &key)).await;
+            let _ = up.flush().await;
+            let mut sink = [0u8; 1];
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), up.read(&mut sink)).await;
+            info!(event = "cancel", pid, outcome = "forwarded", "cancel request forwarded");
+        }
+        Err(e) => warn!(event = "cancel", pid, error = %e, "cancel request not forwarded"),
+    }
+}
+
+/// Relays the authentication exchange until the server's first ReadyForQuery.
+async fn authenticate(
+    shared: &Shared,
+    config: &Config,
+    client: &mut BoxStream,
+    mut up: BoxStream,
+    mut cbuf: BytesMut,
+    info: &mut LoginInfo,
+) -> Result<Upstream, SessionError> {
+    let mut sbuf = BytesMut::with_capacity(4096);
+    let mut key = None;
+    let mut authenticated = false;
+    // Bridge: the client sends a cleartext password that is really a bearer token.
+    let mut bridge = Bridge::Off;
+    loop {
+        // Server messages first: the exchange is server-driven.
+        while let Some(m) = proto::parse_message(&mut sbuf, proto::MAX_SERVER_AUTH_MESSAGE, "server message")?
+        {
+            match (m.tag, proto::auth_code(&m)) {
+                (b'R', Some(auth::OK)) => {
+                    authenticated = true;
+                    client.write_all(&m.raw).await?;
+                }
+                (b'R', Some(auth::SASL)) => {
+                    let mut mechs = proto::sasl_mechanisms(&m)?;
+                    if info.tls {
+                        // Channel binding cannot cross a TLS-terminating proxy.
+                        mechs.retain(|x| x != "SCRAM-SHA-256-PLUS");
+                    }
+                    if config.token_as_password && mechs.iter().any(|x| x == "OAUTHBEARER") {
+                        if !info.tls {
+                            let _ = up.shutdown().await;
+                            return Err(SessionError::refused(
+                                "28000",
+                                "gprxy: the token-as-password bridge requires TLS (sslmode=require or stronger)",
+                            ));
+                        }
+                        bridge = Bridge::AwaitPassword;
+                        info.mechanism = Some("OAUTHBEARER".into());
+                        client.write_all(&proto::frame(b'R', &auth::CLEARTEXT.to_be_bytes())).await?;
+                    } else {
+                        client.write_all(&proto::encode_sasl_mechanisms(&mechs)).await?;
+                    }
+                }
+                (b'R', Some(auth::SASL_CONTINUE)) if bridge == Bridge::Sent => {
+                    // The server's OAUTHBEARER error challenge: finish the exchange (RFC 7628).
+                    up.write_all(&proto::frame(b'p', b"\x01")).await?;
+                }
+                (b'R', Some(code)) => {
+                    if info.mechanism.is_none() {
+                        info.mechanism = Some(match code {
+                            auth::CLEARTEXT => "password".into(),
+                            5 => "md5".into(),
+                            _ => format!("auth-{code}"),
+                        });
+                    }
+                    client.write_all(&m.raw).await?;
+                }
+                (b'K', _) => {
+                    key = proto::backend_key(&m);
+                    if let Some(k) = &key {
+                        shared.cancel_keys.lock().insert(k.clone(), config.upstream.clone());
+                    }
+                    client.write_all(&m.raw).await?;
+                }
+                (b'E', _) => {
+                    client.write_all(&m.raw).await?;
+                    client.flush().await?;
+                    let (sqlstate, message) = proto::error_fields(&m);
+                    let _ = up.shutdown().await;
+                    return Err(SessionError::Server { sqlstate, message });
+                }
+                (b'Z', _) if authenticated => {
+                    client.write_all(&m.raw).await?;
+                    client.flush().await?;
+                    if info.mechanism.is_none() {
+                        info.mechanism = Some("trust".into());
+                    }
+                    return Ok(Upstream { stream: up, key, leftover_client: cbuf, leftover_server: sbuf });
+                }
+                _ => client.write_all(&m.raw).await?,
+            }
+        }
+        client.flush().await?;
+        // Client messages during authentication: password and SASL messages only.
+        while let Some(m) =
+            proto::parse_message(&mut cbuf, proto::MAX_SASL_MESSAGE, "authentication message")?
+        {
+            match m.tag {
+                b'p' if bridge == Bridge::AwaitPassword => {
+                    let token = m.body().split(|&b| b == 0).next().unwrap_or_default();
+                    let token = std::str::from_utf8(token).map_err(|_| ProtoError::BadMessage("password"))?;
+                    note_token(info, token);
+                    let sasl = format!("n,,\x01auth=Bearer {token}\x01\x01");
+                    up.write_all(&proto::encode_sasl_initial("OAUTHBEARER", sasl.as_bytes())).await?;
+                    bridge = Bridge::Sent;
+                }
+                b'p' => {
+                    if info.mechanism.is_none() {
+                        if let Ok((mech, data)) = proto::parse_sasl_initial(&m) {
+                            if mech == "OAUTHBEARER" {
+                                match data.as_deref().map(proto::oauthbearer_token) {
+                                    Some(Ok(Some(t))) => note_token(info, t),
+                                    Some(Ok(None)) => info.discovery = true,
+                                    _ => {}
+                                }
+                            }
+                            info.mechanism = Some(mech);
+                        }
+                    }
+                    up.write_all(&m.raw).await?;
+                }
+                b'X' => return Err(SessionError::ClientGone),
+                _ => {
+                    return Err(SessionError::Proto(ProtoError::BadMessage(
+                        "unexpected message during authentication",
+                    )))
+                }
+            }
+        }
+        up.flush().await?;
+        tokio::select! {
+            r = client.read_buf(&mut cbuf) => { if r? == 0 { return Err(SessionError::ClientGone); } }
+            r = up.read_buf(&mut sbuf) => {
+                if r? == 0 {
+                    return Err(SessionError::refused("08006", "gprxy: the database server closed the connection"));
+                }
+            }
+        }
+    }
+}
+
+/// Where the token-as-password bridge is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Bridge {
+    /// Not bridging: messages are relayed as they are.
+    Off,
+    /// The client was asked for a password (the token).
+    AwaitPassword,
+    /// The token went upstream as OAUTHBEARER; an error challenge is answered by gprxy.
+    Sent,
+}
+
+fn note_token(info: &mut LoginInfo, token: &str) {
+    info.token = Some(gprxy_core::peek_unverified(token));
+    info.token_fp = Some(gprxy_core::fingerprint(token.as_bytes()));
+}
+
+/// Copies bytes both ways until either side closes.
+async fn relay(shared: &Shared, client: &mut BoxStream, up: &mut Upstream) {
+    if !up.leftover_client.is_empty() && up.stream.write_all(&up.leftover_client).await.is_err() {
+        return;
+    }
+    if !up.leftover_server.is_empty() && client.write_all(&up.leftover_server).await.is_err() {
+        return;
+    }
+    up.leftover_client.advance(up.leftover_client.len());
+    let result = tokio::io::copy_bidirectional_with_sizes(client, &mut up.stream, 64 * 1024, 64 * 1024).await;
+    if let Ok((to_server, to_client)) = result {
+        let m = &shared.metrics;
+        m.bytes.get_or_create(&DirectionLabels { direction: "client_to_server" }).inc_by(to_server);
+        m.bytes.get_or_create(&DirectionLabels { direction: "server_to_client" }).inc_by(to_client);
+    }
+}
