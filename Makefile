@@ -32,6 +32,7 @@ build:
 
 ## Everything: bootstrap, format and lint checks, the extension, every test (unit and end-to-end).
 test: bootstrap lint install-extension
+	cargo build --workspace --bins
 	cargo test --workspace --no-fail-fast
 	cargo run -q -p gprxy-tests --bin gprxy-demo -- --check
 

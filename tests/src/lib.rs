@@ -7,6 +7,7 @@
 
 pub mod idp;
 pub mod pgwire;
+pub mod proxy;
 
 use std::fmt;
 use std::net::TcpListener;

@@ -1,0 +1,140 @@
+//! Runs the `gprxy` binary for end-to-end tests: a config file in a temporary folder, JSON logs
+//! captured to a file, SIGTERM on drop.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::free_port;
+
+/// The gprxy binary built by `cargo build` (the Makefile builds it before the tests).
+pub fn gprxy_bin() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"), PathBuf::from);
+    for profile in ["debug", "release"] {
+        let p = target.join(profile).join("gprxy");
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("the gprxy binary is not built: run `cargo build -p gprxy-passthrough` (make test does)");
+}
+
+/// A running proxy.
+pub struct Proxy {
+    child: Child,
+    dir: tempfile::TempDir,
+    /// Client port.
+    pub port: u16,
+    /// Admin port.
+    pub admin_port: u16,
+}
+
+impl Proxy {
+    /// Starts gprxy with this TOML (without `listen` and `[admin]`, which the harness sets).
+    pub fn start(toml: &str) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (port, admin_port) = (free_port(), free_port());
+        let config = format!(
+            "listen = \"127.0.0.1:{port}\"\n{toml}\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n[log]\nformat = \"json\"\n"
+        );
+        let path = dir.path().join("gprxy.toml");
+        std::fs::write(&path, &config).expect("write config");
+        let log = std::fs::File::create(dir.path().join("gprxy.log")).expect("log file");
+        let child = Command::new(gprxy_bin())
+            .args(["serve", "--config"])
+            .arg(&path)
+            .env("GPRXY_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start gprxy");
+        let p = Self { child, dir, port, admin_port };
+        p.wait_listening();
+        p
+    }
+
+    fn wait_listening(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(self.addr()).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("gprxy did not start:\n{}", self.log());
+    }
+
+    /// The client address.
+    pub fn addr(&self) -> SocketAddr {
+        ([127, 0, 0, 1], self.port).into()
+    }
+
+    /// A folder for test files (certificates).
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// The log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("gprxy.log")).unwrap_or_default()
+    }
+
+    /// Log events (JSON lines) whose `event` field is `event`.
+    pub fn events(&self, event: &str) -> Vec<serde_json::Value> {
+        self.log()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v.get("event").and_then(|e| e.as_str()) == Some(event))
+            .collect()
+    }
+
+    /// Waits until `n` events of this kind were logged.
+    pub fn wait_events(&self, event: &str, n: usize) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let ev = self.events(event);
+            if ev.len() >= n || Instant::now() > deadline {
+                return ev;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// GET on the admin listener; returns the body.
+    pub fn admin_get(&self, path: &str) -> String {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.admin_port)).expect("admin listener");
+        let _ = s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()
+    }
+
+    /// Sends a signal to the process.
+    pub fn signal(&self, sig: &str) {
+        let _ = Command::new("kill").args([&format!("-{sig}"), &self.child.id().to_string()]).status();
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("----- gprxy log -----\n{}\n----- end -----", self.log());
+        }
+        self.signal("TERM");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.running() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,289 @@
+//! gprxy in pass-through mode in front of PostgreSQL 18 with gprxy_validator.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use gprxy_core::testkit::{test_ca, TestKey};
+use gprxy_tests::idp::TestIssuer;
+use gprxy_tests::pgwire::{self, Auth};
+use gprxy_tests::proxy::Proxy;
+use gprxy_tests::{oauth_psql_with, require_validator, Cluster, PgVersion};
+use serde_json::json;
+
+struct World {
+    idp: TestIssuer,
+    key: TestKey,
+    pg: Cluster,
+    ca_path: std::path::PathBuf,
+    _certs: tempfile::TempDir,
+    cert_path: std::path::PathBuf,
+    key_path: std::path::PathBuf,
+}
+
+impl World {
+    fn start() -> Self {
+        require_validator(PgVersion::V18);
+        let key = TestKey::rsa("k");
+        let idp = TestIssuer::start(&[&key]);
+        let pg = Cluster::builder(PgVersion::V18)
+            .conf("shared_preload_libraries = 'gprxy_validator'")
+            .conf("oauth_validator_libraries = 'gprxy_validator'")
+            .conf("gprxy.audience = 'db'")
+            .conf("gprxy.insecure_allow_http_loopback = on")
+            .hba("host all plain_user 127.0.0.1/32 trust")
+            .hba(format!(
+                "host all alice 127.0.0.1/32 oauth issuer=\"{}\" scope=\"openid db:read\" map=m",
+                idp.issuer()
+            ))
+            .ident("m alice alice")
+            .start();
+        pg.sql("CREATE ROLE alice LOGIN; CREATE ROLE plain_user LOGIN; CREATE EXTENSION gprxy_validator");
+        let certs = tempfile::tempdir().unwrap();
+        let (ca, cert, tls_key) = test_ca();
+        let ca_path = certs.path().join("ca.pem");
+        let cert_path = certs.path().join("server.pem");
+        let key_path = certs.path().join("server.key");
+        std::fs::write(&ca_path, ca).unwrap();
+        std::fs::write(&cert_path, cert).unwrap();
+        std::fs::write(&key_path, tls_key).unwrap();
+        Self { idp, key, pg, ca_path, _certs: certs, cert_path, key_path }
+    }
+
+    fn proxy(&self, extra: &str) -> Proxy {
+        Proxy::start(&format!(
+            "upstream = \"127.0.0.1:{}\"\n{extra}\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+            self.pg.port(),
+            self.cert_path.display(),
+            self.key_path.display()
+        ))
+    }
+
+    fn token(&self, sub: &str) -> String {
+        self.key.token(json!({"typ": "at+jwt"}), &self.idp.claims(sub, "db"))
+    }
+
+    fn oauth_through(&self, proxy: &Proxy, tls: &str, token: &str, sql: &str) -> Result<String, String> {
+        let client = format!("c-{}", gprxy_core::fingerprint(token.as_bytes()));
+        self.idp.hand_out(&client, token);
+        let conn = format!(
+            "host=localhost hostaddr=127.0.0.1 port={} user=alice dbname=postgres sslrootcert={} {tls}",
+            proxy.port,
+            self.ca_path.display()
+        );
+        oauth_psql_with(&conn, &self.idp.issuer(), &client, sql)
+    }
+}
+
+#[test]
+fn device_flow_through_the_proxy_with_verify_full_and_direct_tls() {
+    let w = World::start();
+    let p = w.proxy("");
+    let t = w.token("alice");
+    let sql = "SELECT current_user, system_user, gprxy.subject(), ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
+    // Upstream is plain: the proxy terminated TLS.
+    assert_eq!(w.oauth_through(&p, "sslmode=verify-full", &t, sql).unwrap(), "alice|oauth:alice|alice|f");
+    assert_eq!(
+        w.oauth_through(&p, "sslmode=verify-full sslnegotiation=direct", &t, "SELECT gprxy.subject()")
+            .unwrap(),
+        "alice"
+    );
+    let events = p.wait_events("login", 4);
+    let ok: Vec<_> = events.iter().filter(|e| e["outcome"] == "success").collect();
+    assert_eq!(ok.len(), 2, "{events:#?}");
+    let e = ok[0];
+    assert_eq!(e["user"], "alice");
+    assert_eq!(e["database"], "postgres");
+    assert_eq!(e["mechanism"], "OAUTHBEARER");
+    assert_eq!(e["tls"], true);
+    assert_eq!(e["token_sub"], "alice");
+    assert_eq!(e["token_iss"], w.idp.issuer().as_str());
+    assert_eq!(e["token_kid"], "k");
+    assert_eq!(e["token_fp"], gprxy_core::fingerprint(t.as_bytes()).as_str());
+    assert!(e["token_exp"].as_i64().unwrap() > 0);
+    assert!(
+        e["client"].as_str().unwrap_or_default().starts_with("127.0.0.1:")
+            || e["span"]["client"].as_str().is_some()
+    );
+    // libpq's discovery round is logged as discovery, not as a failure.
+    assert_eq!(events.iter().filter(|e| e["outcome"] == "discovery").count(), 2, "{events:#?}");
+    assert!(!p.log().contains(&t), "the token reached the log");
+    let metrics = p.admin_get("/metrics");
+    assert!(
+        metrics.contains("gprxy_logins_total{mechanism=\"OAUTHBEARER\",outcome=\"success\"} 2"),
+        "{metrics}"
+    );
+    assert_eq!(p.admin_get("/healthz"), "ok\n");
+}
+
+#[test]
+fn refused_token_reaches_the_client_with_postgres_error() {
+    let w = World::start();
+    let p = w.proxy("");
+    let mut c = w.idp.claims("alice", "db");
+    c["exp"] = json!(gprxy_core::unix_time() - 600);
+    let expired = w.key.token(json!({"typ": "at+jwt"}), &c);
+    let err = w.oauth_through(&p, "sslmode=verify-full", &expired, "SELECT 1").unwrap_err();
+    assert!(err.contains("FATAL:  OAuth bearer authentication failed for user \"alice\""), "{err}");
+    let events = p.wait_events("login", 2);
+    let failed = events.iter().find(|e| e["outcome"] == "failure").expect("a failure event");
+    assert_eq!(failed["sqlstate"], "28000");
+    assert_eq!(failed["message"], "OAuth bearer authentication failed for user \"alice\"");
+    assert_eq!(failed["token_sub"], "alice");
+    assert!(w.pg.log().contains("reason=expired"));
+}
+
+#[test]
+fn cancel_through_the_proxy() {
+    let w = World::start();
+    let p = w.proxy("");
+    let mut conn = pgwire::connect(p.addr(), "plain_user", "postgres", Auth::None).unwrap();
+    let key = conn.key.expect("BackendKeyData");
+    let addr = p.addr();
+    let started = Instant::now();
+    let canceller = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        pgwire::cancel(addr, key).unwrap();
+    });
+    let err = conn.query("SELECT pg_sleep(30)").unwrap_err();
+    canceller.join().unwrap();
+    assert_eq!(err.code.as_deref(), Some("57014"), "{err}");
+    assert!(started.elapsed() < Duration::from_millis(1300), "took {:?}", started.elapsed());
+    // The session is still usable after the cancel.
+    assert_eq!(conn.scalar("SELECT 7").unwrap().as_deref(), Some("7"));
+    // A cancel with an unknown key is dropped, not forwarded.
+    pgwire::cancel(addr, (key.0, key.1.wrapping_add(1))).unwrap();
+    let cancels = p.wait_events("cancel", 2);
+    assert_eq!(cancels.iter().filter(|e| e["outcome"] == "forwarded").count(), 1);
+    assert_eq!(cancels.iter().filter(|e| e["outcome"] == "dropped").count(), 1);
+}
+
+/// Sends raw bytes, returns what the proxy answered before closing (bounded wait).
+fn raw_exchange(p: &Proxy, bytes: &[u8], then_wait: Duration) -> Vec<u8> {
+    let mut s = TcpStream::connect(p.addr()).unwrap();
+    s.set_read_timeout(Some(then_wait)).unwrap();
+    let _ = s.write_all(bytes);
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    out
+}
+
+fn error_message(bytes: &[u8]) -> String {
+    // ErrorResponse: 'E', length, fields; pick the M field.
+    let text = String::from_utf8_lossy(bytes);
+    assert_eq!(bytes.first(), Some(&b'E'), "not an ErrorResponse: {text:?}");
+    text.split('\0').find_map(|f| f.strip_prefix('M')).unwrap_or_default().to_owned()
+}
+
+#[test]
+fn bad_input_ends_only_that_connection() {
+    let w = World::start();
+    let p = w.proxy("[limits]\nlogin_timeout_ms = 1000\n");
+    let wait = Duration::from_secs(3);
+    let mut big = vec![0u8, 0, 0x27, 0x11];
+    big.extend_from_slice(&[0u8; 64]);
+    assert_eq!(
+        error_message(&raw_exchange(&p, &big, wait)),
+        "gprxy: startup packet of 10001 bytes exceeds the limit of 10000"
+    );
+    assert_eq!(
+        error_message(&raw_exchange(&p, &[0, 0, 0, 3, 1, 2, 3, 4], wait)),
+        "gprxy: invalid length 3 in message header"
+    );
+    let garbage = raw_exchange(&p, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", wait);
+    assert!(error_message(&garbage).starts_with("gprxy: "), "{garbage:?}");
+    // Bytes after SSLRequest, before the handshake: refused (CVE-2021-23214 class).
+    let mut ssl = vec![0u8, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+    ssl.extend_from_slice(b"\0\0\0\x08\0\x03\0\0");
+    let answer = raw_exchange(&p, &ssl, wait);
+    assert_eq!(answer[0], b'S');
+    assert_eq!(error_message(&answer[1..]), "gprxy: unexpected data after SSLRequest");
+    // A client that stops mid-handshake, and a slow one past the login timeout.
+    let _half = {
+        let mut s = TcpStream::connect(p.addr()).unwrap();
+        s.write_all(&[0, 0, 0, 40, 0, 3]).unwrap();
+        s
+    };
+    let started = Instant::now();
+    let slow = raw_exchange(&p, &[0, 0, 0, 40], Duration::from_secs(5));
+    assert_eq!(error_message(&slow), "gprxy: login timed out");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    // Meanwhile a normal client is served, and the proxy is alive.
+    let mut ok = pgwire::connect(p.addr(), "plain_user", "postgres", Auth::None).unwrap();
+    assert_eq!(ok.scalar("SELECT 'fine'").unwrap().as_deref(), Some("fine"));
+}
+
+#[test]
+fn tls_required_refuses_plain_clients() {
+    let w = World::start();
+    let p = w.proxy("");
+    drop(p);
+    let p = Proxy::start(&format!(
+        "upstream = \"127.0.0.1:{}\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\nrequire = true\n",
+        w.pg.port(),
+        w.cert_path.display(),
+        w.key_path.display()
+    ));
+    let e = pgwire::connect(p.addr(), "plain_user", "postgres", Auth::None).err().expect("refused");
+    assert_eq!(e.message, "gprxy: TLS is required (use sslmode=require or stronger)");
+    assert_eq!(e.code.as_deref(), Some("28000"));
+}
+
+#[test]
+fn bridge_lets_psql_15_log_in_with_a_token_as_password() {
+    let w = World::start();
+    let p = w.proxy("[bridge]\ntoken_as_password = true\n");
+    let t = w.token("alice");
+    let psql15 = PgVersion::V15.bin("psql");
+    let run = |sslmode: &str| {
+        std::process::Command::new(&psql15)
+            .args(["-X", "-A", "-t", "-c", "SELECT current_user, gprxy.subject()"])
+            .arg(format!(
+                "host=localhost hostaddr=127.0.0.1 port={} user=alice dbname=postgres sslmode={sslmode} sslrootcert={}",
+                p.port,
+                w.ca_path.display()
+            ))
+            .env("PGPASSWORD", &t)
+            .output()
+            .unwrap()
+    };
+    let out = run("verify-full");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "alice|alice");
+    let out = run("disable");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("gprxy: the token-as-password bridge requires TLS"), "{err}");
+}
+
+#[test]
+fn five_hundred_concurrent_sessions() {
+    let w = World::start();
+    let p = w.proxy("");
+    let addr = p.addr();
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(500));
+    let handles: Vec<_> = (0..500)
+        .map(|i| {
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                let mut c = pgwire::connect(addr, "plain_user", "postgres", Auth::None)
+                    .map_err(|e| format!("{i}: {e}"))?;
+                barrier.wait();
+                let v = c.scalar(&format!("SELECT {i} * 2")).map_err(|e| format!("{i}: {e}"))?;
+                if v.as_deref() != Some(&(i * 2).to_string()) {
+                    return Err(format!("{i}: got {v:?}"));
+                }
+                c.close();
+                Ok(())
+            })
+        })
+        .collect();
+    let failures: Vec<String> = handles.into_iter().filter_map(|h| h.join().unwrap().err()).collect();
+    assert!(failures.is_empty(), "{} failed: {:?}", failures.len(), &failures[..failures.len().min(5)]);
+}
