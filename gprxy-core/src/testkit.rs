@@ -415,7 +415,10 @@ pub fn test_ca() -> (String, String, String) {
     let ca_key = RcKey::generate().expect("ca key");
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "gprxy test CA");
+    // A unique name per CA, so that clients holding another test CA report an unknown issuer.
+    static SERIAL: AtomicU64 = AtomicU64::new(0);
+    let name = format!("gprxy test CA {} {}", std::process::id(), SERIAL.fetch_add(1, Ordering::Relaxed));
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, name);
     let ca = ca_params.self_signed(&ca_key).expect("ca cert");
     let key = RcKey::generate().expect("server key");
     let params =

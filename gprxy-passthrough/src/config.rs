@@ -270,6 +270,13 @@ mod tests {
     }
 
     #[test]
+    fn the_example_file_loads() {
+        let c = load(include_str!("../../gprxy.toml.example")).unwrap();
+        assert!(c.require_tls && c.tls.is_some() && !c.token_as_password);
+        assert_eq!(c.admin_listen, Some("127.0.0.1:9187".parse().unwrap()));
+    }
+
+    #[test]
     fn overrides_win() {
         let o = Overrides {
             upstream: Some("127.0.0.1:1".into()),

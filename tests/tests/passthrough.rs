@@ -287,3 +287,76 @@ fn five_hundred_concurrent_sessions() {
     let failures: Vec<String> = handles.into_iter().filter_map(|h| h.join().unwrap().err()).collect();
     assert!(failures.is_empty(), "{} failed: {:?}", failures.len(), &failures[..failures.len().min(5)]);
 }
+
+fn psql_tls(p: &Proxy, ca: &std::path::Path, sql: &str) -> Result<String, String> {
+    let out = std::process::Command::new(PgVersion::V18.bin("psql"))
+        .args(["-X", "-A", "-t", "-c", sql])
+        .arg(format!(
+            "host=localhost hostaddr=127.0.0.1 port={} user=plain_user dbname=postgres sslmode=verify-full sslrootcert={}",
+            p.port,
+            ca.display()
+        ))
+        .output()
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[test]
+fn sighup_reloads_certificates_without_dropping_sessions() {
+    let w = World::start();
+    let p = w.proxy("");
+    // A session that is open across the reload.
+    let ca1 = w.ca_path.clone();
+    let long = {
+        let ca = ca1.clone();
+        let port = p.port;
+        std::thread::spawn(move || {
+            std::process::Command::new(PgVersion::V18.bin("psql"))
+                .args(["-X", "-A", "-t", "-c", "SELECT pg_sleep(2), 'survived'"])
+                .arg(format!(
+                    "host=localhost hostaddr=127.0.0.1 port={port} user=plain_user dbname=postgres sslmode=verify-full sslrootcert={}",
+                    ca.display()
+                ))
+                .output()
+                .unwrap()
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    // A new CA and certificate under the same file names, then SIGHUP.
+    let (ca2, cert2, key2) = test_ca();
+    let ca2_path = p.dir().join("ca2.pem");
+    std::fs::write(&ca2_path, ca2).unwrap();
+    std::fs::write(&w.cert_path, cert2).unwrap();
+    std::fs::write(&w.key_path, key2).unwrap();
+    p.signal("HUP");
+    assert_eq!(p.wait_events("reload", 1).len(), 1, "{}", p.log());
+    let out = long.join().unwrap();
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), p.log());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("survived"));
+    assert_eq!(psql_tls(&p, &ca2_path, "SELECT 1").unwrap(), "1");
+    let err = psql_tls(&p, &ca1, "SELECT 1").unwrap_err();
+    assert!(err.contains("certificate verify failed"), "{err}");
+}
+
+#[test]
+fn sigterm_stops_accepting_and_lets_sessions_finish() {
+    let w = World::start();
+    let mut p = w.proxy("[limits]\nshutdown_grace_ms = 5000\n");
+    let mut open = pgwire::connect(p.addr(), "plain_user", "postgres", Auth::None).unwrap();
+    p.signal("TERM");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(TcpStream::connect(p.addr()).is_err(), "still accepting after SIGTERM");
+    assert!(p.running());
+    assert_eq!(open.scalar("SELECT 'still here'").unwrap().as_deref(), Some("still here"));
+    open.close();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while p.running() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!p.running(), "gprxy did not exit after its last session");
+}
+
