@@ -44,5 +44,7 @@ demo: bootstrap install-extension
 bench: bootstrap install-extension
 	cargo bench -p gprxy-core --bench validate
 	cargo bench -p gprxy-tests --bench connect
+	cargo build --release -p gprxy-passthrough
+	GPRXY_BIN=$(CURDIR)/target/release/gprxy cargo run -q --release -p gprxy-tests --bin gprxy-bench-proxy
 	python3 scripts/bench-ratios.py target "validate_*" bare_verify validate_warm_cache 1.3
 	python3 scripts/bench-ratios.py target "connect" scram_sha256 oauthbearer 1.0

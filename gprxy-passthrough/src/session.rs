@@ -400,6 +400,9 @@ async fn authenticate(
     let mut authenticated = false;
     // Bridge: the client sends a cleartext password that is really a bearer token.
     let mut bridge = Bridge::Off;
+    // Messages relayed in one round are written with one call per direction.
+    let mut to_client = BytesMut::with_capacity(4096);
+    let mut to_server = BytesMut::new();
     loop {
         // Server messages first: the exchange is server-driven.
         while let Some(m) = proto::parse_message(&mut sbuf, proto::MAX_SERVER_AUTH_MESSAGE, "server message")?
@@ -407,7 +410,7 @@ async fn authenticate(
             match (m.tag, proto::auth_code(&m)) {
                 (b'R', Some(auth::OK)) => {
                     authenticated = true;
-                    client.write_all(&m.raw).await?;
+                    to_client.extend_from_slice(&m.raw);
                 }
                 (b'R', Some(auth::SASL)) => {
                     let mut mechs = proto::sasl_mechanisms(&m)?;
@@ -425,14 +428,14 @@ async fn authenticate(
                         }
                         bridge = Bridge::AwaitPassword;
                         info.mechanism = Some("OAUTHBEARER".into());
-                        client.write_all(&proto::frame(b'R', &auth::CLEARTEXT.to_be_bytes())).await?;
+                        to_client.extend_from_slice(&proto::frame(b'R', &auth::CLEARTEXT.to_be_bytes()));
                     } else {
-                        client.write_all(&proto::encode_sasl_mechanisms(&mechs)).await?;
+                        to_client.extend_from_slice(&proto::encode_sasl_mechanisms(&mechs));
                     }
                 }
                 (b'R', Some(auth::SASL_CONTINUE)) if bridge == Bridge::Sent => {
                     // The server's OAUTHBEARER error challenge: finish the exchange (RFC 7628).
-                    up.write_all(&proto::frame(b'p', b"\x01")).await?;
+                    to_server.extend_from_slice(&proto::frame(b'p', b"\x01"));
                 }
                 (b'R', Some(code)) => {
                     if info.mechanism.is_none() {
@@ -442,34 +445,40 @@ async fn authenticate(
                             _ => format!("auth-{code}"),
                         });
                     }
-                    client.write_all(&m.raw).await?;
+                    to_client.extend_from_slice(&m.raw);
                 }
                 (b'K', _) => {
                     key = proto::backend_key(&m);
                     if let Some(k) = &key {
                         shared.cancel_keys.lock().insert(k.clone(), config.upstream.clone());
                     }
-                    client.write_all(&m.raw).await?;
+                    to_client.extend_from_slice(&m.raw);
                 }
                 (b'E', _) => {
-                    client.write_all(&m.raw).await?;
+                    to_client.extend_from_slice(&m.raw);
+                    client.write_all(&to_client).await?;
                     client.flush().await?;
                     let (sqlstate, message) = proto::error_fields(&m);
                     let _ = up.shutdown().await;
                     return Err(SessionError::Server { sqlstate, message });
                 }
                 (b'Z', _) if authenticated => {
-                    client.write_all(&m.raw).await?;
+                    to_client.extend_from_slice(&m.raw);
+                    client.write_all(&to_client).await?;
                     client.flush().await?;
                     if info.mechanism.is_none() {
                         info.mechanism = Some("trust".into());
                     }
                     return Ok(Upstream { stream: up, key, leftover_client: cbuf, leftover_server: sbuf });
                 }
-                _ => client.write_all(&m.raw).await?,
+                _ => to_client.extend_from_slice(&m.raw),
             }
         }
-        client.flush().await?;
+        if !to_client.is_empty() {
+            client.write_all(&to_client).await?;
+            client.flush().await?;
+            to_client.clear();
+        }
         // Client messages during authentication: password and SASL messages only.
         while let Some(m) =
             proto::parse_message(&mut cbuf, proto::MAX_SASL_MESSAGE, "authentication message")?
@@ -480,7 +489,7 @@ async fn authenticate(
                     let token = std::str::from_utf8(token).map_err(|_| ProtoError::BadMessage("password"))?;
                     note_token(info, token);
                     let sasl = format!("n,,\x01auth=Bearer {token}\x01\x01");
-                    up.write_all(&proto::encode_sasl_initial("OAUTHBEARER", sasl.as_bytes())).await?;
+                    to_server.extend_from_slice(&proto::encode_sasl_initial("OAUTHBEARER", sasl.as_bytes()));
                     bridge = Bridge::Sent;
                 }
                 b'p' => {
@@ -496,7 +505,7 @@ async fn authenticate(
                             info.mechanism = Some(mech);
                         }
                     }
-                    up.write_all(&m.raw).await?;
+                    to_server.extend_from_slice(&m.raw);
                 }
                 b'X' => return Err(SessionError::ClientGone),
                 _ => {
@@ -506,7 +515,11 @@ async fn authenticate(
                 }
             }
         }
-        up.flush().await?;
+        if !to_server.is_empty() {
+            up.write_all(&to_server).await?;
+            up.flush().await?;
+            to_server.clear();
+        }
         tokio::select! {
             r = client.read_buf(&mut cbuf) => { if r? == 0 { return Err(SessionError::ClientGone); } }
             r = up.read_buf(&mut sbuf) => {

@@ -8,8 +8,11 @@ use std::time::{Duration, Instant};
 
 use crate::free_port;
 
-/// The gprxy binary built by `cargo build` (the Makefile builds it before the tests).
+/// The gprxy binary: `GPRXY_BIN`, else the one `cargo build` made (the Makefile builds it).
 pub fn gprxy_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("GPRXY_BIN") {
+        return PathBuf::from(p);
+    }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"), PathBuf::from);
     for profile in ["debug", "release"] {

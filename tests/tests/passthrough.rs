@@ -359,4 +359,3 @@ fn sigterm_stops_accepting_and_lets_sessions_finish() {
     }
     assert!(!p.running(), "gprxy did not exit after its last session");
 }
-

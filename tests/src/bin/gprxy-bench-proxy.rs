@@ -1,0 +1,174 @@
+//! `make bench`: pgbench against PostgreSQL 18 direct, through gprxy and through PgBouncer
+//! (session mode) in one run, then the cost of a new connection (`pgbench -C`) direct and through
+//! gprxy with and without TLS. Prints TPS, latency and ratios; exits non-zero if a goal is missed.
+//!
+//! Goals: gprxy >= 0.80 of direct and >= 1.2 of PgBouncer (select-only TPS); TLS through gprxy
+//! adds at most 1 ms per new connection.
+
+use std::process::Command;
+
+use gprxy_core::testkit::test_ca;
+use gprxy_tests::proxy::Proxy;
+use gprxy_tests::{command_as_test_user, free_port, running_as_root, test_user, Cluster, PgVersion};
+
+fn seconds() -> String {
+    std::env::var("BENCH_SECONDS").unwrap_or_else(|_| "15".into())
+}
+
+struct Run {
+    tps: f64,
+    latency_ms: f64,
+}
+
+fn pgbench(port: u16, extra: &[&str], env: &[(&str, &str)]) -> Run {
+    let mut cmd = Command::new(PgVersion::V18.bin("pgbench"));
+    cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "-n", "-S", "-T", &seconds()])
+        .args(extra)
+        .arg("postgres");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run pgbench");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "pgbench failed:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    let field = |prefix: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {prefix:?} in pgbench output:\n{text}"))
+    };
+    Run { tps: field("tps = "), latency_ms: field("latency average = ") }
+}
+
+fn start_pgbouncer(dir: &std::path::Path, pg_port: u16) -> (std::process::Child, u16) {
+    let port = free_port();
+    std::fs::write(dir.join("userlist.txt"), "\"postgres\" \"\"\n").expect("userlist");
+    std::fs::write(
+        dir.join("pgbouncer.ini"),
+        format!(
+            "[databases]\npostgres = host=127.0.0.1 port={pg_port} dbname=postgres\n[pgbouncer]\n\
+             listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\nauth_type = trust\n\
+             auth_file = {}/userlist.txt\npool_mode = session\nmax_client_conn = 200\ndefault_pool_size = 20\n\
+             logfile = {}/pgbouncer.log\npidfile = {}/pgbouncer.pid\n",
+            dir.display(),
+            dir.display(),
+            dir.display()
+        ),
+    )
+    .expect("pgbouncer.ini");
+    if running_as_root() {
+        let _ = Command::new("chown").arg("-R").arg(test_user()).arg(dir).status();
+    }
+    let child = command_as_test_user("/usr/sbin/pgbouncer")
+        .arg(dir.join("pgbouncer.ini"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start pgbouncer");
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return (child, port);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!(
+        "pgbouncer did not start: {}",
+        std::fs::read_to_string(dir.join("pgbouncer.log")).unwrap_or_default()
+    );
+}
+
+fn main() {
+    let ok = run();
+    println!("{}", if ok { "all goals met" } else { "GOALS MISSED" });
+    if !ok {
+        std::process::exit(1);
+    }
+}
+
+/// Runs everything; servers are stopped when it returns.
+fn run() -> bool {
+    // One certificate for PostgreSQL's own TLS and gprxy's, readable by the server's OS user.
+    let certs = tempfile::tempdir().expect("dir");
+    let (_, cert, key) = test_ca();
+    let (cert_path, key_path) = (certs.path().join("c.pem"), certs.path().join("k.pem"));
+    std::fs::write(&cert_path, cert).expect("cert");
+    std::fs::write(&key_path, key).expect("key");
+    if running_as_root() {
+        let _ = Command::new("chown").arg("-R").arg(test_user()).arg(certs.path()).status();
+    }
+    let _ = Command::new("chmod").arg("600").arg(&key_path).status();
+    let pg = Cluster::builder(PgVersion::V18)
+        .conf("log_connections = off")
+        .conf("max_connections = 200")
+        .conf("ssl = on")
+        .conf(format!("ssl_cert_file = '{}'", cert_path.display()))
+        .conf(format!("ssl_key_file = '{}'", key_path.display()))
+        .hba("host all postgres 127.0.0.1/32 trust")
+        .start();
+    let init = Command::new(PgVersion::V18.bin("pgbench"))
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &pg.port().to_string(),
+            "-U",
+            "postgres",
+            "-i",
+            "-s",
+            "10",
+            "-q",
+            "postgres",
+        ])
+        .output()
+        .expect("pgbench -i");
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+
+    let proxy = Proxy::start(&format!(
+        "upstream = \"127.0.0.1:{}\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+        pg.port(),
+        cert_path.display(),
+        key_path.display()
+    ));
+    let bouncer_dir = tempfile::tempdir().expect("dir");
+    let (mut bouncer, bouncer_port) = start_pgbouncer(bouncer_dir.path(), pg.port());
+
+    let load = ["-c", "8", "-j", "2"];
+    let plain = [("PGSSLMODE", "disable")];
+    println!("pgbench -S -c 8 -j 2 -T {}, scale 10, PostgreSQL 18 on loopback", seconds());
+    let direct = pgbench(pg.port(), &load, &plain);
+    let via_gprxy = pgbench(proxy.port, &load, &plain);
+    let via_bouncer = pgbench(bouncer_port, &load, &plain);
+    for (name, r) in [("direct", &direct), ("gprxy", &via_gprxy), ("pgbouncer (session)", &via_bouncer)] {
+        println!("  {name:<20} {:>10.0} tps  {:>7.3} ms", r.tps, r.latency_ms);
+    }
+    let vs_direct = via_gprxy.tps / direct.tps;
+    let vs_bouncer = via_gprxy.tps / via_bouncer.tps;
+    println!("  gprxy/direct    {vs_direct:.3} (goal >= 0.80)");
+    println!("  gprxy/pgbouncer {vs_bouncer:.3} (goal >= 1.20)");
+
+    println!("pgbench -S -C -c 4 -j 2 -T {}: a new connection per transaction", seconds());
+    let conn = ["-C", "-c", "4", "-j", "2"];
+    let tls = [("PGSSLMODE", "require")];
+    let c_direct = pgbench(pg.port(), &conn, &plain);
+    let c_plain = pgbench(proxy.port, &conn, &plain);
+    let c_direct_tls = pgbench(pg.port(), &conn, &tls);
+    let c_tls = pgbench(proxy.port, &conn, &tls);
+    for (name, r) in
+        [("direct", &c_direct), ("gprxy", &c_plain), ("direct, TLS", &c_direct_tls), ("gprxy, TLS", &c_tls)]
+    {
+        println!("  {name:<20} {:>10.0} tps  {:>7.3} ms", r.tps, r.latency_ms);
+    }
+    let added_plain = c_plain.latency_ms - c_direct.latency_ms;
+    let added_tls = c_tls.latency_ms - c_direct_tls.latency_ms;
+    println!(
+        "  added per connection by gprxy: plain {added_plain:.3} ms, TLS (terminated by gprxy vs by PostgreSQL) {added_tls:.3} ms (goal <= 1.0 ms)"
+    );
+
+    // runuser is the child; pgbouncer itself is found by its pid file.
+    if let Ok(pid) = std::fs::read_to_string(bouncer_dir.path().join("pgbouncer.pid")) {
+        let _ = Command::new("kill").arg(pid.trim()).status();
+    }
+    let _ = bouncer.wait();
+    vs_direct >= 0.80 && vs_bouncer >= 1.20 && added_tls <= 1.0
+}
