@@ -35,10 +35,16 @@ test: bootstrap lint install-extension
 	cargo build --workspace --bins
 	cargo test --workspace --no-fail-fast
 	cargo run -q -p gprxy-tests --bin gprxy-demo -- --check
+	$(MAKE) fuzz FUZZ_SECONDS=15
 
 ## The whole product on this machine, no account anywhere; Ctrl-C stops and cleans up.
 demo: bootstrap install-extension
 	cargo run -q -p gprxy-tests --bin gprxy-demo
+
+## Coverage-guided fuzzing of the proxy's wire parsing (libFuzzer; see fuzz/README.md).
+FUZZ_SECONDS ?= 60
+fuzz: bootstrap
+	cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run startup --sanitizer none -- -max_total_time=$(FUZZ_SECONDS)
 
 ## Benchmarks (criterion): ratios against a baseline measured in the same run.
 bench: bootstrap install-extension

@@ -4,7 +4,7 @@
 #   - Debian packages: build deps, PostgreSQL 15 (server + dev headers), pgbouncer, sudo-free tools
 #   - PostgreSQL 18, built from Debian's source package into $GPRXY_CACHE/pg-<version>
 #     (never from sid binaries: they would replace libc)
-#   - cargo-pgrx 0.18.1, registered with pg18 and pg15
+#   - cargo-pgrx 0.18.1, registered with pg18 and pg15; cargo-fuzz for the parser fuzz target
 #   - an unprivileged OS user that test servers run as (PostgreSQL refuses root)
 #
 # A second run checks stamps and changes nothing. A failed step stops with its name.
@@ -98,6 +98,11 @@ ln -sfn "$PREFIX" "$ROOT/.pg18"
 step "cargo-pgrx $PGRX_VERSION"
 if ! cargo pgrx --version 2>/dev/null | grep -q "$PGRX_VERSION"; then
   cargo install cargo-pgrx --version "$PGRX_VERSION" --locked
+fi
+
+step "cargo-fuzz"
+if ! command -v cargo-fuzz >/dev/null 2>&1; then
+  cargo install cargo-fuzz --version 0.13.2 --locked
 fi
 
 step "cargo pgrx init (pg18, pg15)"

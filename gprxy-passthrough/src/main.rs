@@ -2,15 +2,9 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
-mod admin;
-mod config;
-mod metrics;
-mod proto;
-mod server;
-mod session;
-mod tls;
-
 use std::path::PathBuf;
+
+use gprxy_passthrough::{config, server};
 
 use clap::{Parser, Subcommand};
 

@@ -8,18 +8,13 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use gprxy_core::testkit::TestKey;
 use gprxy_tests::idp::TestIssuer;
 use gprxy_tests::pgwire::{connect, Auth};
-use gprxy_tests::{require_validator, Cluster, PgVersion};
+use gprxy_tests::validator_cluster;
 use serde_json::json;
 
 fn bench(c: &mut Criterion) {
-    require_validator(PgVersion::V18);
     let key = TestKey::rsa("k");
     let idp = TestIssuer::start(&[&key]);
-    let pg = Cluster::builder(PgVersion::V18)
-        .conf("shared_preload_libraries = 'gprxy_validator'")
-        .conf("oauth_validator_libraries = 'gprxy_validator'")
-        .conf("gprxy.audience = 'db'")
-        .conf("gprxy.insecure_allow_http_loopback = on")
+    let pg = validator_cluster("db")
         .conf("log_connections = off")
         .hba("host all scram_user 127.0.0.1/32 scram-sha-256")
         .hba(format!("host all alice 127.0.0.1/32 oauth issuer=\"{}\" scope=\"openid\" map=m", idp.issuer()))

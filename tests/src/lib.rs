@@ -401,6 +401,17 @@ pub fn require_validator(version: PgVersion) {
     );
 }
 
+/// A PostgreSQL 18 cluster with gprxy_validator preloaded as the OAuth validator, accepting
+/// tokens for `audience`, and allowing the test issuer's plain HTTP on loopback (tests only).
+pub fn validator_cluster(audience: &str) -> ClusterBuilder {
+    require_validator(PgVersion::V18);
+    Cluster::builder(PgVersion::V18)
+        .conf("shared_preload_libraries = 'gprxy_validator'")
+        .conf("oauth_validator_libraries = 'gprxy_validator'")
+        .conf(format!("gprxy.audience = '{audience}'"))
+        .conf("gprxy.insecure_allow_http_loopback = on")
+}
+
 /// Runs psql 18 through libpq's OAuth device flow against `host:port`, as `user`, with the
 /// test issuer's `client_id` choosing the token. Returns stdout, or stderr on failure.
 pub fn oauth_psql(port: u16, user: &str, issuer: &str, client_id: &str, sql: &str) -> Result<String, String> {

@@ -8,7 +8,7 @@ use gprxy_core::testkit::{test_ca, TestKey};
 use gprxy_tests::idp::TestIssuer;
 use gprxy_tests::pgwire::{self, Auth};
 use gprxy_tests::proxy::Proxy;
-use gprxy_tests::{oauth_psql_with, require_validator, Cluster, PgVersion};
+use gprxy_tests::{oauth_psql_with, validator_cluster, Cluster, PgVersion};
 use serde_json::json;
 
 struct World {
@@ -23,14 +23,9 @@ struct World {
 
 impl World {
     fn start() -> Self {
-        require_validator(PgVersion::V18);
         let key = TestKey::rsa("k");
         let idp = TestIssuer::start(&[&key]);
-        let pg = Cluster::builder(PgVersion::V18)
-            .conf("shared_preload_libraries = 'gprxy_validator'")
-            .conf("oauth_validator_libraries = 'gprxy_validator'")
-            .conf("gprxy.audience = 'db'")
-            .conf("gprxy.insecure_allow_http_loopback = on")
+        let pg = validator_cluster("db")
             .hba("host all plain_user 127.0.0.1/32 trust")
             .hba(format!(
                 "host all alice 127.0.0.1/32 oauth issuer=\"{}\" scope=\"openid db:read\" map=m",

@@ -3,7 +3,7 @@
 
 use gprxy_core::testkit::TestKey;
 use gprxy_tests::idp::TestIssuer;
-use gprxy_tests::{apply_sql_file, oauth_psql, require_validator, Cluster, PgVersion};
+use gprxy_tests::{apply_sql_file, oauth_psql, validator_cluster, Cluster};
 use serde_json::json;
 
 const ACME: &str = "11111111-1111-1111-1111-111111111111";
@@ -17,16 +17,11 @@ struct World {
 
 impl World {
     fn start() -> Self {
-        require_validator(PgVersion::V18);
         let key = TestKey::rsa("k");
         let idp = TestIssuer::start(&[&key]);
-        let pg = Cluster::builder(PgVersion::V18)
-            .conf("shared_preload_libraries = 'gprxy_validator'")
-            .conf("oauth_validator_libraries = 'gprxy_validator'")
-            .conf("gprxy.audience = 'db'")
+        let pg = validator_cluster("db")
             .conf("gprxy.role_claim = 'roles'")
             .conf("gprxy.role_map = 'admin:app_admin, writer:app_writer, reader:app_reader'")
-            .conf("gprxy.insecure_allow_http_loopback = on")
             .hba(format!(
                 "host all all 127.0.0.1/32 oauth issuer=\"{}\" scope=\"openid\" delegate_ident_mapping=1",
                 idp.issuer()

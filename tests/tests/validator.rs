@@ -2,7 +2,7 @@
 
 use gprxy_core::testkit::TestKey;
 use gprxy_tests::idp::TestIssuer;
-use gprxy_tests::{oauth_psql, require_validator, Cluster, PgVersion};
+use gprxy_tests::{oauth_psql, validator_cluster, Cluster};
 use serde_json::json;
 
 const AUD: &str = "db";
@@ -14,18 +14,12 @@ struct Setup {
 }
 
 fn setup_with(hba_options: &str, conf: &[&str], ident: &[&str]) -> Setup {
-    require_validator(PgVersion::V18);
     let key = TestKey::rsa("key-1");
     let idp = TestIssuer::start(&[&key]);
-    let mut b = Cluster::builder(PgVersion::V18)
-        .conf("shared_preload_libraries = 'gprxy_validator'")
-        .conf("oauth_validator_libraries = 'gprxy_validator'")
-        .conf(format!("gprxy.audience = '{AUD}'"))
-        .conf("gprxy.insecure_allow_http_loopback = on")
-        .hba(format!(
-            "host all all 127.0.0.1/32 oauth issuer=\"{}\" scope=\"openid db:read\" {hba_options}",
-            idp.issuer()
-        ));
+    let mut b = validator_cluster(AUD).hba(format!(
+        "host all all 127.0.0.1/32 oauth issuer=\"{}\" scope=\"openid db:read\" {hba_options}",
+        idp.issuer()
+    ));
     for c in conf {
         b = b.conf(*c);
     }

@@ -60,7 +60,7 @@ fn start_pgbouncer(dir: &std::path::Path, pg_port: u16) -> (std::process::Child,
     if running_as_root() {
         let _ = Command::new("chown").arg("-R").arg(test_user()).arg(dir).status();
     }
-    let child = command_as_test_user("/usr/sbin/pgbouncer")
+    let mut child = command_as_test_user("/usr/sbin/pgbouncer")
         .arg(dir.join("pgbouncer.ini"))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -72,6 +72,8 @@ fn start_pgbouncer(dir: &std::path::Path, pg_port: u16) -> (std::process::Child,
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!(
         "pgbouncer did not start: {}",
         std::fs::read_to_string(dir.join("pgbouncer.log")).unwrap_or_default()

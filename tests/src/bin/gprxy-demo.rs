@@ -9,7 +9,7 @@ use std::sync::mpsc;
 
 use gprxy_core::testkit::{now, TestKey};
 use gprxy_tests::idp::TestIssuer;
-use gprxy_tests::{oauth_psql, require_validator, Cluster, PgVersion};
+use gprxy_tests::{oauth_psql, require_validator, validator_cluster, PgVersion};
 use serde_json::json;
 
 fn step(n: usize, what: &str) {
@@ -38,12 +38,9 @@ fn main() {
     println!("    issuer: {}", idp.issuer());
 
     step(2, "PostgreSQL 18 with gprxy_validator preloaded");
-    let pg = Cluster::builder(PgVersion::V18)
-        .conf("shared_preload_libraries = 'gprxy_validator'")
-        .conf("oauth_validator_libraries = 'gprxy_validator'")
-        .conf("gprxy.audience = 'gprxy-demo'")
+    // The dev issuer is plain HTTP on loopback: validator_cluster allows that (tests only).
+    let pg = validator_cluster("gprxy-demo")
         .conf("gprxy.role_claim = 'roles'")
-        .conf("gprxy.insecure_allow_http_loopback = on  # the dev issuer is plain HTTP on loopback")
         .hba(format!(
             "host all all 127.0.0.1/32 oauth issuer=\"{}\" scope=\"openid db:read\" map=demo",
             idp.issuer()

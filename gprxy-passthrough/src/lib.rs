@@ -1,0 +1,12 @@
+//! gprxy's proxy: protocol framing without I/O ([`proto`]), the per-connection state machine
+//! ([`session`]), the accept loop ([`server`]), TLS, configuration, metrics and the admin listener.
+#![forbid(unsafe_code)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+pub mod admin;
+pub mod config;
+pub mod metrics;
+pub mod proto;
+pub mod server;
+pub mod session;
+pub mod tls;
