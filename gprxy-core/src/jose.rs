@@ -184,6 +184,18 @@ pub fn peek_unverified(token: &str) -> Unverified {
     out
 }
 
+/// One claim (exact name or dotted path) read without any check, as text. For logs only: the
+/// identity a refused token claimed.
+pub fn peek_claim(token: &str, claim: &str) -> Option<String> {
+    let parts = split(token).ok()?;
+    let claims = decode_part(parts.payload).ok().and_then(|p| parse_object(&p).ok())?;
+    match crate::claims::ClaimPath::parse(claim).ok()?.lookup(&claims)? {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
 /// A short fingerprint of a token for logs: the first 12 hex digits of its SHA-256.
 pub fn fingerprint(token: &[u8]) -> String {
     use sha2::Digest;

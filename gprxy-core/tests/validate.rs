@@ -501,6 +501,15 @@ fn error_messages_never_contain_the_token() {
 }
 
 #[test]
+fn peek_claim_reads_without_checking() {
+    let t = keys().rsa.token(at(), &with(claims(), "user", json!({"email": "a@x"})));
+    assert_eq!(gprxy_core::peek_claim(&t, "user.email").as_deref(), Some("a@x"));
+    assert_eq!(gprxy_core::peek_claim(&t, "sub").as_deref(), Some("alice"));
+    assert_eq!(gprxy_core::peek_claim(&t, "missing"), None);
+    assert_eq!(gprxy_core::peek_claim("not a token", "sub"), None);
+}
+
+#[test]
 fn codes_are_stable() {
     assert_eq!(ValidationError::AlgNone.code(), "alg_none");
     assert_eq!(ValidationError::BadSignature.code(), "bad_signature");

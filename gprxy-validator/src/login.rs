@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use gprxy_core::{
-    peek_unverified, ConfigError, JwksCache, JwksSource, SystemClock, UreqFetcher, ValidatedToken, Validator,
+    peek_claim, peek_unverified, ConfigError, JwksCache, JwksSource, SystemClock, UreqFetcher,
+    ValidatedToken, Validator,
 };
 use parking_lot::Mutex;
 
@@ -86,7 +87,7 @@ pub fn decide(req: &LoginRequest<'_>) -> LoginOutcome {
         Err(e) => return deny("config", e.to_string(), None),
     };
     // Who tried, for the log, even when the token is refused (never used for a decision).
-    let unverified_id = || peek_unverified(req.token).sub;
+    let unverified_id = || peek_claim(req.token, &settings.authn_claim);
     let Some(issuer) = req.hba_issuer.filter(|i| !i.is_empty()) else {
         return deny("config", "the pg_hba.conf line has no issuer".into(), unverified_id());
     };

@@ -2,7 +2,7 @@
 
 use gprxy_core::testkit::TestKey;
 use gprxy_tests::idp::TestIssuer;
-use gprxy_tests::{oauth_psql, validator_cluster, Cluster};
+use gprxy_tests::{oauth_psql, require_validator, validator_cluster, Cluster, PgVersion};
 use serde_json::json;
 
 const AUD: &str = "db";
@@ -138,6 +138,41 @@ fn refused_tokens_each_with_their_reason() {
     let t = attacker.token(json!({"typ": "at+jwt", "jku": format!("{}/jwks", evil.url())}), &c());
     s.refused("alice", &t, "kid_unknown");
     assert_eq!(evil.request_count(), 0, "the jku server was contacted");
+}
+
+#[test]
+fn refused_token_still_names_who_tried_by_the_configured_claim() {
+    let s = setup_with("map=m", &["gprxy.authn_claim = 'email'"], &["m alice@example.com alice"]);
+    let mut c = with(s.idp.claims("alice", AUD), "email", json!("alice@example.com"));
+    c["aud"] = json!("elsewhere");
+    s.refused("alice", &s.token(c), "aud_mismatch");
+    assert!(s.last_audit().contains("authn_id=\"alice@example.com\""), "{}", s.last_audit());
+}
+
+#[test]
+fn without_preloading_each_backend_fetches_once() {
+    require_validator(PgVersion::V18);
+    let key = TestKey::rsa("key-1");
+    let idp = TestIssuer::start(&[&key]);
+    let pg = Cluster::builder(PgVersion::V18)
+        .conf("oauth_validator_libraries = 'gprxy_validator'")
+        .conf(format!("gprxy.audience = '{AUD}'"))
+        .conf("gprxy.insecure_allow_http_loopback = on")
+        .hba(format!(
+            "host all all 127.0.0.1/32 oauth issuer=\"{}\" scope=\"openid db:read\" map=m",
+            idp.issuer()
+        ))
+        .ident("m alice alice")
+        .start();
+    pg.sql("CREATE ROLE alice LOGIN");
+    let s = Setup { idp, key, pg };
+    let t = s.token(s.idp.claims("alice", AUD));
+    for _ in 0..3 {
+        assert_eq!(s.login("alice", &t, "SELECT current_user").unwrap(), "alice");
+    }
+    // No shared cache: every new backend process fetched the keys itself.
+    assert_eq!(s.idp.jwks_requests(), 3);
+    assert!(!s.pg.log().contains("JWKS refresher started"));
 }
 
 #[test]
