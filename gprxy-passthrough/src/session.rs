@@ -414,10 +414,9 @@ async fn authenticate(
                 }
                 (b'R', Some(auth::SASL)) => {
                     let mut mechs = proto::sasl_mechanisms(&m)?;
-                    if info.tls {
-                        // Channel binding cannot cross a TLS-terminating proxy.
-                        mechs.retain(|x| x != "SCRAM-SHA-256-PLUS");
-                    }
+                    // Channel binding cannot cross gprxy: the client's channel (TLS to gprxy, or
+                    // none) is never the server's.
+                    mechs.retain(|x| x != "SCRAM-SHA-256-PLUS");
                     if config.token_as_password && mechs.iter().any(|x| x == "OAUTHBEARER") {
                         if !info.tls {
                             let _ = up.shutdown().await;

@@ -354,3 +354,76 @@ fn sigterm_stops_accepting_and_lets_sessions_finish() {
     }
     assert!(!p.running(), "gprxy did not exit after its last session");
 }
+
+#[test]
+fn upstream_tls_is_verified_and_channel_binding_never_crosses_the_proxy() {
+    use gprxy_tests::{running_as_root, test_user};
+    // PostgreSQL 18 with its own TLS; the key readable only by the server's user.
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = test_ca();
+    let (ca_path, cert_path, key_path) =
+        (dir.path().join("ca.pem"), dir.path().join("c.pem"), dir.path().join("k.pem"));
+    std::fs::write(&ca_path, ca).unwrap();
+    std::fs::write(&cert_path, cert).unwrap();
+    std::fs::write(&key_path, key).unwrap();
+    if running_as_root() {
+        std::process::Command::new("chown").arg("-R").arg(test_user()).arg(dir.path()).status().unwrap();
+    }
+    std::process::Command::new("chmod").arg("600").arg(&key_path).status().unwrap();
+    let pg = Cluster::builder(PgVersion::V18)
+        .conf("ssl = on")
+        .conf(format!("ssl_cert_file = '{}'", cert_path.display()))
+        .conf(format!("ssl_key_file = '{}'", key_path.display()))
+        .hba("hostssl all scram_user 127.0.0.1/32 scram-sha-256")
+        .hba("hostssl all plain_user 127.0.0.1/32 trust")
+        .start();
+    pg.sql("CREATE ROLE scram_user LOGIN PASSWORD 'a-long-enough-password'; CREATE ROLE plain_user LOGIN");
+    let w = World::start();
+    let proxy_with = |ca: &std::path::Path| {
+        Proxy::start(&format!(
+            "upstream = \"127.0.0.1:{}\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[upstream_tls]\nenabled = true\nca_file = \"{}\"\nserver_name = \"localhost\"\n",
+            pg.port(),
+            w.cert_path.display(),
+            w.key_path.display(),
+            ca.display()
+        ))
+    };
+    let psql = |p: &Proxy, user: &str, extra: &str| {
+        let out = std::process::Command::new(PgVersion::V18.bin("psql"))
+            .args(["-X", "-A", "-t", "-c", "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"])
+            .arg(format!(
+                "host=localhost hostaddr=127.0.0.1 port={} user={user} dbname=postgres sslrootcert={} {extra}",
+                p.port,
+                w.ca_path.display()
+            ))
+            .env("PGPASSWORD", "a-long-enough-password")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let p = proxy_with(&ca_path);
+    // The server sees TLS from gprxy; a client on TLS to gprxy reaches a hostssl line.
+    assert_eq!(psql(&p, "plain_user", "sslmode=verify-full"), (true, "t".to_owned(), String::new()));
+    // SCRAM from a plain client leg works over the TLS upstream.
+    assert_eq!(psql(&p, "scram_user", "sslmode=disable"), (true, "t".to_owned(), String::new()));
+    // SCRAM-SHA-256-PLUS is never offered through gprxy: requiring channel binding fails ...
+    let (ok, _, err) = psql(&p, "scram_user", "sslmode=verify-full channel_binding=require");
+    assert!(!ok);
+    assert!(err.contains("channel binding is required, but server did not offer an authentication method that supports channel binding"), "{err}");
+    // ... and with TLS on both legs PostgreSQL detects the man in the middle (by design).
+    let (ok, _, err) = psql(&p, "scram_user", "sslmode=verify-full");
+    assert!(!ok);
+    assert!(err.contains("SCRAM channel binding negotiation error"), "{err}");
+    // A server certificate that does not chain to the configured CA is refused.
+    let other = p.dir().join("other-ca.pem");
+    std::fs::write(&other, test_ca().0).unwrap();
+    let bad = proxy_with(&other);
+    let (ok, _, err) = psql(&bad, "plain_user", "sslmode=verify-full");
+    assert!(!ok);
+    assert!(err.contains("gprxy: cannot reach the database server"), "{err}");
+    assert!(bad.log().contains("TLS:"), "{}", bad.log());
+}
