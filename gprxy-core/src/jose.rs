@@ -176,7 +176,7 @@ pub fn peek_unverified(token: &str) -> Unverified {
         out.alg = s(&h, "alg");
         out.kid = s(&h, "kid");
     }
-    if let Ok(c) = decode_part(parts.payload).and_then(|p| parse_object(&p)) {
+    if let Some(c) = unverified_claims(token) {
         out.sub = s(&c, "sub");
         out.iss = s(&c, "iss");
         out.exp = c.get("exp").and_then(Value::as_i64);
@@ -184,11 +184,16 @@ pub fn peek_unverified(token: &str) -> Unverified {
     out
 }
 
+/// The payload as a JSON object, without any check.
+fn unverified_claims(token: &str) -> Option<Map<String, Value>> {
+    let parts = split(token).ok()?;
+    decode_part(parts.payload).ok().and_then(|p| parse_object(&p).ok())
+}
+
 /// One claim (exact name or dotted path) read without any check, as text. For logs only: the
 /// identity a refused token claimed.
 pub fn peek_claim(token: &str, claim: &str) -> Option<String> {
-    let parts = split(token).ok()?;
-    let claims = decode_part(parts.payload).ok().and_then(|p| parse_object(&p).ok())?;
+    let claims = unverified_claims(token)?;
     match crate::claims::ClaimPath::parse(claim).ok()?.lookup(&claims)? {
         Value::String(s) => Some(s.clone()),
         Value::Number(n) => Some(n.to_string()),
