@@ -26,6 +26,52 @@ struct FileConfig {
     log: FileLog,
     #[serde(default)]
     bridge: FileBridge,
+    fallback: Option<FileFallback>,
+}
+
+/// `[fallback]`: the proxy validates tokens itself and logs in upstream as a service account.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileFallback {
+    issuer: String,
+    audience: Vec<String>,
+    jwks_uri: Option<String>,
+    #[serde(default = "default_sub")]
+    identity_claim: String,
+    role_claim: String,
+    #[serde(default)]
+    accept_jwt_typ: bool,
+    #[serde(default)]
+    insecure_allow_http_loopback: bool,
+    #[serde(default = "default_match")]
+    user_must_match: String,
+    #[serde(default)]
+    map: Vec<FileRule>,
+    #[serde(default)]
+    accounts: std::collections::BTreeMap<String, FileAccount>,
+    context: Option<std::collections::BTreeMap<String, String>>,
+}
+
+fn default_sub() -> String {
+    "sub".into()
+}
+
+fn default_match() -> String {
+    "identity".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRule {
+    role: String,
+    account: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAccount {
+    password_env: Option<String>,
+    password_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -109,6 +155,117 @@ pub struct UpstreamTls {
     pub server_name: String,
 }
 
+/// Which name the startup packet's user must carry in fallback mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserMatch {
+    /// The token's identity.
+    Identity,
+    /// The service account the token's roles map to.
+    Account,
+}
+
+/// Fallback mode, checked.
+#[derive(Clone)]
+pub struct Fallback {
+    /// Token policy.
+    pub policy: gprxy_core::Policy,
+    /// Where keys come from.
+    pub source: gprxy_core::JwksSource,
+    /// Plain-HTTP issuers on loopback (tests only).
+    pub insecure_allow_http_loopback: bool,
+    /// Which user name the client must send.
+    pub user_must_match: UserMatch,
+    /// First match wins: token role → service account.
+    pub map: Vec<(String, String)>,
+    /// Service account → password (read at start-up; never logged).
+    pub passwords: std::collections::BTreeMap<String, String>,
+    /// Session setting → claim it is set from.
+    pub context: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for Fallback {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fallback")
+            .field("issuer", &self.policy.issuer())
+            .field("map", &self.map)
+            .field("accounts", &self.passwords.keys().collect::<Vec<_>>())
+            .field("context", &self.context)
+            .finish_non_exhaustive()
+    }
+}
+
+fn check_fallback(f: FileFallback) -> anyhow::Result<Fallback> {
+    let policy = gprxy_core::Policy::builder(f.issuer.clone())
+        .audiences(f.audience)
+        .accept_generic_typ(f.accept_jwt_typ)
+        .identity_claim(f.identity_claim)
+        .role_claim(Some(f.role_claim))
+        .build()
+        .map_err(|e| anyhow::anyhow!("fallback.{}: {}", e.setting, e.reason))?;
+    let source = match f.jwks_uri {
+        Some(jwks_uri) => gprxy_core::JwksSource::Explicit { jwks_uri },
+        None => gprxy_core::JwksSource::Discovery { issuer: f.issuer },
+    };
+    let user_must_match = match f.user_must_match.as_str() {
+        "identity" => UserMatch::Identity,
+        "account" => UserMatch::Account,
+        other => bail!("fallback.user_must_match: {other:?} is not identity or account"),
+    };
+    if f.map.is_empty() {
+        bail!("fallback.map: no rules; every login would be refused");
+    }
+    let mut passwords = std::collections::BTreeMap::new();
+    for rule in &f.map {
+        if rule.account.starts_with("pg_") {
+            bail!("fallback.map: {:?} starts with pg_, which PostgreSQL reserves", rule.account);
+        }
+        let Some(acct) = f.accounts.get(&rule.account) else {
+            bail!("fallback.accounts.{}: missing (the map names it)", rule.account);
+        };
+        let password = match (&acct.password_env, &acct.password_file) {
+            (Some(var), None) => std::env::var(var).with_context(|| {
+                format!("fallback.accounts.{}: environment variable {var} is not set", rule.account)
+            })?,
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .with_context(|| {
+                    format!("fallback.accounts.{}: cannot read {}", rule.account, path.display())
+                })?
+                .trim_end_matches(['\n', '\r'])
+                .to_owned(),
+            _ => bail!("fallback.accounts.{}: give exactly one of password_env, password_file", rule.account),
+        };
+        passwords.insert(rule.account.clone(), password);
+    }
+    let context: Vec<(String, String)> = match f.context {
+        Some(c) => c.into_iter().collect(),
+        None => [
+            ("app.user_id", "sub"),
+            ("app.tenant_id", "tenant_id"),
+            ("app.roles", "roles"),
+            ("app.email", "email"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect(),
+    };
+    for (setting, _) in &context {
+        if !setting.contains('.')
+            || !setting.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+        {
+            bail!("fallback.context: {setting:?} is not a custom setting name like app.user_id");
+        }
+    }
+    Ok(Fallback {
+        policy,
+        source,
+        insecure_allow_http_loopback: f.insecure_allow_http_loopback,
+        user_must_match,
+        map: f.map.into_iter().map(|r| (r.role, r.account)).collect(),
+        passwords,
+        context,
+    })
+}
+
 /// Log output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -145,6 +302,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Token-as-password bridge.
     pub token_as_password: bool,
+    /// Fallback mode (proxy-side validation), if configured.
+    pub fallback: Option<Fallback>,
 }
 
 fn addr(what: &str, s: &str) -> anyhow::Result<SocketAddr> {
@@ -176,6 +335,9 @@ impl Config {
         };
         if file.tls.require && tls.is_none() {
             bail!("tls.require: set tls.cert and tls.key too");
+        }
+        if file.fallback.is_some() && tls.is_none() {
+            bail!("fallback: needs tls.cert and tls.key (tokens travel as passwords)");
         }
         if file.bridge.token_as_password && tls.is_none() {
             bail!("bridge.token_as_password: needs tls.cert and tls.key (the token travels as a password)");
@@ -221,6 +383,7 @@ impl Config {
                 .transpose()?,
             log_format,
             token_as_password: file.bridge.token_as_password,
+            fallback: file.fallback.map(check_fallback).transpose()?,
         })
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod fallback;
 pub mod metrics;
 pub mod proto;
 pub mod server;

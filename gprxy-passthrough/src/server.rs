@@ -24,12 +24,20 @@ pub fn shared_state(config: Config) -> anyhow::Result<Arc<Shared>> {
         .map(|u| crate::tls::upstream_config(&u.ca_file))
         .transpose()
         .context("upstream_tls")?;
+    let fallback = config
+        .fallback
+        .clone()
+        .map(crate::fallback::FallbackRuntime::new)
+        .transpose()
+        .context("fallback")?
+        .map(Arc::new);
     Ok(Arc::new(Shared {
         config: RwLock::new(Arc::new(config)),
         tls: RwLock::new(tls),
         upstream_tls: RwLock::new(upstream_tls),
         cancel_keys: Mutex::new(Default::default()),
         metrics: Metrics::new(),
+        fallback: RwLock::new(fallback),
     }))
 }
 
@@ -42,6 +50,13 @@ fn reload(shared: &Shared, path: Option<&PathBuf>, overrides: &Overrides) {
         if config.listen != shared.config.read().listen {
             warn!("listen address changes need a restart; keeping the old one");
         }
+        let fallback = config.fallback.clone().map(crate::fallback::FallbackRuntime::new).transpose()?;
+        if let (Some(new), Some(old)) = (&fallback, shared.fallback.read().as_ref()) {
+            if let Some(snap) = old.cache.export() {
+                let _ = new.cache.import(&snap);
+            }
+        }
+        *shared.fallback.write() = fallback.map(Arc::new);
         *shared.tls.write() = tls;
         *shared.upstream_tls.write() = up;
         *shared.config.write() = Arc::new(config);

@@ -23,7 +23,8 @@ use crate::proto::{self, auth, FirstPacket, ProtoError};
 /// A byte stream, plain or TLS.
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
-type BoxStream = Box<dyn Stream>;
+/// A boxed byte stream.
+pub type BoxStream = Box<dyn Stream>;
 
 /// State shared by all connections; replaced in part on SIGHUP.
 pub struct Shared {
@@ -37,11 +38,13 @@ pub struct Shared {
     pub cancel_keys: Mutex<HashMap<(i32, Vec<u8>), String>>,
     /// Metrics.
     pub metrics: Metrics,
+    /// Fallback mode, when configured.
+    pub fallback: RwLock<Option<Arc<crate::fallback::FallbackRuntime>>>,
 }
 
 /// Why a connection ended before the relay.
 #[derive(Debug, thiserror::Error)]
-enum SessionError {
+pub enum SessionError {
     #[error("protocol violation: {0}")]
     Proto(#[from] ProtoError),
     #[error("I/O: {0}")]
@@ -72,14 +75,14 @@ impl SessionError {
 
 /// What is known about a login, for its one log event.
 #[derive(Default)]
-struct LoginInfo {
+pub struct LoginInfo {
     user: String,
     database: String,
-    mechanism: Option<String>,
+    pub(crate) mechanism: Option<String>,
     discovery: bool,
     token: Option<gprxy_core::Unverified>,
     token_fp: Option<String>,
-    tls: bool,
+    pub(crate) tls: bool,
 }
 
 /// Handles one accepted connection to its end.
@@ -126,11 +129,11 @@ pub async fn handle(shared: Arc<Shared>, sock: TcpStream, peer: SocketAddr) {
 }
 
 /// The upstream side of a logged-in session.
-struct Upstream {
-    stream: BoxStream,
-    key: Option<(i32, Vec<u8>)>,
-    leftover_client: BytesMut,
-    leftover_server: BytesMut,
+pub struct Upstream {
+    pub(crate) stream: BoxStream,
+    pub(crate) key: Option<(i32, Vec<u8>)>,
+    pub(crate) leftover_client: BytesMut,
+    pub(crate) leftover_server: BytesMut,
 }
 
 fn remove_cancel_key(shared: &Shared, up: &Upstream) {
@@ -276,6 +279,12 @@ async fn login(
         ));
     }
 
+    let fallback = shared.fallback.read().clone();
+    if let Some(rt) = fallback {
+        return crate::fallback::authenticate(shared, config, rt, client, &startup, buf, info)
+            .await
+            .map(Some);
+    }
     let mut up = connect_upstream(shared, config).await?;
     up.write_all(&startup.raw).await?;
     up.flush().await?;
@@ -338,7 +347,7 @@ impl AsyncWrite for Rewind {
     }
 }
 
-async fn connect_upstream(shared: &Shared, config: &Config) -> Result<BoxStream, SessionError> {
+pub(crate) async fn connect_upstream(shared: &Shared, config: &Config) -> Result<BoxStream, SessionError> {
     let unreachable = |e: String| {
         shared.metrics.upstream_errors.inc();
         warn!(upstream = %config.upstream, error = %e, "cannot reach the server");
@@ -541,7 +550,7 @@ enum Bridge {
     Sent,
 }
 
-fn note_token(info: &mut LoginInfo, token: &str) {
+pub(crate) fn note_token(info: &mut LoginInfo, token: &str) {
     info.token = Some(gprxy_core::peek_unverified(token));
     info.token_fp = Some(gprxy_core::fingerprint(token.as_bytes()));
 }

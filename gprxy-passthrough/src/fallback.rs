@@ -1,0 +1,262 @@
+//! Fallback mode, for servers older than 18: gprxy validates the token itself (gprxy-core),
+//! maps the token's roles to a service account (first rule wins, default deny), logs in upstream
+//! with SCRAM-SHA-256 and sets the user's context (`app.user_id`, ...) before the client's first
+//! query. The token arrives as a cleartext password over TLS only.
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use postgres_protocol::message::frontend;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::config::{Config, Fallback, UserMatch};
+use crate::proto::{self, auth, ProtoError, Startup};
+use crate::session::{BoxStream, LoginInfo, SessionError, Shared, Upstream};
+
+/// Fallback settings with the key cache that outlives connections.
+pub struct FallbackRuntime {
+    /// Settings.
+    pub cfg: Fallback,
+    /// The issuer's keys.
+    pub cache: Arc<gprxy_core::JwksCache>,
+    /// The token validator.
+    pub validator: gprxy_core::Validator,
+}
+
+impl FallbackRuntime {
+    /// Builds the runtime (no network yet: keys are fetched on first use).
+    pub fn new(cfg: Fallback) -> anyhow::Result<Self> {
+        let http = gprxy_core::HttpSettings {
+            insecure_allow_http_loopback: cfg.insecure_allow_http_loopback,
+            ..Default::default()
+        };
+        let fetcher = Arc::new(gprxy_core::UreqFetcher::new(http)?);
+        let cache = Arc::new(gprxy_core::JwksCache::new(
+            cfg.source.clone(),
+            fetcher,
+            Arc::new(gprxy_core::SystemClock),
+            gprxy_core::CacheSettings::default(),
+            cfg.insecure_allow_http_loopback,
+        )?);
+        if cfg.insecure_allow_http_loopback {
+            tracing::warn!("fallback.insecure_allow_http_loopback is on: plain-HTTP issuers on loopback are trusted (tests only)");
+        }
+        Ok(Self { validator: gprxy_core::Validator::new(cfg.policy.clone()), cfg, cache })
+    }
+}
+
+fn refused(message: impl Into<String>) -> SessionError {
+    SessionError::Refused { sqlstate: "28000", message: message.into() }
+}
+
+fn upstream_failed(what: &str) -> SessionError {
+    tracing::warn!(error = what, "fallback: upstream login failed");
+    SessionError::Refused { sqlstate: "08006", message: "gprxy: the service account could not log in".into() }
+}
+
+async fn read_message(
+    s: &mut BoxStream,
+    buf: &mut BytesMut,
+    max: usize,
+    kind: &'static str,
+) -> Result<proto::Message, SessionError> {
+    loop {
+        if let Some(m) = proto::parse_message(buf, max, kind)? {
+            return Ok(m);
+        }
+        if s.read_buf(buf).await? == 0 {
+            return Err(SessionError::ClientGone);
+        }
+    }
+}
+
+/// A claim as a session setting value: strings as they are, arrays comma-joined, missing empty.
+fn setting_value(claims: &serde_json::Map<String, Value>, claim: &str) -> String {
+    let path = gprxy_core::claims::ClaimPath::parse(claim).ok();
+    match path.and_then(|p| p.lookup(claims).cloned()) {
+        Some(Value::String(s)) => s,
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned))
+            .collect::<Vec<_>>()
+            .join(","),
+        Some(Value::Null) | None => String::new(),
+        Some(other) => other.to_string(),
+    }
+}
+
+/// Authenticates the client with its token and logs in upstream as the mapped account.
+pub async fn authenticate(
+    shared: &Shared,
+    config: &Config,
+    rt: Arc<FallbackRuntime>,
+    client: &mut BoxStream,
+    startup: &Startup,
+    mut cbuf: BytesMut,
+    info: &mut LoginInfo,
+) -> Result<Upstream, SessionError> {
+    info.mechanism = Some("token-password".into());
+    if !info.tls {
+        return Err(refused("gprxy: token login requires TLS (sslmode=require or stronger)"));
+    }
+    client.write_all(&proto::frame(b'R', &auth::CLEARTEXT.to_be_bytes())).await?;
+    client.flush().await?;
+    let m = read_message(client, &mut cbuf, proto::MAX_SASL_MESSAGE, "password message").await?;
+    if m.tag != b'p' {
+        return Err(SessionError::Proto(ProtoError::BadMessage("password")));
+    }
+    let token = m.body().split(|&b| b == 0).next().unwrap_or_default();
+    let token = std::str::from_utf8(token).map_err(|_| ProtoError::BadMessage("password"))?.trim().to_owned();
+    crate::session::note_token(info, &token);
+
+    let check = rt.clone();
+    let validated = tokio::task::spawn_blocking(move || {
+        check.validator.validate(&token, &*check.cache, gprxy_core::unix_time())
+    })
+    .await
+    .map_err(|_| refused("gprxy: token validation failed"))?;
+    let t = validated.map_err(|e| refused(format!("gprxy: token refused ({}): {e}", e.code())))?;
+
+    let account = rt
+        .cfg
+        .map
+        .iter()
+        .find(|(role, _)| t.roles.iter().any(|r| r == role))
+        .map(|(_, account)| account.clone())
+        .ok_or_else(|| refused("gprxy: no role in the token maps to a service account"))?;
+    let user = startup.param("user").unwrap_or_default();
+    let expected = match rt.cfg.user_must_match {
+        UserMatch::Identity => t.identity.as_str(),
+        UserMatch::Account => account.as_str(),
+    };
+    if user != expected {
+        return Err(refused(format!("gprxy: user name {user:?} does not match the token")));
+    }
+
+    // Upstream: the same startup parameters, as the service account.
+    let mut up = crate::session::connect_upstream(shared, config).await?;
+    let database = startup.param("database").unwrap_or(user).to_owned();
+    let mut params: Vec<(&str, &str)> = startup
+        .params
+        .iter()
+        .filter(|(k, _)| k != "user" && k != "database")
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    params.push(("user", &account));
+    params.push(("database", &database));
+    let mut out = BytesMut::new();
+    frontend::startup_message(params, &mut out).map_err(SessionError::Io)?;
+    up.write_all(&out).await?;
+    up.flush().await?;
+
+    let password = rt.cfg.passwords.get(&account).cloned().unwrap_or_default();
+    let mut sbuf = BytesMut::new();
+    let mut scram: Option<ScramSha256> = None;
+    let mut to_client = proto::frame(b'R', &auth::OK.to_be_bytes());
+    let mut key = None;
+    let mut authenticated = false;
+    loop {
+        let m = read_message(&mut up, &mut sbuf, proto::MAX_SERVER_AUTH_MESSAGE, "server message").await?;
+        let mut reply = BytesMut::new();
+        match (m.tag, proto::auth_code(&m)) {
+            (b'R', Some(auth::OK)) => authenticated = true,
+            (b'R', Some(auth::SASL)) => {
+                if !proto::sasl_mechanisms(&m)?.iter().any(|x| x == "SCRAM-SHA-256") {
+                    return Err(upstream_failed("server does not offer SCRAM-SHA-256"));
+                }
+                let s = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
+                frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut reply)
+                    .map_err(SessionError::Io)?;
+                scram = Some(s);
+            }
+            (b'R', Some(auth::SASL_CONTINUE)) => {
+                let s = scram.as_mut().ok_or_else(|| upstream_failed("SASL continue before start"))?;
+                s.update(&m.body()[4..]).map_err(|e| upstream_failed(&e.to_string()))?;
+                frontend::sasl_response(s.message(), &mut reply).map_err(SessionError::Io)?;
+            }
+            (b'R', Some(12)) => {
+                let s = scram.as_mut().ok_or_else(|| upstream_failed("SASL final before start"))?;
+                s.finish(&m.body()[4..]).map_err(|e| upstream_failed(&format!("server proof: {e}")))?;
+            }
+            (b'R', Some(code)) => {
+                return Err(upstream_failed(&format!("unsupported authentication request {code}")))
+            }
+            (b'E', _) => {
+                let (code, msg) = proto::error_fields(&m);
+                return Err(upstream_failed(&format!("{code}: {msg}")));
+            }
+            (b'K', _) => {
+                key = proto::backend_key(&m);
+                to_client.extend_from_slice(&m.raw);
+            }
+            (b'Z', _) if authenticated => break,
+            _ => to_client.extend_from_slice(&m.raw),
+        }
+        if !reply.is_empty() {
+            up.write_all(&reply).await?;
+            up.flush().await?;
+        }
+    }
+
+    set_context(&mut up, &mut sbuf, &rt.cfg.context, &t.claims).await?;
+    if let Some(k) = &key {
+        shared.cancel_keys.lock().insert(k.clone(), config.upstream.clone());
+    }
+    to_client.extend_from_slice(&proto::frame(b'Z', b"I"));
+    client.write_all(&to_client).await?;
+    client.flush().await?;
+    tracing::info!(event = "fallback_mapped", account = %account, identity = %t.identity, "token mapped to service account");
+    Ok(Upstream { stream: up, key, leftover_client: cbuf, leftover_server: sbuf })
+}
+
+/// Sets each context setting from its claim with one parameterised statement.
+async fn set_context(
+    up: &mut BoxStream,
+    sbuf: &mut BytesMut,
+    context: &[(String, String)],
+    claims: &serde_json::Map<String, Value>,
+) -> Result<(), SessionError> {
+    if context.is_empty() {
+        return Ok(());
+    }
+    let calls: Vec<String> =
+        (0..context.len()).map(|i| format!("set_config(${}, ${}, false)", 2 * i + 1, 2 * i + 2)).collect();
+    let sql = format!("SELECT {}", calls.join(", "));
+    let values: Vec<String> =
+        context.iter().flat_map(|(k, c)| [k.clone(), setting_value(claims, c)]).collect();
+    let mut out = BytesMut::new();
+    let io = SessionError::Io;
+    frontend::parse("", &sql, std::iter::empty(), &mut out).map_err(io)?;
+    frontend::bind(
+        "",
+        "",
+        std::iter::empty::<i16>(),
+        values.iter(),
+        |v, buf| {
+            buf.extend_from_slice(v.as_bytes());
+            Ok(postgres_protocol::IsNull::No)
+        },
+        Some(0),
+        &mut out,
+    )
+    .map_err(|_| upstream_failed("cannot encode the context"))?;
+    frontend::execute("", 0, &mut out).map_err(SessionError::Io)?;
+    frontend::sync(&mut out);
+    up.write_all(&out).await?;
+    up.flush().await?;
+    let mut failed = None;
+    loop {
+        let m = read_message(up, sbuf, proto::MAX_SERVER_AUTH_MESSAGE, "server message").await?;
+        match m.tag {
+            b'E' => failed = Some(proto::error_fields(&m)),
+            b'Z' => break,
+            _ => {}
+        }
+    }
+    match failed {
+        Some((code, msg)) => Err(upstream_failed(&format!("setting the context: {code}: {msg}"))),
+        None => Ok(()),
+    }
+}

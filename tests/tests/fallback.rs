@@ -1,0 +1,134 @@
+//! Fallback mode against Debian's PostgreSQL 15: gprxy validates the token, maps its roles to a
+//! service account, logs in with SCRAM-SHA-256 and sets the user's context.
+
+use gprxy_core::testkit::{test_ca, TestKey};
+use gprxy_tests::idp::TestIssuer;
+use gprxy_tests::proxy::Proxy;
+use gprxy_tests::{apply_sql_file, Cluster, PgVersion};
+use serde_json::json;
+
+struct World {
+    idp: TestIssuer,
+    key: TestKey,
+    _pg: Cluster,
+    proxy: Proxy,
+    _files: tempfile::TempDir,
+}
+
+fn start() -> World {
+    let key = TestKey::rsa("k");
+    let idp = TestIssuer::start(&[&key]);
+    let pg = Cluster::builder(PgVersion::V15)
+        .hba("host all app_admin,app_writer,app_reader 127.0.0.1/32 scram-sha-256")
+        .start();
+    apply_sql_file(&pg, "postgres", "01_roles.sql");
+    pg.sql("SET password_encryption = 'scram-sha-256'; ALTER ROLE app_writer PASSWORD 'writer-secret-1'; ALTER ROLE app_reader PASSWORD 'reader-secret-1'");
+    let files = tempfile::tempdir().unwrap();
+    let (_, cert, tls_key) = test_ca();
+    let p = |n: &str| files.path().join(n);
+    std::fs::write(p("c.pem"), cert).unwrap();
+    std::fs::write(p("k.pem"), tls_key).unwrap();
+    std::fs::write(p("writer.pw"), "writer-secret-1\n").unwrap();
+    std::fs::write(p("reader.pw"), "reader-secret-1\n").unwrap();
+    let proxy = Proxy::start(&format!(
+        r#"upstream = "127.0.0.1:{port}"
+[tls]
+cert = "{cert}"
+key = "{key}"
+[fallback]
+issuer = "{iss}"
+audience = ["db"]
+role_claim = "roles"
+insecure_allow_http_loopback = true
+[[fallback.map]]
+role = "writer"
+account = "app_writer"
+[[fallback.map]]
+role = "reader"
+account = "app_reader"
+[fallback.accounts.app_writer]
+password_file = "{wpw}"
+[fallback.accounts.app_reader]
+password_file = "{rpw}"
+"#,
+        port = pg.port(),
+        cert = p("c.pem").display(),
+        key = p("k.pem").display(),
+        iss = idp.issuer(),
+        wpw = p("writer.pw").display(),
+        rpw = p("reader.pw").display(),
+    ));
+    World { idp, key, _pg: pg, proxy, _files: files }
+}
+
+impl World {
+    fn token(&self, sub: &str, roles: serde_json::Value, exp_delta: i64) -> String {
+        let mut c = self.idp.claims(sub, "db");
+        c["roles"] = roles;
+        c["tenant_id"] = json!("11111111-1111-1111-1111-111111111111");
+        c["exp"] = json!(gprxy_core::unix_time() + exp_delta);
+        self.key.token(json!({"typ": "at+jwt"}), &c)
+    }
+
+    /// psql 15 with the token as its password.
+    fn psql(&self, user: &str, token: &str, sslmode: &str, sql: &str) -> Result<String, String> {
+        let out = std::process::Command::new(PgVersion::V15.bin("psql"))
+            .args(["-X", "-A", "-t", "-c", sql])
+            .arg(format!(
+                "host=127.0.0.1 port={} user={user} dbname=postgres sslmode={sslmode}",
+                self.proxy.port
+            ))
+            .env("PGPASSWORD", token)
+            .output()
+            .unwrap();
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+}
+
+const CONTEXT: &str = "SELECT current_user, current_setting('app.user_id'), current_setting('app.tenant_id'), current_setting('app.roles'), current_setting('app.email')";
+
+#[test]
+fn token_as_password_logs_in_as_the_mapped_account_with_context() {
+    let w = start();
+    let t = w.token("alice", json!(["writer"]), 300);
+    assert_eq!(
+        w.psql("alice", &t, "require", CONTEXT).unwrap(),
+        "app_writer|alice|11111111-1111-1111-1111-111111111111|writer|"
+    );
+    let r = w.token("bob", json!(["reader", "viewer"]), 300);
+    assert_eq!(
+        w.psql("bob", &r, "require", "SELECT current_user, current_setting('app.user_id')").unwrap(),
+        "app_reader|bob"
+    );
+    let ok = w.proxy.wait_events("login", 2);
+    assert!(ok.iter().all(|e| e["outcome"] == "success" && e["mechanism"] == "token-password"), "{ok:#?}");
+    assert!(!w.proxy.log().contains(&t));
+    assert!(!w.proxy.log().contains("writer-secret-1"), "a service-account password reached the log");
+}
+
+#[test]
+fn refusals_each_with_a_clear_error() {
+    let w = start();
+    let expired = w.token("alice", json!(["writer"]), -120);
+    let e = w.psql("alice", &expired, "require", "SELECT 1").unwrap_err();
+    assert!(e.contains("FATAL:  gprxy: token refused (expired): token expired at"), "{e}");
+    let no_role = w.token("alice", json!(["guest"]), 300);
+    let e = w.psql("alice", &no_role, "require", "SELECT 1").unwrap_err();
+    assert!(e.contains("FATAL:  gprxy: no role in the token maps to a service account"), "{e}");
+    let t = w.token("alice", json!(["writer"]), 300);
+    let e = w.psql("bob", &t, "require", "SELECT 1").unwrap_err();
+    assert!(e.contains("FATAL:  gprxy: user name \"bob\" does not match the token"), "{e}");
+    let e = w.psql("alice", &t, "disable", "SELECT 1").unwrap_err();
+    assert!(e.contains("FATAL:  gprxy: token login requires TLS (sslmode=require or stronger)"), "{e}");
+    let mut forged = t.clone().into_bytes();
+    let i = forged.len() - 20;
+    forged[i] = if forged[i] == b'A' { b'B' } else { b'A' };
+    let e = w.psql("alice", &String::from_utf8(forged).unwrap(), "require", "SELECT 1").unwrap_err();
+    assert!(e.contains("FATAL:  gprxy: token refused (bad_signature): signature does not verify"), "{e}");
+    let failures = w.proxy.wait_events("login", 5);
+    assert!(failures.iter().all(|e| e["outcome"] == "failure" && e["sqlstate"] == "28000"), "{failures:#?}");
+}
