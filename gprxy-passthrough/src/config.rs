@@ -45,6 +45,10 @@ struct FileFallback {
     insecure_allow_http_loopback: bool,
     #[serde(default = "default_match")]
     user_must_match: String,
+    #[serde(default = "default_client_auth")]
+    client_auth: String,
+    #[serde(default = "default_scope")]
+    scope: String,
     #[serde(default)]
     map: Vec<FileRule>,
     #[serde(default)]
@@ -58,6 +62,14 @@ fn default_sub() -> String {
 
 fn default_match() -> String {
     "identity".into()
+}
+
+fn default_client_auth() -> String {
+    "password".into()
+}
+
+fn default_scope() -> String {
+    "openid".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -164,9 +176,22 @@ pub enum UserMatch {
     Account,
 }
 
+/// How clients present their token in fallback mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// As a cleartext password, over TLS only (any driver).
+    Password,
+    /// SASL OAUTHBEARER as PostgreSQL 18 does it (psql 18's device flow).
+    OAuthBearer,
+}
+
 /// Fallback mode, checked.
 #[derive(Clone)]
 pub struct Fallback {
+    /// How clients present tokens.
+    pub client_auth: ClientAuth,
+    /// Scope named in the OAUTHBEARER discovery answer.
+    pub scope: String,
     /// Token policy.
     pub policy: gprxy_core::Policy,
     /// Where keys come from.
@@ -210,6 +235,11 @@ fn check_fallback(f: FileFallback) -> anyhow::Result<Fallback> {
         "identity" => UserMatch::Identity,
         "account" => UserMatch::Account,
         other => bail!("fallback.user_must_match: {other:?} is not identity or account"),
+    };
+    let client_auth = match f.client_auth.as_str() {
+        "password" => ClientAuth::Password,
+        "oauthbearer" => ClientAuth::OAuthBearer,
+        other => bail!("fallback.client_auth: {other:?} is not password or oauthbearer"),
     };
     if f.map.is_empty() {
         bail!("fallback.map: no rules; every login would be refused");
@@ -256,6 +286,8 @@ fn check_fallback(f: FileFallback) -> anyhow::Result<Fallback> {
         }
     }
     Ok(Fallback {
+        client_auth,
+        scope: f.scope,
         policy,
         source,
         insecure_allow_http_loopback: f.insecure_allow_http_loopback,

@@ -11,7 +11,7 @@ use postgres_protocol::message::frontend;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::config::{Config, Fallback, UserMatch};
+use crate::config::{ClientAuth, Config, Fallback, UserMatch};
 use crate::proto::{self, auth, ProtoError, Startup};
 use crate::session::{BoxStream, LoginInfo, SessionError, Shared, Upstream};
 
@@ -97,18 +97,10 @@ pub async fn authenticate(
     mut cbuf: BytesMut,
     info: &mut LoginInfo,
 ) -> Result<Upstream, SessionError> {
-    info.mechanism = Some("token-password".into());
-    if !info.tls {
-        return Err(refused("gprxy: token login requires TLS (sslmode=require or stronger)"));
-    }
-    client.write_all(&proto::frame(b'R', &auth::CLEARTEXT.to_be_bytes())).await?;
-    client.flush().await?;
-    let m = read_message(client, &mut cbuf, proto::MAX_SASL_MESSAGE, "password message").await?;
-    if m.tag != b'p' {
-        return Err(SessionError::Proto(ProtoError::BadMessage("password")));
-    }
-    let token = m.body().split(|&b| b == 0).next().unwrap_or_default();
-    let token = std::str::from_utf8(token).map_err(|_| ProtoError::BadMessage("password"))?.trim().to_owned();
+    let token = match rt.cfg.client_auth {
+        ClientAuth::Password => password_token(client, &mut cbuf, info).await?,
+        ClientAuth::OAuthBearer => bearer_token(client, &mut cbuf, info, &rt.cfg).await?,
+    };
     crate::session::note_token(info, &token);
 
     let check = rt.clone();
@@ -209,6 +201,67 @@ pub async fn authenticate(
     client.flush().await?;
     tracing::info!(event = "fallback_mapped", account = %account, identity = %t.identity, "token mapped to service account");
     Ok(Upstream { stream: up, key, leftover_client: cbuf, leftover_server: sbuf })
+}
+
+/// The token as a cleartext password (TLS only).
+async fn password_token(
+    client: &mut BoxStream,
+    cbuf: &mut BytesMut,
+    info: &mut LoginInfo,
+) -> Result<String, SessionError> {
+    info.mechanism = Some("token-password".into());
+    if !info.tls {
+        return Err(refused("gprxy: token login requires TLS (sslmode=require or stronger)"));
+    }
+    client.write_all(&proto::frame(b'R', &auth::CLEARTEXT.to_be_bytes())).await?;
+    client.flush().await?;
+    let m = read_message(client, cbuf, proto::MAX_SASL_MESSAGE, "password message").await?;
+    if m.tag != b'p' {
+        return Err(SessionError::Proto(ProtoError::BadMessage("password")));
+    }
+    let token = m.body().split(|&b| b == 0).next().unwrap_or_default();
+    Ok(std::str::from_utf8(token).map_err(|_| ProtoError::BadMessage("password"))?.trim().to_owned())
+}
+
+/// The token through SASL OAUTHBEARER (RFC 7628), as PostgreSQL 18 does it: an empty `auth=`
+/// (libpq's discovery round) gets an error challenge naming the issuer and scope.
+async fn bearer_token(
+    client: &mut BoxStream,
+    cbuf: &mut BytesMut,
+    info: &mut LoginInfo,
+    cfg: &Fallback,
+) -> Result<String, SessionError> {
+    info.mechanism = Some("OAUTHBEARER".into());
+    client.write_all(&proto::encode_sasl_mechanisms(&["OAUTHBEARER".to_owned()])).await?;
+    client.flush().await?;
+    let m = read_message(client, cbuf, proto::MAX_SASL_MESSAGE, "SASL message").await?;
+    if m.tag != b'p' {
+        return Err(SessionError::Proto(ProtoError::BadMessage("SASLInitialResponse")));
+    }
+    let (mech, data) = proto::parse_sasl_initial(&m)?;
+    if mech != "OAUTHBEARER" {
+        return Err(refused(format!("gprxy: SASL mechanism {mech:?} is not offered")));
+    }
+    match proto::oauthbearer_token(&data.unwrap_or_default())? {
+        Some(token) => Ok(token.to_owned()),
+        None => {
+            info.discovery = true;
+            let issuer = cfg.policy.issuer().trim_end_matches('/');
+            let challenge = serde_json::json!({
+                "status": "invalid_token",
+                "openid-configuration": format!("{issuer}/.well-known/openid-configuration"),
+                "scope": cfg.scope,
+            })
+            .to_string();
+            let mut body = auth::SASL_CONTINUE.to_be_bytes().to_vec();
+            body.extend_from_slice(challenge.as_bytes());
+            client.write_all(&proto::frame(b'R', &body)).await?;
+            client.flush().await?;
+            // The client acknowledges with a lone kvsep; then the attempt ends (RFC 7628 3.2.3).
+            let _ = read_message(client, cbuf, proto::MAX_SASL_MESSAGE, "SASL message").await?;
+            Err(refused("gprxy: OAuth bearer authentication failed (token required)"))
+        }
+    }
 }
 
 /// Sets each context setting from its claim with one parameterised statement.

@@ -79,7 +79,7 @@ pub struct LoginInfo {
     user: String,
     database: String,
     pub(crate) mechanism: Option<String>,
-    discovery: bool,
+    pub(crate) discovery: bool,
     token: Option<gprxy_core::Unverified>,
     token_fp: Option<String>,
     pub(crate) tls: bool,

@@ -4,7 +4,7 @@
 use gprxy_core::testkit::{test_ca, TestKey};
 use gprxy_tests::idp::TestIssuer;
 use gprxy_tests::proxy::Proxy;
-use gprxy_tests::{apply_sql_file, Cluster, PgVersion};
+use gprxy_tests::{apply_sql_file, oauth_psql_with, Cluster, PgVersion};
 use serde_json::json;
 
 struct World {
@@ -16,6 +16,10 @@ struct World {
 }
 
 fn start() -> World {
+    start_with("")
+}
+
+fn start_with(fallback_extra: &str) -> World {
     let key = TestKey::rsa("k");
     let idp = TestIssuer::start(&[&key]);
     let pg = Cluster::builder(PgVersion::V15)
@@ -40,6 +44,7 @@ issuer = "{iss}"
 audience = ["db"]
 role_claim = "roles"
 insecure_allow_http_loopback = true
+{fallback_extra}
 [[fallback.map]]
 role = "writer"
 account = "app_writer"
@@ -131,4 +136,25 @@ fn refusals_each_with_a_clear_error() {
     assert!(e.contains("FATAL:  gprxy: token refused (bad_signature): signature does not verify"), "{e}");
     let failures = w.proxy.wait_events("login", 5);
     assert!(failures.iter().all(|e| e["outcome"] == "failure" && e["sqlstate"] == "28000"), "{failures:#?}");
+}
+
+#[test]
+fn psql_18_device_flow_through_the_fallback_proxy() {
+    let w = start_with("client_auth = \"oauthbearer\"\nscope = \"openid db:read\"");
+    let t = w.token("alice", json!(["writer"]), 300);
+    w.idp.hand_out("fallback-alice", &t);
+    let conn = format!("host=127.0.0.1 port={} user=alice dbname=postgres sslmode=require", w.proxy.port);
+    let out = oauth_psql_with(&conn, &w.idp.issuer(), "fallback-alice", CONTEXT).unwrap();
+    assert_eq!(out, "app_writer|alice|11111111-1111-1111-1111-111111111111|writer|");
+    let events = w.proxy.wait_events("login", 2);
+    assert_eq!(events.iter().filter(|e| e["outcome"] == "discovery").count(), 1, "{events:#?}");
+    assert_eq!(
+        events.iter().filter(|e| e["outcome"] == "success" && e["mechanism"] == "OAUTHBEARER").count(),
+        1
+    );
+    // An expired token through the same path is refused with the reason.
+    let expired = w.token("alice", json!(["writer"]), -120);
+    w.idp.hand_out("fallback-expired", &expired);
+    let e = oauth_psql_with(&conn, &w.idp.issuer(), "fallback-expired", "SELECT 1").unwrap_err();
+    assert!(e.contains("gprxy: token refused (expired)"), "{e}");
 }
