@@ -464,6 +464,37 @@ mod tests {
         assert_eq!(c.upstream_tls.unwrap().server_name, "db.internal");
     }
 
+    const TLS: &str = "[tls]\ncert = \"c\"\nkey = \"k\"\n";
+
+    fn fallback(extra: &str) -> String {
+        format!(
+            "upstream = \"h:1\"\n{TLS}[fallback]\nissuer = \"https://idp\"\naudience = [\"db\"]\nrole_claim = \"roles\"\n{extra}"
+        )
+    }
+
+    #[test]
+    fn fallback_rules_checked_at_start() {
+        let err = |extra: &str| load(&fallback(extra)).unwrap_err().to_string();
+        assert!(err("").contains("fallback.map: no rules"));
+        let rule = "[[fallback.map]]\nrole = \"w\"\naccount = \"app_writer\"\n";
+        assert!(err(rule).contains("fallback.accounts.app_writer: missing (the map names it)"));
+        let env = format!(
+            "{rule}[fallback.accounts.app_writer]\npassword_env = \"GPRXY_TEST_UNSET_PASSWORD_VAR\"\n"
+        );
+        assert!(err(&env).contains("environment variable GPRXY_TEST_UNSET_PASSWORD_VAR is not set"));
+        let reserved = "[[fallback.map]]\nrole = \"w\"\naccount = \"pg_writer\"\n";
+        assert!(err(reserved).contains("starts with pg_"));
+        let both =
+            format!("{rule}[fallback.accounts.app_writer]\npassword_env = \"A\"\npassword_file = \"b\"\n");
+        assert!(err(&both).contains("exactly one of password_env, password_file"));
+        let mode = format!("client_auth = \"kerberos\"\n{rule}");
+        assert!(err(&mode).contains("fallback.client_auth"));
+        let no_aud = "upstream = \"h:1\"\n[tls]\ncert = \"c\"\nkey = \"k\"\n[fallback]\nissuer = \"https://idp\"\naudience = []\nrole_claim = \"r\"\n";
+        assert!(load(no_aud).unwrap_err().to_string().contains("fallback.audience"));
+        let no_tls = "upstream = \"h:1\"\n[fallback]\nissuer = \"https://idp\"\naudience = [\"db\"]\nrole_claim = \"r\"\n";
+        assert!(load(no_tls).unwrap_err().to_string().contains("fallback: needs tls.cert"));
+    }
+
     #[test]
     fn the_example_file_loads() {
         let c = load(include_str!("../../gprxy.toml.example")).unwrap();
