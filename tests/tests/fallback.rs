@@ -158,3 +158,21 @@ fn psql_18_device_flow_through_the_fallback_proxy() {
     let e = oauth_psql_with(&conn, &w.idp.issuer(), "fallback-expired", "SELECT 1").unwrap_err();
     assert!(e.contains("gprxy: token refused (expired)"), "{e}");
 }
+
+#[test]
+fn session_setting_policies_isolate_tenants_but_trust_the_client() {
+    let w = start();
+    for f in ["02b_rls_session_settings.sql", "03_demo_data.sql"] {
+        apply_sql_file(&w._pg, "postgres", f);
+    }
+    let titles = "SELECT string_agg(title, ',' ORDER BY title) FROM posts";
+    let acme = w.token("alice", json!(["writer"]), 300); // tenant 1111... (see token())
+    assert_eq!(w.psql("alice", &acme, "require", titles).unwrap(), "acme public,alice private");
+    let e = w.psql("alice", &acme, "require", "INSERT INTO posts (tenant_id, owner_id, title) VALUES ('11111111-1111-1111-1111-111111111111', 'dave', 'x')").unwrap_err();
+    assert!(e.contains("new row violates row-level security policy for table \"posts\""), "{e}");
+    // The weakness this style documents: the client can change its own context.
+    let widened = format!(
+        "SET app.tenant_id = '22222222-2222-2222-2222-222222222222'; SET app.user_id = 'bob'; {titles}"
+    );
+    assert_eq!(w.psql("alice", &acme, "require", &widened).unwrap(), "SET\nSET\nbob private,globex public");
+}
