@@ -54,6 +54,19 @@ struct FileFallback {
     #[serde(default)]
     accounts: std::collections::BTreeMap<String, FileAccount>,
     context: Option<std::collections::BTreeMap<String, String>>,
+    #[serde(default)]
+    pool: FilePool,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FilePool {
+    default_size: Option<usize>,
+    #[serde(default)]
+    sizes: std::collections::BTreeMap<String, usize>,
+    wait_timeout_ms: Option<u64>,
+    idle_timeout_ms: Option<u64>,
+    max_lifetime_ms: Option<u64>,
 }
 
 fn default_sub() -> String {
@@ -206,6 +219,8 @@ pub struct Fallback {
     pub passwords: std::collections::BTreeMap<String, String>,
     /// Session setting → claim it is set from.
     pub context: Vec<(String, String)>,
+    /// Pool limits.
+    pub pool: crate::pool::PoolSettings,
 }
 
 impl std::fmt::Debug for Fallback {
@@ -285,7 +300,20 @@ fn check_fallback(f: FileFallback) -> anyhow::Result<Fallback> {
             bail!("fallback.context: {setting:?} is not a custom setting name like app.user_id");
         }
     }
+    let d = crate::pool::PoolSettings::default();
+    let ms = |v: Option<u64>, default: Duration| v.map_or(default, Duration::from_millis);
+    let pool = crate::pool::PoolSettings {
+        default_size: f.pool.default_size.unwrap_or(d.default_size),
+        sizes: f.pool.sizes,
+        wait_timeout: ms(f.pool.wait_timeout_ms, d.wait_timeout),
+        idle_timeout: ms(f.pool.idle_timeout_ms, d.idle_timeout),
+        max_lifetime: ms(f.pool.max_lifetime_ms, d.max_lifetime),
+    };
+    if pool.default_size == 0 || pool.sizes.values().any(|&n| n == 0) {
+        bail!("fallback.pool: sizes must be at least 1");
+    }
     Ok(Fallback {
+        pool,
         client_auth,
         scope: f.scope,
         policy,

@@ -12,8 +12,9 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::{ClientAuth, Config, Fallback, UserMatch};
+use crate::pool::{Pools, ServerConn};
 use crate::proto::{self, auth, ProtoError, Startup};
-use crate::session::{BoxStream, LoginInfo, SessionError, Shared, Upstream};
+use crate::session::{BoxStream, LoginInfo, Pooled, SessionError, Shared, Upstream};
 
 /// Fallback settings with the key cache that outlives connections.
 pub struct FallbackRuntime {
@@ -23,6 +24,8 @@ pub struct FallbackRuntime {
     pub cache: Arc<gprxy_core::JwksCache>,
     /// The token validator.
     pub validator: gprxy_core::Validator,
+    /// Server connections by (database, account).
+    pub pools: Pools,
 }
 
 impl FallbackRuntime {
@@ -43,7 +46,12 @@ impl FallbackRuntime {
         if cfg.insecure_allow_http_loopback {
             tracing::warn!("fallback.insecure_allow_http_loopback is on: plain-HTTP issuers on loopback are trusted (tests only)");
         }
-        Ok(Self { validator: gprxy_core::Validator::new(cfg.policy.clone()), cfg, cache })
+        Ok(Self {
+            validator: gprxy_core::Validator::new(cfg.policy.clone()),
+            pools: Pools::new(cfg.pool.clone()),
+            cfg,
+            cache,
+        })
     }
 }
 
@@ -127,26 +135,63 @@ pub async fn authenticate(
         return Err(refused(format!("gprxy: user name {user:?} does not match the token")));
     }
 
-    // Upstream: the same startup parameters, as the service account.
-    let mut up = crate::session::connect_upstream(shared, config).await?;
     let database = startup.param("database").unwrap_or(user).to_owned();
+    let mut lease = rt.pools.checkout(&database, &account).await?;
+    let mut conn = match lease.conn.take() {
+        Some(c) => c,
+        None => {
+            let password = rt.cfg.passwords.get(&account).cloned().unwrap_or_default();
+            login_upstream(shared, config, startup, &account, &database, &password).await?
+        }
+    };
+    let mut sbuf = BytesMut::new();
+    set_context(&mut conn.stream, &mut sbuf, &rt.cfg.context, &t.claims).await?;
+    if let Some(k) = &conn.key {
+        shared.cancel_keys.lock().insert(k.clone(), config.upstream.clone());
+    }
+    let mut to_client = proto::frame(b'R', &auth::OK.to_be_bytes());
+    to_client.extend_from_slice(&conn.startup_reply);
+    to_client.extend_from_slice(&proto::frame(b'Z', b"I"));
+    client.write_all(&to_client).await?;
+    client.flush().await?;
+    tracing::info!(event = "fallback_mapped", account = %account, identity = %t.identity, "token mapped to service account");
+    let created = conn.created();
+    Ok(Upstream {
+        pooled: Some(Pooled { lease, startup_reply: conn.startup_reply, created }),
+        stream: conn.stream,
+        key: conn.key,
+        leftover_client: cbuf,
+        leftover_server: sbuf,
+    })
+}
+
+/// Logs in upstream as `account` with SCRAM-SHA-256, keeping the startup parameters the client
+/// sent (but user and database).
+async fn login_upstream(
+    shared: &Shared,
+    config: &Config,
+    startup: &Startup,
+    account: &str,
+    database: &str,
+    password: &str,
+) -> Result<ServerConn, SessionError> {
+    let mut up = crate::session::connect_upstream(shared, config).await?;
     let mut params: Vec<(&str, &str)> = startup
         .params
         .iter()
         .filter(|(k, _)| k != "user" && k != "database")
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
-    params.push(("user", &account));
-    params.push(("database", &database));
+    params.push(("user", account));
+    params.push(("database", database));
     let mut out = BytesMut::new();
     frontend::startup_message(params, &mut out).map_err(SessionError::Io)?;
     up.write_all(&out).await?;
     up.flush().await?;
 
-    let password = rt.cfg.passwords.get(&account).cloned().unwrap_or_default();
     let mut sbuf = BytesMut::new();
     let mut scram: Option<ScramSha256> = None;
-    let mut to_client = proto::frame(b'R', &auth::OK.to_be_bytes());
+    let mut startup_reply = BytesMut::new();
     let mut key = None;
     let mut authenticated = false;
     loop {
@@ -181,26 +226,17 @@ pub async fn authenticate(
             }
             (b'K', _) => {
                 key = proto::backend_key(&m);
-                to_client.extend_from_slice(&m.raw);
+                startup_reply.extend_from_slice(&m.raw);
             }
             (b'Z', _) if authenticated => break,
-            _ => to_client.extend_from_slice(&m.raw),
+            _ => startup_reply.extend_from_slice(&m.raw),
         }
         if !reply.is_empty() {
             up.write_all(&reply).await?;
             up.flush().await?;
         }
     }
-
-    set_context(&mut up, &mut sbuf, &rt.cfg.context, &t.claims).await?;
-    if let Some(k) = &key {
-        shared.cancel_keys.lock().insert(k.clone(), config.upstream.clone());
-    }
-    to_client.extend_from_slice(&proto::frame(b'Z', b"I"));
-    client.write_all(&to_client).await?;
-    client.flush().await?;
-    tracing::info!(event = "fallback_mapped", account = %account, identity = %t.identity, "token mapped to service account");
-    Ok(Upstream { stream: up, key, leftover_client: cbuf, leftover_server: sbuf })
+    Ok(ServerConn::new(up, startup_reply, key))
 }
 
 /// The token as a cleartext password (TLS only).

@@ -7,6 +7,7 @@ pub mod admin;
 pub mod config;
 pub mod fallback;
 pub mod metrics;
+pub mod pool;
 pub mod proto;
 pub mod server;
 pub mod session;

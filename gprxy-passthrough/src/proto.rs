@@ -472,3 +472,91 @@ mod tests {
         }
     }
 }
+
+/// Follows message boundaries in a byte stream without buffering messages (which may be up to
+/// 1 GB): enough to stop before a Terminate and to know the last ReadyForQuery status.
+#[derive(Debug, Default, Clone)]
+pub struct Framer {
+    header: [u8; 5],
+    have: usize,
+    remaining: u64,
+    tag: u8,
+    first_body_byte: bool,
+    /// Status byte of the last ReadyForQuery seen (`I`, `T` or `E`).
+    pub last_ready: Option<u8>,
+}
+
+impl Framer {
+    /// Walks `data`. Returns the offset at which a Terminate (`X`) message starts, if one does;
+    /// bytes from there on must not be forwarded.
+    pub fn feed(&mut self, data: &[u8]) -> Result<Option<usize>, ProtoError> {
+        let mut i = 0;
+        while i < data.len() {
+            if self.remaining > 0 {
+                if self.first_body_byte && self.tag == b'Z' {
+                    self.last_ready = Some(data[i]);
+                }
+                self.first_body_byte = false;
+                let take = (self.remaining as usize).min(data.len() - i);
+                self.remaining -= take as u64;
+                i += take;
+                continue;
+            }
+            if self.have == 0 && data[i] == b'X' {
+                return Ok(Some(i));
+            }
+            self.header[self.have] = data[i];
+            self.have += 1;
+            i += 1;
+            if self.have == 5 {
+                let len =
+                    u32::from_be_bytes([self.header[1], self.header[2], self.header[3], self.header[4]]);
+                let body = u64::from(len).checked_sub(4).ok_or(ProtoError::BadLength(len))?;
+                self.tag = self.header[0];
+                self.remaining = body;
+                self.first_body_byte = true;
+                self.have = 0;
+            }
+        }
+        Ok(None)
+    }
+
+    /// Whether the stream stopped between two messages.
+    pub fn at_boundary(&self) -> bool {
+        self.have == 0 && self.remaining == 0
+    }
+}
+
+#[cfg(test)]
+mod framer_tests {
+    use super::*;
+
+    #[test]
+    fn finds_terminate_and_ready_status_across_chunks() {
+        let mut stream = Vec::new();
+        stream.extend_from_slice(&frame(b'Q', b"SELECT 1\0"));
+        stream.extend_from_slice(&frame(b'Z', b"T"));
+        stream.extend_from_slice(&frame(b'd', &[7u8; 300]));
+        stream.extend_from_slice(&frame(b'Z', b"I"));
+        let stop = stream.len();
+        stream.extend_from_slice(&frame(b'X', b""));
+        for chunk in [1, 2, 3, 7, 64, 1000] {
+            let mut f = Framer::default();
+            let mut found = None;
+            for (n, c) in stream.chunks(chunk).enumerate() {
+                if let Some(off) = f.feed(c).unwrap() {
+                    found = Some(n * chunk + off);
+                    break;
+                }
+            }
+            assert_eq!(found, Some(stop), "chunk {chunk}");
+            assert_eq!(f.last_ready, Some(b'I'));
+            assert!(f.at_boundary());
+        }
+        let mut f = Framer::default();
+        assert_eq!(f.feed(&[b'Q', 0, 0, 0, 3]), Err(ProtoError::BadLength(3)));
+        let mut f = Framer::default();
+        f.feed(&frame(b'Q', b"abc")[..6]).unwrap();
+        assert!(!f.at_boundary());
+    }
+}

@@ -103,7 +103,24 @@ pub async fn handle(shared: Arc<Shared>, sock: TcpStream, peer: SocketAddr) {
         match result {
             Ok(Some(mut up)) => {
                 log_login(&shared, &info, "success", None, started);
-                relay(&shared, &mut client, &mut up).await;
+                match up.pooled.take() {
+                    None => relay(&shared, &mut client, &mut up).await,
+                    Some(p) => {
+                        let to_server = std::mem::take(&mut up.leftover_client);
+                        let to_client = std::mem::take(&mut up.leftover_server);
+                        let clean =
+                            crate::pool::relay(&mut client, &mut up.stream, to_server, to_client).await;
+                        remove_cancel_key(&shared, &up);
+                        let rt = shared.fallback.read().clone();
+                        let conn =
+                            crate::pool::ServerConn::returning(up.stream, p.startup_reply, up.key, p.created);
+                        if let Some(rt) = rt {
+                            rt.pools.give_back(p.lease, conn, clean).await;
+                        }
+                        let _ = client.shutdown().await;
+                        return;
+                    }
+                }
                 remove_cancel_key(&shared, &up);
             }
             Ok(None) => {}
@@ -130,6 +147,8 @@ pub async fn handle(shared: Arc<Shared>, sock: TcpStream, peer: SocketAddr) {
 
 /// The upstream side of a logged-in session.
 pub struct Upstream {
+    /// Set when the server connection came from a pool and goes back to it.
+    pub(crate) pooled: Option<Pooled>,
     pub(crate) stream: BoxStream,
     pub(crate) key: Option<(i32, Vec<u8>)>,
     pub(crate) leftover_client: BytesMut,
@@ -477,7 +496,13 @@ async fn authenticate(
                     if info.mechanism.is_none() {
                         info.mechanism = Some("trust".into());
                     }
-                    return Ok(Upstream { stream: up, key, leftover_client: cbuf, leftover_server: sbuf });
+                    return Ok(Upstream {
+                        pooled: None,
+                        stream: up,
+                        key,
+                        leftover_client: cbuf,
+                        leftover_server: sbuf,
+                    });
                 }
                 _ => to_client.extend_from_slice(&m.raw),
             }
@@ -537,6 +562,13 @@ async fn authenticate(
             }
         }
     }
+}
+
+/// What a pooled session must hand back to its pool.
+pub struct Pooled {
+    pub(crate) lease: crate::pool::Lease,
+    pub(crate) startup_reply: BytesMut,
+    pub(crate) created: Instant,
 }
 
 /// Where the token-as-password bridge is.

@@ -41,9 +41,39 @@ fn io_err(e: impl std::fmt::Display) -> PgError {
     PgError { code: None, message: e.to_string() }
 }
 
+/// Plain TCP or TLS (rustls) to the server.
+enum Transport {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Read for Transport {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Self::Plain(s) => s.read(buf),
+            Self::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Transport {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Self::Plain(s) => s.write(buf),
+            Self::Tls(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Self::Plain(s) => s.flush(),
+            Self::Tls(s) => s.flush(),
+        }
+    }
+}
+
 /// An open session.
 pub struct PgConn {
-    stream: TcpStream,
+    stream: Transport,
     buf: BytesMut,
     /// Backend process id and secret key from BackendKeyData.
     pub key: Option<(i32, i32)>,
@@ -51,9 +81,56 @@ pub struct PgConn {
 
 /// Connects over TCP and authenticates.
 pub fn connect(addr: SocketAddr, user: &str, db: &str, auth: Auth<'_>) -> Result<PgConn, PgError> {
-    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(io_err)?;
-    stream.set_read_timeout(Some(Duration::from_secs(60))).map_err(io_err)?;
-    stream.set_nodelay(true).map_err(io_err)?;
+    connect_with(addr, user, db, auth, None)
+}
+
+/// Connects with TLS (SSLRequest), trusting the CA in `ca_pem` for the name `localhost`.
+pub fn connect_tls(
+    addr: SocketAddr,
+    user: &str,
+    db: &str,
+    auth: Auth<'_>,
+    ca_pem: &str,
+) -> Result<PgConn, PgError> {
+    connect_with(addr, user, db, auth, Some(ca_pem))
+}
+
+fn connect_with(
+    addr: SocketAddr,
+    user: &str,
+    db: &str,
+    auth: Auth<'_>,
+    ca_pem: Option<&str>,
+) -> Result<PgConn, PgError> {
+    let mut tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(io_err)?;
+    tcp.set_read_timeout(Some(Duration::from_secs(60))).map_err(io_err)?;
+    tcp.set_nodelay(true).map_err(io_err)?;
+    let stream = match ca_pem {
+        None => Transport::Plain(tcp),
+        Some(pem) => {
+            let mut out = BytesMut::new();
+            frontend::ssl_request(&mut out);
+            tcp.write_all(&out).map_err(io_err)?;
+            let mut answer = [0u8; 1];
+            tcp.read_exact(&mut answer).map_err(io_err)?;
+            if answer[0] != b'S' {
+                return Err(io_err("server refused TLS"));
+            }
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in rustls_pemfile::certs(&mut pem.as_bytes()) {
+                roots.add(cert.map_err(io_err)?).map_err(io_err)?;
+            }
+            let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+            let cfg = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map_err(io_err)?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            let name = rustls::pki_types::ServerName::try_from("localhost").map_err(io_err)?;
+            let conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name).map_err(io_err)?;
+            Transport::Tls(Box::new(rustls::StreamOwned::new(conn, tcp)))
+        }
+    };
     let mut c = PgConn { stream, buf: BytesMut::with_capacity(8192), key: None };
     let mut out = BytesMut::new();
     frontend::startup_message(

@@ -3,6 +3,7 @@
 
 use gprxy_core::testkit::{test_ca, TestKey};
 use gprxy_tests::idp::TestIssuer;
+use gprxy_tests::pgwire::{connect_tls, Auth};
 use gprxy_tests::proxy::Proxy;
 use gprxy_tests::{apply_sql_file, oauth_psql_with, Cluster, PgVersion};
 use serde_json::json;
@@ -12,6 +13,7 @@ struct World {
     key: TestKey,
     _pg: Cluster,
     proxy: Proxy,
+    ca: String,
     _files: tempfile::TempDir,
 }
 
@@ -28,7 +30,7 @@ fn start_with(fallback_extra: &str) -> World {
     apply_sql_file(&pg, "postgres", "01_roles.sql");
     pg.sql("SET password_encryption = 'scram-sha-256'; ALTER ROLE app_writer PASSWORD 'writer-secret-1'; ALTER ROLE app_reader PASSWORD 'reader-secret-1'");
     let files = tempfile::tempdir().unwrap();
-    let (_, cert, tls_key) = test_ca();
+    let (ca, cert, tls_key) = test_ca();
     let p = |n: &str| files.path().join(n);
     std::fs::write(p("c.pem"), cert).unwrap();
     std::fs::write(p("k.pem"), tls_key).unwrap();
@@ -63,14 +65,18 @@ password_file = "{rpw}"
         wpw = p("writer.pw").display(),
         rpw = p("reader.pw").display(),
     ));
-    World { idp, key, _pg: pg, proxy, _files: files }
+    World { idp, key, _pg: pg, proxy, ca, _files: files }
 }
 
 impl World {
     fn token(&self, sub: &str, roles: serde_json::Value, exp_delta: i64) -> String {
+        self.token_for(sub, "11111111-1111-1111-1111-111111111111", roles, exp_delta)
+    }
+
+    fn token_for(&self, sub: &str, tenant: &str, roles: serde_json::Value, exp_delta: i64) -> String {
         let mut c = self.idp.claims(sub, "db");
         c["roles"] = roles;
-        c["tenant_id"] = json!("11111111-1111-1111-1111-111111111111");
+        c["tenant_id"] = json!(tenant);
         c["exp"] = json!(gprxy_core::unix_time() + exp_delta);
         self.key.token(json!({"typ": "at+jwt"}), &c)
     }
@@ -175,4 +181,64 @@ fn session_setting_policies_isolate_tenants_but_trust_the_client() {
         "SET app.tenant_id = '22222222-2222-2222-2222-222222222222'; SET app.user_id = 'bob'; {titles}"
     );
     assert_eq!(w.psql("alice", &acme, "require", &widened).unwrap(), "SET\nSET\nbob private,globex public");
+}
+
+#[test]
+fn pool_of_one_never_leaks_context_across_2000_sessions() {
+    let w = start_with("[fallback.pool]\ndefault_size = 1");
+    let a = w.token_for("alice", "aaaaaaaa-0000-0000-0000-000000000000", json!(["writer"]), 3600);
+    let b = w.token_for("bob", "bbbbbbbb-0000-0000-0000-000000000000", json!(["writer"]), 3600);
+    let mut pids = std::collections::HashSet::new();
+    for i in 0..2000 {
+        let (user, token, tenant) =
+            if i % 2 == 0 { ("alice", &a, "aaaaaaaa") } else { ("bob", &b, "bbbbbbbb") };
+        let mut c = connect_tls(w.proxy.addr(), user, "postgres", Auth::Password(token), &w.ca)
+            .unwrap_or_else(|e| panic!("session {i}: {e}"));
+        let row = c
+            .query("SELECT current_setting('app.user_id'), left(current_setting('app.tenant_id'), 8), pg_backend_pid()::text")
+            .unwrap()
+            .remove(0);
+        assert_eq!(row[0].as_deref(), Some(user), "session {i}");
+        assert_eq!(row[1].as_deref(), Some(tenant), "session {i}");
+        pids.insert(row[2].clone());
+        // Whatever the client sets is gone for the next one.
+        c.query("SET app.user_id = 'mallory'; SET app.tenant_id = 'leak'").unwrap();
+        c.close();
+    }
+    assert_eq!(pids.len(), 1, "a pool of one used {} server connections", pids.len());
+}
+
+#[test]
+fn pool_at_its_limit_waits_then_times_out_and_bad_connections_are_replaced() {
+    let w = start_with("[fallback.pool]\ndefault_size = 1\nwait_timeout_ms = 500");
+    let t = w.token("alice", json!(["writer"]), 3600);
+    let connect = || connect_tls(w.proxy.addr(), "alice", "postgres", Auth::Password(&t), &w.ca);
+    let mut holder = connect().unwrap();
+    let pid1 = holder.scalar("SELECT pg_backend_pid()").unwrap();
+    let started = std::time::Instant::now();
+    let e = connect().err().expect("the pool is full");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(500));
+    assert_eq!(e.code.as_deref(), Some("53300"));
+    assert_eq!(e.message, "gprxy: no free server connection for app_writer within 500 ms");
+    holder.close();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+
+    // The pooled connection is killed: the next client gets a new one.
+    w._pg.sql(&format!("SELECT pg_terminate_backend({})", pid1.clone().unwrap()));
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let mut c = connect().unwrap();
+    let pid2 = c.scalar("SELECT pg_backend_pid()").unwrap();
+    assert_ne!(pid1, pid2);
+    // A client that leaves inside a transaction: its connection is closed, not reused.
+    c.query("BEGIN").unwrap();
+    c.close();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let mut c = connect().unwrap();
+    let pid3 = c.scalar("SELECT pg_backend_pid()").unwrap();
+    assert_ne!(pid2, pid3);
+    c.close();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    // A clean one is reused.
+    let mut c = connect().unwrap();
+    assert_eq!(c.scalar("SELECT pg_backend_pid()").unwrap(), pid3);
 }

@@ -1,0 +1,238 @@
+//! Session pooling for fallback mode: one pool per (database, service account) with a size, a
+//! wait queue with a timeout, idle timeout, maximum lifetime and a health check. A client keeps
+//! its server connection until it leaves; then the connection is reset (`DISCARD ALL`, which
+//! also clears the context) before anyone else gets it. A connection whose reset fails, that was
+//! left inside a transaction or mid-message, is closed instead.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use parking_lot::Mutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::proto::{self, Framer};
+use crate::session::{BoxStream, SessionError};
+
+/// Pool limits.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    /// Size per service account (others get `default_size`).
+    pub sizes: BTreeMap<String, usize>,
+    /// Size when an account has none.
+    pub default_size: usize,
+    /// How long a client waits for a free connection.
+    pub wait_timeout: Duration,
+    /// Idle connections older than this are closed.
+    pub idle_timeout: Duration,
+    /// Connections older than this are closed when returned or checked out.
+    pub max_lifetime: Duration,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        Self {
+            sizes: BTreeMap::new(),
+            default_size: 10,
+            wait_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(600),
+            max_lifetime: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// A logged-in server connection.
+pub struct ServerConn {
+    /// The stream.
+    pub stream: BoxStream,
+    /// ParameterStatus and BackendKeyData from its login, replayed to each client.
+    pub startup_reply: BytesMut,
+    /// Its cancel key.
+    pub key: Option<(i32, Vec<u8>)>,
+    created: Instant,
+}
+
+impl ServerConn {
+    /// A connection that just logged in.
+    pub fn new(stream: BoxStream, startup_reply: BytesMut, key: Option<(i32, Vec<u8>)>) -> Self {
+        Self { stream, startup_reply, key, created: Instant::now() }
+    }
+
+    /// A connection coming back from a session.
+    pub fn returning(
+        stream: BoxStream,
+        startup_reply: BytesMut,
+        key: Option<(i32, Vec<u8>)>,
+        created: Instant,
+    ) -> Self {
+        Self { stream, startup_reply, key, created }
+    }
+
+    /// When it logged in.
+    pub fn created(&self) -> Instant {
+        self.created
+    }
+}
+
+struct Pool {
+    idle: Mutex<Vec<(ServerConn, Instant)>>,
+    permits: Arc<Semaphore>,
+}
+
+/// A checked-out slot: a connection from the pool, or the right to open one.
+pub struct Lease {
+    /// An idle connection that passed the health check, if there was one.
+    pub conn: Option<ServerConn>,
+    pool: Arc<Pool>,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// All pools.
+pub struct Pools {
+    pools: Mutex<HashMap<(String, String), Arc<Pool>>>,
+    settings: PoolSettings,
+}
+
+/// Whether an idle connection is still usable: nothing to read (a closed socket reads 0, a
+/// server message means trouble), checked without waiting.
+async fn healthy(conn: &mut ServerConn) -> bool {
+    let mut b = [0u8; 1];
+    tokio::time::timeout(Duration::ZERO, conn.stream.read(&mut b)).await.is_err()
+}
+
+impl Pools {
+    /// Empty pools with these limits.
+    pub fn new(settings: PoolSettings) -> Self {
+        Self { pools: Mutex::new(HashMap::new()), settings }
+    }
+
+    /// Waits for a slot in the (database, account) pool.
+    pub async fn checkout(&self, database: &str, account: &str) -> Result<Lease, SessionError> {
+        let pool = {
+            let mut map = self.pools.lock();
+            map.entry((database.to_owned(), account.to_owned()))
+                .or_insert_with(|| {
+                    let size =
+                        self.settings.sizes.get(account).copied().unwrap_or(self.settings.default_size);
+                    Arc::new(Pool {
+                        idle: Mutex::new(Vec::new()),
+                        permits: Arc::new(Semaphore::new(size.max(1))),
+                    })
+                })
+                .clone()
+        };
+        let permit = tokio::time::timeout(self.settings.wait_timeout, pool.permits.clone().acquire_owned())
+            .await
+            .map_err(|_| SessionError::Refused {
+                sqlstate: "53300",
+                message: format!(
+                    "gprxy: no free server connection for {account} within {} ms",
+                    self.settings.wait_timeout.as_millis()
+                ),
+            })?
+            .map_err(|_| SessionError::ClientGone)?;
+        loop {
+            let candidate = pool.idle.lock().pop();
+            let Some((mut conn, since)) = candidate else { break };
+            let fresh = since.elapsed() < self.settings.idle_timeout
+                && conn.created.elapsed() < self.settings.max_lifetime;
+            if fresh && healthy(&mut conn).await {
+                return Ok(Lease { conn: Some(conn), pool, _permit: permit });
+            }
+            tracing::info!(
+                event = "pool",
+                action = "discard",
+                account,
+                "idle server connection closed or expired"
+            );
+        }
+        Ok(Lease { conn: None, pool, _permit: permit })
+    }
+
+    /// Resets `conn` and returns it to the lease's pool, or closes it.
+    pub async fn give_back(&self, lease: Lease, mut conn: ServerConn, clean: bool) {
+        let reusable = clean && conn.created.elapsed() < self.settings.max_lifetime && reset(&mut conn).await;
+        if reusable {
+            lease.pool.idle.lock().push((conn, Instant::now()));
+        } else {
+            tracing::info!(event = "pool", action = "close", "server connection not reused");
+            let _ = conn.stream.shutdown().await;
+        }
+    }
+}
+
+/// `DISCARD ALL` (session state, prepared statements, settings and so the context): true when
+/// the server answers with no error and is idle.
+async fn reset(conn: &mut ServerConn) -> bool {
+    let run = async {
+        conn.stream.write_all(&proto::frame(b'Q', b"DISCARD ALL\0")).await.ok()?;
+        conn.stream.flush().await.ok()?;
+        let mut buf = BytesMut::new();
+        let mut ok = true;
+        loop {
+            while let Some(m) =
+                proto::parse_message(&mut buf, proto::MAX_SERVER_AUTH_MESSAGE, "server message").ok()?
+            {
+                match m.tag {
+                    b'E' => ok = false,
+                    b'Z' => return Some(ok && m.body() == b"I"),
+                    _ => {}
+                }
+            }
+            if conn.stream.read_buf(&mut buf).await.ok()? == 0 {
+                return None;
+            }
+        }
+    };
+    matches!(tokio::time::timeout(Duration::from_secs(5), run).await, Ok(Some(true)))
+}
+
+/// Relays a pooled session until the client leaves. Returns whether the server connection is
+/// clean: the client sent Terminate (or closed) between messages and the server was idle.
+pub async fn relay(
+    client: &mut BoxStream,
+    server: &mut BoxStream,
+    mut to_server: BytesMut,
+    to_client: BytesMut,
+) -> bool {
+    let (mut cf, mut sf) = (Framer::default(), Framer::default());
+    sf.last_ready = Some(b'I');
+    if !to_client.is_empty() && client.write_all(&to_client).await.is_err() {
+        return false;
+    }
+    let mut cb = vec![0u8; 64 * 1024];
+    let mut sb = vec![0u8; 64 * 1024];
+    loop {
+        if !to_server.is_empty() {
+            let data = std::mem::take(&mut to_server);
+            match cf.feed(&data) {
+                Ok(Some(end)) => {
+                    let ok = server.write_all(&data[..end]).await.is_ok();
+                    return ok && sf.at_boundary() && sf.last_ready == Some(b'I');
+                }
+                Ok(None) => {
+                    if server.write_all(&data).await.is_err() {
+                        return false;
+                    }
+                }
+                Err(_) => return false,
+            }
+        }
+        tokio::select! {
+            r = client.read(&mut cb) => match r {
+                Ok(0) | Err(_) => return cf.at_boundary() && sf.at_boundary() && sf.last_ready == Some(b'I'),
+                Ok(n) => to_server.extend_from_slice(&cb[..n]),
+            },
+            r = server.read(&mut sb) => match r {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => {
+                    if sf.feed(&sb[..n]).is_err() || client.write_all(&sb[..n]).await.is_err() {
+                        return false;
+                    }
+                }
+            },
+        }
+    }
+}
