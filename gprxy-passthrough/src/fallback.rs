@@ -136,7 +136,7 @@ pub async fn authenticate(
     }
 
     let database = startup.param("database").unwrap_or(user).to_owned();
-    let mut lease = rt.pools.checkout(&database, &account).await?;
+    let mut lease = rt.pools.checkout(&shared.metrics, &database, &account).await?;
     let mut conn = match lease.conn.take() {
         Some(c) => c,
         None => {

@@ -23,6 +23,15 @@ pub struct DirectionLabels {
     pub direction: &'static str,
 }
 
+/// Labels of the pool gauges.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabels {
+    /// Database.
+    pub database: String,
+    /// Service account.
+    pub account: String,
+}
+
 /// Every metric gprxy exports.
 pub struct Metrics {
     registry: Registry,
@@ -42,6 +51,14 @@ pub struct Metrics {
     pub tls_failures: Counter,
     /// Connections refused at the connection limit.
     pub rejected: Counter,
+    /// Pooled server connections lent to clients.
+    pub pool_in_use: Family<PoolLabels, Gauge>,
+    /// Pooled server connections idle.
+    pub pool_idle: Family<PoolLabels, Gauge>,
+    /// Clients waiting for a pooled connection.
+    pub pool_waiting: Family<PoolLabels, Gauge>,
+    /// Time clients waited for a pooled connection.
+    pub pool_wait: Histogram,
 }
 
 impl Metrics {
@@ -81,6 +98,18 @@ impl Metrics {
             "Connections refused at the connection limit",
             rejected.clone(),
         );
+        let pool_in_use = Family::<PoolLabels, Gauge>::default();
+        registry.register("pool_in_use", "Pooled server connections lent to clients", pool_in_use.clone());
+        let pool_idle = Family::<PoolLabels, Gauge>::default();
+        registry.register("pool_idle", "Pooled server connections idle", pool_idle.clone());
+        let pool_waiting = Family::<PoolLabels, Gauge>::default();
+        registry.register("pool_waiting", "Clients waiting for a pooled connection", pool_waiting.clone());
+        let pool_wait = Histogram::new([0.0001, 0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 10.0]);
+        registry.register(
+            "pool_wait_seconds",
+            "Time clients waited for a pooled connection",
+            pool_wait.clone(),
+        );
         Self {
             registry,
             logins,
@@ -91,6 +120,10 @@ impl Metrics {
             upstream_errors,
             tls_failures,
             rejected,
+            pool_in_use,
+            pool_idle,
+            pool_waiting,
+            pool_wait,
         }
     }
 

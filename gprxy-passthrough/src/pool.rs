@@ -13,6 +13,9 @@ use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use prometheus_client::metrics::gauge::Gauge;
+
+use crate::metrics::{Metrics, PoolLabels};
 use crate::proto::{self, Framer};
 use crate::session::{BoxStream, SessionError};
 
@@ -87,6 +90,14 @@ pub struct Lease {
     pub conn: Option<ServerConn>,
     pool: Arc<Pool>,
     _permit: OwnedSemaphorePermit,
+    in_use: Gauge,
+    idle: Gauge,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.in_use.dec();
+    }
 }
 
 /// All pools.
@@ -109,7 +120,18 @@ impl Pools {
     }
 
     /// Waits for a slot in the (database, account) pool.
-    pub async fn checkout(&self, database: &str, account: &str) -> Result<Lease, SessionError> {
+    pub async fn checkout(
+        &self,
+        metrics: &Metrics,
+        database: &str,
+        account: &str,
+    ) -> Result<Lease, SessionError> {
+        let labels = PoolLabels { database: database.to_owned(), account: account.to_owned() };
+        let (in_use, idle, waiting) = (
+            metrics.pool_in_use.get_or_create(&labels).clone(),
+            metrics.pool_idle.get_or_create(&labels).clone(),
+            metrics.pool_waiting.get_or_create(&labels).clone(),
+        );
         let pool = {
             let mut map = self.pools.lock();
             map.entry((database.to_owned(), account.to_owned()))
@@ -123,8 +145,13 @@ impl Pools {
                 })
                 .clone()
         };
-        let permit = tokio::time::timeout(self.settings.wait_timeout, pool.permits.clone().acquire_owned())
-            .await
+        let started = Instant::now();
+        waiting.inc();
+        let acquired =
+            tokio::time::timeout(self.settings.wait_timeout, pool.permits.clone().acquire_owned()).await;
+        waiting.dec();
+        metrics.pool_wait.observe(started.elapsed().as_secs_f64());
+        let permit = acquired
             .map_err(|_| SessionError::Refused {
                 sqlstate: "53300",
                 message: format!(
@@ -133,13 +160,17 @@ impl Pools {
                 ),
             })?
             .map_err(|_| SessionError::ClientGone)?;
+        in_use.inc();
+        let mut lease = Lease { conn: None, pool, _permit: permit, in_use, idle };
         loop {
-            let candidate = pool.idle.lock().pop();
+            let candidate = lease.pool.idle.lock().pop();
             let Some((mut conn, since)) = candidate else { break };
+            lease.idle.dec();
             let fresh = since.elapsed() < self.settings.idle_timeout
                 && conn.created.elapsed() < self.settings.max_lifetime;
             if fresh && healthy(&mut conn).await {
-                return Ok(Lease { conn: Some(conn), pool, _permit: permit });
+                lease.conn = Some(conn);
+                break;
             }
             tracing::info!(
                 event = "pool",
@@ -148,7 +179,7 @@ impl Pools {
                 "idle server connection closed or expired"
             );
         }
-        Ok(Lease { conn: None, pool, _permit: permit })
+        Ok(lease)
     }
 
     /// Resets `conn` and returns it to the lease's pool, or closes it.
@@ -156,6 +187,7 @@ impl Pools {
         let reusable = clean && conn.created.elapsed() < self.settings.max_lifetime && reset(&mut conn).await;
         if reusable {
             lease.pool.idle.lock().push((conn, Instant::now()));
+            lease.idle.inc();
         } else {
             tracing::info!(event = "pool", action = "close", "server connection not reused");
             let _ = conn.stream.shutdown().await;

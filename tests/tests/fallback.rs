@@ -238,7 +238,16 @@ fn pool_at_its_limit_waits_then_times_out_and_bad_connections_are_replaced() {
     assert_ne!(pid2, pid3);
     c.close();
     std::thread::sleep(std::time::Duration::from_millis(200));
-    // A clean one is reused.
+    // A clean one is reused, and the pool's state is in the metrics.
     let mut c = connect().unwrap();
     assert_eq!(c.scalar("SELECT pg_backend_pid()").unwrap(), pid3);
+    let m = w.proxy.admin_get("/metrics");
+    assert!(m.contains("gprxy_pool_in_use{database=\"postgres\",account=\"app_writer\"} 1"), "{m}");
+    assert!(m.contains("gprxy_pool_idle{database=\"postgres\",account=\"app_writer\"} 0"), "{m}");
+    assert!(m.contains("gprxy_pool_wait_seconds_count"), "{m}");
+    c.close();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let m = w.proxy.admin_get("/metrics");
+    assert!(m.contains("gprxy_pool_in_use{database=\"postgres\",account=\"app_writer\"} 0"), "{m}");
+    assert!(m.contains("gprxy_pool_idle{database=\"postgres\",account=\"app_writer\"} 1"), "{m}");
 }
