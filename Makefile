@@ -51,6 +51,8 @@ bench: bootstrap install-extension
 	cargo bench -p gprxy-core --bench validate
 	cargo bench -p gprxy-tests --bench connect
 	cargo build --release -p gprxy-passthrough
+	GPRXY_BIN=$(CURDIR)/target/release/gprxy cargo bench -p gprxy-tests --bench fallback
+	python3 scripts/bench-ratios.py target "fallback_connect" direct_scram pooled_fallback 0.3
 	GPRXY_BIN=$(CURDIR)/target/release/gprxy cargo run -q --release -p gprxy-tests --bin gprxy-bench-proxy
 	python3 scripts/bench-ratios.py target "validate_*" bare_verify validate_warm_cache 1.3
 	python3 scripts/bench-ratios.py target "connect" scram_sha256 oauthbearer 1.0
