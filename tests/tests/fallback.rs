@@ -168,7 +168,7 @@ fn psql_18_device_flow_through_the_fallback_proxy() {
 #[test]
 fn session_setting_policies_isolate_tenants_but_trust_the_client() {
     let w = start();
-    for f in ["02b_rls_session_settings.sql", "03_demo_data.sql"] {
+    for f in ["02_schema.sql", "03_rls_session_settings.sql", "04_demo_data.sql"] {
         apply_sql_file(&w._pg, "postgres", f);
     }
     let titles = "SELECT string_agg(title, ',' ORDER BY title) FROM posts";

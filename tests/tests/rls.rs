@@ -28,7 +28,7 @@ impl World {
             ))
             .start();
         pg.sql("CREATE EXTENSION gprxy_validator");
-        for f in ["01_roles.sql", "02_rls_gprxy_claims.sql", "03_demo_data.sql"] {
+        for f in ["01_roles.sql", "02_schema.sql", "03_rls_gprxy_claims.sql", "04_demo_data.sql"] {
             apply_sql_file(&pg, "postgres", f);
         }
         Self { idp, key, pg }

@@ -1,34 +1,9 @@
--- The same tenant schema with policies on plain session settings (app.user_id, app.tenant_id,
+-- Policies for 02_schema.sql on plain session settings (app.user_id, app.tenant_id,
 -- app.roles), as gprxy's fallback mode sets them on PostgreSQL 13 to 18 without the extension.
 --
 -- WARNING: any client can change these with SET or set_config, so these policies trust the
--- client not to. Prefer sql/02_rls_gprxy_claims.sql (gprxy.claim(), which SQL cannot change)
+-- client not to. Prefer sql/03_rls_gprxy_claims.sql (gprxy.claim(), which SQL cannot change)
 -- wherever gprxy_validator can be installed. Use one of the two files, not both.
-CREATE TABLE IF NOT EXISTS users (
-  id         uuid PRIMARY KEY DEFAULT gen_random_uuid(),
-  tenant_id  uuid NOT NULL,
-  user_id    text NOT NULL,
-  email      text NOT NULL,
-  created_at timestamptz DEFAULT now()
-);
-
-CREATE TABLE IF NOT EXISTS posts (
-  id         uuid PRIMARY KEY DEFAULT gen_random_uuid(),
-  tenant_id  uuid NOT NULL,
-  owner_id   text NOT NULL,
-  title      text NOT NULL,
-  content    text,
-  visibility text NOT NULL DEFAULT 'private' CHECK (visibility IN ('private', 'public')),
-  created_at timestamptz DEFAULT now()
-);
-
-GRANT ALL ON users, posts TO app_admin;
-GRANT SELECT, INSERT, UPDATE, DELETE ON users, posts TO app_writer;
-GRANT SELECT ON users, posts TO app_reader;
-
-ALTER TABLE users ENABLE ROW LEVEL SECURITY;
-ALTER TABLE posts ENABLE ROW LEVEL SECURITY;
-
 -- current_setting(..., true) is NULL when unset: NULL matches nothing.
 DROP POLICY IF EXISTS tenant_isolation ON users;
 CREATE POLICY tenant_isolation ON users AS RESTRICTIVE TO app_writer, app_reader
