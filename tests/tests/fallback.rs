@@ -140,7 +140,18 @@ fn refusals_each_with_a_clear_error() {
     forged[i] = if forged[i] == b'A' { b'B' } else { b'A' };
     let e = w.psql("alice", &String::from_utf8(forged).unwrap(), "require", "SELECT 1").unwrap_err();
     assert!(e.contains("FATAL:  gprxy: token refused (bad_signature): signature does not verify"), "{e}");
-    let failures = w.proxy.wait_events("login", 5);
+    for (claim, value, reason) in [
+        ("aud", json!("another-service"), "aud_mismatch"),
+        ("iss", json!("https://evil.example"), "iss_mismatch"),
+    ] {
+        let mut c = w.idp.claims("alice", "db");
+        c["roles"] = json!(["writer"]);
+        c[claim] = value;
+        let bad = w.key.token(json!({"typ": "at+jwt"}), &c);
+        let e = w.psql("alice", &bad, "require", "SELECT 1").unwrap_err();
+        assert!(e.contains(&format!("FATAL:  gprxy: token refused ({reason})")), "{e}");
+    }
+    let failures = w.proxy.wait_events("login", 7);
     assert!(failures.iter().all(|e| e["outcome"] == "failure" && e["sqlstate"] == "28000"), "{failures:#?}");
 }
 
