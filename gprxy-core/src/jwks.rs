@@ -361,7 +361,6 @@ impl JwksCache {
             .max_age
             .map_or(self.settings.default_ttl, Duration::from_secs)
             .clamp(self.settings.min_ttl, self.settings.max_ttl);
-        self.state.write().jwks_uri = Some(jwks_uri.clone());
         let jwks = String::from_utf8(resp.body)
             .map_err(|_| KeyError::Invalid { url: Quoted::new(&jwks_uri), reason: "not UTF-8".into() })?;
         let snap = Snapshot { jwks_uri, jwks, fetched_at_ms: now, expires_at_ms: now + ms(ttl) };

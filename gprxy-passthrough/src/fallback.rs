@@ -255,8 +255,7 @@ async fn password_token(
     if m.tag != b'p' {
         return Err(SessionError::Proto(ProtoError::BadMessage("password")));
     }
-    let token = m.body().split(|&b| b == 0).next().unwrap_or_default();
-    Ok(std::str::from_utf8(token).map_err(|_| ProtoError::BadMessage("password"))?.trim().to_owned())
+    Ok(proto::password(&m)?.trim().to_owned())
 }
 
 /// The token through SASL OAUTHBEARER (RFC 7628), as PostgreSQL 18 does it: an empty `auth=`

@@ -226,7 +226,7 @@ async fn reset(conn: &mut ServerConn) -> bool {
 pub async fn relay(
     client: &mut BoxStream,
     server: &mut BoxStream,
-    mut to_server: BytesMut,
+    to_server: BytesMut,
     to_client: BytesMut,
 ) -> bool {
     let (mut cf, mut sf) = (Framer::default(), Framer::default());
@@ -234,28 +234,29 @@ pub async fn relay(
     if !to_client.is_empty() && client.write_all(&to_client).await.is_err() {
         return false;
     }
+    let idle = |cf: &Framer, sf: &Framer| cf.at_boundary() && sf.at_boundary() && sf.last_ready == Some(b'I');
+    // Client bytes go to the server as they are, up to a Terminate, which ends the session.
+    let forward = async |cf: &mut Framer, sf: &Framer, server: &mut BoxStream, data: &[u8]| -> Option<bool> {
+        match cf.feed(data) {
+            Ok(Some(end)) => Some(server.write_all(&data[..end]).await.is_ok() && idle(cf, sf)),
+            Ok(None) => server.write_all(data).await.is_err().then_some(false),
+            Err(_) => Some(false),
+        }
+    };
+    if let Some(done) = forward(&mut cf, &sf, server, &to_server).await {
+        return done;
+    }
     let mut cb = vec![0u8; 64 * 1024];
     let mut sb = vec![0u8; 64 * 1024];
     loop {
-        if !to_server.is_empty() {
-            let data = std::mem::take(&mut to_server);
-            match cf.feed(&data) {
-                Ok(Some(end)) => {
-                    let ok = server.write_all(&data[..end]).await.is_ok();
-                    return ok && sf.at_boundary() && sf.last_ready == Some(b'I');
-                }
-                Ok(None) => {
-                    if server.write_all(&data).await.is_err() {
-                        return false;
-                    }
-                }
-                Err(_) => return false,
-            }
-        }
         tokio::select! {
             r = client.read(&mut cb) => match r {
-                Ok(0) | Err(_) => return cf.at_boundary() && sf.at_boundary() && sf.last_ready == Some(b'I'),
-                Ok(n) => to_server.extend_from_slice(&cb[..n]),
+                Ok(0) | Err(_) => return idle(&cf, &sf),
+                Ok(n) => {
+                    if let Some(done) = forward(&mut cf, &sf, server, &cb[..n]).await {
+                        return done;
+                    }
+                }
             },
             r = server.read(&mut sb) => match r {
                 Ok(0) | Err(_) => return false,

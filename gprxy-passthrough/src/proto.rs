@@ -296,6 +296,12 @@ pub fn oauthbearer_token(data: &[u8]) -> Result<Option<&str>, ProtoError> {
     Err(err)
 }
 
+/// The password of a PasswordMessage (`p`): the text up to its terminator.
+pub fn password(m: &Message) -> Result<&str, ProtoError> {
+    let raw = m.body().split(|&b| b == 0).next().unwrap_or_default();
+    std::str::from_utf8(raw).map_err(|_| ProtoError::BadMessage("password"))
+}
+
 /// The fields of an ErrorResponse: (SQLSTATE, message).
 pub fn error_fields(m: &Message) -> (String, String) {
     let (mut code, mut msg) = (String::new(), String::new());

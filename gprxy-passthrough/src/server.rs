@@ -14,30 +14,47 @@ use crate::config::{Config, Overrides};
 use crate::metrics::Metrics;
 use crate::session::{self, Shared};
 
+/// What a configuration needs loaded from disk: TLS material and the fallback runtime.
+struct Loaded {
+    tls: Option<Arc<rustls::ServerConfig>>,
+    upstream_tls: Option<Arc<rustls::ClientConfig>>,
+    fallback: Option<crate::fallback::FallbackRuntime>,
+}
+
+impl Loaded {
+    fn from(config: &Config) -> anyhow::Result<Self> {
+        let tls = config
+            .tls
+            .as_ref()
+            .map(|t| crate::tls::server_config(&t.cert, &t.key))
+            .transpose()
+            .context("tls")?;
+        let upstream_tls = config
+            .upstream_tls
+            .as_ref()
+            .map(|u| crate::tls::upstream_config(&u.ca_file))
+            .transpose()
+            .context("upstream_tls")?;
+        let fallback = config
+            .fallback
+            .clone()
+            .map(crate::fallback::FallbackRuntime::new)
+            .transpose()
+            .context("fallback")?;
+        Ok(Self { tls, upstream_tls, fallback })
+    }
+}
+
 /// Builds the shared state (TLS material loaded and checked) from a configuration.
 pub fn shared_state(config: Config) -> anyhow::Result<Arc<Shared>> {
-    let tls =
-        config.tls.as_ref().map(|t| crate::tls::server_config(&t.cert, &t.key)).transpose().context("tls")?;
-    let upstream_tls = config
-        .upstream_tls
-        .as_ref()
-        .map(|u| crate::tls::upstream_config(&u.ca_file))
-        .transpose()
-        .context("upstream_tls")?;
-    let fallback = config
-        .fallback
-        .clone()
-        .map(crate::fallback::FallbackRuntime::new)
-        .transpose()
-        .context("fallback")?
-        .map(Arc::new);
+    let loaded = Loaded::from(&config)?;
     Ok(Arc::new(Shared {
         config: RwLock::new(Arc::new(config)),
-        tls: RwLock::new(tls),
-        upstream_tls: RwLock::new(upstream_tls),
+        tls: RwLock::new(loaded.tls),
+        upstream_tls: RwLock::new(loaded.upstream_tls),
         cancel_keys: Mutex::new(Default::default()),
         metrics: Metrics::new(),
-        fallback: RwLock::new(fallback),
+        fallback: RwLock::new(loaded.fallback.map(Arc::new)),
     }))
 }
 
@@ -45,20 +62,18 @@ pub fn shared_state(config: Config) -> anyhow::Result<Arc<Shared>> {
 fn reload(shared: &Shared, path: Option<&PathBuf>, overrides: &Overrides) {
     let result = (|| -> anyhow::Result<()> {
         let config = Config::load(path.map(PathBuf::as_path), overrides)?;
-        let tls = config.tls.as_ref().map(|t| crate::tls::server_config(&t.cert, &t.key)).transpose()?;
-        let up = config.upstream_tls.as_ref().map(|u| crate::tls::upstream_config(&u.ca_file)).transpose()?;
+        let loaded = Loaded::from(&config)?;
         if config.listen != shared.config.read().listen {
             warn!("listen address changes need a restart; keeping the old one");
         }
-        let fallback = config.fallback.clone().map(crate::fallback::FallbackRuntime::new).transpose()?;
-        if let (Some(new), Some(old)) = (&fallback, shared.fallback.read().as_ref()) {
+        if let (Some(new), Some(old)) = (&loaded.fallback, shared.fallback.read().as_ref()) {
             if let Some(snap) = old.cache.export() {
                 let _ = new.cache.import(&snap);
             }
         }
-        *shared.fallback.write() = fallback.map(Arc::new);
-        *shared.tls.write() = tls;
-        *shared.upstream_tls.write() = up;
+        *shared.fallback.write() = loaded.fallback.map(Arc::new);
+        *shared.tls.write() = loaded.tls;
+        *shared.upstream_tls.write() = loaded.upstream_tls;
         *shared.config.write() = Arc::new(config);
         Ok(())
     })();

@@ -6,11 +6,10 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use parking_lot::{Mutex, RwLock};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -91,37 +90,49 @@ pub async fn handle(shared: Arc<Shared>, sock: TcpStream, peer: SocketAddr) {
     async move {
         let started = Instant::now();
         let config = shared.config.read().clone();
+        let deadline = tokio::time::Instant::now() + config.login_timeout;
+        // Direct TLS (sslnegotiation=direct) starts with a TLS handshake record; peek before the
+        // socket is boxed, so nothing has to be pushed back.
+        let mut first = [0u8; 1];
+        let peeked = tokio::time::timeout_at(deadline, sock.peek(&mut first)).await;
         let mut client: BoxStream = Box::new(sock);
         let mut info = LoginInfo::default();
-        let login =
-            tokio::time::timeout(config.login_timeout, login(&shared, &config, &mut client, &mut info)).await;
-        let result = match login {
-            Ok(r) => r,
+        let result = match peeked {
             Err(_) => Err(SessionError::refused("08006", "gprxy: login timed out")),
+            Ok(Err(e)) => Err(SessionError::Io(e)),
+            Ok(Ok(0)) => Err(SessionError::ClientGone),
+            Ok(Ok(_)) => {
+                let direct = first[0] == 0x16;
+                let login = login(&shared, &config, &mut client, &mut info, direct);
+                match tokio::time::timeout_at(deadline, login).await {
+                    Ok(r) => r,
+                    Err(_) => Err(SessionError::refused("08006", "gprxy: login timed out")),
+                }
+            }
         };
         shared.metrics.login_duration.observe(started.elapsed().as_secs_f64());
         match result {
             Ok(Some(mut up)) => {
                 log_login(&shared, &info, "success", None, started);
                 match up.pooled.take() {
-                    None => relay(&shared, &mut client, &mut up).await,
+                    None => {
+                        relay(&shared, &mut client, &mut up).await;
+                        remove_cancel_key(&shared, &up);
+                    }
                     Some(p) => {
                         let to_server = std::mem::take(&mut up.leftover_client);
                         let to_client = std::mem::take(&mut up.leftover_server);
                         let clean =
                             crate::pool::relay(&mut client, &mut up.stream, to_server, to_client).await;
                         remove_cancel_key(&shared, &up);
-                        let rt = shared.fallback.read().clone();
                         let conn =
                             crate::pool::ServerConn::returning(up.stream, p.startup_reply, up.key, p.created);
+                        let rt = shared.fallback.read().clone();
                         if let Some(rt) = rt {
                             rt.pools.give_back(p.lease, conn, clean).await;
                         }
-                        let _ = client.shutdown().await;
-                        return;
                     }
                 }
-                remove_cancel_key(&shared, &up);
             }
             Ok(None) => {}
             Err(e) => {
@@ -236,16 +247,11 @@ async fn login(
     config: &Config,
     client: &mut BoxStream,
     info: &mut LoginInfo,
+    direct: bool,
 ) -> Result<Option<Upstream>, SessionError> {
     let mut buf = BytesMut::with_capacity(1024);
     let tls_cfg = shared.tls.read().clone();
 
-    // Direct TLS (sslnegotiation=direct): the first byte is a TLS handshake record.
-    let mut first = [0u8; 1];
-    let direct = match client_peek(client, &mut first).await? {
-        0 => return Err(SessionError::ClientGone),
-        _ => first[0] == 0x16,
-    };
     if direct {
         let Some(cfg) = tls_cfg.clone() else {
             return Err(SessionError::ClientGone); // no TLS configured: nothing sensible to answer
@@ -308,62 +314,6 @@ async fn login(
     up.write_all(&startup.raw).await?;
     up.flush().await?;
     authenticate(shared, config, client, up, buf, info).await.map(Some)
-}
-
-async fn client_peek(client: &mut BoxStream, out: &mut [u8; 1]) -> Result<usize, SessionError> {
-    // The stream is still the raw socket here; peeking through the box is not possible, so read
-    // one byte and remember it via a rewinding wrapper.
-    let n = client.read(out).await?;
-    if n == 1 {
-        let inner = std::mem::replace(client, Box::new(tokio::io::duplex(1).0));
-        *client = Box::new(Rewind { prefix: Some(out[0]), inner });
-    }
-    Ok(n)
-}
-
-/// A stream that yields one already-read byte first.
-struct Rewind {
-    prefix: Option<u8>,
-    inner: BoxStream,
-}
-
-impl AsyncRead for Rewind {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        if let Some(b) = self.prefix.take() {
-            if buf.remaining() > 0 {
-                buf.put_slice(&[b]);
-                return std::task::Poll::Ready(Ok(()));
-            }
-            self.prefix = Some(b);
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Rewind {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
 }
 
 pub(crate) async fn connect_upstream(shared: &Shared, config: &Config) -> Result<BoxStream, SessionError> {
@@ -518,8 +468,7 @@ async fn authenticate(
         {
             match m.tag {
                 b'p' if bridge == Bridge::AwaitPassword => {
-                    let token = m.body().split(|&b| b == 0).next().unwrap_or_default();
-                    let token = std::str::from_utf8(token).map_err(|_| ProtoError::BadMessage("password"))?;
+                    let token = proto::password(&m)?;
                     note_token(info, token);
                     let sasl = format!("n,,\x01auth=Bearer {token}\x01\x01");
                     to_server.extend_from_slice(&proto::encode_sasl_initial("OAUTHBEARER", sasl.as_bytes()));
@@ -595,7 +544,6 @@ async fn relay(shared: &Shared, client: &mut BoxStream, up: &mut Upstream) {
     if !up.leftover_server.is_empty() && client.write_all(&up.leftover_server).await.is_err() {
         return;
     }
-    up.leftover_client.advance(up.leftover_client.len());
     let result = tokio::io::copy_bidirectional_with_sizes(client, &mut up.stream, 64 * 1024, 64 * 1024).await;
     if let Ok((to_server, to_client)) = result {
         let m = &shared.metrics;

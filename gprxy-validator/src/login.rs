@@ -135,12 +135,14 @@ pub fn decide(req: &LoginRequest<'_>) -> LoginOutcome {
 /// The audit line for one attempt: outcome, reason code, role, identity, issuer, key, algorithm,
 /// fingerprint and time taken. Never the token.
 pub fn audit_line(req: &LoginRequest<'_>, out: &LoginOutcome, started: Instant) -> String {
-    let peek = peek_unverified(req.token);
     let (iss, kid, alg, fp) = match &out.token {
         Some(t) => {
             (Some(t.issuer.clone()), t.kid.clone(), Some(t.alg.name().to_owned()), t.fingerprint.clone())
         }
-        None => (peek.iss, peek.kid, peek.alg, gprxy_core::fingerprint(req.token.as_bytes())),
+        None => {
+            let peek = peek_unverified(req.token);
+            (peek.iss, peek.kid, peek.alg, gprxy_core::fingerprint(req.token.as_bytes()))
+        }
     };
     let q = |v: Option<&str>| gprxy_core::Quoted::new(v.unwrap_or("-")).to_string();
     let mut line = format!(
