@@ -1,11 +1,11 @@
-//! Builds the C shim that reads `MyProcPort->hba` (pgrx's `Port` is opaque) for PostgreSQL 18.
+//! Builds the C shim that reads `MyProcPort` (pgrx's `Port` is opaque).
 
 use std::path::PathBuf;
 use std::process::Command;
 
-/// pg_config for the PostgreSQL 18 build: `PGRX_PG_CONFIG_PATH` (set by `cargo pgrx`), else the
-/// pg18 entry of pgrx's config.toml, else `pg_config` on PATH.
-fn pg_config() -> PathBuf {
+/// pg_config for the build: `PGRX_PG_CONFIG_PATH` (set by `cargo pgrx`), else the `version`
+/// entry of pgrx's config.toml, else `pg_config` on PATH.
+fn pg_config(version: &str) -> PathBuf {
     if let Some(p) = std::env::var_os("PGRX_PG_CONFIG_PATH") {
         return p.into();
     }
@@ -14,7 +14,7 @@ fn pg_config() -> PathBuf {
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".pgrx")));
     if let Some(cfg) = home.and_then(|h| std::fs::read_to_string(h.join("config.toml")).ok()) {
         for line in cfg.lines() {
-            if let Some(v) = line.trim().strip_prefix("pg18") {
+            if let Some(v) = line.trim().strip_prefix(version) {
                 let v = v.trim().trim_start_matches('=').trim().trim_matches('"');
                 if !v.is_empty() {
                     return v.into();
@@ -28,10 +28,8 @@ fn pg_config() -> PathBuf {
 fn main() {
     println!("cargo:rerun-if-changed=src/shim.c");
     println!("cargo:rerun-if-env-changed=PGRX_PG_CONFIG_PATH");
-    if std::env::var_os("CARGO_FEATURE_PG18").is_none() {
-        return; // Before 18 there is no validator: SQL functions only.
-    }
-    let pg_config = pg_config();
+    let version = if std::env::var_os("CARGO_FEATURE_PG18").is_some() { "pg18" } else { "pg15" };
+    let pg_config = pg_config(version);
     let out = Command::new(&pg_config)
         .arg("--includedir-server")
         .output()

@@ -25,7 +25,8 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 APT_PACKAGES=(
   build-essential bison flex pkg-config libssl-dev libcurl4-openssl-dev libreadline-dev
   zlib1g-dev clang libclang-dev postgresql-15 postgresql-server-dev-15 postgresql-client-15
-  pgbouncer curl ca-certificates xz-utils bzip2 python3 openssl
+  pgbouncer curl ca-certificates xz-utils bzip2 python3 openssl libkrb5-dev
+  python3-psycopg
 )
 step "apt packages"
 missing=()

@@ -4,6 +4,7 @@
 //! - [`Validator`] checks a JWT access token against a [`Policy`] (RFC 9068, RFC 8725).
 //! - [`JwksCache`] fetches and caches the issuer's keys ([`KeySource`]).
 //! - [`jose`] verifies compact JWS signatures strictly.
+//! - [`context`] signs and verifies fallback mode's per-connection session context.
 //!
 //! Pure Rust: no pgrx, no async runtime.
 #![forbid(unsafe_code)]
@@ -11,6 +12,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod claims;
+pub mod context;
 pub mod error;
 pub mod fetch;
 pub mod jose;

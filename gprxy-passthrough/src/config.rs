@@ -54,6 +54,8 @@ struct FileFallback {
     #[serde(default)]
     accounts: std::collections::BTreeMap<String, FileAccount>,
     context: Option<std::collections::BTreeMap<String, String>>,
+    #[serde(default = "default_true")]
+    signed_context: bool,
     #[serde(default)]
     pool: FilePool,
 }
@@ -67,6 +69,10 @@ struct FilePool {
     wait_timeout_ms: Option<u64>,
     idle_timeout_ms: Option<u64>,
     max_lifetime_ms: Option<u64>,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_sub() -> String {
@@ -219,6 +225,9 @@ pub struct Fallback {
     pub passwords: std::collections::BTreeMap<String, String>,
     /// Session setting → claim it is set from.
     pub context: Vec<(String, String)>,
+    /// Hand each session a context signed for its connection (`gprxy.set_context`, needs
+    /// gprxy_validator upstream), which no client can change.
+    pub signed_context: bool,
     /// Pool limits.
     pub pool: crate::pool::PoolSettings,
 }
@@ -323,6 +332,7 @@ fn check_fallback(f: FileFallback) -> anyhow::Result<Fallback> {
         map: f.map.into_iter().map(|r| (r.role, r.account)).collect(),
         passwords,
         context,
+        signed_context: f.signed_context,
     })
 }
 

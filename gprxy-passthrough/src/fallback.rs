@@ -1,7 +1,8 @@
 //! Fallback mode, for servers older than 18: gprxy validates the token itself (gprxy-core),
 //! maps the token's roles to a service account (first rule wins, default deny), logs in upstream
-//! with SCRAM-SHA-256 and sets the user's context (`app.user_id`, ...) before the client's first
-//! query. The token arrives as a cleartext password over TLS only.
+//! with SCRAM-SHA-256 and sets the user's context before the client's first query: plain
+//! `app.*` settings and, recommended, a context signed for that server connection which only
+//! gprxy_validator's `gprxy.set_context` accepts (see `gprxy_core::context`).
 
 use std::sync::Arc;
 
@@ -15,6 +16,7 @@ use crate::config::{ClientAuth, Config, Fallback, UserMatch};
 use crate::pool::{Pools, ServerConn};
 use crate::proto::{self, auth, ProtoError, Startup};
 use crate::session::{BoxStream, LoginInfo, Pooled, SessionError, Shared, Upstream};
+use gprxy_core::context::ContextSigner;
 
 /// Fallback settings with the key cache that outlives connections.
 pub struct FallbackRuntime {
@@ -136,28 +138,33 @@ pub async fn authenticate(
     }
 
     let database = startup.param("database").unwrap_or(user).to_owned();
+    let client_settings = client_settings(startup, &rt.cfg.context).map_err(refused)?;
     let mut lease = rt.pools.checkout(&shared.metrics, &database, &account).await?;
     let mut conn = match lease.conn.take() {
         Some(c) => c,
         None => {
             let password = rt.cfg.passwords.get(&account).cloned().unwrap_or_default();
-            login_upstream(shared, config, startup, &account, &database, &password).await?
+            login_upstream(shared, config, &account, &database, &password, rt.cfg.signed_context).await?
         }
     };
+    let mut settings = client_settings;
+    settings.extend(rt.cfg.context.iter().map(|(k, c)| (k.clone(), setting_value(&t.claims, c))));
+    let signed = conn.signer.as_mut().map(|s| s.sign(t.subject.clone(), t.roles.clone(), t.claims.clone()));
     let mut sbuf = BytesMut::new();
-    set_context(&mut conn.stream, &mut sbuf, &rt.cfg.context, &t.claims).await?;
+    let reports = set_up_session(&mut conn.stream, &mut sbuf, &settings, signed.as_deref()).await?;
     if let Some(k) = &conn.key {
         shared.cancel_keys.lock().insert(k.clone(), config.upstream.clone());
     }
     let mut to_client = proto::frame(b'R', &auth::OK.to_be_bytes());
     to_client.extend_from_slice(&conn.startup_reply);
+    to_client.extend_from_slice(&reports);
     to_client.extend_from_slice(&proto::frame(b'Z', b"I"));
     client.write_all(&to_client).await?;
     client.flush().await?;
     tracing::info!(event = "fallback_mapped", account = %account, identity = %t.identity, "token mapped to service account");
     let created = conn.created();
     Ok(Upstream {
-        pooled: Some(Pooled { lease, startup_reply: conn.startup_reply, created }),
+        pooled: Some(Pooled { lease, startup_reply: conn.startup_reply, signer: conn.signer, created }),
         stream: conn.stream,
         key: conn.key,
         leftover_client: cbuf,
@@ -165,25 +172,28 @@ pub async fn authenticate(
     })
 }
 
-/// Logs in upstream as `account` with SCRAM-SHA-256, keeping the startup parameters the client
-/// sent (but user and database).
+/// Logs in upstream as `account` with SCRAM-SHA-256. The startup packet holds only what the
+/// proxy chose (the client's parameters are set per session, so that a pooled connection
+/// carries nothing of an earlier client) and, for a signed context, the connection's key.
 async fn login_upstream(
     shared: &Shared,
     config: &Config,
-    startup: &Startup,
     account: &str,
     database: &str,
     password: &str,
+    signed_context: bool,
 ) -> Result<ServerConn, SessionError> {
+    let signer = if signed_context {
+        Some(ContextSigner::generate().map_err(|e| upstream_failed(&e.to_string()))?)
+    } else {
+        None
+    };
     let mut up = crate::session::connect_upstream(shared, config).await?;
-    let mut params: Vec<(&str, &str)> = startup
-        .params
-        .iter()
-        .filter(|(k, _)| k != "user" && k != "database")
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    params.push(("user", account));
-    params.push(("database", database));
+    let mut params: Vec<(&str, &str)> =
+        vec![("user", account), ("database", database), ("application_name", "gprxy")];
+    if let Some(s) = &signer {
+        params.push((gprxy_core::context::KEY_PARAMETER, s.public_key()));
+    }
     let mut out = BytesMut::new();
     frontend::startup_message(params, &mut out).map_err(SessionError::Io)?;
     up.write_all(&out).await?;
@@ -236,7 +246,7 @@ async fn login_upstream(
             up.flush().await?;
         }
     }
-    Ok(ServerConn::new(up, startup_reply, key))
+    Ok(ServerConn::new(up, startup_reply, key, signer))
 }
 
 /// The token as a cleartext password (TLS only).
@@ -299,21 +309,88 @@ async fn bearer_token(
     }
 }
 
-/// Sets each context setting from its claim with one parameterised statement.
-async fn set_context(
+/// The client's startup parameters as session settings: set with `set_config` for each session
+/// (and undone by `DISCARD ALL`), never in a pooled connection's startup packet. `options` may
+/// hold `-c name=value` and `--name=value`; the proxy's own names are refused.
+fn client_settings(startup: &Startup, context: &[(String, String)]) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    for (name, value) in &startup.params {
+        match name.as_str() {
+            "user" | "database" => {}
+            "replication" => return Err("gprxy: replication connections are not pooled".into()),
+            "options" => {
+                let words = split_options(value);
+                let mut words = words.iter();
+                while let Some(w) = words.next() {
+                    let pair = match w.as_str() {
+                        "-c" => words.next().map(String::as_str),
+                        w => w.strip_prefix("-c").or_else(|| w.strip_prefix("--")).filter(|p| !p.is_empty()),
+                    };
+                    let Some((k, v)) = pair.and_then(|p| p.split_once('=')) else {
+                        return Err(format!(
+                            "gprxy: startup option {w:?} is not supported (only -c name=value)"
+                        ));
+                    };
+                    out.push((k.replace('-', "_"), v.to_owned()));
+                }
+            }
+            _ if name.starts_with("_pq_.") => {}
+            _ => out.push((name.clone(), value.clone())),
+        }
+    }
+    for (name, _) in &out {
+        let lower = name.to_ascii_lowercase();
+        if lower.starts_with("gprxy.") || context.iter().any(|(k, _)| k.eq_ignore_ascii_case(&lower)) {
+            return Err(format!("gprxy: startup parameter {name:?} is set by the proxy"));
+        }
+    }
+    Ok(out)
+}
+
+/// Splits an `options` string as PostgreSQL does: whitespace separates, a backslash keeps the
+/// next character.
+fn split_options(s: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => word.extend(chars.next()),
+            c if c.is_ascii_whitespace() => {
+                if !word.is_empty() {
+                    words.push(std::mem::take(&mut word));
+                }
+            }
+            c => word.push(c),
+        }
+    }
+    if !word.is_empty() {
+        words.push(word);
+    }
+    words
+}
+
+/// Prepares a checked-out connection for its client with one parameterised statement: the
+/// client's settings, the context settings, then the signed context. Returns the
+/// ParameterStatus messages it caused, for the client.
+async fn set_up_session(
     up: &mut BoxStream,
     sbuf: &mut BytesMut,
-    context: &[(String, String)],
-    claims: &serde_json::Map<String, Value>,
-) -> Result<(), SessionError> {
-    if context.is_empty() {
-        return Ok(());
+    settings: &[(String, String)],
+    signed: Option<&str>,
+) -> Result<BytesMut, SessionError> {
+    let mut calls: Vec<String> =
+        (0..settings.len()).map(|i| format!("set_config(${}, ${}, false)", 2 * i + 1, 2 * i + 2)).collect();
+    let mut values: Vec<&str> = settings.iter().flat_map(|(k, v)| [k.as_str(), v.as_str()]).collect();
+    if let Some(ctx) = signed {
+        values.push(ctx);
+        calls.push(format!("gprxy.set_context(${})", values.len()));
     }
-    let calls: Vec<String> =
-        (0..context.len()).map(|i| format!("set_config(${}, ${}, false)", 2 * i + 1, 2 * i + 2)).collect();
+    let mut reports = BytesMut::new();
+    if calls.is_empty() {
+        return Ok(reports);
+    }
     let sql = format!("SELECT {}", calls.join(", "));
-    let values: Vec<String> =
-        context.iter().flat_map(|(k, c)| [k.clone(), setting_value(claims, c)]).collect();
     let mut out = BytesMut::new();
     let io = SessionError::Io;
     frontend::parse("", &sql, std::iter::empty(), &mut out).map_err(io)?;
@@ -329,7 +406,7 @@ async fn set_context(
         Some(0),
         &mut out,
     )
-    .map_err(|_| upstream_failed("cannot encode the context"))?;
+    .map_err(|_| upstream_failed("cannot encode the session settings"))?;
     frontend::execute("", 0, &mut out).map_err(SessionError::Io)?;
     frontend::sync(&mut out);
     up.write_all(&out).await?;
@@ -339,12 +416,89 @@ async fn set_context(
         let m = read_message(up, sbuf, proto::MAX_SERVER_AUTH_MESSAGE, "server message").await?;
         match m.tag {
             b'E' => failed = Some(proto::error_fields(&m)),
+            b'S' => reports.extend_from_slice(&m.raw),
             b'Z' => break,
             _ => {}
         }
     }
     match failed {
-        Some((code, msg)) => Err(upstream_failed(&format!("setting the context: {code}: {msg}"))),
-        None => Ok(()),
+        None => Ok(reports),
+        Some((code, msg)) => {
+            tracing::warn!(sqlstate = %code, error = %msg, "fallback: session set-up failed");
+            let sqlstate = match code.as_str() {
+                "42704" => "42704",
+                "22023" => "22023",
+                "42501" => "42501",
+                _ => "08006",
+            };
+            Err(SessionError::Refused { sqlstate, message: format!("gprxy: session set-up failed: {msg}") })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn startup(params: &[(&str, &str)]) -> Startup {
+        Startup {
+            version: 196_608,
+            params: params.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+            raw: Vec::new(),
+        }
+    }
+
+    fn ctx() -> Vec<(String, String)> {
+        vec![("app.user_id".to_owned(), "sub".to_owned())]
+    }
+
+    #[test]
+    fn client_parameters_become_session_settings() {
+        let s = startup(&[
+            ("user", "alice"),
+            ("database", "app"),
+            ("application_name", "psql"),
+            ("options", r"-c search_path=a\ b --statement-timeout=5s -cwork_mem=8MB"),
+        ]);
+        let got = client_settings(&s, &ctx()).unwrap();
+        let want: Vec<(String, String)> = [
+            ("application_name", "psql"),
+            ("search_path", "a b"),
+            ("statement_timeout", "5s"),
+            ("work_mem", "8MB"),
+        ]
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn proxy_owned_parameters_are_refused() {
+        let key = startup(&[("user", "a"), ("gprxy.context_key", "AAAA")]);
+        assert_eq!(
+            client_settings(&key, &ctx()).unwrap_err(),
+            "gprxy: startup parameter \"gprxy.context_key\" is set by the proxy"
+        );
+        let in_options = startup(&[("options", "-c gprxy.context_key=AAAA")]);
+        assert_eq!(
+            client_settings(&in_options, &ctx()).unwrap_err(),
+            "gprxy: startup parameter \"gprxy.context_key\" is set by the proxy"
+        );
+        let context = startup(&[("options", "-c App.User_Id=admin")]);
+        assert_eq!(
+            client_settings(&context, &ctx()).unwrap_err(),
+            "gprxy: startup parameter \"App.User_Id\" is set by the proxy"
+        );
+        let replication = startup(&[("replication", "database")]);
+        assert_eq!(
+            client_settings(&replication, &ctx()).unwrap_err(),
+            "gprxy: replication connections are not pooled"
+        );
+        let other = startup(&[("options", "-D /tmp")]);
+        assert_eq!(
+            client_settings(&other, &ctx()).unwrap_err(),
+            "gprxy: startup option \"-D\" is not supported (only -c name=value)"
+        );
     }
 }

@@ -1,7 +1,8 @@
 //! Session pooling for fallback mode: one pool per (database, service account) with a size, a
 //! wait queue with a timeout, idle timeout, maximum lifetime and a health check. A client keeps
 //! its server connection until it leaves; then the connection is reset (`DISCARD ALL`, which
-//! also clears the context) before anyone else gets it. A connection whose reset fails, that was
+//! also clears the plain context, and `gprxy.reset_context()` for a signed one) before anyone
+//! else gets it. A connection whose reset fails, that was
 //! left inside a transaction or mid-message, is closed instead.
 
 use std::collections::{BTreeMap, HashMap};
@@ -54,13 +55,20 @@ pub struct ServerConn {
     pub startup_reply: BytesMut,
     /// Its cancel key.
     pub key: Option<(i32, Vec<u8>)>,
+    /// Signs this connection's session contexts (its public key went in the startup packet).
+    pub signer: Option<gprxy_core::context::ContextSigner>,
     created: Instant,
 }
 
 impl ServerConn {
     /// A connection that just logged in.
-    pub fn new(stream: BoxStream, startup_reply: BytesMut, key: Option<(i32, Vec<u8>)>) -> Self {
-        Self { stream, startup_reply, key, created: Instant::now() }
+    pub fn new(
+        stream: BoxStream,
+        startup_reply: BytesMut,
+        key: Option<(i32, Vec<u8>)>,
+        signer: Option<gprxy_core::context::ContextSigner>,
+    ) -> Self {
+        Self { stream, startup_reply, key, signer, created: Instant::now() }
     }
 
     /// A connection coming back from a session.
@@ -68,9 +76,10 @@ impl ServerConn {
         stream: BoxStream,
         startup_reply: BytesMut,
         key: Option<(i32, Vec<u8>)>,
+        signer: Option<gprxy_core::context::ContextSigner>,
         created: Instant,
     ) -> Self {
-        Self { stream, startup_reply, key, created }
+        Self { stream, startup_reply, key, signer, created }
     }
 
     /// When it logged in.
@@ -195,11 +204,18 @@ impl Pools {
     }
 }
 
-/// `DISCARD ALL` (session state, prepared statements, settings and so the context): true when
-/// the server answers with no error and is idle.
+/// `DISCARD ALL` (session state, prepared statements, settings and so the plain context) and,
+/// for a signed context, `gprxy.reset_context()`: true when the server answers every statement
+/// with no error and is idle.
 async fn reset(conn: &mut ServerConn) -> bool {
     let run = async {
-        conn.stream.write_all(&proto::frame(b'Q', b"DISCARD ALL\0")).await.ok()?;
+        let mut out = proto::frame(b'Q', b"DISCARD ALL\0");
+        let mut pending = 1;
+        if conn.signer.is_some() {
+            out.extend_from_slice(&proto::frame(b'Q', b"SELECT gprxy.reset_context()\0"));
+            pending += 1;
+        }
+        conn.stream.write_all(&out).await.ok()?;
         conn.stream.flush().await.ok()?;
         let mut buf = BytesMut::new();
         let mut ok = true;
@@ -209,7 +225,12 @@ async fn reset(conn: &mut ServerConn) -> bool {
             {
                 match m.tag {
                     b'E' => ok = false,
-                    b'Z' => return Some(ok && m.body() == b"I"),
+                    b'Z' => {
+                        pending -= 1;
+                        if pending == 0 {
+                            return Some(ok && m.body() == b"I");
+                        }
+                    }
                     _ => {}
                 }
             }

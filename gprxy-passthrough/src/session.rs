@@ -125,8 +125,13 @@ pub async fn handle(shared: Arc<Shared>, sock: TcpStream, peer: SocketAddr) {
                         let clean =
                             crate::pool::relay(&mut client, &mut up.stream, to_server, to_client).await;
                         remove_cancel_key(&shared, &up);
-                        let conn =
-                            crate::pool::ServerConn::returning(up.stream, p.startup_reply, up.key, p.created);
+                        let conn = crate::pool::ServerConn::returning(
+                            up.stream,
+                            p.startup_reply,
+                            up.key,
+                            p.signer,
+                            p.created,
+                        );
                         let rt = shared.fallback.read().clone();
                         if let Some(rt) = rt {
                             rt.pools.give_back(p.lease, conn, clean).await;
@@ -517,6 +522,7 @@ async fn authenticate(
 pub struct Pooled {
     pub(crate) lease: crate::pool::Lease,
     pub(crate) startup_reply: BytesMut,
+    pub(crate) signer: Option<gprxy_core::context::ContextSigner>,
     pub(crate) created: Instant,
 }
 

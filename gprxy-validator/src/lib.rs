@@ -8,7 +8,6 @@
 
 use pgrx::prelude::*;
 
-#[cfg(feature = "pg18")]
 mod ffi;
 #[cfg(feature = "pg18")]
 mod login;
@@ -64,6 +63,27 @@ fn roles() -> Option<Vec<String>> {
 #[pg_extern(stable, parallel_restricted)]
 fn subject() -> Option<String> {
     session::get().and_then(|s| s.subject)
+}
+
+/// Sets the session's identity from a context signed by gprxy (fallback mode). Refused unless
+/// it verifies against the `gprxy.context_key` of this connection's startup packet and its
+/// counter is above every one accepted before on this connection.
+#[pg_extern(volatile, parallel_unsafe)]
+fn set_context(context: &str) {
+    let (key, count) = ffi::startup_parameter(gprxy_core::context::KEY_PARAMETER);
+    if let Err(e) = session::set_signed(key.as_deref(), count, context) {
+        pgrx::ereport!(
+            ERROR,
+            pgrx::PgSqlErrorCode::ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION,
+            format!("gprxy: context refused: {e}")
+        );
+    }
+}
+
+/// Forgets a signed context: the claim functions return NULL until the next one.
+#[pg_extern(volatile, parallel_unsafe)]
+fn reset_context() {
+    session::reset_signed();
 }
 
 pgrx::extension_sql!(

@@ -1,12 +1,46 @@
 /*
- * What gprxy_validator needs from MyProcPort, which pgrx declares opaque: the matched pg_hba
- * line's OAuth options and the client's address. Each returns NULL when there is no port or
+ * What gprxy_validator needs from MyProcPort, which pgrx declares opaque: startup parameters
+ * and (PostgreSQL 18) the matched pg_hba line's OAuth options and the client's address. Each returns NULL when there is no port or
  * no hba line (never during a normal OAuth login).
  */
 #include "postgres.h"
 #include "libpq/hba.h"
 #include "libpq/libpq-be.h"
 #include "miscadmin.h"
+#include "nodes/pg_list.h"
+
+/*
+ * The value of a startup-packet parameter (MyProcPort->guc_options holds name, value pairs as
+ * the client sent them) and, in *count, how many times the packet named it.
+ */
+const char *
+gprxy_startup_parameter(const char *name, int *count)
+{
+	const char *found = NULL;
+	ListCell   *cell;
+
+	*count = 0;
+	if (!MyProcPort)
+		return NULL;
+	cell = list_head(MyProcPort->guc_options);
+	while (cell)
+	{
+		const char *key = lfirst(cell);
+		ListCell   *value = lnext(MyProcPort->guc_options, cell);
+
+		if (!value)
+			break;
+		if (strcmp(key, name) == 0)
+		{
+			found = lfirst(value);
+			(*count)++;
+		}
+		cell = lnext(MyProcPort->guc_options, value);
+	}
+	return found;
+}
+
+#if PG_VERSION_NUM >= 180000
 
 const char *
 gprxy_hba_oauth_issuer(void)
@@ -37,3 +71,4 @@ gprxy_port_database(void)
 {
 	return MyProcPort ? MyProcPort->database_name : NULL;
 }
+#endif

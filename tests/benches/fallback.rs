@@ -19,6 +19,7 @@ fn bench(c: &mut Criterion) {
         .conf("log_connections = off")
         .hba("host all app_admin,app_writer,app_reader 127.0.0.1/32 scram-sha-256")
         .start();
+    pg.sql("CREATE EXTENSION gprxy_validator");
     apply_sql_file(&pg, "postgres", "01_roles.sql");
     pg.sql("SET password_encryption = 'scram-sha-256'; ALTER ROLE app_writer PASSWORD 'writer-secret-1'");
     let files = tempfile::tempdir().expect("dir");

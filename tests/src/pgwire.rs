@@ -81,7 +81,18 @@ pub struct PgConn {
 
 /// Connects over TCP and authenticates.
 pub fn connect(addr: SocketAddr, user: &str, db: &str, auth: Auth<'_>) -> Result<PgConn, PgError> {
-    connect_with(addr, user, db, auth, None)
+    connect_with(addr, user, db, auth, None, &[])
+}
+
+/// Connects over TCP with extra startup parameters (in order, duplicates allowed).
+pub fn connect_params(
+    addr: SocketAddr,
+    user: &str,
+    db: &str,
+    auth: Auth<'_>,
+    extra: &[(&str, &str)],
+) -> Result<PgConn, PgError> {
+    connect_with(addr, user, db, auth, None, extra)
 }
 
 /// Connects with TLS (SSLRequest), trusting the CA in `ca_pem` for the name `localhost`.
@@ -92,7 +103,7 @@ pub fn connect_tls(
     auth: Auth<'_>,
     ca_pem: &str,
 ) -> Result<PgConn, PgError> {
-    connect_with(addr, user, db, auth, Some(ca_pem))
+    connect_with(addr, user, db, auth, Some(ca_pem), &[])
 }
 
 fn connect_with(
@@ -101,6 +112,7 @@ fn connect_with(
     db: &str,
     auth: Auth<'_>,
     ca_pem: Option<&str>,
+    extra: &[(&str, &str)],
 ) -> Result<PgConn, PgError> {
     let mut tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(io_err)?;
     tcp.set_read_timeout(Some(Duration::from_secs(60))).map_err(io_err)?;
@@ -133,11 +145,9 @@ fn connect_with(
     };
     let mut c = PgConn { stream, buf: BytesMut::with_capacity(8192), key: None };
     let mut out = BytesMut::new();
-    frontend::startup_message(
-        [("user", user), ("database", db), ("application_name", "gprxy-tests")],
-        &mut out,
-    )
-    .map_err(io_err)?;
+    let mut params = vec![("user", user), ("database", db), ("application_name", "gprxy-tests")];
+    params.extend_from_slice(extra);
+    frontend::startup_message(params, &mut out).map_err(io_err)?;
     c.send(&out)?;
     c.authenticate(auth)?;
     Ok(c)

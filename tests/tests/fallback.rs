@@ -5,7 +5,7 @@ use gprxy_core::testkit::{test_ca, TestKey};
 use gprxy_tests::idp::TestIssuer;
 use gprxy_tests::pgwire::{connect_tls, Auth};
 use gprxy_tests::proxy::Proxy;
-use gprxy_tests::{apply_sql_file, oauth_psql_with, Cluster, PgVersion};
+use gprxy_tests::{apply_sql_file, oauth_psql_with, require_validator, Cluster, PgVersion};
 use serde_json::json;
 
 struct World {
@@ -22,11 +22,22 @@ fn start() -> World {
 }
 
 fn start_with(fallback_extra: &str) -> World {
+    start_full(fallback_extra, &[])
+}
+
+/// PostgreSQL 15 with gprxy_validator (SQL side: the signed context), the roles, and gprxy in
+/// fallback mode in front of it.
+fn start_full(fallback_extra: &str, pg_conf: &[&str]) -> World {
+    require_validator(PgVersion::V15);
     let key = TestKey::rsa("k");
     let idp = TestIssuer::start(&[&key]);
-    let pg = Cluster::builder(PgVersion::V15)
-        .hba("host all app_admin,app_writer,app_reader 127.0.0.1/32 scram-sha-256")
-        .start();
+    let mut builder = Cluster::builder(PgVersion::V15)
+        .hba("host all app_admin,app_writer,app_reader 127.0.0.1/32 scram-sha-256");
+    for line in pg_conf {
+        builder = builder.conf(*line);
+    }
+    let pg = builder.start();
+    pg.sql("CREATE EXTENSION gprxy_validator");
     apply_sql_file(&pg, "postgres", "01_roles.sql");
     pg.sql("SET password_encryption = 'scram-sha-256'; ALTER ROLE app_writer PASSWORD 'writer-secret-1'; ALTER ROLE app_reader PASSWORD 'reader-secret-1'");
     let files = tempfile::tempdir().unwrap();
@@ -100,7 +111,8 @@ impl World {
     }
 }
 
-const CONTEXT: &str = "SELECT current_user, current_setting('app.user_id'), current_setting('app.tenant_id'), current_setting('app.roles'), current_setting('app.email')";
+const CONTEXT: &str = "SELECT current_user, current_setting('app.user_id'), current_setting('app.tenant_id'), current_setting('app.roles'), current_setting('app.email'), gprxy.subject(), gprxy.claim('tenant_id'), array_to_string(gprxy.roles(), ',')";
+const ACME: &str = "11111111-1111-1111-1111-111111111111";
 
 #[test]
 fn token_as_password_logs_in_as_the_mapped_account_with_context() {
@@ -108,7 +120,7 @@ fn token_as_password_logs_in_as_the_mapped_account_with_context() {
     let t = w.token("alice", json!(["writer"]), 300);
     assert_eq!(
         w.psql("alice", &t, "require", CONTEXT).unwrap(),
-        "app_writer|alice|11111111-1111-1111-1111-111111111111|writer|"
+        format!("app_writer|alice|{ACME}|writer||alice|{ACME}|writer")
     );
     let r = w.token("bob", json!(["reader", "viewer"]), 300);
     assert_eq!(
@@ -162,7 +174,7 @@ fn psql_18_device_flow_through_the_fallback_proxy() {
     w.idp.hand_out("fallback-alice", &t);
     let conn = format!("host=127.0.0.1 port={} user=alice dbname=postgres sslmode=require", w.proxy.port);
     let out = oauth_psql_with(&conn, &w.idp.issuer(), "fallback-alice", CONTEXT).unwrap();
-    assert_eq!(out, "app_writer|alice|11111111-1111-1111-1111-111111111111|writer|");
+    assert_eq!(out, format!("app_writer|alice|{ACME}|writer||alice|{ACME}|writer"));
     let events = w.proxy.wait_events("login", 2);
     assert_eq!(events.iter().filter(|e| e["outcome"] == "discovery").count(), 1, "{events:#?}");
     assert_eq!(
@@ -261,4 +273,145 @@ fn pool_at_its_limit_waits_then_times_out_and_bad_connections_are_replaced() {
     let m = w.proxy.admin_get("/metrics");
     assert!(m.contains("gprxy_pool_in_use{database=\"postgres\",account=\"app_writer\"} 0"), "{m}");
     assert!(m.contains("gprxy_pool_idle{database=\"postgres\",account=\"app_writer\"} 1"), "{m}");
+}
+
+/// The last signed context the proxy sent that the server log shows (log_statement = all).
+fn logged_context(log: &str) -> Option<String> {
+    let line = log.lines().rev().find(|l| l.contains("parameters:") && l.contains("'v1."))?;
+    let start = line.rfind("'v1.")? + 1;
+    let end = start + line[start..].find('\'')?;
+    Some(line[start..end].to_owned())
+}
+
+#[test]
+fn signed_context_cannot_be_widened_forged_or_replayed() {
+    let w = start_full("[fallback.pool]\ndefault_size = 1", &["log_statement = 'all'"]);
+    for f in ["02_schema.sql", "03_rls_gprxy_claims.sql", "04_demo_data.sql"] {
+        apply_sql_file(&w._pg, "postgres", f);
+    }
+    let titles = "SELECT coalesce(string_agg(title, ',' ORDER BY title), '') FROM posts";
+    let alice = w.token("alice", json!(["writer"]), 300);
+    let bob = w.token_for("bob", "22222222-2222-2222-2222-222222222222", json!(["writer"]), 300);
+    assert_eq!(w.psql("alice", &alice, "require", titles).unwrap(), "acme public,alice private");
+
+    // SET changes the plain settings, not the claims the policies read.
+    let widened = format!(
+        "SET app.tenant_id = '22222222-2222-2222-2222-222222222222'; SET app.user_id = 'bob'; {titles}"
+    );
+    assert_eq!(w.psql("alice", &alice, "require", &widened).unwrap(), "SET\nSET\nacme public,alice private");
+
+    // A context the client makes up.
+    let e = w
+        .psql(
+            "alice",
+            &alice,
+            "require",
+            "SELECT gprxy.set_context('v1.eyJuIjo5OSwic3ViIjoiYm9iIiwicm9sZXMiOltdLCJjbGFpbXMiOnt9fQ.AAAA')",
+        )
+        .unwrap_err();
+    assert!(
+        e.contains("ERROR:  gprxy: context refused: the context signature does not verify against this connection's key"),
+        "{e}"
+    );
+
+    // Alice's real context, taken from the server log, replayed by bob on the same connection.
+    let stolen = logged_context(&w._pg.log()).expect("the proxy's set_context call is in the log");
+    let e = w.psql("bob", &bob, "require", &format!("SELECT gprxy.set_context('{stolen}')")).unwrap_err();
+    assert!(e.contains("ERROR:  gprxy: context refused: the context counter"), "{e}");
+    assert!(e.contains("(replayed context)"), "{e}");
+    assert_eq!(w.psql("bob", &bob, "require", titles).unwrap(), "bob private,globex public");
+
+    // Clearing the context only narrows: nothing is visible without one.
+    let cleared = "SELECT gprxy.reset_context(); SELECT count(*) FROM posts";
+    assert_eq!(w.psql("alice", &alice, "require", cleared).unwrap(), "0");
+}
+
+#[test]
+fn extension_accepts_only_contexts_signed_for_its_connection() {
+    use gprxy_core::context::{ContextSigner, KEY_PARAMETER};
+    use gprxy_tests::pgwire::connect_params;
+    let w = start();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", w._pg.port()).parse().unwrap();
+    let claims = |sub: &str| json!({"sub": sub, "tenant_id": "t"}).as_object().cloned().unwrap();
+    let pw = Auth::Password("writer-secret-1");
+
+    let mut plain = connect_params(addr, "app_writer", "postgres", pw, &[]).unwrap();
+    let mut signer = ContextSigner::generate().unwrap();
+    let ctx = signer.sign(Some("alice".into()), vec![], claims("alice"));
+    let e = plain.query(&format!("SELECT gprxy.set_context('{ctx}')")).unwrap_err();
+    assert_eq!(e.code.as_deref(), Some("28000"));
+    assert_eq!(e.message, "gprxy: context refused: no gprxy.context_key was given at connection start");
+
+    let mut signer = ContextSigner::generate().unwrap();
+    let key = signer.public_key().to_owned();
+    let mut c = connect_params(addr, "app_writer", "postgres", pw, &[(KEY_PARAMETER, &key)]).unwrap();
+    let first = signer.sign(Some("alice".into()), vec!["writer".into()], claims("alice"));
+    let second = signer.sign(Some("bob".into()), vec![], claims("bob"));
+    c.query(&format!("SELECT gprxy.set_context('{second}')")).unwrap();
+    assert_eq!(c.scalar("SELECT gprxy.subject()").unwrap().as_deref(), Some("bob"));
+    let e = c.query(&format!("SELECT gprxy.set_context('{first}')")).unwrap_err();
+    assert_eq!(e.message, "gprxy: context refused: the context counter 1 is not above 2 (replayed context)");
+    let e = c.query(&format!("SELECT gprxy.set_context('{second}')")).unwrap_err();
+    assert_eq!(e.message, "gprxy: context refused: the context counter 2 is not above 2 (replayed context)");
+
+    // A key set after connection start (a placeholder SET) is not the startup key.
+    let mut mallory = ContextSigner::generate().unwrap();
+    let _ = c.query(&format!("SET {KEY_PARAMETER} = '{}'", mallory.public_key()));
+    let forged = mallory.sign(Some("admin".into()), vec!["admin".into()], claims("admin"));
+    let e = c.query(&format!("SELECT gprxy.set_context('{forged}')")).unwrap_err();
+    assert_eq!(
+        e.message,
+        "gprxy: context refused: the context signature does not verify against this connection's key"
+    );
+    assert_eq!(c.scalar("SELECT gprxy.subject()").unwrap().as_deref(), Some("bob"));
+
+    let twice = [(KEY_PARAMETER, key.as_str()), (KEY_PARAMETER, key.as_str())];
+    let mut d = connect_params(addr, "app_writer", "postgres", pw, &twice).unwrap();
+    let e = d
+        .query(&format!("SELECT gprxy.set_context('{}')", signer.sign(None, vec![], claims("x"))))
+        .unwrap_err();
+    assert_eq!(
+        e.message,
+        "gprxy: context refused: gprxy.context_key was given more than once at connection start"
+    );
+}
+
+#[test]
+fn client_startup_settings_apply_per_session_and_proxy_names_are_refused() {
+    let w = start_with("[fallback.pool]\ndefault_size = 1");
+    let t = w.token("alice", json!(["writer"]), 300);
+    let run = |options: &str, sql: &str| {
+        let out = std::process::Command::new(PgVersion::V15.bin("psql"))
+            .args(["-X", "-A", "-t", "-c", sql])
+            .arg(format!(
+                "host=127.0.0.1 port={} user=alice dbname=postgres sslmode=require application_name=myapp options='{options}'",
+                w.proxy.port
+            ))
+            .env("PGPASSWORD", &t)
+            .output()
+            .unwrap();
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    };
+    let show = "SELECT current_setting('application_name'), current_setting('search_path'), current_setting('statement_timeout')";
+    assert_eq!(
+        run("-c search_path=pg_catalog -c statement_timeout=5s", show).unwrap(),
+        "myapp|pg_catalog|5s"
+    );
+    // The next client on the same pooled connection starts from the server's defaults.
+    assert_eq!(run("", show).unwrap(), "myapp|\"$user\", public|0");
+    let e = run("-c gprxy.context_key=AAAA", "SELECT 1").unwrap_err();
+    assert!(e.contains("FATAL:  gprxy: startup parameter \"gprxy.context_key\" is set by the proxy"), "{e}");
+    let e = run("-c app.user_id=admin", "SELECT 1").unwrap_err();
+    assert!(e.contains("FATAL:  gprxy: startup parameter \"app.user_id\" is set by the proxy"), "{e}");
+    let e = run("-c no_such_setting=1", "SELECT 1").unwrap_err();
+    assert!(
+        e.contains(
+            "FATAL:  gprxy: session set-up failed: unrecognized configuration parameter \"no_such_setting\""
+        ),
+        "{e}"
+    );
 }

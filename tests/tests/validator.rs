@@ -281,6 +281,11 @@ fn claim_functions_cannot_be_changed_by_sql_and_are_null_without_oauth() {
     assert_eq!(s.login("alice", &t, attempts).unwrap(), "alice\nalice,alice,alice");
     let err = s.login("alice", &t, "SET gprxy.subject = 'mallory'").unwrap_err();
     assert!(err.contains("invalid configuration parameter name \"gprxy.subject\""), "{err}");
+    let err = s.login("alice", &t, "SELECT gprxy.set_context('v1.e30.AAAA')").unwrap_err();
+    assert!(
+        err.contains("ERROR:  gprxy: context refused: the session logged in with a token; its identity cannot be replaced"),
+        "{err}"
+    );
     // A superuser over the socket (trust, no token): every function is NULL.
     assert_eq!(
         s.pg.sql("SELECT coalesce(gprxy.subject(), 'NULL') || coalesce(gprxy.claims()::text, 'NULL') || coalesce(gprxy.roles()::text, 'NULL') || coalesce(gprxy.claim('sub'), 'NULL')"),
@@ -305,4 +310,25 @@ fn bad_settings_are_refused_at_reload_with_the_setting_named() {
     assert!(s.pg.log().contains("unknown token type \"id_token\": use at+jwt and/or JWT"));
     let t = s.token(s.idp.claims("alice", AUD));
     assert_eq!(s.login("alice", &t, "SHOW gprxy.token_types").unwrap(), "at+jwt");
+}
+
+#[test]
+fn preloaded_18_takes_a_signed_context_from_a_service_account_connection() {
+    use gprxy_core::context::{ContextSigner, KEY_PARAMETER};
+    use gprxy_tests::pgwire::{connect_params, Auth};
+    let pg = validator_cluster(AUD).hba("host all app_writer 127.0.0.1/32 scram-sha-256").start();
+    pg.sql("SET password_encryption = 'scram-sha-256'; CREATE ROLE app_writer LOGIN PASSWORD 'pw-1'; CREATE EXTENSION gprxy_validator");
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", pg.port()).parse().unwrap();
+    let mut signer = ContextSigner::generate().unwrap();
+    let key = signer.public_key().to_owned();
+    // The reserved gprxy. prefix admits the key in the startup packet, and only there.
+    let mut c =
+        connect_params(addr, "app_writer", "postgres", Auth::Password("pw-1"), &[(KEY_PARAMETER, &key)])
+            .unwrap();
+    let ctx =
+        signer.sign(Some("alice".into()), vec![], json!({"sub": "alice"}).as_object().cloned().unwrap());
+    c.query(&format!("SELECT gprxy.set_context('{ctx}')")).unwrap();
+    assert_eq!(c.scalar("SELECT gprxy.subject()").unwrap().as_deref(), Some("alice"));
+    let e = c.query(&format!("SET {KEY_PARAMETER} = 'x'")).unwrap_err();
+    assert_eq!(e.message, "parameter \"gprxy.context_key\" cannot be set after connection start");
 }

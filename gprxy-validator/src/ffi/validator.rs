@@ -1,4 +1,4 @@
-//! The only unsafe code of gprxy: the PostgreSQL 18 OAuth validator ABI (`libpq/oauth.h`, which
+//! The PostgreSQL 18 OAuth validator ABI (`libpq/oauth.h`, which
 //! pgrx does not bind), GUC registration with check hooks, shared memory, and the background
 //! worker's entry point. Everything here converts between C and Rust and calls safe modules.
 
@@ -13,6 +13,8 @@ use pgrx::{pg_shmem_init, GucContext, GucFlags, GucRegistry, PgLwLock};
 use crate::login::{self, LoginRequest};
 use crate::settings::{self as s};
 use crate::shared::SharedKeys;
+
+use super::opt_str;
 
 // ---------------------------------------------------------------- libpq/oauth.h
 
@@ -68,15 +70,6 @@ extern "C" {
     fn gprxy_hba_oauth_skip_usermap() -> c_int;
     fn gprxy_port_remote_host() -> *const c_char;
     fn gprxy_port_database() -> *const c_char;
-}
-
-/// Copies a C string that may be NULL.
-///
-/// # Safety
-/// `p` is NULL or points to a NUL-terminated string valid for the call.
-unsafe fn opt_str(p: *const c_char) -> Option<String> {
-    // SAFETY: guaranteed by the caller.
-    (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
 }
 
 #[pg_guard]
@@ -253,6 +246,16 @@ fn define_bool(name: &'static CStr, desc: &'static CStr, setting: &'static pgrx:
 }
 
 fn define_settings() {
+    // The fallback proxy's per-connection context key: settable only in the startup packet
+    // (set_context reads the packet itself; this only keeps the reserved prefix from refusing it).
+    GucRegistry::define_string_guc(
+        c"gprxy.context_key",
+        c"Public key of the proxy's signed session context (startup packet only).",
+        c"",
+        &s::CONTEXT_KEY,
+        GucContext::Backend,
+        GucFlags::default(),
+    );
     define_string(
         c"gprxy.audience",
         c"Accepted token audiences (comma-separated); one must be in aud.",
