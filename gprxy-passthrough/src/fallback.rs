@@ -140,18 +140,27 @@ pub async fn authenticate(
     let database = startup.param("database").unwrap_or(user).to_owned();
     let client_settings = client_settings(startup, &rt.cfg.context).map_err(refused)?;
     let mut lease = rt.pools.checkout(&shared.metrics, &database, &account).await?;
-    let mut conn = match lease.conn.take() {
-        Some(c) => c,
-        None => {
-            let password = rt.cfg.passwords.get(&account).cloned().unwrap_or_default();
-            login_upstream(shared, config, &account, &database, &password, rt.cfg.signed_context).await?
-        }
-    };
     let mut settings = client_settings;
     settings.extend(rt.cfg.context.iter().map(|(k, c)| (k.clone(), setting_value(&t.claims, c))));
-    let signed = conn.signer.as_mut().map(|s| s.sign(t.subject.clone(), t.roles.clone(), t.claims.clone()));
+    let login = async || {
+        let password = rt.cfg.passwords.get(&account).map(String::as_str).unwrap_or_default();
+        login_upstream(shared, config, &account, &database, password, rt.cfg.signed_context).await
+    };
+    let (mut conn, reused) = match lease.conn.take() {
+        Some(c) => (c, true),
+        None => (login().await?, false),
+    };
     let mut sbuf = BytesMut::new();
-    let reports = set_up_session(&mut conn.stream, &mut sbuf, &settings, signed.as_deref()).await?;
+    let reports = match prepare(&mut conn, &mut sbuf, &settings, &t).await {
+        // An idle connection that died unnoticed: one fresh login, once.
+        Err(SessionError::Io(_) | SessionError::ClientGone) if reused => {
+            tracing::info!(event = "pool", action = "replace", "pooled server connection failed at set-up");
+            conn = login().await?;
+            sbuf.clear();
+            prepare(&mut conn, &mut sbuf, &settings, &t).await?
+        }
+        r => r?,
+    };
     if let Some(k) = &conn.key {
         shared.cancel_keys.lock().insert(k.clone(), config.upstream.clone());
     }
@@ -307,6 +316,17 @@ async fn bearer_token(
             Err(refused("gprxy: OAuth bearer authentication failed (token required)"))
         }
     }
+}
+
+/// Hands a checked-out connection to its session: settings and, when signed, the next context.
+async fn prepare(
+    conn: &mut ServerConn,
+    sbuf: &mut BytesMut,
+    settings: &[(String, String)],
+    t: &gprxy_core::ValidatedToken,
+) -> Result<BytesMut, SessionError> {
+    let signed = conn.signer.as_mut().map(|s| s.sign(t.subject.clone(), t.roles.clone(), t.claims.clone()));
+    set_up_session(&mut conn.stream, sbuf, settings, signed.as_deref()).await
 }
 
 /// The client's startup parameters as session settings: set with `set_config` for each session

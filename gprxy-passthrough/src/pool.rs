@@ -116,10 +116,15 @@ pub struct Pools {
 }
 
 /// Whether an idle connection is still usable: nothing to read (a closed socket reads 0, a
-/// server message means trouble), checked without waiting.
+/// server message means trouble), checked with one poll and no waiting (a zero timeout would
+/// wait for the timer's next millisecond tick).
 async fn healthy(conn: &mut ServerConn) -> bool {
     let mut b = [0u8; 1];
-    tokio::time::timeout(Duration::ZERO, conn.stream.read(&mut b)).await.is_err()
+    tokio::select! {
+        biased;
+        _ = conn.stream.read(&mut b) => false,
+        () = std::future::ready(()) => true,
+    }
 }
 
 impl Pools {
