@@ -156,17 +156,48 @@ impl UreqFetcher {
     }
 }
 
+impl UreqFetcher {
+    fn transport_error(&self, url: &str, e: ureq::Error) -> KeyError {
+        match e {
+            ureq::Error::Timeout(_) => KeyError::Timeout(Quoted::new(url)),
+            ureq::Error::BodyExceedsLimit(_) => {
+                KeyError::TooLarge { url: Quoted::new(url), limit: self.settings.max_body_bytes }
+            }
+            other => KeyError::Transport { url: Quoted::new(url), reason: other.to_string() },
+        }
+    }
+
+    /// POSTs an `application/x-www-form-urlencoded` form (OAuth endpoints) and returns the
+    /// status with the body (OAuth errors come as 400 with a JSON body), under the same limits.
+    pub fn post_form(&self, url: &str, form: &[(&str, &str)]) -> Result<(u16, Vec<u8>), KeyError> {
+        check_url(url, self.settings.insecure_allow_http_loopback)?;
+        let q = || Quoted::new(url);
+        let transport = |e| self.transport_error(url, e);
+        let mut resp = self
+            .agent
+            .post(url)
+            .header("Accept", "application/json")
+            .send_form(form.iter().copied())
+            .map_err(transport)?;
+        let status = resp.status().as_u16();
+        if (300..400).contains(&status) {
+            return Err(KeyError::Redirect(q()));
+        }
+        let body = resp
+            .body_mut()
+            .with_config()
+            .limit(self.settings.max_body_bytes as u64)
+            .read_to_vec()
+            .map_err(transport)?;
+        Ok((status, body))
+    }
+}
+
 impl Fetcher for UreqFetcher {
     fn get(&self, url: &str) -> Result<HttpResponse, KeyError> {
         check_url(url, self.settings.insecure_allow_http_loopback)?;
         let q = || Quoted::new(url);
-        let transport = |e: ureq::Error| match e {
-            ureq::Error::Timeout(_) => KeyError::Timeout(q()),
-            ureq::Error::BodyExceedsLimit(_) => {
-                KeyError::TooLarge { url: q(), limit: self.settings.max_body_bytes }
-            }
-            other => KeyError::Transport { url: q(), reason: other.to_string() },
-        };
+        let transport = |e| self.transport_error(url, e);
         let mut resp = self.agent.get(url).header("Accept", "application/json").call().map_err(transport)?;
         let status = resp.status().as_u16();
         if (300..400).contains(&status) {

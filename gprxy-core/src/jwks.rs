@@ -369,31 +369,11 @@ impl JwksCache {
 
     /// Finds `jwks_uri` from the issuer's metadata.
     fn discover(&self, issuer: &str) -> Result<String, KeyError> {
-        let base = issuer.trim_end_matches('/');
-        let oidc = format!("{base}/.well-known/openid-configuration");
-        let doc = match self.fetcher.get(&oidc) {
-            Ok(r) => (oidc, r.body),
-            Err(KeyError::Status { status: 404, .. }) => {
-                let rfc8414 = rfc8414_url(issuer).ok_or_else(|| KeyError::BadUrl(Quoted::new(issuer)))?;
-                let r = self.fetcher.get(&rfc8414)?;
-                (rfc8414, r.body)
-            }
-            Err(e) => return Err(e),
-        };
-        let (url, body) = doc;
-        let invalid = |reason: &str| KeyError::Invalid { url: Quoted::new(&url), reason: reason.into() };
-        let meta = parse_object(&body).map_err(|e| invalid(&format!("metadata: {e}")))?;
-        match meta.get("issuer").and_then(Value::as_str) {
-            Some(i) if i == issuer => {}
-            Some(i) => {
-                return Err(KeyError::IssuerMismatch { got: Quoted::new(i), expected: Quoted::new(issuer) })
-            }
-            None => return Err(invalid("metadata has no issuer")),
-        }
-        let jwks_uri = meta
-            .get("jwks_uri")
-            .and_then(Value::as_str)
-            .ok_or_else(|| invalid("metadata has no jwks_uri"))?;
+        let (url, meta) = issuer_metadata(&*self.fetcher, issuer)?;
+        let jwks_uri = meta.get("jwks_uri").and_then(Value::as_str).ok_or_else(|| KeyError::Invalid {
+            url: Quoted::new(&url),
+            reason: "metadata has no jwks_uri".into(),
+        })?;
         check_url(jwks_uri, self.allow_http_loopback)?;
         Ok(jwks_uri.to_owned())
     }
@@ -436,6 +416,36 @@ fn parse_keys(url: &str, body: &[u8]) -> Result<KeySet, KeyError> {
         return Err(KeyError::Invalid { url: Quoted::new(url), reason: "key set is empty".into() });
     }
     Ok(keys)
+}
+
+/// The issuer's metadata (`<issuer>/.well-known/openid-configuration`, else RFC 8414's
+/// `/.well-known/oauth-authorization-server<path>`), with where it came from. The document
+/// must name exactly `issuer`.
+pub fn issuer_metadata(
+    fetcher: &dyn Fetcher,
+    issuer: &str,
+) -> Result<(String, serde_json::Map<String, Value>), KeyError> {
+    let base = issuer.trim_end_matches('/');
+    let oidc = format!("{base}/.well-known/openid-configuration");
+    let (url, body) = match fetcher.get(&oidc) {
+        Ok(r) => (oidc, r.body),
+        Err(KeyError::Status { status: 404, .. }) => {
+            let rfc8414 = rfc8414_url(issuer).ok_or_else(|| KeyError::BadUrl(Quoted::new(issuer)))?;
+            let r = fetcher.get(&rfc8414)?;
+            (rfc8414, r.body)
+        }
+        Err(e) => return Err(e),
+    };
+    let invalid = |reason: &str| KeyError::Invalid { url: Quoted::new(&url), reason: reason.into() };
+    let meta = parse_object(&body).map_err(|e| invalid(&format!("metadata: {e}")))?;
+    match meta.get("issuer").and_then(Value::as_str) {
+        Some(i) if i == issuer => {}
+        Some(i) => {
+            return Err(KeyError::IssuerMismatch { got: Quoted::new(i), expected: Quoted::new(issuer) })
+        }
+        None => return Err(invalid("metadata has no issuer")),
+    }
+    Ok((url, meta))
 }
 
 /// RFC 8414 section 3: `https://host/path` → `https://host/.well-known/oauth-authorization-server/path`.

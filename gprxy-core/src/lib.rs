@@ -28,6 +28,8 @@ pub use error::{ConfigError, KeyError, Malformed, Quoted, ValidationError};
 pub use fetch::{Fetcher, HttpResponse, HttpSettings, UreqFetcher};
 pub use jose::{fingerprint, peek_claim, peek_unverified, KeySource, Unverified};
 pub use jwk::{KeySet, VerifyKey};
-pub use jwks::{unix_time, CacheSettings, Clock, JwksCache, JwksSource, Snapshot, SystemClock};
+pub use jwks::{
+    issuer_metadata, unix_time, CacheSettings, Clock, JwksCache, JwksSource, Snapshot, SystemClock,
+};
 pub use policy::{parse_algorithms, Algorithm, IdentityForm, Policy, PolicyBuilder, MAX_TOKEN_BYTES};
 pub use validate::{ValidatedToken, Validator};

@@ -3,8 +3,9 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
-use gprxy_passthrough::{config, server};
+use gprxy_passthrough::{client, config, server};
 
 use clap::{Parser, Subcommand};
 
@@ -25,6 +26,29 @@ enum Command {
         #[command(flatten)]
         overrides: config::Overrides,
     },
+    /// Log in to an identity provider with the OAuth device flow and store the tokens.
+    Login {
+        /// Issuer URL, exactly as the IdP names itself (e.g. https://tenant.auth0.com/).
+        #[arg(long, env = "GPRXY_ISSUER")]
+        issuer: String,
+        /// OAuth client id of a public client with the device grant enabled.
+        #[arg(long, env = "GPRXY_CLIENT_ID")]
+        client_id: String,
+        /// Scopes to request (offline_access asks for a refresh token).
+        #[arg(long, default_value = "openid offline_access")]
+        scope: String,
+        /// `audience` parameter (Auth0: the API identifier, to get a JWT access token).
+        #[arg(long)]
+        audience: Option<String>,
+        /// PEM file of CA certificates for a private IdP.
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+        /// INSECURE, for tests only: allow a plain-HTTP issuer on a loopback address.
+        #[arg(long, hide = true)]
+        insecure_allow_http_loopback: bool,
+    },
+    /// Print a valid access token (refreshed when less than a minute is left).
+    Token,
     /// Check a configuration file and exit.
     CheckConfig {
         /// TOML configuration file.
@@ -42,20 +66,56 @@ fn init_logging(format: config::LogFormat) {
     }
 }
 
-fn main() -> anyhow::Result<()> {
+/// Client commands print their error as one line (no backtrace) and exit with status 1.
+fn client_result(r: Result<(), client::ClientError>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gprxy: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Login { issuer, client_id, scope, audience, ca_file, insecure_allow_http_loopback } => {
+            if insecure_allow_http_loopback {
+                eprintln!(
+                    "gprxy: WARNING: plain-HTTP issuer allowed (--insecure-allow-http-loopback, tests only)"
+                );
+            }
+            let req = client::LoginRequest {
+                issuer,
+                client_id,
+                scope,
+                audience,
+                ca_file,
+                insecure_allow_http_loopback,
+            };
+            let path = client::credentials_path();
+            Ok(client_result(client::login(&req, &mut std::io::stderr()).and_then(|creds| {
+                client::save(&path, &creds)?;
+                eprintln!("gprxy: logged in; tokens stored in {}", path.display());
+                Ok(())
+            })))
+        }
+        Command::Token => Ok(client_result(
+            client::token(&client::credentials_path(), gprxy_core::unix_time()).map(|t| println!("{t}")),
+        )),
         Command::CheckConfig { config } => {
             config::Config::load(Some(&config), &config::Overrides::default())?;
             println!("{}: ok", config.display());
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Serve { config, overrides } => {
             let cfg = config::Config::load(config.as_deref(), &overrides)?;
             init_logging(cfg.log_format);
             let shared = server::shared_state(cfg)?;
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            rt.block_on(server::run(shared, config, overrides))
+            rt.block_on(server::run(shared, config, overrides))?;
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

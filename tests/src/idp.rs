@@ -11,8 +11,29 @@ use serde_json::{json, Value};
 #[derive(Default)]
 struct State {
     jwks: Value,
-    tokens: HashMap<String, String>,
+    tokens: HashMap<String, Grant>,
+    refreshes: HashMap<String, Grant>,
+    pending: HashMap<String, u32>,
     jwks_status: Option<u16>,
+}
+
+/// What the token endpoint answers for a device code or a refresh token.
+#[derive(Clone)]
+struct Grant {
+    access: String,
+    refresh: Option<String>,
+    expires_in: i64,
+}
+
+impl Grant {
+    fn answer(&self) -> Response {
+        let mut body =
+            json!({"access_token": self.access, "token_type": "Bearer", "expires_in": self.expires_in});
+        if let Some(r) = &self.refresh {
+            body["refresh_token"] = json!(r);
+        }
+        Response::json(&body)
+    }
 }
 
 /// A running test issuer.
@@ -49,7 +70,36 @@ impl TestIssuer {
 
     /// The token the device flow hands to `client_id`.
     pub fn hand_out(&self, client_id: &str, token: &str) {
-        self.state.lock().tokens.insert(client_id.to_owned(), token.to_owned());
+        let grant = Grant { access: token.to_owned(), refresh: None, expires_in: 300 };
+        self.state.lock().tokens.insert(client_id.to_owned(), grant);
+    }
+
+    /// The device flow hands `client_id` this access token (valid `expires_in` seconds, as the
+    /// response says) and refresh token.
+    pub fn hand_out_with_refresh(&self, client_id: &str, access: &str, refresh: &str, expires_in: i64) {
+        let grant = Grant { access: access.to_owned(), refresh: Some(refresh.to_owned()), expires_in };
+        self.state.lock().tokens.insert(client_id.to_owned(), grant);
+    }
+
+    /// The refresh grant with `refresh` answers `access` (and a rotated refresh token if given).
+    pub fn on_refresh(&self, refresh: &str, access: &str, rotated: Option<&str>, expires_in: i64) {
+        let grant = Grant { access: access.to_owned(), refresh: rotated.map(str::to_owned), expires_in };
+        self.state.lock().refreshes.insert(refresh.to_owned(), grant);
+    }
+
+    /// Revokes (expires) a refresh token: the grant answers invalid_grant.
+    pub fn revoke(&self, refresh: &str) {
+        self.state.lock().refreshes.remove(refresh);
+    }
+
+    /// The first `n` polls for `client_id` answer authorization_pending.
+    pub fn pending_polls(&self, client_id: &str, n: u32) {
+        self.state.lock().pending.insert(client_id.to_owned(), n);
+    }
+
+    /// Requests to the token endpoint so far.
+    pub fn token_requests(&self) -> usize {
+        self.server.count_path("/token")
     }
 
     /// Requests to the JWKS endpoint so far.
@@ -100,12 +150,25 @@ fn handle(req: &Request, base: &str, state: &Mutex<State>) -> Response {
             "expires_in": 60,
             "interval": 0,
         })),
+        ("POST", "/token") if req.form("grant_type").as_deref() == Some("refresh_token") => {
+            let refresh = req.form("refresh_token").unwrap_or_default();
+            match state.lock().refreshes.get(&refresh) {
+                Some(g) => g.answer(),
+                None => Response::json(
+                    &json!({"error": "invalid_grant", "error_description": "refresh token expired"}),
+                )
+                .with_status(400),
+            }
+        }
         ("POST", "/token") => {
             let device = req.form("device_code").or_else(|| client_id(req)).unwrap_or_default();
-            match state.lock().tokens.get(&device) {
-                Some(t) => {
-                    Response::json(&json!({"access_token": t, "token_type": "Bearer", "expires_in": 300}))
-                }
+            let mut st = state.lock();
+            if let Some(n) = st.pending.get_mut(&device).filter(|n| **n > 0) {
+                *n -= 1;
+                return Response::json(&json!({"error": "authorization_pending"})).with_status(400);
+            }
+            match st.tokens.get(&device) {
+                Some(g) => g.answer(),
                 None => Response::json(&json!({"error": "access_denied"})).with_status(400),
             }
         }
