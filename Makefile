@@ -34,11 +34,11 @@ build:
 test: bootstrap lint install-extension
 	cargo build --workspace --bins
 	cargo test --workspace --no-fail-fast
-	cargo run -q -p gprxy-tests --bin gprxy-demo -- --check
 	$(MAKE) fuzz FUZZ_SECONDS=15
 
 ## The whole product on this machine, no account anywhere; Ctrl-C stops and cleans up.
 demo: bootstrap install-extension
+	cargo build -q -p gprxy-passthrough
 	cargo run -q -p gprxy-tests --bin gprxy-demo
 
 ## Coverage-guided fuzzing of the proxy's wire parsing (libFuzzer; see fuzz/README.md).
