@@ -158,3 +158,22 @@ fn github_actions_oidc_token() {
     assert_eq!(v.identity, format!("{iss}#repo:octo-org/octo-repo:environment:prod"));
     assert_eq!(v.roles, vec!["prod"]);
 }
+
+#[test]
+fn google_id_token_with_email_identity() {
+    // Google's access tokens are opaque; its ID tokens are JWTs whose audience is the client id.
+    let k = TestKey::rsa("google-key");
+    let (iat, exp) = times();
+    let iss = "https://accounts.google.com";
+    let client = "1234567890-abc.apps.googleusercontent.com";
+    let claims = json!({
+        "iss": iss, "azp": client, "aud": client, "sub": "110169484474386276334",
+        "hd": "acme.example", "email": "alice@acme.example", "email_verified": true,
+        "iat": iat, "exp": exp
+    });
+    let p = Policy::builder(iss).audiences([client]).accept_generic_typ(true).identity_claim("email");
+    let v = run(&k, json!({"typ": "JWT"}), claims, p);
+    assert_eq!(v.identity, "alice@acme.example");
+    assert_eq!(v.subject.as_deref(), Some("110169484474386276334"));
+    assert!(v.roles.is_empty());
+}
