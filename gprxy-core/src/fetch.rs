@@ -171,40 +171,28 @@ impl UreqFetcher {
     /// status with the body (OAuth errors come as 400 with a JSON body), under the same limits.
     pub fn post_form(&self, url: &str, form: &[(&str, &str)]) -> Result<(u16, Vec<u8>), KeyError> {
         check_url(url, self.settings.insecure_allow_http_loopback)?;
-        let q = || Quoted::new(url);
-        let transport = |e| self.transport_error(url, e);
-        let mut resp = self
-            .agent
-            .post(url)
-            .header("Accept", "application/json")
-            .send_form(form.iter().copied())
-            .map_err(transport)?;
-        let status = resp.status().as_u16();
-        if (300..400).contains(&status) {
-            return Err(KeyError::Redirect(q()));
-        }
-        let body = resp
-            .body_mut()
-            .with_config()
-            .limit(self.settings.max_body_bytes as u64)
-            .read_to_vec()
-            .map_err(transport)?;
+        let sent = self.agent.post(url).header("Accept", "application/json").send_form(form.iter().copied());
+        let (status, _, body) = self.finish(url, sent, false)?;
         Ok((status, body))
     }
-}
 
-impl Fetcher for UreqFetcher {
-    fn get(&self, url: &str) -> Result<HttpResponse, KeyError> {
-        check_url(url, self.settings.insecure_allow_http_loopback)?;
-        let q = || Quoted::new(url);
+    /// Status, `Cache-Control` max-age and body of a response: transport errors mapped,
+    /// redirects refused, any status but 200 refused before the body when `require_200`, the
+    /// body capped.
+    fn finish(
+        &self,
+        url: &str,
+        sent: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+        require_200: bool,
+    ) -> Result<(u16, Option<u64>, Vec<u8>), KeyError> {
         let transport = |e| self.transport_error(url, e);
-        let mut resp = self.agent.get(url).header("Accept", "application/json").call().map_err(transport)?;
+        let mut resp = sent.map_err(transport)?;
         let status = resp.status().as_u16();
         if (300..400).contains(&status) {
-            return Err(KeyError::Redirect(q()));
+            return Err(KeyError::Redirect(Quoted::new(url)));
         }
-        if status != 200 {
-            return Err(KeyError::Status { url: q(), status });
+        if require_200 && status != 200 {
+            return Err(KeyError::Status { url: Quoted::new(url), status });
         }
         let max_age =
             resp.headers().get("cache-control").and_then(|v| v.to_str().ok()).and_then(parse_max_age);
@@ -214,6 +202,15 @@ impl Fetcher for UreqFetcher {
             .limit(self.settings.max_body_bytes as u64)
             .read_to_vec()
             .map_err(transport)?;
+        Ok((status, max_age, body))
+    }
+}
+
+impl Fetcher for UreqFetcher {
+    fn get(&self, url: &str) -> Result<HttpResponse, KeyError> {
+        check_url(url, self.settings.insecure_allow_http_loopback)?;
+        let sent = self.agent.get(url).header("Accept", "application/json").call();
+        let (_, max_age, body) = self.finish(url, sent, true)?;
         Ok(HttpResponse { body, max_age })
     }
 }

@@ -94,12 +94,14 @@ impl World {
 
     /// psql 15 with the token as its password.
     fn psql(&self, user: &str, token: &str, sslmode: &str, sql: &str) -> Result<String, String> {
+        self.psql_with(&format!("user={user} sslmode={sslmode}"), token, sql)
+    }
+
+    /// psql 15 through the proxy with more connection options.
+    fn psql_with(&self, options: &str, token: &str, sql: &str) -> Result<String, String> {
         let out = std::process::Command::new(PgVersion::V15.bin("psql"))
             .args(["-X", "-A", "-t", "-c", sql])
-            .arg(format!(
-                "host=127.0.0.1 port={} user={user} dbname=postgres sslmode={sslmode}",
-                self.proxy.port
-            ))
+            .arg(format!("host=127.0.0.1 port={} dbname=postgres {options}", self.proxy.port))
             .env("PGPASSWORD", token)
             .output()
             .unwrap();
@@ -381,20 +383,11 @@ fn client_startup_settings_apply_per_session_and_proxy_names_are_refused() {
     let w = start_with("[fallback.pool]\ndefault_size = 1");
     let t = w.token("alice", json!(["writer"]), 300);
     let run = |options: &str, sql: &str| {
-        let out = std::process::Command::new(PgVersion::V15.bin("psql"))
-            .args(["-X", "-A", "-t", "-c", sql])
-            .arg(format!(
-                "host=127.0.0.1 port={} user=alice dbname=postgres sslmode=require application_name=myapp options='{options}'",
-                w.proxy.port
-            ))
-            .env("PGPASSWORD", &t)
-            .output()
-            .unwrap();
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
+        w.psql_with(
+            &format!("user=alice sslmode=require application_name=myapp options='{options}'"),
+            &t,
+            sql,
+        )
     };
     let show = "SELECT current_setting('application_name'), current_setting('search_path'), current_setting('statement_timeout')";
     assert_eq!(
