@@ -39,7 +39,7 @@ fn start_full(fallback_extra: &str, pg_conf: &[&str]) -> World {
     let pg = builder.start();
     pg.sql("CREATE EXTENSION gprxy_validator");
     apply_sql_file(&pg, "postgres", "01_roles.sql");
-    pg.sql("SET password_encryption = 'scram-sha-256'; ALTER ROLE app_writer PASSWORD 'writer-secret-1'; ALTER ROLE app_reader PASSWORD 'reader-secret-1'");
+    pg.sql("SET password_encryption = 'scram-sha-256'; ALTER ROLE app_writer PASSWORD 'writer-secret-1'; ALTER ROLE app_reader PASSWORD 'reader-secret-1'; ALTER ROLE app_admin PASSWORD 'admin-secret-1'");
     let files = tempfile::tempdir().unwrap();
     let (ca, cert, tls_key) = test_ca();
     let p = |n: &str| files.path().join(n);
@@ -47,6 +47,7 @@ fn start_full(fallback_extra: &str, pg_conf: &[&str]) -> World {
     std::fs::write(p("k.pem"), tls_key).unwrap();
     std::fs::write(p("writer.pw"), "writer-secret-1\n").unwrap();
     std::fs::write(p("reader.pw"), "reader-secret-1\n").unwrap();
+    std::fs::write(p("admin.pw"), "admin-secret-1\n").unwrap();
     let proxy = Proxy::start(&format!(
         r#"upstream = "127.0.0.1:{port}"
 [tls]
@@ -59,6 +60,9 @@ role_claim = "roles"
 insecure_allow_http_loopback = true
 {fallback_extra}
 [[fallback.map]]
+role = "admin"
+account = "app_admin"
+[[fallback.map]]
 role = "writer"
 account = "app_writer"
 [[fallback.map]]
@@ -68,6 +72,8 @@ account = "app_reader"
 password_file = "{wpw}"
 [fallback.accounts.app_reader]
 password_file = "{rpw}"
+[fallback.accounts.app_admin]
+password_file = "{apw}"
 "#,
         port = pg.port(),
         cert = p("c.pem").display(),
@@ -75,6 +81,7 @@ password_file = "{rpw}"
         iss = idp.issuer(),
         wpw = p("writer.pw").display(),
         rpw = p("reader.pw").display(),
+        apw = p("admin.pw").display(),
     ));
     World { idp, key, _pg: pg, proxy, ca, _files: files }
 }
@@ -406,5 +413,40 @@ fn client_startup_settings_apply_per_session_and_proxy_names_are_refused() {
             "FATAL:  gprxy: session set-up failed: unrecognized configuration parameter \"no_such_setting\""
         ),
         "{e}"
+    );
+}
+
+#[test]
+fn writer_writes_reader_reads_admin_sees_all_with_claim_policies() {
+    let w = start();
+    for f in ["02_schema.sql", "03_rls_gprxy_claims.sql", "04_demo_data.sql"] {
+        apply_sql_file(&w._pg, "postgres", f);
+    }
+    let titles = "SELECT string_agg(title, ',' ORDER BY title) FROM posts";
+    let writer = w.token("alice", json!(["writer"]), 300);
+    let insert =
+        format!("INSERT INTO posts (tenant_id, owner_id, title) VALUES ('{ACME}', 'alice', 'alice new')");
+    assert_eq!(w.psql("alice", &writer, "require", &insert).unwrap(), "INSERT 0 1");
+    assert_eq!(w.psql("alice", &writer, "require", titles).unwrap(), "acme public,alice new,alice private");
+    // Another tenant's row, or another owner's, is refused by the policies.
+    let foreign = "INSERT INTO posts (tenant_id, owner_id, title) VALUES ('22222222-2222-2222-2222-222222222222', 'alice', 'x')";
+    let e = w.psql("alice", &writer, "require", foreign).unwrap_err();
+    assert!(
+        e.contains("new row violates row-level security policy \"tenant_isolation\" for table \"posts\""),
+        "{e}"
+    );
+
+    let reader = w.token_for("bob", "22222222-2222-2222-2222-222222222222", json!(["reader"]), 300);
+    assert_eq!(w.psql("bob", &reader, "require", titles).unwrap(), "bob private,globex public");
+    let e = w
+        .psql("bob", &reader, "require", "INSERT INTO posts (tenant_id, owner_id, title) VALUES ('22222222-2222-2222-2222-222222222222', 'bob', 'x')")
+        .unwrap_err();
+    assert!(e.contains("permission denied for table posts"), "{e}");
+
+    // admin maps first (first rule wins) and its policy grants every row of every tenant.
+    let admin = w.token("carol", json!(["reader", "admin"]), 300);
+    assert_eq!(
+        w.psql("carol", &admin, "require", &format!("SELECT current_user; {titles}")).unwrap(),
+        "app_admin\nacme public,alice new,alice private,bob private,dave private,globex public"
     );
 }

@@ -11,8 +11,36 @@ use gprxy_core::testkit::test_ca;
 use gprxy_tests::proxy::Proxy;
 use gprxy_tests::{command_as_test_user, free_port, running_as_root, test_user, Cluster, PgVersion};
 
+/// Seconds per pgbench run (`BENCH_SECONDS`).
 fn seconds() -> String {
-    std::env::var("BENCH_SECONDS").unwrap_or_else(|_| "15".into())
+    std::env::var("BENCH_SECONDS").unwrap_or_else(|_| "5".into())
+}
+
+/// Rounds (`BENCH_ROUNDS`): every target runs once per round, in turn, so that the machine's
+/// drift over a minute hits all of them alike; the median round counts.
+fn rounds() -> usize {
+    std::env::var("BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Runs each target once per round, interleaved; returns the per-target median run.
+fn interleaved(targets: &[(u16, &[&str], &[(&str, &str)])]) -> Vec<Run> {
+    let mut all: Vec<Vec<Run>> = targets.iter().map(|_| Vec::new()).collect();
+    for _ in 0..rounds() {
+        for (i, (port, extra, env)) in targets.iter().enumerate() {
+            all[i].push(pgbench(*port, extra, env));
+        }
+    }
+    all.into_iter()
+        .map(|runs| Run {
+            tps: median(runs.iter().map(|r| r.tps).collect()),
+            latency_ms: median(runs.iter().map(|r| r.latency_ms).collect()),
+        })
+        .collect()
 }
 
 struct Run {
@@ -137,11 +165,18 @@ fn run() -> bool {
 
     let load = ["-c", "8", "-j", "2"];
     let plain = [("PGSSLMODE", "disable")];
-    println!("pgbench -S -c 8 -j 2 -T {}, scale 10, PostgreSQL 18 on loopback", seconds());
-    let direct = pgbench(pg.port(), &load, &plain);
-    let via_gprxy = pgbench(proxy.port, &load, &plain);
-    let via_bouncer = pgbench(bouncer_port, &load, &plain);
-    for (name, r) in [("direct", &direct), ("gprxy", &via_gprxy), ("pgbouncer (session)", &via_bouncer)] {
+    println!(
+        "pgbench -S -c 8 -j 2 -T {}, scale 10, PostgreSQL 18 on loopback; median of {} interleaved rounds",
+        seconds(),
+        rounds()
+    );
+    let r = interleaved(&[
+        (pg.port(), &load, &plain),
+        (proxy.port, &load, &plain),
+        (bouncer_port, &load, &plain),
+    ]);
+    let (direct, via_gprxy, via_bouncer) = (&r[0], &r[1], &r[2]);
+    for (name, r) in [("direct", direct), ("gprxy", via_gprxy), ("pgbouncer (session)", via_bouncer)] {
         println!("  {name:<20} {:>10.0} tps  {:>7.3} ms", r.tps, r.latency_ms);
     }
     let vs_direct = via_gprxy.tps / direct.tps;
@@ -149,15 +184,22 @@ fn run() -> bool {
     println!("  gprxy/direct    {vs_direct:.3} (goal >= 0.80)");
     println!("  gprxy/pgbouncer {vs_bouncer:.3} (goal >= 1.20)");
 
-    println!("pgbench -S -C -c 4 -j 2 -T {}: a new connection per transaction", seconds());
+    println!(
+        "pgbench -S -C -c 4 -j 2 -T {}: a new connection per transaction (median of {} rounds)",
+        seconds(),
+        rounds()
+    );
     let conn = ["-C", "-c", "4", "-j", "2"];
     let tls = [("PGSSLMODE", "require")];
-    let c_direct = pgbench(pg.port(), &conn, &plain);
-    let c_plain = pgbench(proxy.port, &conn, &plain);
-    let c_direct_tls = pgbench(pg.port(), &conn, &tls);
-    let c_tls = pgbench(proxy.port, &conn, &tls);
+    let r = interleaved(&[
+        (pg.port(), &conn, &plain),
+        (proxy.port, &conn, &plain),
+        (pg.port(), &conn, &tls),
+        (proxy.port, &conn, &tls),
+    ]);
+    let (c_direct, c_plain, c_direct_tls, c_tls) = (&r[0], &r[1], &r[2], &r[3]);
     for (name, r) in
-        [("direct", &c_direct), ("gprxy", &c_plain), ("direct, TLS", &c_direct_tls), ("gprxy, TLS", &c_tls)]
+        [("direct", c_direct), ("gprxy", c_plain), ("direct, TLS", c_direct_tls), ("gprxy, TLS", c_tls)]
     {
         println!("  {name:<20} {:>10.0} tps  {:>7.3} ms", r.tps, r.latency_ms);
     }
