@@ -27,8 +27,11 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// A pgbench target: port, extra arguments, environment.
+type Target<'a> = (u16, &'a [&'a str], &'a [(&'a str, &'a str)]);
+
 /// Runs each target once per round, interleaved; returns the per-target median run.
-fn interleaved(targets: &[(u16, &[&str], &[(&str, &str)])]) -> Vec<Run> {
+fn interleaved(targets: &[Target<'_>]) -> Vec<Run> {
     let mut all: Vec<Vec<Run>> = targets.iter().map(|_| Vec::new()).collect();
     for _ in 0..rounds() {
         for (i, (port, extra, env)) in targets.iter().enumerate() {
