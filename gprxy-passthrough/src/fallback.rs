@@ -15,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::config::{ClientAuth, Config, Fallback, UserMatch};
 use crate::pool::{Pools, ServerConn};
 use crate::proto::{self, auth, ProtoError, Startup};
-use crate::session::{BoxStream, LoginInfo, Pooled, SessionError, Shared, Upstream};
+use crate::session::{BoxStream, CancelTarget, LoginInfo, Pooled, SessionError, Shared, Upstream};
 use gprxy_core::context::ContextSigner;
 
 /// Fallback settings with the key cache that outlives connections.
@@ -161,11 +161,23 @@ pub async fn authenticate(
         }
         r => r?,
     };
-    if let Some(k) = &conn.key {
-        shared.cancel_keys.lock().insert(k.clone(), config.upstream.clone());
-    }
+    // The client gets a cancel key of its own for this session, never the server connection's.
+    let client_key = match &conn.key {
+        Some(server_key) => {
+            let key = session_cancel_key(server_key.0)?;
+            let target = CancelTarget { upstream: config.upstream.clone(), server_key: server_key.clone() };
+            shared.cancel_keys.lock().insert(key.clone(), target);
+            Some(key)
+        }
+        None => None,
+    };
     let mut to_client = proto::frame(b'R', &auth::OK.to_be_bytes());
     to_client.extend_from_slice(&conn.startup_reply);
+    if let Some((pid, secret)) = &client_key {
+        let mut body = pid.to_be_bytes().to_vec();
+        body.extend_from_slice(secret);
+        to_client.extend_from_slice(&proto::frame(b'K', &body));
+    }
     to_client.extend_from_slice(&reports);
     to_client.extend_from_slice(&proto::frame(b'Z', b"I"));
     client.write_all(&to_client).await?;
@@ -176,6 +188,7 @@ pub async fn authenticate(
         pooled: Some(Pooled { lease, startup_reply: conn.startup_reply, signer: conn.signer, created }),
         stream: conn.stream,
         key: conn.key,
+        client_key,
         leftover_client: cbuf,
         leftover_server: sbuf,
     })
@@ -243,10 +256,7 @@ async fn login_upstream(
                 let (code, msg) = proto::error_fields(&m);
                 return Err(upstream_failed(&format!("{code}: {msg}")));
             }
-            (b'K', _) => {
-                key = proto::backend_key(&m);
-                startup_reply.extend_from_slice(&m.raw);
-            }
+            (b'K', _) => key = proto::backend_key(&m),
             (b'Z', _) if authenticated => break,
             _ => startup_reply.extend_from_slice(&m.raw),
         }
@@ -316,6 +326,14 @@ async fn bearer_token(
             Err(refused("gprxy: OAuth bearer authentication failed (token required)"))
         }
     }
+}
+
+/// A fresh cancel key for one pooled session: the server's process id (as PostgreSQL shows
+/// it) and a random 4-byte secret (protocol 3.0).
+fn session_cancel_key(pid: i32) -> Result<(i32, Vec<u8>), SessionError> {
+    let mut secret = vec![0u8; 4];
+    aws_lc_rs::rand::fill(&mut secret).map_err(|_| upstream_failed("no randomness for a cancel key"))?;
+    Ok((pid, secret))
 }
 
 /// Hands a checked-out connection to its session: settings and, when signed, the next context.

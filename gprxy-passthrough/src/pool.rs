@@ -51,7 +51,8 @@ impl Default for PoolSettings {
 pub struct ServerConn {
     /// The stream.
     pub stream: BoxStream,
-    /// ParameterStatus and BackendKeyData from its login, replayed to each client.
+    /// ParameterStatus messages from its login, replayed to each client (each session gets a
+    /// BackendKeyData of its own).
     pub startup_reply: BytesMut,
     /// Its cancel key.
     pub key: Option<(i32, Vec<u8>)>,

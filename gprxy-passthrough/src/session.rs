@@ -34,7 +34,7 @@ pub struct Shared {
     /// Upstream TLS (None: plain upstream).
     pub upstream_tls: RwLock<Option<Arc<rustls::ClientConfig>>>,
     /// Live sessions' cancel keys → upstream address.
-    pub cancel_keys: Mutex<HashMap<(i32, Vec<u8>), String>>,
+    pub cancel_keys: Mutex<HashMap<(i32, Vec<u8>), CancelTarget>>,
     /// Metrics.
     pub metrics: Metrics,
     /// Fallback mode, when configured.
@@ -166,13 +166,27 @@ pub struct Upstream {
     /// Set when the server connection came from a pool and goes back to it.
     pub(crate) pooled: Option<Pooled>,
     pub(crate) stream: BoxStream,
+    /// The server's cancel key.
     pub(crate) key: Option<(i32, Vec<u8>)>,
+    /// The cancel key the client holds (registered in `Shared::cancel_keys`).
+    pub(crate) client_key: Option<(i32, Vec<u8>)>,
     pub(crate) leftover_client: BytesMut,
     pub(crate) leftover_server: BytesMut,
 }
 
+/// Where a cancel request with a key the client holds goes: the server and the key it issued.
+/// Pass-through sessions hold the server's own key; pooled sessions a key of their own, so that
+/// a client cannot cancel queries of later sessions on the same server connection.
+#[derive(Debug, Clone)]
+pub struct CancelTarget {
+    /// Upstream address.
+    pub upstream: String,
+    /// The server's process id and secret.
+    pub server_key: (i32, Vec<u8>),
+}
+
 fn remove_cancel_key(shared: &Shared, up: &Upstream) {
-    if let Some(k) = &up.key {
+    if let Some(k) = &up.client_key {
         shared.cancel_keys.lock().remove(k);
     }
 }
@@ -352,14 +366,15 @@ pub(crate) async fn connect_upstream(shared: &Shared, config: &Config) -> Result
 }
 
 async fn forward_cancel(shared: &Shared, config: &Config, pid: i32, key: Vec<u8>) {
-    let known = shared.cancel_keys.lock().contains_key(&(pid, key.clone()));
-    if !known {
+    let target = shared.cancel_keys.lock().get(&(pid, key)).cloned();
+    let Some(target) = target else {
         info!(event = "cancel", pid, outcome = "dropped", "cancel request with an unknown key dropped");
         return;
-    }
+    };
     match connect_upstream(shared, config).await {
         Ok(mut up) => {
-            let _ = up.write_all(&proto::encode_cancel(pid, &key)).await;
+            let (server_pid, server_secret) = &target.server_key;
+            let _ = up.write_all(&proto::encode_cancel(*server_pid, server_secret)).await;
             let _ = up.flush().await;
             let mut sink = [0u8; 1];
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), up.read(&mut sink)).await;
@@ -432,7 +447,9 @@ async fn authenticate(
                 (b'K', _) => {
                     key = proto::backend_key(&m);
                     if let Some(k) = &key {
-                        shared.cancel_keys.lock().insert(k.clone(), config.upstream.clone());
+                        let target =
+                            CancelTarget { upstream: config.upstream.clone(), server_key: k.clone() };
+                        shared.cancel_keys.lock().insert(k.clone(), target);
                     }
                     to_client.extend_from_slice(&m.raw);
                 }
@@ -454,6 +471,7 @@ async fn authenticate(
                     return Ok(Upstream {
                         pooled: None,
                         stream: up,
+                        client_key: key.clone(),
                         key,
                         leftover_client: cbuf,
                         leftover_server: sbuf,

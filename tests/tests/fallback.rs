@@ -450,3 +450,44 @@ fn writer_writes_reader_reads_admin_sees_all_with_claim_policies() {
         "app_admin\nacme public,alice new,alice private,bob private,dave private,globex public"
     );
 }
+
+#[test]
+fn pooled_sessions_get_their_own_cancel_keys() {
+    use gprxy_tests::pgwire::cancel;
+    use std::time::{Duration, Instant};
+    let w = start_with("[fallback.pool]\ndefault_size = 1");
+    let t = w.token("alice", json!(["writer"]), 300);
+    let connect = || connect_tls(w.proxy.addr(), "alice", "postgres", Auth::Password(&t), &w.ca).unwrap();
+    let mut first = connect();
+    let old_key = first.key.expect("BackendKeyData");
+    let pid = first.scalar("SELECT pg_backend_pid()").unwrap();
+    first.close();
+    std::thread::sleep(Duration::from_millis(200));
+
+    let mut second = connect();
+    let key = second.key.expect("BackendKeyData");
+    assert_eq!(second.scalar("SELECT pg_backend_pid()").unwrap(), pid, "the same pooled server connection");
+    assert_eq!(key.0, old_key.0, "the key names the server's process");
+    assert_ne!(key.1, old_key.1, "but its secret is the session's own");
+    // The first session's key no longer reaches the connection.
+    let addr = w.proxy.addr();
+    let stale = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        cancel(addr, old_key).unwrap();
+    });
+    assert_eq!(second.scalar("SELECT pg_sleep(1)::text").unwrap().as_deref(), Some(""));
+    stale.join().unwrap();
+    // Its own key cancels.
+    let started = Instant::now();
+    let canceller = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        cancel(addr, key).unwrap();
+    });
+    let e = second.query("SELECT pg_sleep(30)").unwrap_err();
+    canceller.join().unwrap();
+    assert_eq!(e.code.as_deref(), Some("57014"), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+    let cancels = w.proxy.wait_events("cancel", 2);
+    assert_eq!(cancels.iter().filter(|e| e["outcome"] == "dropped").count(), 1, "{cancels:#?}");
+    assert_eq!(cancels.iter().filter(|e| e["outcome"] == "forwarded").count(), 1, "{cancels:#?}");
+}
