@@ -107,6 +107,10 @@ pub async fn authenticate(
     mut cbuf: BytesMut,
     info: &mut LoginInfo,
 ) -> Result<Upstream, SessionError> {
+    // Pooled sessions speak protocol 3.0 (the server connections do).
+    if let Some(npv) = proto::negotiate_protocol_version(startup) {
+        client.write_all(&npv).await?;
+    }
     let token = match rt.cfg.client_auth {
         ClientAuth::Password => password_token(client, &mut cbuf, info).await?,
         ClientAuth::OAuthBearer => bearer_token(client, &mut cbuf, info, &rt.cfg).await?,

@@ -333,6 +333,24 @@ pub fn error_response(sqlstate: &str, message: &str) -> BytesMut {
     frame(b'E', &body)
 }
 
+/// NegotiateProtocolVersion for a client that asked for more than protocol 3.0 (a newer minor
+/// version or `_pq_.` options), as a server speaking only 3.0 answers; None when it asked for 3.0.
+pub fn negotiate_protocol_version(startup: &Startup) -> Option<BytesMut> {
+    let options: Vec<&str> =
+        startup.params.iter().map(|(k, _)| k.as_str()).filter(|k| k.starts_with("_pq_.")).collect();
+    if startup.version & 0xffff == 0 && options.is_empty() {
+        return None;
+    }
+    let mut body = BytesMut::new();
+    body.put_u32(0x0003_0000); // the version offered, as PostgreSQL sends it (3.0)
+    body.put_i32(options.len() as i32);
+    for o in options {
+        body.put_slice(o.as_bytes());
+        body.put_u8(0);
+    }
+    Some(frame(b'v', &body))
+}
+
 /// A CancelRequest packet.
 pub fn encode_cancel(pid: i32, key: &[u8]) -> BytesMut {
     let mut out = BytesMut::with_capacity(12 + key.len());
@@ -564,5 +582,21 @@ mod framer_tests {
         let mut f = Framer::default();
         f.feed(&frame(b'Q', b"abc")[..6]).unwrap();
         assert!(!f.at_boundary());
+    }
+
+    #[test]
+    fn newer_minor_versions_and_protocol_options_are_negotiated_down() {
+        let st = |version: u32, params: &[(&str, &str)]| Startup {
+            version,
+            params: params.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+            raw: Vec::new(),
+        };
+        assert_eq!(negotiate_protocol_version(&st(0x0003_0000, &[("user", "a")])), None);
+        let v = negotiate_protocol_version(&st(0x0003_0002, &[("user", "a"), ("_pq_.x", "1")])).unwrap();
+        let mut want = BytesMut::new();
+        want.put_u32(0x0003_0000);
+        want.put_i32(1);
+        want.put_slice(b"_pq_.x\0");
+        assert_eq!(v, frame(b'v', &want));
     }
 }

@@ -491,3 +491,22 @@ fn pooled_sessions_get_their_own_cancel_keys() {
     assert_eq!(cancels.iter().filter(|e| e["outcome"] == "dropped").count(), 1, "{cancels:#?}");
     assert_eq!(cancels.iter().filter(|e| e["outcome"] == "forwarded").count(), 1, "{cancels:#?}");
 }
+
+#[test]
+fn a_protocol_3_2_client_is_negotiated_down_to_3_0() {
+    let w = start();
+    let t = w.token("alice", json!(["writer"]), 300);
+    let out = std::process::Command::new(PgVersion::V18.bin("psql"))
+        .args(["-X", "-A", "-t", "-c", "SELECT current_user, gprxy.subject()", "-c", "\\conninfo"])
+        .arg(format!(
+            "host=127.0.0.1 port={} user=alice dbname=postgres sslmode=require max_protocol_version=3.2",
+            w.proxy.port
+        ))
+        .env("PGPASSWORD", &t)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.starts_with("app_writer|alice\n"), "{stdout}");
+    assert!(stdout.contains("Protocol Version|3.0"), "{stdout}");
+}
