@@ -218,6 +218,17 @@ impl JwksCache {
         Ok(true)
     }
 
+    /// The cached keys while they are fresh, without fetching or waiting (None: expired or
+    /// never fetched; use [`JwksCache::keys`], which may block on the network).
+    pub fn fresh_keys(&self) -> Option<Arc<KeySet>> {
+        let now = self.clock.now_ms();
+        let st = self.state.read();
+        match (&st.keys, &st.snapshot) {
+            (Some(keys), Some(s)) if now < s.expires_at_ms => Some(keys.clone()),
+            _ => None,
+        }
+    }
+
     /// Fresh keys, or the last good ones during an outage, fetching when needed.
     pub fn keys(&self) -> Result<Arc<KeySet>, KeyError> {
         self.keys_and_generation().map(|(k, _)| k)

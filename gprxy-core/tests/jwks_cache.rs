@@ -166,6 +166,27 @@ fn max_age_is_honoured_within_bounds() {
 }
 
 #[test]
+fn fresh_keys_never_fetch_and_end_at_expiry() {
+    let k = TestKey::ed25519("k");
+    let idp = Issuer::start(&[&k]);
+    let clock = ManualClock::new();
+    let cache = cache_for(
+        &idp.issuer(),
+        &clock,
+        CacheSettings { default_ttl: Duration::from_secs(600), ..Default::default() },
+    );
+    assert!(cache.fresh_keys().is_none(), "nothing fetched yet");
+    assert_eq!(idp.jwks_fetches(), 0);
+    cache.keys().unwrap();
+    assert!(cache.fresh_keys().is_some());
+    clock.advance(599);
+    assert!(cache.fresh_keys().is_some());
+    clock.advance(1);
+    assert!(cache.fresh_keys().is_none(), "expired keys are not fresh");
+    assert_eq!(idp.jwks_fetches(), 1, "fresh_keys never fetches");
+}
+
+#[test]
 fn refresh_ahead_at_80_percent() {
     let k = TestKey::rsa("k");
     let idp = Issuer::start(&[&k]);

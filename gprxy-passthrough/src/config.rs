@@ -58,6 +58,19 @@ struct FileFallback {
     signed_context: bool,
     #[serde(default)]
     pool: FilePool,
+    #[serde(default)]
+    keys: FileKeys,
+}
+
+/// `[fallback.keys]`: the issuer's key cache (same meaning as the extension's gprxy.jwks_*).
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileKeys {
+    cache_ttl_secs: Option<u64>,
+    cache_ttl_min_secs: Option<u64>,
+    cache_ttl_max_secs: Option<u64>,
+    unknown_kid_cooldown_secs: Option<u64>,
+    max_staleness_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -230,6 +243,8 @@ pub struct Fallback {
     pub signed_context: bool,
     /// Pool limits.
     pub pool: crate::pool::PoolSettings,
+    /// Key cache timing.
+    pub keys: gprxy_core::CacheSettings,
 }
 
 impl std::fmt::Debug for Fallback {
@@ -321,6 +336,22 @@ fn check_fallback(f: FileFallback) -> anyhow::Result<Fallback> {
     if pool.default_size == 0 || pool.sizes.values().any(|&n| n == 0) {
         bail!("fallback.pool: sizes must be at least 1");
     }
+    let k = gprxy_core::CacheSettings::default();
+    let secs = |v: Option<u64>, default: Duration| v.map_or(default, Duration::from_secs);
+    let keys = gprxy_core::CacheSettings {
+        default_ttl: secs(f.keys.cache_ttl_secs, k.default_ttl),
+        min_ttl: secs(f.keys.cache_ttl_min_secs, k.min_ttl),
+        max_ttl: secs(f.keys.cache_ttl_max_secs, k.max_ttl),
+        unknown_kid_cooldown: secs(f.keys.unknown_kid_cooldown_secs, k.unknown_kid_cooldown),
+        max_staleness: secs(f.keys.max_staleness_secs, k.max_staleness),
+        ..k
+    };
+    if keys.min_ttl.is_zero() || keys.unknown_kid_cooldown.is_zero() {
+        bail!("fallback.keys: cache_ttl_min_secs and unknown_kid_cooldown_secs must be at least 1");
+    }
+    if keys.min_ttl > keys.max_ttl {
+        bail!("fallback.keys: cache_ttl_min_secs is above cache_ttl_max_secs");
+    }
     Ok(Fallback {
         pool,
         client_auth,
@@ -333,6 +364,7 @@ fn check_fallback(f: FileFallback) -> anyhow::Result<Fallback> {
         passwords,
         context,
         signed_context: f.signed_context,
+        keys,
     })
 }
 
@@ -531,6 +563,31 @@ mod tests {
         assert!(load(no_aud).unwrap_err().to_string().contains("fallback.audience"));
         let no_tls = "upstream = \"h:1\"\n[fallback]\nissuer = \"https://idp\"\naudience = [\"db\"]\nrole_claim = \"r\"\n";
         assert!(load(no_tls).unwrap_err().to_string().contains("fallback: needs tls.cert"));
+    }
+
+    #[test]
+    fn key_cache_settings_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "secret\n").unwrap();
+        let ok = format!(
+            "[[fallback.map]]\nrole = \"w\"\naccount = \"app_writer\"\n[fallback.accounts.app_writer]\npassword_file = \"{}\"\n",
+            pw.display()
+        );
+        let with = |keys: &str| load(&fallback(&format!("{ok}[fallback.keys]\n{keys}")));
+        let f = with("unknown_kid_cooldown_secs = 5\nmax_staleness_secs = 60\n").unwrap().fallback.unwrap();
+        assert_eq!(f.keys.unknown_kid_cooldown, Duration::from_secs(5));
+        assert_eq!(f.keys.max_staleness, Duration::from_secs(60));
+        assert_eq!(f.passwords["app_writer"], "secret");
+        assert!(with("unknown_kid_cooldown_secs = 0\n")
+            .unwrap_err()
+            .to_string()
+            .contains("must be at least 1"));
+        assert!(with("cache_ttl_min_secs = 100\ncache_ttl_max_secs = 10\n")
+            .unwrap_err()
+            .to_string()
+            .contains("cache_ttl_min_secs is above cache_ttl_max_secs"));
+        assert!(with("ttl = 1\n").unwrap_err().to_string().contains("unknown field"));
     }
 
     #[test]

@@ -42,7 +42,7 @@ impl FallbackRuntime {
             cfg.source.clone(),
             fetcher,
             Arc::new(gprxy_core::SystemClock),
-            gprxy_core::CacheSettings::default(),
+            cfg.keys.clone(),
             cfg.insecure_allow_http_loopback,
         )?);
         if cfg.insecure_allow_http_loopback {
@@ -117,13 +117,9 @@ pub async fn authenticate(
     };
     crate::session::note_token(info, &token);
 
-    let check = rt.clone();
-    let validated = tokio::task::spawn_blocking(move || {
-        check.validator.validate(&token, &*check.cache, gprxy_core::unix_time())
-    })
-    .await
-    .map_err(|_| refused("gprxy: token validation failed"))?;
-    let t = validated.map_err(|e| refused(format!("gprxy: token refused ({}): {e}", e.code())))?;
+    let t = validate(&rt, token)
+        .await
+        .map_err(|e| refused(format!("gprxy: token refused ({}): {e}", e.code())))?;
 
     let account = rt
         .cfg
@@ -330,6 +326,27 @@ async fn bearer_token(
             Err(refused("gprxy: OAuth bearer authentication failed (token required)"))
         }
     }
+}
+
+/// Validates on this thread against fresh cached keys (microseconds); only when the keys are
+/// stale or the token names a key they lack does it go to a blocking thread, which may fetch.
+async fn validate(
+    rt: &Arc<FallbackRuntime>,
+    token: String,
+) -> Result<gprxy_core::ValidatedToken, gprxy_core::ValidationError> {
+    use gprxy_core::ValidationError::{KidUnknown, NoKeyForAlg};
+    if let Some(keys) = rt.cache.fresh_keys() {
+        match rt.validator.validate(&token, &*keys, gprxy_core::unix_time()) {
+            Err(KidUnknown(_) | NoKeyForAlg(_)) => {}
+            done => return done,
+        }
+    }
+    let check = rt.clone();
+    tokio::task::spawn_blocking(move || {
+        check.validator.validate(&token, &*check.cache, gprxy_core::unix_time())
+    })
+    .await
+    .unwrap_or_else(|_| Err(gprxy_core::KeyError::Unavailable("validation task failed".into()).into()))
 }
 
 /// A fresh cancel key for one pooled session: the server's process id (as PostgreSQL shows

@@ -510,3 +510,26 @@ fn a_protocol_3_2_client_is_negotiated_down_to_3_0() {
     assert!(stdout.starts_with("app_writer|alice\n"), "{stdout}");
     assert!(stdout.contains("Protocol Version|3.0"), "{stdout}");
 }
+
+#[test]
+fn a_rotated_key_is_fetched_once_and_an_unknown_one_refused() {
+    let w = start_with("[fallback.keys]\nunknown_kid_cooldown_secs = 1");
+    let first = w.token("alice", json!(["writer"]), 300);
+    assert_eq!(w.psql("alice", &first, "require", "SELECT current_user").unwrap(), "app_writer");
+    // The issuer adds a key; a token signed with it names a kid the cached keys lack.
+    let rotated = TestKey::rsa("k2");
+    w.idp.publish(&[&w.key, &rotated]);
+    let mut c = w.idp.claims("alice", "db");
+    c["roles"] = json!(["writer"]);
+    let t2 = rotated.token(json!({"typ": "at+jwt"}), &c);
+    std::thread::sleep(std::time::Duration::from_millis(1100)); // past the cooldown
+    let fetches = w.idp.jwks_requests();
+    assert_eq!(w.psql("alice", &t2, "require", "SELECT current_user").unwrap(), "app_writer");
+    assert_eq!(w.idp.jwks_requests(), fetches + 1);
+    // A key the issuer never published is refused, within the refetch cooldown without a fetch.
+    let stranger = TestKey::rsa("k3");
+    let t3 = stranger.token(json!({"typ": "at+jwt"}), &c);
+    let e = w.psql("alice", &t3, "require", "SELECT 1").unwrap_err();
+    assert!(e.contains("FATAL:  gprxy: token refused (kid_unknown)"), "{e}");
+    assert_eq!(w.idp.jwks_requests(), fetches + 1);
+}
