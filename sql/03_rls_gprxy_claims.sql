@@ -1,6 +1,8 @@
 -- Policies for 02_schema.sql on gprxy's claim functions
 -- (the recommended style): gprxy.claim()/gprxy.subject() return what the validated token said,
--- and no SET, set_config or RESET can change them. Requires CREATE EXTENSION gprxy_validator.
+-- and no SET, set_config or RESET can change them. Requires CREATE EXTENSION gprxy_validator:
+-- on 18 the validator sets them at login; on older servers gprxy's fallback mode sets them through
+-- the signed context (gprxy.set_context).
 --
 -- Tokens carry: sub (the user), tenant_id (a UUID claim), roles.
 -- Tenant isolation is RESTRICTIVE: no permissive policy can widen it for writers and readers.

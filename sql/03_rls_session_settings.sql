@@ -2,8 +2,9 @@
 -- app.roles), as gprxy's fallback mode sets them on PostgreSQL 13 to 18 without the extension.
 --
 -- WARNING: any client can change these with SET or set_config, so these policies trust the
--- client not to. Prefer sql/03_rls_gprxy_claims.sql (gprxy.claim(), which SQL cannot change)
--- wherever gprxy_validator can be installed. Use one of the two files, not both.
+-- client not to. Prefer sql/03_rls_gprxy_claims.sql (gprxy.claim(), which SQL cannot change;
+-- in fallback mode gprxy sets it through the signed context) wherever gprxy_validator can be
+-- installed. Use one of the two files, not both.
 -- current_setting(..., true) is NULL when unset: NULL matches nothing.
 DROP POLICY IF EXISTS tenant_isolation ON users;
 CREATE POLICY tenant_isolation ON users AS RESTRICTIVE TO app_writer, app_reader
