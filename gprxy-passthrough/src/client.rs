@@ -386,6 +386,17 @@ mod tests {
     }
 
     #[test]
+    fn an_expired_token_without_refresh_token_asks_for_a_new_login() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("credentials.json");
+        save(&path, &Credentials { refresh_token: None, ..creds() }).unwrap();
+        assert_eq!(
+            token(&path, 2000).unwrap_err().to_string(),
+            "the access token has expired and there is no refresh token: run gprxy login again"
+        );
+    }
+
+    #[test]
     fn expiry_takes_the_earlier_of_response_and_token() {
         let m = |v: Value| v.as_object().cloned().unwrap();
         assert_eq!(expiry(&m(serde_json::json!({"expires_in": 300})), "opaque", 100), 400);
