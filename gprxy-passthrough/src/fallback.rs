@@ -15,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::config::{ClientAuth, Config, Fallback, UserMatch};
 use crate::pool::{Pools, ServerConn};
 use crate::proto::{self, auth, ProtoError, Startup};
-use crate::session::{BoxStream, CancelTarget, LoginInfo, Pooled, SessionError, Shared, Upstream};
+use crate::session::{BoxStream, LoginInfo, Pooled, SessionError, Shared, Upstream};
 use gprxy_core::context::ContextSigner;
 
 /// Fallback settings with the key cache that outlives connections.
@@ -165,8 +165,7 @@ pub async fn authenticate(
     let client_key = match &conn.key {
         Some(server_key) => {
             let key = session_cancel_key(server_key.0)?;
-            let target = CancelTarget { upstream: config.upstream.clone(), server_key: server_key.clone() };
-            shared.cancel_keys.lock().insert(key.clone(), target);
+            shared.cancel_keys.lock().insert(key.clone(), server_key.clone());
             Some(key)
         }
         None => None,

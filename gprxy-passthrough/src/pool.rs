@@ -18,7 +18,7 @@ use prometheus_client::metrics::gauge::Gauge;
 
 use crate::metrics::{Metrics, PoolLabels};
 use crate::proto::{self, Framer};
-use crate::session::{BoxStream, SessionError};
+use crate::session::{BoxStream, CancelKey, SessionError};
 
 /// Pool limits.
 #[derive(Debug, Clone)]
@@ -55,7 +55,7 @@ pub struct ServerConn {
     /// BackendKeyData of its own).
     pub startup_reply: BytesMut,
     /// Its cancel key.
-    pub key: Option<(i32, Vec<u8>)>,
+    pub key: Option<CancelKey>,
     /// Signs this connection's session contexts (its public key went in the startup packet).
     pub signer: Option<gprxy_core::context::ContextSigner>,
     created: Instant,
@@ -66,7 +66,7 @@ impl ServerConn {
     pub fn new(
         stream: BoxStream,
         startup_reply: BytesMut,
-        key: Option<(i32, Vec<u8>)>,
+        key: Option<CancelKey>,
         signer: Option<gprxy_core::context::ContextSigner>,
     ) -> Self {
         Self { stream, startup_reply, key, signer, created: Instant::now() }
@@ -76,7 +76,7 @@ impl ServerConn {
     pub fn returning(
         stream: BoxStream,
         startup_reply: BytesMut,
-        key: Option<(i32, Vec<u8>)>,
+        key: Option<CancelKey>,
         signer: Option<gprxy_core::context::ContextSigner>,
         created: Instant,
     ) -> Self {

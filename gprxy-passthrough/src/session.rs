@@ -33,8 +33,10 @@ pub struct Shared {
     pub tls: RwLock<Option<Arc<rustls::ServerConfig>>>,
     /// Upstream TLS (None: plain upstream).
     pub upstream_tls: RwLock<Option<Arc<rustls::ClientConfig>>>,
-    /// Live sessions' cancel keys → upstream address.
-    pub cancel_keys: Mutex<HashMap<(i32, Vec<u8>), CancelTarget>>,
+    /// Live sessions' cancel keys (as the client holds them) → the server's key. Pass-through
+    /// sessions hold the server's own key; pooled sessions a key of their own, so that a client
+    /// cannot cancel later sessions on the same server connection.
+    pub cancel_keys: Mutex<HashMap<CancelKey, CancelKey>>,
     /// Metrics.
     pub metrics: Metrics,
     /// Fallback mode, when configured.
@@ -167,23 +169,15 @@ pub struct Upstream {
     pub(crate) pooled: Option<Pooled>,
     pub(crate) stream: BoxStream,
     /// The server's cancel key.
-    pub(crate) key: Option<(i32, Vec<u8>)>,
+    pub(crate) key: Option<CancelKey>,
     /// The cancel key the client holds (registered in `Shared::cancel_keys`).
-    pub(crate) client_key: Option<(i32, Vec<u8>)>,
+    pub(crate) client_key: Option<CancelKey>,
     pub(crate) leftover_client: BytesMut,
     pub(crate) leftover_server: BytesMut,
 }
 
-/// Where a cancel request with a key the client holds goes: the server and the key it issued.
-/// Pass-through sessions hold the server's own key; pooled sessions a key of their own, so that
-/// a client cannot cancel queries of later sessions on the same server connection.
-#[derive(Debug, Clone)]
-pub struct CancelTarget {
-    /// Upstream address.
-    pub upstream: String,
-    /// The server's process id and secret.
-    pub server_key: (i32, Vec<u8>),
-}
+/// A BackendKeyData: process id and (variable-length) secret.
+pub type CancelKey = (i32, Vec<u8>);
 
 fn remove_cancel_key(shared: &Shared, up: &Upstream) {
     if let Some(k) = &up.client_key {
@@ -373,7 +367,7 @@ async fn forward_cancel(shared: &Shared, config: &Config, pid: i32, key: Vec<u8>
     };
     match connect_upstream(shared, config).await {
         Ok(mut up) => {
-            let (server_pid, server_secret) = &target.server_key;
+            let (server_pid, server_secret) = &target;
             let _ = up.write_all(&proto::encode_cancel(*server_pid, server_secret)).await;
             let _ = up.flush().await;
             let mut sink = [0u8; 1];
@@ -447,9 +441,7 @@ async fn authenticate(
                 (b'K', _) => {
                     key = proto::backend_key(&m);
                     if let Some(k) = &key {
-                        let target =
-                            CancelTarget { upstream: config.upstream.clone(), server_key: k.clone() };
-                        shared.cancel_keys.lock().insert(k.clone(), target);
+                        shared.cancel_keys.lock().insert(k.clone(), k.clone());
                     }
                     to_client.extend_from_slice(&m.raw);
                 }
