@@ -162,14 +162,7 @@ pub async fn authenticate(
         r => r?,
     };
     // The client gets a cancel key of its own for this session, never the server connection's.
-    let client_key = match &conn.key {
-        Some(server_key) => {
-            let key = session_cancel_key(server_key.0)?;
-            shared.cancel_keys.lock().insert(key.clone(), server_key.clone());
-            Some(key)
-        }
-        None => None,
-    };
+    let client_key = conn.key.as_ref().map(|k| session_cancel_key(k.0)).transpose()?;
     let mut to_client = proto::frame(b'R', &auth::OK.to_be_bytes());
     to_client.extend_from_slice(&conn.startup_reply);
     if let Some((pid, secret)) = &client_key {
@@ -179,8 +172,7 @@ pub async fn authenticate(
     }
     to_client.extend_from_slice(&reports);
     to_client.extend_from_slice(&proto::frame(b'Z', b"I"));
-    client.write_all(&to_client).await?;
-    client.flush().await?;
+    crate::session::send_ready(shared, client, &to_client, client_key.as_ref(), conn.key.as_ref()).await?;
     tracing::info!(event = "fallback_mapped", account = %account, identity = %t.identity, "token mapped to service account");
     let created = conn.created();
     Ok(Upstream {

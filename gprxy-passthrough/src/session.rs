@@ -179,6 +179,31 @@ pub struct Upstream {
 /// A BackendKeyData: process id and (variable-length) secret.
 pub type CancelKey = (i32, Vec<u8>);
 
+/// Sends the end of a login (through ReadyForQuery) with the session's cancel key registered
+/// first, so that a cancel right after it finds the session; unregistered if the send fails.
+pub(crate) async fn send_ready(
+    shared: &Shared,
+    client: &mut BoxStream,
+    bytes: &[u8],
+    client_key: Option<&CancelKey>,
+    server_key: Option<&CancelKey>,
+) -> Result<(), SessionError> {
+    if let (Some(c), Some(s)) = (client_key, server_key) {
+        shared.cancel_keys.lock().insert(c.clone(), s.clone());
+    }
+    let sent = async {
+        client.write_all(bytes).await?;
+        client.flush().await
+    };
+    if let Err(e) = sent.await {
+        if let Some(c) = client_key {
+            shared.cancel_keys.lock().remove(c);
+        }
+        return Err(e.into());
+    }
+    Ok(())
+}
+
 fn remove_cancel_key(shared: &Shared, up: &Upstream) {
     if let Some(k) = &up.client_key {
         shared.cancel_keys.lock().remove(k);
@@ -440,9 +465,6 @@ async fn authenticate(
                 }
                 (b'K', _) => {
                     key = proto::backend_key(&m);
-                    if let Some(k) = &key {
-                        shared.cancel_keys.lock().insert(k.clone(), k.clone());
-                    }
                     to_client.extend_from_slice(&m.raw);
                 }
                 (b'E', _) => {
@@ -455,8 +477,7 @@ async fn authenticate(
                 }
                 (b'Z', _) if authenticated => {
                     to_client.extend_from_slice(&m.raw);
-                    client.write_all(&to_client).await?;
-                    client.flush().await?;
+                    send_ready(shared, client, &to_client, key.as_ref(), key.as_ref()).await?;
                     if info.mechanism.is_none() {
                         info.mechanism = Some("trust".into());
                     }
