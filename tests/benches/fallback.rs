@@ -8,7 +8,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use gprxy_core::testkit::{test_ca, TestKey};
 use gprxy_tests::idp::TestIssuer;
 use gprxy_tests::pgwire::{connect, connect_tls, Auth};
-use gprxy_tests::proxy::Proxy;
+use gprxy_tests::proxy::{FallbackSetup, Proxy};
 use gprxy_tests::{apply_sql_file, Cluster, PgVersion};
 use serde_json::json;
 
@@ -28,14 +28,18 @@ fn bench(c: &mut Criterion) {
     std::fs::write(p("c.pem"), cert).expect("cert");
     std::fs::write(p("k.pem"), tls_key).expect("key");
     std::fs::write(p("w.pw"), "writer-secret-1").expect("pw");
-    let proxy = Proxy::start(&format!(
-        "upstream = \"127.0.0.1:{}\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[fallback]\nissuer = \"{}\"\naudience = [\"db\"]\nrole_claim = \"roles\"\ninsecure_allow_http_loopback = true\n[[fallback.map]]\nrole = \"writer\"\naccount = \"app_writer\"\n[fallback.accounts.app_writer]\npassword_file = \"{}\"\n",
-        pg.port(),
-        p("c.pem").display(),
-        p("k.pem").display(),
-        idp.issuer(),
-        p("w.pw").display()
-    ));
+    let proxy = Proxy::start(
+        &FallbackSetup {
+            upstream_port: pg.port(),
+            cert: &p("c.pem"),
+            key: &p("k.pem"),
+            issuer: &idp.issuer(),
+            audience: "db",
+            rules: &[("writer", "app_writer", &p("w.pw"))],
+            extra: "",
+        }
+        .toml(),
+    );
     let mut claims = idp.claims("alice", "db");
     claims["roles"] = json!(["writer"]);
     claims["exp"] = json!(gprxy_core::unix_time() + 3600);

@@ -2,7 +2,7 @@
 //! captured to a file, SIGTERM on drop.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -139,5 +139,46 @@ impl Drop for Proxy {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// What a fallback-mode test proxy needs.
+pub struct FallbackSetup<'a> {
+    /// PostgreSQL's port on loopback.
+    pub upstream_port: u16,
+    /// TLS certificate and key files.
+    pub cert: &'a Path,
+    /// TLS key file.
+    pub key: &'a Path,
+    /// The test issuer (plain HTTP on loopback, allowed for tests only).
+    pub issuer: &'a str,
+    /// Accepted audience.
+    pub audience: &'a str,
+    /// Rules in order: token role, service account, its password file.
+    pub rules: &'a [(&'a str, &'a str, &'a Path)],
+    /// More lines for `[fallback]` (and its sub-tables).
+    pub extra: &'a str,
+}
+
+impl FallbackSetup<'_> {
+    /// The TOML for [`Proxy::start`].
+    pub fn toml(&self) -> String {
+        let mut t = format!(
+            "upstream = \"127.0.0.1:{}\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[fallback]\nissuer = \"{}\"\n\
+             audience = [\"{}\"]\nrole_claim = \"roles\"\ninsecure_allow_http_loopback = true\n{}\n",
+            self.upstream_port,
+            self.cert.display(),
+            self.key.display(),
+            self.issuer,
+            self.audience,
+            self.extra
+        );
+        for (role, account, _) in self.rules {
+            t.push_str(&format!("[[fallback.map]]\nrole = \"{role}\"\naccount = \"{account}\"\n"));
+        }
+        for (_, account, file) in self.rules {
+            t.push_str(&format!("[fallback.accounts.{account}]\npassword_file = \"{}\"\n", file.display()));
+        }
+        t
     }
 }

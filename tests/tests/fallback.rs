@@ -4,7 +4,7 @@
 use gprxy_core::testkit::{test_ca, TestKey};
 use gprxy_tests::idp::TestIssuer;
 use gprxy_tests::pgwire::{connect_tls, Auth};
-use gprxy_tests::proxy::Proxy;
+use gprxy_tests::proxy::{FallbackSetup, Proxy};
 use gprxy_tests::{apply_sql_file, oauth_psql_with, require_validator, Cluster, PgVersion};
 use serde_json::json;
 
@@ -48,41 +48,23 @@ fn start_full(fallback_extra: &str, pg_conf: &[&str]) -> World {
     std::fs::write(p("writer.pw"), "writer-secret-1\n").unwrap();
     std::fs::write(p("reader.pw"), "reader-secret-1\n").unwrap();
     std::fs::write(p("admin.pw"), "admin-secret-1\n").unwrap();
-    let proxy = Proxy::start(&format!(
-        r#"upstream = "127.0.0.1:{port}"
-[tls]
-cert = "{cert}"
-key = "{key}"
-[fallback]
-issuer = "{iss}"
-audience = ["db"]
-role_claim = "roles"
-insecure_allow_http_loopback = true
-{fallback_extra}
-[[fallback.map]]
-role = "admin"
-account = "app_admin"
-[[fallback.map]]
-role = "writer"
-account = "app_writer"
-[[fallback.map]]
-role = "reader"
-account = "app_reader"
-[fallback.accounts.app_writer]
-password_file = "{wpw}"
-[fallback.accounts.app_reader]
-password_file = "{rpw}"
-[fallback.accounts.app_admin]
-password_file = "{apw}"
-"#,
-        port = pg.port(),
-        cert = p("c.pem").display(),
-        key = p("k.pem").display(),
-        iss = idp.issuer(),
-        wpw = p("writer.pw").display(),
-        rpw = p("reader.pw").display(),
-        apw = p("admin.pw").display(),
-    ));
+    let (wpw, rpw, apw) = (p("writer.pw"), p("reader.pw"), p("admin.pw"));
+    let proxy = Proxy::start(
+        &FallbackSetup {
+            upstream_port: pg.port(),
+            cert: &p("c.pem"),
+            key: &p("k.pem"),
+            issuer: &idp.issuer(),
+            audience: "db",
+            rules: &[
+                ("admin", "app_admin", &apw),
+                ("writer", "app_writer", &wpw),
+                ("reader", "app_reader", &rpw),
+            ],
+            extra: fallback_extra,
+        }
+        .toml(),
+    );
     World { idp, key, _pg: pg, proxy, ca, _files: files }
 }
 

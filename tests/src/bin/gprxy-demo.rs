@@ -15,7 +15,7 @@ use std::sync::mpsc;
 
 use gprxy_core::testkit::{now, test_ca, TestKey};
 use gprxy_tests::idp::TestIssuer;
-use gprxy_tests::proxy::{gprxy_bin, Proxy};
+use gprxy_tests::proxy::{gprxy_bin, FallbackSetup, Proxy};
 use gprxy_tests::{
     apply_sql_file, oauth_psql_with, require_validator, validator_cluster, Cluster, PgVersion,
 };
@@ -152,29 +152,18 @@ fn demo(check: bool, stop_rx: &mpsc::Receiver<()>) -> Result<(), Vec<String>> {
     let passthrough = Proxy::start(&format!("upstream = \"127.0.0.1:{}\"\n{tls}", pg18.port()));
     let writer_file = write(dir, "app_writer.pw", &writer_pw);
     let reader_file = write(dir, "app_reader.pw", &reader_pw);
-    let fallback = Proxy::start(&format!(
-        r#"upstream = "127.0.0.1:{port}"
-{tls}
-[fallback]
-issuer = "{iss}"
-audience = ["{AUD}"]
-role_claim = "roles"
-insecure_allow_http_loopback = true
-[[fallback.map]]
-role = "writer"
-account = "app_writer"
-[[fallback.map]]
-role = "reader"
-account = "app_reader"
-[fallback.accounts.app_writer]
-password_file = "{w}"
-[fallback.accounts.app_reader]
-password_file = "{r}"
-"#,
-        port = pg15.port(),
-        w = writer_file.display(),
-        r = reader_file.display(),
-    ));
+    let fallback = Proxy::start(
+        &FallbackSetup {
+            upstream_port: pg15.port(),
+            cert: &cert_path,
+            key: &key_path,
+            issuer: &iss,
+            audience: AUD,
+            rules: &[("writer", "app_writer", &writer_file), ("reader", "app_reader", &reader_file)],
+            extra: "",
+        }
+        .toml(),
+    );
     println!("    pass-through -> PostgreSQL 18: 127.0.0.1:{}", passthrough.port);
     println!("    fallback     -> PostgreSQL 15: 127.0.0.1:{} (signed context)", fallback.port);
 
