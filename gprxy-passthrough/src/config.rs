@@ -427,8 +427,12 @@ impl Config {
         let Some(upstream) = overrides.upstream.clone().or(file.upstream) else {
             bail!("upstream: no PostgreSQL server configured (upstream = \"host:port\" or --upstream)");
         };
-        if upstream.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
-            bail!("upstream: {upstream:?} is not host:port");
+        let unix_socket = upstream.starts_with('/');
+        if !unix_socket && upstream.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
+            bail!("upstream: {upstream:?} is not host:port or a Unix socket path (/run/postgresql/.s.PGSQL.5432)");
+        }
+        if unix_socket && file.upstream_tls.enabled {
+            bail!("upstream_tls: not for a Unix socket upstream (the socket never leaves the host)");
         }
         let tls = match (file.tls.cert, file.tls.key) {
             (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
@@ -563,6 +567,18 @@ mod tests {
         assert!(load(no_aud).unwrap_err().to_string().contains("fallback.audience"));
         let no_tls = "upstream = \"h:1\"\n[fallback]\nissuer = \"https://idp\"\naudience = [\"db\"]\nrole_claim = \"r\"\n";
         assert!(load(no_tls).unwrap_err().to_string().contains("fallback: needs tls.cert"));
+    }
+
+    #[test]
+    fn unix_socket_upstream_without_tls() {
+        let c = load("upstream = \"/run/postgresql/.s.PGSQL.5432\"\n").unwrap();
+        assert_eq!(c.upstream, "/run/postgresql/.s.PGSQL.5432");
+        let e = load("upstream = \"/run/postgresql/.s.PGSQL.5432\"\n[upstream_tls]\nenabled = true\nca_file = \"ca.pem\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("upstream_tls: not for a Unix socket upstream"), "{e}");
+        let e = load("upstream = \"db.internal\"\n").unwrap_err().to_string();
+        assert!(e.contains("is not host:port or a Unix socket path"), "{e}");
     }
 
     #[test]

@@ -360,6 +360,17 @@ pub(crate) async fn connect_upstream(shared: &Shared, config: &Config) -> Result
         warn!(upstream = %config.upstream, error = %e, "cannot reach the server");
         SessionError::refused("08006", "gprxy: cannot reach the database server")
     };
+    if config.upstream.starts_with('/') {
+        // A Unix socket on this host: no TLS (refused at configuration), less kernel work than TCP.
+        let unix = tokio::time::timeout(
+            config.upstream_connect_timeout,
+            tokio::net::UnixStream::connect(&config.upstream),
+        )
+        .await
+        .map_err(|_| unreachable("connect timed out".into()))?
+        .map_err(|e| unreachable(e.to_string()))?;
+        return Ok(Box::new(unix));
+    }
     let tcp = tokio::time::timeout(config.upstream_connect_timeout, TcpStream::connect(&config.upstream))
         .await
         .map_err(|_| unreachable("connect timed out".into()))?

@@ -427,3 +427,26 @@ fn upstream_tls_is_verified_and_channel_binding_never_crosses_the_proxy() {
     assert!(err.contains("gprxy: cannot reach the database server"), "{err}");
     assert!(bad.log().contains("TLS:"), "{}", bad.log());
 }
+
+#[test]
+fn unix_socket_upstream_relays_oauth_and_plain_logins() {
+    let key = TestKey::rsa("k");
+    let idp = TestIssuer::start(&[&key]);
+    let pg = validator_cluster("db")
+        .hba(format!("local all alice oauth issuer=\"{}\" scope=\"openid db:read\" map=m", idp.issuer()))
+        .ident("m alice alice")
+        .start();
+    pg.sql("CREATE ROLE alice LOGIN; CREATE ROLE plain_user LOGIN; CREATE EXTENSION gprxy_validator");
+    let socket = pg.root().join(format!(".s.PGSQL.{}", pg.port()));
+    let p = Proxy::start(&format!("upstream = \"{}\"\n", socket.display()));
+    let over_unix = "SELECT client_addr IS NULL FROM pg_stat_activity WHERE pid = pg_backend_pid()";
+    let mut plain = pgwire::connect(p.addr(), "plain_user", "postgres", Auth::None).unwrap();
+    assert_eq!(plain.scalar(over_unix).unwrap().as_deref(), Some("t"));
+    let t = key.token(json!({"typ": "at+jwt"}), &idp.claims("alice", "db"));
+    idp.hand_out("unix-alice", &t);
+    let conn = format!("host=127.0.0.1 port={} user=alice dbname=postgres", p.port);
+    let out =
+        oauth_psql_with(&conn, &idp.issuer(), "unix-alice", &format!("SELECT system_user; {over_unix}"))
+            .unwrap();
+    assert_eq!(out, "oauth:alice\nt");
+}
