@@ -72,13 +72,14 @@ fn pgbench(port: u16, extra: &[&str], env: &[(&str, &str)]) -> Run {
     Run { tps: field("tps = "), latency_ms: field("latency average = ") }
 }
 
-fn start_pgbouncer(dir: &std::path::Path, pg_port: u16) -> (std::process::Child, u16) {
+/// PgBouncer in session mode in front of `pg_host` (an address, or a socket folder) and port.
+fn start_pgbouncer(dir: &std::path::Path, pg_host: &str, pg_port: u16) -> (std::process::Child, u16) {
     let port = free_port();
     std::fs::write(dir.join("userlist.txt"), "\"postgres\" \"\"\n").expect("userlist");
     std::fs::write(
         dir.join("pgbouncer.ini"),
         format!(
-            "[databases]\npostgres = host=127.0.0.1 port={pg_port} dbname=postgres\n[pgbouncer]\n\
+            "[databases]\npostgres = host={pg_host} port={pg_port} dbname=postgres\n[pgbouncer]\n\
              listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\nauth_type = trust\n\
              auth_file = {}/userlist.txt\npool_mode = session\nmax_client_conn = 200\ndefault_pool_size = 20\n\
              logfile = {}/pgbouncer.log\npidfile = {}/pgbouncer.pid\n",
@@ -164,7 +165,13 @@ fn run() -> bool {
         key_path.display()
     ));
     let bouncer_dir = tempfile::tempdir().expect("dir");
-    let (mut bouncer, bouncer_port) = start_pgbouncer(bouncer_dir.path(), pg.port());
+    let (mut bouncer, bouncer_port) = start_pgbouncer(bouncer_dir.path(), "127.0.0.1", pg.port());
+    // The same two over the server's Unix socket (both on the server's host).
+    let socket = pg.root().join(format!(".s.PGSQL.{}", pg.port()));
+    let proxy_unix = Proxy::start(&format!("upstream = \"{}\"\n", socket.display()));
+    let bouncer_unix_dir = tempfile::tempdir().expect("dir");
+    let (mut bouncer_unix, bouncer_unix_port) =
+        start_pgbouncer(bouncer_unix_dir.path(), &pg.root().display().to_string(), pg.port());
 
     let load = ["-c", "8", "-j", "2"];
     let plain = [("PGSSLMODE", "disable")];
@@ -177,15 +184,28 @@ fn run() -> bool {
         (pg.port(), &load, &plain),
         (proxy.port, &load, &plain),
         (bouncer_port, &load, &plain),
+        (proxy_unix.port, &load, &plain),
+        (bouncer_unix_port, &load, &plain),
     ]);
-    let (direct, via_gprxy, via_bouncer) = (&r[0], &r[1], &r[2]);
-    for (name, r) in [("direct", direct), ("gprxy", via_gprxy), ("pgbouncer (session)", via_bouncer)] {
+    let (direct, via_gprxy, via_bouncer, gprxy_unix, bouncer_unix_run) = (&r[0], &r[1], &r[2], &r[3], &r[4]);
+    for (name, r) in [
+        ("direct", direct),
+        ("gprxy", via_gprxy),
+        ("pgbouncer (session)", via_bouncer),
+        ("gprxy, unix upstream", gprxy_unix),
+        ("pgbouncer, unix up.", bouncer_unix_run),
+    ] {
         println!("  {name:<20} {:>10.0} tps  {:>7.3} ms", r.tps, r.latency_ms);
     }
     let vs_direct = via_gprxy.tps / direct.tps;
     let vs_bouncer = via_gprxy.tps / via_bouncer.tps;
     println!("  gprxy/direct    {vs_direct:.3} (goal >= 0.80)");
     println!("  gprxy/pgbouncer {vs_bouncer:.3} (goal >= 1.20)");
+    println!(
+        "  with Unix socket upstreams (informational): gprxy/direct {:.3}, gprxy/pgbouncer {:.3}",
+        gprxy_unix.tps / direct.tps,
+        gprxy_unix.tps / bouncer_unix_run.tps
+    );
 
     println!(
         "pgbench -S -C -c 4 -j 2 -T {}: a new connection per transaction (median of {} rounds)",
@@ -213,9 +233,11 @@ fn run() -> bool {
     );
 
     // runuser is the child; pgbouncer itself is found by its pid file.
-    if let Ok(pid) = std::fs::read_to_string(bouncer_dir.path().join("pgbouncer.pid")) {
-        let _ = Command::new("kill").arg(pid.trim()).status();
+    for (dir, child) in [(&bouncer_dir, &mut bouncer), (&bouncer_unix_dir, &mut bouncer_unix)] {
+        if let Ok(pid) = std::fs::read_to_string(dir.path().join("pgbouncer.pid")) {
+            let _ = Command::new("kill").arg(pid.trim()).status();
+        }
+        let _ = child.wait();
     }
-    let _ = bouncer.wait();
     vs_direct >= 0.80 && vs_bouncer >= 1.20 && added_tls <= 1.0
 }
