@@ -307,7 +307,11 @@ pub fn load(path: &Path) -> Result<Credentials, ClientError> {
     }
     let text = std::fs::read(path).map_err(io)?;
     serde_json::from_slice(&text)
-        .map_err(|e| ClientError::Corrupt { path: path.into(), reason: e.to_string() })
+        // Where and what kind of fault, never the error's text: it can quote a value (a token).
+        .map_err(|e| ClientError::Corrupt {
+            path: path.into(),
+            reason: format!("{:?} error at line {}, column {}", e.classify(), e.line(), e.column()),
+        })
 }
 
 /// Writes the credentials with mode 0600 (folder 0700), replacing the file atomically.

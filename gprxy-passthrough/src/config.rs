@@ -84,6 +84,11 @@ struct FilePool {
     max_lifetime_ms: Option<u64>,
 }
 
+/// An upstream given as a path is the server's Unix socket; anything else is host:port.
+fn is_unix_socket(upstream: &str) -> bool {
+    upstream.starts_with('/')
+}
+
 fn default_true() -> bool {
     true
 }
@@ -368,6 +373,13 @@ fn check_fallback(f: FileFallback) -> anyhow::Result<Fallback> {
     })
 }
 
+impl Config {
+    /// The server's Unix socket, when `upstream` names one.
+    pub fn upstream_socket(&self) -> Option<&std::path::Path> {
+        is_unix_socket(&self.upstream).then(|| std::path::Path::new(&self.upstream))
+    }
+}
+
 /// Log output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -427,7 +439,7 @@ impl Config {
         let Some(upstream) = overrides.upstream.clone().or(file.upstream) else {
             bail!("upstream: no PostgreSQL server configured (upstream = \"host:port\" or --upstream)");
         };
-        let unix_socket = upstream.starts_with('/');
+        let unix_socket = is_unix_socket(&upstream);
         if !unix_socket && upstream.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
             bail!("upstream: {upstream:?} is not host:port or a Unix socket path (/run/postgresql/.s.PGSQL.5432)");
         }

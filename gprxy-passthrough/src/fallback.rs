@@ -10,12 +10,12 @@ use bytes::BytesMut;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use crate::config::{ClientAuth, Config, Fallback, UserMatch};
 use crate::pool::{Pools, ServerConn};
 use crate::proto::{self, auth, ProtoError, Startup};
-use crate::session::{BoxStream, LoginInfo, Pooled, SessionError, Shared, Upstream};
+use crate::session::{read_message, BoxStream, LoginInfo, Pooled, SessionError, Shared, Upstream};
 use gprxy_core::context::ContextSigner;
 
 /// Fallback settings with the key cache that outlives connections.
@@ -64,22 +64,6 @@ fn refused(message: impl Into<String>) -> SessionError {
 fn upstream_failed(what: &str) -> SessionError {
     tracing::warn!(error = what, "fallback: upstream login failed");
     SessionError::Refused { sqlstate: "08006", message: "gprxy: the service account could not log in".into() }
-}
-
-async fn read_message(
-    s: &mut BoxStream,
-    buf: &mut BytesMut,
-    max: usize,
-    kind: &'static str,
-) -> Result<proto::Message, SessionError> {
-    loop {
-        if let Some(m) = proto::parse_message(buf, max, kind)? {
-            return Ok(m);
-        }
-        if s.read_buf(buf).await? == 0 {
-            return Err(SessionError::ClientGone);
-        }
-    }
 }
 
 /// A claim as a session setting value: strings as they are, arrays comma-joined, missing empty.

@@ -18,7 +18,7 @@ use prometheus_client::metrics::gauge::Gauge;
 
 use crate::metrics::{Metrics, PoolLabels};
 use crate::proto::{self, Framer};
-use crate::session::{BoxStream, CancelKey, SessionError};
+use crate::session::{read_message, BoxStream, CancelKey, SessionError};
 
 /// Pool limits.
 #[derive(Debug, Clone)]
@@ -226,22 +226,19 @@ async fn reset(conn: &mut ServerConn) -> bool {
         let mut buf = BytesMut::new();
         let mut ok = true;
         loop {
-            while let Some(m) =
-                proto::parse_message(&mut buf, proto::MAX_SERVER_AUTH_MESSAGE, "server message").ok()?
-            {
-                match m.tag {
-                    b'E' => ok = false,
-                    b'Z' => {
-                        pending -= 1;
-                        if pending == 0 {
-                            return Some(ok && m.body() == b"I");
-                        }
+            let m =
+                read_message(&mut conn.stream, &mut buf, proto::MAX_SERVER_AUTH_MESSAGE, "server message")
+                    .await
+                    .ok()?;
+            match m.tag {
+                b'E' => ok = false,
+                b'Z' => {
+                    pending -= 1;
+                    if pending == 0 {
+                        return Some(ok && m.body() == b"I");
                     }
-                    _ => {}
                 }
-            }
-            if conn.stream.read_buf(&mut buf).await.ok()? == 0 {
-                return None;
+                _ => {}
             }
         }
     };

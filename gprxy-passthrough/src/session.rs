@@ -179,6 +179,24 @@ pub struct Upstream {
 /// A BackendKeyData: process id and (variable-length) secret.
 pub type CancelKey = (i32, Vec<u8>);
 
+/// Reads one whole message from `s` (at most `max` bytes), buffering in `buf`. The peer closing
+/// the stream reads as `ClientGone`.
+pub(crate) async fn read_message(
+    s: &mut BoxStream,
+    buf: &mut BytesMut,
+    max: usize,
+    kind: &'static str,
+) -> Result<proto::Message, SessionError> {
+    loop {
+        if let Some(m) = proto::parse_message(buf, max, kind)? {
+            return Ok(m);
+        }
+        if s.read_buf(buf).await? == 0 {
+            return Err(SessionError::ClientGone);
+        }
+    }
+}
+
 /// Sends the end of a login (through ReadyForQuery) with the session's cancel key registered
 /// first, so that a cancel right after it finds the session; unregistered if the send fails.
 pub(crate) async fn send_ready(
@@ -360,15 +378,13 @@ pub(crate) async fn connect_upstream(shared: &Shared, config: &Config) -> Result
         warn!(upstream = %config.upstream, error = %e, "cannot reach the server");
         SessionError::refused("08006", "gprxy: cannot reach the database server")
     };
-    if config.upstream.starts_with('/') {
+    if let Some(socket) = config.upstream_socket() {
         // A Unix socket on this host: no TLS (refused at configuration), less kernel work than TCP.
-        let unix = tokio::time::timeout(
-            config.upstream_connect_timeout,
-            tokio::net::UnixStream::connect(&config.upstream),
-        )
-        .await
-        .map_err(|_| unreachable("connect timed out".into()))?
-        .map_err(|e| unreachable(e.to_string()))?;
+        let unix =
+            tokio::time::timeout(config.upstream_connect_timeout, tokio::net::UnixStream::connect(socket))
+                .await
+                .map_err(|_| unreachable("connect timed out".into()))?
+                .map_err(|e| unreachable(e.to_string()))?;
         return Ok(Box::new(unix));
     }
     let tcp = tokio::time::timeout(config.upstream_connect_timeout, TcpStream::connect(&config.upstream))
