@@ -148,6 +148,7 @@ struct FileLimits {
     login_timeout_ms: Option<u64>,
     upstream_connect_timeout_ms: Option<u64>,
     shutdown_grace_ms: Option<u64>,
+    worker_threads: Option<usize>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -410,6 +411,8 @@ pub struct Config {
     pub upstream_connect_timeout: Duration,
     /// Time sessions get to finish after SIGTERM.
     pub shutdown_grace: Duration,
+    /// Threads that run sessions (None: one per CPU).
+    pub worker_threads: Option<usize>,
     /// Admin listener.
     pub admin_listen: Option<SocketAddr>,
     /// Log format.
@@ -481,6 +484,9 @@ impl Config {
         if max_client_connections == 0 {
             bail!("limits.max_client_connections: must be at least 1");
         }
+        if file.limits.worker_threads == Some(0) {
+            bail!("limits.worker_threads: must be at least 1");
+        }
         Ok(Self {
             listen: addr("listen", &listen)?,
             upstream,
@@ -493,6 +499,7 @@ impl Config {
                 file.limits.upstream_connect_timeout_ms.unwrap_or(5_000),
             ),
             shutdown_grace: Duration::from_millis(file.limits.shutdown_grace_ms.unwrap_or(30_000)),
+            worker_threads: file.limits.worker_threads,
             admin_listen: overrides
                 .admin_listen
                 .clone()
@@ -616,6 +623,17 @@ mod tests {
             .to_string()
             .contains("cache_ttl_min_secs is above cache_ttl_max_secs"));
         assert!(with("ttl = 1\n").unwrap_err().to_string().contains("unknown field"));
+    }
+
+    #[test]
+    fn worker_threads() {
+        assert_eq!(load("upstream = \"h:1\"\n").unwrap().worker_threads, None);
+        assert_eq!(
+            load("upstream = \"h:1\"\n[limits]\nworker_threads = 1\n").unwrap().worker_threads,
+            Some(1)
+        );
+        let e = load("upstream = \"h:1\"\n[limits]\nworker_threads = 0\n").unwrap_err().to_string();
+        assert!(e.contains("limits.worker_threads: must be at least 1"), "{e}");
     }
 
     #[test]

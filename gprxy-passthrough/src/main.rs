@@ -112,8 +112,14 @@ fn main() -> anyhow::Result<ExitCode> {
         Command::Serve { config, overrides } => {
             let cfg = config::Config::load(config.as_deref(), &overrides)?;
             init_logging(cfg.log_format);
+            let workers = cfg.worker_threads;
             let shared = server::shared_state(cfg)?;
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let mut rt = tokio::runtime::Builder::new_multi_thread();
+            rt.enable_all().thread_name("gprxy-worker");
+            if let Some(n) = workers {
+                rt.worker_threads(n);
+            }
+            let rt = rt.build()?;
             rt.block_on(server::run(shared, config, overrides))?;
             Ok(ExitCode::SUCCESS)
         }

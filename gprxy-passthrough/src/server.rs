@@ -63,8 +63,12 @@ fn reload(shared: &Shared, path: Option<&PathBuf>, overrides: &Overrides) {
     let result = (|| -> anyhow::Result<()> {
         let config = Config::load(path.map(PathBuf::as_path), overrides)?;
         let loaded = Loaded::from(&config)?;
-        if config.listen != shared.config.read().listen {
+        let running = shared.config.read().clone();
+        if config.listen != running.listen {
             warn!("listen address changes need a restart; keeping the old one");
+        }
+        if config.worker_threads != running.worker_threads {
+            warn!("limits.worker_threads changes need a restart; keeping the running threads");
         }
         if let (Some(new), Some(old)) = (&loaded.fallback, shared.fallback.read().as_ref()) {
             if let Some(snap) = old.cache.export() {

@@ -116,6 +116,15 @@ impl Proxy {
         out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()
     }
 
+    /// Names of the process's threads (Linux).
+    pub fn thread_names(&self) -> Vec<String> {
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", self.child.id())).expect("/proc/<pid>/task");
+        tasks
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .map(|n| n.trim().to_owned())
+            .collect()
+    }
+
     /// Sends a signal to the process.
     pub fn signal(&self, sig: &str) {
         let _ = Command::new("kill").args([&format!("-{sig}"), &self.child.id().to_string()]).status();

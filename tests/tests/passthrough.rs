@@ -283,6 +283,29 @@ fn five_hundred_concurrent_sessions() {
     assert!(failures.is_empty(), "{} failed: {:?}", failures.len(), &failures[..failures.len().min(5)]);
 }
 
+#[test]
+fn worker_threads_setting_sets_the_session_threads() {
+    let w = World::start();
+    let workers = |p: &Proxy| p.thread_names().iter().filter(|n| *n == "gprxy-worker").count();
+    let one = w.proxy("[limits]\nworker_threads = 1\n");
+    assert_eq!(workers(&one), 1, "{:?}", one.thread_names());
+    let three = w.proxy("[limits]\nworker_threads = 3\n");
+    assert_eq!(workers(&three), 3, "{:?}", three.thread_names());
+    // One thread carries many sessions at once.
+    let addr = one.addr();
+    let mut conns: Vec<_> = (0..50)
+        .map(|i| {
+            pgwire::connect(addr, "plain_user", "postgres", Auth::None).unwrap_or_else(|e| panic!("{i}: {e}"))
+        })
+        .collect();
+    for (i, c) in conns.iter_mut().enumerate() {
+        assert_eq!(
+            c.scalar(&format!("SELECT {i} + 1")).unwrap().as_deref(),
+            Some((i + 1).to_string().as_str())
+        );
+    }
+}
+
 fn psql_tls(p: &Proxy, ca: &std::path::Path, sql: &str) -> Result<String, String> {
     let out = std::process::Command::new(PgVersion::V18.bin("psql"))
         .args(["-X", "-A", "-t", "-c", sql])
