@@ -35,6 +35,10 @@ pub fn server_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::Serv
         .with_single_cert(chain, key)
         .context("certificate and key do not match")?;
     cfg.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
+    // libpq never resumes a session (PostgreSQL itself turns tickets and its session cache off):
+    // tickets would cost a record and a round of wake-ups per connection for nothing.
+    cfg.send_tls13_tickets = 0;
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     Ok(Arc::new(cfg))
 }
 
@@ -50,4 +54,49 @@ pub fn upstream_config(ca_file: &Path) -> anyhow::Result<Arc<rustls::ClientConfi
         .with_no_client_auth();
     cfg.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
     Ok(Arc::new(cfg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Moves every pending TLS record from one side to the other; returns the bytes moved.
+    fn transfer(
+        from: &mut impl std::ops::DerefMut<Target = rustls::ConnectionCommon<impl Sized>>,
+        to: &mut impl std::ops::DerefMut<Target = rustls::ConnectionCommon<impl Sized>>,
+    ) -> usize {
+        let mut wire = Vec::new();
+        while from.wants_write() {
+            from.write_tls(&mut wire).unwrap();
+        }
+        let mut read = &wire[..];
+        while !read.is_empty() {
+            to.read_tls(&mut read).unwrap();
+            to.process_new_packets().unwrap();
+        }
+        wire.len()
+    }
+
+    #[test]
+    fn server_offers_alpn_and_sends_no_session_tickets() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, cert, key) = gprxy_core::testkit::test_ca();
+        let (ca_path, cert_path, key_path) =
+            (dir.path().join("ca"), dir.path().join("c"), dir.path().join("k"));
+        std::fs::write(&ca_path, ca).unwrap();
+        std::fs::write(&cert_path, cert).unwrap();
+        std::fs::write(&key_path, key).unwrap();
+        let server_cfg = server_config(&cert_path, &key_path).unwrap();
+        let client_cfg = upstream_config(&ca_path).unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut client = rustls::ClientConnection::new(client_cfg, name).unwrap();
+        let mut server = rustls::ServerConnection::new(server_cfg).unwrap();
+        transfer(&mut client, &mut server); // ClientHello
+        transfer(&mut server, &mut client); // ServerHello .. Finished
+        transfer(&mut client, &mut server); // client Finished
+        assert!(!client.is_handshaking() && !server.is_handshaking());
+        assert_eq!(server.alpn_protocol(), Some(ALPN_POSTGRESQL));
+        // After the client's Finished a TLS 1.3 server would send its NewSessionTickets.
+        assert_eq!(transfer(&mut server, &mut client), 0, "the server sent records after the handshake");
+    }
 }

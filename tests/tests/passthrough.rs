@@ -473,3 +473,26 @@ fn unix_socket_upstream_relays_oauth_and_plain_logins() {
             .unwrap();
     assert_eq!(out, "oauth:alice\nt");
 }
+
+#[test]
+fn text_logs_to_a_file_have_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("gprxy.log");
+    let port = gprxy_tests::free_port();
+    let mut child = std::process::Command::new(gprxy_tests::proxy::gprxy_bin())
+        .args(["serve", "--upstream", "127.0.0.1:1", "--log-format", "text"])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut log = String::new();
+    while Instant::now() < deadline && !log.contains("gprxy listening") {
+        std::thread::sleep(Duration::from_millis(20));
+        log = std::fs::read_to_string(&log_path).unwrap();
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(log.contains("gprxy listening"), "{log}");
+    assert!(!log.contains('\u{1b}'), "escape codes in the log file: {log:?}");
+}

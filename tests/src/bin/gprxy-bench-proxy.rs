@@ -13,7 +13,7 @@ use gprxy_tests::{command_as_test_user, free_port, running_as_root, test_user, C
 
 /// Seconds per pgbench run (`BENCH_SECONDS`).
 fn seconds() -> String {
-    std::env::var("BENCH_SECONDS").unwrap_or_else(|_| "5".into())
+    std::env::var("BENCH_SECONDS").unwrap_or_else(|_| "10".into())
 }
 
 /// Rounds (`BENCH_ROUNDS`): every target runs once per round, in turn, so that the machine's
@@ -42,6 +42,7 @@ fn interleaved(targets: &[Target<'_>]) -> Vec<Run> {
         .map(|runs| Run {
             tps: median(runs.iter().map(|r| r.tps).collect()),
             latency_ms: median(runs.iter().map(|r| r.latency_ms).collect()),
+            busy_us: median(runs.iter().map(|r| r.busy_us).collect()),
         })
         .collect()
 }
@@ -49,6 +50,27 @@ fn interleaved(targets: &[Target<'_>]) -> Vec<Run> {
 struct Run {
     tps: f64,
     latency_ms: f64,
+    /// CPU time of the whole machine (every process and the kernel) per transaction, in µs:
+    /// what the work costs, whatever the scheduler did with it.
+    busy_us: f64,
+}
+
+/// Busy CPU time of the whole machine so far, in clock ticks (/proc/stat: all but idle and iowait).
+fn busy_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/stat").expect("/proc/stat");
+    let cpu = stat.lines().next().expect("cpu line");
+    cpu.split_whitespace()
+        .skip(1)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, v)| v.parse::<u64>().unwrap_or(0))
+        .sum()
+}
+
+/// Clock ticks per second (USER_HZ), from getconf.
+fn ticks_per_second() -> f64 {
+    let out = Command::new("getconf").arg("CLK_TCK").output().expect("getconf CLK_TCK");
+    String::from_utf8_lossy(&out.stdout).trim().parse().expect("CLK_TCK")
 }
 
 fn pgbench(port: u16, extra: &[&str], env: &[(&str, &str)]) -> Run {
@@ -59,7 +81,9 @@ fn pgbench(port: u16, extra: &[&str], env: &[(&str, &str)]) -> Run {
     for (k, v) in env {
         cmd.env(k, v);
     }
+    let before = busy_ticks();
     let out = cmd.output().expect("run pgbench");
+    let busy = (busy_ticks() - before) as f64 / ticks_per_second();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "pgbench failed:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
     let field = |prefix: &str| {
@@ -69,7 +93,8 @@ fn pgbench(port: u16, extra: &[&str], env: &[(&str, &str)]) -> Run {
             .and_then(|v| v.parse::<f64>().ok())
             .unwrap_or_else(|| panic!("no {prefix:?} in pgbench output:\n{text}"))
     };
-    Run { tps: field("tps = "), latency_ms: field("latency average = ") }
+    let transactions = field("number of transactions actually processed: ");
+    Run { tps: field("tps = "), latency_ms: field("latency average = "), busy_us: busy * 1e6 / transactions }
 }
 
 /// PgBouncer in session mode in front of `pg_host` (an address, or a socket folder) and port.
@@ -164,6 +189,9 @@ fn run() -> bool {
         cert_path.display(),
         key_path.display()
     ));
+    // The same with one session thread, as on a host shared with PostgreSQL (informational).
+    let proxy_one =
+        Proxy::start(&format!("upstream = \"127.0.0.1:{}\"\n[limits]\nworker_threads = 1\n", pg.port()));
     let bouncer_dir = tempfile::tempdir().expect("dir");
     let (mut bouncer, bouncer_port) = start_pgbouncer(bouncer_dir.path(), "127.0.0.1", pg.port());
     // The same two over the server's Unix socket (both on the server's host).
@@ -186,21 +214,33 @@ fn run() -> bool {
         (bouncer_port, &load, &plain),
         (proxy_unix.port, &load, &plain),
         (bouncer_unix_port, &load, &plain),
+        (proxy_one.port, &load, &plain),
     ]);
-    let (direct, via_gprxy, via_bouncer, gprxy_unix, bouncer_unix_run) = (&r[0], &r[1], &r[2], &r[3], &r[4]);
+    let (direct, via_gprxy, via_bouncer) = (&r[0], &r[1], &r[2]);
+    let (gprxy_unix, bouncer_unix_run, gprxy_one) = (&r[3], &r[4], &r[5]);
+    println!("  {:<22} {:>10} {:>9} {:>22}", "", "tps", "latency", "machine CPU per tx");
     for (name, r) in [
         ("direct", direct),
         ("gprxy", via_gprxy),
         ("pgbouncer (session)", via_bouncer),
         ("gprxy, unix upstream", gprxy_unix),
         ("pgbouncer, unix up.", bouncer_unix_run),
+        ("gprxy, 1 worker thread", gprxy_one),
     ] {
-        println!("  {name:<20} {:>10.0} tps  {:>7.3} ms", r.tps, r.latency_ms);
+        println!("  {name:<22} {:>10.0} {:>6.3} ms {:>19.1} µs", r.tps, r.latency_ms, r.busy_us);
     }
     let vs_direct = via_gprxy.tps / direct.tps;
     let vs_bouncer = via_gprxy.tps / via_bouncer.tps;
     println!("  gprxy/direct    {vs_direct:.3} (goal >= 0.80)");
     println!("  gprxy/pgbouncer {vs_bouncer:.3} (goal >= 1.20)");
+    // With every core busy, TPS follows CPU per transaction: 1.2 x PgBouncer's TPS leaves a proxy
+    // PgBouncer's CPU per transaction / 1.2, minus what the same transaction costs direct.
+    println!(
+        "  CPU added per transaction: gprxy {:.1} µs, pgbouncer {:.1} µs; 1.2 x pgbouncer's TPS would allow {:.1} µs",
+        via_gprxy.busy_us - direct.busy_us,
+        via_bouncer.busy_us - direct.busy_us,
+        via_bouncer.busy_us / 1.2 - direct.busy_us
+    );
     println!(
         "  with Unix socket upstreams (informational): gprxy/direct {:.3}, gprxy/pgbouncer {:.3}",
         gprxy_unix.tps / direct.tps,
@@ -224,7 +264,7 @@ fn run() -> bool {
     for (name, r) in
         [("direct", c_direct), ("gprxy", c_plain), ("direct, TLS", c_direct_tls), ("gprxy, TLS", c_tls)]
     {
-        println!("  {name:<20} {:>10.0} tps  {:>7.3} ms", r.tps, r.latency_ms);
+        println!("  {name:<22} {:>10.0} {:>6.3} ms {:>19.1} µs", r.tps, r.latency_ms, r.busy_us);
     }
     let added_plain = c_plain.latency_ms - c_direct.latency_ms;
     let added_tls = c_tls.latency_ms - c_direct_tls.latency_ms;
