@@ -61,7 +61,8 @@ fn init_logging(format: config::LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("GPRXY_LOG").unwrap_or_else(|_| "info".into());
     // Colours only on a terminal: a log file or journald gets plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match format {
         config::LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
         config::LogFormat::Text => builder.init(),

@@ -6,6 +6,7 @@
 //! left inside a transaction or mid-message, is closed instead.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -92,6 +93,8 @@ impl ServerConn {
 struct Pool {
     idle: Mutex<Vec<(ServerConn, Instant)>>,
     permits: Arc<Semaphore>,
+    /// The pool's idle-connections gauge.
+    idle_gauge: Gauge,
 }
 
 /// A checked-out slot: a connection from the pool, or the right to open one.
@@ -114,6 +117,14 @@ impl Drop for Lease {
 pub struct Pools {
     pools: Mutex<HashMap<(String, String), Arc<Pool>>>,
     settings: PoolSettings,
+    /// Set when a reload replaced these pools: connections are closed, not kept.
+    retired: AtomicBool,
+}
+
+/// Ends a server connection politely: Terminate, then close (PostgreSQL logs no EOF error).
+async fn terminate(conn: &mut ServerConn) {
+    let _ = conn.stream.write_all(&proto::frame(b'X', b"")).await;
+    let _ = conn.stream.shutdown().await;
 }
 
 /// Whether an idle connection is still usable: nothing to read (a closed socket reads 0, a
@@ -131,7 +142,22 @@ async fn healthy(conn: &mut ServerConn) -> bool {
 impl Pools {
     /// Empty pools with these limits.
     pub fn new(settings: PoolSettings) -> Self {
-        Self { pools: Mutex::new(HashMap::new()), settings }
+        Self { pools: Mutex::new(HashMap::new()), settings, retired: AtomicBool::new(false) }
+    }
+
+    /// After a reload: closes the idle connections now, and each one in use when its session
+    /// ends. Sessions in progress keep theirs.
+    pub async fn retire(&self) {
+        self.retired.store(true, Ordering::SeqCst);
+        let pools: Vec<Arc<Pool>> = self.pools.lock().values().cloned().collect();
+        for pool in pools {
+            let idle = std::mem::take(&mut *pool.idle.lock());
+            pool.idle_gauge.dec_by(idle.len() as i64);
+            for (mut conn, _) in idle {
+                terminate(&mut conn).await;
+            }
+        }
+        tracing::info!(event = "pool", action = "retire", "configuration reloaded: old pools closed");
     }
 
     /// Waits for a slot in the (database, account) pool.
@@ -156,6 +182,7 @@ impl Pools {
                     Arc::new(Pool {
                         idle: Mutex::new(Vec::new()),
                         permits: Arc::new(Semaphore::new(size.max(1))),
+                        idle_gauge: idle.clone(),
                     })
                 })
                 .clone()
@@ -199,13 +226,22 @@ impl Pools {
 
     /// Resets `conn` and returns it to the lease's pool, or closes it.
     pub async fn give_back(&self, lease: Lease, mut conn: ServerConn, clean: bool) {
-        let reusable = clean && conn.created.elapsed() < self.settings.max_lifetime && reset(&mut conn).await;
+        let retired = self.retired.load(Ordering::SeqCst);
+        let reusable = clean
+            && !retired
+            && conn.created.elapsed() < self.settings.max_lifetime
+            && reset(&mut conn).await;
         if reusable {
             lease.pool.idle.lock().push((conn, Instant::now()));
             lease.idle.inc();
         } else {
-            tracing::info!(event = "pool", action = "close", "server connection not reused");
-            let _ = conn.stream.shutdown().await;
+            tracing::info!(event = "pool", action = "close", retired, "server connection not reused");
+            if clean {
+                // Between messages: the server can be told goodbye.
+                terminate(&mut conn).await;
+            } else {
+                let _ = conn.stream.shutdown().await;
+            }
         }
     }
 }

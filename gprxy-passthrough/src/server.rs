@@ -75,7 +75,10 @@ fn reload(shared: &Shared, path: Option<&PathBuf>, overrides: &Overrides) {
                 let _ = new.cache.import(&snap);
             }
         }
-        *shared.fallback.write() = loaded.fallback.map(Arc::new);
+        let old = std::mem::replace(&mut *shared.fallback.write(), loaded.fallback.map(Arc::new));
+        if let Some(old) = old {
+            tokio::spawn(async move { old.pools.retire().await });
+        }
         *shared.tls.write() = loaded.tls;
         *shared.upstream_tls.write() = loaded.upstream_tls;
         *shared.config.write() = Arc::new(config);

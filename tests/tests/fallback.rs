@@ -515,3 +515,35 @@ fn a_rotated_key_is_fetched_once_and_an_unknown_one_refused() {
     assert!(e.contains("FATAL:  gprxy: token refused (kid_unknown)"), "{e}");
     assert_eq!(w.idp.jwks_requests(), fetches + 1);
 }
+
+#[test]
+fn sighup_keeps_sessions_and_closes_the_old_pools_politely() {
+    use std::time::{Duration, Instant};
+    let w = start();
+    let t = w.token("alice", json!(["writer"]), 300);
+    let writers = "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app_writer'";
+    let wait_for = |n: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while w._pg.sql(writers) != n && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(w._pg.sql(writers), n, "server connections of app_writer");
+    };
+    // One session in progress, one server connection idle in the pool.
+    let mut running = connect_tls(w.proxy.addr(), "alice", "postgres", Auth::Password(&t), &w.ca).unwrap();
+    assert_eq!(w.psql("alice", &t, "require", "SELECT current_user").unwrap(), "app_writer");
+    wait_for("2");
+
+    w.proxy.signal("HUP");
+    w.proxy.wait_events("reload", 1);
+    // The idle connection is closed; the session keeps its connection and its context.
+    wait_for("1");
+    assert_eq!(running.scalar("SELECT gprxy.subject()").unwrap().as_deref(), Some("alice"));
+    // When it ends, its connection is closed rather than returned to the old pool.
+    running.close();
+    wait_for("0");
+    // New logins use the new pools.
+    assert_eq!(w.psql("alice", &t, "require", "SELECT gprxy.subject()").unwrap(), "alice");
+    let log = w._pg.log();
+    assert!(!log.contains("unexpected EOF"), "a server connection was dropped without Terminate:\n{log}");
+}
