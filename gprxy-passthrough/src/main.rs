@@ -123,7 +123,9 @@ fn main() -> anyhow::Result<ExitCode> {
                 rt.worker_threads(n);
             }
             let rt = rt.build()?;
-            rt.block_on(server::run(shared, config, overrides))?;
+            // The accept loop runs on a worker, so that a new session starts on the thread that
+            // accepted it instead of being handed over from the main thread.
+            rt.block_on(async { tokio::spawn(server::run(shared, config, overrides)).await })??;
             Ok(ExitCode::SUCCESS)
         }
     }
