@@ -67,10 +67,13 @@ fn busy_ticks() -> u64 {
         .sum()
 }
 
-/// Clock ticks per second (USER_HZ), from getconf.
+/// Clock ticks per second (USER_HZ), asked of getconf once.
 fn ticks_per_second() -> f64 {
-    let out = Command::new("getconf").arg("CLK_TCK").output().expect("getconf CLK_TCK");
-    String::from_utf8_lossy(&out.stdout).trim().parse().expect("CLK_TCK")
+    static HZ: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *HZ.get_or_init(|| {
+        let out = Command::new("getconf").arg("CLK_TCK").output().expect("getconf CLK_TCK");
+        String::from_utf8_lossy(&out.stdout).trim().parse().expect("CLK_TCK")
+    })
 }
 
 fn pgbench(port: u16, extra: &[&str], env: &[(&str, &str)]) -> Run {
