@@ -43,6 +43,7 @@ fn interleaved(targets: &[Target<'_>]) -> Vec<Run> {
             tps: median(runs.iter().map(|r| r.tps).collect()),
             latency_ms: median(runs.iter().map(|r| r.latency_ms).collect()),
             busy_us: median(runs.iter().map(|r| r.busy_us).collect()),
+            switches: median(runs.iter().map(|r| r.switches).collect()),
         })
         .collect()
 }
@@ -53,18 +54,29 @@ struct Run {
     /// CPU time of the whole machine (every process and the kernel) per transaction, in µs:
     /// what the work costs, whatever the scheduler did with it.
     busy_us: f64,
+    /// Context switches of the whole machine per transaction: each is a process put to sleep and
+    /// another woken, which costs more CPU than the work a proxy does per message.
+    switches: f64,
 }
 
-/// Busy CPU time of the whole machine so far, in clock ticks (/proc/stat: all but idle and iowait).
-fn busy_ticks() -> u64 {
+/// The whole machine's counters so far (/proc/stat): busy CPU time in clock ticks (all but idle
+/// and iowait) and context switches.
+fn machine_counters() -> (u64, u64) {
     let stat = std::fs::read_to_string("/proc/stat").expect("/proc/stat");
     let cpu = stat.lines().next().expect("cpu line");
-    cpu.split_whitespace()
+    let busy = cpu
+        .split_whitespace()
         .skip(1)
         .enumerate()
         .filter(|(i, _)| *i != 3 && *i != 4)
         .map(|(_, v)| v.parse::<u64>().unwrap_or(0))
-        .sum()
+        .sum();
+    let ctxt = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("ctxt "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("ctxt line in /proc/stat");
+    (busy, ctxt)
 }
 
 /// Clock ticks per second (USER_HZ), asked of getconf once.
@@ -84,9 +96,10 @@ fn pgbench(port: u16, extra: &[&str], env: &[(&str, &str)]) -> Run {
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let before = busy_ticks();
+    let (busy_before, ctxt_before) = machine_counters();
     let out = cmd.output().expect("run pgbench");
-    let busy = (busy_ticks() - before) as f64 / ticks_per_second();
+    let (busy_after, ctxt_after) = machine_counters();
+    let busy = (busy_after - busy_before) as f64 / ticks_per_second();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "pgbench failed:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
     let field = |prefix: &str| {
@@ -97,7 +110,25 @@ fn pgbench(port: u16, extra: &[&str], env: &[(&str, &str)]) -> Run {
             .unwrap_or_else(|| panic!("no {prefix:?} in pgbench output:\n{text}"))
     };
     let transactions = field("number of transactions actually processed: ");
-    Run { tps: field("tps = "), latency_ms: field("latency average = "), busy_us: busy * 1e6 / transactions }
+    Run {
+        tps: field("tps = "),
+        latency_ms: field("latency average = "),
+        busy_us: busy * 1e6 / transactions,
+        switches: (ctxt_after - ctxt_before) as f64 / transactions,
+    }
+}
+
+fn print_table(rows: &[(&str, &Run)]) {
+    println!(
+        "  {:<22} {:>10} {:>9} {:>22} {:>13}",
+        "", "tps", "latency", "machine CPU per tx", "switches/tx"
+    );
+    for (name, r) in rows {
+        println!(
+            "  {name:<22} {:>10.0} {:>6.3} ms {:>19.1} µs {:>13.2}",
+            r.tps, r.latency_ms, r.busy_us, r.switches
+        );
+    }
 }
 
 /// PgBouncer in session mode in front of `pg_host` (an address, or a socket folder) and port.
@@ -221,17 +252,14 @@ fn run() -> bool {
     ]);
     let (direct, via_gprxy, via_bouncer) = (&r[0], &r[1], &r[2]);
     let (gprxy_unix, bouncer_unix_run, gprxy_one) = (&r[3], &r[4], &r[5]);
-    println!("  {:<22} {:>10} {:>9} {:>22}", "", "tps", "latency", "machine CPU per tx");
-    for (name, r) in [
+    print_table(&[
         ("direct", direct),
         ("gprxy", via_gprxy),
         ("pgbouncer (session)", via_bouncer),
         ("gprxy, unix upstream", gprxy_unix),
         ("pgbouncer, unix up.", bouncer_unix_run),
         ("gprxy, 1 worker thread", gprxy_one),
-    ] {
-        println!("  {name:<22} {:>10.0} {:>6.3} ms {:>19.1} µs", r.tps, r.latency_ms, r.busy_us);
-    }
+    ]);
     let vs_direct = via_gprxy.tps / direct.tps;
     let vs_bouncer = via_gprxy.tps / via_bouncer.tps;
     println!("  gprxy/direct    {vs_direct:.3} (goal >= 0.80)");
@@ -264,11 +292,12 @@ fn run() -> bool {
         (proxy.port, &conn, &tls),
     ]);
     let (c_direct, c_plain, c_direct_tls, c_tls) = (&r[0], &r[1], &r[2], &r[3]);
-    for (name, r) in
-        [("direct", c_direct), ("gprxy", c_plain), ("direct, TLS", c_direct_tls), ("gprxy, TLS", c_tls)]
-    {
-        println!("  {name:<22} {:>10.0} {:>6.3} ms {:>19.1} µs", r.tps, r.latency_ms, r.busy_us);
-    }
+    print_table(&[
+        ("direct", c_direct),
+        ("gprxy", c_plain),
+        ("direct, TLS", c_direct_tls),
+        ("gprxy, TLS", c_tls),
+    ]);
     let added_plain = c_plain.latency_ms - c_direct.latency_ms;
     let added_tls = c_tls.latency_ms - c_direct_tls.latency_ms;
     println!(
