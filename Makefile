@@ -41,10 +41,16 @@ demo: bootstrap install-extension
 	cargo build -q -p gprxy-passthrough
 	cargo run -q -p gprxy-tests --bin gprxy-demo
 
-## Coverage-guided fuzzing of the proxy's wire parsing (libFuzzer; see fuzz/README.md).
+## Coverage-guided fuzzing of the proxy's wire parsing and of token validation (libFuzzer; see
+## fuzz/README.md), FUZZ_SECONDS per target.
 FUZZ_SECONDS ?= 60
+FUZZ_TARGETS = startup token
 fuzz: bootstrap
-	cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run startup --sanitizer none -- -max_total_time=$(FUZZ_SECONDS)
+	cd fuzz && for t in $(FUZZ_TARGETS); do \
+	  mkdir -p corpus/$$t && \
+	  RUSTC_BOOTSTRAP=1 cargo fuzz run $$t corpus/$$t $$(ls -d seeds/$$t 2>/dev/null) --sanitizer none \
+	    -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
+	done
 
 ## Benchmarks (criterion): ratios against a baseline measured in the same run.
 bench: bootstrap install-extension
