@@ -1,18 +1,34 @@
 //! The admin listener: `GET /metrics` (Prometheus text format) and `GET /healthz`.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use crate::session::Shared;
 
+/// Admin connections served at once; more are closed at accept, so that a flood of them cannot
+/// use up the file descriptors that client sessions need.
+const MAX_ADMIN_CONNECTIONS: usize = 16;
+
 /// Serves until the process ends. Requests are read up to 4 KiB; anything else is 404.
+/// `/healthz` answers 503 `draining` once SIGTERM has stopped new connections.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    let limit = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
     loop {
-        let Ok((mut sock, _)) = listener.accept().await else { continue };
+        let mut sock = match listener.accept().await {
+            Ok((sock, _)) => sock,
+            Err(e) => {
+                crate::server::accept_failed(&e).await;
+                continue;
+            }
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else { continue };
         let shared = shared.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let mut buf = vec![0u8; 4096];
             let mut n = 0;
             let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
@@ -36,6 +52,9 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             let path = line.split_whitespace().nth(1).unwrap_or("");
             let (status, ctype, body) = match (line.starts_with("GET "), path) {
                 (true, "/metrics") => ("200 OK", "text/plain; version=0.0.4", shared.metrics.render()),
+                (true, "/healthz") if shared.draining.load(Ordering::Relaxed) => {
+                    ("503 Service Unavailable", "text/plain", "draining\n".to_owned())
+                }
                 (true, "/healthz") => ("200 OK", "text/plain", "ok\n".to_owned()),
                 _ => ("404 Not Found", "text/plain", "not found\n".to_owned()),
             };

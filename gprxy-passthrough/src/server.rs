@@ -1,13 +1,14 @@
 //! The accept loop: a connection cap, SIGHUP reload and SIGTERM drain.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use parking_lot::{Mutex, RwLock};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
 use crate::config::{Config, Overrides};
@@ -55,6 +56,7 @@ pub fn shared_state(config: Config) -> anyhow::Result<Arc<Shared>> {
         cancel_keys: Mutex::new(Default::default()),
         metrics: Metrics::new(),
         fallback: RwLock::new(loaded.fallback.map(Arc::new)),
+        draining: AtomicBool::new(false),
     }))
 }
 
@@ -92,6 +94,18 @@ fn reload(shared: &Shared, path: Option<&PathBuf>, overrides: &Overrides) {
     }
 }
 
+/// A failed accept. Running out of file descriptors or memory makes every accept fail at once
+/// until a session ends: wait a little instead of spinning and flooding the log. A connection
+/// that died in the backlog is just skipped.
+pub(crate) async fn accept_failed(e: &std::io::Error) {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionReset, Interrupted};
+    if matches!(e.kind(), ConnectionAborted | ConnectionReset | Interrupted) {
+        return;
+    }
+    warn!(error = %e, "accept failed; pausing 100 ms");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
 /// Runs until SIGTERM or SIGINT, then drains sessions for the grace period.
 pub async fn run(
     shared: Arc<Shared>,
@@ -108,7 +122,6 @@ pub async fn run(
             TcpListener::bind(admin).await.with_context(|| format!("cannot listen on {admin} (admin)"))?;
         tokio::spawn(crate::admin::serve(l, shared.clone()));
     }
-    let limit = Arc::new(Semaphore::new(config.max_client_connections));
     // Each session holds a clone: the count tells how many are still running.
     let tracker = Arc::new(());
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
@@ -118,23 +131,24 @@ pub async fn run(
             accepted = listener.accept() => {
                 let (mut sock, peer) = match accepted {
                     Ok(a) => a,
-                    Err(e) => { warn!(error = %e, "accept failed"); continue; }
+                    Err(e) => { accept_failed(&e).await; continue; }
                 };
                 let _ = sock.set_nodelay(true);
                 shared.metrics.connections.inc();
-                let Ok(permit) = limit.clone().try_acquire_owned() else {
+                // Read at each accept, so that a reload applies to the next connection.
+                let running = Arc::strong_count(&tracker) - 1;
+                if running >= shared.config.read().max_client_connections {
                     shared.metrics.rejected.inc();
                     let msg = crate::proto::error_response("53300", "gprxy: too many client connections");
                     tokio::spawn(async move { let _ = sock.write_all(&msg).await; });
                     continue;
-                };
+                }
                 let shared = shared.clone();
                 let guard = tracker.clone();
                 tokio::spawn(async move {
                     shared.metrics.active.inc();
                     session::handle(shared.clone(), sock, peer).await;
                     shared.metrics.active.dec();
-                    drop(permit);
                     drop(guard);
                 });
             }
@@ -144,6 +158,7 @@ pub async fn run(
         }
     }
     drop(listener);
+    shared.draining.store(true, Ordering::Relaxed);
     let grace = shared.config.read().shutdown_grace;
     info!(
         sessions = Arc::strong_count(&tracker) - 1,

@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -41,6 +42,8 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Fallback mode, when configured.
     pub fallback: RwLock<Option<Arc<crate::fallback::FallbackRuntime>>>,
+    /// Set at SIGTERM: no new connections; `/healthz` answers 503 so that load balancers move on.
+    pub draining: AtomicBool,
 }
 
 /// Why a connection ended before the relay.

@@ -116,6 +116,18 @@ impl Proxy {
         out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Rewrites the config file through `edit` (for a reload with SIGHUP).
+    pub fn edit_config(&self, edit: impl FnOnce(String) -> String) {
+        let path = self.dir.path().join("gprxy.toml");
+        let text = std::fs::read_to_string(&path).expect("read config");
+        std::fs::write(&path, edit(text)).expect("write config");
+    }
+
     /// Names of the process's threads (Linux).
     pub fn thread_names(&self) -> Vec<String> {
         let tasks = std::fs::read_dir(format!("/proc/{}/task", self.child.id())).expect("/proc/<pid>/task");

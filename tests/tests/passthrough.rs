@@ -365,9 +365,12 @@ fn sigterm_stops_accepting_and_lets_sessions_finish() {
     let w = World::start();
     let mut p = w.proxy("[limits]\nshutdown_grace_ms = 5000\n");
     let mut open = pgwire::connect(p.addr(), "plain_user", "postgres", Auth::None).unwrap();
+    assert_eq!(p.admin_get("/healthz"), "ok\n");
     p.signal("TERM");
     std::thread::sleep(Duration::from_millis(300));
     assert!(TcpStream::connect(p.addr()).is_err(), "still accepting after SIGTERM");
+    // Load balancers see the drain on the admin listener, which stays up.
+    assert_eq!(p.admin_get("/healthz"), "draining\n");
     assert!(p.running());
     assert_eq!(open.scalar("SELECT 'still here'").unwrap().as_deref(), Some("still here"));
     open.close();
@@ -495,4 +498,110 @@ fn text_logs_to_a_file_have_no_colour_codes() {
     let _ = child.wait();
     assert!(log.contains("gprxy listening"), "{log}");
     assert!(!log.contains('\u{1b}'), "escape codes in the log file: {log:?}");
+}
+
+/// A gprxy whose upstream is never reached: for what happens before a startup packet.
+fn proxy_without_upstream(extra: &str) -> Proxy {
+    Proxy::start(&format!("upstream = \"127.0.0.1:{}\"\n{extra}\n", gprxy_tests::free_port()))
+}
+
+/// Whether gprxy runs a session for this connection: it answers SSLRequest (`N`, no TLS here).
+fn answers_ssl_request(s: &mut TcpStream) -> bool {
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let _ = s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]);
+    let mut b = [0u8; 1];
+    matches!(s.read(&mut b), Ok(1) if b[0] == b'N')
+}
+
+/// Waits until gprxy counts `n` active connections.
+fn wait_active(p: &Proxy, n: usize) {
+    let line = format!("gprxy_connections_active {n}\n");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !p.admin_get("/metrics").contains(&line) {
+        assert!(Instant::now() < deadline, "never {n} active:\n{}", p.admin_get("/metrics"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn client_connection_limit_refuses_with_53300_and_a_reload_changes_it() {
+    let p = proxy_without_upstream("[limits]\nmax_client_connections = 2\n");
+    wait_active(&p, 0);
+    let mut a = TcpStream::connect(p.addr()).unwrap();
+    let mut b = TcpStream::connect(p.addr()).unwrap();
+    assert!(answers_ssl_request(&mut a) && answers_ssl_request(&mut b));
+    let refused = raw_exchange(&p, &[], Duration::from_secs(3));
+    assert_eq!(error_message(&refused), "gprxy: too many client connections");
+    assert!(String::from_utf8_lossy(&refused).contains("\0C53300\0"), "{refused:?}");
+    assert!(p.admin_get("/metrics").contains("gprxy_connections_rejected_total 1\n"));
+    // A session that ends frees its place.
+    drop(a);
+    wait_active(&p, 1);
+    let mut c = TcpStream::connect(p.addr()).unwrap();
+    assert!(answers_ssl_request(&mut c), "refused after a session ended");
+    // SIGHUP raises the limit for the next connection, and lowers it again.
+    p.edit_config(|t| t.replace("max_client_connections = 2", "max_client_connections = 3"));
+    p.signal("HUP");
+    assert_eq!(p.wait_events("reload", 1).len(), 1);
+    let mut d = TcpStream::connect(p.addr()).unwrap();
+    assert!(answers_ssl_request(&mut d), "the reloaded limit of 3 was not applied");
+    p.edit_config(|t| t.replace("max_client_connections = 3", "max_client_connections = 1"));
+    p.signal("HUP");
+    assert_eq!(p.wait_events("reload", 2).len(), 2);
+    assert_eq!(
+        error_message(&raw_exchange(&p, &[], Duration::from_secs(3))),
+        "gprxy: too many client connections"
+    );
+    // The sessions already running are kept.
+    for s in [&mut b, &mut c, &mut d] {
+        s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).unwrap();
+    }
+    assert!(p.admin_get("/metrics").contains("gprxy_connections_active 3\n"));
+}
+
+#[test]
+fn out_of_file_descriptors_the_proxy_waits_instead_of_spinning_and_recovers() {
+    let p = proxy_without_upstream("[limits]\nlogin_timeout_ms = 60000\n");
+    wait_active(&p, 0);
+    // Few descriptors: silent clients use them up, and accept then fails with EMFILE.
+    let status = std::process::Command::new("prlimit")
+        .args(["--pid", &p.pid().to_string(), "--nofile=48:48"])
+        .status()
+        .expect("prlimit (util-linux)");
+    assert!(status.success());
+    let silent: Vec<TcpStream> = (0..60).map(|_| TcpStream::connect(p.addr()).unwrap()).collect();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !p.log().contains("accept failed") {
+        assert!(Instant::now() < deadline, "accept never failed:\n{}", p.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let failures = || p.log().matches("accept failed").count();
+    let before = failures();
+    std::thread::sleep(Duration::from_secs(1));
+    let in_one_second = failures() - before;
+    assert!((3..=20).contains(&in_one_second), "{in_one_second} failed accepts logged in one second");
+    // The admin listener is still served, and once descriptors are free again clients are too.
+    drop(silent);
+    let mut s = TcpStream::connect(p.addr()).unwrap();
+    assert!(answers_ssl_request(&mut s), "not served after descriptors were freed:\n{}", p.log());
+}
+
+#[test]
+fn admin_listener_serves_a_bounded_number_at_once() {
+    let p = proxy_without_upstream("");
+    // Sixteen silent admin connections take every place; the next is closed at once.
+    let silent: Vec<TcpStream> =
+        (0..16).map(|_| TcpStream::connect(("127.0.0.1", p.admin_port)).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut extra = TcpStream::connect(("127.0.0.1", p.admin_port)).unwrap();
+    extra.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let started = Instant::now();
+    assert_eq!(extra.read(&mut [0u8; 16]).unwrap_or(usize::MAX), 0, "the 17th was not closed");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    // Clients are served meanwhile; and once the silent ones leave, so is the admin listener.
+    let mut c = TcpStream::connect(p.addr()).unwrap();
+    assert!(answers_ssl_request(&mut c));
+    drop(silent);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(p.admin_get("/healthz"), "ok\n");
 }
