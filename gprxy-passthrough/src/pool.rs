@@ -15,10 +15,12 @@ use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 
 use crate::metrics::{Metrics, PoolLabels};
 use crate::proto::{self, Framer};
+use crate::relay::ReadBuffer;
 use crate::session::{read_message, BoxStream, CancelKey, SessionError};
 
 /// Pool limits.
@@ -283,12 +285,16 @@ async fn reset(conn: &mut ServerConn) -> bool {
 
 /// Relays a pooled session until the client leaves. Returns whether the server connection is
 /// clean: the client sent Terminate (or closed) between messages and the server was idle.
+/// `counters` count the bytes relayed after `to_server` and `to_client`, to the server and to
+/// the client.
 pub async fn relay(
     client: &mut BoxStream,
     server: &mut BoxStream,
     to_server: BytesMut,
     to_client: BytesMut,
+    counters: (Counter, Counter),
 ) -> bool {
+    let (to_server_bytes, to_client_bytes) = counters;
     let (mut cf, mut sf) = (Framer::default(), Framer::default());
     sf.last_ready = Some(b'I');
     if !to_client.is_empty() && client.write_all(&to_client).await.is_err() {
@@ -296,34 +302,39 @@ pub async fn relay(
     }
     let idle = |cf: &Framer, sf: &Framer| cf.at_boundary() && sf.at_boundary() && sf.last_ready == Some(b'I');
     // Client bytes go to the server as they are, up to a Terminate, which ends the session.
-    let forward = async |cf: &mut Framer, sf: &Framer, server: &mut BoxStream, data: &[u8]| -> Option<bool> {
-        match cf.feed(data) {
-            Ok(Some(end)) => Some(server.write_all(&data[..end]).await.is_ok() && idle(cf, sf)),
-            Ok(None) => server.write_all(data).await.is_err().then_some(false),
-            Err(_) => Some(false),
-        }
-    };
-    if let Some(done) = forward(&mut cf, &sf, server, &to_server).await {
+    // Returns the bytes written, and whether the session ended (with a clean connection or not).
+    let forward =
+        async |cf: &mut Framer, sf: &Framer, server: &mut BoxStream, data: &[u8]| match cf.feed(data) {
+            Ok(Some(end)) => (end, Some(server.write_all(&data[..end]).await.is_ok() && idle(cf, sf))),
+            Ok(None) => (data.len(), server.write_all(data).await.is_err().then_some(false)),
+            Err(_) => (0, Some(false)),
+        };
+    if let (_, Some(done)) = forward(&mut cf, &sf, server, &to_server).await {
         return done;
     }
-    let mut cb = vec![0u8; 64 * 1024];
-    let mut sb = vec![0u8; 64 * 1024];
+    let (mut cb, mut sb) = (ReadBuffer::default(), ReadBuffer::default());
     loop {
+        let (c_room, s_room) = (cb.for_read().capacity(), sb.for_read().capacity());
         tokio::select! {
-            r = client.read(&mut cb) => match r {
+            r = client.read_buf(cb.for_read()) => match r {
                 Ok(0) | Err(_) => return idle(&cf, &sf),
                 Ok(n) => {
-                    if let Some(done) = forward(&mut cf, &sf, server, &cb[..n]).await {
+                    cb.after_read(n, c_room);
+                    let (written, done) = forward(&mut cf, &sf, server, cb.data()).await;
+                    to_server_bytes.inc_by(written as u64);
+                    if let Some(done) = done {
                         return done;
                     }
                 }
             },
-            r = server.read(&mut sb) => match r {
+            r = server.read_buf(sb.for_read()) => match r {
                 Ok(0) | Err(_) => return false,
                 Ok(n) => {
-                    if sf.feed(&sb[..n]).is_err() || client.write_all(&sb[..n]).await.is_err() {
+                    sb.after_read(n, s_room);
+                    if sf.feed(sb.data()).is_err() || client.write_all(sb.data()).await.is_err() {
                         return false;
                     }
+                    to_client_bytes.inc_by(n as u64);
                 }
             },
         }

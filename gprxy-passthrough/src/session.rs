@@ -127,8 +127,13 @@ pub async fn handle(shared: Arc<Shared>, sock: TcpStream, peer: SocketAddr) {
                     Some(p) => {
                         let to_server = std::mem::take(&mut up.leftover_client);
                         let to_client = std::mem::take(&mut up.leftover_server);
+                        let counters = (
+                            relayed_bytes(&shared, "client_to_server"),
+                            relayed_bytes(&shared, "server_to_client"),
+                        );
                         let clean =
-                            crate::pool::relay(&mut client, &mut up.stream, to_server, to_client).await;
+                            crate::pool::relay(&mut client, &mut up.stream, to_server, to_client, counters)
+                                .await;
                         remove_cancel_key(&shared, &up);
                         let conn = crate::pool::ServerConn::returning(
                             up.stream,
@@ -605,16 +610,22 @@ pub(crate) fn note_token(info: &mut LoginInfo, token: &str) {
 
 /// Copies bytes both ways until either side closes.
 async fn relay(shared: &Shared, client: &mut BoxStream, up: &mut Upstream) {
-    if !up.leftover_client.is_empty() && up.stream.write_all(&up.leftover_client).await.is_err() {
+    // Taken, so that the login's buffers are not held for the rest of the session.
+    let (to_server, to_client) =
+        (std::mem::take(&mut up.leftover_client), std::mem::take(&mut up.leftover_server));
+    if !to_server.is_empty() && up.stream.write_all(&to_server).await.is_err() {
         return;
     }
-    if !up.leftover_server.is_empty() && client.write_all(&up.leftover_server).await.is_err() {
+    if !to_client.is_empty() && client.write_all(&to_client).await.is_err() {
         return;
     }
-    let result = tokio::io::copy_bidirectional_with_sizes(client, &mut up.stream, 64 * 1024, 64 * 1024).await;
-    if let Ok((to_server, to_client)) = result {
-        let m = &shared.metrics;
-        m.bytes.get_or_create(&DirectionLabels { direction: "client_to_server" }).inc_by(to_server);
-        m.bytes.get_or_create(&DirectionLabels { direction: "server_to_client" }).inc_by(to_client);
-    }
+    drop((to_server, to_client));
+    let (to_server, to_client) =
+        (relayed_bytes(shared, "client_to_server"), relayed_bytes(shared, "server_to_client"));
+    let _ = crate::relay::relay(client, &mut up.stream, to_server, to_client).await;
+}
+
+/// The relayed-bytes counter for one direction.
+fn relayed_bytes(shared: &Shared, direction: &'static str) -> prometheus_client::metrics::counter::Counter {
+    shared.metrics.bytes.get_or_create(&DirectionLabels { direction }).clone()
 }

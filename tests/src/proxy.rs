@@ -116,6 +116,14 @@ impl Proxy {
         out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()
     }
 
+    /// One series' value from `/metrics` (`name{labels}` exactly as printed), 0 when absent.
+    pub fn metric(&self, series: &str) -> f64 {
+        let text = self.admin_get("/metrics");
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+            .map_or(0.0, |v| v.trim().parse().expect("a number"))
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()

@@ -254,7 +254,17 @@ fn pool_at_its_limit_waits_then_times_out_and_bad_connections_are_replaced() {
     std::thread::sleep(std::time::Duration::from_millis(200));
     // A clean one is reused, and the pool's state is in the metrics.
     let mut c = connect().unwrap();
+    let (up, down) = (
+        w.proxy.metric("gprxy_relayed_bytes_total{direction=\"client_to_server\"}"),
+        w.proxy.metric("gprxy_relayed_bytes_total{direction=\"server_to_client\"}"),
+    );
     assert_eq!(c.scalar("SELECT pg_backend_pid()").unwrap(), pid3);
+    // Relayed bytes are counted while the session runs: the query as sent, and an answer.
+    assert_eq!(
+        w.proxy.metric("gprxy_relayed_bytes_total{direction=\"client_to_server\"}") - up,
+        (1 + 4 + "SELECT pg_backend_pid()".len() + 1) as f64
+    );
+    assert!(w.proxy.metric("gprxy_relayed_bytes_total{direction=\"server_to_client\"}") > down);
     let m = w.proxy.admin_get("/metrics");
     assert!(m.contains("gprxy_pool_in_use{database=\"postgres\",account=\"app_writer\"} 1"), "{m}");
     assert!(m.contains("gprxy_pool_idle{database=\"postgres\",account=\"app_writer\"} 0"), "{m}");

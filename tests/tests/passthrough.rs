@@ -605,3 +605,18 @@ fn admin_listener_serves_a_bounded_number_at_once() {
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(p.admin_get("/healthz"), "ok\n");
 }
+
+#[test]
+fn relayed_bytes_are_counted_while_the_session_runs() {
+    let w = World::start();
+    let p = w.proxy("");
+    let series = |d: &str| format!("gprxy_relayed_bytes_total{{direction=\"{d}\"}}");
+    let mut c = pgwire::connect(p.addr(), "plain_user", "postgres", Auth::None).unwrap();
+    let (up, down) = (p.metric(&series("client_to_server")), p.metric(&series("server_to_client")));
+    let sql = "SELECT repeat('x', 100000)";
+    assert_eq!(c.scalar(sql).unwrap().map(|v| v.len()), Some(100_000));
+    // The query as sent, and at least the answer's value, before the session ends.
+    assert_eq!(p.metric(&series("client_to_server")) - up, (1 + 4 + sql.len() + 1) as f64);
+    assert!(p.metric(&series("server_to_client")) - down > 100_000.0);
+    c.close();
+}
