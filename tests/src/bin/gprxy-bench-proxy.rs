@@ -8,6 +8,7 @@
 use std::process::Command;
 
 use gprxy_core::testkit::test_ca;
+use gprxy_tests::pgwire::{self, Auth};
 use gprxy_tests::proxy::Proxy;
 use gprxy_tests::{command_as_test_user, free_port, running_as_root, test_user, Cluster, PgVersion};
 
@@ -131,6 +132,40 @@ fn print_table(rows: &[(&str, &Run)]) {
     }
 }
 
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/<pid>/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS")
+}
+
+/// What an idle session costs a proxy: `IDLE_SESSIONS` clients connect through `port`, each
+/// reads a 200 kB value (so that relay buffers grow), then all stay connected while the proxy's
+/// resident memory is read. KiB per session.
+fn idle_session_kib(port: u16, pid: u32) -> f64 {
+    const IDLE_SESSIONS: usize = 100;
+    let before = rss_kib(pid);
+    let sessions: Vec<_> = (0..IDLE_SESSIONS)
+        .map(|_| {
+            let mut c = pgwire::connect(([127, 0, 0, 1], port).into(), "postgres", "postgres", Auth::None)
+                .expect("connect");
+            assert_eq!(
+                c.scalar("SELECT repeat('x', 200000)").expect("query").map(|v| v.len()),
+                Some(200_000)
+            );
+            c
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let per_session = (rss_kib(pid) - before) / IDLE_SESSIONS as f64;
+    sessions.into_iter().for_each(pgwire::PgConn::close);
+    per_session
+}
+
 /// PgBouncer in session mode in front of `pg_host` (an address, or a socket folder) and port.
 fn start_pgbouncer(dir: &std::path::Path, pg_host: &str, pg_port: u16) -> (std::process::Child, u16) {
     let port = free_port();
@@ -140,7 +175,7 @@ fn start_pgbouncer(dir: &std::path::Path, pg_host: &str, pg_port: u16) -> (std::
         format!(
             "[databases]\npostgres = host={pg_host} port={pg_port} dbname=postgres\n[pgbouncer]\n\
              listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\nauth_type = trust\n\
-             auth_file = {}/userlist.txt\npool_mode = session\nmax_client_conn = 200\ndefault_pool_size = 20\n\
+             auth_file = {}/userlist.txt\npool_mode = session\nmax_client_conn = 200\ndefault_pool_size = 110\n\
              logfile = {}/pgbouncer.log\npidfile = {}/pgbouncer.pid\n",
             dir.display(),
             dir.display(),
@@ -193,7 +228,7 @@ fn run() -> bool {
     let _ = Command::new("chmod").arg("600").arg(&key_path).status();
     let pg = Cluster::builder(PgVersion::V18)
         .conf("log_connections = off")
-        .conf("max_connections = 200")
+        .conf("max_connections = 300")
         .conf("ssl = on")
         .conf(format!("ssl_cert_file = '{}'", cert_path.display()))
         .conf(format!("ssl_key_file = '{}'", key_path.display()))
@@ -276,6 +311,18 @@ fn run() -> bool {
         "  with Unix socket upstreams (informational): gprxy/direct {:.3}, gprxy/pgbouncer {:.3}",
         gprxy_unix.tps / direct.tps,
         gprxy_unix.tps / bouncer_unix_run.tps
+    );
+
+    let bouncer_pid = |dir: &tempfile::TempDir| -> u32 {
+        let pid = std::fs::read_to_string(dir.path().join("pgbouncer.pid")).expect("pgbouncer.pid");
+        pid.trim().parse().expect("a pid")
+    };
+    let (gprxy_kib, bouncer_kib) = (
+        idle_session_kib(proxy.port, proxy.pid()),
+        idle_session_kib(bouncer_port, bouncer_pid(&bouncer_dir)),
+    );
+    println!(
+        "memory per idle session (100 sessions, each after a 200 kB result; informational): gprxy {gprxy_kib:.1} KiB, pgbouncer {bouncer_kib:.1} KiB"
     );
 
     println!(
