@@ -108,7 +108,9 @@ pub async fn handle(shared: Arc<Shared>, sock: TcpStream, peer: SocketAddr) {
             Ok(Ok(0)) => Err(SessionError::ClientGone),
             Ok(Ok(_)) => {
                 let direct = first[0] == 0x16;
-                let login = login(&shared, &config, &mut client, &mut info, direct);
+                // Boxed: the login's state is freed when it ends instead of staying in the
+                // session's future (and in memory) for as long as the session runs.
+                let login = Box::pin(login(&shared, &config, &mut client, &mut info, direct));
                 match tokio::time::timeout_at(deadline, login).await {
                     Ok(r) => r,
                     Err(_) => Err(SessionError::refused("08006", "gprxy: login timed out")),
@@ -131,9 +133,9 @@ pub async fn handle(shared: Arc<Shared>, sock: TcpStream, peer: SocketAddr) {
                             relayed_bytes(&shared, "client_to_server"),
                             relayed_bytes(&shared, "server_to_client"),
                         );
-                        let clean =
-                            crate::pool::relay(&mut client, &mut up.stream, to_server, to_client, counters)
-                                .await;
+                        let relay =
+                            crate::pool::relay(&mut client, &mut up.stream, to_server, to_client, counters);
+                        let clean = Box::pin(relay).await;
                         remove_cancel_key(&shared, &up);
                         let conn = crate::pool::ServerConn::returning(
                             up.stream,
@@ -144,7 +146,7 @@ pub async fn handle(shared: Arc<Shared>, sock: TcpStream, peer: SocketAddr) {
                         );
                         let rt = shared.fallback.read().clone();
                         if let Some(rt) = rt {
-                            rt.pools.give_back(p.lease, conn, clean).await;
+                            Box::pin(rt.pools.give_back(p.lease, conn, clean)).await;
                         }
                     }
                 }
@@ -620,12 +622,29 @@ async fn relay(shared: &Shared, client: &mut BoxStream, up: &mut Upstream) {
         return;
     }
     drop((to_server, to_client));
-    let (to_server, to_client) =
+    let (sent, received) =
         (relayed_bytes(shared, "client_to_server"), relayed_bytes(shared, "server_to_client"));
-    let _ = crate::relay::relay(client, &mut up.stream, to_server, to_client).await;
+    let _ = crate::relay::relay(client, &mut up.stream, sent, received).await;
 }
 
 /// The relayed-bytes counter for one direction.
 fn relayed_bytes(shared: &Shared, direction: &'static str) -> prometheus_client::metrics::counter::Counter {
     shared.metrics.bytes.get_or_create(&DirectionLabels { direction }).clone()
+}
+
+#[cfg(test)]
+mod tests {
+    /// A session's future is allocated once and held for as long as the session runs, so what
+    /// only the login needs is boxed and freed when the login ends (it was 5.9 KiB unboxed).
+    #[tokio::test]
+    async fn a_running_session_holds_under_3_kib_of_future_state() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let sock = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let overrides =
+            crate::config::Overrides { upstream: Some("127.0.0.1:5432".into()), ..Default::default() };
+        let shared =
+            crate::server::shared_state(crate::config::Config::load(None, &overrides).unwrap()).unwrap();
+        let session = super::handle(shared, sock, "127.0.0.1:1".parse().unwrap());
+        assert!(std::mem::size_of_val(&session) < 3 * 1024, "{} bytes", std::mem::size_of_val(&session));
+    }
 }
