@@ -6,8 +6,10 @@
 //! left inside a transaction or mid-message, is closed instead.
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::poll_fn;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -20,7 +22,7 @@ use prometheus_client::metrics::gauge::Gauge;
 
 use crate::metrics::{Metrics, PoolLabels};
 use crate::proto::{self, Framer};
-use crate::relay::ReadBuffer;
+use crate::relay::{End, Pipe, Verdict};
 use crate::session::{read_message, BoxStream, CancelKey, SessionError};
 
 /// Pool limits.
@@ -301,42 +303,32 @@ pub async fn relay(
         return false;
     }
     let idle = |cf: &Framer, sf: &Framer| cf.at_boundary() && sf.at_boundary() && sf.last_ready == Some(b'I');
-    // Client bytes go to the server as they are, up to a Terminate, which ends the session.
-    // Returns the bytes written, and whether the session ended (with a clean connection or not).
-    let forward =
-        async |cf: &mut Framer, sf: &Framer, server: &mut BoxStream, data: &[u8]| match cf.feed(data) {
-            Ok(Some(end)) => (end, Some(server.write_all(&data[..end]).await.is_ok() && idle(cf, sf))),
-            Ok(None) => (data.len(), server.write_all(data).await.is_err().then_some(false)),
-            Err(_) => (0, Some(false)),
+    // Client bytes go to the server as they are, up to a Terminate, which ends the session:
+    // first what came with the login, then the relay.
+    match cf.feed(&to_server) {
+        Ok(Some(end)) => return server.write_all(&to_server[..end]).await.is_ok() && idle(&cf, &sf),
+        Ok(None) if server.write_all(&to_server).await.is_err() => return false,
+        Ok(None) => {}
+        Err(_) => return false,
+    }
+    let (mut forward, mut back) = (Pipe::new(to_server_bytes, false), Pipe::new(to_client_bytes, false));
+    poll_fn(|cx| {
+        let watch_client = |data: &[u8]| match cf.feed(data) {
+            Ok(Some(end)) => Verdict::PassUpTo(end),
+            Ok(None) => Verdict::Pass,
+            Err(_) => Verdict::Refuse,
         };
-    if let (_, Some(done)) = forward(&mut cf, &sf, server, &to_server).await {
-        return done;
-    }
-    let (mut cb, mut sb) = (ReadBuffer::default(), ReadBuffer::default());
-    loop {
-        let (c_room, s_room) = (cb.for_read().capacity(), sb.for_read().capacity());
-        tokio::select! {
-            r = client.read_buf(cb.for_read()) => match r {
-                Ok(0) | Err(_) => return idle(&cf, &sf),
-                Ok(n) => {
-                    cb.after_read(n, c_room);
-                    let (written, done) = forward(&mut cf, &sf, server, cb.data()).await;
-                    to_server_bytes.inc_by(written as u64);
-                    if let Some(done) = done {
-                        return done;
-                    }
-                }
-            },
-            r = server.read_buf(sb.for_read()) => match r {
-                Ok(0) | Err(_) => return false,
-                Ok(n) => {
-                    sb.after_read(n, s_room);
-                    if sf.feed(sb.data()).is_err() || client.write_all(sb.data()).await.is_err() {
-                        return false;
-                    }
-                    to_client_bytes.inc_by(n as u64);
-                }
-            },
+        match forward.poll_copy(cx, &mut **client, &mut **server, watch_client) {
+            // The client left, or sent Terminate (not forwarded): clean if both sides are idle.
+            Poll::Ready(End::Eof | End::ReadFailed(_) | End::Stopped) => return Poll::Ready(idle(&cf, &sf)),
+            Poll::Ready(End::WriteFailed(_) | End::Refused) => return Poll::Ready(false),
+            Poll::Pending => {}
         }
-    }
+        let watch_server = |data: &[u8]| if sf.feed(data).is_ok() { Verdict::Pass } else { Verdict::Refuse };
+        match back.poll_copy(cx, &mut **server, &mut **client, watch_server) {
+            Poll::Ready(_) => Poll::Ready(false),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
 }

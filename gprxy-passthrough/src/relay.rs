@@ -1,11 +1,13 @@
-//! After login: bytes copied both ways with no parsing, one read and one write per chunk.
+//! After login: bytes copied both ways, one read and one write per chunk. The pass-through
+//! relay ([`relay`]) parses nothing; fallback mode's pooled relay watches message boundaries
+//! through [`Pipe`]'s watcher.
 //!
-//! Each direction reads into a [`ReadBuffer`]: it starts at [`MIN_BUFFER`] and doubles, up to
-//! [`MAX_BUFFER`], while reads fill it, so a bulk transfer moves in large reads; once a read
-//! leaves it partly empty (the socket was drained), a grown buffer is given back. While a
-//! direction waits for data it holds no buffer at all, so an idle session costs no buffer memory,
-//! whatever it once transferred. Buffers are not zeroed, so only the pages a read touches count. Bytes are counted as they are written, so the
-//! metric moves while a long session runs.
+//! Each direction reads into a [`ReadBuffer`]: it starts at [`MIN_BUFFER`], doubles up to
+//! [`MAX_BUFFER`] while reads fill it, so a bulk transfer moves in large reads, and halves when a
+//! read leaves it partly empty. While a direction waits for data it holds no buffer at all, so an
+//! idle session costs no buffer memory, whatever it once transferred. Buffers are not zeroed, so
+//! only the pages a read touches count. Bytes are counted as they are written, so the metric
+//! moves while a long session runs.
 
 use std::future::poll_fn;
 use std::io;
@@ -21,7 +23,7 @@ pub const MIN_BUFFER: usize = 4 * 1024;
 /// The largest buffer a direction grows to.
 pub const MAX_BUFFER: usize = 64 * 1024;
 
-/// A read buffer that grows while reads fill it and shrinks back once one does not.
+/// A read buffer that doubles while reads fill it and halves when one does not.
 #[derive(Debug)]
 pub struct ReadBuffer {
     buf: BytesMut,
@@ -49,7 +51,7 @@ impl ReadBuffer {
 
     /// After a read into [`Self::for_read`] of `n` bytes, with `room` bytes offered.
     pub fn after_read(&mut self, n: usize, room: usize) {
-        self.want = if n >= room { (self.want * 2).min(MAX_BUFFER) } else { MIN_BUFFER };
+        self.want = if n >= room { (self.want * 2).min(MAX_BUFFER) } else { (self.want / 2).max(MIN_BUFFER) };
     }
 
     /// Gives the memory back while nothing is buffered (the next read allocates again).
@@ -68,56 +70,131 @@ impl ReadBuffer {
     }
 }
 
-/// One direction: read from one side, write everything read to the other.
-struct Pipe {
+/// What a direction's watcher says of the bytes just read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Write them all.
+    Pass,
+    /// Write the first `n`, then end the direction ([`End::Stopped`]).
+    PassUpTo(usize),
+    /// Write none and end the direction ([`End::Refused`]).
+    Refuse,
+}
+
+/// Why a direction ended.
+#[derive(Debug)]
+pub enum End {
+    /// The reader reached its end (and the writer was shut down, if the pipe does that).
+    Eof,
+    /// Reading failed.
+    ReadFailed(io::Error),
+    /// Writing (or shutting down) failed.
+    WriteFailed(io::Error),
+    /// The watcher said [`Verdict::PassUpTo`], and that much was written.
+    Stopped,
+    /// The watcher said [`Verdict::Refuse`].
+    Refused,
+}
+
+/// One direction: read from one side, write what was read to the other.
+pub struct Pipe {
     buf: ReadBuffer,
-    /// Bytes of `buf` already written.
+    /// Bytes of `buf` already written, and how many are to be.
     written: usize,
+    limit: usize,
     /// Written since the last flush.
     need_flush: bool,
-    /// The reader reached its end: shut the writer down once `buf` is written.
-    eof: bool,
-    done: bool,
+    /// How the direction ends once `buf` is written.
+    ending: Option<End>,
+    /// Whether the reader's end shuts the writer down.
+    shutdown_on_eof: bool,
     counter: Counter,
 }
 
 impl Pipe {
-    fn new(counter: Counter) -> Self {
-        Self { buf: ReadBuffer::default(), written: 0, need_flush: false, eof: false, done: false, counter }
+    /// A direction that counts written bytes in `counter`; the reader's end shuts the writer
+    /// down when `shutdown_on_eof`.
+    pub fn new(counter: Counter, shutdown_on_eof: bool) -> Self {
+        Self {
+            buf: ReadBuffer::default(),
+            written: 0,
+            limit: 0,
+            need_flush: false,
+            ending: None,
+            shutdown_on_eof,
+            counter,
+        }
     }
 
-    fn poll_copy<R, W>(&mut self, cx: &mut Context<'_>, r: &mut R, w: &mut W) -> Poll<io::Result<()>>
+    /// Copies until the direction ends; `watch` sees every chunk read before it is written.
+    pub fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &mut R,
+        w: &mut W,
+        mut watch: impl FnMut(&[u8]) -> Verdict,
+    ) -> Poll<End>
     where
         R: AsyncRead + Unpin + ?Sized,
         W: AsyncWrite + Unpin + ?Sized,
     {
         loop {
-            while self.written < self.buf.data().len() {
-                let n = ready!(Pin::new(&mut *w).poll_write(cx, &self.buf.data()[self.written..]))?;
-                if n == 0 {
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-                }
+            while self.written < self.limit {
+                let n = match ready!(
+                    Pin::new(&mut *w).poll_write(cx, &self.buf.data()[self.written..self.limit])
+                ) {
+                    Ok(0) => return Poll::Ready(End::WriteFailed(io::ErrorKind::WriteZero.into())),
+                    Ok(n) => n,
+                    Err(e) => return Poll::Ready(End::WriteFailed(e)),
+                };
                 self.written += n;
                 self.need_flush = true;
                 self.counter.inc_by(n as u64);
             }
-            if self.eof {
-                ready!(Pin::new(&mut *w).poll_shutdown(cx))?;
-                self.done = true;
-                return Poll::Ready(Ok(()));
+            match self.ending.take() {
+                Some(End::Eof) if self.shutdown_on_eof => {
+                    if let Err(e) = ready!(Pin::new(&mut *w).poll_shutdown(cx)) {
+                        return Poll::Ready(End::WriteFailed(e));
+                    }
+                    return Poll::Ready(End::Eof);
+                }
+                Some(end) => {
+                    if self.need_flush {
+                        self.ending = Some(end);
+                        if let Err(e) = ready!(Pin::new(&mut *w).poll_flush(cx)) {
+                            return Poll::Ready(End::WriteFailed(e));
+                        }
+                        self.need_flush = false;
+                        continue;
+                    }
+                    return Poll::Ready(end);
+                }
+                None => {}
             }
-            self.written = 0;
+            (self.written, self.limit) = (0, 0);
             let buf = self.buf.for_read();
             let room = buf.capacity();
             match tokio_util::io::poll_read_buf(Pin::new(&mut *r), cx, buf) {
-                Poll::Ready(Ok(0)) => self.eof = true,
-                Poll::Ready(Ok(n)) => self.buf.after_read(n, room),
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(0)) => self.ending = Some(End::Eof),
+                Poll::Ready(Ok(n)) => {
+                    self.buf.after_read(n, room);
+                    match watch(self.buf.data()) {
+                        Verdict::Pass => self.limit = n,
+                        Verdict::PassUpTo(k) => {
+                            self.limit = k.min(n);
+                            self.ending = Some(End::Stopped);
+                        }
+                        Verdict::Refuse => return Poll::Ready(End::Refused),
+                    }
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(End::ReadFailed(e)),
                 Poll::Pending => {
                     // Nothing buffered and nothing to read: hold no memory while waiting.
                     self.buf.release();
                     if self.need_flush {
-                        ready!(Pin::new(&mut *w).poll_flush(cx))?;
+                        if let Err(e) = ready!(Pin::new(&mut *w).poll_flush(cx)) {
+                            return Poll::Ready(End::WriteFailed(e));
+                        }
                         self.need_flush = false;
                     }
                     return Poll::Pending;
@@ -134,15 +211,29 @@ where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let mut forward = Pipe::new(a_to_b);
-    let mut back = Pipe::new(b_to_a);
+    let (mut forward, mut back) = (Pipe::new(a_to_b, true), Pipe::new(b_to_a, true));
+    let (mut forward_done, mut back_done) = (false, false);
+    let pass = |_: &[u8]| Verdict::Pass;
+    // A direction is done at its end; a failure on either side ends the relay.
+    let step = |done: &mut bool, polled: Poll<End>| match polled {
+        Poll::Ready(End::ReadFailed(e) | End::WriteFailed(e)) => Err(e),
+        Poll::Ready(_) => {
+            *done = true;
+            Ok(())
+        }
+        Poll::Pending => Ok(()),
+    };
     poll_fn(|cx| {
-        let f = if forward.done { Poll::Ready(Ok(())) } else { forward.poll_copy(cx, a, b) };
-        let r = if back.done { Poll::Ready(Ok(())) } else { back.poll_copy(cx, b, a) };
-        match (f, r) {
-            (Poll::Ready(Err(e)), _) | (_, Poll::Ready(Err(e))) => Poll::Ready(Err(e)),
-            (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => Poll::Ready(Ok(())),
-            _ => Poll::Pending,
+        if !forward_done {
+            step(&mut forward_done, forward.poll_copy(cx, a, b, pass))?;
+        }
+        if !back_done {
+            step(&mut back_done, back.poll_copy(cx, b, a, pass))?;
+        }
+        if forward_done && back_done {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
         }
     })
     .await
@@ -216,23 +307,57 @@ mod tests {
         let (mut peer, r) = tokio::io::duplex(1 << 20);
         let mut r = Recorder { inner: r, largest_offer: 0 };
         let mut sink = Vec::new();
-        let mut pipe = Pipe::new(Counter::default());
+        let mut pipe = Pipe::new(Counter::default(), true);
         let copy_what_is_there = |pipe: &mut Pipe, r: &mut Recorder<_>, sink: &mut Vec<u8>| {
             let waker = std::task::Waker::noop();
-            assert!(pipe.poll_copy(&mut Context::from_waker(waker), r, sink).is_pending());
+            let polled = pipe.poll_copy(&mut Context::from_waker(waker), r, sink, |_| Verdict::Pass);
+            assert!(polled.is_pending());
         };
         peer.write_all(&pattern(500_000, 3)).await.unwrap();
         copy_what_is_there(&mut pipe, &mut r, &mut sink);
         assert_eq!(sink, pattern(500_000, 3));
         assert!(r.largest_offer >= MAX_BUFFER, "reads never grew past {}", r.largest_offer);
         assert_eq!(pipe.buf.capacity(), 0, "a buffer was kept while idle");
-        // Small messages go through the small buffer.
-        r.largest_offer = 0;
-        peer.write_all(b"Q\0\0\0\x0dSELECT 1\0").await.unwrap();
-        copy_what_is_there(&mut pipe, &mut r, &mut sink);
-        assert!(r.largest_offer < 2 * MIN_BUFFER, "{}", r.largest_offer);
-        assert_eq!(pipe.buf.capacity(), 0, "a buffer was kept while idle");
-        assert_eq!(pipe.counter.get(), 500_000 + 14);
+        // Small messages halve the reads back to the small buffer.
+        for _ in 0..5 {
+            r.largest_offer = 0;
+            peer.write_all(b"Q\0\0\0\x0dSELECT 1\0").await.unwrap();
+            copy_what_is_there(&mut pipe, &mut r, &mut sink);
+            assert_eq!(pipe.buf.capacity(), 0, "a buffer was kept while idle");
+        }
+        assert_eq!(r.largest_offer, MIN_BUFFER);
+        assert_eq!(pipe.counter.get(), 500_000 + 5 * 14);
+    }
+
+    #[tokio::test]
+    async fn a_watcher_stops_or_refuses_and_a_kept_writer_is_not_shut_down() {
+        let copy = async |data: &[u8], verdict: Verdict, close: bool| {
+            let (mut peer, mut r) = tokio::io::duplex(1024);
+            let (mut w, mut out) = tokio::io::duplex(1024);
+            peer.write_all(data).await.unwrap();
+            if close {
+                drop(peer);
+            }
+            let mut pipe = Pipe::new(Counter::default(), false);
+            let end = poll_fn(|cx| pipe.poll_copy(cx, &mut r, &mut w, |_| verdict)).await;
+            // The writer is still open: what was written can be read, and then nothing ends.
+            let mut got = vec![0u8; 64];
+            let n = tokio::time::timeout(std::time::Duration::from_millis(100), out.read(&mut got)).await;
+            let got = n.map(|n| got[..n.unwrap()].to_vec()).unwrap_or_default();
+            let wait = std::time::Duration::from_millis(50);
+            let still_open = tokio::time::timeout(wait, out.read(&mut [0u8; 8])).await.is_err();
+            assert!(still_open, "the writer was shut down");
+            (end, got, pipe.counter.get())
+        };
+        let (end, got, counted) = copy(b"abcdefX\0\0\0\x04", Verdict::PassUpTo(6), false).await;
+        assert!(matches!(end, End::Stopped), "{end:?}");
+        assert_eq!((got.as_slice(), counted), (&b"abcdef"[..], 6));
+        let (end, got, counted) = copy(b"bad", Verdict::Refuse, false).await;
+        assert!(matches!(end, End::Refused), "{end:?}");
+        assert_eq!((got.len(), counted), (0, 0));
+        let (end, got, _) = copy(b"last words", Verdict::Pass, true).await;
+        assert!(matches!(end, End::Eof), "{end:?}");
+        assert_eq!(got, b"last words");
     }
 
     #[tokio::test]
