@@ -13,6 +13,8 @@ use serde::Deserialize;
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     listen: Option<String>,
+    #[serde(default)]
+    reuse_port: bool,
     upstream: Option<String>,
     #[serde(default)]
     tls: FileTls,
@@ -395,6 +397,9 @@ pub enum LogFormat {
 pub struct Config {
     /// Client listener.
     pub listen: SocketAddr,
+    /// Both listeners bind with SO_REUSEPORT, so that a new gprxy can start on the same ports
+    /// before the old one drains (zero-downtime upgrades).
+    pub reuse_port: bool,
     /// Upstream server.
     pub upstream: String,
     /// Client TLS, if configured.
@@ -489,6 +494,7 @@ impl Config {
         }
         Ok(Self {
             listen: addr("listen", &listen)?,
+            reuse_port: file.reuse_port,
             upstream,
             tls,
             require_tls: file.tls.require,

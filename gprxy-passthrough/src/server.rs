@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use parking_lot::{Mutex, RwLock};
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tracing::{info, warn};
 
 use crate::config::{Config, Overrides};
@@ -66,8 +66,8 @@ fn reload(shared: &Shared, path: Option<&PathBuf>, overrides: &Overrides) {
         let config = Config::load(path.map(PathBuf::as_path), overrides)?;
         let loaded = Loaded::from(&config)?;
         let running = shared.config.read().clone();
-        if config.listen != running.listen {
-            warn!("listen address changes need a restart; keeping the old one");
+        if config.listen != running.listen || config.reuse_port != running.reuse_port {
+            warn!("listen and reuse_port changes need a restart; keeping the running listener");
         }
         if config.worker_threads != running.worker_threads {
             warn!("limits.worker_threads changes need a restart; keeping the running threads");
@@ -94,6 +94,18 @@ fn reload(shared: &Shared, path: Option<&PathBuf>, overrides: &Overrides) {
     }
 }
 
+/// A listening socket; with `reuse_port`, other processes of the same user may listen on the
+/// same address (the kernel spreads new connections over them).
+fn bind(addr: std::net::SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    if reuse_port {
+        socket.set_reuseport(true)?;
+    }
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
 /// A failed accept. Running out of file descriptors or memory makes every accept fail at once
 /// until a session ends: wait a little instead of spinning and flooding the log. A connection
 /// that died in the backlog is just skipped.
@@ -113,13 +125,19 @@ pub async fn run(
     overrides: Overrides,
 ) -> anyhow::Result<()> {
     let config = shared.config.read().clone();
-    let listener = TcpListener::bind(config.listen)
-        .await
+    let listener = bind(config.listen, config.reuse_port)
         .with_context(|| format!("cannot listen on {}", config.listen))?;
-    info!(listen = %listener.local_addr()?, upstream = %config.upstream, tls = config.tls.is_some(), "gprxy listening");
+    info!(
+        event = "listening",
+        listen = %listener.local_addr()?,
+        upstream = %config.upstream,
+        tls = config.tls.is_some(),
+        reuse_port = config.reuse_port,
+        "gprxy listening"
+    );
     if let Some(admin) = config.admin_listen {
         let l =
-            TcpListener::bind(admin).await.with_context(|| format!("cannot listen on {admin} (admin)"))?;
+            bind(admin, config.reuse_port).with_context(|| format!("cannot listen on {admin} (admin)"))?;
         tokio::spawn(crate::admin::serve(l, shared.clone()));
     }
     // Each session holds a clone: the count tells how many are still running.

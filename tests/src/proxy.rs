@@ -37,8 +37,15 @@ pub struct Proxy {
 impl Proxy {
     /// Starts gprxy with this TOML (without `listen` and `[admin]`, which the harness sets).
     pub fn start(toml: &str) -> Self {
+        let p = Self::spawn_at(free_port(), free_port(), toml);
+        p.wait_listening();
+        p
+    }
+
+    /// Starts gprxy on these ports without waiting for it to listen (another process may
+    /// already listen there).
+    pub fn spawn_at(port: u16, admin_port: u16, toml: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let (port, admin_port) = (free_port(), free_port());
         let config = format!(
             "listen = \"127.0.0.1:{port}\"\n{toml}\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n[log]\nformat = \"json\"\n"
         );
@@ -54,9 +61,7 @@ impl Proxy {
             .stderr(log)
             .spawn()
             .expect("start gprxy");
-        let p = Self { child, dir, port, admin_port };
-        p.wait_listening();
-        p
+        Self { child, dir, port, admin_port }
     }
 
     fn wait_listening(&self) {

@@ -620,3 +620,32 @@ fn relayed_bytes_are_counted_while_the_session_runs() {
     assert!(p.metric(&series("server_to_client")) - down > 100_000.0);
     c.close();
 }
+
+#[test]
+fn reuse_port_lets_a_new_gprxy_take_over_before_the_old_one_drains() {
+    let mut old = proxy_without_upstream("reuse_port = true\n");
+    let toml = format!("upstream = \"127.0.0.1:{}\"\nreuse_port = true\n", gprxy_tests::free_port());
+    let mut new = Proxy::spawn_at(old.port, old.admin_port, &toml);
+    assert_eq!(new.wait_events("listening", 1).len(), 1, "the new gprxy did not listen:\n{}", new.log());
+    // Without reuse_port a third one cannot take the port.
+    let plain = format!("upstream = \"127.0.0.1:{}\"\n", gprxy_tests::free_port());
+    let mut refused = Proxy::spawn_at(old.port, gprxy_tests::free_port(), &plain);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while refused.running() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!refused.running());
+    assert!(refused.log().contains(&format!("cannot listen on 127.0.0.1:{}", old.port)), "{}", refused.log());
+    // The old one drains and exits; clients keep being served, by the new one.
+    old.signal("TERM");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while old.running() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!old.running(), "the old gprxy did not exit");
+    for _ in 0..20 {
+        let mut c = TcpStream::connect(new.addr()).unwrap();
+        assert!(answers_ssl_request(&mut c), "a client was not served during the handover");
+    }
+    assert!(new.running());
+}
