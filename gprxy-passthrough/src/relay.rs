@@ -151,25 +151,21 @@ impl Pipe {
                 self.need_flush = true;
                 self.counter.inc_by(n as u64);
             }
-            match self.ending.take() {
-                Some(End::Eof) if self.shutdown_on_eof => {
-                    if let Err(e) = ready!(Pin::new(&mut *w).poll_shutdown(cx)) {
-                        return Poll::Ready(End::WriteFailed(e));
-                    }
-                    return Poll::Ready(End::Eof);
-                }
-                Some(end) => {
-                    if self.need_flush {
-                        self.ending = Some(end);
-                        if let Err(e) = ready!(Pin::new(&mut *w).poll_flush(cx)) {
-                            return Poll::Ready(End::WriteFailed(e));
-                        }
-                        self.need_flush = false;
-                        continue;
-                    }
-                    return Poll::Ready(end);
-                }
-                None => {}
+            if let Some(ending) = &self.ending {
+                // Kept until the shutdown or flush is done, so that a pending one resumes here.
+                let step = if matches!(ending, End::Eof) && self.shutdown_on_eof {
+                    ready!(Pin::new(&mut *w).poll_shutdown(cx))
+                } else if self.need_flush {
+                    ready!(Pin::new(&mut *w).poll_flush(cx))
+                } else {
+                    Ok(())
+                };
+                let ending = self.ending.take().unwrap_or(End::Eof);
+                self.need_flush = false;
+                return Poll::Ready(match step {
+                    Ok(()) => ending,
+                    Err(e) => End::WriteFailed(e),
+                });
             }
             (self.written, self.limit) = (0, 0);
             let buf = self.buf.for_read();
@@ -358,6 +354,58 @@ mod tests {
         let (end, got, _) = copy(b"last words", Verdict::Pass, true).await;
         assert!(matches!(end, End::Eof), "{end:?}");
         assert_eq!(got, b"last words");
+    }
+
+    /// A reader that reports its end once, then never again; a writer whose shutdown is
+    /// pending on the first call.
+    struct EndsOnce(tokio::io::DuplexStream, bool);
+    struct SlowShutdown(Vec<u8>, u32);
+
+    impl AsyncRead for EndsOnce {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            if self.1 {
+                return Poll::Pending;
+            }
+            let before = buf.filled().len();
+            ready!(Pin::new(&mut self.0).poll_read(cx, buf))?;
+            self.1 = buf.filled().len() == before;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for SlowShutdown {
+        fn poll_write(mut self: Pin<&mut Self>, _: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
+            self.0.extend_from_slice(b);
+            Poll::Ready(Ok(b.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.1 += 1;
+            if self.1 == 1 {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pending_shutdown_resumes_without_reading_again() {
+        let (mut peer, r) = tokio::io::duplex(1024);
+        peer.write_all(b"bye").await.unwrap();
+        drop(peer);
+        let (mut r, mut w) = (EndsOnce(r, false), SlowShutdown(Vec::new(), 0));
+        let mut pipe = Pipe::new(Counter::default(), true);
+        let copy = poll_fn(|cx| pipe.poll_copy(cx, &mut r, &mut w, |_| Verdict::Pass));
+        let end = tokio::time::timeout(std::time::Duration::from_secs(2), copy).await.expect("stuck");
+        assert!(matches!(end, End::Eof), "{end:?}");
+        assert_eq!((w.0.as_slice(), w.1), (&b"bye"[..], 2));
     }
 
     #[tokio::test]
