@@ -18,7 +18,7 @@ use bytes::BytesMut;
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-/// The buffer a direction starts with, and returns to when idle.
+/// The buffer a direction starts with, and the smallest it halves to.
 pub const MIN_BUFFER: usize = 4 * 1024;
 /// The largest buffer a direction grows to.
 pub const MAX_BUFFER: usize = 64 * 1024;

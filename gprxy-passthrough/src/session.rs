@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use bytes::BytesMut;
 use parking_lot::{Mutex, RwLock};
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{field::Empty, info, warn, Instrument};
@@ -129,10 +130,7 @@ pub async fn handle(shared: Arc<Shared>, sock: TcpStream, peer: SocketAddr) {
                     Some(p) => {
                         let to_server = std::mem::take(&mut up.leftover_client);
                         let to_client = std::mem::take(&mut up.leftover_server);
-                        let counters = (
-                            relayed_bytes(&shared, "client_to_server"),
-                            relayed_bytes(&shared, "server_to_client"),
-                        );
+                        let counters = relayed_bytes(&shared);
                         let relay =
                             crate::pool::relay(&mut client, &mut up.stream, to_server, to_client, counters);
                         let clean = Box::pin(relay).await;
@@ -622,14 +620,14 @@ async fn relay(shared: &Shared, client: &mut BoxStream, up: &mut Upstream) {
         return;
     }
     drop((to_server, to_client));
-    let (sent, received) =
-        (relayed_bytes(shared, "client_to_server"), relayed_bytes(shared, "server_to_client"));
+    let (sent, received) = relayed_bytes(shared);
     let _ = crate::relay::relay(client, &mut up.stream, sent, received).await;
 }
 
-/// The relayed-bytes counter for one direction.
-fn relayed_bytes(shared: &Shared, direction: &'static str) -> prometheus_client::metrics::counter::Counter {
-    shared.metrics.bytes.get_or_create(&DirectionLabels { direction }).clone()
+/// The relayed-bytes counters: client to server, server to client.
+fn relayed_bytes(shared: &Shared) -> (Counter, Counter) {
+    let counter = |direction| shared.metrics.bytes.get_or_create(&DirectionLabels { direction }).clone();
+    (counter("client_to_server"), counter("server_to_client"))
 }
 
 #[cfg(test)]

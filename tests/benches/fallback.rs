@@ -5,11 +5,11 @@
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use gprxy_core::testkit::{test_ca, TestKey};
+use gprxy_core::testkit::TestKey;
 use gprxy_tests::idp::TestIssuer;
 use gprxy_tests::pgwire::{connect, connect_tls, Auth};
 use gprxy_tests::proxy::{FallbackSetup, Proxy};
-use gprxy_tests::{apply_sql_file, Cluster, PgVersion};
+use gprxy_tests::{apply_sql_file, Cluster, PgVersion, TestCerts};
 use serde_json::json;
 
 fn bench(c: &mut Criterion) {
@@ -22,20 +22,17 @@ fn bench(c: &mut Criterion) {
     pg.sql("CREATE EXTENSION gprxy_validator");
     apply_sql_file(&pg, "postgres", "01_roles.sql");
     pg.sql("SET password_encryption = 'scram-sha-256'; ALTER ROLE app_writer PASSWORD 'writer-secret-1'");
-    let files = tempfile::tempdir().expect("dir");
-    let (ca, cert, tls_key) = test_ca();
-    let p = |n: &str| files.path().join(n);
-    std::fs::write(p("c.pem"), cert).expect("cert");
-    std::fs::write(p("k.pem"), tls_key).expect("key");
-    std::fs::write(p("w.pw"), "writer-secret-1").expect("pw");
+    let certs = TestCerts::new();
+    let writer_pw = certs.dir().join("w.pw");
+    std::fs::write(&writer_pw, "writer-secret-1").expect("pw");
     let proxy = Proxy::start(
         &FallbackSetup {
             upstream_port: pg.port(),
-            cert: &p("c.pem"),
-            key: &p("k.pem"),
+            cert: &certs.cert_path,
+            key: &certs.key_path,
             issuer: &idp.issuer(),
             audience: "db",
-            rules: &[("writer", "app_writer", &p("w.pw"))],
+            rules: &[("writer", "app_writer", &writer_pw)],
             extra: "",
         }
         .toml(),
@@ -47,8 +44,8 @@ fn bench(c: &mut Criterion) {
     let direct = ([127, 0, 0, 1], pg.port()).into();
     let first = |c: &mut gprxy_tests::pgwire::PgConn| c.scalar("SELECT 1").expect("first query");
     // Warm the key cache and the pool.
-    let mut w =
-        connect_tls(proxy.addr(), "alice", "postgres", Auth::Password(&token), &ca).expect("pooled login");
+    let mut w = connect_tls(proxy.addr(), "alice", "postgres", Auth::Password(&token), &certs.ca)
+        .expect("pooled login");
     first(&mut w);
     w.close();
 
@@ -64,8 +61,8 @@ fn bench(c: &mut Criterion) {
     });
     g.bench_function("pooled_fallback", |b| {
         b.iter(|| {
-            let mut c =
-                connect_tls(proxy.addr(), "alice", "postgres", Auth::Password(&token), &ca).expect("pooled");
+            let mut c = connect_tls(proxy.addr(), "alice", "postgres", Auth::Password(&token), &certs.ca)
+                .expect("pooled");
             first(&mut c);
             c.close();
         })

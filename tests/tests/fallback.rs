@@ -1,11 +1,11 @@
 //! Fallback mode against Debian's PostgreSQL 15: gprxy validates the token, maps its roles to a
 //! service account, logs in with SCRAM-SHA-256 and sets the user's context.
 
-use gprxy_core::testkit::{test_ca, TestKey};
+use gprxy_core::testkit::TestKey;
 use gprxy_tests::idp::TestIssuer;
 use gprxy_tests::pgwire::{connect_tls, Auth};
 use gprxy_tests::proxy::{FallbackSetup, Proxy};
-use gprxy_tests::{apply_sql_file, oauth_psql_with, require_validator, Cluster, PgVersion};
+use gprxy_tests::{apply_sql_file, oauth_psql_with, require_validator, Cluster, PgVersion, TestCerts};
 use serde_json::json;
 
 struct World {
@@ -13,8 +13,7 @@ struct World {
     key: TestKey,
     _pg: Cluster,
     proxy: Proxy,
-    ca: String,
-    _files: tempfile::TempDir,
+    certs: TestCerts,
 }
 
 fn start() -> World {
@@ -40,11 +39,8 @@ fn start_full(fallback_extra: &str, pg_conf: &[&str]) -> World {
     pg.sql("CREATE EXTENSION gprxy_validator");
     apply_sql_file(&pg, "postgres", "01_roles.sql");
     pg.sql("SET password_encryption = 'scram-sha-256'; ALTER ROLE app_writer PASSWORD 'writer-secret-1'; ALTER ROLE app_reader PASSWORD 'reader-secret-1'; ALTER ROLE app_admin PASSWORD 'admin-secret-1'");
-    let files = tempfile::tempdir().unwrap();
-    let (ca, cert, tls_key) = test_ca();
-    let p = |n: &str| files.path().join(n);
-    std::fs::write(p("c.pem"), cert).unwrap();
-    std::fs::write(p("k.pem"), tls_key).unwrap();
+    let certs = TestCerts::new();
+    let p = |n: &str| certs.dir().join(n);
     std::fs::write(p("writer.pw"), "writer-secret-1\n").unwrap();
     std::fs::write(p("reader.pw"), "reader-secret-1\n").unwrap();
     std::fs::write(p("admin.pw"), "admin-secret-1\n").unwrap();
@@ -52,8 +48,8 @@ fn start_full(fallback_extra: &str, pg_conf: &[&str]) -> World {
     let proxy = Proxy::start(
         &FallbackSetup {
             upstream_port: pg.port(),
-            cert: &p("c.pem"),
-            key: &p("k.pem"),
+            cert: &certs.cert_path,
+            key: &certs.key_path,
             issuer: &idp.issuer(),
             audience: "db",
             rules: &[
@@ -65,7 +61,7 @@ fn start_full(fallback_extra: &str, pg_conf: &[&str]) -> World {
         }
         .toml(),
     );
-    World { idp, key, _pg: pg, proxy, ca, _files: files }
+    World { idp, key, _pg: pg, proxy, certs }
 }
 
 impl World {
@@ -206,7 +202,7 @@ fn pool_of_one_never_leaks_context_across_2000_sessions() {
     for i in 0..2000 {
         let (user, token, tenant) =
             if i % 2 == 0 { ("alice", &a, "aaaaaaaa") } else { ("bob", &b, "bbbbbbbb") };
-        let mut c = connect_tls(w.proxy.addr(), user, "postgres", Auth::Password(token), &w.ca)
+        let mut c = connect_tls(w.proxy.addr(), user, "postgres", Auth::Password(token), &w.certs.ca)
             .unwrap_or_else(|e| panic!("session {i}: {e}"));
         let row = c
             .query("SELECT current_setting('app.user_id'), left(current_setting('app.tenant_id'), 8), pg_backend_pid()::text")
@@ -226,7 +222,7 @@ fn pool_of_one_never_leaks_context_across_2000_sessions() {
 fn pool_at_its_limit_waits_then_times_out_and_bad_connections_are_replaced() {
     let w = start_with("[fallback.pool]\ndefault_size = 1\nwait_timeout_ms = 500");
     let t = w.token("alice", json!(["writer"]), 3600);
-    let connect = || connect_tls(w.proxy.addr(), "alice", "postgres", Auth::Password(&t), &w.ca);
+    let connect = || connect_tls(w.proxy.addr(), "alice", "postgres", Auth::Password(&t), &w.certs.ca);
     let mut holder = connect().unwrap();
     let pid1 = holder.scalar("SELECT pg_backend_pid()").unwrap();
     let started = std::time::Instant::now();
@@ -449,7 +445,8 @@ fn pooled_sessions_get_their_own_cancel_keys() {
     use std::time::{Duration, Instant};
     let w = start_with("[fallback.pool]\ndefault_size = 1");
     let t = w.token("alice", json!(["writer"]), 300);
-    let connect = || connect_tls(w.proxy.addr(), "alice", "postgres", Auth::Password(&t), &w.ca).unwrap();
+    let connect =
+        || connect_tls(w.proxy.addr(), "alice", "postgres", Auth::Password(&t), &w.certs.ca).unwrap();
     let mut first = connect();
     let old_key = first.key.expect("BackendKeyData");
     let pid = first.scalar("SELECT pg_backend_pid()").unwrap();
@@ -540,7 +537,8 @@ fn sighup_keeps_sessions_and_closes_the_old_pools_politely() {
         assert_eq!(w._pg.sql(writers), n, "server connections of app_writer");
     };
     // One session in progress, one server connection idle in the pool.
-    let mut running = connect_tls(w.proxy.addr(), "alice", "postgres", Auth::Password(&t), &w.ca).unwrap();
+    let mut running =
+        connect_tls(w.proxy.addr(), "alice", "postgres", Auth::Password(&t), &w.certs.ca).unwrap();
     assert_eq!(w.psql("alice", &t, "require", "SELECT current_user").unwrap(), "app_writer");
     wait_for("2");
 

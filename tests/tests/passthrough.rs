@@ -8,17 +8,14 @@ use gprxy_core::testkit::{test_ca, TestKey};
 use gprxy_tests::idp::TestIssuer;
 use gprxy_tests::pgwire::{self, Auth};
 use gprxy_tests::proxy::Proxy;
-use gprxy_tests::{oauth_psql_with, validator_cluster, Cluster, PgVersion};
+use gprxy_tests::{oauth_psql_with, validator_cluster, Cluster, PgVersion, TestCerts};
 use serde_json::json;
 
 struct World {
     idp: TestIssuer,
     key: TestKey,
     pg: Cluster,
-    ca_path: std::path::PathBuf,
-    _certs: tempfile::TempDir,
-    cert_path: std::path::PathBuf,
-    key_path: std::path::PathBuf,
+    certs: TestCerts,
 }
 
 impl World {
@@ -34,23 +31,15 @@ impl World {
             .ident("m alice alice")
             .start();
         pg.sql("CREATE ROLE alice LOGIN; CREATE ROLE plain_user LOGIN; CREATE EXTENSION gprxy_validator");
-        let certs = tempfile::tempdir().unwrap();
-        let (ca, cert, tls_key) = test_ca();
-        let ca_path = certs.path().join("ca.pem");
-        let cert_path = certs.path().join("server.pem");
-        let key_path = certs.path().join("server.key");
-        std::fs::write(&ca_path, ca).unwrap();
-        std::fs::write(&cert_path, cert).unwrap();
-        std::fs::write(&key_path, tls_key).unwrap();
-        Self { idp, key, pg, ca_path, _certs: certs, cert_path, key_path }
+        Self { idp, key, pg, certs: TestCerts::new() }
     }
 
     fn proxy(&self, extra: &str) -> Proxy {
         Proxy::start(&format!(
             "upstream = \"127.0.0.1:{}\"\n{extra}\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
             self.pg.port(),
-            self.cert_path.display(),
-            self.key_path.display()
+            self.certs.cert_path.display(),
+            self.certs.key_path.display()
         ))
     }
 
@@ -64,7 +53,7 @@ impl World {
         let conn = format!(
             "host=localhost hostaddr=127.0.0.1 port={} user=alice dbname=postgres sslrootcert={} {tls}",
             proxy.port,
-            self.ca_path.display()
+            self.certs.ca_path.display()
         );
         oauth_psql_with(&conn, &self.idp.issuer(), &client, sql)
     }
@@ -222,8 +211,8 @@ fn tls_required_refuses_plain_clients() {
     let p = Proxy::start(&format!(
         "upstream = \"127.0.0.1:{}\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\nrequire = true\n",
         w.pg.port(),
-        w.cert_path.display(),
-        w.key_path.display()
+        w.certs.cert_path.display(),
+        w.certs.key_path.display()
     ));
     let e = pgwire::connect(p.addr(), "plain_user", "postgres", Auth::None).err().expect("refused");
     assert_eq!(e.message, "gprxy: TLS is required (use sslmode=require or stronger)");
@@ -242,7 +231,7 @@ fn bridge_lets_psql_15_log_in_with_a_token_as_password() {
             .arg(format!(
                 "host=localhost hostaddr=127.0.0.1 port={} user=alice dbname=postgres sslmode={sslmode} sslrootcert={}",
                 p.port,
-                w.ca_path.display()
+                w.certs.ca_path.display()
             ))
             .env("PGPASSWORD", &t)
             .output()
@@ -328,7 +317,7 @@ fn sighup_reloads_certificates_without_dropping_sessions() {
     let w = World::start();
     let p = w.proxy("");
     // A session that is open across the reload.
-    let ca1 = w.ca_path.clone();
+    let ca1 = w.certs.ca_path.clone();
     let long = {
         let ca = ca1.clone();
         let port = p.port;
@@ -348,8 +337,8 @@ fn sighup_reloads_certificates_without_dropping_sessions() {
     let (ca2, cert2, key2) = test_ca();
     let ca2_path = p.dir().join("ca2.pem");
     std::fs::write(&ca2_path, ca2).unwrap();
-    std::fs::write(&w.cert_path, cert2).unwrap();
-    std::fs::write(&w.key_path, key2).unwrap();
+    std::fs::write(&w.certs.cert_path, cert2).unwrap();
+    std::fs::write(&w.certs.key_path, key2).unwrap();
     p.signal("HUP");
     assert_eq!(p.wait_events("reload", 1).len(), 1, "{}", p.log());
     let out = long.join().unwrap();
@@ -383,23 +372,12 @@ fn sigterm_stops_accepting_and_lets_sessions_finish() {
 
 #[test]
 fn upstream_tls_is_verified_and_channel_binding_never_crosses_the_proxy() {
-    use gprxy_tests::{running_as_root, test_user};
     // PostgreSQL 18 with its own TLS; the key readable only by the server's user.
-    let dir = tempfile::tempdir().unwrap();
-    let (ca, cert, key) = test_ca();
-    let (ca_path, cert_path, key_path) =
-        (dir.path().join("ca.pem"), dir.path().join("c.pem"), dir.path().join("k.pem"));
-    std::fs::write(&ca_path, ca).unwrap();
-    std::fs::write(&cert_path, cert).unwrap();
-    std::fs::write(&key_path, key).unwrap();
-    if running_as_root() {
-        std::process::Command::new("chown").arg("-R").arg(test_user()).arg(dir.path()).status().unwrap();
-    }
-    std::process::Command::new("chmod").arg("600").arg(&key_path).status().unwrap();
+    let server = TestCerts::for_server();
     let pg = Cluster::builder(PgVersion::V18)
         .conf("ssl = on")
-        .conf(format!("ssl_cert_file = '{}'", cert_path.display()))
-        .conf(format!("ssl_key_file = '{}'", key_path.display()))
+        .conf(format!("ssl_cert_file = '{}'", server.cert_path.display()))
+        .conf(format!("ssl_key_file = '{}'", server.key_path.display()))
         .hba("hostssl all scram_user 127.0.0.1/32 scram-sha-256")
         .hba("hostssl all plain_user 127.0.0.1/32 trust")
         .start();
@@ -409,8 +387,8 @@ fn upstream_tls_is_verified_and_channel_binding_never_crosses_the_proxy() {
         Proxy::start(&format!(
             "upstream = \"127.0.0.1:{}\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[upstream_tls]\nenabled = true\nca_file = \"{}\"\nserver_name = \"localhost\"\n",
             pg.port(),
-            w.cert_path.display(),
-            w.key_path.display(),
+            w.certs.cert_path.display(),
+            w.certs.key_path.display(),
             ca.display()
         ))
     };
@@ -420,7 +398,7 @@ fn upstream_tls_is_verified_and_channel_binding_never_crosses_the_proxy() {
             .arg(format!(
                 "host=localhost hostaddr=127.0.0.1 port={} user={user} dbname=postgres sslrootcert={} {extra}",
                 p.port,
-                w.ca_path.display()
+                w.certs.ca_path.display()
             ))
             .env("PGPASSWORD", "a-long-enough-password")
             .output()
@@ -431,7 +409,7 @@ fn upstream_tls_is_verified_and_channel_binding_never_crosses_the_proxy() {
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     };
-    let p = proxy_with(&ca_path);
+    let p = proxy_with(&server.ca_path);
     // The server sees TLS from gprxy; a client on TLS to gprxy reaches a hostssl line.
     assert_eq!(psql(&p, "plain_user", "sslmode=verify-full"), (true, "t".to_owned(), String::new()));
     // SCRAM from a plain client leg works over the TLS upstream.

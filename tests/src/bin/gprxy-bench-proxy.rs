@@ -7,10 +7,11 @@
 
 use std::process::Command;
 
-use gprxy_core::testkit::test_ca;
 use gprxy_tests::pgwire::{self, Auth};
 use gprxy_tests::proxy::Proxy;
-use gprxy_tests::{command_as_test_user, free_port, running_as_root, test_user, Cluster, PgVersion};
+use gprxy_tests::{
+    command_as_test_user, free_port, running_as_root, test_user, Cluster, PgVersion, TestCerts,
+};
 
 /// Seconds per pgbench run (`BENCH_SECONDS`).
 fn seconds() -> String {
@@ -217,15 +218,8 @@ fn main() {
 /// Runs everything; servers are stopped when it returns.
 fn run() -> bool {
     // One certificate for PostgreSQL's own TLS and gprxy's, readable by the server's OS user.
-    let certs = tempfile::tempdir().expect("dir");
-    let (_, cert, key) = test_ca();
-    let (cert_path, key_path) = (certs.path().join("c.pem"), certs.path().join("k.pem"));
-    std::fs::write(&cert_path, cert).expect("cert");
-    std::fs::write(&key_path, key).expect("key");
-    if running_as_root() {
-        let _ = Command::new("chown").arg("-R").arg(test_user()).arg(certs.path()).status();
-    }
-    let _ = Command::new("chmod").arg("600").arg(&key_path).status();
+    let certs = TestCerts::for_server();
+    let (cert_path, key_path) = (&certs.cert_path, &certs.key_path);
     let pg = Cluster::builder(PgVersion::V18)
         .conf("log_connections = off")
         .conf("max_connections = 300")
