@@ -8,9 +8,13 @@
 #   - an unprivileged OS user that test servers run as (PostgreSQL refuses root)
 #
 # A second run checks stamps and changes nothing. A failed step stops with its name.
+#
+#   scripts/bootstrap.sh            everything
+#   scripts/bootstrap.sh postgres   apt packages and PostgreSQL 18 only (CI's cold-path check)
 set -euo pipefail
+ONLY="${1:-all}"
 
-PG18_VERSION="${PG18_VERSION:-18}"           # Debian source package postgresql-18
+PG18_SUITE="${PG18_SUITE:-sid}"              # Debian suite with the source package postgresql-18
 PGRX_VERSION="0.18.1"
 CACHE="${GPRXY_CACHE:-/var/cache/gprxy}"    # outside the clone; readable by the test user
 TEST_USER="${GPRXY_TEST_USER:-gprxytest}"
@@ -52,48 +56,14 @@ if ! id "$TEST_USER" >/dev/null 2>&1; then
 fi
 
 # ---------------------------------------------------------------- PostgreSQL 18
-step "PostgreSQL 18 source"
-as_root mkdir -p "$CACHE"
-as_root chmod 755 "$CACHE"
-SRC_DIR="$CACHE/src"
-as_root mkdir -p "$SRC_DIR"
-if ! ls "$SRC_DIR"/postgresql-18_*.orig.tar.bz2 >/dev/null 2>&1; then
-  uri=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
-  uri="${uri:-http://deb.debian.org/debian}"
-  apt_dir="$CACHE/apt-sid"
-  as_root mkdir -p "$apt_dir/lists/partial"
-  echo "deb-src [trusted=yes] $uri sid main" | as_root tee "$apt_dir/sources.list" >/dev/null
-  apt_opts=(-o "Dir::Etc::SourceList=$apt_dir/sources.list" -o Dir::Etc::SourceParts=/dev/null
-            -o "Dir::State::Lists=$apt_dir/lists")
-  as_root apt-get "${apt_opts[@]}" update -qq
-  (cd "$SRC_DIR" && as_root apt-get "${apt_opts[@]}" source --download-only -qq "postgresql-$PG18_VERSION")
+step "PostgreSQL 18 (source package from $PG18_SUITE) into $CACHE/pg18"
+bash "$ROOT/scripts/build-postgres.sh" 18 "$PG18_SUITE"
+PREFIX="$(readlink -f "$CACHE/pg18")"
+PG18_FULL="$("$PREFIX/bin/pg_config" --version | awk '{print $2}')"
+if [ "$ONLY" = postgres ]; then
+  echo "bootstrap: ok (PostgreSQL $PG18_FULL at $PREFIX)" >&2
+  exit 0
 fi
-orig=$(ls "$SRC_DIR"/postgresql-18_*.orig.tar.bz2 | sort -V | tail -n1)
-PG18_FULL=$(basename "$orig" | sed -E 's/postgresql-18_(.*)\.orig\.tar\.bz2/\1/')
-PREFIX="$CACHE/pg-$PG18_FULL"
-
-step "PostgreSQL $PG18_FULL build into $PREFIX"
-if [ ! -f "$PREFIX/.gprxy-built" ]; then
-  build="$CACHE/build-$PG18_FULL"
-  as_root rm -rf "$build"
-  as_root mkdir -p "$build"
-  as_root tar -xjf "$orig" -C "$build" --strip-components=1
-  (
-    cd "$build"
-    ./configure --prefix="$PREFIX" --with-openssl --with-libcurl --without-icu >configure.log 2>&1 \
-      || { tail -n 30 configure.log; exit 1; }
-    make -j3 world-bin >make.log 2>&1 || { tail -n 40 make.log; exit 1; }
-    make install-world-bin >install.log 2>&1 || { tail -n 40 install.log; exit 1; }
-  )
-  # PostgreSQL's own test issuer, for device-flow experiments.
-  as_root mkdir -p "$PREFIX/share/gprxy"
-  as_root cp "$build/src/test/modules/oauth_validator/t/oauth_server.py" "$PREFIX/share/gprxy/" || true
-  as_root rm -rf "$build"
-  as_root touch "$PREFIX/.gprxy-built"
-fi
-# The stable name the Makefile and tests use.
-ln -sfn "$PREFIX" "$CACHE/pg18"
-ln -sfn "$PREFIX" "$ROOT/.pg18"
 
 # ---------------------------------------------------------------- cargo-pgrx
 step "cargo-pgrx $PGRX_VERSION"

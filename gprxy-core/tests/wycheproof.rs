@@ -1,4 +1,4 @@
-//! Wycheproof's JSON Web Signature vectors (../shared/testdata/wycheproof).
+//! Wycheproof's JSON Web Signature vectors (tests/data/wycheproof, vendored with their licence).
 //!
 //! No vector labelled invalid may verify. A vector labelled valid may be refused only by policy
 //! (HMAC, or an algorithm outside gprxy's allowlist such as ES512); each such disagreement is
@@ -11,7 +11,7 @@ use gprxy_core::{Algorithm, KeySet, ValidationError};
 use serde_json::Value;
 
 fn vectors_path() -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/wycheproof");
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/wycheproof");
     root.join("json_web_signature_test.json")
 }
 

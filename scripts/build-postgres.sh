@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Builds one PostgreSQL major version from Debian's own source package into the cache, once.
+#
+#   scripts/build-postgres.sh MAJOR SUITE     e.g. 18 sid
+#
+# Source: `apt-get source --download-only postgresql-MAJOR` from SUITE through a private source
+# list (the machine's own apt sources are never changed: binaries from a newer suite would replace
+# libc). Result: $GPRXY_CACHE/pg-<version>, linked as $GPRXY_CACHE/pgMAJOR, stamped when complete.
+# A second run finds the stamp and changes nothing.
+set -euo pipefail
+
+MAJOR="$1"
+SUITE="$2"
+CACHE="${GPRXY_CACHE:-/var/cache/gprxy}"
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+as_root mkdir -p "$CACHE"
+as_root chmod 755 "$CACHE"
+SRC_DIR="$CACHE/src"
+as_root mkdir -p "$SRC_DIR"
+pattern="postgresql-${MAJOR}_*.orig.tar.bz2"
+if ! compgen -G "$SRC_DIR/$pattern" >/dev/null; then
+  uri=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+  uri="${uri:-http://deb.debian.org/debian}"
+  apt_dir="$CACHE/apt-$SUITE"
+  as_root mkdir -p "$apt_dir/lists/partial"
+  echo "deb-src [trusted=yes] $uri $SUITE main" | as_root tee "$apt_dir/sources.list" >/dev/null
+  apt_opts=(-o "Dir::Etc::SourceList=$apt_dir/sources.list" -o Dir::Etc::SourceParts=/dev/null
+            -o "Dir::State::Lists=$apt_dir/lists")
+  as_root apt-get "${apt_opts[@]}" update -qq
+  (cd "$SRC_DIR" && as_root apt-get "${apt_opts[@]}" source --download-only -qq "postgresql-$MAJOR")
+fi
+orig=$(compgen -G "$SRC_DIR/$pattern" | sort -V | tail -n1)
+FULL=$(basename "$orig" | sed -E "s/postgresql-${MAJOR}_(.*)\.orig\.tar\.bz2/\1/")
+PREFIX="$CACHE/pg-$FULL"
+
+if [ ! -f "$PREFIX/.gprxy-built" ]; then
+  echo "build-postgres: PostgreSQL $FULL into $PREFIX (a few minutes, once)" >&2
+  build="$CACHE/build-$FULL"
+  as_root rm -rf "$build" "$PREFIX"
+  as_root mkdir -p "$build"
+  as_root tar -xjf "$orig" -C "$build" --strip-components=1
+  (
+    cd "$build"
+    # PostgreSQL's Makefile.global builds its generated headers (utils/errcodes.h, ...) only when
+    # MAKELEVEL is 0. Started from the project's make, this script inherits MAKELEVEL=1 and
+    # MAKEFLAGS: drop them so the build is the same by hand and under make.
+    unset MAKELEVEL MAKEFLAGS MFLAGS
+    ./configure --prefix="$PREFIX" --with-openssl --with-libcurl --without-icu >configure.log 2>&1 \
+      || { tail -n 30 configure.log; exit 1; }
+    make -j3 world-bin >make.log 2>&1 || { tail -n 40 make.log; exit 1; }
+    make install-world-bin >install.log 2>&1 || { tail -n 40 install.log; exit 1; }
+  )
+  # PostgreSQL's own test issuer and test validator (the floor in the connect benchmark).
+  as_root mkdir -p "$PREFIX/share/gprxy"
+  as_root cp "$build/src/test/modules/oauth_validator/t/oauth_server.py" "$PREFIX/share/gprxy/"
+  if [ -f "$build/src/test/modules/oauth_validator/validator.c" ]; then
+    as_root cp "$build/src/test/modules/oauth_validator/validator.c" "$PREFIX/share/gprxy/"
+  fi
+  as_root rm -rf "$build"
+  as_root touch "$PREFIX/.gprxy-built"
+fi
+# The stable name the Makefile and tests use.
+ln -sfn "$PREFIX" "$CACHE/pg$MAJOR"
+"$PREFIX/bin/pg_config" --version >&2
