@@ -157,7 +157,7 @@ fn main() {
     // Every login works, and the shared key cache is warm.
     for m in &methods {
         for _ in 0..3 {
-            connect(addr, m.user, "postgres", m.auth.clone())
+            connect(addr, m.user, "postgres", m.auth)
                 .unwrap_or_else(|e| panic!("{} login: {e}", m.name))
                 .close();
         }
@@ -169,7 +169,7 @@ fn main() {
             let cpu = machine_busy_seconds();
             let t = Instant::now();
             for _ in 0..per_round {
-                connect(addr, m.user, "postgres", m.auth.clone())
+                connect(addr, m.user, "postgres", m.auth)
                     .unwrap_or_else(|e| panic!("{} login: {e}", m.name))
                     .close();
             }
