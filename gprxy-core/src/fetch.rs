@@ -215,6 +215,38 @@ impl Fetcher for UreqFetcher {
     }
 }
 
+/// A [`UreqFetcher`] built on the first request instead of up front: a PostgreSQL backend serves
+/// one login, and most logins find their keys in the shared cache and never fetch, so they need
+/// not pay for an HTTP agent (TLS configuration, root store, CA file read).
+pub struct LazyFetcher {
+    settings: HttpSettings,
+    built: std::sync::OnceLock<Result<UreqFetcher, ConfigError>>,
+}
+
+impl LazyFetcher {
+    /// Keeps the settings; builds nothing yet.
+    pub fn new(settings: HttpSettings) -> Self {
+        Self { settings, built: std::sync::OnceLock::new() }
+    }
+
+    /// Whether the HTTP agent has been built (a request was made).
+    pub fn is_built(&self) -> bool {
+        self.built.get().is_some()
+    }
+}
+
+impl Fetcher for LazyFetcher {
+    fn get(&self, url: &str) -> Result<HttpResponse, KeyError> {
+        match self.built.get_or_init(|| UreqFetcher::new(self.settings.clone())) {
+            Ok(fetcher) => fetcher.get(url),
+            Err(e) => Err(KeyError::Transport {
+                url: Quoted::new(url),
+                reason: format!("the HTTP client could not be built: {e}"),
+            }),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,5 +271,18 @@ mod tests {
         assert_eq!(parse_max_age("no-store"), Some(0));
         assert_eq!(parse_max_age("public"), None);
         assert_eq!(parse_max_age("max-age=abc"), None);
+    }
+
+    #[test]
+    fn lazy_fetcher_builds_nothing_until_asked() {
+        let missing = HttpSettings { ca_file: Some("/nonexistent/ca.pem".into()), ..HttpSettings::default() };
+        let f = super::LazyFetcher::new(missing);
+        assert!(!f.is_built());
+        let err = f.get("https://idp.example.com/jwks").unwrap_err().to_string();
+        assert!(f.is_built());
+        assert!(
+            err.contains("the HTTP client could not be built: ") && err.contains("/nonexistent/ca.pem"),
+            "{err}"
+        );
     }
 }

@@ -19,17 +19,19 @@ pub mod jose;
 pub mod jwk;
 pub mod jwks;
 pub mod policy;
+pub mod prepare;
 #[cfg(feature = "testkit")]
 #[allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 pub mod testkit;
 pub mod validate;
 
 pub use error::{ConfigError, KeyError, Malformed, Quoted, ValidationError};
-pub use fetch::{Fetcher, HttpResponse, HttpSettings, UreqFetcher};
+pub use fetch::{Fetcher, HttpResponse, HttpSettings, LazyFetcher, UreqFetcher};
 pub use jose::{fingerprint, peek_claim, peek_unverified, KeySource, Unverified};
 pub use jwk::{KeySet, VerifyKey};
 pub use jwks::{
     issuer_metadata, unix_time, CacheSettings, Clock, JwksCache, JwksSource, Snapshot, SystemClock,
 };
 pub use policy::{parse_algorithms, Algorithm, IdentityForm, Policy, PolicyBuilder, MAX_TOKEN_BYTES};
+pub use prepare::prepare_process;
 pub use validate::{ValidatedToken, Validator};

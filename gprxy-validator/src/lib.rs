@@ -25,6 +25,12 @@ mod worker;
 pub extern "C-unwind" fn _PG_init() {
     #[cfg(feature = "pg18")]
     ffi::init();
+    // Loaded by the postmaster (shared_preload_libraries): every backend forked from it inherits
+    // the crypto library's initialisation instead of redoing it on each login.
+    #[cfg(feature = "pg18")]
+    if !gprxy_core::prepare_process() {
+        pgrx::warning!("gprxy_validator: the crypto library failed its start-up self-check");
+    }
 }
 
 /// One audit line per login attempt. Failures go only to the server log (COMMERROR, as

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use gprxy_core::{
-    peek_claim, peek_unverified, ConfigError, JwksCache, JwksSource, SystemClock, UreqFetcher,
+    peek_claim, peek_unverified, ConfigError, JwksCache, JwksSource, LazyFetcher, SystemClock,
     ValidatedToken, Validator,
 };
 use parking_lot::Mutex;
@@ -61,7 +61,7 @@ pub fn cache_for(settings: &Settings, issuer: &str) -> Result<Arc<JwksCache>, Co
             return Ok(e.cache.clone());
         }
     }
-    let fetcher = Arc::new(UreqFetcher::new(settings.http.clone())?);
+    let fetcher = Arc::new(LazyFetcher::new(settings.http.clone()));
     let cache = Arc::new(JwksCache::new(
         source_for(settings, issuer),
         fetcher,

@@ -13,7 +13,7 @@
 //! Goals (exit status 1 when one is missed): gprxy within 0.20 ms of the floor for RS256 and EdDSA
 //! and 0.25 ms for ES256; the validator's own time at most the signature check + 0.1 ms; gprxy at
 //! most 0.6 of SCRAM-SHA-256. `BENCH_ROUNDS` (default 15) and `BENCH_CONNECTS` (per method and
-//! round, default 40) set the size.
+//! round, default 40) set the size; `BENCH_ONLY=gprxy_rs256` measures one method (no goals checked).
 
 use std::net::SocketAddr;
 use std::process::Command;
@@ -154,6 +154,10 @@ fn main() {
         Method { name: "gprxy_es256", user: "alice", auth: Auth::Bearer(t_es), wall_ms: vec![], cpu_s: 0.0 },
         Method { name: "gprxy_eddsa", user: "alice", auth: Auth::Bearer(t_ed), wall_ms: vec![], cpu_s: 0.0 },
     ];
+    // `BENCH_ONLY=name,name`: only these methods (for profiling one of them).
+    if let Ok(only) = std::env::var("BENCH_ONLY") {
+        methods.retain(|m| only.split(',').any(|o| o == m.name));
+    }
     // Every login works, and the shared key cache is warm.
     for m in &methods {
         for _ in 0..3 {
@@ -197,6 +201,9 @@ fn main() {
             missed.push(line);
         }
     };
+    if methods.len() < 6 {
+        return;
+    }
     let (floor, floor_cpu) = med("floor");
     let (scram, _) = med("scram_sha256");
     for (name, budget) in [("gprxy_rs256", 0.20), ("gprxy_eddsa", 0.20), ("gprxy_es256", 0.25)] {
