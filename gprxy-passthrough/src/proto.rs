@@ -427,6 +427,21 @@ mod tests {
     }
 
     #[test]
+    fn a_parameter_named_twice_is_refused() {
+        let mut b = startup(&[("user", "alice"), ("database", "db"), ("user", "postgres")]);
+        assert_eq!(parse_first_packet(&mut b), Err(ProtoError::DuplicateParameter("user".into())));
+        let mut b = startup(&[("user", "a"), ("options", "-c x=1"), ("options", "-c y=2")]);
+        assert_eq!(
+            parse_first_packet(&mut b).unwrap_err().to_string(),
+            "invalid startup packet: parameter \"options\" is given more than once"
+        );
+        let long = "n".repeat(5000);
+        let mut b = startup(&[("user", "a"), (long.as_str(), "1"), (long.as_str(), "2")]);
+        let Err(ProtoError::DuplicateParameter(name)) = parse_first_packet(&mut b) else { panic!() };
+        assert_eq!(name.len(), 64, "the name is cut for the message");
+    }
+
+    #[test]
     fn ssl_gss_cancel() {
         let mut b = BytesMut::new();
         b.put_u32(8);
