@@ -271,6 +271,9 @@ async fn bearer_token(
     cfg: &Fallback,
 ) -> Result<String, SessionError> {
     info.mechanism = Some("OAUTHBEARER".into());
+    if !info.tls {
+        return Err(refused("gprxy: token login requires TLS (sslmode=require or stronger)"));
+    }
     client.write_all(&proto::encode_sasl_mechanisms(&["OAUTHBEARER".to_owned()])).await?;
     client.flush().await?;
     let m = read_message(client, cbuf, proto::MAX_SASL_MESSAGE, "SASL message").await?;
