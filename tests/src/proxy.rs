@@ -289,21 +289,6 @@ impl<'de> serde::de::Visitor<'de> for StrictVisitor {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::strict_json;
-
-    #[test]
-    fn strict_json_refuses_a_key_named_twice_at_any_depth() {
-        assert_eq!(strict_json(r#"{"a":[1,{"b":null}],"c":"d"}"#).unwrap()["a"][1]["b"], serde_json::Value::Null);
-        assert!(strict_json(r#"{"message":"login","message":"refused"}"#)
-            .unwrap_err()
-            .starts_with("duplicate key \"message\""));
-        assert!(strict_json(r#"{"span":{"user":"a","user":"b"}}"#).unwrap_err().starts_with("duplicate key \"user\""));
-        assert!(strict_json("{\"a\":1").is_err());
-    }
-}
-
 /// What a fallback-mode test proxy needs.
 pub struct FallbackSetup<'a> {
     /// PostgreSQL's port on loopback.
@@ -342,5 +327,25 @@ impl FallbackSetup<'_> {
             t.push_str(&format!("[fallback.accounts.{account}]\npassword_file = \"{}\"\n", file.display()));
         }
         t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::strict_json;
+
+    #[test]
+    fn strict_json_refuses_a_key_named_twice_at_any_depth() {
+        assert_eq!(
+            strict_json(r#"{"a":[1,{"b":null}],"c":"d"}"#).unwrap()["a"][1]["b"],
+            serde_json::Value::Null
+        );
+        assert!(strict_json(r#"{"message":"login","message":"refused"}"#)
+            .unwrap_err()
+            .starts_with("duplicate key \"message\""));
+        assert!(strict_json(r#"{"span":{"user":"a","user":"b"}}"#)
+            .unwrap_err()
+            .starts_with("duplicate key \"user\""));
+        assert!(strict_json("{\"a\":1").is_err());
     }
 }

@@ -565,9 +565,16 @@ fn hostile_database_names_cannot_inject_metrics_or_grow_the_pool_label_set() {
     connect("postgres").unwrap().close();
     let hostile = |i: usize| format!("x\"}} 1\ngprxy_pool_idle 9\n#{i}{}", "A".repeat(8_000));
     let e = connect(&hostile(0)).err().expect("no such database");
-    assert_eq!((e.code.as_deref(), e.message.as_str()), (Some("08006"), "gprxy: the service account could not log in"));
+    assert_eq!(
+        (e.code.as_deref(), e.message.as_str()),
+        (Some("08006"), "gprxy: the service account could not log in")
+    );
     let pool_series = |samples: &[gprxy_tests::proxy::Sample]| {
-        samples.iter().filter(|s| s.0.starts_with("gprxy_pool_") && !s.0.starts_with("gprxy_pool_wait_seconds")).cloned().collect::<Vec<_>>()
+        samples
+            .iter()
+            .filter(|s| s.0.starts_with("gprxy_pool_") && !s.0.starts_with("gprxy_pool_wait_seconds"))
+            .cloned()
+            .collect::<Vec<_>>()
     };
     let samples = parse_metrics(&w.proxy.admin_get("/metrics"));
     let pools = pool_series(&samples);
@@ -634,7 +641,10 @@ fn key_fetch_failures_reach_the_log_but_not_the_client() {
         .err()
         .expect("no keys");
     assert_eq!(e.code.as_deref(), Some("28000"), "{e}");
-    assert_eq!(e.message, "gprxy: token refused (keys_unavailable): the issuer's signing keys are unavailable");
+    assert_eq!(
+        e.message,
+        "gprxy: token refused (keys_unavailable): the issuer's signing keys are unavailable"
+    );
     let events = w.proxy.wait_events("login", 1);
     assert_eq!(events[0]["error"], e.message.as_str(), "{events:?}");
     let detail = events[0]["detail"].as_str().unwrap_or_default();

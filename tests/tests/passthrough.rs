@@ -725,7 +725,10 @@ fn a_startup_packet_naming_a_parameter_twice_is_refused() {
     let e = connect_params(p.addr(), "plain_user", "postgres", Auth::None, &[("application_name", "b")])
         .err()
         .expect("refused");
-    assert_eq!(e.message, "gprxy: invalid startup packet: parameter \"application_name\" is given more than once");
+    assert_eq!(
+        e.message,
+        "gprxy: invalid startup packet: parameter \"application_name\" is given more than once"
+    );
     let mut ok = pgwire::connect(p.addr(), "plain_user", "postgres", Auth::None).unwrap();
     assert_eq!(ok.scalar("SELECT 1").unwrap().as_deref(), Some("1"));
 }
@@ -760,7 +763,10 @@ fn text_logs_escape_newlines_and_control_characters_from_clients() {
     let _ = child.wait();
     let log = read_log();
     assert!(log.contains("outcome=\"failure\""), "{log}");
-    assert!(!log.contains("\n2026-01-01T00:00:00.000000Z  INFO forged"), "a client forged a log line:\n{log}");
+    assert!(
+        !log.contains("\n2026-01-01T00:00:00.000000Z  INFO forged"),
+        "a client forged a log line:\n{log}"
+    );
     assert!(log.contains(r"mallory\n2026-01-01"), "{log}");
     for c in ['\r', '\u{1b}', '\u{7}', '\u{0b}'] {
         assert!(!log.contains(c), "control character {c:?} in the log:\n{log:?}");
