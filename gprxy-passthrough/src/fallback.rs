@@ -101,9 +101,7 @@ pub async fn authenticate(
     };
     crate::session::note_token(info, &token);
 
-    let t = validate(&rt, token)
-        .await
-        .map_err(|e| refused(format!("gprxy: token refused ({}): {e}", e.code())))?;
+    let t = validate(&rt, token).await.map_err(|e| token_refused(info, &e))?;
 
     let account = rt
         .cfg
@@ -132,8 +130,18 @@ pub async fn authenticate(
     };
     let (mut conn, reused) = match lease.conn.take() {
         Some(c) => (c, true),
-        None => (login().await?, false),
+        None => match login().await {
+            Ok(c) => (c, false),
+            Err(e) => {
+                // A pool that never logged in (a database that does not exist) is not kept.
+                drop(lease);
+                rt.pools.forget_unused(&database, &account);
+                return Err(e);
+            }
+        },
     };
+    // It logged in (the database exists): its gauges are exported.
+    lease.admit(&shared.metrics, &database, &account);
     let mut sbuf = BytesMut::new();
     let reports = match prepare(&mut conn, &mut sbuf, &settings, &t).await {
         // An idle connection that died unnoticed: one fresh login, once.
@@ -157,7 +165,12 @@ pub async fn authenticate(
     to_client.extend_from_slice(&reports);
     to_client.extend_from_slice(&proto::frame(b'Z', b"I"));
     crate::session::send_ready(shared, client, &to_client, client_key.as_ref(), conn.key.as_ref()).await?;
-    tracing::info!(event = "fallback_mapped", account = %account, identity = %t.identity, "token mapped to service account");
+    tracing::info!(
+        event = "fallback_mapped",
+        account = account.as_str(),
+        identity = t.identity.as_str(),
+        "token mapped to service account"
+    );
     let created = conn.created();
     Ok(Upstream {
         pooled: Some(Pooled { lease, startup_reply: conn.startup_reply, signer: conn.signer, created }),
@@ -167,6 +180,18 @@ pub async fn authenticate(
         leftover_client: cbuf,
         leftover_server: sbuf,
     })
+}
+
+/// The refusal of a token. What the token itself got wrong is told as it is; why keys could not
+/// be had (URLs, resolver and transport errors) only reaches the log.
+fn token_refused(info: &mut LoginInfo, e: &gprxy_core::ValidationError) -> SessionError {
+    match e {
+        gprxy_core::ValidationError::Keys(_) => {
+            info.detail = Some(e.to_string());
+            refused(format!("gprxy: token refused ({}): the issuer's signing keys are unavailable", e.code()))
+        }
+        _ => refused(format!("gprxy: token refused ({}): {e}", e.code())),
+    }
 }
 
 /// Logs in upstream as `account` with SCRAM-SHA-256. The startup packet holds only what the
@@ -271,6 +296,9 @@ async fn bearer_token(
     cfg: &Fallback,
 ) -> Result<String, SessionError> {
     info.mechanism = Some("OAUTHBEARER".into());
+    if !info.tls {
+        return Err(refused("gprxy: token login requires TLS (sslmode=require or stronger)"));
+    }
     client.write_all(&proto::encode_sasl_mechanisms(&["OAUTHBEARER".to_owned()])).await?;
     client.flush().await?;
     let m = read_message(client, cbuf, proto::MAX_SASL_MESSAGE, "SASL message").await?;
@@ -458,7 +486,7 @@ async fn set_up_session(
     match failed {
         None => Ok(reports),
         Some((code, msg)) => {
-            tracing::warn!(sqlstate = %code, error = %msg, "fallback: session set-up failed");
+            tracing::warn!(sqlstate = code.as_str(), error = msg.as_str(), "fallback: session set-up failed");
             let sqlstate = match code.as_str() {
                 "42704" => "42704",
                 "22023" => "22023",

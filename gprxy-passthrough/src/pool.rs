@@ -20,7 +20,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 
-use crate::metrics::{Metrics, PoolLabels};
+use crate::metrics::{Metrics, PoolGauges};
 use crate::proto::{self, Framer};
 use crate::relay::{End, Pipe, Verdict};
 use crate::session::{read_message, BoxStream, CancelKey, SessionError};
@@ -97,8 +97,8 @@ impl ServerConn {
 struct Pool {
     idle: Mutex<Vec<(ServerConn, Instant)>>,
     permits: Arc<Semaphore>,
-    /// The pool's idle-connections gauge.
-    idle_gauge: Gauge,
+    /// The pool's gauges (exported once it has logged in).
+    gauges: Arc<PoolGauges>,
 }
 
 /// A checked-out slot: a connection from the pool, or the right to open one.
@@ -109,6 +109,13 @@ pub struct Lease {
     _permit: OwnedSemaphorePermit,
     in_use: Gauge,
     idle: Gauge,
+}
+
+impl Lease {
+    /// The pool has logged in (its database exists): its gauges are exported from now on.
+    pub fn admit(&self, metrics: &Metrics, database: &str, account: &str) {
+        metrics.admit_pool(&self.pool.gauges, database, account);
+    }
 }
 
 impl Drop for Lease {
@@ -156,7 +163,7 @@ impl Pools {
         let pools: Vec<Arc<Pool>> = self.pools.lock().values().cloned().collect();
         for pool in pools {
             let idle = std::mem::take(&mut *pool.idle.lock());
-            pool.idle_gauge.dec_by(idle.len() as i64);
+            pool.gauges.idle.dec_by(idle.len() as i64);
             for (mut conn, _) in idle {
                 terminate(&mut conn).await;
             }
@@ -171,12 +178,6 @@ impl Pools {
         database: &str,
         account: &str,
     ) -> Result<Lease, SessionError> {
-        let labels = PoolLabels { database: database.to_owned(), account: account.to_owned() };
-        let (in_use, idle, waiting) = (
-            metrics.pool_in_use.get_or_create(&labels).clone(),
-            metrics.pool_idle.get_or_create(&labels).clone(),
-            metrics.pool_waiting.get_or_create(&labels).clone(),
-        );
         let pool = {
             let mut map = self.pools.lock();
             map.entry((database.to_owned(), account.to_owned()))
@@ -186,11 +187,13 @@ impl Pools {
                     Arc::new(Pool {
                         idle: Mutex::new(Vec::new()),
                         permits: Arc::new(Semaphore::new(size.max(1))),
-                        idle_gauge: idle.clone(),
+                        gauges: metrics.pool_gauges(),
                     })
                 })
                 .clone()
         };
+        let g = &pool.gauges;
+        let (in_use, idle, waiting) = (g.in_use.clone(), g.idle.clone(), g.waiting.clone());
         let started = Instant::now();
         waiting.inc();
         let acquired =
@@ -226,6 +229,17 @@ impl Pools {
             );
         }
         Ok(lease)
+    }
+
+    /// Drops the (database, account) pool if it never logged in and no one holds it: a client
+    /// naming databases that do not exist leaves nothing behind.
+    pub fn forget_unused(&self, database: &str, account: &str) {
+        let mut map = self.pools.lock();
+        let key = (database.to_owned(), account.to_owned());
+        // Checkouts clone the pool under this lock: a count of one is the map's own.
+        if map.get(&key).is_some_and(|p| !p.gauges.admitted() && Arc::strong_count(p) == 1) {
+            map.remove(&key);
+        }
     }
 
     /// Resets `conn` and returns it to the lease's pool, or closes it.
@@ -331,4 +345,27 @@ pub async fn relay(
         }
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_pool_that_never_logged_in_is_forgotten_and_not_exported() {
+        let (pools, metrics) = (Pools::new(PoolSettings::default()), Metrics::new());
+        let lease = pools.checkout(&metrics, "no\"such\ndb", "app").await.unwrap();
+        drop(lease);
+        pools.forget_unused("no\"such\ndb", "app");
+        assert!(pools.pools.lock().is_empty());
+
+        let lease = pools.checkout(&metrics, "app", "app").await.unwrap();
+        lease.admit(&metrics, "app", "app");
+        drop(lease);
+        pools.forget_unused("app", "app");
+        assert_eq!(pools.pools.lock().len(), 1, "a pool that logged in is kept");
+        let text = metrics.render();
+        assert!(text.contains("gprxy_pool_in_use{database=\"app\",account=\"app\"} 0\n"), "{text}");
+        assert!(!text.contains("such"), "{text}");
+    }
 }

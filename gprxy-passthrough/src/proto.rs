@@ -51,6 +51,10 @@ pub enum ProtoError {
     /// A message body is malformed.
     #[error("invalid {0} message")]
     BadMessage(&'static str),
+    /// The startup packet names a parameter twice (PostgreSQL would use the last, a log or a
+    /// check the first): refused. Holds the name, cut to 64 characters.
+    #[error("invalid startup packet: parameter {0:?} is given more than once")]
+    DuplicateParameter(String),
 }
 
 /// The first packet a client sends.
@@ -143,6 +147,11 @@ fn parse_params(mut body: &[u8]) -> Result<Vec<(String, String)>, ProtoError> {
         let (value, rest) = take_cstr(rest).ok_or(ProtoError::BadStartup("unterminated parameter value"))?;
         params.push((key, value));
         body = rest;
+    }
+    let mut names: Vec<&str> = params.iter().map(|(k, _)| k.as_str()).collect();
+    names.sort_unstable();
+    if let Some(twice) = names.windows(2).find(|w| w[0] == w[1]) {
+        return Err(ProtoError::DuplicateParameter(twice[0].chars().take(64).collect()));
     }
     if !params.iter().any(|(k, _)| k == "user") {
         return Err(ProtoError::BadStartup("no user name"));
@@ -424,6 +433,21 @@ mod tests {
         assert_eq!(parse_first_packet(&mut b), Err(ProtoError::BadStartup("no user name")));
         let mut b = BytesMut::from(&[0u8, 0, 0, 8, 0, 2, 0, 0][..]);
         assert_eq!(parse_first_packet(&mut b), Err(ProtoError::UnsupportedProtocol { major: 2, minor: 0 }));
+    }
+
+    #[test]
+    fn a_parameter_named_twice_is_refused() {
+        let mut b = startup(&[("user", "alice"), ("database", "db"), ("user", "postgres")]);
+        assert_eq!(parse_first_packet(&mut b), Err(ProtoError::DuplicateParameter("user".into())));
+        let mut b = startup(&[("user", "a"), ("options", "-c x=1"), ("options", "-c y=2")]);
+        assert_eq!(
+            parse_first_packet(&mut b).unwrap_err().to_string(),
+            "invalid startup packet: parameter \"options\" is given more than once"
+        );
+        let long = "n".repeat(4000);
+        let mut b = startup(&[("user", "a"), (long.as_str(), "1"), (long.as_str(), "2")]);
+        let Err(ProtoError::DuplicateParameter(name)) = parse_first_packet(&mut b) else { panic!() };
+        assert_eq!(name.len(), 64, "the name is cut for the message");
     }
 
     #[test]

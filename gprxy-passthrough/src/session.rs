@@ -88,6 +88,8 @@ pub struct LoginInfo {
     token: Option<gprxy_core::Unverified>,
     token_fp: Option<String>,
     pub(crate) tls: bool,
+    /// Why the login failed, for the log only (the client gets a stable short reason).
+    pub(crate) detail: Option<String>,
 }
 
 /// Handles one accepted connection to its end.
@@ -236,10 +238,19 @@ fn remove_cancel_key(shared: &Shared, up: &Upstream) {
     }
 }
 
-fn log_login(shared: &Shared, info: &LoginInfo, outcome: &str, err: Option<&SessionError>, started: Instant) {
-    let mechanism = info.mechanism.clone().unwrap_or_else(|| "none".into());
-    shared.metrics.login(&mechanism, outcome);
-    let (sqlstate, message) = match err {
+/// The login event. Strings a client chose are recorded as `&str`: the text format writes them
+/// quoted with newlines and control characters escaped (a Display value would be written as it
+/// is), JSON as strings. `error` is what the client was told, `detail` what only the log gets.
+fn log_login(
+    shared: &Shared,
+    info: &LoginInfo,
+    outcome: &'static str,
+    err: Option<&SessionError>,
+    started: Instant,
+) {
+    let mechanism = crate::metrics::mechanism_label(info.mechanism.as_deref().unwrap_or("none"));
+    shared.metrics.login(mechanism, outcome);
+    let (sqlstate, error) = match err {
         Some(SessionError::Refused { sqlstate, message }) => (sqlstate.to_string(), message.clone()),
         Some(SessionError::Server { sqlstate, message }) => (sqlstate.clone(), message.clone()),
         Some(e) => (String::new(), e.to_string()),
@@ -248,12 +259,13 @@ fn log_login(shared: &Shared, info: &LoginInfo, outcome: &str, err: Option<&Sess
     let t = info.token.clone().unwrap_or_default();
     info!(
         event = "login",
-        user = %info.user,
-        database = %info.database,
-        mechanism = %mechanism,
+        user = info.user.as_str(),
+        database = info.database.as_str(),
+        mechanism,
         outcome,
-        sqlstate = %sqlstate,
-        message = %message,
+        sqlstate = sqlstate.as_str(),
+        error = error.as_str(),
+        detail = info.detail.as_deref().unwrap_or(""),
         tls = info.tls,
         duration_ms = started.elapsed().as_secs_f64() * 1000.0,
         token_sub = t.sub.as_deref().unwrap_or(""),
@@ -300,7 +312,8 @@ async fn tls_accept(
         }
         Err(e) => {
             shared.metrics.tls_failures.inc();
-            warn!(error = %e, "TLS handshake failed");
+            let error = e.to_string();
+            warn!(error = error.as_str(), "TLS handshake failed");
             Err(SessionError::ClientGone)
         }
     }
@@ -493,7 +506,9 @@ async fn authenticate(
                         info.mechanism = Some(match code {
                             auth::CLEARTEXT => "password".into(),
                             5 => "md5".into(),
-                            _ => format!("auth-{code}"),
+                            7 => "gss".into(),
+                            9 => "sspi".into(),
+                            _ => "other".into(),
                         });
                     }
                     to_client.extend_from_slice(&m.raw);

@@ -90,11 +90,13 @@ impl Proxy {
         std::fs::read_to_string(self.dir.path().join("gprxy.log")).unwrap_or_default()
     }
 
-    /// Log events (JSON lines) whose `event` field is `event`.
+    /// Log events (JSON lines) whose `event` field is `event`. Every JSON line is read strictly
+    /// ([`strict_json`]): one that a strict parser refuses fails the test.
     pub fn events(&self, event: &str) -> Vec<serde_json::Value> {
         self.log()
             .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|l| l.starts_with('{'))
+            .map(|l| strict_json(l).unwrap_or_else(|e| panic!("log line refused ({e}): {l}")))
             .filter(|v| v.get("event").and_then(|e| e.as_str()) == Some(event))
             .collect()
     }
@@ -173,6 +175,117 @@ impl Drop for Proxy {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Every JSON line the proxy wrote must parse with a strict parser (an audit record).
+        if !std::thread::panicking() {
+            let log = self.log();
+            if let Some((line, e)) =
+                log.lines().filter(|l| l.starts_with('{')).find_map(|l| strict_json(l).err().map(|e| (l, e)))
+            {
+                panic!("gprxy wrote a log line a strict JSON parser refuses ({e}): {line}");
+            }
+        }
+    }
+}
+
+/// One sample of a metrics exposition: name, labels, value.
+pub type Sample = (String, std::collections::BTreeMap<String, String>, f64);
+
+/// Parses a `/metrics` text with the Prometheus project's own parsers (Debian's
+/// `python3-prometheus-client`): the Prometheus text parser for the samples, and the stricter
+/// OpenMetrics parser, which must accept the text too. Panics with the parser's error.
+pub fn parse_metrics(text: &str) -> Vec<Sample> {
+    use std::io::Write;
+    const SCRIPT: &str = r#"
+import json, sys
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics
+text = sys.stdin.read()
+samples = [[s.name, s.labels, s.value] for f in text_string_to_metric_families(text) for s in f.samples]
+for _ in openmetrics(text):
+    pass
+print(json.dumps(samples))
+"#;
+    let mut child = Command::new("/usr/bin/python3")
+        .args(["-c", SCRIPT])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("/usr/bin/python3 (apt-get install python3-prometheus-client)");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let input = text.to_owned();
+    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+    let out = child.wait_with_output().expect("python3");
+    let _ = writer.join();
+    assert!(
+        out.status.success(),
+        "the Prometheus parsers refuse /metrics: {}\n--- first 2000 bytes ---\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        text.chars().take(2000).collect::<String>()
+    );
+    serde_json::from_slice(&out.stdout).expect("parsed samples")
+}
+
+/// Parses one JSON text like serde_json, but refuses an object that names a key twice (at any
+/// depth): lenient parsers keep one of the values, strict ones refuse the line.
+pub fn strict_json(text: &str) -> Result<serde_json::Value, String> {
+    serde_json::from_str::<Strict>(text).map(|s| s.0).map_err(|e| e.to_string())
+}
+
+struct Strict(serde_json::Value);
+
+impl<'de> serde::Deserialize<'de> for Strict {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(StrictVisitor).map(Strict)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = serde_json::Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(serde_json::Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(Strict(v)) = seq.next_element()? {
+            items.push(v);
+        }
+        Ok(serde_json::Value::Array(items))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut object = serde_json::Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if object.contains_key(&key) {
+                return Err(serde::de::Error::custom(format!("duplicate key {key:?}")));
+            }
+            let Strict(v) = map.next_value()?;
+            object.insert(key, v);
+        }
+        Ok(serde_json::Value::Object(object))
     }
 }
 
@@ -214,5 +327,25 @@ impl FallbackSetup<'_> {
             t.push_str(&format!("[fallback.accounts.{account}]\npassword_file = \"{}\"\n", file.display()));
         }
         t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::strict_json;
+
+    #[test]
+    fn strict_json_refuses_a_key_named_twice_at_any_depth() {
+        assert_eq!(
+            strict_json(r#"{"a":[1,{"b":null}],"c":"d"}"#).unwrap()["a"][1]["b"],
+            serde_json::Value::Null
+        );
+        assert!(strict_json(r#"{"message":"login","message":"refused"}"#)
+            .unwrap_err()
+            .starts_with("duplicate key \"message\""));
+        assert!(strict_json(r#"{"span":{"user":"a","user":"b"}}"#)
+            .unwrap_err()
+            .starts_with("duplicate key \"user\""));
+        assert!(strict_json("{\"a\":1").is_err());
     }
 }

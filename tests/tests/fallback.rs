@@ -555,3 +555,98 @@ fn sighup_keeps_sessions_and_closes_the_old_pools_politely() {
     let log = w._pg.log();
     assert!(!log.contains("unexpected EOF"), "a server connection was dropped without Terminate:\n{log}");
 }
+
+#[test]
+fn hostile_database_names_cannot_inject_metrics_or_grow_the_pool_label_set() {
+    use gprxy_tests::proxy::parse_metrics;
+    let w = start();
+    let (t, addr, ca) = (w.token("alice", json!(["writer"]), 3600), w.proxy.addr(), w.certs.ca.clone());
+    let connect = move |db: &str| connect_tls(addr, "alice", db, Auth::Password(&t), &ca);
+    connect("postgres").unwrap().close();
+    let hostile = |i: usize| format!("x\"}} 1\ngprxy_pool_idle 9\n#{i}{}", "A".repeat(8_000));
+    let e = connect(&hostile(0)).err().expect("no such database");
+    assert_eq!(
+        (e.code.as_deref(), e.message.as_str()),
+        (Some("08006"), "gprxy: the service account could not log in")
+    );
+    let pool_series = |samples: &[gprxy_tests::proxy::Sample]| {
+        samples
+            .iter()
+            .filter(|s| s.0.starts_with("gprxy_pool_") && !s.0.starts_with("gprxy_pool_wait_seconds"))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let samples = parse_metrics(&w.proxy.admin_get("/metrics"));
+    let pools = pool_series(&samples);
+    let postgres = |s: &gprxy_tests::proxy::Sample| {
+        s.1.get("database").map(String::as_str) == Some("postgres")
+            && s.1.get("account").map(String::as_str) == Some("app_writer")
+    };
+    assert_eq!(pools.len(), 3, "{pools:?}");
+    assert!(pools.iter().all(postgres), "{pools:?}");
+
+    // A thousand more: still only the real database's pool.
+    std::thread::scope(|scope| {
+        for th in 0..4 {
+            let connect = &connect;
+            scope.spawn(move || {
+                for i in 0..250 {
+                    let e = connect(&hostile(1 + th * 250 + i)).err().expect("no such database");
+                    assert_eq!(e.code.as_deref(), Some("08006"), "{e}");
+                }
+            });
+        }
+    });
+    let text = w.proxy.admin_get("/metrics");
+    assert!(text.len() < 16 * 1024, "/metrics grew to {} bytes", text.len());
+    let pools = pool_series(&parse_metrics(&text));
+    assert_eq!(pools.len(), 3, "{pools:?}");
+    assert!(pools.iter().all(postgres), "{pools:?}");
+    let idle = pools.iter().find(|s| s.0 == "gprxy_pool_idle").unwrap();
+    assert_eq!(idle.2, 1.0, "{pools:?}");
+}
+
+#[test]
+fn fallback_refuses_a_startup_packet_naming_a_parameter_twice() {
+    use gprxy_tests::pgwire::connect_params;
+    let w = start();
+    let t = w.token("alice", json!(["writer"]), 300);
+    let addr: std::net::SocketAddr = w.proxy.addr();
+    let e = connect_params(addr, "alice", "postgres", Auth::Password(&t), &[("database", "other")])
+        .err()
+        .expect("refused");
+    assert_eq!(e.code.as_deref(), Some("08P01"), "{e}");
+    assert_eq!(e.message, "gprxy: invalid startup packet: parameter \"database\" is given more than once");
+}
+
+#[test]
+fn oauthbearer_client_auth_refuses_a_token_without_tls() {
+    use gprxy_tests::pgwire::connect;
+    let w = start_with("client_auth = \"oauthbearer\"");
+    let t = w.token("alice", json!(["writer"]), 300);
+    let e = connect(w.proxy.addr(), "alice", "postgres", Auth::Bearer(&t)).err().expect("refused");
+    assert_eq!(e.code.as_deref(), Some("28000"), "{e}");
+    assert_eq!(e.message, "gprxy: token login requires TLS (sslmode=require or stronger)");
+    // Over TLS the same token logs in.
+    let mut c = connect_tls(w.proxy.addr(), "alice", "postgres", Auth::Bearer(&t), &w.certs.ca).unwrap();
+    assert_eq!(c.scalar("SELECT current_user").unwrap().as_deref(), Some("app_writer"));
+}
+
+#[test]
+fn key_fetch_failures_reach_the_log_but_not_the_client() {
+    let closed = gprxy_tests::free_port();
+    let w = start_with(&format!("jwks_uri = \"http://127.0.0.1:{closed}/jwks\""));
+    let t = w.token("alice", json!(["writer"]), 300);
+    let e = connect_tls(w.proxy.addr(), "alice", "postgres", Auth::Password(&t), &w.certs.ca)
+        .err()
+        .expect("no keys");
+    assert_eq!(e.code.as_deref(), Some("28000"), "{e}");
+    assert_eq!(
+        e.message,
+        "gprxy: token refused (keys_unavailable): the issuer's signing keys are unavailable"
+    );
+    let events = w.proxy.wait_events("login", 1);
+    assert_eq!(events[0]["error"], e.message.as_str(), "{events:?}");
+    let detail = events[0]["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains(&format!("127.0.0.1:{closed}/jwks")), "{events:?}");
+}

@@ -112,7 +112,8 @@ fn refused_token_reaches_the_client_with_postgres_error() {
     let events = p.wait_events("login", 2);
     let failed = events.iter().find(|e| e["outcome"] == "failure").expect("a failure event");
     assert_eq!(failed["sqlstate"], "28000");
-    assert_eq!(failed["message"], "OAuth bearer authentication failed for user \"alice\"");
+    assert_eq!(failed["error"], "OAuth bearer authentication failed for user \"alice\"");
+    assert_eq!(failed["message"], "login");
     assert_eq!(failed["token_sub"], "alice");
     assert!(w.pg.log().contains("reason=expired"));
 }
@@ -626,4 +627,148 @@ fn reuse_port_lets_a_new_gprxy_take_over_before_the_old_one_drains() {
         assert!(answers_ssl_request(&mut c), "a client was not served during the handover");
     }
     assert!(new.running());
+}
+
+/// Reads one backend message: (tag, body).
+fn read_backend_message(s: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
+    let mut head = [0u8; 5];
+    s.read_exact(&mut head)?;
+    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    let mut body = vec![0u8; len.saturating_sub(4)];
+    s.read_exact(&mut body)?;
+    Ok((head[0], body))
+}
+
+/// Logs in as alice (OAuth upstream) and answers AuthenticationSASL with `mechanism`; returns
+/// the ErrorResponse's message.
+fn sasl_attempt(addr: std::net::SocketAddr, mechanism: &str) -> String {
+    use postgres_protocol::message::frontend;
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut out = bytes::BytesMut::new();
+    frontend::startup_message([("user", "alice"), ("database", "postgres")], &mut out).unwrap();
+    s.write_all(&out).unwrap();
+    let (tag, body) = read_backend_message(&mut s).unwrap();
+    assert_eq!((tag, &body[..4]), (b'R', &10u32.to_be_bytes()[..]), "not AuthenticationSASL");
+    out.clear();
+    frontend::sasl_initial_response(mechanism, b"", &mut out).unwrap();
+    s.write_all(&out).unwrap();
+    loop {
+        let (tag, body) = read_backend_message(&mut s).unwrap();
+        if tag == b'E' {
+            let mut e = vec![b'E'];
+            e.extend_from_slice(&[0; 4]);
+            e.extend_from_slice(&body);
+            return error_message(&e);
+        }
+    }
+}
+
+/// The samples of one metric family.
+fn series<'a>(samples: &'a [gprxy_tests::proxy::Sample], name: &str) -> Vec<&'a gprxy_tests::proxy::Sample> {
+    samples.iter().filter(|s| s.0 == name).collect()
+}
+
+#[test]
+fn hostile_sasl_mechanism_names_cannot_inject_metrics_or_grow_the_label_set() {
+    use gprxy_tests::proxy::parse_metrics;
+    let w = World::start();
+    let p = w.proxy("");
+    let hostile = |i: usize| format!("x\"}} 1\ngprxy_connections_active 9\n#{i}{}", "A".repeat(60_000));
+    let e = sasl_attempt(p.addr(), &hostile(0));
+    assert!(e.contains("SASL authentication mechanism"), "{e}");
+    let samples = parse_metrics(&p.admin_get("/metrics"));
+    let active = series(&samples, "gprxy_connections_active");
+    assert_eq!(active.len(), 1, "{active:?}");
+    assert!(active[0].2 < 2.0, "{active:?}");
+    let logins = series(&samples, "gprxy_logins_total");
+    assert_eq!(logins.len(), 1, "{logins:?}");
+    assert_eq!(logins[0].1.get("mechanism").map(String::as_str), Some("other"), "{logins:?}");
+
+    // A thousand more, each with a mechanism of its own: still one series, and a small text.
+    let addr = p.addr();
+    let workers: Vec<_> = (0..4)
+        .map(|t| {
+            std::thread::spawn(move || {
+                for i in 0..250 {
+                    sasl_attempt(addr, &hostile(1 + t * 250 + i));
+                }
+            })
+        })
+        .collect();
+    for h in workers {
+        h.join().unwrap();
+    }
+    let text = p.admin_get("/metrics");
+    assert!(text.len() < 16 * 1024, "/metrics grew to {} bytes", text.len());
+    let samples = parse_metrics(&text);
+    let logins = series(&samples, "gprxy_logins_total");
+    assert_eq!(logins.len(), 1, "{logins:?}");
+    assert_eq!(logins[0].1.get("outcome").map(String::as_str), Some("failure"));
+    assert_eq!(logins[0].2, 1001.0);
+    // The login events name the mechanism by its label too.
+    let events = p.wait_events("login", 1001);
+    assert!(events.iter().all(|e| e["mechanism"] == "other"), "{:?}", events[0]);
+}
+
+#[test]
+fn a_startup_packet_naming_a_parameter_twice_is_refused() {
+    use gprxy_tests::pgwire::connect_params;
+    let w = World::start();
+    let p = w.proxy("");
+    // PostgreSQL would use the last `user` (plain_user, trust) while the proxy logged the first.
+    let e = connect_params(p.addr(), "alice", "postgres", Auth::None, &[("user", "plain_user")])
+        .err()
+        .expect("refused");
+    assert_eq!(e.code.as_deref(), Some("08P01"), "{e}");
+    assert_eq!(e.message, "gprxy: invalid startup packet: parameter \"user\" is given more than once");
+    let e = connect_params(p.addr(), "plain_user", "postgres", Auth::None, &[("application_name", "b")])
+        .err()
+        .expect("refused");
+    assert_eq!(
+        e.message,
+        "gprxy: invalid startup packet: parameter \"application_name\" is given more than once"
+    );
+    let mut ok = pgwire::connect(p.addr(), "plain_user", "postgres", Auth::None).unwrap();
+    assert_eq!(ok.scalar("SELECT 1").unwrap().as_deref(), Some("1"));
+}
+
+#[test]
+fn text_logs_escape_newlines_and_control_characters_from_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("gprxy.log");
+    let port = gprxy_tests::free_port();
+    let mut child = std::process::Command::new(gprxy_tests::proxy::gprxy_bin())
+        .args(["serve", "--upstream", &format!("127.0.0.1:{}", gprxy_tests::free_port())])
+        .args(["--log-format", "text", "--listen", &format!("127.0.0.1:{port}")])
+        .env("GPRXY_LOG", "info")
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let read_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let wait_for = |needle: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline && !read_log().contains(needle) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_for("gprxy listening");
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let user = "mallory\n2026-01-01T00:00:00.000000Z  INFO forged: login outcome=success user=admin";
+    let database = "db\r\u{1b}[2K\u{7}\u{0b}forged";
+    let e = pgwire::connect(addr, user, database, Auth::None).err().expect("no upstream");
+    assert_eq!(e.message, "gprxy: cannot reach the database server");
+    wait_for("outcome=\"failure\"");
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = read_log();
+    assert!(log.contains("outcome=\"failure\""), "{log}");
+    assert!(
+        !log.contains("\n2026-01-01T00:00:00.000000Z  INFO forged"),
+        "a client forged a log line:\n{log}"
+    );
+    assert!(log.contains(r"mallory\n2026-01-01"), "{log}");
+    for c in ['\r', '\u{1b}', '\u{7}', '\u{0b}'] {
+        assert!(!log.contains(c), "control character {c:?} in the log:\n{log:?}");
+    }
 }
