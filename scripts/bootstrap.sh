@@ -30,7 +30,7 @@ APT_PACKAGES=(
   build-essential bison flex pkg-config libssl-dev libcurl4-openssl-dev libreadline-dev
   zlib1g-dev clang libclang-dev postgresql-15 postgresql-server-dev-15 postgresql-client-15
   pgbouncer curl ca-certificates xz-utils bzip2 python3 openssl libkrb5-dev
-  python3-psycopg
+  python3-psycopg python3-prometheus-client
 )
 step "apt packages"
 missing=()
