@@ -209,7 +209,11 @@ fn main() {
     let (trust, _) = med("trust");
     // Context for the SCRAM goal: no OAuth login can cost less than trust (no authentication at
     // all) or than the floor (the same OAUTHBEARER exchange with a validator that checks nothing).
-    println!("  trust / scram_sha256: {:.3}, floor / scram_sha256: {:.3} (bounds for any OAuth login)", trust / scram, floor / scram);
+    println!(
+        "  trust / scram_sha256: {:.3}, floor / scram_sha256: {:.3} (bounds for any OAuth login)",
+        trust / scram,
+        floor / scram
+    );
     for (name, budget) in [("gprxy_rs256", 0.20), ("gprxy_eddsa", 0.20), ("gprxy_es256", 0.25)] {
         let (w, c) = med(name);
         goal(

@@ -15,6 +15,7 @@ struct State {
     refreshes: HashMap<String, Grant>,
     pending: HashMap<String, u32>,
     jwks_status: Option<u16>,
+    jwks_black_hole: bool,
 }
 
 /// What the token endpoint answers for a device code or a refresh token.
@@ -66,6 +67,12 @@ impl TestIssuer {
     /// Makes the JWKS endpoint answer with this status (None: normal).
     pub fn fail_jwks(&self, status: Option<u16>) {
         self.state.lock().jwks_status = status;
+    }
+
+    /// Black-holes the JWKS endpoint (true) or heals it: the connection is accepted and the
+    /// request read, but no answer comes (for ten minutes).
+    pub fn black_hole_jwks(&self, on: bool) {
+        self.state.lock().jwks_black_hole = on;
     }
 
     /// The token the device flow hands to `client_id`.
@@ -139,6 +146,9 @@ fn handle(req: &Request, base: &str, state: &Mutex<State>) -> Response {
         ("GET", "/jwks") => {
             let st = state.lock();
             match st.jwks_status {
+                _ if st.jwks_black_hole => {
+                    Response::json(&st.jwks).delayed(std::time::Duration::from_secs(600))
+                }
                 Some(code) => Response::status(code),
                 None => Response::json(&st.jwks),
             }

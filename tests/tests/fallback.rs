@@ -649,4 +649,28 @@ fn key_fetch_failures_reach_the_log_but_not_the_client() {
     assert_eq!(events[0]["error"], e.message.as_str(), "{events:?}");
     let detail = events[0]["detail"].as_str().unwrap_or_default();
     assert!(detail.contains(&format!("127.0.0.1:{closed}/jwks")), "{events:?}");
+
+fn sighup_to_another_jwks_uri_drops_the_old_keys() {
+    let w = start();
+    let old = w.token("alice", json!(["writer"]), 300);
+    assert_eq!(w.psql("alice", &old, "require", "SELECT current_user").unwrap(), "app_writer");
+    // The configuration now takes the issuer's keys from another key set.
+    let moved_key = TestKey::rsa("k-moved");
+    let moved = TestIssuer::start(&[&moved_key]);
+    let uri = format!("{}/jwks", moved.issuer());
+    w.proxy.edit_config(|t| t.replacen("[fallback]\n", &format!("[fallback]\njwks_uri = \"{uri}\"\n"), 1));
+    w.proxy.signal("HUP");
+    let reload = w.proxy.wait_events("reload", 1);
+    assert!(
+        reload.iter().any(|e| e.to_string().contains("configuration and certificates reloaded")),
+        "{reload:?}"
+    );
+    // The keys cached from the old place (still fresh) are not kept across the reload.
+    let e = w.psql("alice", &old, "require", "SELECT 1").unwrap_err();
+    assert!(e.contains("kid_unknown"), "{e}");
+    let mut c = w.idp.claims("alice", "db");
+    c["roles"] = json!(["writer"]);
+    let new = moved_key.token(json!({"typ": "at+jwt"}), &c);
+    assert_eq!(w.psql("alice", &new, "require", "SELECT current_user").unwrap(), "app_writer");
+    assert_eq!(moved.jwks_requests(), 1);
 }

@@ -253,8 +253,18 @@ fn key_outage_served_until_max_staleness_then_closed() {
     std::thread::sleep(std::time::Duration::from_millis(4000)); // past expiry + staleness
     s.refused("alice", &t(), "keys_unavailable");
     s.idp.fail_jwks(None);
-    std::thread::sleep(std::time::Duration::from_millis(1500)); // past the fetch backoff
-    assert_eq!(s.login("alice", &t(), "SELECT 1").unwrap(), "1");
+    // The backoff (shared by every backend and the refresher: 1 s, 2 s, 4 s after each failure)
+    // ends; then the next attempt recovers.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let recovered = loop {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        match s.login("alice", &t(), "SELECT 1") {
+            Ok(out) => break out,
+            Err(e) if std::time::Instant::now() > deadline => panic!("not recovered: {e}"),
+            Err(_) => {}
+        }
+    };
+    assert_eq!(recovered, "1");
 }
 
 #[test]
@@ -331,4 +341,96 @@ fn preloaded_18_takes_a_signed_context_from_a_service_account_connection() {
     assert_eq!(c.scalar("SELECT gprxy.subject()").unwrap().as_deref(), Some("alice"));
     let e = c.query(&format!("SET {KEY_PARAMETER} = 'x'")).unwrap_err();
     assert_eq!(e.message, "parameter \"gprxy.context_key\" cannot be set after connection start");
+}
+
+impl Setup {
+    fn audits_with(&self, reason: &str) -> usize {
+        self.pg.log().matches(&format!("oauth login refused reason={reason} ")).count()
+    }
+}
+
+#[test]
+fn fifty_connections_with_an_unknown_kid_make_at_most_one_key_fetch_per_cooldown() {
+    // Each connection is a new backend: the cooldown must hold across them (shared memory).
+    let s = setup_with("map=m", &["gprxy.jwks_unknown_kid_cooldown = 120"], &["m alice alice"]);
+    assert_eq!(s.login("alice", &s.token(s.idp.claims("alice", AUD)), "SELECT 1").unwrap(), "1");
+    let warm = s.idp.jwks_requests();
+    let stranger = TestKey::rsa("nope");
+    let nope = stranger.token(json!({"typ": "at+jwt"}), &s.idp.claims("alice", AUD));
+    std::thread::scope(|scope| {
+        for _ in 0..5 {
+            scope.spawn(|| {
+                for _ in 0..10 {
+                    let err = s.login("alice", &nope, "SELECT 1").expect_err("unknown kid must be refused");
+                    assert!(err.contains(&format!("{REFUSED} \"alice\"")), "psql said:\n{err}");
+                }
+            });
+        }
+    });
+    assert_eq!(s.audits_with("kid_unknown"), 50, "{}", s.pg.log());
+    let fetched = s.idp.jwks_requests() - warm;
+    assert!(fetched <= 1, "50 connections with an unknown kid made {fetched} JWKS requests");
+}
+
+#[test]
+fn black_holed_issuer_does_not_slow_logins_with_known_keys() {
+    use std::time::{Duration, Instant};
+    let s = setup_with(
+        "map=m",
+        &[
+            "gprxy.jwks_cache_ttl = 2",
+            "gprxy.jwks_cache_ttl_min = 1",
+            "gprxy.jwks_refresh_check_interval = 1",
+            "gprxy.http_connect_timeout = 2000",
+            "gprxy.http_read_timeout = 4000",
+        ],
+        &["m alice alice"],
+    );
+    let t = || s.token(s.idp.claims("alice", AUD));
+    assert_eq!(s.login("alice", &t(), "SELECT 1").unwrap(), "1");
+    s.idp.black_hole_jwks(true);
+    let before = s.idp.jwks_requests();
+    // Past the keys' expiry, and until someone's refresh attempt hangs in the black hole.
+    std::thread::sleep(Duration::from_millis(2100));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while s.idp.jwks_requests() == before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(s.idp.jwks_requests() > before, "nobody tried to refresh the keys");
+    // For the next seven seconds (through the first attempt's 4 s timeout and the retries),
+    // every login uses the known keys without waiting for the issuer.
+    let until = Instant::now() + Duration::from_secs(7);
+    let mut logins = 0;
+    while Instant::now() < until {
+        let started = Instant::now();
+        assert_eq!(s.login("alice", &t(), "SELECT 1").unwrap(), "1");
+        let took = started.elapsed();
+        assert!(took < Duration::from_millis(1500), "login {logins} waited {took:?} for the black hole");
+        logins += 1;
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(logins >= 5, "only {logins} logins");
+}
+
+#[test]
+fn reload_to_another_jwks_uri_drops_the_old_keys() {
+    let s = setup();
+    let old = s.token(s.idp.claims("alice", AUD));
+    assert_eq!(s.login("alice", &old, "SELECT 1").unwrap(), "1");
+    // The DBA points gprxy.jwks_uri at another key set (here another server's).
+    let moved_key = TestKey::rsa("key-b");
+    let moved = TestIssuer::start(&[&moved_key]);
+    let uri = format!("{}/jwks", moved.issuer());
+    s.pg.sql(&format!("ALTER SYSTEM SET gprxy.jwks_uri = '{uri}'"));
+    s.pg.sql("SELECT pg_reload_conf()");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while s.pg.sql("SHOW gprxy.jwks_uri") != uri && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(s.pg.sql("SHOW gprxy.jwks_uri"), uri);
+    // The keys fetched from the old place (in shared memory, still fresh) are not used.
+    s.refused("alice", &old, "kid_unknown");
+    let new = moved_key.token(json!({"typ": "at+jwt"}), &s.idp.claims("alice", AUD));
+    assert_eq!(s.login("alice", &new, "SELECT gprxy.subject()").unwrap(), "alice");
+    assert_eq!(moved.jwks_requests(), 1);
 }
