@@ -649,7 +649,9 @@ fn key_fetch_failures_reach_the_log_but_not_the_client() {
     assert_eq!(events[0]["error"], e.message.as_str(), "{events:?}");
     let detail = events[0]["detail"].as_str().unwrap_or_default();
     assert!(detail.contains(&format!("127.0.0.1:{closed}/jwks")), "{events:?}");
+}
 
+#[test]
 fn sighup_to_another_jwks_uri_drops_the_old_keys() {
     let w = start();
     let old = w.token("alice", json!(["writer"]), 300);
