@@ -243,4 +243,14 @@ fn the_context_key_rotates_from_a_to_b_with_sessions_running() {
         "gprxy: context refused: the context signature does not verify against any key in gprxy.context_keys"
     );
     assert_eq!(c.scalar(GLOBEX_USERS).unwrap().as_deref(), Some("0"));
+
+    // With no key pinned every context is refused, and a login through the proxy says why.
+    pin(&[]);
+    let e = connect_tls(proxy.addr(), "dave", "postgres", Auth::Password(&token("dave")), &certs.ca)
+        .err()
+        .expect("no key pinned: the session cannot be set up");
+    assert_eq!(
+        e.message,
+        "gprxy: session set-up failed: gprxy: context refused: no context key is pinned (set gprxy.context_keys in postgresql.conf)"
+    );
 }
