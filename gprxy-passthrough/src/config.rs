@@ -58,6 +58,7 @@ struct FileFallback {
     context: Option<std::collections::BTreeMap<String, String>>,
     #[serde(default = "default_true")]
     signed_context: bool,
+    context_key_file: Option<PathBuf>,
     #[serde(default)]
     pool: FilePool,
     #[serde(default)]
@@ -246,9 +247,10 @@ pub struct Fallback {
     pub passwords: std::collections::BTreeMap<String, String>,
     /// Session setting → claim it is set from.
     pub context: Vec<(String, String)>,
-    /// Hand each session a context signed for its connection (`gprxy.set_context`, needs
-    /// gprxy_validator upstream), which no client can change.
-    pub signed_context: bool,
+    /// The long-lived key that signs each session's context for its connection
+    /// (`gprxy.set_context`, needs gprxy_validator upstream with its public half pinned in
+    /// `gprxy.context_keys`); None when `signed_context = false`.
+    pub context_key: Option<std::sync::Arc<gprxy_core::context::ContextKey>>,
     /// Pool limits.
     pub pool: crate::pool::PoolSettings,
     /// Key cache timing.
@@ -332,6 +334,14 @@ fn check_fallback(f: FileFallback) -> anyhow::Result<Fallback> {
             bail!("fallback.context: {setting:?} is not a custom setting name like app.user_id");
         }
     }
+    let context_key = match (f.signed_context, f.context_key_file) {
+        (true, Some(path)) => Some(std::sync::Arc::new(load_context_key(&path)?)),
+        (true, None) => bail!(
+            "fallback.context_key_file: required with signed_context (a PEM Ed25519 key; `gprxy context-key --generate FILE` makes one)"
+        ),
+        (false, Some(_)) => bail!("fallback.context_key_file: set, but signed_context is false"),
+        (false, None) => None,
+    };
     let d = crate::pool::PoolSettings::default();
     let ms = |v: Option<u64>, default: Duration| v.map_or(default, Duration::from_millis);
     let pool = crate::pool::PoolSettings {
@@ -371,9 +381,23 @@ fn check_fallback(f: FileFallback) -> anyhow::Result<Fallback> {
         map: f.map.into_iter().map(|r| (r.role, r.account)).collect(),
         passwords,
         context,
-        signed_context: f.signed_context,
+        context_key,
         keys,
     })
+}
+
+/// Reads the context signing key, refusing a file that others can read (as the client's
+/// credentials are).
+pub fn load_context_key(path: &Path) -> anyhow::Result<gprxy_core::context::ContextKey> {
+    use std::os::unix::fs::PermissionsExt;
+    let what = || format!("fallback.context_key_file: {}", path.display());
+    let meta = std::fs::metadata(path).with_context(what)?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        bail!("{}: mode {mode:04o} lets others read the key; chmod 600 it", what());
+    }
+    let pem = std::fs::read(path).with_context(what)?;
+    gprxy_core::context::ContextKey::from_pem(&pem).map_err(|e| anyhow::anyhow!("{}: {e}", what()))
 }
 
 impl Config {
@@ -612,7 +636,7 @@ mod tests {
         let pw = dir.path().join("pw");
         std::fs::write(&pw, "secret\n").unwrap();
         let ok = format!(
-            "[[fallback.map]]\nrole = \"w\"\naccount = \"app_writer\"\n[fallback.accounts.app_writer]\npassword_file = \"{}\"\n",
+            "signed_context = false\n[[fallback.map]]\nrole = \"w\"\naccount = \"app_writer\"\n[fallback.accounts.app_writer]\npassword_file = \"{}\"\n",
             pw.display()
         );
         let with = |keys: &str| load(&fallback(&format!("{ok}[fallback.keys]\n{keys}")));
@@ -629,6 +653,41 @@ mod tests {
             .to_string()
             .contains("cache_ttl_min_secs is above cache_ttl_max_secs"));
         assert!(with("ttl = 1\n").unwrap_err().to_string().contains("unknown field"));
+    }
+
+    #[test]
+    fn context_key_comes_from_a_private_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "secret\n").unwrap();
+        let rules = format!(
+            "[[fallback.map]]\nrole = \"w\"\naccount = \"app_writer\"\n[fallback.accounts.app_writer]\npassword_file = \"{}\"\n",
+            pw.display()
+        );
+        let with = |head: &str| load(&fallback(&format!("{head}{rules}")));
+        let e = with("").unwrap_err().to_string();
+        assert!(e.starts_with("fallback.context_key_file: required with signed_context"), "{e}");
+        let key = dir.path().join("context.key");
+        std::fs::write(&key, gprxy_core::context::ContextKey::generate_pem().unwrap()).unwrap();
+        let line = format!("context_key_file = \"{}\"\n", key.display());
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = with(&line).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "fallback.context_key_file: {}: mode 0644 lets others read the key; chmod 600 it",
+                key.display()
+            )
+        );
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let f = with(&line).unwrap().fallback.unwrap();
+        assert_eq!(f.context_key.unwrap().public_key().len(), 43);
+        let e = with(&format!("signed_context = false\n{line}")).unwrap_err().to_string();
+        assert_eq!(e, "fallback.context_key_file: set, but signed_context is false");
+        std::fs::write(&key, "not a key").unwrap();
+        let e = with(&line).unwrap_err().to_string();
+        assert!(e.ends_with("not an Ed25519 private key in PKCS#8 PEM: no PRIVATE KEY block"), "{e}");
     }
 
     #[test]

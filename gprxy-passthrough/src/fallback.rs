@@ -16,7 +16,7 @@ use crate::config::{ClientAuth, Config, Fallback, UserMatch};
 use crate::pool::{Pools, ServerConn};
 use crate::proto::{self, auth, ProtoError, Startup};
 use crate::session::{read_message, BoxStream, LoginInfo, Pooled, SessionError, Shared, Upstream};
-use gprxy_core::context::ContextSigner;
+use gprxy_core::context::{ContextKey, ContextSigner};
 
 /// Fallback settings with the key cache that outlives connections.
 pub struct FallbackRuntime {
@@ -45,6 +45,13 @@ impl FallbackRuntime {
             cfg.keys.clone(),
             cfg.insecure_allow_http_loopback,
         )?);
+        if let Some(key) = &cfg.context_key {
+            tracing::info!(
+                event = "context_key",
+                public_key = key.public_key(),
+                "signed context: pin this public key in gprxy.context_keys"
+            );
+        }
         if cfg.insecure_allow_http_loopback {
             tracing::warn!("fallback.insecure_allow_http_loopback is on: plain-HTTP issuers on loopback are trusted (tests only)");
         }
@@ -126,7 +133,7 @@ pub async fn authenticate(
     settings.extend(rt.cfg.context.iter().map(|(k, c)| (k.clone(), setting_value(&t.claims, c))));
     let login = async || {
         let password = rt.cfg.passwords.get(&account).map(String::as_str).unwrap_or_default();
-        login_upstream(shared, config, &account, &database, password, rt.cfg.signed_context).await
+        login_upstream(shared, config, &account, &database, password, rt.cfg.context_key.clone()).await
     };
     let (mut conn, reused) = match lease.conn.take() {
         Some(c) => (c, true),
@@ -196,25 +203,24 @@ fn token_refused(info: &mut LoginInfo, e: &gprxy_core::ValidationError) -> Sessi
 
 /// Logs in upstream as `account` with SCRAM-SHA-256. The startup packet holds only what the
 /// proxy chose (the client's parameters are set per session, so that a pooled connection
-/// carries nothing of an earlier client) and, for a signed context, the connection's key.
+/// carries nothing of an earlier client) and, for a signed context, the connection's nonce.
 async fn login_upstream(
     shared: &Shared,
     config: &Config,
     account: &str,
     database: &str,
     password: &str,
-    signed_context: bool,
+    context_key: Option<Arc<ContextKey>>,
 ) -> Result<ServerConn, SessionError> {
-    let signer = if signed_context {
-        Some(ContextSigner::generate().map_err(|e| upstream_failed(&e.to_string()))?)
-    } else {
-        None
+    let mut signer = match context_key {
+        Some(key) => Some(ContextSigner::new(key).map_err(|e| upstream_failed(&e.to_string()))?),
+        None => None,
     };
     let mut up = crate::session::connect_upstream(shared, config).await?;
     let mut params: Vec<(&str, &str)> =
         vec![("user", account), ("database", database), ("application_name", "gprxy")];
     if let Some(s) = &signer {
-        params.push((gprxy_core::context::KEY_PARAMETER, s.public_key()));
+        params.push((gprxy_core::context::NONCE_PARAMETER, s.nonce()));
     }
     let mut out = BytesMut::new();
     frontend::startup_message(params, &mut out).map_err(SessionError::Io)?;
@@ -264,6 +270,10 @@ async fn login_upstream(
             up.write_all(&reply).await?;
             up.flush().await?;
         }
+    }
+    // Contexts name the server process, so that one cannot serve another connection.
+    if let (Some(s), Some(k)) = (signer.as_mut(), key.as_ref()) {
+        s.bind_backend(k.0);
     }
     Ok(ServerConn::new(up, startup_reply, key, signer))
 }
@@ -537,15 +547,15 @@ mod tests {
 
     #[test]
     fn proxy_owned_parameters_are_refused() {
-        let key = startup(&[("user", "a"), ("gprxy.context_key", "AAAA")]);
+        let key = startup(&[("user", "a"), ("gprxy.context_nonce", "AAAA")]);
         assert_eq!(
             client_settings(&key, &ctx()).unwrap_err(),
-            "gprxy: startup parameter \"gprxy.context_key\" is set by the proxy"
+            "gprxy: startup parameter \"gprxy.context_nonce\" is set by the proxy"
         );
-        let in_options = startup(&[("options", "-c gprxy.context_key=AAAA")]);
+        let in_options = startup(&[("options", "-c gprxy.context_nonce=AAAA")]);
         assert_eq!(
             client_settings(&in_options, &ctx()).unwrap_err(),
-            "gprxy: startup parameter \"gprxy.context_key\" is set by the proxy"
+            "gprxy: startup parameter \"gprxy.context_nonce\" is set by the proxy"
         );
         let context = startup(&[("options", "-c App.User_Id=admin")]);
         assert_eq!(

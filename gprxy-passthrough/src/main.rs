@@ -49,6 +49,15 @@ enum Command {
     },
     /// Print a valid access token (refreshed when less than a minute is left).
     Token,
+    /// Print the public key to pin in gprxy.context_keys for a fallback-mode context key file,
+    /// making the file first (mode 0600) with --generate.
+    ContextKey {
+        /// PEM Ed25519 private key file (fallback.context_key_file).
+        file: PathBuf,
+        /// Make a new key in FILE (refused if it exists).
+        #[arg(long)]
+        generate: bool,
+    },
     /// Check a configuration file and exit.
     CheckConfig {
         /// TOML configuration file.
@@ -107,6 +116,23 @@ fn main() -> anyhow::Result<ExitCode> {
         Command::Token => Ok(client_result(
             client::token(&client::credentials_path(), gprxy_core::unix_time()).map(|t| println!("{t}")),
         )),
+        Command::ContextKey { file, generate } => {
+            if generate {
+                use std::io::Write;
+                use std::os::unix::fs::OpenOptionsExt;
+                let pem = gprxy_core::context::ContextKey::generate_pem()?;
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&file)
+                    .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", file.display()))?;
+                f.write_all(pem.as_bytes())?;
+            }
+            let key = config::load_context_key(&file)?;
+            println!("{}", key.public_key());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::CheckConfig { config } => {
             config::Config::load(Some(&config), &config::Overrides::default())?;
             println!("{}: ok", config.display());

@@ -61,7 +61,7 @@ pub struct ServerConn {
     pub startup_reply: BytesMut,
     /// Its cancel key.
     pub key: Option<CancelKey>,
-    /// Signs this connection's session contexts (its public key went in the startup packet).
+    /// Signs this connection's session contexts (its nonce went in the startup packet).
     pub signer: Option<gprxy_core::context::ContextSigner>,
     created: Instant,
 }

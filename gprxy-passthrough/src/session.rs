@@ -387,10 +387,38 @@ async fn login(
             .await
             .map(Some);
     }
+    let (packet, dropped) = without_proxy_params(&startup.raw);
+    if !dropped.is_empty() {
+        tracing::warn!(event = "startup", dropped = ?dropped, "the client's gprxy.* startup parameters were dropped");
+    }
     let mut up = connect_upstream(shared, config).await?;
-    up.write_all(&startup.raw).await?;
+    up.write_all(&packet).await?;
     up.flush().await?;
     authenticate(shared, config, client, up, buf, info).await.map(Some)
+}
+
+/// The startup packet (already parsed, so well formed) without its `gprxy.*` parameters: those
+/// names are the proxy's (a client must not pick a signed-context nonce), and with the names
+/// dropped.
+fn without_proxy_params(raw: &[u8]) -> (Vec<u8>, Vec<String>) {
+    let Some((head, mut rest)) = raw.split_at_checked(8) else { return (raw.to_vec(), Vec::new()) };
+    let mut out = head.to_vec();
+    let mut dropped = Vec::new();
+    while let Some(name_end) = rest.iter().position(|&b| b == 0).filter(|&n| n > 0) {
+        let Some(value_end) = rest[name_end + 1..].iter().position(|&b| b == 0) else { break };
+        let (pair, tail) = rest.split_at(name_end + 1 + value_end + 1);
+        let name = &pair[..name_end];
+        if name.len() >= 6 && name[..6].eq_ignore_ascii_case(b"gprxy.") {
+            dropped.push(String::from_utf8_lossy(name).into_owned());
+        } else {
+            out.extend_from_slice(pair);
+        }
+        rest = tail;
+    }
+    out.push(0);
+    let len = u32::try_from(out.len()).unwrap_or(u32::MAX).to_be_bytes();
+    out[..4].copy_from_slice(&len);
+    (out, dropped)
 }
 
 pub(crate) async fn connect_upstream(shared: &Shared, config: &Config) -> Result<BoxStream, SessionError> {
@@ -659,5 +687,35 @@ mod tests {
             crate::server::shared_state(crate::config::Config::load(None, &overrides).unwrap()).unwrap();
         let session = super::handle(shared, sock, "127.0.0.1:1".parse().unwrap());
         assert!(std::mem::size_of_val(&session) < 3 * 1024, "{} bytes", std::mem::size_of_val(&session));
+    }
+
+    #[test]
+    fn proxy_startup_parameters_are_dropped_and_the_rest_kept_in_order() {
+        let packet = |pairs: &[(&str, &str)]| {
+            let mut b = vec![0, 0, 0, 0, 0, 3, 0, 0];
+            for (k, v) in pairs {
+                b.extend_from_slice(k.as_bytes());
+                b.push(0);
+                b.extend_from_slice(v.as_bytes());
+                b.push(0);
+            }
+            b.push(0);
+            let len = (b.len() as u32).to_be_bytes();
+            b[..4].copy_from_slice(&len);
+            b
+        };
+        let sent = packet(&[
+            ("user", "analyst"),
+            ("gprxy.context_nonce", "n"),
+            ("database", "app"),
+            ("GPRXY.Context_Key", "k"),
+            ("gprxy.anything", ""),
+            ("options", "-c search_path=x"),
+        ]);
+        let (out, dropped) = super::without_proxy_params(&sent);
+        assert_eq!(out, packet(&[("user", "analyst"), ("database", "app"), ("options", "-c search_path=x")]));
+        assert_eq!(dropped, ["gprxy.context_nonce", "GPRXY.Context_Key", "gprxy.anything"]);
+        let plain = packet(&[("user", "alice")]);
+        assert_eq!(super::without_proxy_params(&plain), (plain.clone(), Vec::<String>::new()));
     }
 }

@@ -23,6 +23,7 @@ mod worker;
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
+    ffi::define_context_settings();
     #[cfg(feature = "pg18")]
     ffi::init();
     // Loaded by the postmaster (shared_preload_libraries): every backend forked from it inherits
@@ -72,12 +73,20 @@ fn subject() -> Option<String> {
 }
 
 /// Sets the session's identity from a context signed by gprxy (fallback mode). Refused unless
-/// it verifies against the `gprxy.context_key` of this connection's startup packet and its
-/// counter is above every one accepted before on this connection.
+/// the session user is in `gprxy.context_roles`, the signature verifies against a key pinned in
+/// `gprxy.context_keys`, the context names this connection (the startup packet's
+/// `gprxy.context_nonce` and this backend's process id) and its counter is above every one
+/// accepted before on this connection. EXECUTE is not granted to PUBLIC.
 #[pg_extern(volatile, parallel_unsafe)]
 fn set_context(context: &str) {
-    let (key, count) = ffi::startup_parameter(gprxy_core::context::KEY_PARAMETER);
-    if let Err(e) = session::set_signed(key.as_deref(), count, context) {
+    let (nonce, nonce_count) = ffi::startup_parameter(gprxy_core::context::NONCE_PARAMETER);
+    let caller = session::Caller {
+        session_user: ffi::session_user().unwrap_or_default(),
+        nonce,
+        nonce_count,
+        pid: ffi::backend_pid(),
+    };
+    if let Err(e) = session::set_signed(&caller, context) {
         pgrx::ereport!(
             ERROR,
             pgrx::PgSqlErrorCode::ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION,
@@ -94,8 +103,11 @@ fn reset_context() {
 
 pgrx::extension_sql!(
     r#"
--- Every role may read its own session's identity; only the validator can set it.
+-- Every role may read its own session's identity; only the validator, or a context signed by
+-- gprxy for a role in gprxy.context_roles, can set it. The DBA grants EXECUTE on these two to
+-- fallback mode's service accounts (sql/05_signed_context.sql).
 GRANT USAGE ON SCHEMA gprxy TO PUBLIC;
+REVOKE EXECUTE ON FUNCTION gprxy.set_context(text), gprxy.reset_context() FROM PUBLIC;
 "#,
     name = "grant_schema_usage",
     finalize,

@@ -33,11 +33,44 @@ pub fn set(identity: SessionIdentity) {
     s.from_token_login = true;
 }
 
+/// `gprxy.context_keys`: the proxy's context public keys the DBA pinned (PGC_SIGHUP).
+pub static CONTEXT_KEYS: Str = Str::new(None);
+/// `gprxy.context_roles`: the session users that may set a context (PGC_SIGHUP).
+pub static CONTEXT_ROLES: Str = Str::new(None);
+/// `gprxy.context_nonce` as the startup packet set it (informational: set_context reads the
+/// packet itself; defining it keeps PostgreSQL 18's reserved prefix from refusing it).
+pub static CONTEXT_NONCE: Str = Str::new(None);
+
+type Str = pgrx::GucSetting<Option<std::ffi::CString>>;
+
+fn setting(s: &Str) -> String {
+    s.get().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+fn role_names(v: &str) -> impl Iterator<Item = &str> {
+    v.split([',', ' ', '\t', '\n']).filter(|r| !r.is_empty())
+}
+
+/// `gprxy.context_keys` check hook.
+pub fn check_context_keys(v: &str) -> Result<(), String> {
+    gprxy_core::context::parse_pinned_keys(v).map(|_| ())
+}
+
+/// `gprxy.context_roles` check hook: role names (as stored, case-sensitive), comma-separated.
+pub fn check_context_roles(v: &str) -> Result<(), String> {
+    match role_names(v).find(|r| r.len() > 63) {
+        Some(r) => Err(format!("{r:?} is longer than a role name can be (63 bytes)")),
+        None => Ok(()),
+    }
+}
+
 /// Why `gprxy.set_context` refused.
 #[derive(Debug, PartialEq, Eq)]
 pub enum SetContextError {
     /// The session logged in with a token (PostgreSQL 18 validator).
     TokenLogin,
+    /// The session user is not in `gprxy.context_roles`.
+    RoleNotAllowed(String),
     /// The signed context did not verify.
     Context(ContextError),
 }
@@ -48,24 +81,44 @@ impl std::fmt::Display for SetContextError {
             Self::TokenLogin => {
                 f.write_str("the session logged in with a token; its identity cannot be replaced")
             }
+            Self::RoleNotAllowed(user) => write!(f, "session user {user:?} is not in gprxy.context_roles"),
             Self::Context(e) => e.fmt(f),
         }
     }
 }
 
-/// Accepts a context signed by the proxy with the private half of the startup key (`key`,
-/// with how many times the startup packet named it) if its counter is above the last one.
-pub fn set_signed(key: Option<&str>, key_count: usize, context: &str) -> Result<(), SetContextError> {
+/// Who calls `gprxy.set_context`, on which connection.
+#[derive(Debug)]
+pub struct Caller {
+    /// `session_user` (never changed by SET ROLE or SECURITY DEFINER).
+    pub session_user: String,
+    /// The `gprxy.context_nonce` of the startup packet.
+    pub nonce: Option<String>,
+    /// How many times the startup packet named the nonce.
+    pub nonce_count: usize,
+    /// This backend's process id.
+    pub pid: i32,
+}
+
+/// Accepts a context signed by the proxy when the session user is in `gprxy.context_roles`,
+/// the signature verifies against a key pinned in `gprxy.context_keys`, it was signed for this
+/// connection (nonce, process id) and its counter is above the last one.
+pub fn set_signed(caller: &Caller, context: &str) -> Result<(), SetContextError> {
     let mut s = SESSION.lock();
     if s.from_token_login {
         return Err(SetContextError::TokenLogin);
     }
-    let key = match (key, key_count) {
-        (_, n) if n > 1 => return Err(SetContextError::Context(ContextError::DuplicateKey)),
+    if !role_names(&setting(&CONTEXT_ROLES)).any(|r| r == caller.session_user) {
+        return Err(SetContextError::RoleNotAllowed(caller.session_user.clone()));
+    }
+    let nonce = match (caller.nonce.as_deref(), caller.nonce_count) {
+        (_, n) if n > 1 => return Err(SetContextError::Context(ContextError::DuplicateNonce)),
         (Some(k), 1) => k,
-        _ => return Err(SetContextError::Context(ContextError::NoKey)),
+        _ => "",
     };
-    let ctx = gprxy_core::context::verify(key, context, s.last_counter).map_err(SetContextError::Context)?;
+    let binding = gprxy_core::context::Binding { nonce, pid: caller.pid };
+    let ctx = gprxy_core::context::verify(&setting(&CONTEXT_KEYS), binding, context, s.last_counter)
+        .map_err(SetContextError::Context)?;
     s.last_counter = ctx.n;
     s.identity = Some(SessionIdentity { claims: ctx.claims, roles: ctx.roles, subject: ctx.sub });
     Ok(())

@@ -17,8 +17,6 @@ type Str = GucSetting<Option<CString>>;
 pub static AUDIENCE: Str = Str::new(None);
 pub static JWKS_URI: Str = Str::new(None);
 pub static AUTHN_CLAIM: Str = Str::new(Some(c"sub"));
-/// `gprxy.context_key` as the startup packet set it (informational).
-pub static CONTEXT_KEY: Str = Str::new(None);
 pub static AUTHN_ISSUER_QUALIFIED: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static ROLE_CLAIM: Str = Str::new(None);
 pub static ROLE_MAP: Str = Str::new(None);

@@ -303,8 +303,51 @@ pub struct FallbackSetup<'a> {
     pub audience: &'a str,
     /// Rules in order: token role, service account, its password file.
     pub rules: &'a [(&'a str, &'a str, &'a Path)],
+    /// The signed context's key file (`fallback.context_key_file`); None only with
+    /// `signed_context = false` in `extra`.
+    pub context_key: Option<&'a Path>,
     /// More lines for `[fallback]` (and its sub-tables).
     pub extra: &'a str,
+}
+
+/// A context key for a test proxy: a PEM file (mode 0600) and its public half.
+pub struct ContextKeyFile {
+    /// The file.
+    pub path: PathBuf,
+    /// The public key, as `gprxy.context_keys` pins it.
+    pub public: String,
+}
+
+impl ContextKeyFile {
+    /// Makes a new key in `path`.
+    pub fn create(path: impl Into<PathBuf>) -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        let path = path.into();
+        let pem = gprxy_core::context::ContextKey::generate_pem().expect("context key");
+        std::fs::write(&path, &pem).expect("write context key");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod context key");
+        let public = Self::key_of(&path).public_key().to_owned();
+        Self { path, public }
+    }
+
+    /// The key, to sign with as the proxy does.
+    pub fn key(&self) -> std::sync::Arc<gprxy_core::context::ContextKey> {
+        std::sync::Arc::new(Self::key_of(&self.path))
+    }
+
+    fn key_of(path: &Path) -> gprxy_core::context::ContextKey {
+        gprxy_core::context::ContextKey::from_pem(&std::fs::read(path).expect("read context key"))
+            .expect("a context key")
+    }
+}
+
+/// The postgresql.conf lines of the signed context: the pinned public keys and the service
+/// accounts (sql/01_roles.sql's) that may set a context.
+pub fn context_conf(keys: &[&str]) -> [String; 2] {
+    [
+        format!("gprxy.context_keys = '{}'", keys.join(", ")),
+        "gprxy.context_roles = 'app_admin, app_writer, app_reader'".to_owned(),
+    ]
 }
 
 impl FallbackSetup<'_> {
@@ -312,12 +355,13 @@ impl FallbackSetup<'_> {
     pub fn toml(&self) -> String {
         let mut t = format!(
             "upstream = \"127.0.0.1:{}\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[fallback]\nissuer = \"{}\"\n\
-             audience = [\"{}\"]\nrole_claim = \"roles\"\ninsecure_allow_http_loopback = true\n{}\n",
+             audience = [\"{}\"]\nrole_claim = \"roles\"\ninsecure_allow_http_loopback = true\n{}{}\n",
             self.upstream_port,
             self.cert.display(),
             self.key.display(),
             self.issuer,
             self.audience,
+            self.context_key.map(|k| format!("context_key_file = \"{}\"\n", k.display())).unwrap_or_default(),
             self.extra
         );
         for (role, account, _) in self.rules {

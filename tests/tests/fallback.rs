@@ -4,7 +4,7 @@
 use gprxy_core::testkit::TestKey;
 use gprxy_tests::idp::TestIssuer;
 use gprxy_tests::pgwire::{connect_tls, Auth};
-use gprxy_tests::proxy::{FallbackSetup, Proxy};
+use gprxy_tests::proxy::{context_conf, ContextKeyFile, FallbackSetup, Proxy};
 use gprxy_tests::{apply_sql_file, oauth_psql_with, require_validator, Cluster, PgVersion, TestCerts};
 use serde_json::json;
 
@@ -14,6 +14,7 @@ struct World {
     _pg: Cluster,
     proxy: Proxy,
     certs: TestCerts,
+    context_key: ContextKeyFile,
 }
 
 fn start() -> World {
@@ -24,22 +25,27 @@ fn start_with(fallback_extra: &str) -> World {
     start_full(fallback_extra, &[])
 }
 
-/// PostgreSQL 15 with gprxy_validator (SQL side: the signed context), the roles, and gprxy in
-/// fallback mode in front of it.
+/// PostgreSQL 15 with gprxy_validator (SQL side: the signed context, its key pinned), the roles,
+/// and gprxy in fallback mode in front of it.
 fn start_full(fallback_extra: &str, pg_conf: &[&str]) -> World {
     require_validator(PgVersion::V15);
     let key = TestKey::rsa("k");
     let idp = TestIssuer::start(&[&key]);
+    let certs = TestCerts::new();
+    let context_key = ContextKeyFile::create(certs.dir().join("context.key"));
     let mut builder = Cluster::builder(PgVersion::V15)
         .hba("host all app_admin,app_writer,app_reader 127.0.0.1/32 scram-sha-256");
+    for line in context_conf(&[&context_key.public]) {
+        builder = builder.conf(line);
+    }
     for line in pg_conf {
         builder = builder.conf(*line);
     }
     let pg = builder.start();
     pg.sql("CREATE EXTENSION gprxy_validator");
     apply_sql_file(&pg, "postgres", "01_roles.sql");
+    apply_sql_file(&pg, "postgres", "05_signed_context.sql");
     pg.sql("SET password_encryption = 'scram-sha-256'; ALTER ROLE app_writer PASSWORD 'writer-secret-1'; ALTER ROLE app_reader PASSWORD 'reader-secret-1'; ALTER ROLE app_admin PASSWORD 'admin-secret-1'");
-    let certs = TestCerts::new();
     let p = |n: &str| certs.dir().join(n);
     std::fs::write(p("writer.pw"), "writer-secret-1\n").unwrap();
     std::fs::write(p("reader.pw"), "reader-secret-1\n").unwrap();
@@ -57,11 +63,12 @@ fn start_full(fallback_extra: &str, pg_conf: &[&str]) -> World {
                 ("writer", "app_writer", &wpw),
                 ("reader", "app_reader", &rpw),
             ],
+            context_key: Some(&context_key.path),
             extra: fallback_extra,
         }
         .toml(),
     );
-    World { idp, key, _pg: pg, proxy, certs }
+    World { idp, key, _pg: pg, proxy, certs, context_key }
 }
 
 impl World {
@@ -274,8 +281,8 @@ fn pool_at_its_limit_waits_then_times_out_and_bad_connections_are_replaced() {
 
 /// The last signed context the proxy sent that the server log shows (log_statement = all).
 fn logged_context(log: &str) -> Option<String> {
-    let line = log.lines().rev().find(|l| l.contains("parameters:") && l.contains("'v1."))?;
-    let start = line.rfind("'v1.")? + 1;
+    let line = log.lines().rev().find(|l| l.contains("parameters:") && l.contains("'v2."))?;
+    let start = line.rfind("'v2.")? + 1;
     let end = start + line[start..].find('\'')?;
     Some(line[start..end].to_owned())
 }
@@ -303,11 +310,11 @@ fn signed_context_cannot_be_widened_forged_or_replayed() {
             "alice",
             &alice,
             "require",
-            "SELECT gprxy.set_context('v1.eyJuIjo5OSwic3ViIjoiYm9iIiwicm9sZXMiOltdLCJjbGFpbXMiOnt9fQ.AAAA')",
+            "SELECT gprxy.set_context('v2.eyJuIjo5OSwic3ViIjoiYm9iIiwicm9sZXMiOltdLCJjbGFpbXMiOnt9fQ.AAAA')",
         )
         .unwrap_err();
     assert!(
-        e.contains("ERROR:  gprxy: context refused: the context signature does not verify against this connection's key"),
+        e.contains("ERROR:  gprxy: context refused: the context signature does not verify against any key in gprxy.context_keys"),
         "{e}"
     );
 
@@ -324,52 +331,82 @@ fn signed_context_cannot_be_widened_forged_or_replayed() {
 }
 
 #[test]
-fn extension_accepts_only_contexts_signed_for_its_connection() {
-    use gprxy_core::context::{ContextSigner, KEY_PARAMETER};
+fn extension_accepts_only_contexts_signed_with_a_pinned_key_for_its_connection() {
+    use gprxy_core::context::{ContextKey, ContextSigner, NONCE_PARAMETER};
     use gprxy_tests::pgwire::connect_params;
+    use std::sync::Arc;
     let w = start();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{}", w._pg.port()).parse().unwrap();
     let claims = |sub: &str| json!({"sub": sub, "tenant_id": "t"}).as_object().cloned().unwrap();
     let pw = Auth::Password("writer-secret-1");
+    // A connection started as the proxy starts one: its nonce, and contexts naming its process.
+    let open = |signer: &mut ContextSigner, nonce: &str| {
+        let c = connect_params(addr, "app_writer", "postgres", pw, &[(NONCE_PARAMETER, nonce)]).unwrap();
+        signer.bind_backend(c.key.unwrap().0);
+        c
+    };
+    let refused = |c: &mut gprxy_tests::pgwire::PgConn, ctx: &str| {
+        let e = c.query(&format!("SELECT gprxy.set_context('{ctx}')")).unwrap_err();
+        assert_eq!(e.code.as_deref(), Some("28000"), "{e}");
+        e.message
+    };
 
     let mut plain = connect_params(addr, "app_writer", "postgres", pw, &[]).unwrap();
-    let mut signer = ContextSigner::generate().unwrap();
+    let mut signer = ContextSigner::new(w.context_key.key()).unwrap();
+    signer.bind_backend(plain.key.unwrap().0);
     let ctx = signer.sign(Some("alice".into()), vec![], claims("alice"));
-    let e = plain.query(&format!("SELECT gprxy.set_context('{ctx}')")).unwrap_err();
-    assert_eq!(e.code.as_deref(), Some("28000"));
-    assert_eq!(e.message, "gprxy: context refused: no gprxy.context_key was given at connection start");
+    assert_eq!(
+        refused(&mut plain, &ctx),
+        "gprxy: context refused: no gprxy.context_nonce was given at connection start"
+    );
 
-    let mut signer = ContextSigner::generate().unwrap();
-    let key = signer.public_key().to_owned();
-    let mut c = connect_params(addr, "app_writer", "postgres", pw, &[(KEY_PARAMETER, &key)]).unwrap();
+    let mut signer = ContextSigner::new(w.context_key.key()).unwrap();
+    let nonce = signer.nonce().to_owned();
+    let mut c = open(&mut signer, &nonce);
     let first = signer.sign(Some("alice".into()), vec!["writer".into()], claims("alice"));
     let second = signer.sign(Some("bob".into()), vec![], claims("bob"));
     c.query(&format!("SELECT gprxy.set_context('{second}')")).unwrap();
     assert_eq!(c.scalar("SELECT gprxy.subject()").unwrap().as_deref(), Some("bob"));
-    let e = c.query(&format!("SELECT gprxy.set_context('{first}')")).unwrap_err();
-    assert_eq!(e.message, "gprxy: context refused: the context counter 1 is not above 2 (replayed context)");
-    let e = c.query(&format!("SELECT gprxy.set_context('{second}')")).unwrap_err();
-    assert_eq!(e.message, "gprxy: context refused: the context counter 2 is not above 2 (replayed context)");
-
-    // A key set after connection start (a placeholder SET) is not the startup key.
-    let mut mallory = ContextSigner::generate().unwrap();
-    let _ = c.query(&format!("SET {KEY_PARAMETER} = '{}'", mallory.public_key()));
-    let forged = mallory.sign(Some("admin".into()), vec!["admin".into()], claims("admin"));
-    let e = c.query(&format!("SELECT gprxy.set_context('{forged}')")).unwrap_err();
     assert_eq!(
-        e.message,
-        "gprxy: context refused: the context signature does not verify against this connection's key"
+        refused(&mut c, &first),
+        "gprxy: context refused: the context counter 1 is not above 2 (replayed context)"
     );
-    assert_eq!(c.scalar("SELECT gprxy.subject()").unwrap().as_deref(), Some("bob"));
-
-    let twice = [(KEY_PARAMETER, key.as_str()), (KEY_PARAMETER, key.as_str())];
-    let mut d = connect_params(addr, "app_writer", "postgres", pw, &twice).unwrap();
-    let e = d
-        .query(&format!("SELECT gprxy.set_context('{}')", signer.sign(None, vec![], claims("x"))))
-        .unwrap_err();
     assert_eq!(
-        e.message,
-        "gprxy: context refused: gprxy.context_key was given more than once at connection start"
+        refused(&mut c, &second),
+        "gprxy: context refused: the context counter 2 is not above 2 (replayed context)"
+    );
+
+    // The same context on another connection: refused by its nonce, and by its process id when
+    // the other connection copies the nonce.
+    let mut other_signer = ContextSigner::new(w.context_key.key()).unwrap();
+    let other_nonce = other_signer.nonce().to_owned();
+    let mut d = open(&mut other_signer, &other_nonce);
+    let other = "gprxy: context refused: the context was signed for another connection";
+    assert_eq!(refused(&mut d, &second), other);
+    let mut copied =
+        connect_params(addr, "app_writer", "postgres", pw, &[(NONCE_PARAMETER, &nonce)]).unwrap();
+    assert_eq!(refused(&mut copied, &second), other);
+    assert_eq!(copied.scalar("SELECT gprxy.subject()").unwrap(), None);
+
+    // A service account with a key of its own (not pinned) cannot sign.
+    let own = Arc::new(ContextKey::from_pem(ContextKey::generate_pem().unwrap().as_bytes()).unwrap());
+    let mut mallory = ContextSigner::new(own).unwrap();
+    let mallory_nonce = mallory.nonce().to_owned();
+    let mut m = open(&mut mallory, &mallory_nonce);
+    let forged = mallory.sign(Some("admin".into()), vec!["admin".into()], claims("admin"));
+    assert_eq!(
+        refused(&mut m, &forged),
+        "gprxy: context refused: the context signature does not verify against any key in gprxy.context_keys"
+    );
+    assert_eq!(m.scalar("SELECT gprxy.subject()").unwrap(), None);
+
+    let twice = [(NONCE_PARAMETER, nonce.as_str()), (NONCE_PARAMETER, nonce.as_str())];
+    let mut e = connect_params(addr, "app_writer", "postgres", pw, &twice).unwrap();
+    signer.bind_backend(e.key.unwrap().0);
+    let ctx = signer.sign(None, vec![], claims("x"));
+    assert_eq!(
+        refused(&mut e, &ctx),
+        "gprxy: context refused: gprxy.context_nonce was given more than once at connection start"
     );
 }
 
@@ -391,8 +428,11 @@ fn client_startup_settings_apply_per_session_and_proxy_names_are_refused() {
     );
     // The next client on the same pooled connection starts from the server's defaults.
     assert_eq!(run("", show).unwrap(), "myapp|\"$user\", public|0");
-    let e = run("-c gprxy.context_key=AAAA", "SELECT 1").unwrap_err();
-    assert!(e.contains("FATAL:  gprxy: startup parameter \"gprxy.context_key\" is set by the proxy"), "{e}");
+    let e = run("-c gprxy.context_nonce=AAAA", "SELECT 1").unwrap_err();
+    assert!(
+        e.contains("FATAL:  gprxy: startup parameter \"gprxy.context_nonce\" is set by the proxy"),
+        "{e}"
+    );
     let e = run("-c app.user_id=admin", "SELECT 1").unwrap_err();
     assert!(e.contains("FATAL:  gprxy: startup parameter \"app.user_id\" is set by the proxy"), "{e}");
     let e = run("-c no_such_setting=1", "SELECT 1").unwrap_err();

@@ -291,7 +291,10 @@ fn claim_functions_cannot_be_changed_by_sql_and_are_null_without_oauth() {
     assert_eq!(s.login("alice", &t, attempts).unwrap(), "alice\nalice,alice,alice");
     let err = s.login("alice", &t, "SET gprxy.subject = 'mallory'").unwrap_err();
     assert!(err.contains("invalid configuration parameter name \"gprxy.subject\""), "{err}");
-    let err = s.login("alice", &t, "SELECT gprxy.set_context('v1.e30.AAAA')").unwrap_err();
+    let err = s.login("alice", &t, "SELECT gprxy.set_context('v2.e30.AAAA')").unwrap_err();
+    assert!(err.contains("ERROR:  permission denied for function set_context"), "{err}");
+    s.pg.sql("GRANT EXECUTE ON FUNCTION gprxy.set_context(text) TO alice");
+    let err = s.login("alice", &t, "SELECT gprxy.set_context('v2.e30.AAAA')").unwrap_err();
     assert!(
         err.contains("ERROR:  gprxy: context refused: the session logged in with a token; its identity cannot be replaced"),
         "{err}"
@@ -324,23 +327,36 @@ fn bad_settings_are_refused_at_reload_with_the_setting_named() {
 
 #[test]
 fn preloaded_18_takes_a_signed_context_from_a_service_account_connection() {
-    use gprxy_core::context::{ContextSigner, KEY_PARAMETER};
+    use gprxy_core::context::{ContextSigner, NONCE_PARAMETER};
     use gprxy_tests::pgwire::{connect_params, Auth};
-    let pg = validator_cluster(AUD).hba("host all app_writer 127.0.0.1/32 scram-sha-256").start();
-    pg.sql("SET password_encryption = 'scram-sha-256'; CREATE ROLE app_writer LOGIN PASSWORD 'pw-1'; CREATE EXTENSION gprxy_validator");
+    use gprxy_tests::proxy::ContextKeyFile;
+    let dir = tempfile::tempdir().unwrap();
+    let key = ContextKeyFile::create(dir.path().join("context.key"));
+    let pg = validator_cluster(AUD)
+        .hba("host all app_writer 127.0.0.1/32 scram-sha-256")
+        .conf(format!("gprxy.context_keys = '{}'", key.public))
+        .conf("gprxy.context_roles = 'app_writer'")
+        .start();
+    pg.sql("SET password_encryption = 'scram-sha-256'; CREATE ROLE app_writer LOGIN PASSWORD 'pw-1'; CREATE EXTENSION gprxy_validator; GRANT EXECUTE ON FUNCTION gprxy.set_context(text) TO app_writer");
     let addr: std::net::SocketAddr = format!("127.0.0.1:{}", pg.port()).parse().unwrap();
-    let mut signer = ContextSigner::generate().unwrap();
-    let key = signer.public_key().to_owned();
-    // The reserved gprxy. prefix admits the key in the startup packet, and only there.
+    let mut signer = ContextSigner::new(key.key()).unwrap();
+    let nonce = signer.nonce().to_owned();
+    // The reserved gprxy. prefix admits the nonce in the startup packet, and only there.
     let mut c =
-        connect_params(addr, "app_writer", "postgres", Auth::Password("pw-1"), &[(KEY_PARAMETER, &key)])
+        connect_params(addr, "app_writer", "postgres", Auth::Password("pw-1"), &[(NONCE_PARAMETER, &nonce)])
             .unwrap();
+    signer.bind_backend(c.key.unwrap().0);
     let ctx =
         signer.sign(Some("alice".into()), vec![], json!({"sub": "alice"}).as_object().cloned().unwrap());
     c.query(&format!("SELECT gprxy.set_context('{ctx}')")).unwrap();
     assert_eq!(c.scalar("SELECT gprxy.subject()").unwrap().as_deref(), Some("alice"));
-    let e = c.query(&format!("SET {KEY_PARAMETER} = 'x'")).unwrap_err();
-    assert_eq!(e.message, "parameter \"gprxy.context_key\" cannot be set after connection start");
+    let e = c.query(&format!("SET {NONCE_PARAMETER} = 'x'")).unwrap_err();
+    assert_eq!(e.message, "parameter \"gprxy.context_nonce\" cannot be set after connection start");
+    // The trust anchor is postgresql.conf's: no session can pin a key or allow a role.
+    let e = c.query("SET gprxy.context_keys = 'AAAA'").unwrap_err();
+    assert_eq!(e.message, "parameter \"gprxy.context_keys\" cannot be changed now");
+    let e = c.query("SELECT set_config('gprxy.context_roles', 'mallory', false)").unwrap_err();
+    assert_eq!(e.message, "parameter \"gprxy.context_roles\" cannot be changed now");
 }
 
 impl Setup {

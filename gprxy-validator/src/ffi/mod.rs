@@ -1,7 +1,10 @@
 //! The only unsafe code of gprxy: what the extension reads from PostgreSQL's C structures, and
 //! (PostgreSQL 18) the OAuth validator ABI, GUCs, shared memory and the background worker.
 
-use std::ffi::{c_char, c_int, CStr, CString};
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+
+use pgrx::prelude::*;
+use pgrx::{GucContext, GucFlags, GucRegistry};
 
 #[cfg(feature = "pg18")]
 mod validator;
@@ -32,4 +35,91 @@ pub fn startup_parameter(name: &str) -> (Option<String>, usize) {
     // the whole backend; it is copied before return.
     let value = unsafe { opt_str(gprxy_startup_parameter(name.as_ptr(), &mut count)) };
     (value, usize::try_from(count).unwrap_or(0))
+}
+
+/// The name of `session_user` (the role that logged in; SET ROLE and SECURITY DEFINER do not
+/// change it).
+pub fn session_user() -> Option<String> {
+    // SAFETY: called from a SQL function, inside a transaction, so the syscache lookup is
+    // allowed; with noerr the result is NULL or a palloc'd copy, read before return.
+    unsafe { opt_str(pg_sys::GetUserNameFromId(pg_sys::GetSessionUserId(), true)) }
+}
+
+/// This backend's process id.
+pub fn backend_pid() -> i32 {
+    // SAFETY: MyProcPid is set once at backend start and only read afterwards.
+    unsafe { pg_sys::MyProcPid }
+}
+
+/// Sets the detail of a refused GUC value.
+pub(crate) fn check_detail(msg: &str) {
+    let msg = CString::new(msg.replace('\0', " ")).unwrap_or_default();
+    // SAFETY: GUC_check_errdetail_string is read by the GUC machinery after the hook returns;
+    // pstrdup gives it a palloc'd copy.
+    unsafe {
+        pg_sys::GUC_check_errdetail_string = pg_sys::pstrdup(msg.as_ptr());
+    }
+}
+
+macro_rules! context_check_hook {
+    ($name:ident, $check:path) => {
+        #[pg_guard]
+        unsafe extern "C-unwind" fn $name(
+            newval: *mut *mut c_char,
+            _extra: *mut *mut c_void,
+            _source: pg_sys::GucSource::Type,
+        ) -> bool {
+            // SAFETY: PostgreSQL passes a pointer to the candidate value, which may be NULL.
+            let value = unsafe { opt_str((*newval).cast_const()) }.unwrap_or_default();
+            match $check(value.trim()) {
+                Ok(()) => true,
+                Err(msg) => {
+                    check_detail(&msg);
+                    false
+                }
+            }
+        }
+    };
+}
+
+context_check_hook!(check_context_keys, crate::session::check_context_keys);
+context_check_hook!(check_context_roles, crate::session::check_context_roles);
+
+/// The signed context's settings, on every server version: the trust anchor is
+/// postgresql.conf's (PGC_SIGHUP: no client, SET or ALTER ROLE can change it).
+pub fn define_context_settings() {
+    use crate::session::{CONTEXT_KEYS, CONTEXT_NONCE, CONTEXT_ROLES};
+    // SAFETY: the hooks are #[pg_guard]ed; names, descriptions and settings are 'static.
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"gprxy.context_keys",
+            c"Public keys (base64 Ed25519, at most two) of gprxy's signed session context.",
+            c"",
+            &CONTEXT_KEYS,
+            GucContext::Sighup,
+            GucFlags::default(),
+            Some(check_context_keys),
+            None,
+            None,
+        );
+        GucRegistry::define_string_guc_with_hooks(
+            c"gprxy.context_roles",
+            c"Session users that may call gprxy.set_context (comma-separated).",
+            c"",
+            &CONTEXT_ROLES,
+            GucContext::Sighup,
+            GucFlags::default(),
+            Some(check_context_roles),
+            None,
+            None,
+        );
+    }
+    GucRegistry::define_string_guc(
+        c"gprxy.context_nonce",
+        c"Nonce of gprxy's signed session context (startup packet only).",
+        c"",
+        &CONTEXT_NONCE,
+        GucContext::Backend,
+        GucFlags::default(),
+    );
 }

@@ -14,7 +14,7 @@ use crate::login::{self, LoginRequest};
 use crate::settings::{self as s};
 use crate::shared::SharedKeys;
 
-use super::opt_str;
+use super::{check_detail, opt_str};
 
 // ---------------------------------------------------------------- libpq/oauth.h
 
@@ -165,16 +165,6 @@ pub fn shmem_ready() -> bool {
 
 // ---------------------------------------------------------------- settings
 
-/// Sets the detail of a refused GUC value.
-fn check_detail(msg: &str) {
-    let msg = CString::new(msg.replace('\0', " ")).unwrap_or_default();
-    // SAFETY: GUC_check_errdetail_string is read by the GUC machinery after the hook returns;
-    // pstrdup gives it a palloc'd copy.
-    unsafe {
-        pg_sys::GUC_check_errdetail_string = pg_sys::pstrdup(msg.as_ptr());
-    }
-}
-
 macro_rules! string_check_hook {
     ($name:ident, $check:path) => {
         #[pg_guard]
@@ -246,16 +236,6 @@ fn define_bool(name: &'static CStr, desc: &'static CStr, setting: &'static pgrx:
 }
 
 fn define_settings() {
-    // The fallback proxy's per-connection context key: settable only in the startup packet
-    // (set_context reads the packet itself; this only keeps the reserved prefix from refusing it).
-    GucRegistry::define_string_guc(
-        c"gprxy.context_key",
-        c"Public key of the proxy's signed session context (startup packet only).",
-        c"",
-        &s::CONTEXT_KEY,
-        GucContext::Backend,
-        GucFlags::default(),
-    );
     define_string(
         c"gprxy.audience",
         c"Accepted token audiences (comma-separated); one must be in aud.",

@@ -15,7 +15,7 @@ use std::sync::mpsc;
 
 use gprxy_core::testkit::{now, test_ca, TestKey};
 use gprxy_tests::idp::TestIssuer;
-use gprxy_tests::proxy::{gprxy_bin, FallbackSetup, Proxy};
+use gprxy_tests::proxy::{context_conf, gprxy_bin, ContextKeyFile, FallbackSetup, Proxy};
 use gprxy_tests::{
     apply_sql_file, oauth_psql_with, require_validator, validator_cluster, Cluster, PgVersion,
 };
@@ -124,15 +124,22 @@ fn demo(check: bool, stop_rx: &mpsc::Receiver<()>) -> Result<(), Vec<String>> {
         ))
         .start();
     pg18.sql("CREATE EXTENSION gprxy_validator");
-    let pg15 = Cluster::builder(PgVersion::V15)
-        .hba("host all app_admin,app_writer,app_reader 127.0.0.1/32 scram-sha-256")
-        .start();
+    // Fallback mode's signed context: the proxy's key file, its public half pinned in
+    // PostgreSQL 15's postgresql.conf with the service accounts that may set a context.
+    let context_key = ContextKeyFile::create(dir.join("context.key"));
+    let mut pg15 = Cluster::builder(PgVersion::V15)
+        .hba("host all app_admin,app_writer,app_reader 127.0.0.1/32 scram-sha-256");
+    for line in context_conf(&[&context_key.public]) {
+        pg15 = pg15.conf(line);
+    }
+    let pg15 = pg15.start();
     pg15.sql("CREATE EXTENSION gprxy_validator");
     for pg in [&pg18, &pg15] {
         for f in ["01_roles.sql", "02_schema.sql", "03_rls_gprxy_claims.sql", "04_demo_data.sql"] {
             apply_sql_file(pg, "postgres", f);
         }
     }
+    apply_sql_file(&pg15, "postgres", "05_signed_context.sql");
     let writer_pw = format!("demo-{}", gprxy_core::fingerprint(alice.as_bytes()));
     let reader_pw = format!("demo-{}", gprxy_core::fingerprint(bob.as_bytes()));
     pg15.sql(&format!(
@@ -160,6 +167,7 @@ fn demo(check: bool, stop_rx: &mpsc::Receiver<()>) -> Result<(), Vec<String>> {
             issuer: &iss,
             audience: AUD,
             rules: &[("writer", "app_writer", &writer_file), ("reader", "app_reader", &reader_file)],
+            context_key: Some(&context_key.path),
             extra: "",
         }
         .toml(),
