@@ -151,8 +151,8 @@ pub async fn authenticate(
     lease.admit(&shared.metrics, &database, &account);
     let mut sbuf = BytesMut::new();
     let reports = match prepare(&mut conn, &mut sbuf, &settings, &t).await {
-        // An idle connection that died unnoticed: one fresh login, once.
-        Err(SessionError::Io(_) | SessionError::ClientGone) if reused => {
+        // An idle connection that died unnoticed, or was not in step: one fresh login, once.
+        Err(e) if reused && connection_failed(&e) => {
             tracing::info!(event = "pool", action = "replace", "pooled server connection failed at set-up");
             conn = login().await?;
             sbuf.clear();
@@ -263,7 +263,8 @@ async fn login_upstream(
                 return Err(upstream_failed(&format!("{code}: {msg}")));
             }
             (b'K', _) => key = proto::backend_key(&m),
-            (b'Z', _) if authenticated => break,
+            (b'Z', _) if authenticated && m.body() == b"I" => break,
+            (b'Z', _) => return Err(upstream_failed("server not idle after login")),
             _ => startup_reply.extend_from_slice(&m.raw),
         }
         if !reply.is_empty() {
@@ -442,25 +443,43 @@ fn split_options(s: &str) -> Vec<String> {
     words
 }
 
-/// Prepares a checked-out connection for its client with one parameterised statement: the
-/// client's settings, the context settings, then the signed context. Returns the
-/// ParameterStatus messages it caused, for the client.
+/// What a session set-up tells a client whose pooled connection was not in step.
+const NOT_READY: &str = "gprxy: the server connection was not ready for a new session";
+
+/// Whether a set-up failed because of its server connection (dead, or not in step) rather
+/// than because of what it set.
+fn connection_failed(e: &SessionError) -> bool {
+    match e {
+        SessionError::Io(_) | SessionError::ClientGone => true,
+        SessionError::Refused { message, .. } => message == NOT_READY,
+        _ => false,
+    }
+}
+
+fn not_ready(what: &str) -> SessionError {
+    tracing::warn!(event = "pool", problem = what, "fallback: server connection not ready at set-up");
+    SessionError::Refused { sqlstate: "08006", message: NOT_READY.into() }
+}
+
+/// Prepares a checked-out connection for its client with one parameterised statement: a random
+/// marker, the client's settings, the context settings, then the signed context. The answer
+/// must be exactly this statement's (the marker's row) and end with ReadyForQuery `I`, with
+/// nothing after it: so the connection is handed out only when it is idle and in step. Returns
+/// the ParameterStatus messages it caused, for the client.
 async fn set_up_session(
     up: &mut BoxStream,
     sbuf: &mut BytesMut,
     settings: &[(String, String)],
     signed: Option<&str>,
 ) -> Result<BytesMut, SessionError> {
-    let mut calls: Vec<String> =
-        (0..settings.len()).map(|i| format!("set_config(${}, ${}, false)", 2 * i + 1, 2 * i + 2)).collect();
-    let mut values: Vec<&str> = settings.iter().flat_map(|(k, v)| [k.as_str(), v.as_str()]).collect();
+    let marker = crate::pool::random_marker("gprxy-setup-").ok_or_else(|| not_ready("no randomness"))?;
+    let mut calls = vec!["$1::text".to_owned()];
+    calls.extend((0..settings.len()).map(|i| format!("set_config(${}, ${}, false)", 2 * i + 2, 2 * i + 3)));
+    let mut values: Vec<&str> = vec![marker.as_str()];
+    values.extend(settings.iter().flat_map(|(k, v)| [k.as_str(), v.as_str()]));
     if let Some(ctx) = signed {
         values.push(ctx);
         calls.push(format!("gprxy.set_context(${})", values.len()));
-    }
-    let mut reports = BytesMut::new();
-    if calls.is_empty() {
-        return Ok(reports);
     }
     let sql = format!("SELECT {}", calls.join(", "));
     let mut out = BytesMut::new();
@@ -483,15 +502,36 @@ async fn set_up_session(
     frontend::sync(&mut out);
     up.write_all(&out).await?;
     up.flush().await?;
+    let mut reports = BytesMut::new();
     let mut failed = None;
+    // The answers expected, in order: ParseComplete, BindComplete, the marker's row,
+    // CommandComplete; an error ends them early. Then ReadyForQuery.
+    let mut expected: &[u8] = b"12DC";
     loop {
         let m = read_message(up, sbuf, proto::MAX_SERVER_AUTH_MESSAGE, "server message").await?;
         match m.tag {
-            b'E' => failed = Some(proto::error_fields(&m)),
             b'S' => reports.extend_from_slice(&m.raw),
-            b'Z' => break,
-            _ => {}
+            b'N' | b'A' => {}
+            b'E' if failed.is_none() => {
+                failed = Some(proto::error_fields(&m));
+                expected = b"";
+            }
+            b'Z' if expected.is_empty() => {
+                if m.body() != b"I" {
+                    return Err(not_ready("not idle after set-up"));
+                }
+                break;
+            }
+            tag if expected.first() == Some(&tag)
+                && (tag != b'D' || data_row_starts_with(m.body(), calls.len(), &marker)) =>
+            {
+                expected = &expected[1..];
+            }
+            _ => return Err(not_ready("an answer that is not the set-up's")),
         }
+    }
+    if !sbuf.is_empty() {
+        return Err(not_ready("more answers after the set-up's"));
     }
     match failed {
         None => Ok(reports),
@@ -506,6 +546,14 @@ async fn set_up_session(
             Err(SessionError::Refused { sqlstate, message: format!("gprxy: session set-up failed: {msg}") })
         }
     }
+}
+
+/// Whether a DataRow body has `columns` columns, the first being `marker` as text.
+fn data_row_starts_with(body: &[u8], columns: usize, marker: &str) -> bool {
+    let mut want = i16::try_from(columns).unwrap_or(-1).to_be_bytes().to_vec();
+    want.extend_from_slice(&i32::try_from(marker.len()).unwrap_or(-1).to_be_bytes());
+    want.extend_from_slice(marker.as_bytes());
+    body.starts_with(&want)
 }
 
 #[cfg(test)]
@@ -572,5 +620,108 @@ mod tests {
             client_settings(&other, &ctx()).unwrap_err(),
             "gprxy: startup option \"-D\" is not supported (only -c name=value)"
         );
+    }
+
+    /// A fake server for one set-up: reads Parse, Bind, Execute, Sync, takes the marker from
+    /// Bind's first parameter, and answers with `answer(marker)` in one write.
+    async fn set_up_against(answer: fn(&str) -> Vec<u8>) -> Result<BytesMut, SessionError> {
+        use tokio::io::AsyncReadExt;
+        let (proxy_side, mut server) = tokio::io::duplex(64 * 1024);
+        let fake = tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut chunk = [0u8; 4096];
+            // Up to and including Sync.
+            while !got.ends_with(b"S\0\0\0\x04") {
+                let n = server.read(&mut chunk).await.unwrap();
+                assert_ne!(n, 0);
+                got.extend_from_slice(&chunk[..n]);
+            }
+            let parse_len = u32::from_be_bytes(got[1..5].try_into().unwrap()) as usize;
+            let bind = &got[1 + parse_len..];
+            // Tag, length, portal, statement, no format codes, parameter count, first length.
+            let first = 5 + 1 + 1 + 2 + 2;
+            let len = u32::from_be_bytes(bind[first..first + 4].try_into().unwrap()) as usize;
+            let marker = std::str::from_utf8(&bind[first + 4..first + 4 + len]).unwrap().to_owned();
+            server.write_all(&answer(&marker)).await.unwrap();
+            server
+        });
+        let mut up: BoxStream = Box::new(proxy_side);
+        let settings = vec![("app.user_id".to_owned(), "bob".to_owned())];
+        let r = set_up_session(&mut up, &mut BytesMut::new(), &settings, None).await;
+        drop(fake.await.unwrap());
+        r
+    }
+
+    fn answers(list: &[(u8, Vec<u8>)]) -> Vec<u8> {
+        list.iter().flat_map(|(tag, body)| proto::frame(*tag, body).to_vec()).collect()
+    }
+
+    fn row(marker: &str) -> Vec<u8> {
+        let mut body = 2i16.to_be_bytes().to_vec();
+        body.extend_from_slice(&(marker.len() as i32).to_be_bytes());
+        body.extend_from_slice(marker.as_bytes());
+        body.extend_from_slice(&3i32.to_be_bytes());
+        body.extend_from_slice(b"bob");
+        body
+    }
+
+    fn not_ready_error(r: Result<BytesMut, SessionError>) -> bool {
+        matches!(r, Err(SessionError::Refused { sqlstate: "08006", message }) if message == NOT_READY)
+    }
+
+    #[tokio::test]
+    async fn a_set_up_accepts_only_its_own_answer_ending_idle() {
+        fn good(m: &str) -> Vec<u8> {
+            answers(&[
+                (b'1', vec![]),
+                (b'2', vec![]),
+                (b'S', b"application_name\0x\0".to_vec()),
+                (b'D', row(m)),
+                (b'C', b"SELECT 1\0".to_vec()),
+                (b'Z', b"I".to_vec()),
+            ])
+        }
+        let reports = set_up_against(good).await.unwrap();
+        assert_eq!(reports, proto::frame(b'S', b"application_name\0x\0"));
+        // Inside a transaction (ReadyForQuery T).
+        let in_transaction = |m: &str| {
+            let mut a = good(m);
+            let n = a.len();
+            a[n - 1] = b'T';
+            a
+        };
+        assert!(not_ready_error(set_up_against(in_transaction).await));
+        // An earlier request's answer first: its ReadyForQuery is not the set-up's.
+        let stale = |m: &str| {
+            let mut a = answers(&[(b'C', b"BEGIN\0".to_vec()), (b'Z', b"T".to_vec())]);
+            a.extend_from_slice(&good(m));
+            a
+        };
+        assert!(not_ready_error(set_up_against(stale).await));
+        // A row without the marker.
+        let other = |_: &str| good("gprxy-setup-00000000000000000000000000000000");
+        assert!(not_ready_error(set_up_against(other).await));
+        // More answers after the set-up's.
+        let more = |m: &str| {
+            let mut a = good(m);
+            a.extend_from_slice(&answers(&[(b'Z', b"I".to_vec())]));
+            a
+        };
+        assert!(not_ready_error(set_up_against(more).await));
+        // The server refuses a setting: the error is the client's, the connection was in step.
+        let refused = |_: &str| {
+            answers(&[
+                (b'1', vec![]),
+                (b'2', vec![]),
+                (b'E', b"SERROR\0C42704\0Munrecognized configuration parameter\0\0".to_vec()),
+                (b'Z', b"I".to_vec()),
+            ])
+        };
+        match set_up_against(refused).await {
+            Err(SessionError::Refused { sqlstate: "42704", message }) => {
+                assert_eq!(message, "gprxy: session set-up failed: unrecognized configuration parameter");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

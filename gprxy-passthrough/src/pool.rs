@@ -2,8 +2,11 @@
 //! wait queue with a timeout, idle timeout, maximum lifetime and a health check. A client keeps
 //! its server connection until it leaves; then the connection is reset (`DISCARD ALL`, which
 //! also clears the plain context, and `gprxy.reset_context()` for a signed one) before anyone
-//! else gets it. A connection whose reset fails, that was
-//! left inside a transaction or mid-message, is closed instead.
+//! else gets it. The relay tracks what the client asked for ([`Tracker`]): a connection goes
+//! back only when every query, Sync and function call was answered, no COPY is open and the
+//! server is idle; the reset ends with a query carrying a random marker, whose answer must be
+//! the last one. Anything in doubt (unanswered requests, COPY, an error or a timeout in the
+//! reset, a reload) closes the connection instead.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::poll_fn;
@@ -101,11 +104,15 @@ struct Pool {
     gauges: Arc<PoolGauges>,
 }
 
-/// A checked-out slot: a connection from the pool, or the right to open one.
+/// A checked-out slot: a connection from the pool, or the right to open one. The connection
+/// goes back through it ([`Lease::give_back`]) to the pool it came from, even after a reload.
 pub struct Lease {
     /// An idle connection that passed the health check, if there was one.
     pub conn: Option<ServerConn>,
     pool: Arc<Pool>,
+    /// The retired flag of the [`Pools`] this lease came from.
+    retired: Arc<AtomicBool>,
+    max_lifetime: Duration,
     _permit: OwnedSemaphorePermit,
     in_use: Gauge,
     idle: Gauge,
@@ -129,7 +136,7 @@ pub struct Pools {
     pools: Mutex<HashMap<(String, String), Arc<Pool>>>,
     settings: PoolSettings,
     /// Set when a reload replaced these pools: connections are closed, not kept.
-    retired: AtomicBool,
+    retired: Arc<AtomicBool>,
 }
 
 /// Ends a server connection politely: Terminate, then close (PostgreSQL logs no EOF error).
@@ -153,7 +160,7 @@ async fn healthy(conn: &mut ServerConn) -> bool {
 impl Pools {
     /// Empty pools with these limits.
     pub fn new(settings: PoolSettings) -> Self {
-        Self { pools: Mutex::new(HashMap::new()), settings, retired: AtomicBool::new(false) }
+        Self { pools: Mutex::new(HashMap::new()), settings, retired: Arc::new(AtomicBool::new(false)) }
     }
 
     /// After a reload: closes the idle connections now, and each one in use when its session
@@ -210,7 +217,15 @@ impl Pools {
             })?
             .map_err(|_| SessionError::ClientGone)?;
         in_use.inc();
-        let mut lease = Lease { conn: None, pool, _permit: permit, in_use, idle };
+        let mut lease = Lease {
+            conn: None,
+            pool,
+            retired: self.retired.clone(),
+            max_lifetime: self.settings.max_lifetime,
+            _permit: permit,
+            in_use,
+            idle,
+        };
         loop {
             let candidate = lease.pool.idle.lock().pop();
             let Some((mut conn, since)) = candidate else { break };
@@ -241,68 +256,215 @@ impl Pools {
             map.remove(&key);
         }
     }
+}
 
-    /// Resets `conn` and returns it to the lease's pool, or closes it.
-    pub async fn give_back(&self, lease: Lease, mut conn: ServerConn, clean: bool) {
-        let retired = self.retired.load(Ordering::SeqCst);
+impl Lease {
+    /// Ends a session: resets `conn` and returns it to the pool it came from, or closes it when
+    /// it is not `clean`, too old, its reset fails, or that pool was retired by a reload.
+    pub async fn give_back(self, mut conn: ServerConn, clean: bool) {
         let reusable = clean
-            && !retired
-            && conn.created.elapsed() < self.settings.max_lifetime
+            && !self.retired.load(Ordering::SeqCst)
+            && conn.created.elapsed() < self.max_lifetime
             && reset(&mut conn).await;
         if reusable {
-            lease.pool.idle.lock().push((conn, Instant::now()));
-            lease.idle.inc();
-        } else {
-            tracing::info!(event = "pool", action = "close", retired, "server connection not reused");
-            if clean {
-                // Between messages: the server can be told goodbye.
-                terminate(&mut conn).await;
-            } else {
-                let _ = conn.stream.shutdown().await;
+            // Checked under the lock that `Pools::retire` takes the idle connections with.
+            let mut idle = self.pool.idle.lock();
+            if !self.retired.load(Ordering::SeqCst) {
+                idle.push((conn, Instant::now()));
+                self.idle.inc();
+                return;
             }
+        }
+        let retired = self.retired.load(Ordering::SeqCst);
+        tracing::info!(event = "pool", action = "close", clean, retired, "server connection not reused");
+        if clean {
+            // Between messages: the server can be told goodbye.
+            terminate(&mut conn).await;
+        } else {
+            let _ = conn.stream.shutdown().await;
         }
     }
 }
 
-/// `DISCARD ALL` (session state, prepared statements, settings and so the plain context) and,
-/// for a signed context, `gprxy.reset_context()`: true when the server answers every statement
-/// with no error and is idle.
+/// The answer that ends a reset: the marker query's row (one text column).
+fn marker_row(marker: &str) -> Vec<u8> {
+    let mut row = 1i16.to_be_bytes().to_vec();
+    row.extend_from_slice(&(marker.len() as i32).to_be_bytes());
+    row.extend_from_slice(marker.as_bytes());
+    row
+}
+
+/// A fresh random marker.
+pub(crate) fn random_marker(prefix: &str) -> Option<String> {
+    let mut bytes = [0u8; 16];
+    aws_lc_rs::rand::fill(&mut bytes).ok()?;
+    Some(bytes.iter().fold(prefix.to_owned(), |mut s, b| {
+        s.push_str(&format!("{b:02x}"));
+        s
+    }))
+}
+
+/// Checks a reset's answers, message by message: `statements` queries, each answered with no
+/// error and ReadyForQuery `I`, the last one a row with the marker. Says `Some(true)` at the
+/// marker's ReadyForQuery, `Some(false)` at the first thing out of place.
+struct ResetCheck {
+    marker_row: Vec<u8>,
+    statements: usize,
+    readies: usize,
+    marked: bool,
+}
+
+impl ResetCheck {
+    fn new(marker: &str, statements: usize) -> Self {
+        Self { marker_row: marker_row(marker), statements, readies: 0, marked: false }
+    }
+
+    fn step(&mut self, tag: u8, body: &[u8]) -> Option<bool> {
+        match tag {
+            // An error, or COPY: the server is not where the reset left it.
+            b'E' | b'G' | b'H' | b'W' | b'd' | b'c' => Some(false),
+            b'D' if body == self.marker_row.as_slice() => {
+                // Only the last statement may answer with the marker, and only once.
+                if self.marked || self.readies + 1 != self.statements {
+                    return Some(false);
+                }
+                self.marked = true;
+                None
+            }
+            b'Z' => {
+                if body != b"I" {
+                    return Some(false);
+                }
+                self.readies += 1;
+                if self.marked {
+                    return Some(true);
+                }
+                // The last ReadyForQuery without the marker before it: answers are out of step.
+                (self.readies >= self.statements).then_some(false)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// `DISCARD ALL` (session state, prepared statements, settings and so the plain context), for
+/// a signed context `gprxy.reset_context()`, then a query with a random marker: true when
+/// every statement succeeds, the server is idle after each, and the marker's answer is the
+/// last thing the server sent.
 async fn reset(conn: &mut ServerConn) -> bool {
+    let Some(marker) = random_marker("gprxy-reset-") else { return false };
     let run = async {
         let mut out = proto::frame(b'Q', b"DISCARD ALL\0");
-        let mut pending = 1;
+        let mut statements = 2;
         if conn.signer.is_some() {
             out.extend_from_slice(&proto::frame(b'Q', b"SELECT gprxy.reset_context()\0"));
-            pending += 1;
+            statements += 1;
         }
+        out.extend_from_slice(&proto::frame(b'Q', format!("SELECT '{marker}'\0").as_bytes()));
         conn.stream.write_all(&out).await.ok()?;
         conn.stream.flush().await.ok()?;
         let mut buf = BytesMut::new();
-        let mut ok = true;
+        let mut check = ResetCheck::new(&marker, statements);
         loop {
             let m =
                 read_message(&mut conn.stream, &mut buf, proto::MAX_SERVER_AUTH_MESSAGE, "server message")
                     .await
                     .ok()?;
-            match m.tag {
-                b'E' => ok = false,
-                b'Z' => {
-                    pending -= 1;
-                    if pending == 0 {
-                        return Some(ok && m.body() == b"I");
-                    }
-                }
-                _ => {}
+            if let Some(done) = check.step(m.tag, m.body()) {
+                // Nothing may follow the marker's answer.
+                return Some(done && buf.is_empty());
             }
         }
     };
     matches!(tokio::time::timeout(Duration::from_secs(5), run).await, Ok(Some(true)))
 }
 
+/// What a pooled session's client asked for against what the server answered, from the bytes
+/// relayed each way (without buffering messages). Every simple Query, Sync and FunctionCall is
+/// answered by exactly one ReadyForQuery, or by none when the server skips it (after an error
+/// in an extended-protocol batch, or inside COPY): so the count errs only towards "in doubt".
+#[derive(Debug)]
+pub struct Tracker {
+    client: Framer,
+    server: Framer,
+    /// Queries, Syncs and function calls sent whose ReadyForQuery has not come back.
+    in_flight: u64,
+    /// Extended-protocol messages sent since the last Sync.
+    unsynced: bool,
+    /// The server asked for COPY data and has not sent ReadyForQuery since.
+    copy_in: bool,
+    /// Something that cannot be accounted for: a ReadyForQuery nobody asked for, a message type
+    /// the tracker does not know.
+    doubt: bool,
+}
+
+impl Default for Tracker {
+    fn default() -> Self {
+        let mut server = Framer::default();
+        // The session starts after the set-up's ReadyForQuery, which was `I`.
+        server.last_ready = Some(b'I');
+        Self {
+            client: Framer::default(),
+            server,
+            in_flight: 0,
+            unsynced: false,
+            copy_in: false,
+            doubt: false,
+        }
+    }
+}
+
+impl Tracker {
+    /// Client bytes on their way to the server. Returns where a Terminate starts, if one does.
+    pub fn client_bytes(&mut self, data: &[u8]) -> Result<Option<usize>, proto::ProtoError> {
+        let (in_flight, unsynced, doubt) = (&mut self.in_flight, &mut self.unsynced, &mut self.doubt);
+        self.client.feed_each(data, |tag| match tag {
+            b'Q' | b'F' => *in_flight += 1,
+            b'S' => {
+                *in_flight += 1;
+                *unsynced = false;
+            }
+            b'P' | b'B' | b'E' | b'D' | b'C' => *unsynced = true,
+            // Flush; COPY data, done and fail (the server's side shows the COPY's state).
+            b'H' | b'd' | b'c' | b'f' => {}
+            _ => *doubt = true,
+        })
+    }
+
+    /// Server bytes on their way to the client.
+    pub fn server_bytes(&mut self, data: &[u8]) -> Result<(), proto::ProtoError> {
+        let (in_flight, copy_in, doubt) = (&mut self.in_flight, &mut self.copy_in, &mut self.doubt);
+        self.server.feed_each(data, |tag| match tag {
+            b'Z' => {
+                *copy_in = false;
+                match in_flight.checked_sub(1) {
+                    Some(n) => *in_flight = n,
+                    None => *doubt = true,
+                }
+            }
+            // CopyInResponse, CopyBothResponse: the server waits for the client's data.
+            b'G' | b'W' => *copy_in = true,
+            _ => {}
+        })?;
+        Ok(())
+    }
+
+    /// Whether the connection can be reset for another client: both streams between messages,
+    /// every request answered, no COPY open, the last ReadyForQuery `I`, nothing in doubt.
+    pub fn clean(&self) -> bool {
+        self.client.at_boundary()
+            && self.server.at_boundary()
+            && self.in_flight == 0
+            && !self.unsynced
+            && !self.copy_in
+            && !self.doubt
+            && self.server.last_ready == Some(b'I')
+    }
+}
+
 /// Relays a pooled session until the client leaves. Returns whether the server connection is
-/// clean: the client sent Terminate (or closed) between messages and the server was idle.
-/// `counters` count the bytes relayed after `to_server` and `to_client`, to the server and to
-/// the client.
+/// clean ([`Tracker::clean`] when the client sent Terminate or closed). `counters` count the
+/// bytes relayed after `to_server` and `to_client`, to the server and to the client.
 pub async fn relay(
     client: &mut BoxStream,
     server: &mut BoxStream,
@@ -311,34 +473,37 @@ pub async fn relay(
     counters: (Counter, Counter),
 ) -> bool {
     let (to_server_bytes, to_client_bytes) = counters;
-    let (mut cf, mut sf) = (Framer::default(), Framer::default());
-    sf.last_ready = Some(b'I');
+    let mut track = Tracker::default();
+    // Server bytes that came after the set-up's answer count like any other.
+    if track.server_bytes(&to_client).is_err() {
+        return false;
+    }
     if !to_client.is_empty() && client.write_all(&to_client).await.is_err() {
         return false;
     }
-    let idle = |cf: &Framer, sf: &Framer| cf.at_boundary() && sf.at_boundary() && sf.last_ready == Some(b'I');
     // Client bytes go to the server as they are, up to a Terminate, which ends the session:
     // first what came with the login, then the relay.
-    match cf.feed(&to_server) {
-        Ok(Some(end)) => return server.write_all(&to_server[..end]).await.is_ok() && idle(&cf, &sf),
+    match track.client_bytes(&to_server) {
+        Ok(Some(end)) => return server.write_all(&to_server[..end]).await.is_ok() && track.clean(),
         Ok(None) if server.write_all(&to_server).await.is_err() => return false,
         Ok(None) => {}
         Err(_) => return false,
     }
     let (mut forward, mut back) = (Pipe::new(to_server_bytes, false), Pipe::new(to_client_bytes, false));
     poll_fn(|cx| {
-        let watch_client = |data: &[u8]| match cf.feed(data) {
+        let watch_client = |data: &[u8]| match track.client_bytes(data) {
             Ok(Some(end)) => Verdict::PassUpTo(end),
             Ok(None) => Verdict::Pass,
             Err(_) => Verdict::Refuse,
         };
         match forward.poll_copy(cx, &mut **client, &mut **server, watch_client) {
-            // The client left, or sent Terminate (not forwarded): clean if both sides are idle.
-            Poll::Ready(End::Eof | End::ReadFailed(_) | End::Stopped) => return Poll::Ready(idle(&cf, &sf)),
+            // The client left, or sent Terminate (not forwarded).
+            Poll::Ready(End::Eof | End::ReadFailed(_) | End::Stopped) => return Poll::Ready(track.clean()),
             Poll::Ready(End::WriteFailed(_) | End::Refused) => return Poll::Ready(false),
             Poll::Pending => {}
         }
-        let watch_server = |data: &[u8]| if sf.feed(data).is_ok() { Verdict::Pass } else { Verdict::Refuse };
+        let watch_server =
+            |data: &[u8]| if track.server_bytes(data).is_ok() { Verdict::Pass } else { Verdict::Refuse };
         match back.poll_copy(cx, &mut **server, &mut **client, watch_server) {
             Poll::Ready(_) => Poll::Ready(false),
             Poll::Pending => Poll::Pending,
@@ -367,5 +532,165 @@ mod tests {
         let text = metrics.render();
         assert!(text.contains("gprxy_pool_in_use{database=\"app\",account=\"app\"} 0\n"), "{text}");
         assert!(!text.contains("such"), "{text}");
+    }
+
+    fn q(sql: &str) -> BytesMut {
+        let mut body = sql.as_bytes().to_vec();
+        body.push(0);
+        proto::frame(b'Q', &body)
+    }
+
+    fn msgs(list: &[(u8, &[u8])]) -> Vec<u8> {
+        list.iter().flat_map(|(tag, body)| proto::frame(*tag, body).to_vec()).collect()
+    }
+
+    /// Feeds `client` then `server` to a tracker, whole and one byte at a time; both must agree.
+    /// Returns whether a Terminate was found and whether the connection is clean.
+    fn track(steps: &[(&[u8], &[u8])]) -> (bool, bool) {
+        let run = |chunk: usize| {
+            let mut t = Tracker::default();
+            let mut terminated = false;
+            for (client, server) in steps {
+                for c in client.chunks(chunk.max(1)) {
+                    if t.client_bytes(c).unwrap().is_some() {
+                        terminated = true;
+                        break;
+                    }
+                }
+                for c in server.chunks(chunk.max(1)) {
+                    t.server_bytes(c).unwrap();
+                }
+            }
+            (terminated, t.clean())
+        };
+        let whole = run(usize::MAX);
+        assert_eq!(run(1), whole, "one byte at a time");
+        assert_eq!(run(3), whole, "three bytes at a time");
+        whole
+    }
+
+    const X: &[u8] = b"X\0\0\0\x04";
+
+    #[test]
+    fn answered_requests_leave_the_connection_clean() {
+        let answer = msgs(&[(b'T', b"row description"), (b'D', b"row"), (b'C', b"SELECT 1\0"), (b'Z', b"I")]);
+        assert_eq!(track(&[(&q("SELECT 1"), &answer), (X, b"")]), (true, true));
+        // Extended protocol: Parse, Bind, Execute, Sync; then its answers.
+        let ext = msgs(&[
+            (b'P', b"\0SELECT 1\0\0\0"),
+            (b'B', b"\0\0\0\0\0\0\0\0"),
+            (b'E', b"\0\0\0\0\0"),
+            (b'S', b""),
+        ]);
+        let ext_answer =
+            msgs(&[(b'1', b""), (b'2', b""), (b'D', b"row"), (b'C', b"SELECT 1\0"), (b'Z', b"I")]);
+        assert_eq!(track(&[(&ext, &ext_answer), (X, b"")]), (true, true));
+        // A COPY that ended: data, done, then the answer.
+        let copy_in = msgs(&[(b'G', b"\0\0\0")]);
+        let data = msgs(&[(b'd', b"1\n"), (b'c', b"")]);
+        let done = msgs(&[(b'C', b"COPY 1\0"), (b'Z', b"I")]);
+        assert_eq!(track(&[(&q("COPY t FROM STDIN"), &copy_in), (&data, &done), (X, b"")]), (true, true));
+        // A client that just closes between answered requests.
+        assert_eq!(track(&[(&q("SELECT 1"), &answer)]), (false, true));
+    }
+
+    #[test]
+    fn a_burst_before_terminate_is_in_doubt() {
+        // The issue's attack: two empty queries, a slow one and BEGIN, then Terminate at once.
+        let mut burst = q("").to_vec();
+        burst.extend_from_slice(&q(""));
+        burst.extend_from_slice(&q("SELECT pg_sleep(2)"));
+        burst.extend_from_slice(&q("BEGIN"));
+        burst.extend_from_slice(X);
+        assert_eq!(track(&[(&burst, b"")]), (true, false));
+        // Even after the two empty queries were answered, two are not.
+        let empty = msgs(&[(b'I', b""), (b'Z', b"I"), (b'I', b""), (b'Z', b"I")]);
+        assert_eq!(track(&[(&burst, &empty)]), (true, false));
+        // All four answered, but BEGIN left a transaction open.
+        let rest =
+            msgs(&[(b'D', b"r"), (b'C', b"SELECT 1\0"), (b'Z', b"I"), (b'C', b"BEGIN\0"), (b'Z', b"T")]);
+        let mut all = empty.clone();
+        all.extend_from_slice(&rest);
+        assert_eq!(track(&[(&burst, &all)]), (true, false));
+        // And the ROLLBACK that ends it, answered: clean again.
+        let rollback = msgs(&[(b'C', b"ROLLBACK\0"), (b'Z', b"I")]);
+        let mut no_x = burst[..burst.len() - X.len()].to_vec();
+        no_x.extend_from_slice(&q("ROLLBACK"));
+        all.extend_from_slice(&rollback);
+        assert_eq!(track(&[(&no_x, &all), (X, b"")]), (true, true));
+    }
+
+    #[test]
+    fn copy_unsynced_batches_and_unrequested_answers_are_in_doubt() {
+        // COPY FROM STDIN left open: the server waits for data.
+        let copy_in = msgs(&[(b'G', b"\0\0\0")]);
+        assert_eq!(track(&[(&q("COPY t FROM STDIN"), &copy_in), (X, b"")]), (true, false));
+        // Data sent but no CopyDone yet.
+        let data = msgs(&[(b'd', b"1\n")]);
+        assert_eq!(track(&[(&q("COPY t FROM STDIN"), &copy_in), (&data, b""), (X, b"")]), (true, false));
+        // Extended-protocol messages with no Sync after them (Flush only).
+        let ext = msgs(&[
+            (b'P', b"\0BEGIN\0\0\0"),
+            (b'B', b"\0\0\0\0\0\0\0\0"),
+            (b'E', b"\0\0\0\0\0"),
+            (b'H', b""),
+        ]);
+        let answers = msgs(&[(b'1', b""), (b'2', b""), (b'C', b"BEGIN\0")]);
+        assert_eq!(track(&[(&ext, &answers), (X, b"")]), (true, false));
+        // A ReadyForQuery nobody asked for.
+        assert_eq!(track(&[(b"", &msgs(&[(b'Z', b"I")])), (X, b"")]), (true, false));
+        // A message type no client sends in a session.
+        assert_eq!(track(&[(&msgs(&[(b'p', b"secret\0")]), b""), (X, b"")]), (true, false));
+        // Cut in the middle of a message.
+        let half = q("SELECT 1");
+        assert_eq!(track(&[(&half[..6], b"")]), (false, false));
+    }
+
+    fn reset_answers(check: &mut ResetCheck, list: &[(u8, &[u8])]) -> Option<bool> {
+        list.iter().find_map(|(tag, body)| check.step(*tag, body))
+    }
+
+    #[test]
+    fn a_reset_ends_only_at_its_own_marker() {
+        let m = "gprxy-reset-0123";
+        let row = marker_row(m);
+        let good: [(u8, &[u8]); 9] = [
+            (b'S', b"application_name\0gprxy\0"),
+            (b'C', b"DISCARD ALL\0"),
+            (b'Z', b"I"),
+            (b'T', b"desc"),
+            (b'D', b"\0\x01\0\0\0\0"),
+            (b'C', b"SELECT 1\0"),
+            (b'Z', b"I"),
+            (b'D', &row),
+            (b'Z', b"I"),
+        ];
+        assert_eq!(reset_answers(&mut ResetCheck::new(m, 3), &good), Some(true));
+        // An earlier request's answer first: the counted ReadyForQuery comes without the marker.
+        let mut late = vec![(b'C', &b"BEGIN\0"[..]), (b'Z', &b"I"[..])];
+        late.extend_from_slice(&good);
+        assert_eq!(reset_answers(&mut ResetCheck::new(m, 3), &late), Some(false));
+        // A marker that is not where the last statement answers.
+        let early: [(u8, &[u8]); 3] = [(b'D', &row), (b'C', b"SELECT 1\0"), (b'Z', b"I")];
+        assert_eq!(reset_answers(&mut ResetCheck::new(m, 3), &early), Some(false));
+        // Another marker.
+        let other = marker_row("gprxy-reset-9999");
+        let wrong: [(u8, &[u8]); 6] = [
+            (b'C', b"DISCARD ALL\0"),
+            (b'Z', b"I"),
+            (b'C', b"x\0"),
+            (b'Z', b"I"),
+            (b'D', &other),
+            (b'Z', b"I"),
+        ];
+        assert_eq!(reset_answers(&mut ResetCheck::new(m, 3), &wrong), Some(false));
+        // Not idle, an error, COPY.
+        assert_eq!(reset_answers(&mut ResetCheck::new(m, 2), &[(b'Z', b"T")]), Some(false));
+        assert_eq!(reset_answers(&mut ResetCheck::new(m, 2), &[(b'E', b"SERROR\0\0")]), Some(false));
+        assert_eq!(reset_answers(&mut ResetCheck::new(m, 2), &[(b'G', b"\0\0\0")]), Some(false));
+        // Unfinished: more to read.
+        assert_eq!(reset_answers(&mut ResetCheck::new(m, 2), &good[..3]), None);
+        assert_eq!(random_marker("p-").unwrap().len(), 2 + 32);
+        assert_ne!(random_marker("p-"), random_marker("p-"));
     }
 }

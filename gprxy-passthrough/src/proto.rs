@@ -538,6 +538,16 @@ impl Framer {
     /// Walks `data`. Returns the offset at which a Terminate (`X`) message starts, if one does;
     /// bytes from there on must not be forwarded.
     pub fn feed(&mut self, data: &[u8]) -> Result<Option<usize>, ProtoError> {
+        self.feed_each(data, |_| {})
+    }
+
+    /// [`Self::feed`], calling `on_message` with the tag of each message whose header is
+    /// complete (a Terminate's excepted).
+    pub fn feed_each(
+        &mut self,
+        data: &[u8],
+        mut on_message: impl FnMut(u8),
+    ) -> Result<Option<usize>, ProtoError> {
         let mut i = 0;
         while i < data.len() {
             if self.remaining > 0 {
@@ -561,6 +571,7 @@ impl Framer {
                     u32::from_be_bytes([self.header[1], self.header[2], self.header[3], self.header[4]]);
                 let body = u64::from(len).checked_sub(4).ok_or(ProtoError::BadLength(len))?;
                 self.tag = self.header[0];
+                on_message(self.tag);
                 self.remaining = body;
                 self.first_body_byte = true;
                 self.have = 0;

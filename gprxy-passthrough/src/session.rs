@@ -144,10 +144,8 @@ pub async fn handle(shared: Arc<Shared>, sock: TcpStream, peer: SocketAddr) {
                             p.signer,
                             p.created,
                         );
-                        let rt = shared.fallback.read().clone();
-                        if let Some(rt) = rt {
-                            Box::pin(rt.pools.give_back(p.lease, conn, clean)).await;
-                        }
+                        // Back to the pool it came from, even if a reload replaced the pools.
+                        Box::pin(p.lease.give_back(conn, clean)).await;
                     }
                 }
             }

@@ -71,6 +71,9 @@ impl Write for Transport {
     }
 }
 
+/// A row as text (None: NULL).
+pub type Row = Vec<Option<String>>;
+
 /// An open session.
 pub struct PgConn {
     stream: Transport,
@@ -277,6 +280,32 @@ impl PgConn {
     /// The first column of the first row.
     pub fn scalar(&mut self, sql: &str) -> Result<Option<String>, PgError> {
         Ok(self.query(sql)?.into_iter().next().and_then(|r| r.into_iter().next()).flatten())
+    }
+
+    /// Writes `bytes` as they are, in one write (a burst of messages).
+    pub fn send_raw(&mut self, bytes: &[u8]) -> Result<(), PgError> {
+        self.send(bytes)?;
+        self.stream.flush().map_err(io_err)
+    }
+
+    /// Reads until a DataRow whose first column is `marker`, whatever comes before it (other
+    /// answers, errors, ReadyForQuery). Returns the rows before it and that row, as text.
+    pub fn rows_until(&mut self, marker: &str) -> Result<(Vec<Row>, Row), PgError> {
+        let mut before = Vec::new();
+        loop {
+            if let Message::DataRow(row) = self.next_message()? {
+                let buf = row.buffer();
+                let vals: Row = row
+                    .ranges()
+                    .map(|r| Ok(r.map(|r| String::from_utf8_lossy(&buf[r]).into_owned())))
+                    .collect()
+                    .map_err(io_err)?;
+                if vals.first().and_then(Option::as_deref) == Some(marker) {
+                    return Ok((before, vals));
+                }
+                before.push(vals);
+            }
+        }
     }
 
     /// Sends Terminate and closes.

@@ -716,3 +716,114 @@ fn sighup_to_another_jwks_uri_drops_the_old_keys() {
     assert_eq!(w.psql("alice", &new, "require", "SELECT current_user").unwrap(), "app_writer");
     assert_eq!(moved.jwks_requests(), 1);
 }
+
+/// Alice (after `setup`) sends `burst` as simple queries and Terminate in one write, and closes;
+/// at once bob (another tenant) logs in on the same pool of one and sends
+/// `ROLLBACK; SELECT 'bob-probe', pg_backend_pid(), gprxy.subject(), current_setting('app.user_id', true), <extra>`.
+/// Returns alice's server process id, the rows bob received before his probe's, and the probe's.
+fn bob_after_alices_burst(
+    w: &World,
+    setup: &str,
+    burst: &[&str],
+    extra: &str,
+) -> (String, Vec<gprxy_tests::pgwire::Row>, gprxy_tests::pgwire::Row) {
+    use postgres_protocol::message::frontend;
+    let a = w.token("alice", json!(["writer"]), 300);
+    let b = w.token_for("bob", "22222222-2222-2222-2222-222222222222", json!(["writer"]), 300);
+    let mut alice =
+        connect_tls(w.proxy.addr(), "alice", "postgres", Auth::Password(&a), &w.certs.ca).unwrap();
+    let alice_pid = alice.scalar("SELECT pg_backend_pid()").unwrap().unwrap();
+    if !setup.is_empty() {
+        alice.query(setup).unwrap();
+    }
+    let mut out = bytes::BytesMut::new();
+    for q in burst {
+        frontend::query(q, &mut out).unwrap();
+    }
+    frontend::terminate(&mut out);
+    alice.send_raw(&out).unwrap();
+    drop(alice);
+    let mut bob =
+        connect_tls(w.proxy.addr(), "bob", "postgres", Auth::Password(&b), &w.certs.ca).expect("bob logs in");
+    let mut probe = bytes::BytesMut::new();
+    frontend::query(
+        &format!("ROLLBACK; SELECT 'bob-probe', pg_backend_pid()::text, gprxy.subject(), current_setting('app.user_id', true), {extra}"),
+        &mut probe,
+    )
+    .unwrap();
+    bob.send_raw(&probe).unwrap();
+    let (before, row) = bob.rows_until("bob-probe").expect("bob's probe is answered");
+    (alice_pid, before, row)
+}
+
+#[test]
+fn a_burst_before_terminate_cannot_skip_the_pool_reset() {
+    let w = start_with("[fallback.pool]\ndefault_size = 1");
+    let burst = ["", "", "SELECT pg_sleep(2)", "BEGIN"];
+    let (alice_pid, before, row) = bob_after_alices_burst(&w, "", &burst, "'x'");
+    assert_eq!(before, Vec::<gprxy_tests::pgwire::Row>::new(), "bob received answers he did not ask for");
+    assert_eq!(row[2].as_deref(), Some("bob"), "gprxy.subject() in bob's session: {row:?}");
+    assert_eq!(row[3].as_deref(), Some("bob"), "app.user_id in bob's session: {row:?}");
+    // Alice's connection had unanswered requests when she left: closed, not reused.
+    assert_ne!(row[1].as_deref(), Some(alice_pid.as_str()), "alice's server connection was reused");
+}
+
+#[test]
+fn a_copy_left_open_cannot_keep_a_temp_table_for_the_next_user() {
+    let w = start_with("[fallback.pool]\ndefault_size = 1");
+    for f in ["02_schema.sql", "03_rls_gprxy_claims.sql", "04_demo_data.sql"] {
+        apply_sql_file(&w._pg, "postgres", f);
+    }
+    // A temp table named like the real one would shadow it for whoever gets the session next,
+    // if the COPY swallowed the reset's DISCARD ALL. (PostgreSQL 15.20 instead ends the
+    // connection: "protocol synchronization was lost", so bob's session died before the fix.)
+    let plant = "CREATE TEMP TABLE posts (title text); INSERT INTO posts VALUES ('planted by alice')";
+    let burst = ["", "", "SELECT pg_sleep(2)", "COPY posts FROM STDIN"];
+    let titles = "(SELECT string_agg(title, ',' ORDER BY title) FROM posts)";
+    let (alice_pid, before, row) = bob_after_alices_burst(&w, plant, &burst, titles);
+    assert_eq!(before, Vec::<gprxy_tests::pgwire::Row>::new(), "bob received answers he did not ask for");
+    assert_eq!(
+        row[2..].to_vec(),
+        [Some("bob".into()), Some("bob".into()), Some("bob private,globex public".into())]
+    );
+    assert_ne!(row[1].as_deref(), Some(alice_pid.as_str()), "alice's server connection was reused");
+}
+
+#[test]
+fn sighup_returns_a_running_sessions_connection_to_its_own_pool() {
+    use std::time::{Duration, Instant};
+    // At debug1 the server logs a connection that ends without Terminate.
+    let w = start_full("", &["log_min_messages = debug1"]);
+    let t = w.token("alice", json!(["writer"]), 300);
+    let idle = "gprxy_pool_idle{database=\"postgres\",account=\"app_writer\"}";
+    let in_use = "gprxy_pool_in_use{database=\"postgres\",account=\"app_writer\"}";
+    let writers = "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app_writer'";
+    let wait_for = |n: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while w._pg.sql(writers) != n && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(w._pg.sql(writers), n, "server connections of app_writer");
+    };
+    let mut running =
+        connect_tls(w.proxy.addr(), "alice", "postgres", Auth::Password(&t), &w.certs.ca).unwrap();
+    assert_eq!(w.psql("alice", &t, "require", "SELECT current_user").unwrap(), "app_writer");
+    wait_for("2");
+    assert_eq!((w.proxy.metric(idle), w.proxy.metric(in_use)), (1.0, 1.0));
+
+    w.proxy.signal("HUP");
+    w.proxy.wait_events("reload", 1);
+    wait_for("1");
+    assert_eq!(w.proxy.metric(idle), 0.0, "the old pool's idle connection was closed");
+    assert_eq!(running.scalar("SELECT gprxy.subject()").unwrap().as_deref(), Some("alice"));
+    running.close();
+    wait_for("0");
+    std::thread::sleep(Duration::from_millis(200));
+    // The old pool retired the connection: it is not counted idle anywhere.
+    assert_eq!((w.proxy.metric(idle), w.proxy.metric(in_use)), (0.0, 0.0));
+    let log = w._pg.log();
+    assert!(
+        !log.contains("unexpected EOF on client connection"),
+        "a server connection was dropped without Terminate:\n{log}"
+    );
+}
