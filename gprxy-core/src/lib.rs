@@ -19,6 +19,7 @@ pub mod jose;
 pub mod jwk;
 pub mod jwks;
 pub mod policy;
+pub mod required;
 #[cfg(feature = "testkit")]
 #[allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 pub mod testkit;
@@ -32,4 +33,5 @@ pub use jwks::{
     issuer_metadata, unix_time, CacheSettings, Clock, JwksCache, JwksSource, Snapshot, SystemClock,
 };
 pub use policy::{parse_algorithms, Algorithm, IdentityForm, Policy, PolicyBuilder, MAX_TOKEN_BYTES};
+pub use required::{Constraint, RequiredClaim, RequiredClaims};
 pub use validate::{ValidatedToken, Validator};
