@@ -4,6 +4,10 @@
 use std::ffi::{c_char, c_int, CStr, CString};
 
 #[cfg(feature = "pg18")]
+mod role;
+#[cfg(feature = "pg18")]
+pub use role::role_powers;
+#[cfg(feature = "pg18")]
 mod validator;
 #[cfg(feature = "pg18")]
 pub use validator::*;
