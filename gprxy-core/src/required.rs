@@ -376,7 +376,10 @@ mod tests {
         assert_eq!(err("a in prod"), "expected '(' at \"prod\"");
         assert_eq!(err("a in ()"), "expected a value at \")\"");
         assert_eq!(err("a in (x"), "claim \"a\": expected | or ) at the end");
-        assert_eq!(err("a in (x|true)"), "claim \"a\": a list holds strings; write \"true\" in quotes for the string");
+        assert_eq!(
+            err("a in (x|true)"),
+            "claim \"a\": a list holds strings; write \"true\" in quotes for the string"
+        );
         assert_eq!(
             err("a = false"),
             "claim \"a\": only true can be required of a boolean (write \"false\" for the string)"
@@ -413,7 +416,10 @@ mod tests {
             "required claim \"repository_owner\" must equal \"acme\" (token: missing)"
         );
         let n = RequiredClaims::parse("id = 42").unwrap();
-        assert_eq!(refusal(&n, json!({"id": 42})), "required claim \"id\" must equal \"42\" (token: a number)");
+        assert_eq!(
+            refusal(&n, json!({"id": 42})),
+            "required claim \"id\" must equal \"42\" (token: a number)"
+        );
     }
 
     #[test]

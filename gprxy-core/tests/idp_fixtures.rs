@@ -167,7 +167,10 @@ fn github_actions_oidc_token() {
     evil["sub"] = json!("repo:evil/x:environment:prod");
     let keys = KeySet::from_json(jwks(&[&k]).to_string().as_bytes()).unwrap();
     let e = Validator::new(p.build().unwrap()).validate(&k.token(header, &evil), &keys, now()).unwrap_err();
-    assert_eq!(e.to_string(), "required claim \"repository_owner\" must equal \"octo-org\" (token: \"evil\")");
+    assert_eq!(
+        e.to_string(),
+        "required claim \"repository_owner\" must equal \"octo-org\" (token: \"evil\")"
+    );
 }
 
 #[test]
@@ -193,7 +196,11 @@ fn google_id_token_with_email_identity() {
     let keys = KeySet::from_json(jwks(&[&k]).to_string().as_bytes()).unwrap();
     for (claim, value, refusal) in [
         ("email_verified", json!("true"), "required claim \"email_verified\" must be true (token: \"true\")"),
-        ("hd", json!("gmail.com"), "required claim \"hd\" must equal \"acme.example\" (token: \"gmail.com\")"),
+        (
+            "hd",
+            json!("gmail.com"),
+            "required claim \"hd\" must equal \"acme.example\" (token: \"gmail.com\")",
+        ),
     ] {
         let mut c = claims.clone();
         c[claim] = value;

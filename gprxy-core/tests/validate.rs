@@ -520,10 +520,12 @@ fn codes_are_stable() {
 #[test]
 fn required_claims_refuse_a_token_from_another_repository() {
     let required =
-        gprxy_core::RequiredClaims::parse("repository in (acme/app | acme/infra), environment = prod").unwrap();
+        gprxy_core::RequiredClaims::parse("repository in (acme/app | acme/infra), environment = prod")
+            .unwrap();
     let p = || policy().required_claims(required.clone());
     let k = &keys().rsa;
-    let evil = k.token(at(), &with(with(claims(), "repository", json!("evil/x")), "environment", json!("prod")));
+    let evil =
+        k.token(at(), &with(with(claims(), "repository", json!("evil/x")), "environment", json!("prod")));
     assert_eq!(
         check_with(p(), &evil).unwrap_err(),
         ValidationError::RequiredClaim {
@@ -538,9 +540,11 @@ fn required_claims_refuse_a_token_from_another_repository() {
     );
     // Without the constraint the same token is accepted: that is the hole it closes.
     assert!(check(&evil).is_ok());
-    let good = k.token(at(), &with(with(claims(), "repository", json!("acme/app")), "environment", json!("prod")));
+    let good =
+        k.token(at(), &with(with(claims(), "repository", json!("acme/app")), "environment", json!("prod")));
     assert_eq!(check_with(p(), &good).unwrap().identity, "alice");
-    let dev = k.token(at(), &with(with(claims(), "repository", json!("acme/app")), "environment", json!("dev")));
+    let dev =
+        k.token(at(), &with(with(claims(), "repository", json!("acme/app")), "environment", json!("dev")));
     assert_eq!(
         check_with(p(), &dev).unwrap_err().to_string(),
         "required claim \"environment\" must equal \"prod\" (token: \"dev\")"

@@ -698,10 +698,22 @@ mod tests {
             err("email_verified = false\n"),
             "fallback.required_claims.email_verified: only true can be required of a boolean (write \"false\" for the string)"
         );
-        assert_eq!(err("id = 5\n"), "fallback.required_claims.id: must be a string, a list of strings, or true");
-        assert_eq!(err("env = [\"prod\", true]\n"), "fallback.required_claims.env: a list holds strings only");
-        assert_eq!(err("env = []\n"), "fallback.required_claims.env: claim \"env\": the list of allowed values is empty");
-        assert_eq!(err("owner = \"\"\n"), "fallback.required_claims.owner: claim \"owner\": the required value is empty");
+        assert_eq!(
+            err("id = 5\n"),
+            "fallback.required_claims.id: must be a string, a list of strings, or true"
+        );
+        assert_eq!(
+            err("env = [\"prod\", true]\n"),
+            "fallback.required_claims.env: a list holds strings only"
+        );
+        assert_eq!(
+            err("env = []\n"),
+            "fallback.required_claims.env: claim \"env\": the list of allowed values is empty"
+        );
+        assert_eq!(
+            err("owner = \"\"\n"),
+            "fallback.required_claims.owner: claim \"owner\": the required value is empty"
+        );
         assert_eq!(
             err("kubernetes.io = \"x\"\n"),
             "fallback.required_claims.kubernetes: must be a string, a list of strings, or true (a dotted claim name is quoted: \"a.b\" = \"value\")"

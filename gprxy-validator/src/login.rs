@@ -91,10 +91,11 @@ fn privileged_role(role: &str, powers: Option<RolePowers>) -> Option<String> {
     let Some(p) = powers else {
         return Some(format!("role {role:?} was not found in pg_authid"));
     };
-    let what: Vec<&str> = [(p.superuser, "SUPERUSER"), (p.replication, "REPLICATION"), (p.bypass_rls, "BYPASSRLS")]
-        .into_iter()
-        .filter_map(|(on, name)| on.then_some(name))
-        .collect();
+    let what: Vec<&str> =
+        [(p.superuser, "SUPERUSER"), (p.replication, "REPLICATION"), (p.bypass_rls, "BYPASSRLS")]
+            .into_iter()
+            .filter_map(|(on, name)| on.then_some(name))
+            .collect();
     (!what.is_empty()).then(|| {
         format!("role {role:?} has {}: delegated mode never maps a token to such a role", what.join(", "))
     })

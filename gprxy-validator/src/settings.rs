@@ -261,7 +261,10 @@ mod tests {
         assert!(check_url("https://idp/jwks").is_ok());
         assert!(check_url("ftp://idp/jwks").is_err());
         assert!(check_file("/nonexistent/ca.pem").is_err());
-        assert!(check_required_claims("repository_owner = acme, email_verified = true, env in (prod|staging)").is_ok());
+        assert!(check_required_claims(
+            "repository_owner = acme, email_verified = true, env in (prod|staging)"
+        )
+        .is_ok());
         assert_eq!(check_required_claims("email_verified = false").unwrap_err(), "claim \"email_verified\": only true can be required of a boolean (write \"false\" for the string)");
     }
 }

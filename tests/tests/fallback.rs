@@ -581,8 +581,13 @@ fn required_claims_refuse_a_token_from_another_repository() {
         "{e}"
     );
     assert_eq!(
-        w.psql("alice", &token("acme/app", "staging"), "require", "SELECT current_user, gprxy.claim('repository')")
-            .unwrap(),
+        w.psql(
+            "alice",
+            &token("acme/app", "staging"),
+            "require",
+            "SELECT current_user, gprxy.claim('repository')"
+        )
+        .unwrap(),
         "app_writer|acme/app"
     );
     let events = w.proxy.wait_events("login", 3);

@@ -355,13 +355,17 @@ fn required_claims_refuse_a_token_from_another_repository() {
     );
     s.refused("alice", &token("acme/app", "dev"), "required_claim");
     assert!(
-        s.last_audit().contains(r#"detail="required claim \"environment\" must equal \"prod\" (token: \"dev\")""#),
+        s.last_audit()
+            .contains(r#"detail="required claim \"environment\" must equal \"prod\" (token: \"dev\")""#),
         "{}",
         s.last_audit()
     );
     s.refused("alice", &s.token(s.idp.claims("alice", AUD)), "required_claim");
     assert!(s.last_audit().contains("(token: missing)"), "{}", s.last_audit());
-    assert_eq!(s.login("alice", &token("acme/infra", "prod"), "SELECT gprxy.claim('repository')").unwrap(), "acme/infra");
+    assert_eq!(
+        s.login("alice", &token("acme/infra", "prod"), "SELECT gprxy.claim('repository')").unwrap(),
+        "acme/infra"
+    );
 
     // A bad value is refused with the setting named, and the old constraints stay.
     let err = s.pg.try_sql("ALTER SYSTEM SET gprxy.required_claims = 'email_verified = false'").unwrap_err();
@@ -394,7 +398,10 @@ fn delegated_mode_never_maps_a_token_to_a_superuser_or_privileged_role() {
     s.refused("replicator", &t, "role_privileged");
     assert!(s.last_audit().contains(r#"role \"replicator\" has REPLICATION:"#), "{}", s.last_audit());
     // The same token still reaches an ordinary role it names.
-    assert_eq!(s.login("app_writer", &t, "SELECT current_user, system_user").unwrap(), "app_writer|oauth:alice");
+    assert_eq!(
+        s.login("app_writer", &t, "SELECT current_user, system_user").unwrap(),
+        "app_writer|oauth:alice"
+    );
     // Made a superuser later: refused from the next login on.
     s.pg.sql("ALTER ROLE app_writer SUPERUSER");
     s.refused("app_writer", &t, "role_privileged");
