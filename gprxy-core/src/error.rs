@@ -130,6 +130,16 @@ pub enum ValidationError {
     /// The identity claim is missing, empty or not a string.
     #[error("identity claim {0} missing or not a non-empty string")]
     IdentityMissing(Quoted),
+    /// A required claim is missing or does not meet its constraint (see [`crate::required`]).
+    #[error("required claim {claim} {constraint} (token: {found})")]
+    RequiredClaim {
+        /// The claim's name or path.
+        claim: Quoted,
+        /// What it must be (`must equal "acme"`).
+        constraint: String,
+        /// What the token has (`missing`, `"evil"`, `a number`).
+        found: String,
+    },
     /// Keys could not be had from the issuer.
     #[error("signing keys unavailable: {0}")]
     Keys(#[from] KeyError),
@@ -167,6 +177,7 @@ impl ValidationError {
             Self::ScopeMissing(_) => "scope_missing",
             Self::TypeNotAccepted(_) => "typ_not_accepted",
             Self::IdentityMissing(_) => "identity_missing",
+            Self::RequiredClaim { .. } => "required_claim",
             Self::Keys(_) => "keys_unavailable",
         }
     }

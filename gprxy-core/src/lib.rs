@@ -20,6 +20,7 @@ pub mod jwk;
 pub mod jwks;
 pub mod policy;
 pub mod prepare;
+pub mod required;
 #[cfg(feature = "testkit")]
 #[allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 pub mod testkit;
@@ -35,4 +36,5 @@ pub use jwks::{
 };
 pub use policy::{parse_algorithms, Algorithm, IdentityForm, Policy, PolicyBuilder, MAX_TOKEN_BYTES};
 pub use prepare::prepare_process;
+pub use required::{Constraint, RequiredClaim, RequiredClaims};
 pub use validate::{ValidatedToken, Validator};

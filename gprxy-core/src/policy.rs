@@ -8,6 +8,7 @@ use std::str::FromStr;
 
 use crate::claims::ClaimPath;
 use crate::error::ConfigError;
+use crate::required::RequiredClaims;
 
 /// Signature algorithms gprxy can verify. HMAC is deliberately absent: an access-token validator
 /// that shares a secret with the issuer can mint tokens, and `HS256` with a public key as the
@@ -129,6 +130,7 @@ pub struct Policy {
     pub(crate) identity_claim: ClaimPath,
     pub(crate) identity_form: IdentityForm,
     pub(crate) role_claim: Option<ClaimPath>,
+    pub(crate) required_claims: RequiredClaims,
 }
 
 impl Policy {
@@ -146,6 +148,7 @@ impl Policy {
             identity_claim: "sub".to_owned(),
             identity_form: IdentityForm::Plain,
             role_claim: None,
+            required_claims: RequiredClaims::default(),
         }
     }
 
@@ -157,6 +160,11 @@ impl Policy {
     /// The allowed algorithms.
     pub fn algorithms(&self) -> &[Algorithm] {
         &self.algorithms
+    }
+
+    /// Claims every token must carry with the required values.
+    pub fn required_claims(&self) -> &RequiredClaims {
+        &self.required_claims
     }
 
     /// Whether audience checking is switched off (tests only).
@@ -182,6 +190,7 @@ pub struct PolicyBuilder {
     identity_claim: String,
     identity_form: IdentityForm,
     role_claim: Option<String>,
+    required_claims: RequiredClaims,
 }
 
 impl PolicyBuilder {
@@ -255,6 +264,12 @@ impl PolicyBuilder {
         self
     }
 
+    /// Claims every token must carry with the required values (none by default).
+    pub fn required_claims(mut self, required: RequiredClaims) -> Self {
+        self.required_claims = required;
+        self
+    }
+
     /// Checks the settings and returns the policy.
     pub fn build(self) -> Result<Policy, ConfigError> {
         if self.issuer.is_empty() {
@@ -309,6 +324,7 @@ impl PolicyBuilder {
             identity_claim,
             identity_form: self.identity_form,
             role_claim,
+            required_claims: self.required_claims,
         })
     }
 }

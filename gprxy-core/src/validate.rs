@@ -140,6 +140,7 @@ impl Validator {
         if let Some(missing) = p.required_scopes.iter().find(|r| !scopes.contains(r)) {
             return Err(ValidationError::ScopeMissing(Quoted::new(missing)));
         }
+        p.required_claims.check(&claims)?;
 
         let value = match p.identity_claim.lookup(&claims) {
             Some(Value::String(s)) if !s.is_empty() => s.clone(),

@@ -153,10 +153,24 @@ fn github_actions_oidc_token() {
         .audiences(["https://github.com/octo-org"])
         .accept_generic_typ(true)
         .identity_form(gprxy_core::IdentityForm::IssuerQualified)
-        .role_claim(Some("environment".into()));
-    let v = run(&k, json!({"typ": "JWT", "x5t": "example-thumbprint"}), claims, p);
+        .role_claim(Some("environment".into()))
+        // GitHub's issuer serves every repository: the owner must be pinned.
+        .required_claims(gprxy_core::RequiredClaims::parse("repository_owner = octo-org").unwrap());
+    let header = json!({"typ": "JWT", "x5t": "example-thumbprint"});
+    let v = run(&k, header.clone(), claims.clone(), p.clone());
     assert_eq!(v.identity, format!("{iss}#repo:octo-org/octo-repo:environment:prod"));
     assert_eq!(v.roles, vec!["prod"]);
+    // Another owner's workflow with an environment named prod and our audience.
+    let mut evil = claims;
+    evil["repository"] = json!("evil/x");
+    evil["repository_owner"] = json!("evil");
+    evil["sub"] = json!("repo:evil/x:environment:prod");
+    let keys = KeySet::from_json(jwks(&[&k]).to_string().as_bytes()).unwrap();
+    let e = Validator::new(p.build().unwrap()).validate(&k.token(header, &evil), &keys, now()).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "required claim \"repository_owner\" must equal \"octo-org\" (token: \"evil\")"
+    );
 }
 
 #[test]
@@ -171,8 +185,30 @@ fn google_id_token_with_email_identity() {
         "hd": "acme.example", "email": "alice@acme.example", "email_verified": true,
         "iat": iat, "exp": exp
     });
-    let p = Policy::builder(iss).audiences([client]).accept_generic_typ(true).identity_claim("email");
-    let v = run(&k, json!({"typ": "JWT"}), claims, p);
+    // An e-mail identity needs a verified address, and Google's accounts need the domain pinned.
+    let required = gprxy_core::RequiredClaims::parse("email_verified = true, hd = acme.example").unwrap();
+    let p = Policy::builder(iss)
+        .audiences([client])
+        .accept_generic_typ(true)
+        .identity_claim("email")
+        .required_claims(required);
+    let v = run(&k, json!({"typ": "JWT"}), claims.clone(), p.clone());
+    let keys = KeySet::from_json(jwks(&[&k]).to_string().as_bytes()).unwrap();
+    for (claim, value, refusal) in [
+        ("email_verified", json!("true"), "required claim \"email_verified\" must be true (token: \"true\")"),
+        (
+            "hd",
+            json!("gmail.com"),
+            "required claim \"hd\" must equal \"acme.example\" (token: \"gmail.com\")",
+        ),
+    ] {
+        let mut c = claims.clone();
+        c[claim] = value;
+        let e = Validator::new(p.clone().build().unwrap())
+            .validate(&k.token(json!({"typ": "JWT"}), &c), &keys, now())
+            .unwrap_err();
+        assert_eq!(e.to_string(), refusal);
+    }
     assert_eq!(v.identity, "alice@acme.example");
     assert_eq!(v.subject.as_deref(), Some("110169484474386276334"));
     assert!(v.roles.is_empty());

@@ -516,3 +516,41 @@ fn codes_are_stable() {
     assert_eq!(ValidationError::Expired { exp: 0, now: 0, leeway: 0 }.code(), "expired");
     assert_eq!(ValidationError::Malformed(Malformed::Padding).code(), "malformed");
 }
+
+#[test]
+fn required_claims_refuse_a_token_from_another_repository() {
+    let required =
+        gprxy_core::RequiredClaims::parse("repository in (acme/app | acme/infra), environment = prod")
+            .unwrap();
+    let p = || policy().required_claims(required.clone());
+    let k = &keys().rsa;
+    let evil =
+        k.token(at(), &with(with(claims(), "repository", json!("evil/x")), "environment", json!("prod")));
+    assert_eq!(
+        check_with(p(), &evil).unwrap_err(),
+        ValidationError::RequiredClaim {
+            claim: Quoted::new("repository"),
+            constraint: "must be one of \"acme/app\", \"acme/infra\"".into(),
+            found: "\"evil/x\"".into(),
+        }
+    );
+    assert_eq!(
+        check_with(p(), &evil).unwrap_err().to_string(),
+        "required claim \"repository\" must be one of \"acme/app\", \"acme/infra\" (token: \"evil/x\")"
+    );
+    // Without the constraint the same token is accepted: that is the hole it closes.
+    assert!(check(&evil).is_ok());
+    let good =
+        k.token(at(), &with(with(claims(), "repository", json!("acme/app")), "environment", json!("prod")));
+    assert_eq!(check_with(p(), &good).unwrap().identity, "alice");
+    let dev =
+        k.token(at(), &with(with(claims(), "repository", json!("acme/app")), "environment", json!("dev")));
+    assert_eq!(
+        check_with(p(), &dev).unwrap_err().to_string(),
+        "required claim \"environment\" must equal \"prod\" (token: \"dev\")"
+    );
+    assert_eq!(check_with(p(), &dev).unwrap_err().code(), "required_claim");
+    // Checked after the signature and the standard claims: an expired token says expired.
+    let old = k.token(at(), &with(with(claims(), "repository", json!("evil/x")), "exp", json!(now() - 600)));
+    assert_eq!(check_with(p(), &old).unwrap_err().code(), "expired");
+}

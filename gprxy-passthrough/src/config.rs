@@ -63,6 +63,43 @@ struct FileFallback {
     pool: FilePool,
     #[serde(default)]
     keys: FileKeys,
+    /// Claim = a string, a list of strings (one of them), or true.
+    #[serde(default)]
+    required_claims: std::collections::BTreeMap<String, toml::Value>,
+}
+
+/// `[fallback.required_claims]` as gprxy-core's constraints (the same as the extension's
+/// `gprxy.required_claims`).
+fn required_claims(
+    table: std::collections::BTreeMap<String, toml::Value>,
+) -> anyhow::Result<gprxy_core::RequiredClaims> {
+    use gprxy_core::{Constraint, RequiredClaim};
+    let mut list = Vec::new();
+    for (claim, value) in table {
+        let at = format!("fallback.required_claims.{claim}");
+        let constraint = match value {
+            toml::Value::String(v) => Constraint::Equals(v),
+            toml::Value::Boolean(true) => Constraint::IsTrue,
+            toml::Value::Boolean(false) => {
+                bail!("{at}: only true can be required of a boolean (write \"false\" for the string)")
+            }
+            toml::Value::Array(items) => Constraint::OneOf(
+                items
+                    .into_iter()
+                    .map(|v| match v {
+                        toml::Value::String(s) => Ok(s),
+                        _ => Err(anyhow::anyhow!("{at}: a list holds strings only")),
+                    })
+                    .collect::<anyhow::Result<_>>()?,
+            ),
+            toml::Value::Table(_) => bail!(
+                "{at}: must be a string, a list of strings, or true (a dotted claim name is quoted: \"a.b\" = \"value\")"
+            ),
+            _ => bail!("{at}: must be a string, a list of strings, or true"),
+        };
+        list.push(RequiredClaim::new(&claim, constraint).map_err(|e| anyhow::anyhow!("{at}: {e}"))?);
+    }
+    gprxy_core::RequiredClaims::new(list).map_err(|e| anyhow::anyhow!("fallback.required_claims: {e}"))
 }
 
 /// `[fallback.keys]`: the issuer's key cache (same meaning as the extension's gprxy.jwks_*).
@@ -269,11 +306,13 @@ impl std::fmt::Debug for Fallback {
 }
 
 fn check_fallback(f: FileFallback) -> anyhow::Result<Fallback> {
+    let required = required_claims(f.required_claims)?;
     let policy = gprxy_core::Policy::builder(f.issuer.clone())
         .audiences(f.audience)
         .accept_generic_typ(f.accept_jwt_typ)
         .identity_claim(f.identity_claim)
         .role_claim(Some(f.role_claim))
+        .required_claims(required)
         .build()
         .map_err(|e| anyhow::anyhow!("fallback.{}: {}", e.setting, e.reason))?;
     let source = match f.jwks_uri {
@@ -688,6 +727,57 @@ mod tests {
         std::fs::write(&key, "not a key").unwrap();
         let e = with(&line).unwrap_err().to_string();
         assert!(e.ends_with("not an Ed25519 private key in PKCS#8 PEM: no PRIVATE KEY block"), "{e}");
+    }
+
+    #[test]
+    fn required_claims_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "secret\n").unwrap();
+        let ok = format!(
+            "[[fallback.map]]\nrole = \"w\"\naccount = \"app_writer\"\n[fallback.accounts.app_writer]\npassword_file = \"{}\"\n",
+            pw.display()
+        );
+        let with = |table: &str| load(&fallback(&format!("{ok}[fallback.required_claims]\n{table}")));
+        let f = with(
+            "repository_owner = \"acme\"\nenvironment = [\"prod\", \"staging\"]\nemail_verified = true\n\"kubernetes.io.namespace\" = \"ci\"\n",
+        )
+        .unwrap()
+        .fallback
+        .unwrap();
+        assert_eq!(
+            f.policy.required_claims(),
+            &gprxy_core::RequiredClaims::parse(
+                "email_verified = true, environment in (prod | staging), kubernetes.io.namespace = ci, repository_owner = acme"
+            )
+            .unwrap()
+        );
+        let err = |table: &str| with(table).unwrap_err().to_string();
+        assert_eq!(
+            err("email_verified = false\n"),
+            "fallback.required_claims.email_verified: only true can be required of a boolean (write \"false\" for the string)"
+        );
+        assert_eq!(
+            err("id = 5\n"),
+            "fallback.required_claims.id: must be a string, a list of strings, or true"
+        );
+        assert_eq!(
+            err("env = [\"prod\", true]\n"),
+            "fallback.required_claims.env: a list holds strings only"
+        );
+        assert_eq!(
+            err("env = []\n"),
+            "fallback.required_claims.env: claim \"env\": the list of allowed values is empty"
+        );
+        assert_eq!(
+            err("owner = \"\"\n"),
+            "fallback.required_claims.owner: claim \"owner\": the required value is empty"
+        );
+        assert_eq!(
+            err("kubernetes.io = \"x\"\n"),
+            "fallback.required_claims.kubernetes: must be a string, a list of strings, or true (a dotted claim name is quoted: \"a.b\" = \"value\")"
+        );
+        assert!(load(&fallback(&ok)).unwrap().fallback.unwrap().policy.required_claims().is_empty());
     }
 
     #[test]

@@ -272,11 +272,63 @@ async fn login_upstream(
             up.flush().await?;
         }
     }
+    refuse_privileged_account(&mut up, &mut sbuf, account).await?;
     // Contexts name the server process, so that one cannot serve another connection.
     if let (Some(s), Some(k)) = (signer.as_mut(), key.as_ref()) {
         s.bind_backend(k.0);
     }
     Ok(ServerConn::new(up, startup_reply, key, signer))
+}
+
+/// Fallback mode never logs in as a superuser or a role with REPLICATION or BYPASSRLS, whatever
+/// the map says: one query on each new server connection (a pooled one was checked when made).
+/// No answer, or an error, refuses too.
+async fn refuse_privileged_account(
+    up: &mut BoxStream,
+    sbuf: &mut BytesMut,
+    account: &str,
+) -> Result<(), SessionError> {
+    const SQL: &str = "SELECT pg_catalog.concat_ws(' ', CASE WHEN rolsuper THEN 'SUPERUSER' END, \
+        CASE WHEN rolreplication THEN 'REPLICATION' END, CASE WHEN rolbypassrls THEN 'BYPASSRLS' END) \
+        FROM pg_catalog.pg_roles WHERE rolname = current_user";
+    let mut out = BytesMut::new();
+    frontend::query(SQL, &mut out).map_err(SessionError::Io)?;
+    up.write_all(&out).await?;
+    up.flush().await?;
+    let mut powers = None;
+    let mut failed = None;
+    loop {
+        let m = read_message(up, sbuf, proto::MAX_SERVER_AUTH_MESSAGE, "server message").await?;
+        match m.tag {
+            b'D' => powers = first_column(m.body()),
+            b'E' => failed = Some(proto::error_fields(&m)),
+            b'Z' => break,
+            _ => {}
+        }
+    }
+    match (failed, powers.as_deref()) {
+        (None, Some("")) => Ok(()),
+        (Some((code, msg)), _) => Err(upstream_failed(&format!("role check: {code}: {msg}"))),
+        (None, None) => Err(upstream_failed("role check: the service account is not in pg_roles")),
+        (None, Some(powers)) => {
+            tracing::warn!(account = %account, powers = %powers, "fallback: service account refused: superuser, REPLICATION or BYPASSRLS");
+            Err(SessionError::Refused {
+                sqlstate: "28000",
+                message: "gprxy: the service account is refused (a superuser, or REPLICATION or BYPASSRLS)"
+                    .into(),
+            })
+        }
+    }
+}
+
+/// The first column of a DataRow as text (None when NULL or malformed).
+fn first_column(body: &[u8]) -> Option<String> {
+    let columns = i16::from_be_bytes(body.get(..2)?.try_into().ok()?);
+    if columns < 1 {
+        return None;
+    }
+    let len = usize::try_from(i32::from_be_bytes(body.get(2..6)?.try_into().ok()?)).ok()?;
+    String::from_utf8(body.get(6..6 + len)?.to_vec()).ok()
 }
 
 /// The token as a cleartext password (TLS only).
@@ -570,6 +622,16 @@ mod tests {
 
     fn ctx() -> Vec<(String, String)> {
         vec![("app.user_id".to_owned(), "sub".to_owned())]
+    }
+
+    #[test]
+    fn data_row_first_column() {
+        assert_eq!(first_column(b"\0\x01\0\0\0\x09BYPASSRLS").as_deref(), Some("BYPASSRLS"));
+        assert_eq!(first_column(b"\0\x01\0\0\0\0").as_deref(), Some(""));
+        assert_eq!(first_column(b"\0\x01\xff\xff\xff\xff"), None);
+        assert_eq!(first_column(b"\0\x01\0\0\0\x09BYPASS"), None);
+        assert_eq!(first_column(b"\0\0"), None);
+        assert_eq!(first_column(b""), None);
     }
 
     #[test]

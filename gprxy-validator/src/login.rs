@@ -83,6 +83,31 @@ pub fn cache_for(settings: &Settings, issuer: &str) -> Result<Arc<JwksCache>, Co
     Ok(cache)
 }
 
+/// The attributes of a role that no grant can narrow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RolePowers {
+    pub superuser: bool,
+    pub replication: bool,
+    pub bypass_rls: bool,
+}
+
+/// Why delegated mode refuses to log a token in as `role` (None: it may). A role that is a
+/// superuser, or has REPLICATION or BYPASSRLS, is never reached through a token's claims,
+/// whatever they say; a role that cannot be looked up is refused too.
+fn privileged_role(role: &str, powers: Option<RolePowers>) -> Option<String> {
+    let Some(p) = powers else {
+        return Some(format!("role {role:?} was not found in pg_authid"));
+    };
+    let what: Vec<&str> =
+        [(p.superuser, "SUPERUSER"), (p.replication, "REPLICATION"), (p.bypass_rls, "BYPASSRLS")]
+            .into_iter()
+            .filter_map(|(on, name)| on.then_some(name))
+            .collect();
+    (!what.is_empty()).then(|| {
+        format!("role {role:?} has {}: delegated mode never maps a token to such a role", what.join(", "))
+    })
+}
+
 fn deny(reason: &'static str, detail: String, authn_id: Option<String>) -> LoginOutcome {
     LoginOutcome { authorized: false, authn_id, reason, detail, token: None }
 }
@@ -123,6 +148,15 @@ pub fn decide(req: &LoginRequest<'_>) -> LoginOutcome {
                 authorized: false,
                 authn_id: Some(token.identity.clone()),
                 reason: "role_not_granted",
+                detail,
+                token: Some(token),
+            };
+        }
+        if let Some(detail) = privileged_role(req.role, crate::ffi::role_powers(req.role)) {
+            return LoginOutcome {
+                authorized: false,
+                authn_id: Some(token.identity.clone()),
+                reason: "role_privileged",
                 detail,
                 token: Some(token),
             };

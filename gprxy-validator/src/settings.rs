@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use gprxy_core::{
     parse_algorithms, Algorithm, CacheSettings, ConfigError, HttpSettings, IdentityForm, Policy,
+    RequiredClaims,
 };
 use pgrx::GucSetting;
 
@@ -22,6 +23,7 @@ pub static ROLE_CLAIM: Str = Str::new(None);
 pub static ROLE_MAP: Str = Str::new(None);
 pub static ALLOWED_ALGORITHMS: Str = Str::new(Some(c"RS256,RS384,RS512,PS256,PS384,PS512,ES256,ES384,EdDSA"));
 pub static REQUIRED_SCOPES: Str = Str::new(None);
+pub static REQUIRED_CLAIMS: Str = Str::new(None);
 pub static REQUIRE_HBA_SCOPES: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static TOKEN_TYPES: Str = Str::new(Some(c"at+jwt"));
 pub static LEEWAY: GucSetting<i32> = GucSetting::<i32>::new(30);
@@ -90,6 +92,11 @@ fn parse_role_map(v: &str) -> Result<Vec<(String, String)>, String> {
         .collect()
 }
 
+/// `gprxy.required_claims`: `claim = value, claim = true, claim in (a | b)`.
+pub fn check_required_claims(v: &str) -> Result<(), String> {
+    RequiredClaims::parse(v).map(|_| ())
+}
+
 /// A claim name setting (`gprxy.authn_claim`, `gprxy.role_claim`).
 pub fn check_claim(v: &str) -> Result<(), String> {
     if v.len() > 256 {
@@ -127,6 +134,7 @@ pub struct Settings {
     pub role_map: Vec<(String, String)>,
     pub algorithms: Vec<Algorithm>,
     pub required_scopes: Vec<String>,
+    pub required_claims: RequiredClaims,
     pub require_hba_scopes: bool,
     pub accept_generic_typ: bool,
     pub leeway: u64,
@@ -141,6 +149,8 @@ impl Settings {
         let cfg = |setting: &'static str, reason: String| ConfigError { setting, reason };
         let algorithms = parse_algorithms(&string(&ALLOWED_ALGORITHMS))?;
         let role_map = parse_role_map(&string(&ROLE_MAP)).map_err(|r| cfg("gprxy.role_map", r))?;
+        let required_claims =
+            RequiredClaims::parse(&string(&REQUIRED_CLAIMS)).map_err(|r| cfg("gprxy.required_claims", r))?;
         let ca = string(&CA_FILE);
         let jwks_uri = string(&JWKS_URI);
         let s = Self {
@@ -153,6 +163,7 @@ impl Settings {
             role_map,
             algorithms,
             required_scopes: list(&string(&REQUIRED_SCOPES)),
+            required_claims,
             require_hba_scopes: REQUIRE_HBA_SCOPES.get(),
             accept_generic_typ: list(&string(&TOKEN_TYPES)).iter().any(|t| t.eq_ignore_ascii_case("jwt")),
             leeway: u64::try_from(LEEWAY.get()).unwrap_or(0),
@@ -202,6 +213,7 @@ impl Settings {
                 IdentityForm::Plain
             })
             .role_claim(self.role_claim.clone())
+            .required_claims(self.required_claims.clone())
             .build()
             .map_err(|e| ConfigError { setting: setting_name(e.setting), reason: e.reason })
     }
@@ -249,5 +261,10 @@ mod tests {
         assert!(check_url("https://idp/jwks").is_ok());
         assert!(check_url("ftp://idp/jwks").is_err());
         assert!(check_file("/nonexistent/ca.pem").is_err());
+        assert!(check_required_claims(
+            "repository_owner = acme, email_verified = true, env in (prod|staging)"
+        )
+        .is_ok());
+        assert_eq!(check_required_claims("email_verified = false").unwrap_err(), "claim \"email_verified\": only true can be required of a boolean (write \"false\" for the string)");
     }
 }

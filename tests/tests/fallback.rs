@@ -827,3 +827,58 @@ fn sighup_returns_a_running_sessions_connection_to_its_own_pool() {
         "a server connection was dropped without Terminate:\n{log}"
     );
 }
+
+#[test]
+fn required_claims_refuse_a_token_from_another_repository() {
+    let w = start_with(
+        "[fallback.required_claims]\nrepository = \"acme/app\"\nenvironment = [\"prod\", \"staging\"]\n",
+    );
+    let token = |repository: &str, environment: &str| {
+        let mut c = w.idp.claims("alice", "db");
+        c["roles"] = json!(["writer"]);
+        c["repository"] = json!(repository);
+        c["environment"] = json!(environment);
+        w.key.token(json!({"typ": "at+jwt"}), &c)
+    };
+    let e = w.psql("alice", &token("evil/x", "prod"), "require", "SELECT 1").unwrap_err();
+    assert!(
+        e.contains(
+            "FATAL:  gprxy: token refused (required_claim): required claim \"repository\" must equal \"acme/app\" (token: \"evil/x\")"
+        ),
+        "{e}"
+    );
+    let e = w.psql("alice", &token("acme/app", "dev"), "require", "SELECT 1").unwrap_err();
+    assert!(
+        e.contains("FATAL:  gprxy: token refused (required_claim): required claim \"environment\" must be one of \"prod\", \"staging\" (token: \"dev\")"),
+        "{e}"
+    );
+    assert_eq!(
+        w.psql(
+            "alice",
+            &token("acme/app", "staging"),
+            "require",
+            "SELECT current_user, gprxy.claim('repository')"
+        )
+        .unwrap(),
+        "app_writer|acme/app"
+    );
+    let events = w.proxy.wait_events("login", 3);
+    assert_eq!(events.iter().filter(|e| e["outcome"] == "failure" && e["sqlstate"] == "28000").count(), 2);
+}
+
+#[test]
+fn a_privileged_service_account_is_never_logged_in() {
+    let w = start();
+    w._pg.sql("ALTER ROLE app_reader BYPASSRLS; ALTER ROLE app_admin SUPERUSER");
+    let refused = "FATAL:  gprxy: the service account is refused (a superuser, or REPLICATION or BYPASSRLS)";
+    let e = w.psql("bob", &w.token("bob", json!(["reader"]), 300), "require", "SELECT 1").unwrap_err();
+    assert!(e.contains(refused), "{e}");
+    let e = w.psql("carol", &w.token("carol", json!(["admin"]), 300), "require", "SELECT 1").unwrap_err();
+    assert!(e.contains(refused), "{e}");
+    let log = w.proxy.log();
+    assert!(log.contains("\"account\":\"app_reader\"") && log.contains("\"powers\":\"BYPASSRLS\""), "{log}");
+    assert!(log.contains("\"account\":\"app_admin\""), "{log}");
+    // An ordinary account still works.
+    let t = w.token("alice", json!(["writer"]), 300);
+    assert_eq!(w.psql("alice", &t, "require", "SELECT current_user").unwrap(), "app_writer");
+}

@@ -450,3 +450,77 @@ fn reload_to_another_jwks_uri_drops_the_old_keys() {
     assert_eq!(s.login("alice", &new, "SELECT gprxy.subject()").unwrap(), "alice");
     assert_eq!(moved.jwks_requests(), 1);
 }
+
+#[test]
+fn required_claims_refuse_a_token_from_another_repository() {
+    // GitHub-style: the issuer serves every repository; the audience is the workflow's choice.
+    let s = setup_with(
+        "map=m",
+        &["gprxy.required_claims = 'repository in (acme/app | acme/infra), environment = prod'"],
+        &["m alice alice"],
+    );
+    let token = |repository: &str, environment: &str| {
+        let c = with(s.idp.claims("alice", AUD), "repository", json!(repository));
+        s.token(with(c, "environment", json!(environment)))
+    };
+    s.refused("alice", &token("evil/x", "prod"), "required_claim");
+    assert!(
+        s.last_audit().contains(
+            r#"detail="required claim \"repository\" must be one of \"acme/app\", \"acme/infra\" (token: \"evil/x\")""#
+        ),
+        "{}",
+        s.last_audit()
+    );
+    s.refused("alice", &token("acme/app", "dev"), "required_claim");
+    assert!(
+        s.last_audit()
+            .contains(r#"detail="required claim \"environment\" must equal \"prod\" (token: \"dev\")""#),
+        "{}",
+        s.last_audit()
+    );
+    s.refused("alice", &s.token(s.idp.claims("alice", AUD)), "required_claim");
+    assert!(s.last_audit().contains("(token: missing)"), "{}", s.last_audit());
+    assert_eq!(
+        s.login("alice", &token("acme/infra", "prod"), "SELECT gprxy.claim('repository')").unwrap(),
+        "acme/infra"
+    );
+
+    // A bad value is refused with the setting named, and the old constraints stay.
+    let err = s.pg.try_sql("ALTER SYSTEM SET gprxy.required_claims = 'email_verified = false'").unwrap_err();
+    assert!(err.contains("invalid value for parameter \"gprxy.required_claims\""), "{err}");
+    assert!(err.contains("only true can be required of a boolean"), "{err}");
+    s.refused("alice", &token("evil/x", "prod"), "required_claim");
+}
+
+#[test]
+fn delegated_mode_never_maps_a_token_to_a_superuser_or_privileged_role() {
+    // No role_map: the token's role names are used as they are, which is where a claim could
+    // name any role.
+    let s = setup_with("delegate_ident_mapping=1", &["gprxy.role_claim = 'roles'"], &[]);
+    s.pg.sql("CREATE ROLE rls_skipper LOGIN BYPASSRLS; CREATE ROLE replicator LOGIN REPLICATION");
+    let t = s.token(with(
+        s.idp.claims("alice", AUD),
+        "roles",
+        json!(["postgres", "rls_skipper", "replicator", "app_writer"]),
+    ));
+    s.refused("postgres", &t, "role_privileged");
+    assert!(
+        s.last_audit().contains(
+            r#"detail="role \"postgres\" has SUPERUSER, REPLICATION, BYPASSRLS: delegated mode never maps a token to such a role""#
+        ),
+        "{}",
+        s.last_audit()
+    );
+    s.refused("rls_skipper", &t, "role_privileged");
+    assert!(s.last_audit().contains(r#"role \"rls_skipper\" has BYPASSRLS:"#), "{}", s.last_audit());
+    s.refused("replicator", &t, "role_privileged");
+    assert!(s.last_audit().contains(r#"role \"replicator\" has REPLICATION:"#), "{}", s.last_audit());
+    // The same token still reaches an ordinary role it names.
+    assert_eq!(
+        s.login("app_writer", &t, "SELECT current_user, system_user").unwrap(),
+        "app_writer|oauth:alice"
+    );
+    // Made a superuser later: refused from the next login on.
+    s.pg.sql("ALTER ROLE app_writer SUPERUSER");
+    s.refused("app_writer", &t, "role_privileged");
+}

@@ -7,6 +7,10 @@ use pgrx::prelude::*;
 use pgrx::{GucContext, GucFlags, GucRegistry};
 
 #[cfg(feature = "pg18")]
+mod role;
+#[cfg(feature = "pg18")]
+pub use role::role_powers;
+#[cfg(feature = "pg18")]
 mod validator;
 #[cfg(feature = "pg18")]
 pub use validator::*;

@@ -190,6 +190,7 @@ string_check_hook!(check_algorithms, s::check_algorithms);
 string_check_hook!(check_token_types, s::check_token_types);
 string_check_hook!(check_role_map, s::check_role_map);
 string_check_hook!(check_claim, s::check_claim);
+string_check_hook!(check_required_claims, s::check_required_claims);
 string_check_hook!(check_url, s::check_url);
 string_check_hook!(check_file, s::check_file);
 
@@ -282,6 +283,12 @@ fn define_settings() {
         c"Scopes every token must grant, besides the pg_hba scope.",
         &s::REQUIRED_SCOPES,
         Some(check_none),
+    );
+    define_string(
+        c"gprxy.required_claims",
+        c"Claims every token must carry: claim = value, claim = true, claim in (a | b).",
+        &s::REQUIRED_CLAIMS,
+        Some(check_required_claims),
     );
     define_bool(
         c"gprxy.require_hba_scopes",
