@@ -20,8 +20,9 @@ fn bench(c: &mut Criterion) {
     ];
     for (alg, key) in &keys {
         let doc = jwks(&[key]).to_string();
+        let source = JwksSource::Explicit { jwks_uri: "https://idp.example.com/jwks".into() };
         let cache = JwksCache::new(
-            JwksSource::Explicit { jwks_uri: "https://idp.example.com/jwks".into() },
+            source.clone(),
             Arc::new(UreqFetcher::new(HttpSettings::default()).unwrap()),
             Arc::new(SystemClock),
             CacheSettings::default(),
@@ -31,6 +32,7 @@ fn bench(c: &mut Criterion) {
         let t = (now() as u64) * 1000;
         cache
             .import(&Snapshot {
+                source: source.id(),
                 jwks_uri: "https://idp.example.com/jwks".into(),
                 jwks: doc,
                 fetched_at_ms: t,

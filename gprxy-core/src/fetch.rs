@@ -36,6 +36,11 @@ pub struct HttpSettings {
     pub insecure_allow_http_loopback: bool,
     /// PEM file of CA certificates to trust instead of the public web roots (private IdPs).
     pub ca_file: Option<PathBuf>,
+    /// Resolve host names on the calling thread. ureq's default resolver starts a thread per
+    /// lookup to time it out; PostgreSQL processes must stay single-threaded, so the extension
+    /// sets this. IP literals need no lookup; a name's lookup is then bounded by the system
+    /// resolver's own limits (resolv.conf `timeout` and `attempts`), not by `connect_timeout`.
+    pub resolve_in_caller_thread: bool,
 }
 
 impl Default for HttpSettings {
@@ -46,6 +51,7 @@ impl Default for HttpSettings {
             max_body_bytes: 64 * 1024,
             insecure_allow_http_loopback: false,
             ca_file: None,
+            resolve_in_caller_thread: false,
         }
     }
 }
@@ -138,7 +144,7 @@ impl UreqFetcher {
             .root_certs(roots)
             .unversioned_rustls_crypto_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
             .build();
-        let agent = ureq::Agent::config_builder()
+        let config = ureq::Agent::config_builder()
             .tls_config(tls)
             .proxy(None)
             .max_redirects(0)
@@ -150,9 +156,45 @@ impl UreqFetcher {
             .timeout_recv_body(Some(settings.read_timeout))
             .timeout_global(Some(settings.connect_timeout + settings.read_timeout))
             .user_agent(concat!("gprxy/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .into();
+            .build();
+        let agent = if settings.resolve_in_caller_thread {
+            ureq::Agent::with_parts(
+                config,
+                ureq::unversioned::transport::DefaultConnector::new(),
+                CallerThreadResolver,
+            )
+        } else {
+            config.into()
+        };
         Ok(Self { agent, settings })
+    }
+}
+
+/// Resolves on the calling thread with the system resolver, never starting a thread.
+#[derive(Debug)]
+pub struct CallerThreadResolver;
+
+impl ureq::unversioned::resolver::Resolver for CallerThreadResolver {
+    fn resolve(
+        &self,
+        uri: &ureq::http::Uri,
+        config: &ureq::config::Config,
+        _timeout: ureq::unversioned::transport::NextTimeout,
+    ) -> Result<ureq::unversioned::resolver::ResolvedSocketAddrs, ureq::Error> {
+        use std::net::ToSocketAddrs;
+        let (Some(scheme), Some(authority)) = (uri.scheme(), uri.authority()) else {
+            return Err(ureq::Error::BadUri(uri.to_string()));
+        };
+        let host_port = ureq::unversioned::resolver::DefaultResolver::host_and_port(scheme, authority)
+            .ok_or_else(|| ureq::Error::BadUri(uri.to_string()))?;
+        let mut found = self.empty();
+        for addr in config.ip_family().keep_wanted(host_port.to_socket_addrs()?).take(16) {
+            found.push(addr);
+        }
+        if found.is_empty() {
+            return Err(ureq::Error::HostNotFound);
+        }
+        Ok(found)
     }
 }
 

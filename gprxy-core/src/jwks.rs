@@ -12,7 +12,11 @@
 //! - When the issuer is down, the last good keys serve until they are `max_staleness` past
 //!   expiry, with exponential backoff between attempts; then validation fails closed.
 //! - The state can be exported to bytes and imported elsewhere (the extension keeps one copy in
-//!   shared memory for all backends).
+//!   shared memory for all backends). A key set names the source it came from ([`JwksSource::id`]);
+//!   one from another source (the `jwks_uri` or issuer changed) is never imported.
+//! - The fetch bookkeeping (last attempt, failures, backoff, a fetch in progress) lives in a
+//!   [`KeyShare`]: per cache by default ([`MemoryShare`]), or shared by all processes that share
+//!   the keys, so the unknown-`kid` cooldown, the backoff and the single flight hold across them.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -64,6 +68,16 @@ pub enum JwksSource {
         /// The key set URL.
         jwks_uri: String,
     },
+}
+
+impl JwksSource {
+    /// What a key set from this source is tagged with: `discovery <issuer>` or `jwks_uri <url>`.
+    pub fn id(&self) -> String {
+        match self {
+            Self::Discovery { issuer } => format!("discovery {issuer}"),
+            Self::Explicit { jwks_uri } => format!("jwks_uri {jwks_uri}"),
+        }
+    }
 }
 
 /// Cache timing.
@@ -124,6 +138,8 @@ impl CacheSettings {
 /// The exportable part of the cache: the last good key set and when it was fetched.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Snapshot {
+    /// The configured source it was fetched for ([`JwksSource::id`]).
+    pub source: String,
     /// The key set URL it came from.
     pub jwks_uri: String,
     /// The key set document as served.
@@ -134,23 +150,126 @@ pub struct Snapshot {
     pub expires_at_ms: u64,
 }
 
+/// The fetch bookkeeping of one source. Processes that share a key set share this too.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FetchState {
+    /// Start of the last attempt, successful or not (ms since the epoch).
+    pub last_attempt_ms: u64,
+    /// Failed attempts in a row.
+    pub failures: u32,
+    /// No attempt before this time (backoff after a failure).
+    pub retry_at_ms: u64,
+    /// An attempt is running until at most this time; nobody else starts one meanwhile.
+    pub busy_until_ms: u64,
+}
+
+/// Where a cache keeps its [`FetchState`] and publishes what it fetched: for the cache alone
+/// ([`MemoryShare`]), or shared between processes (the extension's shared memory).
+pub trait KeyShare: Send + Sync {
+    /// Runs `f` on the fetch state of `source` under a lock that every sharer takes. A share
+    /// that holds another source forgets its state (and keys) first.
+    fn update_state(&self, source: &str, f: &mut dyn FnMut(&mut FetchState));
+    /// A key set of `source` fetched after `after_ms` (by another process), if there is one.
+    fn newer(&self, source: &str, after_ms: u64) -> Option<Snapshot>;
+    /// Publishes a key set this cache fetched.
+    fn publish(&self, snap: &Snapshot);
+    /// Whether a background refresher retries a failing issuer, so that a login holding usable
+    /// stale keys never waits for an attempt itself.
+    fn refreshed_in_background(&self) -> bool {
+        false
+    }
+}
+
+/// A [`KeyShare`] in this process's memory: the default, one per cache. Two caches given the
+/// same one behave like two processes sharing memory.
+#[derive(Debug, Default)]
+pub struct MemoryShare {
+    background: bool,
+    inner: Mutex<(String, FetchState, Option<Snapshot>)>,
+}
+
+impl MemoryShare {
+    /// A share whose sharers have a background refresher (see [`KeyShare::refreshed_in_background`]).
+    pub fn with_background_refresher() -> Self {
+        Self { background: true, ..Self::default() }
+    }
+
+    fn for_source<'a>(
+        inner: &'a mut (String, FetchState, Option<Snapshot>),
+        source: &str,
+    ) -> (&'a mut FetchState, &'a mut Option<Snapshot>) {
+        if inner.0 != source {
+            *inner = (source.to_owned(), FetchState::default(), None);
+        }
+        (&mut inner.1, &mut inner.2)
+    }
+}
+
+impl KeyShare for MemoryShare {
+    fn update_state(&self, source: &str, f: &mut dyn FnMut(&mut FetchState)) {
+        let mut inner = self.inner.lock();
+        f(Self::for_source(&mut inner, source).0);
+    }
+
+    fn newer(&self, source: &str, after_ms: u64) -> Option<Snapshot> {
+        let inner = self.inner.lock();
+        inner.2.as_ref().filter(|s| s.source == source && s.fetched_at_ms > after_ms).cloned()
+    }
+
+    fn publish(&self, snap: &Snapshot) {
+        let mut inner = self.inner.lock();
+        let (_, slot) = Self::for_source(&mut inner, &snap.source);
+        if slot.as_ref().is_none_or(|s| s.fetched_at_ms < snap.fetched_at_ms) {
+            *slot = Some(snap.clone());
+        }
+    }
+
+    fn refreshed_in_background(&self) -> bool {
+        self.background
+    }
+}
+
 #[derive(Default)]
 struct State {
     keys: Option<Arc<KeySet>>,
     snapshot: Option<Snapshot>,
     jwks_uri: Option<String>,
-    /// Any fetch attempt, successful or not.
-    last_attempt_ms: u64,
-    failures: u32,
-    retry_at_ms: u64,
     last_error: Option<KeyError>,
     /// Bumped whenever the keys change.
     generation: u64,
 }
 
+/// Why a fetch is wanted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Want {
+    /// No fresh keys.
+    Expired {
+        /// Stale keys within the staleness allowance are at hand.
+        stale_usable: bool,
+    },
+    /// A `kid` (or algorithm) missing from fresh keys.
+    UnknownKid,
+    /// The background refresher's refresh ahead of expiry.
+    Refresh,
+}
+
+/// The answer of [`JwksCache::begin`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Begin {
+    /// This cache holds the attempt now.
+    Go,
+    /// Someone else's attempt runs until at most this time.
+    Busy(u64),
+    /// Not now (backoff, cooldown, or the background refresher retries).
+    No,
+}
+
 /// A cached, self-refreshing key set for one issuer. Cheap to share behind an `Arc`.
 pub struct JwksCache {
     source: JwksSource,
+    source_id: String,
+    share: Arc<dyn KeyShare>,
+    attempt_budget: Duration,
     fetcher: Arc<dyn Fetcher>,
     clock: Arc<dyn Clock>,
     settings: CacheSettings,
@@ -181,7 +300,10 @@ impl JwksCache {
         };
         check_url(url, allow_http_loopback).map_err(|e| ConfigError::new("issuer", e.to_string()))?;
         Ok(Self {
+            source_id: source.id(),
             source,
+            share: Arc::new(MemoryShare::default()),
+            attempt_budget: Duration::from_secs(20),
             fetcher,
             clock,
             settings,
@@ -190,6 +312,16 @@ impl JwksCache {
             fetch_lock: Mutex::new(()),
             fetches: AtomicU64::new(0),
         })
+    }
+
+    /// Keeps the fetch bookkeeping in `share` and publishes fetched keys there. `attempt_budget`
+    /// bounds one attempt (discovery and key set, with every timeout): a sharer that died
+    /// mid-fetch holds the attempt no longer than that.
+    #[must_use]
+    pub fn with_share(mut self, share: Arc<dyn KeyShare>, attempt_budget: Duration) -> Self {
+        self.share = share;
+        self.attempt_budget = attempt_budget;
+        self
     }
 
     /// How many key-set fetches were attempted (for tests and metrics).
@@ -207,8 +339,13 @@ impl JwksCache {
         self.state.read().snapshot.clone()
     }
 
-    /// Takes keys fetched elsewhere, if they are newer than ours. Returns whether they were taken.
+    /// Takes keys fetched elsewhere, if they are newer than ours and come from our source (a key
+    /// set of another `jwks_uri` or issuer is not taken). Returns whether they were taken.
     pub fn import(&self, snap: &Snapshot) -> Result<bool, KeyError> {
+        if snap.source != self.source_id {
+            tracing::debug!(source = %snap.source, ours = %self.source_id, "key set of another source not imported");
+            return Ok(false);
+        }
         let keys = parse_keys(&snap.jwks_uri, snap.jwks.as_bytes())?;
         let mut st = self.state.write();
         if st.snapshot.as_ref().is_some_and(|s| s.fetched_at_ms >= snap.fetched_at_ms) {
@@ -234,32 +371,68 @@ impl JwksCache {
         self.keys_and_generation().map(|(k, _)| k)
     }
 
+    fn fresh_with_generation(&self, now: u64) -> Option<(Arc<KeySet>, u64)> {
+        let st = self.state.read();
+        match (&st.keys, &st.snapshot) {
+            (Some(keys), Some(s)) if now < s.expires_at_ms => Some((keys.clone(), st.generation)),
+            _ => None,
+        }
+    }
+
+    /// Imports a newer key set of our source from the share. Returns whether one was taken.
+    fn adopt_shared(&self) -> bool {
+        let ours = self.state.read().snapshot.as_ref().map_or(0, |s| s.fetched_at_ms);
+        match self.share.newer(&self.source_id, ours) {
+            Some(snap) => self.import(&snap).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, code = e.code(), "shared key set unusable");
+                false
+            }),
+            None => false,
+        }
+    }
+
     fn keys_and_generation(&self) -> Result<(Arc<KeySet>, u64), KeyError> {
-        let now = self.clock.now_ms();
-        let seen = {
-            let st = self.state.read();
-            if let (Some(keys), Some(s)) = (&st.keys, &st.snapshot) {
-                if now < s.expires_at_ms {
-                    return Ok((keys.clone(), st.generation));
-                }
-            }
-            st.generation
-        };
+        if let Some(fresh) = self.fresh_with_generation(self.clock.now_ms()) {
+            return Ok(fresh);
+        }
+        self.adopt_shared();
+        if let Some(fresh) = self.fresh_with_generation(self.clock.now_ms()) {
+            return Ok(fresh);
+        }
+        let seen = self.generation();
         let _flight = self.fetch_lock.lock();
         let now = self.clock.now_ms();
-        let run = {
-            let st = self.state.read();
-            if st.generation != seen {
-                // Someone else fetched while we waited.
-                None
-            } else {
-                Some(now >= st.retry_at_ms)
+        if self.generation() == seen {
+            let stale_usable = self.usable_keys(now).is_ok();
+            match self.begin(now, Want::Expired { stale_usable }) {
+                Begin::Go => {
+                    let _ = self.fetch_begun(now);
+                }
+                Begin::Busy(until) if !stale_usable => self.wait_for_other(now, until),
+                Begin::Busy(_) | Begin::No => {}
             }
-        };
-        if run == Some(true) {
-            let _ = self.fetch_locked(now);
-        }
+        } // else someone else fetched while we waited.
         self.usable_keys(self.clock.now_ms())
+    }
+
+    /// Another sharer's attempt is running and we have nothing usable: wait (in real time, at
+    /// most until its end) for the keys it publishes.
+    fn wait_for_other(&self, now: u64, until: u64) {
+        let deadline = std::time::Instant::now()
+            + Duration::from_millis(until.saturating_sub(now)).min(self.attempt_budget);
+        while std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+            if self.adopt_shared() {
+                return;
+            }
+            let mut busy = false;
+            let now = self.clock.now_ms();
+            self.share.update_state(&self.source_id, &mut |s| busy = now < s.busy_until_ms);
+            if !busy {
+                self.adopt_shared();
+                return;
+            }
+        }
     }
 
     /// Keys that are fresh or within the staleness allowance; else the reason there are none.
@@ -273,27 +446,49 @@ impl JwksCache {
             }
             (Some(_), Some(_)) => Err(KeyError::Unavailable(format!(
                 "last good keys are older than the maximum staleness; last error: {}",
-                st.last_error.as_ref().map_or("none".to_owned(), ToString::to_string)
+                st.last_error
+                    .as_ref()
+                    .map_or("none here (fetched elsewhere)".to_owned(), ToString::to_string)
             ))),
-            _ => Err(st.last_error.clone().unwrap_or_else(|| KeyError::Unavailable("never fetched".into()))),
+            _ => Err(st.last_error.clone().unwrap_or_else(|| {
+                KeyError::Unavailable("never fetched (a fetch elsewhere failed or is running)".into())
+            })),
         }
     }
 
-    /// For an unknown `kid`: refetch once, unless keys were fetched less than a cooldown ago
-    /// (then the `kid` was just checked against fresh keys: the cooldown is the negative cache).
-    /// Returns the new keys if a fetch (ours or a concurrent one) changed them.
+    /// Decides, atomically with every sharer, whether this cache makes an attempt now, and if so
+    /// records it (so that the others see it running and the cooldown counts from it).
+    fn begin(&self, now: u64, want: Want) -> Begin {
+        let cooldown = ms(self.settings.unknown_kid_cooldown);
+        let budget = ms(self.attempt_budget);
+        let background = self.share.refreshed_in_background();
+        let mut answer = Begin::No;
+        self.share.update_state(&self.source_id, &mut |s| {
+            answer = if now < s.busy_until_ms {
+                Begin::Busy(s.busy_until_ms)
+            } else if now < s.retry_at_ms
+                || (want == Want::UnknownKid && now < s.last_attempt_ms.saturating_add(cooldown))
+                || (want == Want::Expired { stale_usable: true } && background && s.failures > 0)
+            {
+                Begin::No
+            } else {
+                s.last_attempt_ms = now;
+                s.busy_until_ms = now.saturating_add(budget);
+                Begin::Go
+            };
+        });
+        answer
+    }
+
+    /// For an unknown `kid`: refetch once, unless any sharer attempted a fetch less than a
+    /// cooldown ago (then the `kid` was just checked against fresh keys: the cooldown is the
+    /// negative cache). Returns the new keys if a fetch (ours or another's) changed them.
     fn refetch_for_unknown(&self, seen_generation: u64) -> Option<Arc<KeySet>> {
-        let may_fetch = |st: &State, now: u64| {
-            now >= st.last_attempt_ms.saturating_add(ms(self.settings.unknown_kid_cooldown))
-                && now >= st.retry_at_ms
-        };
+        self.adopt_shared();
         {
             let st = self.state.read();
             if st.generation != seen_generation {
                 return st.keys.clone();
-            }
-            if !may_fetch(&st, self.clock.now_ms()) {
-                return None;
             }
         }
         let _flight = self.fetch_lock.lock();
@@ -303,23 +498,21 @@ impl JwksCache {
             if st.generation != seen_generation {
                 return st.keys.clone();
             }
-            if !may_fetch(&st, now) {
-                return None;
-            }
         }
-        self.fetch_locked(now).ok()?;
+        if self.begin(now, Want::UnknownKid) != Begin::Go {
+            return None;
+        }
+        self.fetch_begun(now).ok()?;
         self.state.read().keys.clone()
     }
 
     /// For a background worker: refresh when 80 % of the TTL has passed (or there are no keys),
     /// unless a fetch is running or the backoff says wait. Returns whether a fetch ran and succeeded.
     pub fn refresh_if_due(&self) -> bool {
+        self.adopt_shared();
         let now = self.clock.now_ms();
         {
             let st = self.state.read();
-            if now < st.retry_at_ms {
-                return false;
-            }
             if let Some(s) = &st.snapshot {
                 let ttl = s.expires_at_ms.saturating_sub(s.fetched_at_ms);
                 if now < s.fetched_at_ms + ttl * 4 / 5 {
@@ -328,36 +521,51 @@ impl JwksCache {
             }
         }
         let Some(_flight) = self.fetch_lock.try_lock() else { return false };
-        self.fetch_locked(self.clock.now_ms()).is_ok()
+        let now = self.clock.now_ms();
+        if self.begin(now, Want::Refresh) != Begin::Go {
+            return false;
+        }
+        self.fetch_begun(now).is_ok()
     }
 
-    /// Fetches and installs the key set. Caller holds `fetch_lock`.
-    fn fetch_locked(&self, now: u64) -> Result<(), KeyError> {
+    /// Fetches, installs and publishes the key set, then ends the attempt [`JwksCache::begin`]
+    /// granted. Caller holds `fetch_lock`.
+    fn fetch_begun(&self, now: u64) -> Result<(), KeyError> {
         self.fetches.fetch_add(1, Ordering::Relaxed);
-        let result = self.fetch_snapshot(now);
-        let mut st = self.state.write();
-        st.last_attempt_ms = now;
-        match result {
+        let outcome = match self.fetch_snapshot(now) {
             Ok((keys, snap)) => {
-                install(&mut st, keys, snap);
+                self.share.publish(&snap);
+                install(&mut self.state.write(), keys, snap);
                 Ok(())
             }
             Err(e) => {
-                st.failures = st.failures.saturating_add(1);
-                let backoff = self
-                    .settings
-                    .backoff_initial
-                    .saturating_mul(1u32 << (st.failures - 1).min(16))
-                    .min(self.settings.backoff_max);
-                st.retry_at_ms = now + ms(backoff);
+                let mut st = self.state.write();
                 if matches!(e, KeyError::Status { status: 404, .. }) {
                     st.jwks_uri = None; // rediscover next time
                 }
                 st.last_error = Some(e.clone());
-                tracing::warn!(error = %e, code = e.code(), failures = st.failures, "JWKS fetch failed");
                 Err(e)
             }
+        };
+        let (initial, max) = (self.settings.backoff_initial, self.settings.backoff_max);
+        let ended = self.clock.now_ms();
+        let mut failures = 0;
+        self.share.update_state(&self.source_id, &mut |s| {
+            s.busy_until_ms = 0;
+            if outcome.is_ok() {
+                s.failures = 0;
+                s.retry_at_ms = 0;
+            } else {
+                s.failures = s.failures.saturating_add(1);
+                let backoff = initial.saturating_mul(1u32 << (s.failures - 1).min(16)).min(max);
+                s.retry_at_ms = ended.saturating_add(ms(backoff));
+            }
+            failures = s.failures;
+        });
+        if let Err(e) = &outcome {
+            tracing::warn!(error = %e, code = e.code(), failures, "JWKS fetch failed");
         }
+        outcome
     }
 
     fn fetch_snapshot(&self, now: u64) -> Result<(KeySet, Snapshot), KeyError> {
@@ -374,7 +582,13 @@ impl JwksCache {
             .clamp(self.settings.min_ttl, self.settings.max_ttl);
         let jwks = String::from_utf8(resp.body)
             .map_err(|_| KeyError::Invalid { url: Quoted::new(&jwks_uri), reason: "not UTF-8".into() })?;
-        let snap = Snapshot { jwks_uri, jwks, fetched_at_ms: now, expires_at_ms: now + ms(ttl) };
+        let snap = Snapshot {
+            source: self.source_id.clone(),
+            jwks_uri,
+            jwks,
+            fetched_at_ms: now,
+            expires_at_ms: now + ms(ttl),
+        };
         Ok((keys, snap))
     }
 
@@ -414,8 +628,6 @@ fn install(st: &mut State, keys: KeySet, snap: Snapshot) {
     st.keys = Some(Arc::new(keys));
     st.jwks_uri = Some(snap.jwks_uri.clone());
     st.snapshot = Some(snap);
-    st.failures = 0;
-    st.retry_at_ms = 0;
     st.last_error = None;
     st.generation += 1;
 }

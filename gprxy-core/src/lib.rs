@@ -29,7 +29,8 @@ pub use fetch::{Fetcher, HttpResponse, HttpSettings, UreqFetcher};
 pub use jose::{fingerprint, peek_claim, peek_unverified, KeySource, Unverified};
 pub use jwk::{KeySet, VerifyKey};
 pub use jwks::{
-    issuer_metadata, unix_time, CacheSettings, Clock, JwksCache, JwksSource, Snapshot, SystemClock,
+    issuer_metadata, unix_time, CacheSettings, Clock, FetchState, JwksCache, JwksSource, KeyShare,
+    MemoryShare, Snapshot, SystemClock,
 };
 pub use policy::{parse_algorithms, Algorithm, IdentityForm, Policy, PolicyBuilder, MAX_TOKEN_BYTES};
 pub use validate::{ValidatedToken, Validator};

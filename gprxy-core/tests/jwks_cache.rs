@@ -452,3 +452,161 @@ fn snapshot_export_import_serves_without_fetching() {
     assert_eq!(idp.jwks_fetches(), before);
     assert_eq!(b.fetch_count(), 0);
 }
+
+fn shared_cache(source: JwksSource, clock: &ManualClock, share: &Arc<gprxy_core::MemoryShare>) -> JwksCache {
+    let fetcher = Arc::new(UreqFetcher::new(http()).unwrap());
+    JwksCache::new(source, fetcher, Arc::new(clock.clone()), CacheSettings::default(), true)
+        .unwrap()
+        .with_share(share.clone(), Duration::from_millis(400))
+}
+
+fn discovery(idp: &Issuer) -> JwksSource {
+    JwksSource::Discovery { issuer: idp.issuer() }
+}
+
+#[test]
+fn caches_sharing_fetch_state_keep_one_cooldown_between_them() {
+    let k = TestKey::rsa("k");
+    let idp = Issuer::start(&[&k]);
+    let clock = ManualClock::new();
+    let share = Arc::new(gprxy_core::MemoryShare::default());
+    let v = validator(&idp.issuer());
+    let attacker = TestKey::rsa("nope");
+    let nope = |clock: &ManualClock| token(&attacker, &idp.issuer(), clock);
+    let first = shared_cache(discovery(&idp), &clock, &share);
+    first.keys().unwrap();
+    assert_eq!(idp.jwks_fetches(), 1);
+    // Fifty "backends", each a new cache: they take the published keys and, within the cooldown
+    // of the first fetch, refuse the unknown kid without fetching.
+    for _ in 0..50 {
+        let c = shared_cache(discovery(&idp), &clock, &share);
+        assert_eq!(v.validate(&nope(&clock), &c, clock.now_s()).unwrap_err().code(), "kid_unknown");
+        assert_eq!(c.fetch_count(), 0);
+    }
+    assert_eq!(idp.jwks_fetches(), 1);
+    clock.advance(31);
+    for _ in 0..50 {
+        let c = shared_cache(discovery(&idp), &clock, &share);
+        assert_eq!(v.validate(&nope(&clock), &c, clock.now_s()).unwrap_err().code(), "kid_unknown");
+    }
+    assert_eq!(idp.jwks_fetches(), 2, "one refetch per cooldown for all of them");
+}
+
+#[test]
+fn caches_sharing_fetch_state_share_the_backoff() {
+    let k = TestKey::rsa("k");
+    let idp = Issuer::start(&[&k]);
+    let clock = ManualClock::new();
+    let share = Arc::new(gprxy_core::MemoryShare::default());
+    shared_cache(discovery(&idp), &clock, &share).keys().unwrap();
+    idp.respond(Some(Response::status(503)));
+    clock.advance(3600);
+    // The first to find the keys expired tries once; the failure backs off every sharer.
+    assert_eq!(shared_cache(discovery(&idp), &clock, &share).keys().unwrap().len(), 1);
+    assert_eq!(idp.jwks_fetches(), 2);
+    for _ in 0..20 {
+        assert_eq!(shared_cache(discovery(&idp), &clock, &share).keys().unwrap().len(), 1);
+    }
+    assert_eq!(idp.jwks_fetches(), 2);
+    clock.advance(2);
+    shared_cache(discovery(&idp), &clock, &share).keys().unwrap();
+    assert_eq!(idp.jwks_fetches(), 3, "after the backoff, one more attempt");
+}
+
+#[test]
+fn with_a_background_refresher_stale_keys_serve_while_the_issuer_fails() {
+    let k = TestKey::rsa("k");
+    let idp = Issuer::start(&[&k]);
+    let clock = ManualClock::new();
+    let share = Arc::new(gprxy_core::MemoryShare::with_background_refresher());
+    let worker = shared_cache(discovery(&idp), &clock, &share);
+    assert!(worker.refresh_if_due());
+    idp.respond(Some(Response::status(503)));
+    clock.advance(3000);
+    assert!(!worker.refresh_if_due(), "the refresh fails");
+    assert_eq!(idp.jwks_fetches(), 2);
+    clock.advance(700); // expired, and past the backoff
+    for _ in 0..20 {
+        assert_eq!(shared_cache(discovery(&idp), &clock, &share).keys().unwrap().len(), 1);
+    }
+    assert_eq!(idp.jwks_fetches(), 2, "logins leave the retries to the refresher");
+    assert!(!worker.refresh_if_due());
+    assert_eq!(idp.jwks_fetches(), 3);
+    // Past the staleness allowance logins try themselves again (and fail closed).
+    clock.advance(3601);
+    let e = shared_cache(discovery(&idp), &clock, &share).keys().unwrap_err();
+    assert!(matches!(&e, KeyError::Unavailable(m) if m.contains("maximum staleness")), "{e:?}");
+    assert_eq!(idp.jwks_fetches(), 4);
+}
+
+#[test]
+fn an_attempt_running_elsewhere_is_not_repeated() {
+    let k = TestKey::rsa("k");
+    let idp = Issuer::start(&[&k]);
+    let clock = ManualClock::new();
+    let share = Arc::new(gprxy_core::MemoryShare::default());
+    let first = shared_cache(discovery(&idp), &clock, &share);
+    first.keys().unwrap();
+    let snap = first.export().unwrap();
+    clock.advance(3600);
+    // Another process is fetching (its attempt runs ten more seconds).
+    let busy_elsewhere = |clock: &ManualClock| {
+        let now = clock.now_ms();
+        gprxy_core::KeyShare::update_state(&*share, &discovery(&idp).id(), &mut |s| {
+            s.busy_until_ms = now + 10_000
+        });
+    };
+    busy_elsewhere(&clock);
+    // With stale keys at hand: served at once, no second attempt.
+    let started = std::time::Instant::now();
+    assert_eq!(shared_cache(discovery(&idp), &clock, &share).keys().unwrap().len(), 1);
+    assert!(started.elapsed() < Duration::from_millis(200));
+    // With nothing usable: wait (bounded) for what the other attempt publishes.
+    clock.advance(3600);
+    busy_elsewhere(&clock);
+    let late = shared_cache(discovery(&idp), &clock, &share);
+    let publisher = {
+        let share = share.clone();
+        let fresh = gprxy_core::Snapshot {
+            fetched_at_ms: clock.now_ms(),
+            expires_at_ms: clock.now_ms() + 60_000,
+            ..snap
+        };
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            gprxy_core::KeyShare::publish(&*share, &fresh);
+        })
+    };
+    assert_eq!(late.keys().unwrap().len(), 1);
+    publisher.join().unwrap();
+    assert_eq!(idp.jwks_fetches(), 1, "nobody fetched a second time");
+}
+
+#[test]
+fn a_key_set_of_another_source_is_never_taken() {
+    let (k1, k2) = (TestKey::rsa("k1"), TestKey::rsa("k2"));
+    let (a, b) = (Issuer::start(&[&k1]), Issuer::start(&[&k2]));
+    let clock = ManualClock::new();
+    let share = Arc::new(gprxy_core::MemoryShare::default());
+    let old = shared_cache(discovery(&a), &clock, &share);
+    old.keys().unwrap();
+    // The configuration now names b's key set for the same issuer.
+    let moved = JwksSource::Explicit { jwks_uri: format!("{}/jwks", b.issuer()) };
+    let new = shared_cache(moved, &clock, &share);
+    assert!(!new.import(&old.export().unwrap()).unwrap(), "kept across a reload");
+    let v = validator(&a.issuer());
+    let e = v.validate(&token(&k1, &a.issuer(), &clock), &new, clock.now_s()).unwrap_err();
+    assert_eq!(e, ValidationError::KidUnknown(Quoted::new("k1")));
+    assert!(v.validate(&token(&k2, &a.issuer(), &clock), &new, clock.now_s()).is_ok());
+    assert_eq!((a.jwks_fetches(), b.jwks_fetches()), (1, 1));
+}
+
+#[test]
+fn caller_thread_resolver_fetches_ip_literals_and_localhost() {
+    use gprxy_core::Fetcher;
+    let server = TestServer::start(|_| Response::json(&json!({"keys": []})));
+    let fetcher = UreqFetcher::new(HttpSettings { resolve_in_caller_thread: true, ..http() }).unwrap();
+    assert_eq!(fetcher.get(&format!("{}/jwks", server.url())).unwrap().body, br#"{"keys":[]}"#);
+    let by_name = format!("http://localhost:{}/jwks", server.addr().port());
+    assert_eq!(fetcher.get(&by_name).unwrap().body, br#"{"keys":[]}"#);
+}

@@ -1,11 +1,12 @@
 //! One OAuth login: validate the bearer token for the pg_hba line that matched, decide, audit.
 //!
-//! Keys come from a per-backend [`JwksCache`] per issuer, synchronised with the cluster-wide
-//! copy in shared memory when the library is preloaded ([`crate::shared`]).
+//! Keys come from a per-backend [`JwksCache`] per issuer, which shares its keys and fetch
+//! bookkeeping with every other backend through shared memory when the library is preloaded
+//! ([`crate::shared`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use gprxy_core::{
     peek_claim, peek_unverified, ConfigError, JwksCache, JwksSource, SystemClock, UreqFetcher,
@@ -61,14 +62,20 @@ pub fn cache_for(settings: &Settings, issuer: &str) -> Result<Arc<JwksCache>, Co
             return Ok(e.cache.clone());
         }
     }
-    let fetcher = Arc::new(UreqFetcher::new(settings.http.clone())?);
-    let cache = Arc::new(JwksCache::new(
-        source_for(settings, issuer),
-        fetcher,
-        Arc::new(SystemClock),
-        settings.cache.clone(),
-        settings.http.insecure_allow_http_loopback,
-    )?);
+    // One attempt is at most a discovery request and a key set request.
+    let http = &settings.http;
+    let attempt_budget = (http.connect_timeout + http.read_timeout) * 2 + Duration::from_secs(1);
+    let fetcher = Arc::new(UreqFetcher::new(http.clone())?);
+    let cache = Arc::new(
+        JwksCache::new(
+            source_for(settings, issuer),
+            fetcher,
+            Arc::new(SystemClock),
+            settings.cache.clone(),
+            settings.http.insecure_allow_http_loopback,
+        )?
+        .with_share(Arc::new(crate::shared::ShmShare::new(issuer)), attempt_budget),
+    );
     if let Some(old) = map.get(issuer).and_then(|e| e.cache.export()) {
         let _ = cache.import(&old);
     }
@@ -99,9 +106,7 @@ pub fn decide(req: &LoginRequest<'_>) -> LoginOutcome {
         Ok(c) => c,
         Err(e) => return deny("config", e.to_string(), unverified_id()),
     };
-    crate::shared::pull(issuer, &cache);
     let result = Validator::new(policy).validate(req.token, &*cache, gprxy_core::unix_time());
-    crate::shared::push(issuer, &cache);
     let token = match result {
         Ok(t) => t,
         Err(e) => return deny(e.code(), e.to_string(), unverified_id()),

@@ -174,6 +174,8 @@ impl Settings {
                 max_body_bytes: usize::try_from(HTTP_MAX_BODY.get()).unwrap_or(0),
                 insecure_allow_http_loopback: INSECURE_ALLOW_HTTP_LOOPBACK.get(),
                 ca_file: (!ca.is_empty()).then(|| ca.into()),
+                // A PostgreSQL process must not start threads (ureq's default resolver would).
+                resolve_in_caller_thread: true,
             },
             refresh_check_interval: secs(JWKS_REFRESH_CHECK_INTERVAL.get()),
         };

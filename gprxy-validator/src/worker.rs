@@ -25,9 +25,8 @@ pub fn run() {
         interval = settings.refresh_check_interval;
         for issuer in crate::shared::issuers() {
             let Ok(cache) = crate::login::cache_for(&settings, &issuer) else { continue };
-            crate::shared::pull(&issuer, &cache);
+            // Takes newer keys from shared memory first, publishes what it fetches.
             if cache.refresh_if_due() {
-                crate::shared::push(&issuer, &cache);
                 pgrx::log!("gprxy: refreshed signing keys of issuer {}", gprxy_core::Quoted::new(&issuer));
             }
         }

@@ -568,7 +568,10 @@ fn sighup_to_another_jwks_uri_drops_the_old_keys() {
     w.proxy.edit_config(|t| t.replacen("[fallback]\n", &format!("[fallback]\njwks_uri = \"{uri}\"\n"), 1));
     w.proxy.signal("HUP");
     let reload = w.proxy.wait_events("reload", 1);
-    assert!(reload.iter().any(|e| e.to_string().contains("configuration and certificates reloaded")), "{reload:?}");
+    assert!(
+        reload.iter().any(|e| e.to_string().contains("configuration and certificates reloaded")),
+        "{reload:?}"
+    );
     // The keys cached from the old place (still fresh) are not kept across the reload.
     let e = w.psql("alice", &old, "require", "SELECT 1").unwrap_err();
     assert!(e.contains("kid_unknown"), "{e}");
