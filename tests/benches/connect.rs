@@ -238,6 +238,9 @@ fn main() {
             ),
         );
     }
+    // Stop the server and the issuer before exiting (process::exit runs no destructors).
+    drop(pg);
+    drop(idp);
     if !missed.is_empty() {
         eprintln!("connect: {} goal(s) missed", missed.len());
         std::process::exit(1);
