@@ -6,4 +6,7 @@
 --   gprxy.context_roles = 'app_admin, app_writer, app_reader'
 -- EXECUTE is inherited by members of these roles; gprxy.context_roles (checked against
 -- session_user) is what keeps a member such as an analyst who logs in by password out.
+-- A database where the extension was created by an earlier gprxy (same version number, EXECUTE
+-- still granted to PUBLIC) needs the revoke too; repeating it is harmless.
+REVOKE EXECUTE ON FUNCTION gprxy.set_context(text), gprxy.reset_context() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION gprxy.set_context(text), gprxy.reset_context() TO app_admin, app_writer, app_reader;

@@ -262,7 +262,9 @@ impl Fetcher for UreqFetcher {
 /// not pay for an HTTP agent (TLS configuration, root store, CA file read).
 pub struct LazyFetcher {
     settings: HttpSettings,
-    built: std::sync::OnceLock<Result<UreqFetcher, ConfigError>>,
+    /// Only a successful build is kept: a CA file unreadable for a moment (during its rotation)
+    /// is tried again on the next request.
+    built: std::sync::OnceLock<UreqFetcher>,
 }
 
 impl LazyFetcher {
@@ -279,8 +281,11 @@ impl LazyFetcher {
 
 impl Fetcher for LazyFetcher {
     fn get(&self, url: &str) -> Result<HttpResponse, KeyError> {
-        match self.built.get_or_init(|| UreqFetcher::new(self.settings.clone())) {
-            Ok(fetcher) => fetcher.get(url),
+        if let Some(fetcher) = self.built.get() {
+            return fetcher.get(url);
+        }
+        match UreqFetcher::new(self.settings.clone()) {
+            Ok(fetcher) => self.built.get_or_init(|| fetcher).get(url),
             Err(e) => Err(KeyError::Transport {
                 url: Quoted::new(url),
                 reason: format!("the HTTP client could not be built: {e}"),
@@ -321,10 +326,11 @@ mod tests {
         let f = super::LazyFetcher::new(missing);
         assert!(!f.is_built());
         let err = f.get("https://idp.example.com/jwks").unwrap_err().to_string();
-        assert!(f.is_built());
         assert!(
             err.contains("the HTTP client could not be built: ") && err.contains("/nonexistent/ca.pem"),
             "{err}"
         );
+        // A failed build is not kept: the next request tries again (the CA file may be back).
+        assert!(!f.is_built());
     }
 }

@@ -735,7 +735,7 @@ mod tests {
         let pw = dir.path().join("pw");
         std::fs::write(&pw, "secret\n").unwrap();
         let ok = format!(
-            "[[fallback.map]]\nrole = \"w\"\naccount = \"app_writer\"\n[fallback.accounts.app_writer]\npassword_file = \"{}\"\n",
+            "signed_context = false\n[[fallback.map]]\nrole = \"w\"\naccount = \"app_writer\"\n[fallback.accounts.app_writer]\npassword_file = \"{}\"\n",
             pw.display()
         );
         let with = |table: &str| load(&fallback(&format!("{ok}[fallback.required_claims]\n{table}")));

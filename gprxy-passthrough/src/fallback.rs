@@ -280,17 +280,29 @@ async fn login_upstream(
     Ok(ServerConn::new(up, startup_reply, key, signer))
 }
 
-/// Fallback mode never logs in as a superuser or a role with REPLICATION or BYPASSRLS, whatever
-/// the map says: one query on each new server connection (a pooled one was checked when made).
-/// No answer, or an error, refuses too.
+/// Fallback mode never logs in as an account with powers beyond its grants, whatever the map
+/// says: a superuser, REPLICATION, BYPASSRLS or CREATEROLE, the server-file and server-program
+/// roles, or membership (any chain, SET ROLE reaches it) in a role with any of these; nor as an
+/// account with settings stored by `ALTER ROLE ... SET`, which one pooled user could plant (a
+/// search_path, say) for every later session. One query on each new server connection (a pooled
+/// one was checked when made). No answer, or an error, refuses too.
 async fn refuse_privileged_account(
     up: &mut BoxStream,
     sbuf: &mut BytesMut,
     account: &str,
 ) -> Result<(), SessionError> {
-    const SQL: &str = "SELECT pg_catalog.concat_ws(' ', CASE WHEN rolsuper THEN 'SUPERUSER' END, \
-        CASE WHEN rolreplication THEN 'REPLICATION' END, CASE WHEN rolbypassrls THEN 'BYPASSRLS' END) \
-        FROM pg_catalog.pg_roles WHERE rolname = current_user";
+    const SQL: &str = "SELECT pg_catalog.concat_ws(', ', \
+        (SELECT pg_catalog.string_agg(pg_catalog.concat_ws(' ', \
+            CASE WHEN r.rolname OPERATOR(pg_catalog.<>) CURRENT_USER THEN 'member of ' OPERATOR(pg_catalog.||) r.rolname END, \
+            CASE WHEN r.rolsuper THEN 'SUPERUSER' END, CASE WHEN r.rolreplication THEN 'REPLICATION' END, \
+            CASE WHEN r.rolbypassrls THEN 'BYPASSRLS' END, CASE WHEN r.rolcreaterole THEN 'CREATEROLE' END), ', ') \
+         FROM pg_catalog.pg_roles r \
+         WHERE pg_catalog.pg_has_role(CURRENT_USER, r.oid, 'MEMBER') AND (r.rolsuper OR r.rolreplication \
+            OR r.rolbypassrls OR r.rolcreaterole OR r.rolname OPERATOR(pg_catalog.=) ANY \
+            (ARRAY['pg_execute_server_program', 'pg_read_server_files', 'pg_write_server_files']::pg_catalog.name[]))), \
+        (SELECT 'settings stored by ALTER ROLE' FROM pg_catalog.pg_db_role_setting s \
+         JOIN pg_catalog.pg_roles r ON r.oid OPERATOR(pg_catalog.=) s.setrole \
+         WHERE r.rolname OPERATOR(pg_catalog.=) CURRENT_USER LIMIT 1))";
     let mut out = BytesMut::new();
     frontend::query(SQL, &mut out).map_err(SessionError::Io)?;
     up.write_all(&out).await?;
@@ -311,10 +323,10 @@ async fn refuse_privileged_account(
         (Some((code, msg)), _) => Err(upstream_failed(&format!("role check: {code}: {msg}"))),
         (None, None) => Err(upstream_failed("role check: the service account is not in pg_roles")),
         (None, Some(powers)) => {
-            tracing::warn!(account = %account, powers = %powers, "fallback: service account refused: superuser, REPLICATION or BYPASSRLS");
+            tracing::warn!(account = %account, powers = %powers, "fallback: service account refused: powers beyond its grants, or stored settings");
             Err(SessionError::Refused {
                 sqlstate: "28000",
-                message: "gprxy: the service account is refused (a superuser, or REPLICATION or BYPASSRLS)"
+                message: "gprxy: the service account is refused (powers beyond its grants, or settings stored by ALTER ROLE)"
                     .into(),
             })
         }
@@ -525,8 +537,12 @@ async fn set_up_session(
     signed: Option<&str>,
 ) -> Result<BytesMut, SessionError> {
     let marker = crate::pool::random_marker("gprxy-setup-").ok_or_else(|| not_ready("no randomness"))?;
-    let mut calls = vec!["$1::text".to_owned()];
-    calls.extend((0..settings.len()).map(|i| format!("set_config(${}, ${}, false)", 2 * i + 2, 2 * i + 3)));
+    // Schema-qualified: a pooled user could have planted a search_path (ALTER ROLE ... SET) and
+    // functions of these names for the next user's set-up to call.
+    let mut calls = vec!["$1::pg_catalog.text".to_owned()];
+    calls.extend(
+        (0..settings.len()).map(|i| format!("pg_catalog.set_config(${}, ${}, false)", 2 * i + 2, 2 * i + 3)),
+    );
     let mut values: Vec<&str> = vec![marker.as_str()];
     values.extend(settings.iter().flat_map(|(k, v)| [k.as_str(), v.as_str()]));
     if let Some(ctx) = signed {

@@ -870,7 +870,8 @@ fn required_claims_refuse_a_token_from_another_repository() {
 fn a_privileged_service_account_is_never_logged_in() {
     let w = start();
     w._pg.sql("ALTER ROLE app_reader BYPASSRLS; ALTER ROLE app_admin SUPERUSER");
-    let refused = "FATAL:  gprxy: the service account is refused (a superuser, or REPLICATION or BYPASSRLS)";
+    let refused =
+        "FATAL:  gprxy: the service account is refused (powers beyond its grants, or settings stored by ALTER ROLE)";
     let e = w.psql("bob", &w.token("bob", json!(["reader"]), 300), "require", "SELECT 1").unwrap_err();
     assert!(e.contains(refused), "{e}");
     let e = w.psql("carol", &w.token("carol", json!(["admin"]), 300), "require", "SELECT 1").unwrap_err();
@@ -881,4 +882,23 @@ fn a_privileged_service_account_is_never_logged_in() {
     // An ordinary account still works.
     let t = w.token("alice", json!(["writer"]), 300);
     assert_eq!(w.psql("alice", &t, "require", "SELECT current_user").unwrap(), "app_writer");
+    // Alice plants a search_path for the account (any role may set its own defaults), for the
+    // next user's new server connection: that connection is refused instead (a reload makes the
+    // pools open new ones).
+    w.psql("alice", &t, "require", "ALTER ROLE app_writer SET search_path = public, pg_catalog").unwrap();
+    w.proxy.signal("HUP");
+    w.proxy.wait_events("reload", 1);
+    let e = w.psql("alice", &t, "require", "SELECT 1").unwrap_err();
+    assert!(e.contains(refused), "{e}");
+    assert!(w.proxy.log().contains("\"powers\":\"settings stored by ALTER ROLE\""), "{}", w.proxy.log());
+    // Nor an account that can SET ROLE to a superuser through a chain of memberships.
+    w._pg.sql(
+        "ALTER ROLE app_writer RESET search_path; CREATE ROLE ops NOLOGIN; GRANT postgres TO ops; \
+         GRANT ops TO app_writer",
+    );
+    w.proxy.signal("HUP");
+    w.proxy.wait_events("reload", 2);
+    let e = w.psql("alice", &t, "require", "SELECT 1").unwrap_err();
+    assert!(e.contains(refused), "{e}");
+    assert!(w.proxy.log().contains("\"powers\":\"member of postgres SUPERUSER"), "{}", w.proxy.log());
 }

@@ -506,7 +506,7 @@ fn delegated_mode_never_maps_a_token_to_a_superuser_or_privileged_role() {
     s.refused("postgres", &t, "role_privileged");
     assert!(
         s.last_audit().contains(
-            r#"detail="role \"postgres\" has SUPERUSER, REPLICATION, BYPASSRLS: delegated mode never maps a token to such a role""#
+            r#"detail="role \"postgres\" has SUPERUSER, REPLICATION, BYPASSRLS, CREATEROLE: delegated mode never maps a token to such a role""#
         ),
         "{}",
         s.last_audit()
@@ -515,6 +515,26 @@ fn delegated_mode_never_maps_a_token_to_a_superuser_or_privileged_role() {
     assert!(s.last_audit().contains(r#"role \"rls_skipper\" has BYPASSRLS:"#), "{}", s.last_audit());
     s.refused("replicator", &t, "role_privileged");
     assert!(s.last_audit().contains(r#"role \"replicator\" has REPLICATION:"#), "{}", s.last_audit());
+    // Nor a role that can SET ROLE to one, through any chain of memberships, nor one that reads
+    // the server's files.
+    s.pg.sql(
+        "CREATE ROLE ops NOLOGIN; GRANT postgres TO ops; CREATE ROLE tok LOGIN; GRANT ops TO tok; \
+         CREATE ROLE filer LOGIN; GRANT pg_read_server_files TO filer",
+    );
+    let t2 = s.token(with(s.idp.claims("alice", AUD), "roles", json!(["tok", "filer"])));
+    s.refused("tok", &t2, "role_privileged");
+    assert!(
+        s.last_audit()
+            .contains(r#"role \"tok\" is a member of \"postgres\", which has powers beyond its grants"#),
+        "{}",
+        s.last_audit()
+    );
+    s.refused("filer", &t2, "role_privileged");
+    assert!(
+        s.last_audit().contains(r#"role \"filer\" is a member of \"pg_read_server_files\""#),
+        "{}",
+        s.last_audit()
+    );
     // The same token still reaches an ordinary role it names.
     assert_eq!(
         s.login("app_writer", &t, "SELECT current_user, system_user").unwrap(),
