@@ -67,7 +67,10 @@ impl Proxy {
     fn wait_listening(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if std::net::TcpStream::connect(self.addr()).is_ok() {
+            // Both listeners: the admin one is bound after the client one.
+            if std::net::TcpStream::connect(self.addr()).is_ok()
+                && std::net::TcpStream::connect(("127.0.0.1", self.admin_port)).is_ok()
+            {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
