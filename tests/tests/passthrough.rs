@@ -568,6 +568,9 @@ fn out_of_file_descriptors_the_proxy_waits_instead_of_spinning_and_recovers() {
 #[test]
 fn admin_listener_serves_a_bounded_number_at_once() {
     let p = proxy_without_upstream("");
+    // The harness's readiness probe of the admin port holds a place until its task has seen the
+    // probe close: let that happen before counting.
+    std::thread::sleep(Duration::from_millis(300));
     // Sixteen silent admin connections take every place; the next is closed at once.
     let silent: Vec<TcpStream> =
         (0..16).map(|_| TcpStream::connect(("127.0.0.1", p.admin_port)).unwrap()).collect();
