@@ -6,6 +6,29 @@ use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use pgrx::prelude::*;
 use pgrx::{GucContext, GucFlags, GucRegistry};
 
+/// A GUC check hook for a string setting: `$check` (a pure function, unit-tested) decides, and
+/// its message becomes the refusal's detail.
+macro_rules! string_check_hook {
+    ($name:ident, $check:path) => {
+        #[pg_guard]
+        unsafe extern "C-unwind" fn $name(
+            newval: *mut *mut c_char,
+            _extra: *mut *mut c_void,
+            _source: pg_sys::GucSource::Type,
+        ) -> bool {
+            // SAFETY: PostgreSQL passes a pointer to the candidate value, which may be NULL.
+            let value = unsafe { opt_str((*newval).cast_const()) }.unwrap_or_default();
+            match $check(value.trim()) {
+                Ok(()) => true,
+                Err(msg) => {
+                    check_detail(&msg);
+                    false
+                }
+            }
+        }
+    };
+}
+
 #[cfg(feature = "pg18")]
 mod role;
 #[cfg(feature = "pg18")]
@@ -65,29 +88,8 @@ pub(crate) fn check_detail(msg: &str) {
     }
 }
 
-macro_rules! context_check_hook {
-    ($name:ident, $check:path) => {
-        #[pg_guard]
-        unsafe extern "C-unwind" fn $name(
-            newval: *mut *mut c_char,
-            _extra: *mut *mut c_void,
-            _source: pg_sys::GucSource::Type,
-        ) -> bool {
-            // SAFETY: PostgreSQL passes a pointer to the candidate value, which may be NULL.
-            let value = unsafe { opt_str((*newval).cast_const()) }.unwrap_or_default();
-            match $check(value.trim()) {
-                Ok(()) => true,
-                Err(msg) => {
-                    check_detail(&msg);
-                    false
-                }
-            }
-        }
-    };
-}
-
-context_check_hook!(check_context_keys, crate::session::check_context_keys);
-context_check_hook!(check_context_roles, crate::session::check_context_roles);
+string_check_hook!(check_context_keys, crate::session::check_context_keys);
+string_check_hook!(check_context_roles, crate::session::check_context_roles);
 
 /// The signed context's settings, on every server version: the trust anchor is
 /// postgresql.conf's (PGC_SIGHUP: no client, SET or ALTER ROLE can change it).

@@ -165,27 +165,6 @@ pub fn shmem_ready() -> bool {
 
 // ---------------------------------------------------------------- settings
 
-macro_rules! string_check_hook {
-    ($name:ident, $check:path) => {
-        #[pg_guard]
-        unsafe extern "C-unwind" fn $name(
-            newval: *mut *mut c_char,
-            _extra: *mut *mut c_void,
-            _source: pg_sys::GucSource::Type,
-        ) -> bool {
-            // SAFETY: PostgreSQL passes a pointer to the candidate value, which may be NULL.
-            let value = unsafe { opt_str((*newval).cast_const()) }.unwrap_or_default();
-            match $check(value.trim()) {
-                Ok(()) => true,
-                Err(msg) => {
-                    check_detail(&msg);
-                    false
-                }
-            }
-        }
-    };
-}
-
 string_check_hook!(check_algorithms, s::check_algorithms);
 string_check_hook!(check_token_types, s::check_token_types);
 string_check_hook!(check_role_map, s::check_role_map);
