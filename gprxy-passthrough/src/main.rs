@@ -18,7 +18,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the proxy (pass-through mode).
+    /// Run the proxy: pass-through mode, and fallback mode when the config has a [fallback] section.
     Serve {
         /// TOML configuration file (see gprxy.toml.example).
         #[arg(long, short, env = "GPRXY_CONFIG")]
