@@ -333,14 +333,19 @@ async fn refuse_privileged_account(
     }
 }
 
-/// The first column of a DataRow as text (None when NULL or malformed).
-fn first_column(body: &[u8]) -> Option<String> {
+/// The number of columns of a DataRow and its first column's bytes (None when NULL or malformed).
+fn data_row_first(body: &[u8]) -> Option<(i16, &[u8])> {
     let columns = i16::from_be_bytes(body.get(..2)?.try_into().ok()?);
     if columns < 1 {
         return None;
     }
     let len = usize::try_from(i32::from_be_bytes(body.get(2..6)?.try_into().ok()?)).ok()?;
-    String::from_utf8(body.get(6..6 + len)?.to_vec()).ok()
+    Some((columns, body.get(6..6 + len)?))
+}
+
+/// The first column of a DataRow as text (None when NULL or malformed).
+fn first_column(body: &[u8]) -> Option<String> {
+    String::from_utf8(data_row_first(body)?.1.to_vec()).ok()
 }
 
 /// The token as a cleartext password (TLS only).
@@ -618,10 +623,8 @@ async fn set_up_session(
 
 /// Whether a DataRow body has `columns` columns, the first being `marker` as text.
 fn data_row_starts_with(body: &[u8], columns: usize, marker: &str) -> bool {
-    let mut want = i16::try_from(columns).unwrap_or(-1).to_be_bytes().to_vec();
-    want.extend_from_slice(&i32::try_from(marker.len()).unwrap_or(-1).to_be_bytes());
-    want.extend_from_slice(marker.as_bytes());
-    body.starts_with(&want)
+    data_row_first(body)
+        .is_some_and(|(n, first)| usize::try_from(n) == Ok(columns) && first == marker.as_bytes())
 }
 
 #[cfg(test)]

@@ -16,7 +16,6 @@
 //! round, default 40) set the size; `BENCH_ONLY=gprxy_rs256` measures one method (no goals checked).
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::Instant;
 
 use gprxy_core::testkit::TestKey;
@@ -33,25 +32,6 @@ fn median(mut v: Vec<f64>) -> f64 {
     assert!(!v.is_empty(), "median of nothing");
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
-}
-
-/// The whole machine's busy CPU time so far, in seconds (/proc/stat: all but idle and iowait).
-fn machine_busy_seconds() -> f64 {
-    static HZ: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-    let hz = *HZ.get_or_init(|| {
-        let out = Command::new("getconf").arg("CLK_TCK").output().expect("getconf CLK_TCK");
-        String::from_utf8_lossy(&out.stdout).trim().parse().expect("CLK_TCK")
-    });
-    let stat = std::fs::read_to_string("/proc/stat").expect("/proc/stat");
-    let cpu = stat.lines().next().expect("cpu line");
-    let ticks: u64 = cpu
-        .split_whitespace()
-        .skip(1)
-        .enumerate()
-        .filter(|(i, _)| *i != 3 && *i != 4)
-        .map(|(_, v)| v.parse::<u64>().unwrap_or(0))
-        .sum();
-    ticks as f64 / hz
 }
 
 struct Method {
@@ -170,7 +150,7 @@ fn main() {
 
     for _ in 0..rounds {
         for m in methods.iter_mut() {
-            let cpu = machine_busy_seconds();
+            let cpu = gprxy_tests::machine::busy_seconds();
             let t = Instant::now();
             for _ in 0..per_round {
                 connect(addr, m.user, "postgres", m.auth)
@@ -178,7 +158,7 @@ fn main() {
                     .close();
             }
             m.wall_ms.push(t.elapsed().as_secs_f64() * 1000.0 / per_round as f64);
-            m.cpu_s += machine_busy_seconds() - cpu;
+            m.cpu_s += gprxy_tests::machine::busy_seconds() - cpu;
         }
     }
     assert_eq!(idp.jwks_requests(), fetches_after_warmup, "JWKS fetched during the measurement");

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod idp;
+pub mod machine;
 pub mod pgwire;
 pub mod proxy;
 

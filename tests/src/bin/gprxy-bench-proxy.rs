@@ -61,35 +61,6 @@ struct Run {
     switches: f64,
 }
 
-/// The whole machine's counters so far (/proc/stat): busy CPU time in clock ticks (all but idle
-/// and iowait) and context switches.
-fn machine_counters() -> (u64, u64) {
-    let stat = std::fs::read_to_string("/proc/stat").expect("/proc/stat");
-    let cpu = stat.lines().next().expect("cpu line");
-    let busy = cpu
-        .split_whitespace()
-        .skip(1)
-        .enumerate()
-        .filter(|(i, _)| *i != 3 && *i != 4)
-        .map(|(_, v)| v.parse::<u64>().unwrap_or(0))
-        .sum();
-    let ctxt = stat
-        .lines()
-        .find_map(|l| l.strip_prefix("ctxt "))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("ctxt line in /proc/stat");
-    (busy, ctxt)
-}
-
-/// Clock ticks per second (USER_HZ), asked of getconf once.
-fn ticks_per_second() -> f64 {
-    static HZ: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-    *HZ.get_or_init(|| {
-        let out = Command::new("getconf").arg("CLK_TCK").output().expect("getconf CLK_TCK");
-        String::from_utf8_lossy(&out.stdout).trim().parse().expect("CLK_TCK")
-    })
-}
-
 fn pgbench(port: u16, extra: &[&str], env: &[(&str, &str)]) -> Run {
     let mut cmd = Command::new(PgVersion::V18.bin("pgbench"));
     cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "-n", "-S", "-T", &seconds()])
@@ -98,10 +69,10 @@ fn pgbench(port: u16, extra: &[&str], env: &[(&str, &str)]) -> Run {
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let (busy_before, ctxt_before) = machine_counters();
+    let (busy_before, ctxt_before) = gprxy_tests::machine::counters();
     let out = cmd.output().expect("run pgbench");
-    let (busy_after, ctxt_after) = machine_counters();
-    let busy = (busy_after - busy_before) as f64 / ticks_per_second();
+    let (busy_after, ctxt_after) = gprxy_tests::machine::counters();
+    let busy = (busy_after - busy_before) as f64 / gprxy_tests::machine::ticks_per_second();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "pgbench failed:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
     let field = |prefix: &str| {
