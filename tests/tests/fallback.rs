@@ -902,3 +902,33 @@ fn a_privileged_service_account_is_never_logged_in() {
     assert!(e.contains(refused), "{e}");
     assert!(w.proxy.log().contains("\"powers\":\"member of postgres SUPERUSER"), "{}", w.proxy.log());
 }
+
+#[test]
+fn a_planted_search_path_cannot_hijack_the_next_users_set_up() {
+    let w = start();
+    // As on PostgreSQL 13 and 14 by default: the service account may create in public.
+    w._pg.sql("GRANT CREATE ON SCHEMA public TO app_writer");
+    let alice = w.token("alice", json!(["writer"]), 300);
+    // Alice, as the shared account, plants a set_config that records its arguments, and a
+    // search_path that puts it before pg_catalog's, for every new server connection.
+    w.psql(
+        "alice",
+        &alice,
+        "require",
+        "CREATE TABLE public.loot (k text, v text); \
+         CREATE FUNCTION public.set_config(text, text, boolean) RETURNS text LANGUAGE sql AS \
+           'INSERT INTO public.loot VALUES ($1, $2); SELECT pg_catalog.set_config($1, $2, $3)'; \
+         ALTER ROLE app_writer SET search_path = public, pg_catalog",
+    )
+    .unwrap();
+    // The pools open new server connections (a reload retires the old ones).
+    w.proxy.signal("HUP");
+    w.proxy.wait_events("reload", 1);
+    let bob = w.token("bob", json!(["writer"]), 300);
+    let e = w.psql("bob", &bob, "require", "SELECT current_user").unwrap_err();
+    assert!(
+        e.contains("gprxy: the service account is refused (powers beyond its grants, or settings stored by ALTER ROLE)"),
+        "{e}"
+    );
+    assert_eq!(w._pg.sql("SELECT count(*) FROM public.loot WHERE v LIKE '%bob%'").trim(), "0");
+}
