@@ -669,15 +669,22 @@ mod tests {
         assert!(e.contains("is not host:port or a Unix socket path"), "{e}");
     }
 
-    #[test]
-    fn key_cache_settings_are_bounded() {
+    /// A temporary folder holding a password file, and the `[fallback]` lines after `head` that
+    /// map role `w` to the account `app_writer` with that file.
+    fn one_account(head: &str) -> (tempfile::TempDir, String) {
         let dir = tempfile::tempdir().unwrap();
         let pw = dir.path().join("pw");
         std::fs::write(&pw, "secret\n").unwrap();
-        let ok = format!(
-            "signed_context = false\n[[fallback.map]]\nrole = \"w\"\naccount = \"app_writer\"\n[fallback.accounts.app_writer]\npassword_file = \"{}\"\n",
+        let lines = format!(
+            "{head}[[fallback.map]]\nrole = \"w\"\naccount = \"app_writer\"\n[fallback.accounts.app_writer]\npassword_file = \"{}\"\n",
             pw.display()
         );
+        (dir, lines)
+    }
+
+    #[test]
+    fn key_cache_settings_are_bounded() {
+        let (_dir, ok) = one_account("signed_context = false\n");
         let with = |keys: &str| load(&fallback(&format!("{ok}[fallback.keys]\n{keys}")));
         let f = with("unknown_kid_cooldown_secs = 5\nmax_staleness_secs = 60\n").unwrap().fallback.unwrap();
         assert_eq!(f.keys.unknown_kid_cooldown, Duration::from_secs(5));
@@ -697,13 +704,7 @@ mod tests {
     #[test]
     fn context_key_comes_from_a_private_file() {
         use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        let pw = dir.path().join("pw");
-        std::fs::write(&pw, "secret\n").unwrap();
-        let rules = format!(
-            "[[fallback.map]]\nrole = \"w\"\naccount = \"app_writer\"\n[fallback.accounts.app_writer]\npassword_file = \"{}\"\n",
-            pw.display()
-        );
+        let (dir, rules) = one_account("");
         let with = |head: &str| load(&fallback(&format!("{head}{rules}")));
         let e = with("").unwrap_err().to_string();
         assert!(e.starts_with("fallback.context_key_file: required with signed_context"), "{e}");
@@ -731,13 +732,7 @@ mod tests {
 
     #[test]
     fn required_claims_table() {
-        let dir = tempfile::tempdir().unwrap();
-        let pw = dir.path().join("pw");
-        std::fs::write(&pw, "secret\n").unwrap();
-        let ok = format!(
-            "signed_context = false\n[[fallback.map]]\nrole = \"w\"\naccount = \"app_writer\"\n[fallback.accounts.app_writer]\npassword_file = \"{}\"\n",
-            pw.display()
-        );
+        let (_dir, ok) = one_account("signed_context = false\n");
         let with = |table: &str| load(&fallback(&format!("{ok}[fallback.required_claims]\n{table}")));
         let f = with(
             "repository_owner = \"acme\"\nenvironment = [\"prod\", \"staging\"]\nemail_verified = true\n\"kubernetes.io.namespace\" = \"ci\"\n",
