@@ -5,8 +5,8 @@ set -euo pipefail
 CACHE="${GPRXY_CACHE:-/var/cache/gprxy}"
 PG18_CONFIG="$CACHE/pg18/bin/pg_config"
 cd "$(dirname "$0")/../gprxy-validator"
-cargo pgrx install --release --pg-config "$PG18_CONFIG" >/dev/null
-cargo pgrx install --release --no-default-features --features pg15 \
+cargo pgrx install --profile extension --pg-config "$PG18_CONFIG" >/dev/null
+cargo pgrx install --profile extension --no-default-features --features pg15 \
   --pg-config /usr/lib/postgresql/15/bin/pg_config >/dev/null
 
 floor_src="$CACHE/pg18/share/gprxy/validator.c"

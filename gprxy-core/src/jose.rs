@@ -203,7 +203,22 @@ pub fn peek_claim(token: &str, claim: &str) -> Option<String> {
 
 /// A short fingerprint of a token for logs: the first 12 hex digits of its SHA-256.
 pub fn fingerprint(token: &[u8]) -> String {
-    use sha2::Digest;
-    let digest = sha2::Sha256::digest(token);
-    digest[..6].iter().map(|b| format!("{b:02x}")).collect()
+    // aws-lc's SHA-256: the signature check runs the same code, so a new process faults in no
+    // other hash implementation for this.
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token);
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    digest.as_ref()[..6]
+        .iter()
+        .flat_map(|b| [HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]])
+        .map(char::from)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn fingerprint_is_the_first_six_bytes_of_sha256_in_hex() {
+        // SHA-256("abc") = ba7816bf 8f01cfea ... (FIPS 180-2, appendix B.1).
+        assert_eq!(super::fingerprint(b"abc"), "ba7816bf8f01");
+    }
 }

@@ -4,7 +4,7 @@
 //! keys, HMAC secrets, unknown curves): a token that names such a key by `kid` gets an error that
 //! says why, instead of "unknown kid".
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -37,14 +37,14 @@ enum Material {
     Unusable(KeyMismatch),
 }
 
-/// One public key, parsed and checked once.
-#[derive(Clone)]
+/// One public key. Its material is parsed and checked on first use, once: a login needs only the
+/// key its token names.
 pub struct VerifyKey {
     kid: Option<String>,
     declared_alg: Option<String>,
     for_signatures: bool,
-    material: Material,
-    decoding: Option<DecodingKey>,
+    jwk: Map<String, Value>,
+    parsed: OnceLock<(Material, Option<DecodingKey>)>,
 }
 
 impl std::fmt::Debug for VerifyKey {
@@ -63,7 +63,7 @@ fn b64(v: Option<&Value>, what: &'static str) -> Result<Vec<u8>, KeyMismatch> {
 
 impl VerifyKey {
     /// Parses one JWK object. Never fails: a key that cannot be used is kept as unusable.
-    pub fn from_jwk(jwk: &Map<String, Value>) -> Self {
+    pub fn from_jwk(jwk: Map<String, Value>) -> Self {
         let str_field = |k: &str| jwk.get(k).and_then(Value::as_str).map(str::to_owned);
         let for_signatures = match (jwk.get("use"), jwk.get("key_ops")) {
             (Some(u), _) if u.as_str() != Some("sig") => false,
@@ -71,11 +71,15 @@ impl VerifyKey {
             (_, Some(_)) => false,
             _ => true,
         };
-        let (material, decoding) = match Self::parse_material(jwk) {
+        let (kid, declared_alg) = (str_field("kid"), str_field("alg"));
+        Self { kid, declared_alg, for_signatures, jwk, parsed: OnceLock::new() }
+    }
+
+    fn material(&self) -> &(Material, Option<DecodingKey>) {
+        self.parsed.get_or_init(|| match Self::parse_material(&self.jwk) {
             Ok((m, d)) => (m, Some(d)),
             Err(reason) => (Material::Unusable(reason), None),
-        };
-        Self { kid: str_field("kid"), declared_alg: str_field("alg"), for_signatures, material, decoding }
+        })
     }
 
     fn parse_material(jwk: &Map<String, Value>) -> Result<(Material, DecodingKey), KeyMismatch> {
@@ -139,8 +143,9 @@ impl VerifyKey {
             return Err(ValidationError::KeyUsage(kid()));
         }
         let mismatch = |reason| ValidationError::KeyMismatch { kid: kid(), alg, reason };
+        let (material, decoding) = self.material();
         use Algorithm::*;
-        match (&self.material, alg) {
+        match (material, alg) {
             (Material::Unusable(reason), _) => return Err(mismatch(reason.clone())),
             (Material::Rsa { bits }, RS256 | RS384 | RS512 | PS256 | PS384 | PS512) => {
                 if *bits < MIN_RSA_BITS {
@@ -167,7 +172,7 @@ impl VerifyKey {
                 return Err(mismatch(KeyMismatch::DeclaredAlg(declared.clone())));
             }
         }
-        self.decoding.as_ref().ok_or_else(|| mismatch(KeyMismatch::Invalid("key")))
+        decoding.as_ref().ok_or_else(|| mismatch(KeyMismatch::Invalid("key")))
     }
 }
 
@@ -181,15 +186,18 @@ impl KeySet {
     /// Parses a JWK Set document (`{"keys": [...]}`), or a single JWK.
     pub fn from_json(bytes: &[u8]) -> Result<Self, String> {
         let doc = crate::claims::parse_object(bytes).map_err(|e| format!("key set: {e}"))?;
-        Self::from_object(&doc)
+        Self::from_object(doc)
     }
 
     /// As [`KeySet::from_json`], from a parsed object.
-    pub fn from_object(doc: &Map<String, Value>) -> Result<Self, String> {
-        let keys = match doc.get("keys") {
+    pub fn from_object(mut doc: Map<String, Value>) -> Result<Self, String> {
+        let keys = match doc.remove("keys") {
             Some(Value::Array(keys)) => keys
-                .iter()
-                .filter_map(Value::as_object)
+                .into_iter()
+                .filter_map(|k| match k {
+                    Value::Object(k) => Some(k),
+                    _ => None,
+                })
                 .take(MAX_KEYS)
                 .map(|k| Arc::new(VerifyKey::from_jwk(k)))
                 .collect(),

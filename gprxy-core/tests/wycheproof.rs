@@ -46,7 +46,7 @@ fn wycheproof_json_web_signature() {
     let mut failures = Vec::new();
     for group in doc["testGroups"].as_array().expect("groups") {
         let key = group.get("public").or_else(|| group.get("private")).expect("a key");
-        let keys = KeySet::from_object(key.as_object().expect("key object")).expect("key set parses");
+        let keys = KeySet::from_object(key.as_object().expect("key object").clone()).expect("key set parses");
         for case in group["tests"].as_array().expect("tests") {
             total += 1;
             let id = case["tcId"].as_u64().unwrap_or(0);

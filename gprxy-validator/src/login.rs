@@ -4,7 +4,6 @@
 //! bookkeeping with every other backend through shared memory when the library is preloaded
 //! ([`crate::shared`]).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,13 +35,18 @@ pub struct LoginOutcome {
     pub token: Option<ValidatedToken>,
 }
 
-struct CacheEntry {
+/// What one issuer needs per login, built on its first login in this backend and kept while
+/// the settings are the same parse.
+struct IssuerState {
+    settings: Arc<Settings>,
     cache: Arc<JwksCache>,
-    built_for: String,
+    /// By the pg_hba line's scope.
+    validators: Vec<(Option<String>, Arc<Validator>)>,
 }
 
-/// Per-backend caches by issuer. A backend is single-threaded; the mutex only satisfies `static`.
-static CACHES: Mutex<Option<HashMap<String, CacheEntry>>> = Mutex::new(None);
+/// Per-backend state by issuer (a handful: a list needs no hashing). A backend is
+/// single-threaded; the mutex only satisfies `static`.
+static ISSUERS: Mutex<Vec<(String, IssuerState)>> = Mutex::new(Vec::new());
 
 /// The JWKS source for an issuer under these settings.
 pub fn source_for(settings: &Settings, issuer: &str) -> JwksSource {
@@ -52,35 +56,71 @@ pub fn source_for(settings: &Settings, issuer: &str) -> JwksSource {
     }
 }
 
-/// The backend's cache for `issuer`, rebuilt when the settings that shape it change.
-pub fn cache_for(settings: &Settings, issuer: &str) -> Result<Arc<JwksCache>, ConfigError> {
-    let fingerprint = format!("{:?}|{:?}|{:?}", source_for(settings, issuer), settings.cache, settings.http);
-    let mut guard = CACHES.lock();
-    let map = guard.get_or_insert_with(HashMap::new);
-    if let Some(e) = map.get(issuer) {
-        if e.built_for == fingerprint {
-            return Ok(e.cache.clone());
-        }
-    }
-    // One attempt is at most a discovery request and a key set request.
-    let http = &settings.http;
-    let attempt_budget = (http.connect_timeout + http.read_timeout) * 2 + Duration::from_secs(1);
-    let fetcher = Arc::new(LazyFetcher::new(http.clone()));
-    let cache = Arc::new(
-        JwksCache::new(
+impl IssuerState {
+    fn new(settings: &Arc<Settings>, issuer: &str) -> Result<Self, ConfigError> {
+        // One attempt is at most a discovery request and a key set request.
+        let http = &settings.http;
+        let attempt_budget = (http.connect_timeout + http.read_timeout) * 2 + Duration::from_secs(1);
+        let cache = JwksCache::new(
             source_for(settings, issuer),
-            fetcher,
+            Arc::new(LazyFetcher::new(http.clone())),
             Arc::new(SystemClock),
             settings.cache.clone(),
-            settings.http.insecure_allow_http_loopback,
+            http.insecure_allow_http_loopback,
         )?
-        .with_share(Arc::new(crate::shared::ShmShare::new(issuer)), attempt_budget),
-    );
-    if let Some(old) = map.get(issuer).and_then(|e| e.cache.export()) {
-        let _ = cache.import(&old);
+        .with_share(Arc::new(crate::shared::ShmShare::new(issuer)), attempt_budget);
+        Ok(Self { settings: settings.clone(), cache: Arc::new(cache), validators: Vec::new() })
     }
-    map.insert(issuer.to_owned(), CacheEntry { cache: cache.clone(), built_for: fingerprint });
-    Ok(cache)
+}
+
+/// Runs `f` on the backend's state for `issuer` under `settings`, rebuilt when the settings were
+/// parsed anew (the keys carry over).
+fn with_issuer<T>(
+    settings: &Arc<Settings>,
+    issuer: &str,
+    f: impl FnOnce(&mut IssuerState) -> Result<T, ConfigError>,
+) -> Result<T, ConfigError> {
+    let mut issuers = ISSUERS.lock();
+    let i = match issuers.iter().position(|(name, _)| name == issuer) {
+        Some(i) => i,
+        None => {
+            issuers.push((issuer.to_owned(), IssuerState::new(settings, issuer)?));
+            issuers.len() - 1
+        }
+    };
+    let state = &mut issuers[i].1;
+    if !Arc::ptr_eq(&state.settings, settings) {
+        let renewed = IssuerState::new(settings, issuer)?;
+        if let Some(snap) = state.cache.export() {
+            let _ = renewed.cache.import(&snap);
+        }
+        *state = renewed;
+    }
+    f(state)
+}
+
+/// The backend's key cache for `issuer` (the refresher's).
+pub fn cache_for(settings: &Arc<Settings>, issuer: &str) -> Result<Arc<JwksCache>, ConfigError> {
+    with_issuer(settings, issuer, |state| Ok(state.cache.clone()))
+}
+
+/// The backend's key cache for `issuer` and its validator for the pg_hba line's scope.
+fn issuer_state(
+    settings: &Arc<Settings>,
+    issuer: &str,
+    hba_scope: Option<&str>,
+) -> Result<(Arc<JwksCache>, Arc<Validator>), ConfigError> {
+    with_issuer(settings, issuer, |state| {
+        let validator = match state.validators.iter().find(|(scope, _)| scope.as_deref() == hba_scope) {
+            Some((_, v)) => v.clone(),
+            None => {
+                let v = Arc::new(Validator::new(settings.policy(issuer, hba_scope)?));
+                state.validators.push((hba_scope.map(str::to_owned), v.clone()));
+                v
+            }
+        };
+        Ok((state.cache.clone(), validator))
+    })
 }
 
 /// The attributes of a role that no grant can narrow.
@@ -138,15 +178,11 @@ pub fn decide(req: &LoginRequest<'_>) -> LoginOutcome {
     let Some(issuer) = req.hba_issuer.filter(|i| !i.is_empty()) else {
         return deny("config", "the pg_hba.conf line has no issuer".into(), unverified_id());
     };
-    let policy = match settings.policy(issuer, req.hba_scope) {
-        Ok(p) => p,
+    let (cache, validator) = match issuer_state(&settings, issuer, req.hba_scope) {
+        Ok(found) => found,
         Err(e) => return deny("config", e.to_string(), unverified_id()),
     };
-    let cache = match cache_for(&settings, issuer) {
-        Ok(c) => c,
-        Err(e) => return deny("config", e.to_string(), unverified_id()),
-    };
-    let result = Validator::new(policy).validate(req.token, &*cache, gprxy_core::unix_time());
+    let result = validator.validate(req.token, &*cache, gprxy_core::unix_time());
     let token = match result {
         Ok(t) => t,
         Err(e) => return deny(e.code(), e.to_string(), unverified_id()),
@@ -199,8 +235,10 @@ pub fn audit_line(req: &LoginRequest<'_>, out: &LoginOutcome, started: Instant) 
         }
     };
     let q = |v: Option<&str>| gprxy_core::Quoted::new(v.unwrap_or("-")).to_string();
+    // Integer arithmetic: float formatting is code a new backend would fault in for this alone.
+    let micros = started.elapsed().as_micros();
     let mut line = format!(
-        "gprxy: oauth login {} reason={} role={} authn_id={} iss={} kid={} alg={} token_fp={} client={} database={} elapsed_ms={:.3}",
+        "gprxy: oauth login {} reason={} role={} authn_id={} iss={} kid={} alg={} token_fp={} client={} database={} elapsed_ms={}.{:03}",
         if out.authorized { "authorized" } else { "refused" },
         out.reason,
         q(Some(req.role)),
@@ -211,7 +249,8 @@ pub fn audit_line(req: &LoginRequest<'_>, out: &LoginOutcome, started: Instant) 
         fp,
         q(req.client),
         q(req.database),
-        started.elapsed().as_secs_f64() * 1000.0,
+        micros / 1000,
+        micros % 1000,
     );
     if !out.detail.is_empty() {
         line.push_str(&format!(" detail={}", gprxy_core::Quoted::new(&out.detail)));

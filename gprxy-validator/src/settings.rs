@@ -5,12 +5,15 @@
 //! refused with a message naming the setting and the old value stays.
 
 use std::ffi::CString;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use gprxy_core::{
     parse_algorithms, Algorithm, CacheSettings, ConfigError, HttpSettings, IdentityForm, Policy,
     RequiredClaims,
 };
+use parking_lot::Mutex;
 use pgrx::GucSetting;
 
 type Str = GucSetting<Option<CString>>;
@@ -143,9 +146,42 @@ pub struct Settings {
     pub refresh_check_interval: Duration,
 }
 
+/// Bumped by every `gprxy.*` setting's assign hook (at definition, and whenever a reload
+/// changes one), so that a login parses the settings only when one changed since the last parse.
+static GENERATION: AtomicU64 = AtomicU64::new(0);
+
+/// Called by the settings' assign hooks.
+pub fn changed() {
+    GENERATION.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The last parse and the generation it was made at. Filled in the postmaster at preload, so
+/// that every backend forked from it starts with the settings parsed.
+static PARSED: Mutex<Option<(u64, Result<Arc<Settings>, ConfigError>)>> = Mutex::new(None);
+
 impl Settings {
-    /// Reads the GUCs.
-    pub fn current() -> Result<Self, ConfigError> {
+    /// The settings in force: the last parse while the values are unchanged, else a new one
+    /// (after a reload, each backend parses once).
+    pub fn current() -> Result<Arc<Self>, ConfigError> {
+        let generation = GENERATION.load(Ordering::Relaxed);
+        let mut parsed = PARSED.lock();
+        if let Some((seen, result)) = parsed.as_ref() {
+            if *seen == generation {
+                return result.clone();
+            }
+        }
+        let result = Self::parse().map(Arc::new);
+        *parsed = Some((generation, result.clone()));
+        result
+    }
+
+    /// Parses the settings now (the postmaster does at preload; its children inherit the parse).
+    pub fn prepare() {
+        let _ = Self::current();
+    }
+
+    /// Reads the GUCs into typed values.
+    fn parse() -> Result<Self, ConfigError> {
         let cfg = |setting: &'static str, reason: String| ConfigError { setting, reason };
         let algorithms = parse_algorithms(&string(&ALLOWED_ALGORITHMS))?;
         let role_map = parse_role_map(&string(&ROLE_MAP)).map_err(|r| cfg("gprxy.role_map", r))?;

@@ -48,8 +48,12 @@ extern "C" {
 /// # Safety
 /// `p` is NULL or points to a NUL-terminated string valid for the call.
 unsafe fn opt_str(p: *const c_char) -> Option<String> {
+    if p.is_null() {
+        return None;
+    }
     // SAFETY: guaranteed by the caller.
-    (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+    let c = unsafe { CStr::from_ptr(p) };
+    Some(c.to_str().map_or_else(|_| c.to_string_lossy().into_owned(), str::to_owned))
 }
 
 /// A parameter exactly as the client's startup packet gave it (not the GUC, which a placeholder

@@ -112,7 +112,7 @@ unsafe extern "C-unwind" fn validate_cb(
         )
     };
     let token = token.to_str().unwrap_or("");
-    let role = role.to_string_lossy();
+    let role = std::str::from_utf8(role.to_bytes()).map_or_else(|_| role.to_string_lossy(), Into::into);
     let req = LoginRequest {
         token,
         role: &role,
@@ -178,13 +178,27 @@ fn no_check(_: &str) -> Result<(), String> {
 }
 string_check_hook!(check_none, no_check);
 
+// Every setting's assign hook: the parsed settings are stale.
+#[pg_guard]
+unsafe extern "C-unwind" fn string_changed(_new: *const c_char, _extra: *mut c_void) {
+    s::changed();
+}
+#[pg_guard]
+unsafe extern "C-unwind" fn int_changed(_new: c_int, _extra: *mut c_void) {
+    s::changed();
+}
+#[pg_guard]
+unsafe extern "C-unwind" fn bool_changed(_new: bool, _extra: *mut c_void) {
+    s::changed();
+}
+
 fn define_string(
     name: &'static CStr,
     desc: &'static CStr,
     setting: &'static pgrx::GucSetting<Option<CString>>,
     hook: pg_sys::GucStringCheckHook,
 ) {
-    // SAFETY: the hook is #[pg_guard]ed; name, description and setting are 'static.
+    // SAFETY: the hooks are #[pg_guard]ed; name, description and setting are 'static.
     unsafe {
         GucRegistry::define_string_guc_with_hooks(
             name,
@@ -194,7 +208,7 @@ fn define_string(
             GucContext::Sighup,
             GucFlags::default(),
             hook,
-            None,
+            Some(string_changed),
             None,
         )
     }
@@ -208,11 +222,39 @@ fn define_int(
     max: i32,
     unit: GucFlags,
 ) {
-    GucRegistry::define_int_guc(name, desc, c"", setting, min, max, GucContext::Sighup, unit);
+    // SAFETY: the hook is #[pg_guard]ed; name, description and setting are 'static.
+    unsafe {
+        GucRegistry::define_int_guc_with_hooks(
+            name,
+            desc,
+            c"",
+            setting,
+            min,
+            max,
+            GucContext::Sighup,
+            unit,
+            None,
+            Some(int_changed),
+            None,
+        )
+    }
 }
 
 fn define_bool(name: &'static CStr, desc: &'static CStr, setting: &'static pgrx::GucSetting<bool>) {
-    GucRegistry::define_bool_guc(name, desc, c"", setting, GucContext::Sighup, GucFlags::default());
+    // SAFETY: the hook is #[pg_guard]ed; name, description and setting are 'static.
+    unsafe {
+        GucRegistry::define_bool_guc_with_hooks(
+            name,
+            desc,
+            c"",
+            setting,
+            GucContext::Sighup,
+            GucFlags::default(),
+            None,
+            Some(bool_changed),
+            None,
+        )
+    }
 }
 
 fn define_settings() {
@@ -400,6 +442,8 @@ pub fn init() {
     // SAFETY: reading a postmaster-set flag during library load.
     let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
     if preloading {
+        // Parsed once here; every backend forked from the postmaster inherits the parse.
+        s::Settings::prepare();
         pg_shmem_init!(SHARED = SharedKeys::default());
         SHMEM_READY.store(true, Ordering::Relaxed);
         BackgroundWorkerBuilder::new("gprxy JWKS refresher")
