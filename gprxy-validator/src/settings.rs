@@ -157,7 +157,9 @@ pub fn changed() {
 
 /// The last parse and the generation it was made at. Filled in the postmaster at preload, so
 /// that every backend forked from it starts with the settings parsed.
-static PARSED: Mutex<Option<(u64, Result<Arc<Settings>, ConfigError>)>> = Mutex::new(None);
+static PARSED: Mutex<Option<(u64, Parsed)>> = Mutex::new(None);
+
+type Parsed = Result<Arc<Settings>, ConfigError>;
 
 impl Settings {
     /// The settings in force: the last parse while the values are unchanged, else a new one
