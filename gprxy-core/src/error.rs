@@ -6,7 +6,7 @@
 
 use std::fmt;
 
-use crate::policy::Algorithm;
+use crate::algorithm::Algorithm;
 
 /// Why a token was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

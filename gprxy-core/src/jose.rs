@@ -10,10 +10,10 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use serde_json::{Map, Value};
 
+use crate::algorithm::Algorithm;
 use crate::claims::parse_object;
 use crate::error::{Malformed, ValidationError};
 use crate::jwk::{KeySet, VerifyKey};
-use crate::policy::Algorithm;
 
 /// JOSE algorithm names that are registered but never accepted by gprxy.
 const FORBIDDEN_ALGS: [&str; 7] = ["HS256", "HS384", "HS512", "ES512", "ES256K", "Ed448", "RS1"];

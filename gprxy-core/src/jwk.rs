@@ -11,8 +11,8 @@ use base64::Engine;
 use jsonwebtoken::DecodingKey;
 use serde_json::{Map, Value};
 
+use crate::algorithm::Algorithm;
 use crate::error::{KeyMismatch, Quoted, ValidationError};
-use crate::policy::Algorithm;
 
 /// Most keys kept from one key set; the rest are ignored (real issuers publish a handful).
 pub const MAX_KEYS: usize = 64;

@@ -26,12 +26,12 @@ use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::algorithm::Algorithm;
 use crate::claims::parse_object;
 use crate::error::{ConfigError, KeyError, Quoted, ValidationError};
 use crate::fetch::{check_url, Fetcher};
 use crate::jose::KeySource;
 use crate::jwk::{KeySet, VerifyKey};
-use crate::policy::Algorithm;
 
 /// Milliseconds since the Unix epoch. Replaceable in tests.
 pub trait Clock: Send + Sync {

@@ -11,6 +11,7 @@
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod algorithm;
 pub mod claims;
 pub mod context;
 pub mod error;
@@ -26,6 +27,7 @@ pub mod required;
 pub mod testkit;
 pub mod validate;
 
+pub use algorithm::Algorithm;
 pub use error::{ConfigError, KeyError, Malformed, Quoted, ValidationError};
 pub use fetch::{Fetcher, HttpResponse, HttpSettings, LazyFetcher, UreqFetcher};
 pub use jose::{fingerprint, peek_claim, peek_unverified, KeySource, Unverified};
@@ -34,7 +36,7 @@ pub use jwks::{
     issuer_metadata, unix_time, CacheSettings, Clock, FetchState, JwksCache, JwksSource, KeyShare,
     MemoryShare, Snapshot, SystemClock,
 };
-pub use policy::{parse_algorithms, Algorithm, IdentityForm, Policy, PolicyBuilder, MAX_TOKEN_BYTES};
+pub use policy::{parse_algorithms, IdentityForm, Policy, PolicyBuilder, MAX_TOKEN_BYTES};
 pub use prepare::prepare_process;
 pub use required::{Constraint, RequiredClaim, RequiredClaims};
 pub use validate::{ValidatedToken, Validator};

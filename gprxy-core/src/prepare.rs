@@ -25,7 +25,7 @@ fn unhex(s: &str) -> Vec<u8> {
 /// verified, which only a broken crypto library would make false.
 pub fn prepare_process() -> bool {
     aws_lc_rs::init();
-    let _ = crate::fingerprint(MESSAGE);
+    let _ = crate::jose::fingerprint(MESSAGE);
     let mut ok = true;
     for (alg, public, sig) in [
         (&signature::ECDSA_P256_SHA256_FIXED, P256_PUBLIC, P256_SIGNATURE),

@@ -2,10 +2,11 @@
 
 use serde_json::{Map, Value};
 
+use crate::algorithm::Algorithm;
 use crate::claims::{granted_scopes, parse_object, string_list};
 use crate::error::{Quoted, ValidationError};
 use crate::jose::{fingerprint, verify_compact, KeySource};
-use crate::policy::{Algorithm, IdentityForm, Policy};
+use crate::policy::{IdentityForm, Policy};
 
 /// A token that passed every check, with what callers need from it.
 #[derive(Debug, Clone)]

@@ -7,7 +7,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::session::Shared;
+use crate::conn::accept_failed;
+use crate::session::Proxy;
 
 /// Admin connections served at once; more are closed at accept, so that a flood of them cannot
 /// use up the file descriptors that client sessions need.
@@ -15,18 +16,18 @@ const MAX_ADMIN_CONNECTIONS: usize = 16;
 
 /// Serves until the process ends. Requests are read up to 4 KiB; anything else is 404.
 /// `/healthz` answers 503 `draining` once SIGTERM has stopped new connections.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>) {
     let limit = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
     loop {
         let mut sock = match listener.accept().await {
             Ok((sock, _)) => sock,
             Err(e) => {
-                crate::server::accept_failed(&e).await;
+                accept_failed(&e).await;
                 continue;
             }
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else { continue };
-        let shared = shared.clone();
+        let proxy = proxy.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let mut buf = vec![0u8; 4096];
@@ -51,8 +52,8 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             let line = String::from_utf8_lossy(&buf[..n]);
             let path = line.split_whitespace().nth(1).unwrap_or("");
             let (status, ctype, body) = match (line.starts_with("GET "), path) {
-                (true, "/metrics") => ("200 OK", "text/plain; version=0.0.4", shared.metrics.render()),
-                (true, "/healthz") if shared.draining.load(Ordering::Relaxed) => {
+                (true, "/metrics") => ("200 OK", "text/plain; version=0.0.4", proxy.shared.metrics.render()),
+                (true, "/healthz") if proxy.shared.draining.load(Ordering::Relaxed) => {
                     ("503 Service Unavailable", "text/plain", "draining\n".to_owned())
                 }
                 (true, "/healthz") => ("200 OK", "text/plain", "ok\n".to_owned()),

@@ -1,6 +1,7 @@
 //! Configuration: a TOML file (unknown keys refused) plus CLI flags and environment variables,
 //! checked once into typed values. A missing or bad file stops start-up with the line at fault.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -210,6 +211,33 @@ struct FileBridge {
     token_as_password: bool,
 }
 
+/// Pool limits.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    /// Size per service account (others get `default_size`).
+    pub sizes: BTreeMap<String, usize>,
+    /// Size when an account has none.
+    pub default_size: usize,
+    /// How long a client waits for a free connection.
+    pub wait_timeout: Duration,
+    /// Idle connections older than this are closed.
+    pub idle_timeout: Duration,
+    /// Connections older than this are closed when returned or checked out.
+    pub max_lifetime: Duration,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        Self {
+            sizes: BTreeMap::new(),
+            default_size: 10,
+            wait_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(600),
+            max_lifetime: Duration::from_secs(3600),
+        }
+    }
+}
+
 /// Flags that override the file.
 #[derive(Debug, Default, Clone, clap::Args)]
 pub struct Overrides {
@@ -289,7 +317,7 @@ pub struct Fallback {
     /// `gprxy.context_keys`); None when `signed_context = false`.
     pub context_key: Option<std::sync::Arc<gprxy_core::context::ContextKey>>,
     /// Pool limits.
-    pub pool: crate::pool::PoolSettings,
+    pub pool: PoolSettings,
     /// Key cache timing.
     pub keys: gprxy_core::CacheSettings,
 }
@@ -381,9 +409,9 @@ fn check_fallback(f: FileFallback) -> anyhow::Result<Fallback> {
         (false, Some(_)) => bail!("fallback.context_key_file: set, but signed_context is false"),
         (false, None) => None,
     };
-    let d = crate::pool::PoolSettings::default();
+    let d = PoolSettings::default();
     let ms = |v: Option<u64>, default: Duration| v.map_or(default, Duration::from_millis);
-    let pool = crate::pool::PoolSettings {
+    let pool = PoolSettings {
         default_size: f.pool.default_size.unwrap_or(d.default_size),
         sizes: f.pool.sizes,
         wait_timeout: ms(f.pool.wait_timeout_ms, d.wait_timeout),

@@ -1,17 +1,30 @@
-//! gprxy's proxy: protocol framing without I/O ([`proto`]), the per-connection state machine
-//! ([`session`]), the byte relay after login ([`relay`]), the accept loop ([`server`]), TLS, configuration, metrics and the admin listener;
-//! and the user's token helper ([`client`]: `gprxy login`, `gprxy token`).
+//! gprxy's proxy. Its modules, each importing only those below it:
+//!
+//! - [`server`]: the accept loop, reload and drain; [`admin`]: `/metrics` and `/healthz`.
+//! - [`session`]: one client connection: TLS, the startup packet, the login through a mode, the
+//!   relay, the login's log event.
+//! - The modes: [`passthrough`] (the server authenticates; the token-as-password bridge) and
+//!   [`fallback`] (gprxy validates; service accounts, the session pool, the signed context).
+//! - [`upstream`]: reaching the server, forwarding cancel requests.
+//! - [`conn`]: the connection layer: shared state, stream, session error, cancel keys, reading a
+//!   message.
+//! - Below everything: [`proto`] (framing without I/O), [`relay`] (bytes both ways), [`config`],
+//!   [`metrics`], [`tls`].
+//!
+//! Apart: [`user_login`], the user's side (`gprxy login`, `gprxy token`).
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod admin;
-pub mod client;
 pub mod config;
+pub mod conn;
 pub mod fallback;
 pub mod metrics;
-pub mod pool;
+pub mod passthrough;
 pub mod proto;
 pub mod relay;
 pub mod server;
 pub mod session;
 pub mod tls;
+pub mod upstream;
+pub mod user_login;

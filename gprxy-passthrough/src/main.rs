@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use gprxy_passthrough::{client, config, server};
+use gprxy_passthrough::{config, server, user_login};
 
 use clap::{Parser, Subcommand};
 
@@ -79,7 +79,7 @@ fn init_logging(format: config::LogFormat) {
 }
 
 /// Client commands print their error as one line (no backtrace) and exit with status 1.
-fn client_result(r: Result<(), client::ClientError>) -> ExitCode {
+fn login_result(r: Result<(), user_login::LoginError>) -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -98,7 +98,7 @@ fn main() -> anyhow::Result<ExitCode> {
                     "gprxy: WARNING: plain-HTTP issuer allowed (--insecure-allow-http-loopback, tests only)"
                 );
             }
-            let req = client::LoginRequest {
+            let req = user_login::LoginRequest {
                 issuer,
                 client_id,
                 scope,
@@ -106,15 +106,16 @@ fn main() -> anyhow::Result<ExitCode> {
                 ca_file,
                 insecure_allow_http_loopback,
             };
-            let path = client::credentials_path();
-            Ok(client_result(client::login(&req, &mut std::io::stderr()).and_then(|creds| {
-                client::save(&path, &creds)?;
+            let path = user_login::credentials_path();
+            Ok(login_result(user_login::login(&req, &mut std::io::stderr()).and_then(|creds| {
+                user_login::save(&path, &creds)?;
                 eprintln!("gprxy: logged in; tokens stored in {}", path.display());
                 Ok(())
             })))
         }
-        Command::Token => Ok(client_result(
-            client::token(&client::credentials_path(), gprxy_core::unix_time()).map(|t| println!("{t}")),
+        Command::Token => Ok(login_result(
+            user_login::token(&user_login::credentials_path(), gprxy_core::unix_time())
+                .map(|t| println!("{t}")),
         )),
         Command::ContextKey { file, generate } => {
             if generate {
@@ -142,7 +143,7 @@ fn main() -> anyhow::Result<ExitCode> {
             let cfg = config::Config::load(config.as_deref(), &overrides)?;
             init_logging(cfg.log_format);
             let workers = cfg.worker_threads;
-            let shared = server::shared_state(cfg)?;
+            let proxy = server::proxy(cfg)?;
             let mut rt = tokio::runtime::Builder::new_multi_thread();
             rt.enable_all().thread_name("gprxy-worker");
             if let Some(n) = workers {
@@ -151,7 +152,7 @@ fn main() -> anyhow::Result<ExitCode> {
             let rt = rt.build()?;
             // The accept loop runs on a worker, so that a new session starts on the thread that
             // accepted it instead of being handed over from the main thread.
-            rt.block_on(async { tokio::spawn(server::run(shared, config, overrides)).await })??;
+            rt.block_on(async { tokio::spawn(server::run(proxy, config, overrides)).await })??;
             Ok(ExitCode::SUCCESS)
         }
     }

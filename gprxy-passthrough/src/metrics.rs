@@ -208,6 +208,12 @@ impl Metrics {
         }
     }
 
+    /// The relayed-bytes counters: client to server, server to client.
+    pub fn relayed_bytes(&self) -> (Counter, Counter) {
+        let counter = |direction| self.bytes.get_or_create(&DirectionLabels { direction }).clone();
+        (counter("client_to_server"), counter("server_to_client"))
+    }
+
     /// Counts one login (`mechanism` as the client or server named it).
     pub fn login(&self, mechanism: &str, outcome: &'static str) {
         let labels = LoginLabels { mechanism: mechanism_label(mechanism), outcome };

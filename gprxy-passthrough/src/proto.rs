@@ -209,10 +209,151 @@ pub mod auth {
     pub const OK: u32 = 0;
     /// AuthenticationCleartextPassword.
     pub const CLEARTEXT: u32 = 3;
+    /// AuthenticationMD5Password.
+    pub const MD5: u32 = 5;
+    /// AuthenticationGSS.
+    pub const GSS: u32 = 7;
+    /// AuthenticationSSPI.
+    pub const SSPI: u32 = 9;
     /// AuthenticationSASL.
     pub const SASL: u32 = 10;
     /// AuthenticationSASLContinue.
     pub const SASL_CONTINUE: u32 = 11;
+    /// AuthenticationSASLFinal.
+    pub const SASL_FINAL: u32 = 12;
+}
+
+/// A SQLSTATE error code (PostgreSQL's Appendix A): the ones gprxy itself sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SqlState(&'static str);
+
+impl SqlState {
+    /// `connection_failure`: the server side of the session failed.
+    pub const CONNECTION_FAILURE: Self = Self("08006");
+    /// `protocol_violation`.
+    pub const PROTOCOL_VIOLATION: Self = Self("08P01");
+    /// `invalid_parameter_value`.
+    pub const INVALID_PARAMETER_VALUE: Self = Self("22023");
+    /// `invalid_authorization_specification`: the login is refused.
+    pub const INVALID_AUTHORIZATION: Self = Self("28000");
+    /// `insufficient_privilege`.
+    pub const INSUFFICIENT_PRIVILEGE: Self = Self("42501");
+    /// `undefined_object`.
+    pub const UNDEFINED_OBJECT: Self = Self("42704");
+    /// `too_many_connections`.
+    pub const TOO_MANY_CONNECTIONS: Self = Self("53300");
+
+    /// The five characters.
+    pub fn code(self) -> &'static str {
+        self.0
+    }
+
+    /// One of ours with this code, if there is one.
+    pub fn known(code: &str) -> Option<Self> {
+        [
+            Self::CONNECTION_FAILURE,
+            Self::PROTOCOL_VIOLATION,
+            Self::INVALID_PARAMETER_VALUE,
+            Self::INVALID_AUTHORIZATION,
+            Self::INSUFFICIENT_PRIVILEGE,
+            Self::UNDEFINED_OBJECT,
+            Self::TOO_MANY_CONNECTIONS,
+        ]
+        .into_iter()
+        .find(|s| s.0 == code)
+    }
+}
+
+impl std::fmt::Display for SqlState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+/// Every message gprxy itself writes to a client (what it relays is written as it came).
+/// Messages to a server are written with `postgres_protocol::message::frontend`.
+#[derive(Debug, Clone, Copy)]
+pub enum BackendMessage<'a> {
+    /// AuthenticationOk.
+    AuthenticationOk,
+    /// AuthenticationCleartextPassword.
+    AuthenticationCleartextPassword,
+    /// AuthenticationSASL with these mechanisms.
+    AuthenticationSasl(&'a [String]),
+    /// AuthenticationSASLContinue with this server data.
+    AuthenticationSaslContinue(&'a [u8]),
+    /// BackendKeyData.
+    BackendKeyData {
+        /// Process id.
+        pid: i32,
+        /// Secret key (4 bytes in protocol 3.0, up to 256 in 3.2).
+        secret: &'a [u8],
+    },
+    /// ReadyForQuery with this transaction status (`I`, `T` or `E`).
+    ReadyForQuery(u8),
+    /// ErrorResponse, severity FATAL.
+    ErrorResponse {
+        /// SQLSTATE.
+        sqlstate: SqlState,
+        /// Message text (NUL bytes become spaces).
+        message: &'a str,
+    },
+}
+
+impl BackendMessage<'_> {
+    /// Appends the message to `out`.
+    pub fn encode(&self, out: &mut BytesMut) {
+        let start = out.len();
+        let mut u32_body = |tag: u8, code: u32, rest: &[u8]| {
+            out.put_u8(tag);
+            out.put_u32((8 + rest.len()) as u32);
+            out.put_u32(code);
+            out.put_slice(rest);
+        };
+        match *self {
+            Self::AuthenticationOk => u32_body(b'R', auth::OK, b""),
+            Self::AuthenticationCleartextPassword => u32_body(b'R', auth::CLEARTEXT, b""),
+            Self::AuthenticationSaslContinue(data) => u32_body(b'R', auth::SASL_CONTINUE, data),
+            Self::AuthenticationSasl(mechanisms) => {
+                let mut body = BytesMut::new();
+                for m in mechanisms {
+                    body.put_slice(m.as_bytes());
+                    body.put_u8(0);
+                }
+                body.put_u8(0);
+                u32_body(b'R', auth::SASL, &body);
+            }
+            Self::BackendKeyData { pid, secret } => {
+                out.put_u8(b'K');
+                out.put_u32((8 + secret.len()) as u32);
+                out.put_i32(pid);
+                out.put_slice(secret);
+            }
+            Self::ReadyForQuery(status) => {
+                out.put_u8(b'Z');
+                out.put_u32(5);
+                out.put_u8(status);
+            }
+            Self::ErrorResponse { sqlstate, message } => {
+                let mut body = BytesMut::new();
+                for (k, v) in [(b'S', "FATAL"), (b'V', "FATAL"), (b'C', sqlstate.code()), (b'M', message)] {
+                    body.put_u8(k);
+                    body.put_slice(v.replace('\0', " ").as_bytes());
+                    body.put_u8(0);
+                }
+                body.put_u8(0);
+                out.put_slice(&frame(b'E', &body));
+            }
+        }
+        debug_assert!(out.len() > start);
+    }
+
+    /// The message alone.
+    pub fn to_bytes(&self) -> BytesMut {
+        let mut out = BytesMut::new();
+        self.encode(&mut out);
+        out
+    }
 }
 
 /// The code of an Authentication (`R`) message.
@@ -233,18 +374,6 @@ pub fn sasl_mechanisms(m: &Message) -> Result<Vec<String>, ProtoError> {
         out.push(mech);
         rest = r;
     }
-}
-
-/// An AuthenticationSASL message offering `mechanisms`.
-pub fn encode_sasl_mechanisms(mechanisms: &[String]) -> BytesMut {
-    let mut body = BytesMut::new();
-    body.put_u32(auth::SASL);
-    for m in mechanisms {
-        body.put_slice(m.as_bytes());
-        body.put_u8(0);
-    }
-    body.put_u8(0);
-    frame(b'R', &body)
 }
 
 /// A typed message with this tag and body.
@@ -270,16 +399,6 @@ pub fn parse_sasl_initial(m: &Message) -> Result<(String, Option<Vec<u8>>), Prot
         n if n >= 0 && n as usize == data.len() => Ok((mech, Some(data.to_vec()))),
         _ => Err(err),
     }
-}
-
-/// A SASLInitialResponse (`p`) message.
-pub fn encode_sasl_initial(mechanism: &str, data: &[u8]) -> BytesMut {
-    let mut body = BytesMut::new();
-    body.put_slice(mechanism.as_bytes());
-    body.put_u8(0);
-    body.put_i32(data.len() as i32);
-    body.put_slice(data);
-    frame(b'p', &body)
 }
 
 /// The bearer token of an OAUTHBEARER client-initial-response (RFC 7628 3.1):
@@ -330,16 +449,14 @@ pub fn error_fields(m: &Message) -> (String, String) {
     (code, msg)
 }
 
-/// An ErrorResponse (severity FATAL) with this SQLSTATE and message.
-pub fn error_response(sqlstate: &str, message: &str) -> BytesMut {
-    let mut body = BytesMut::new();
-    for (k, v) in [(b'S', "FATAL"), (b'V', "FATAL"), (b'C', sqlstate), (b'M', message)] {
-        body.put_u8(k);
-        body.put_slice(v.replace('\0', " ").as_bytes());
-        body.put_u8(0);
+/// The number of columns of a DataRow and its first column's bytes (None when NULL or malformed).
+pub fn data_row_first(body: &[u8]) -> Option<(i16, &[u8])> {
+    let columns = i16::from_be_bytes(body.get(..2)?.try_into().ok()?);
+    if columns < 1 {
+        return None;
     }
-    body.put_u8(0);
-    frame(b'E', &body)
+    let len = usize::try_from(i32::from_be_bytes(body.get(2..6)?.try_into().ok()?)).ok()?;
+    Some((columns, body.get(6..6 + len)?))
 }
 
 /// NegotiateProtocolVersion for a client that asked for more than protocol 3.0 (a newer minor
@@ -480,21 +597,55 @@ mod tests {
     fn sasl_helpers() {
         let m = Message {
             tag: b'R',
-            raw: encode_sasl_mechanisms(&["SCRAM-SHA-256-PLUS".into(), "SCRAM-SHA-256".into()]),
+            raw: BackendMessage::AuthenticationSasl(&["SCRAM-SHA-256-PLUS".into(), "SCRAM-SHA-256".into()])
+                .to_bytes(),
         };
         assert_eq!(auth_code(&m), Some(auth::SASL));
         assert_eq!(sasl_mechanisms(&m).unwrap(), vec!["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"]);
-        let init = Message {
-            tag: b'p',
-            raw: encode_sasl_initial("OAUTHBEARER", b"n,,\x01auth=Bearer abc.def.ghi\x01\x01"),
-        };
+        let mut raw = BytesMut::new();
+        postgres_protocol::message::frontend::sasl_initial_response(
+            "OAUTHBEARER",
+            b"n,,\x01auth=Bearer abc.def.ghi\x01\x01",
+            &mut raw,
+        )
+        .unwrap();
+        let init = Message { tag: b'p', raw };
         let (mech, data) = parse_sasl_initial(&init).unwrap();
         assert_eq!(mech, "OAUTHBEARER");
         assert_eq!(oauthbearer_token(&data.unwrap()).unwrap(), Some("abc.def.ghi"));
         assert_eq!(oauthbearer_token(b"n,,\x01auth=\x01\x01").unwrap(), None);
         assert!(oauthbearer_token(b"garbage").is_err());
-        let e = Message { tag: b'E', raw: error_response("28000", "nope") };
-        assert_eq!(error_fields(&e), ("28000".into(), "nope".into()));
+        let e = Message {
+            tag: b'E',
+            raw: BackendMessage::ErrorResponse {
+                sqlstate: SqlState::INVALID_AUTHORIZATION,
+                message: "no\0pe",
+            }
+            .to_bytes(),
+        };
+        assert_eq!(error_fields(&e), ("28000".into(), "no pe".into()));
+    }
+
+    #[test]
+    fn backend_messages_encode_as_postgresql_sends_them() {
+        assert_eq!(&BackendMessage::AuthenticationOk.to_bytes()[..], b"R\0\0\0\x08\0\0\0\0");
+        assert_eq!(&BackendMessage::AuthenticationCleartextPassword.to_bytes()[..], b"R\0\0\0\x08\0\0\0\x03");
+        assert_eq!(
+            &BackendMessage::AuthenticationSaslContinue(b"{}").to_bytes()[..],
+            b"R\0\0\0\x0a\0\0\0\x0b{}"
+        );
+        assert_eq!(
+            &BackendMessage::BackendKeyData { pid: 7, secret: b"abcd" }.to_bytes()[..],
+            b"K\0\0\0\x0c\0\0\0\x07abcd"
+        );
+        assert_eq!(&BackendMessage::ReadyForQuery(b'I').to_bytes()[..], b"Z\0\0\0\x05I");
+        let key = Message {
+            tag: b'K',
+            raw: BackendMessage::BackendKeyData { pid: -3, secret: &[9; 32] }.to_bytes(),
+        };
+        assert_eq!(backend_key(&key), Some((-3, vec![9; 32])));
+        assert_eq!(SqlState::known("53300"), Some(SqlState::TOO_MANY_CONNECTIONS));
+        assert_eq!(SqlState::known("XX000"), None);
     }
 
     #[test]

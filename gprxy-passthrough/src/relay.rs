@@ -1,5 +1,5 @@
 //! After login: bytes copied both ways, one read and one write per chunk. The pass-through
-//! relay ([`relay`]) parses nothing; fallback mode's pooled relay watches message boundaries
+//! relay ([`copy_both_ways`]) parses nothing; fallback mode's pooled relay watches message boundaries
 //! through [`Pipe`]'s watcher.
 //!
 //! Each direction reads into a [`ReadBuffer`]: it starts at [`MIN_BUFFER`], doubles up to
@@ -202,7 +202,7 @@ impl Pipe {
 
 /// Copies `a` → `b` and `b` → `a` until both sides have ended (an end on one side shuts the
 /// other's writing half down) or either fails. `a_to_b` and `b_to_a` count the bytes written.
-pub async fn relay<A, B>(a: &mut A, b: &mut B, a_to_b: Counter, b_to_a: Counter) -> io::Result<()>
+pub async fn copy_both_ways<A, B>(a: &mut A, b: &mut B, a_to_b: Counter, b_to_a: Counter) -> io::Result<()>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -251,7 +251,7 @@ mod tests {
         let (up, down) = (Counter::default(), Counter::default());
         let task = {
             let (up, down) = (up.clone(), down.clone());
-            tokio::spawn(async move { relay(&mut proxy_client, &mut proxy_server, up, down).await })
+            tokio::spawn(async move { copy_both_ways(&mut proxy_client, &mut proxy_server, up, down).await })
         };
         let request = pattern(300_000, 1);
         let answer = pattern(1_000_000, 7);
@@ -414,7 +414,7 @@ mod tests {
         let (proxy_server, _) = tokio::io::duplex(1024);
         let mut proxy_server = proxy_server;
         client.write_all(b"data for a server that is gone").await.unwrap();
-        let e = relay(&mut proxy_client, &mut proxy_server, Counter::default(), Counter::default())
+        let e = copy_both_ways(&mut proxy_client, &mut proxy_server, Counter::default(), Counter::default())
             .await
             .unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::BrokenPipe);

@@ -1,25 +1,28 @@
-//! The accept loop: a connection cap, SIGHUP reload and SIGTERM drain.
+//! The accept loop: a cap on sessions (a semaphore), SIGHUP reload and SIGTERM drain.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
-use parking_lot::{Mutex, RwLock};
+use parking_lot::RwLock;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
 use crate::config::{Config, Overrides};
+use crate::conn::{accept_failed, CancelKeys, Shared};
+use crate::fallback::Fallback;
 use crate::metrics::Metrics;
-use crate::session::{self, Shared};
+use crate::proto::{BackendMessage, SqlState};
+use crate::session::{self, Proxy};
 
 /// What a configuration needs loaded from disk: TLS material and the fallback runtime.
 struct Loaded {
     tls: Option<Arc<rustls::ServerConfig>>,
     upstream_tls: Option<Arc<rustls::ClientConfig>>,
-    fallback: Option<crate::fallback::FallbackRuntime>,
+    fallback: Option<Fallback>,
 }
 
 impl Loaded {
@@ -36,32 +39,30 @@ impl Loaded {
             .map(|u| crate::tls::upstream_config(&u.ca_file))
             .transpose()
             .context("upstream_tls")?;
-        let fallback = config
-            .fallback
-            .clone()
-            .map(crate::fallback::FallbackRuntime::new)
-            .transpose()
-            .context("fallback")?;
+        let fallback = config.fallback.clone().map(Fallback::new).transpose().context("fallback")?;
         Ok(Self { tls, upstream_tls, fallback })
     }
 }
 
-/// Builds the shared state (TLS material loaded and checked) from a configuration.
-pub fn shared_state(config: Config) -> anyhow::Result<Arc<Shared>> {
+/// Builds the proxy's state (TLS material loaded and checked) from a configuration.
+pub fn proxy(config: Config) -> anyhow::Result<Arc<Proxy>> {
     let loaded = Loaded::from(&config)?;
-    Ok(Arc::new(Shared {
-        config: RwLock::new(Arc::new(config)),
-        tls: RwLock::new(loaded.tls),
-        upstream_tls: RwLock::new(loaded.upstream_tls),
-        cancel_keys: Mutex::new(Default::default()),
-        metrics: Metrics::new(),
+    Ok(Arc::new(Proxy {
+        shared: Shared {
+            config: RwLock::new(Arc::new(config)),
+            tls: RwLock::new(loaded.tls),
+            upstream_tls: RwLock::new(loaded.upstream_tls),
+            cancel_keys: CancelKeys::default(),
+            metrics: Metrics::new(),
+            draining: AtomicBool::new(false),
+        },
         fallback: RwLock::new(loaded.fallback.map(Arc::new)),
-        draining: AtomicBool::new(false),
     }))
 }
 
 /// Re-reads the file and certificates; keeps the old state if anything is wrong.
-fn reload(shared: &Shared, path: Option<&PathBuf>, overrides: &Overrides) {
+fn reload(proxy: &Proxy, path: Option<&PathBuf>, overrides: &Overrides) {
+    let shared = &proxy.shared;
     let result = (|| -> anyhow::Result<()> {
         let config = Config::load(path.map(PathBuf::as_path), overrides)?;
         let loaded = Loaded::from(&config)?;
@@ -72,12 +73,12 @@ fn reload(shared: &Shared, path: Option<&PathBuf>, overrides: &Overrides) {
         if config.worker_threads != running.worker_threads {
             warn!("limits.worker_threads changes need a restart; keeping the running threads");
         }
-        if let (Some(new), Some(old)) = (&loaded.fallback, shared.fallback.read().as_ref()) {
+        if let (Some(new), Some(old)) = (&loaded.fallback, proxy.fallback.read().as_ref()) {
             if let Some(snap) = old.cache.export() {
                 let _ = new.cache.import(&snap);
             }
         }
-        let old = std::mem::replace(&mut *shared.fallback.write(), loaded.fallback.map(Arc::new));
+        let old = std::mem::replace(&mut *proxy.fallback.write(), loaded.fallback.map(Arc::new));
         if let Some(old) = old {
             tokio::spawn(async move { old.pools.retire().await });
         }
@@ -106,24 +107,46 @@ fn bind(addr: std::net::SocketAddr, reuse_port: bool) -> std::io::Result<TcpList
     socket.listen(1024)
 }
 
-/// A failed accept. Running out of file descriptors or memory makes every accept fail at once
-/// until a session ends: wait a little instead of spinning and flooding the log. A connection
-/// that died in the backlog is just skipped.
-pub(crate) async fn accept_failed(e: &std::io::Error) {
-    use std::io::ErrorKind::{ConnectionAborted, ConnectionReset, Interrupted};
-    if matches!(e.kind(), ConnectionAborted | ConnectionReset | Interrupted) {
-        return;
+/// The cap on running sessions: `limits.max_client_connections` permits. A reload that raises
+/// the cap adds permits at once; one that lowers it takes permits back as sessions end.
+struct SessionLimit {
+    permits: Arc<Semaphore>,
+    max: usize,
+}
+
+impl SessionLimit {
+    fn new(max: usize) -> Self {
+        Self { permits: Arc::new(Semaphore::new(max)), max }
     }
-    warn!(error = %e, "accept failed; pausing 100 ms");
-    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    fn resize(&mut self, max: usize) {
+        if max > self.max {
+            self.permits.add_permits(max - self.max);
+        } else if max < self.max {
+            let (permits, fewer) = (self.permits.clone(), u32::try_from(self.max - max).unwrap_or(u32::MAX));
+            tokio::spawn(async move {
+                if let Ok(taken) = permits.acquire_many_owned(fewer).await {
+                    taken.forget();
+                }
+            });
+        }
+        self.max = max;
+    }
+
+    /// Waits until every session has ended, or `deadline`. Returns whether all did.
+    async fn drained(&self, deadline: tokio::time::Instant) -> bool {
+        let all = u32::try_from(self.max).unwrap_or(u32::MAX);
+        tokio::time::timeout_at(deadline, self.permits.acquire_many(all)).await.is_ok()
+    }
 }
 
 /// Runs until SIGTERM or SIGINT, then drains sessions for the grace period.
 pub async fn run(
-    shared: Arc<Shared>,
+    proxy: Arc<Proxy>,
     config_path: Option<PathBuf>,
     overrides: Overrides,
 ) -> anyhow::Result<()> {
+    let shared = &proxy.shared;
     let config = shared.config.read().clone();
     let listener = bind(config.listen, config.reuse_port)
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -138,10 +161,9 @@ pub async fn run(
     if let Some(admin) = config.admin_listen {
         let l =
             bind(admin, config.reuse_port).with_context(|| format!("cannot listen on {admin} (admin)"))?;
-        tokio::spawn(crate::admin::serve(l, shared.clone()));
+        tokio::spawn(crate::admin::serve(l, proxy.clone()));
     }
-    // Each session holds a clone: the count tells how many are still running.
-    let tracker = Arc::new(());
+    let mut limit = SessionLimit::new(config.max_client_connections);
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
@@ -153,24 +175,28 @@ pub async fn run(
                 };
                 let _ = sock.set_nodelay(true);
                 shared.metrics.connections.inc();
-                // Read at each accept, so that a reload applies to the next connection.
-                let running = Arc::strong_count(&tracker) - 1;
-                if running >= shared.config.read().max_client_connections {
+                let Ok(permit) = limit.permits.clone().try_acquire_owned() else {
                     shared.metrics.rejected.inc();
-                    let msg = crate::proto::error_response("53300", "gprxy: too many client connections");
+                    let msg = BackendMessage::ErrorResponse {
+                        sqlstate: SqlState::TOO_MANY_CONNECTIONS,
+                        message: "gprxy: too many client connections",
+                    }
+                    .to_bytes();
                     tokio::spawn(async move { let _ = sock.write_all(&msg).await; });
                     continue;
-                }
-                let shared = shared.clone();
-                let guard = tracker.clone();
+                };
+                let proxy = proxy.clone();
                 tokio::spawn(async move {
-                    shared.metrics.active.inc();
-                    session::handle(shared.clone(), sock, peer).await;
-                    shared.metrics.active.dec();
-                    drop(guard);
+                    proxy.shared.metrics.active.inc();
+                    session::handle(proxy.clone(), sock, peer).await;
+                    proxy.shared.metrics.active.dec();
+                    drop(permit);
                 });
             }
-            _ = hup.recv() => reload(&shared, config_path.as_ref(), &overrides),
+            _ = hup.recv() => {
+                reload(&proxy, config_path.as_ref(), &overrides);
+                limit.resize(shared.config.read().max_client_connections);
+            }
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
         }
@@ -179,14 +205,12 @@ pub async fn run(
     shared.draining.store(true, Ordering::Relaxed);
     let grace = shared.config.read().shutdown_grace;
     info!(
-        sessions = Arc::strong_count(&tracker) - 1,
+        sessions = shared.metrics.active.get(),
         grace_ms = grace.as_millis() as u64,
         "shutting down: no new connections"
     );
     let deadline = tokio::time::Instant::now() + grace;
-    while Arc::strong_count(&tracker) > 1 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    info!(left = Arc::strong_count(&tracker) - 1, "stopped");
+    let _ = limit.drained(deadline).await;
+    info!(left = shared.metrics.active.get(), "stopped");
     Ok(())
 }

@@ -22,7 +22,7 @@ const DEVICE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
 
 /// Why a client command failed. The messages are what the user reads.
 #[derive(Debug, thiserror::Error)]
-pub enum ClientError {
+pub enum LoginError {
     /// The issuer could not be reached or answered nonsense.
     #[error("cannot reach the issuer {issuer}: {source}")]
     Unreachable {
@@ -149,7 +149,7 @@ pub fn credentials_path() -> PathBuf {
     config_dir().join("credentials.json")
 }
 
-fn http(ca_file: Option<&Path>, insecure: bool) -> Result<UreqFetcher, ClientError> {
+fn http(ca_file: Option<&Path>, insecure: bool) -> Result<UreqFetcher, LoginError> {
     let settings = HttpSettings {
         connect_timeout: Duration::from_secs(5),
         read_timeout: Duration::from_secs(10),
@@ -157,13 +157,13 @@ fn http(ca_file: Option<&Path>, insecure: bool) -> Result<UreqFetcher, ClientErr
         ca_file: ca_file.map(Path::to_path_buf),
         ..HttpSettings::default()
     };
-    UreqFetcher::new(settings).map_err(|e| ClientError::BadResponse(e.to_string()))
+    UreqFetcher::new(settings).map_err(|e| LoginError::BadResponse(e.to_string()))
 }
 
-fn json_object(body: &[u8]) -> Result<Map<String, Value>, ClientError> {
+fn json_object(body: &[u8]) -> Result<Map<String, Value>, LoginError> {
     match serde_json::from_slice(body) {
         Ok(Value::Object(m)) => Ok(m),
-        _ => Err(ClientError::BadResponse("not a JSON object".into())),
+        _ => Err(LoginError::BadResponse("not a JSON object".into())),
     }
 }
 
@@ -188,12 +188,12 @@ fn expiry(m: &Map<String, Value>, access_token: &str, now: i64) -> i64 {
 
 /// Runs the device flow: asks the issuer for a code, tells the user (`prompt`) where to enter
 /// it, polls until approved, and returns the credentials (not yet saved).
-pub fn login(req: &LoginRequest, prompt: &mut dyn Write) -> Result<Credentials, ClientError> {
+pub fn login(req: &LoginRequest, prompt: &mut dyn Write) -> Result<Credentials, LoginError> {
     let fetcher = http(req.ca_file.as_deref(), req.insecure_allow_http_loopback)?;
-    let unreachable = |source| ClientError::Unreachable { issuer: req.issuer.clone(), source };
+    let unreachable = |source| LoginError::Unreachable { issuer: req.issuer.clone(), source };
     let (_, meta) = gprxy_core::issuer_metadata(&fetcher, &req.issuer).map_err(unreachable)?;
     let endpoint = |field: &'static str, what: &'static str| {
-        str_field(&meta, field).ok_or(ClientError::NotOffered { issuer: req.issuer.clone(), what, field })
+        str_field(&meta, field).ok_or(LoginError::NotOffered { issuer: req.issuer.clone(), what, field })
     };
     let device_endpoint = endpoint("device_authorization_endpoint", "the device flow")?;
     let token_endpoint = endpoint("token_endpoint", "tokens")?;
@@ -205,14 +205,14 @@ pub fn login(req: &LoginRequest, prompt: &mut dyn Write) -> Result<Credentials, 
     let (_, body) = fetcher.post_form(&device_endpoint, &form).map_err(unreachable)?;
     let device = json_object(&body)?;
     if let Some((error, description)) = oauth_error(&device) {
-        return Err(ClientError::Refused { error, description });
+        return Err(LoginError::Refused { error, description });
     }
-    let field = |k: &str| str_field(&device, k).ok_or_else(|| ClientError::BadResponse(format!("no {k}")));
+    let field = |k: &str| str_field(&device, k).ok_or_else(|| LoginError::BadResponse(format!("no {k}")));
     let device_code = field("device_code")?;
     let user_code = field("user_code")?;
     let uri = str_field(&device, "verification_uri")
         .or_else(|| str_field(&device, "verification_url")) // Google's name
-        .ok_or_else(|| ClientError::BadResponse("no verification_uri".into()))?;
+        .ok_or_else(|| LoginError::BadResponse("no verification_uri".into()))?;
     let mut interval = device.get("interval").and_then(Value::as_u64).unwrap_or(5).max(1);
     let lifetime = device.get("expires_in").and_then(Value::as_u64).unwrap_or(600);
     let _ = writeln!(prompt, "To log in, open {uri} and enter the code {user_code}");
@@ -230,7 +230,7 @@ pub fn login(req: &LoginRequest, prompt: &mut dyn Write) -> Result<Credentials, 
             None => {
                 let now = gprxy_core::unix_time();
                 let access_token = str_field(&answer, "access_token")
-                    .ok_or_else(|| ClientError::BadResponse("no access_token".into()))?;
+                    .ok_or_else(|| LoginError::BadResponse("no access_token".into()))?;
                 return Ok(Credentials {
                     issuer: req.issuer.clone(),
                     client_id: req.client_id.clone(),
@@ -244,19 +244,19 @@ pub fn login(req: &LoginRequest, prompt: &mut dyn Write) -> Result<Credentials, 
             }
             Some((e, _)) if e == "authorization_pending" => {}
             Some((e, _)) if e == "slow_down" => interval += 5,
-            Some((e, _)) if e == "expired_token" => return Err(ClientError::DeviceExpired),
-            Some((error, description)) => return Err(ClientError::Refused { error, description }),
+            Some((e, _)) if e == "expired_token" => return Err(LoginError::DeviceExpired),
+            Some((error, description)) => return Err(LoginError::Refused { error, description }),
         }
         if std::time::Instant::now() + Duration::from_secs(interval) > deadline {
-            return Err(ClientError::DeviceExpired);
+            return Err(LoginError::DeviceExpired);
         }
         std::thread::sleep(Duration::from_secs(interval));
     }
 }
 
 /// Refreshes the access token with the refresh token (RFC 6749 section 6).
-pub fn refresh(creds: &mut Credentials, now: i64) -> Result<(), ClientError> {
-    let refresh_token = creds.refresh_token.clone().ok_or(ClientError::NoRefreshToken)?;
+pub fn refresh(creds: &mut Credentials, now: i64) -> Result<(), LoginError> {
+    let refresh_token = creds.refresh_token.clone().ok_or(LoginError::NoRefreshToken)?;
     let fetcher = http(creds.ca_file.as_deref(), creds.insecure_allow_http_loopback)?;
     let form = [
         ("grant_type", "refresh_token"),
@@ -265,13 +265,13 @@ pub fn refresh(creds: &mut Credentials, now: i64) -> Result<(), ClientError> {
     ];
     let (_, body) = fetcher
         .post_form(&creds.token_endpoint, &form)
-        .map_err(|source| ClientError::Unreachable { issuer: creds.issuer.clone(), source })?;
+        .map_err(|source| LoginError::Unreachable { issuer: creds.issuer.clone(), source })?;
     let answer = json_object(&body)?;
     if let Some((error, _)) = oauth_error(&answer) {
-        return Err(ClientError::RefreshRefused { error });
+        return Err(LoginError::RefreshRefused { error });
     }
     let access_token = str_field(&answer, "access_token")
-        .ok_or_else(|| ClientError::BadResponse("no access_token".into()))?;
+        .ok_or_else(|| LoginError::BadResponse("no access_token".into()))?;
     creds.expires_at = expiry(&answer, &access_token, now);
     creds.access_token = access_token;
     // Rotating issuers send a new refresh token; others keep the old one valid.
@@ -283,7 +283,7 @@ pub fn refresh(creds: &mut Credentials, now: i64) -> Result<(), ClientError> {
 
 /// A valid access token from the stored credentials, refreshed (and saved) when less than
 /// [`REFRESH_MARGIN_SECS`] are left.
-pub fn token(path: &Path, now: i64) -> Result<String, ClientError> {
+pub fn token(path: &Path, now: i64) -> Result<String, LoginError> {
     let mut creds = load(path)?;
     if creds.expires_at - now >= REFRESH_MARGIN_SECS {
         return Ok(creds.access_token);
@@ -294,31 +294,31 @@ pub fn token(path: &Path, now: i64) -> Result<String, ClientError> {
 }
 
 /// Reads the credentials, refusing a file others can read.
-pub fn load(path: &Path) -> Result<Credentials, ClientError> {
-    let io = |source| ClientError::Io { path: path.to_path_buf(), source };
+pub fn load(path: &Path) -> Result<Credentials, LoginError> {
+    let io = |source| LoginError::Io { path: path.to_path_buf(), source };
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(ClientError::Missing(path.into())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(LoginError::Missing(path.into())),
         Err(e) => return Err(io(e)),
     };
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
-        return Err(ClientError::TooOpen { path: path.into(), mode });
+        return Err(LoginError::TooOpen { path: path.into(), mode });
     }
     let text = std::fs::read(path).map_err(io)?;
     serde_json::from_slice(&text)
         // Where and what kind of fault, never the error's text: it can quote a value (a token).
-        .map_err(|e| ClientError::Corrupt {
+        .map_err(|e| LoginError::Corrupt {
             path: path.into(),
             reason: format!("{:?} error at line {}, column {}", e.classify(), e.line(), e.column()),
         })
 }
 
 /// Writes the credentials with mode 0600 (folder 0700), replacing the file atomically.
-pub fn save(path: &Path, creds: &Credentials) -> Result<(), ClientError> {
+pub fn save(path: &Path, creds: &Credentials) -> Result<(), LoginError> {
     let io = |p: &Path| {
         let p = p.to_path_buf();
-        move |source| ClientError::Io { path: p, source }
+        move |source| LoginError::Io { path: p, source }
     };
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(io(dir))?;
@@ -327,7 +327,7 @@ pub fn save(path: &Path, creds: &Credentials) -> Result<(), ClientError> {
     let _ = std::fs::remove_file(&tmp);
     let mut f =
         std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(io(&tmp))?;
-    let json = serde_json::to_vec_pretty(creds).map_err(|e| ClientError::BadResponse(e.to_string()))?;
+    let json = serde_json::to_vec_pretty(creds).map_err(|e| LoginError::BadResponse(e.to_string()))?;
     f.write_all(&json).and_then(|()| f.sync_all()).map_err(io(&tmp))?;
     std::fs::rename(&tmp, path).map_err(io(path))
 }
@@ -363,7 +363,7 @@ mod tests {
     fn unsafe_or_broken_files_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("credentials.json");
-        assert!(matches!(load(&path), Err(ClientError::Missing(_))));
+        assert!(matches!(load(&path), Err(LoginError::Missing(_))));
         std::fs::write(&path, "{not json").unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         let e = load(&path).unwrap_err().to_string();
@@ -386,7 +386,7 @@ mod tests {
         save(&path, &creds()).unwrap();
         assert_eq!(token(&path, 1000 - REFRESH_MARGIN_SECS).unwrap(), "a.b.c");
         // Inside the margin it must refresh; the issuer here does not exist.
-        assert!(matches!(token(&path, 1000 - REFRESH_MARGIN_SECS + 1), Err(ClientError::Unreachable { .. })));
+        assert!(matches!(token(&path, 1000 - REFRESH_MARGIN_SECS + 1), Err(LoginError::Unreachable { .. })));
     }
 
     #[test]

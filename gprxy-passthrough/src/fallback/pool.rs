@@ -8,7 +8,7 @@
 //! the last one. Anything in doubt (unanswered requests, COPY, an error or a timeout in the
 //! reset, a reload) closes the connection instead.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::future::poll_fn;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -17,43 +17,18 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use parking_lot::Mutex;
+use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 
+use crate::config::PoolSettings;
+use crate::conn::{read_message, BoxStream, CancelKey, SessionError};
 use crate::metrics::{Metrics, PoolGauges};
-use crate::proto::{self, Framer};
+use crate::proto::{self, Framer, SqlState};
 use crate::relay::{End, Pipe, Verdict};
-use crate::session::{read_message, BoxStream, CancelKey, SessionError};
-
-/// Pool limits.
-#[derive(Debug, Clone)]
-pub struct PoolSettings {
-    /// Size per service account (others get `default_size`).
-    pub sizes: BTreeMap<String, usize>,
-    /// Size when an account has none.
-    pub default_size: usize,
-    /// How long a client waits for a free connection.
-    pub wait_timeout: Duration,
-    /// Idle connections older than this are closed.
-    pub idle_timeout: Duration,
-    /// Connections older than this are closed when returned or checked out.
-    pub max_lifetime: Duration,
-}
-
-impl Default for PoolSettings {
-    fn default() -> Self {
-        Self {
-            sizes: BTreeMap::new(),
-            default_size: 10,
-            wait_timeout: Duration::from_secs(5),
-            idle_timeout: Duration::from_secs(600),
-            max_lifetime: Duration::from_secs(3600),
-        }
-    }
-}
 
 /// A logged-in server connection.
 pub struct ServerConn {
@@ -78,17 +53,6 @@ impl ServerConn {
         signer: Option<gprxy_core::context::ContextSigner>,
     ) -> Self {
         Self { stream, startup_reply, key, signer, created: Instant::now() }
-    }
-
-    /// A connection coming back from a session.
-    pub fn returning(
-        stream: BoxStream,
-        startup_reply: BytesMut,
-        key: Option<CancelKey>,
-        signer: Option<gprxy_core::context::ContextSigner>,
-        created: Instant,
-    ) -> Self {
-        Self { stream, startup_reply, key, signer, created }
     }
 
     /// When it logged in.
@@ -141,7 +105,9 @@ pub struct Pools {
 
 /// Ends a server connection politely: Terminate, then close (PostgreSQL logs no EOF error).
 async fn terminate(conn: &mut ServerConn) {
-    let _ = conn.stream.write_all(&proto::frame(b'X', b"")).await;
+    let mut out = BytesMut::new();
+    frontend::terminate(&mut out);
+    let _ = conn.stream.write_all(&out).await;
     let _ = conn.stream.shutdown().await;
 }
 
@@ -208,12 +174,14 @@ impl Pools {
         waiting.dec();
         metrics.pool_wait.observe(started.elapsed().as_secs_f64());
         let permit = acquired
-            .map_err(|_| SessionError::Refused {
-                sqlstate: "53300",
-                message: format!(
-                    "gprxy: no free server connection for {account} within {} ms",
-                    self.settings.wait_timeout.as_millis()
-                ),
+            .map_err(|_| {
+                SessionError::refused(
+                    SqlState::TOO_MANY_CONNECTIONS,
+                    format!(
+                        "gprxy: no free server connection for {account} within {} ms",
+                        self.settings.wait_timeout.as_millis()
+                    ),
+                )
             })?
             .map_err(|_| SessionError::ClientGone)?;
         in_use.inc();
@@ -354,13 +322,14 @@ impl ResetCheck {
 async fn reset(conn: &mut ServerConn) -> bool {
     let Some(marker) = random_marker("gprxy-reset-") else { return false };
     let run = async {
-        let mut out = proto::frame(b'Q', b"DISCARD ALL\0");
+        let mut out = BytesMut::new();
+        frontend::query("DISCARD ALL", &mut out).ok()?;
         let mut statements = 2;
         if conn.signer.is_some() {
-            out.extend_from_slice(&proto::frame(b'Q', b"SELECT gprxy.reset_context()\0"));
+            frontend::query("SELECT gprxy.reset_context()", &mut out).ok()?;
             statements += 1;
         }
-        out.extend_from_slice(&proto::frame(b'Q', format!("SELECT '{marker}'\0").as_bytes()));
+        frontend::query(&format!("SELECT '{marker}'"), &mut out).ok()?;
         conn.stream.write_all(&out).await.ok()?;
         conn.stream.flush().await.ok()?;
         let mut buf = BytesMut::new();
@@ -465,7 +434,7 @@ impl Tracker {
 /// Relays a pooled session until the client leaves. Returns whether the server connection is
 /// clean ([`Tracker::clean`] when the client sent Terminate or closed). `counters` count the
 /// bytes relayed after `to_server` and `to_client`, to the server and to the client.
-pub async fn relay(
+pub async fn relay_tracked(
     client: &mut BoxStream,
     server: &mut BoxStream,
     to_server: BytesMut,

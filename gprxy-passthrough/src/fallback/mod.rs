@@ -1,0 +1,229 @@
+//! Fallback mode, for servers older than 18: gprxy validates the token itself (gprxy-core),
+//! maps the token's roles to a service account (first rule wins, default deny), logs in upstream
+//! with SCRAM-SHA-256 and sets the user's context before the client's first query: plain
+//! `app.*` settings and, recommended, a context signed for that server connection which only
+//! gprxy_validator's `gprxy.set_context` accepts (see `gprxy_core::context`).
+
+mod account_login;
+mod intake;
+pub mod pool;
+mod setup;
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use serde_json::Value;
+use tokio::io::AsyncWriteExt;
+
+use crate::config::{ClientAuth, Config, Fallback as Settings, UserMatch};
+use crate::conn::{send_ready, BoxStream, CancelKey, LoginInfo, SessionError, Shared};
+use crate::proto::{self, BackendMessage, SqlState, Startup};
+use pool::{Lease, Pools, ServerConn};
+
+/// Fallback mode's settings with what outlives connections: the key cache, the validator and
+/// the pools.
+pub struct Fallback {
+    /// Settings.
+    pub cfg: Settings,
+    /// The issuer's keys.
+    pub cache: Arc<gprxy_core::JwksCache>,
+    /// The token validator.
+    pub validator: gprxy_core::Validator,
+    /// Server connections by (database, account).
+    pub pools: Pools,
+}
+
+impl Fallback {
+    /// Builds it (no network yet: keys are fetched on first use).
+    pub fn new(cfg: Settings) -> anyhow::Result<Self> {
+        let http = gprxy_core::HttpSettings {
+            insecure_allow_http_loopback: cfg.insecure_allow_http_loopback,
+            ..Default::default()
+        };
+        let fetcher = Arc::new(gprxy_core::UreqFetcher::new(http)?);
+        let cache = Arc::new(gprxy_core::JwksCache::new(
+            cfg.source.clone(),
+            fetcher,
+            Arc::new(gprxy_core::SystemClock),
+            cfg.keys.clone(),
+            cfg.insecure_allow_http_loopback,
+        )?);
+        if let Some(key) = &cfg.context_key {
+            tracing::info!(
+                event = "context_key",
+                public_key = key.public_key(),
+                "signed context: pin this public key in gprxy.context_keys"
+            );
+        }
+        if cfg.insecure_allow_http_loopback {
+            tracing::warn!("fallback.insecure_allow_http_loopback is on: plain-HTTP issuers on loopback are trusted (tests only)");
+        }
+        Ok(Self {
+            validator: gprxy_core::Validator::new(cfg.policy.clone()),
+            pools: Pools::new(cfg.pool.clone()),
+            cfg,
+            cache,
+        })
+    }
+}
+
+/// A refused login (28000) with this message for the client.
+fn refused(message: impl Into<String>) -> SessionError {
+    SessionError::refused(SqlState::INVALID_AUTHORIZATION, message)
+}
+
+/// The service account's login failed; `what` only reaches the log.
+fn upstream_failed(what: &str) -> SessionError {
+    tracing::warn!(error = what, "fallback: upstream login failed");
+    SessionError::refused(SqlState::CONNECTION_FAILURE, "gprxy: the service account could not log in")
+}
+
+/// A claim as a session setting value: strings as they are, arrays comma-joined, missing empty.
+fn setting_value(claims: &serde_json::Map<String, Value>, claim: &str) -> String {
+    let path = gprxy_core::claims::ClaimPath::parse(claim).ok();
+    match path.and_then(|p| p.lookup(claims).cloned()) {
+        Some(Value::String(s)) => s,
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned))
+            .collect::<Vec<_>>()
+            .join(","),
+        Some(Value::Null) | None => String::new(),
+        Some(other) => other.to_string(),
+    }
+}
+
+/// Authenticates the client with its token and logs in upstream as the mapped account.
+pub async fn log_in(
+    shared: &Shared,
+    config: &Config,
+    fallback: Arc<Fallback>,
+    client: &mut BoxStream,
+    startup: &Startup,
+    mut cbuf: BytesMut,
+    info: &mut LoginInfo,
+) -> Result<PooledSession, SessionError> {
+    // Pooled sessions speak protocol 3.0 (the server connections do).
+    if let Some(npv) = proto::negotiate_protocol_version(startup) {
+        client.write_all(&npv).await?; // flushed with the first authentication request
+    }
+    let token = match fallback.cfg.client_auth {
+        ClientAuth::Password => intake::password_token(client, &mut cbuf, info).await?,
+        ClientAuth::OAuthBearer => {
+            let (issuer, scope) = (fallback.cfg.policy.issuer(), fallback.cfg.scope.as_str());
+            intake::bearer_token(client, &mut cbuf, info, issuer, scope).await?
+        }
+    };
+    info.note_token(&token);
+
+    let t = intake::validate(&fallback, token).await.map_err(|e| intake::token_refused(info, &e))?;
+
+    let account = fallback
+        .cfg
+        .map
+        .iter()
+        .find(|(role, _)| t.roles.iter().any(|r| r == role))
+        .map(|(_, account)| account.clone())
+        .ok_or_else(|| refused("gprxy: no role in the token maps to a service account"))?;
+    let user = startup.param("user").unwrap_or_default();
+    let expected = match fallback.cfg.user_must_match {
+        UserMatch::Identity => t.identity.as_str(),
+        UserMatch::Account => account.as_str(),
+    };
+    if user != expected {
+        return Err(refused(format!("gprxy: user name {user:?} does not match the token")));
+    }
+
+    let database = startup.param("database").unwrap_or(user).to_owned();
+    let client_settings = setup::client_settings(startup, &fallback.cfg.context).map_err(refused)?;
+    let mut lease = fallback.pools.checkout(&shared.metrics, &database, &account).await?;
+    let mut settings = client_settings;
+    settings.extend(fallback.cfg.context.iter().map(|(k, c)| (k.clone(), setting_value(&t.claims, c))));
+    let login = async || {
+        let password = fallback.cfg.passwords.get(&account).map(String::as_str).unwrap_or_default();
+        account_login::log_in(shared, config, &account, &database, password, fallback.cfg.context_key.clone())
+            .await
+    };
+    let (mut conn, reused) = match lease.conn.take() {
+        Some(c) => (c, true),
+        None => match login().await {
+            Ok(c) => (c, false),
+            Err(e) => {
+                // A pool that never logged in (a database that does not exist) is not kept.
+                drop(lease);
+                fallback.pools.forget_unused(&database, &account);
+                return Err(e);
+            }
+        },
+    };
+    // It logged in (the database exists): its gauges are exported.
+    lease.admit(&shared.metrics, &database, &account);
+    let mut sbuf = BytesMut::new();
+    let reports = match setup::prepare(&mut conn, &mut sbuf, &settings, &t).await {
+        // An idle connection that died unnoticed, or was not in step: one fresh login, once.
+        Err(e) if reused && setup::connection_failed(&e) => {
+            tracing::info!(event = "pool", action = "replace", "pooled server connection failed at set-up");
+            conn = login().await?;
+            sbuf.clear();
+            setup::prepare(&mut conn, &mut sbuf, &settings, &t).await?
+        }
+        r => r?,
+    };
+    // The client gets a cancel key of its own for this session, never the server connection's.
+    let client_key = conn.key.as_ref().map(|k| session_cancel_key(k.0)).transpose()?;
+    let mut to_client = BackendMessage::AuthenticationOk.to_bytes();
+    to_client.extend_from_slice(&conn.startup_reply);
+    if let Some((pid, secret)) = &client_key {
+        BackendMessage::BackendKeyData { pid: *pid, secret }.encode(&mut to_client);
+    }
+    to_client.extend_from_slice(&reports);
+    BackendMessage::ReadyForQuery(b'I').encode(&mut to_client);
+    send_ready(&shared.cancel_keys, client, &to_client, client_key.as_ref(), conn.key.as_ref()).await?;
+    tracing::info!(
+        event = "fallback_mapped",
+        account = account.as_str(),
+        identity = t.identity.as_str(),
+        "token mapped to service account"
+    );
+    Ok(PooledSession { lease, conn, client_key, leftover_client: cbuf, leftover_server: sbuf })
+}
+
+/// A logged-in pooled session: its server connection, whole, and the lease it goes back
+/// through.
+pub struct PooledSession {
+    lease: Lease,
+    conn: ServerConn,
+    /// The cancel key the client holds (registered in `Shared::cancel_keys`).
+    client_key: Option<CancelKey>,
+    leftover_client: BytesMut,
+    leftover_server: BytesMut,
+}
+
+impl PooledSession {
+    /// Relays until the client leaves, then returns the server connection to the pool it came
+    /// from (reset, or closed when not clean), even if a reload replaced the pools.
+    pub async fn run(mut self, shared: &Shared, client: &mut BoxStream) {
+        let to_server = std::mem::take(&mut self.leftover_client);
+        let to_client = std::mem::take(&mut self.leftover_server);
+        let relay = pool::relay_tracked(
+            client,
+            &mut self.conn.stream,
+            to_server,
+            to_client,
+            shared.metrics.relayed_bytes(),
+        );
+        let clean = Box::pin(relay).await;
+        if let Some(k) = &self.client_key {
+            shared.cancel_keys.remove(k);
+        }
+        Box::pin(self.lease.give_back(self.conn, clean)).await;
+    }
+}
+
+/// A fresh cancel key for one pooled session: the server's process id (as PostgreSQL shows
+/// it) and a random 4-byte secret (protocol 3.0).
+fn session_cancel_key(pid: i32) -> Result<(i32, Vec<u8>), SessionError> {
+    let mut secret = vec![0u8; 4];
+    aws_lc_rs::rand::fill(&mut secret).map_err(|_| upstream_failed("no randomness for a cancel key"))?;
+    Ok((pid, secret))
+}
