@@ -368,18 +368,93 @@ impl From<&str> for Quoted {
     }
 }
 
+/// A setting gprxy-core checks, by what it means. Each front end spells it its own way
+/// (`gprxy.authn_claim` in postgresql.conf, `fallback.identity_claim` in gprxy.toml); the
+/// [`Display`](fmt::Display) form is the neutral name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Setting {
+    /// The issuer (pg_hba.conf's `issuer`, fallback's `issuer`).
+    Issuer,
+    /// Accepted audiences.
+    Audience,
+    /// The signature algorithm allowlist.
+    Algorithms,
+    /// Allowed clock skew.
+    Leeway,
+    /// Largest token accepted.
+    MaxTokenBytes,
+    /// The claim that is the identity.
+    IdentityClaim,
+    /// The claim that lists roles.
+    RoleClaim,
+    /// Claims every token must carry.
+    RequiredClaims,
+    /// Token role to database role pairs.
+    RoleMap,
+    /// A configured key set URL.
+    JwksUri,
+    /// The CA bundle for a private issuer.
+    CaFile,
+    /// Key set freshness without `max-age`.
+    CacheTtl,
+    /// Lower bound on key set freshness.
+    CacheTtlMin,
+    /// Upper bound on key set freshness.
+    CacheTtlMax,
+    /// Least time between fetches caused by unknown `kid`s.
+    UnknownKidCooldown,
+    /// Waits between failed fetches.
+    Backoff,
+}
+
+impl Setting {
+    /// The neutral name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Issuer => "issuer",
+            Self::Audience => "audience",
+            Self::Algorithms => "allowed_algorithms",
+            Self::Leeway => "leeway",
+            Self::MaxTokenBytes => "max_token_bytes",
+            Self::IdentityClaim => "identity_claim",
+            Self::RoleClaim => "role_claim",
+            Self::RequiredClaims => "required_claims",
+            Self::RoleMap => "role_map",
+            Self::JwksUri => "jwks_uri",
+            Self::CaFile => "ca_file",
+            Self::CacheTtl => "cache_ttl",
+            Self::CacheTtlMin => "cache_ttl_min",
+            Self::CacheTtlMax => "cache_ttl_max",
+            Self::UnknownKidCooldown => "unknown_kid_cooldown",
+            Self::Backoff => "backoff",
+        }
+    }
+}
+
+impl fmt::Display for Setting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// A configuration value that cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{setting}: {reason}")]
 pub struct ConfigError {
     /// The setting at fault.
-    pub setting: &'static str,
+    pub setting: Setting,
     /// What is wrong with it.
     pub reason: String,
 }
 
 impl ConfigError {
-    pub(crate) fn new(setting: &'static str, reason: impl Into<String>) -> Self {
+    /// `setting` cannot be used, because of `reason`.
+    pub fn new(setting: Setting, reason: impl Into<String>) -> Self {
         Self { setting, reason: reason.into() }
+    }
+
+    /// The error with the setting spelled by a front end.
+    pub fn spelled(&self, name: impl Fn(Setting) -> &'static str) -> String {
+        format!("{}: {}", name(self.setting), self.reason)
     }
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::error::{ConfigError, KeyError, Quoted};
+use crate::error::{ConfigError, KeyError, Quoted, Setting};
 
 /// A successful response.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,7 +122,7 @@ impl UreqFetcher {
             None => RootCerts::WebPki,
             Some(path) => {
                 let pem = std::fs::read(path).map_err(|e| {
-                    ConfigError::new("ca_file", format!("cannot read {}: {e}", path.display()))
+                    ConfigError::new(Setting::CaFile, format!("cannot read {}: {e}", path.display()))
                 })?;
                 let certs: Vec<_> = ureq::tls::parse_pem(&pem)
                     .filter_map(|item| match item {
@@ -132,7 +132,7 @@ impl UreqFetcher {
                     .collect();
                 if certs.is_empty() {
                     return Err(ConfigError::new(
-                        "ca_file",
+                        Setting::CaFile,
                         format!("{} holds no PEM certificate", path.display()),
                     ));
                 }

@@ -28,7 +28,7 @@ use serde_json::Value;
 
 use crate::algorithm::Algorithm;
 use crate::claims::parse_object;
-use crate::error::{ConfigError, KeyError, Quoted, ValidationError};
+use crate::error::{ConfigError, KeyError, Quoted, Setting, ValidationError};
 use crate::fetch::{check_url, Fetcher};
 use crate::jose::KeySource;
 use crate::jwk::{KeySet, VerifyKey};
@@ -117,19 +117,16 @@ impl CacheSettings {
     /// Checks the bounds against each other.
     pub fn check(&self) -> Result<(), ConfigError> {
         if self.min_ttl.is_zero() {
-            return Err(ConfigError::new("jwks_cache_ttl_min", "must be at least 1 second"));
+            return Err(ConfigError::new(Setting::CacheTtlMin, "must be at least 1 second"));
         }
         if self.min_ttl > self.max_ttl {
-            return Err(ConfigError::new("jwks_cache_ttl_min", "must not exceed jwks_cache_ttl_max"));
+            return Err(ConfigError::new(Setting::CacheTtlMin, "must not exceed the upper bound"));
         }
         if self.default_ttl < self.min_ttl || self.default_ttl > self.max_ttl {
-            return Err(ConfigError::new(
-                "jwks_cache_ttl",
-                "must lie between jwks_cache_ttl_min and jwks_cache_ttl_max",
-            ));
+            return Err(ConfigError::new(Setting::CacheTtl, "must lie between the lower and upper bounds"));
         }
         if self.backoff_initial.is_zero() || self.backoff_initial > self.backoff_max {
-            return Err(ConfigError::new("jwks_backoff", "initial must be > 0 and <= max"));
+            return Err(ConfigError::new(Setting::Backoff, "initial must be > 0 and <= max"));
         }
         Ok(())
     }
@@ -298,7 +295,7 @@ impl JwksCache {
             JwksSource::Discovery { issuer } => issuer,
             JwksSource::Explicit { jwks_uri } => jwks_uri,
         };
-        check_url(url, allow_http_loopback).map_err(|e| ConfigError::new("issuer", e.to_string()))?;
+        check_url(url, allow_http_loopback).map_err(|e| ConfigError::new(Setting::Issuer, e.to_string()))?;
         Ok(Self {
             source_id: source.id(),
             source,
@@ -703,8 +700,8 @@ mod tests {
             max_ttl: Duration::from_secs(10),
             ..Default::default()
         };
-        assert_eq!(s.check().unwrap_err().setting, "jwks_cache_ttl_min");
+        assert_eq!(s.check().unwrap_err().setting, Setting::CacheTtlMin);
         let s = CacheSettings { default_ttl: Duration::from_secs(10), ..Default::default() };
-        assert_eq!(s.check().unwrap_err().setting, "jwks_cache_ttl");
+        assert_eq!(s.check().unwrap_err().setting, Setting::CacheTtl);
     }
 }

@@ -28,7 +28,7 @@ pub mod testkit;
 pub mod validate;
 
 pub use algorithm::Algorithm;
-pub use error::{ConfigError, KeyError, Malformed, Quoted, ValidationError};
+pub use error::{ConfigError, KeyError, Malformed, Quoted, Setting, ValidationError};
 pub use fetch::{Fetcher, HttpResponse, HttpSettings, LazyFetcher, UreqFetcher};
 pub use jose::{fingerprint, peek_claim, peek_unverified, KeySource, Unverified};
 pub use jwk::{KeySet, VerifyKey};

@@ -7,7 +7,7 @@ use std::str::FromStr;
 
 pub use crate::algorithm::Algorithm;
 use crate::claims::ClaimPath;
-use crate::error::ConfigError;
+use crate::error::{ConfigError, Setting};
 use crate::required::RequiredClaims;
 
 impl FromStr for Algorithm {
@@ -15,7 +15,7 @@ impl FromStr for Algorithm {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Self::from_name(s.trim()).ok_or_else(|| {
             ConfigError::new(
-                "allowed_algorithms",
+                Setting::Algorithms,
                 format!(
                     "unknown or forbidden algorithm {s:?} (allowed: {})",
                     Self::ALL.map(Self::name).join(", ")
@@ -192,38 +192,38 @@ impl PolicyBuilder {
     /// Checks the settings and returns the policy.
     pub fn build(self) -> Result<Policy, ConfigError> {
         if self.issuer.is_empty() {
-            return Err(ConfigError::new("issuer", "must not be empty"));
+            return Err(ConfigError::new(Setting::Issuer, "must not be empty"));
         }
         if self.issuer.contains('#') || self.issuer.contains('?') {
-            return Err(ConfigError::new("issuer", "must not contain a query or fragment"));
+            return Err(ConfigError::new(Setting::Issuer, "must not contain a query or fragment"));
         }
         let audiences: Vec<String> = self.audiences.into_iter().filter(|a| !a.is_empty()).collect();
         if audiences.is_empty() && !self.skip_audience {
             return Err(ConfigError::new(
-                "audience",
+                Setting::Audience,
                 "at least one accepted audience is required (RFC 9068 section 4)",
             ));
         }
         if self.algorithms.is_empty() {
-            return Err(ConfigError::new("allowed_algorithms", "must not be empty"));
+            return Err(ConfigError::new(Setting::Algorithms, "must not be empty"));
         }
         if self.leeway_secs > 300 {
-            return Err(ConfigError::new("leeway", "at most 300 seconds"));
+            return Err(ConfigError::new(Setting::Leeway, "at most 300 seconds"));
         }
         if self.max_token_bytes == 0 || self.max_token_bytes > MAX_TOKEN_BYTES {
             return Err(ConfigError::new(
-                "max_token_bytes",
+                Setting::MaxTokenBytes,
                 format!("must be between 1 and {MAX_TOKEN_BYTES}"),
             ));
         }
         let identity_claim = ClaimPath::parse(&self.identity_claim)
-            .map_err(|reason| ConfigError::new("authn_claim", reason))?;
+            .map_err(|reason| ConfigError::new(Setting::IdentityClaim, reason))?;
         let role_claim = self
             .role_claim
             .as_deref()
             .map(ClaimPath::parse)
             .transpose()
-            .map_err(|reason| ConfigError::new("role_claim", reason))?;
+            .map_err(|reason| ConfigError::new(Setting::RoleClaim, reason))?;
         let required_scopes = self
             .required_scopes
             .into_iter()
@@ -255,7 +255,7 @@ pub fn parse_algorithms(list: &str) -> Result<Vec<Algorithm>, ConfigError> {
         .map(|s| {
             if s.eq_ignore_ascii_case("none") || s.starts_with("HS") {
                 Err(ConfigError::new(
-                    "allowed_algorithms",
+                    Setting::Algorithms,
                     format!("{s} is never allowed (unsigned or symmetric)"),
                 ))
             } else {
@@ -272,7 +272,7 @@ mod tests {
     #[test]
     fn audience_required_unless_insecure() {
         let err = Policy::builder("https://idp").build().unwrap_err();
-        assert_eq!(err.setting, "audience");
+        assert_eq!(err.setting, Setting::Audience);
         assert!(Policy::builder("https://idp").insecure_skip_audience(true).build().is_ok());
     }
 
@@ -287,13 +287,16 @@ mod tests {
     #[test]
     fn leeway_and_size_bounded() {
         let b = || Policy::builder("https://idp").audiences(["a"]);
-        assert_eq!(b().leeway_secs(301).build().unwrap_err().setting, "leeway");
-        assert_eq!(b().max_token_bytes(70000).build().unwrap_err().setting, "max_token_bytes");
-        assert_eq!(b().identity_claim("").build().unwrap_err().setting, "authn_claim");
+        assert_eq!(b().leeway_secs(301).build().unwrap_err().setting, Setting::Leeway);
+        assert_eq!(b().max_token_bytes(70000).build().unwrap_err().setting, Setting::MaxTokenBytes);
+        assert_eq!(b().identity_claim("").build().unwrap_err().setting, Setting::IdentityClaim);
     }
 
     #[test]
     fn issuer_with_fragment_refused() {
-        assert_eq!(Policy::builder("https://idp#x").audiences(["a"]).build().unwrap_err().setting, "issuer");
+        assert_eq!(
+            Policy::builder("https://idp#x").audiences(["a"]).build().unwrap_err().setting,
+            Setting::Issuer
+        );
     }
 }

@@ -351,7 +351,7 @@ fn plain_http_refused_unless_allowed_for_loopback() {
     )
     .err()
     .unwrap();
-    assert_eq!(err.setting, "issuer");
+    assert_eq!(err.setting, gprxy_core::Setting::Issuer);
 }
 
 #[test]
@@ -376,7 +376,7 @@ fn private_ca_accepted_only_when_configured() {
     let empty = dir.path().join("empty.pem");
     std::fs::write(&empty, "nothing").unwrap();
     let e = UreqFetcher::new(HttpSettings { ca_file: Some(empty), ..Default::default() }).err().unwrap();
-    assert_eq!(e.setting, "ca_file");
+    assert_eq!(e.setting, gprxy_core::Setting::CaFile);
 }
 
 #[test]

@@ -46,10 +46,10 @@ struct FileFallback {
     accept_jwt_typ: bool,
     #[serde(default)]
     insecure_allow_http_loopback: bool,
-    #[serde(default = "default_match")]
-    user_must_match: String,
-    #[serde(default = "default_client_auth")]
-    client_auth: String,
+    #[serde(default)]
+    user_must_match: UserMatch,
+    #[serde(default)]
+    client_auth: ClientAuth,
     #[serde(default = "default_scope")]
     scope: String,
     #[serde(default)]
@@ -138,14 +138,6 @@ fn default_sub() -> String {
     "sub".into()
 }
 
-fn default_match() -> String {
-    "identity".into()
-}
-
-fn default_client_auth() -> String {
-    "password".into()
-}
-
 fn default_scope() -> String {
     "openid".into()
 }
@@ -201,7 +193,7 @@ struct FileAdmin {
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct FileLog {
-    format: Option<String>,
+    format: Option<LogFormat>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -250,9 +242,9 @@ pub struct Overrides {
     /// Admin listener for /metrics and /healthz.
     #[arg(long, env = "GPRXY_ADMIN_LISTEN")]
     pub admin_listen: Option<String>,
-    /// Log format: text or json.
-    #[arg(long, env = "GPRXY_LOG_FORMAT")]
-    pub log_format: Option<String>,
+    /// Log format.
+    #[arg(long, env = "GPRXY_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
 }
 
 /// Client-side TLS.
@@ -274,22 +266,50 @@ pub struct UpstreamTls {
 }
 
 /// Which name the startup packet's user must carry in fallback mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(try_from = "String")]
 pub enum UserMatch {
     /// The token's identity.
+    #[default]
     Identity,
     /// The service account the token's roles map to.
     Account,
 }
 
 /// How clients present their token in fallback mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(try_from = "String")]
 pub enum ClientAuth {
     /// As a cleartext password, over TLS only (any driver).
+    #[default]
     Password,
     /// SASL OAUTHBEARER as PostgreSQL 18 does it (psql 18's device flow).
     OAuthBearer,
 }
+
+/// Parses an enumerated setting by its file spelling: the error names the setting and the
+/// choices, and the TOML parser adds the line.
+macro_rules! named_choices {
+    ($ty:ty, $setting:literal, $($name:literal => $value:expr),+) => {
+        impl TryFrom<String> for $ty {
+            type Error = String;
+            fn try_from(s: String) -> Result<Self, String> {
+                match s.as_str() {
+                    $($name => Ok($value),)+
+                    other => Err(format!(
+                        concat!($setting, ": {:?} is not ", named_choices!(@list $($name),+)),
+                        other
+                    )),
+                }
+            }
+        }
+    };
+    (@list $first:literal, $second:literal) => { concat!($first, " or ", $second) };
+}
+
+named_choices!(UserMatch, "fallback.user_must_match", "identity" => UserMatch::Identity, "account" => UserMatch::Account);
+named_choices!(ClientAuth, "fallback.client_auth", "password" => ClientAuth::Password, "oauthbearer" => ClientAuth::OAuthBearer);
+named_choices!(LogFormat, "log.format", "text" => LogFormat::Text, "json" => LogFormat::Json);
 
 /// Fallback mode, checked.
 #[derive(Clone)]
@@ -333,6 +353,29 @@ impl std::fmt::Debug for Fallback {
     }
 }
 
+/// A gprxy-core setting as gprxy.toml spells it.
+pub fn toml_name(setting: gprxy_core::Setting) -> &'static str {
+    use gprxy_core::Setting::*;
+    match setting {
+        Issuer => "fallback.issuer",
+        Audience => "fallback.audience",
+        Algorithms => "fallback.allowed_algorithms",
+        Leeway => "fallback.leeway",
+        MaxTokenBytes => "fallback.max_token_bytes",
+        IdentityClaim => "fallback.identity_claim",
+        RoleClaim => "fallback.role_claim",
+        RequiredClaims => "fallback.required_claims",
+        RoleMap => "fallback.map",
+        JwksUri => "fallback.jwks_uri",
+        CaFile => "fallback.ca_file",
+        CacheTtl => "fallback.keys.cache_ttl_secs",
+        CacheTtlMin => "fallback.keys.cache_ttl_min_secs",
+        CacheTtlMax => "fallback.keys.cache_ttl_max_secs",
+        UnknownKidCooldown => "fallback.keys.unknown_kid_cooldown_secs",
+        Backoff => "fallback.keys.backoff",
+    }
+}
+
 fn check_fallback(f: FileFallback) -> anyhow::Result<Fallback> {
     let required = required_claims(f.required_claims)?;
     let policy = gprxy_core::Policy::builder(f.issuer.clone())
@@ -342,20 +385,10 @@ fn check_fallback(f: FileFallback) -> anyhow::Result<Fallback> {
         .role_claim(Some(f.role_claim))
         .required_claims(required)
         .build()
-        .map_err(|e| anyhow::anyhow!("fallback.{}: {}", e.setting, e.reason))?;
+        .map_err(|e| anyhow::anyhow!(e.spelled(toml_name)))?;
     let source = match f.jwks_uri {
         Some(jwks_uri) => gprxy_core::JwksSource::Explicit { jwks_uri },
         None => gprxy_core::JwksSource::Discovery { issuer: f.issuer },
-    };
-    let user_must_match = match f.user_must_match.as_str() {
-        "identity" => UserMatch::Identity,
-        "account" => UserMatch::Account,
-        other => bail!("fallback.user_must_match: {other:?} is not identity or account"),
-    };
-    let client_auth = match f.client_auth.as_str() {
-        "password" => ClientAuth::Password,
-        "oauthbearer" => ClientAuth::OAuthBearer,
-        other => bail!("fallback.client_auth: {other:?} is not password or oauthbearer"),
     };
     if f.map.is_empty() {
         bail!("fallback.map: no rules; every login would be refused");
@@ -439,12 +472,12 @@ fn check_fallback(f: FileFallback) -> anyhow::Result<Fallback> {
     }
     Ok(Fallback {
         pool,
-        client_auth,
+        client_auth: f.client_auth,
         scope: f.scope,
         policy,
         source,
         insecure_allow_http_loopback: f.insecure_allow_http_loopback,
-        user_must_match,
+        user_must_match: f.user_must_match,
         map: f.map.into_iter().map(|r| (r.role, r.account)).collect(),
         passwords,
         context,
@@ -475,9 +508,11 @@ impl Config {
 }
 
 /// Log output.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(try_from = "String")]
 pub enum LogFormat {
     /// Human-readable.
+    #[default]
     Text,
     /// One JSON object per line.
     Json,
@@ -571,11 +606,7 @@ impl Config {
         } else {
             None
         };
-        let log_format = match overrides.log_format.clone().or(file.log.format).as_deref() {
-            None | Some("text") => LogFormat::Text,
-            Some("json") => LogFormat::Json,
-            Some(other) => bail!("log.format: {other:?} is not text or json"),
-        };
+        let log_format = overrides.log_format.or(file.log.format).unwrap_or_default();
         let max_client_connections = file.limits.max_client_connections.unwrap_or(1000);
         if max_client_connections == 0 {
             bail!("limits.max_client_connections: must be at least 1");
@@ -708,6 +739,64 @@ mod tests {
             pw.display()
         );
         (dir, lines)
+    }
+
+    /// gprxy-core's checks name the setting as gprxy.toml spells it (not as postgresql.conf).
+    #[test]
+    fn core_checks_name_the_toml_setting() {
+        let (_dir, ok) = one_account("signed_context = false\n");
+        let err = load(&fallback(&format!("identity_claim = \"\"\n{ok}"))).unwrap_err().to_string();
+        assert!(err.starts_with("fallback.identity_claim: "), "{err}");
+        let no_audience = fallback(&ok).replace("audience = [\"db\"]", "audience = []");
+        let err = load(&no_audience).unwrap_err().to_string();
+        assert!(err.starts_with("fallback.audience: at least one accepted audience"), "{err}");
+    }
+
+    /// Enumerated settings are parsed with the file, so a bad one names its line.
+    #[test]
+    fn a_bad_enumerated_value_names_its_line() {
+        let (_dir, ok) = one_account("signed_context = false\nclient_auth = \"kerberos\"\n");
+        let err = format!("{:#}", load(&fallback(&ok)).unwrap_err());
+        assert!(err.contains("fallback.client_auth: \"kerberos\" is not password or oauthbearer"), "{err}");
+        assert!(err.contains("at line 10, column 15"), "{err}");
+        let err = format!("{:#}", load("upstream = \"h:1\"\n[log]\nformat = \"xml\"\n").unwrap_err());
+        assert!(
+            err.contains("log.format: \"xml\" is not text or json") && err.contains("at line 3"),
+            "{err}"
+        );
+        let (_dir, ok) = one_account(
+            "signed_context = false\nuser_must_match = \"account\"\nclient_auth = \"oauthbearer\"\n",
+        );
+        let f = load(&fallback(&ok)).unwrap().fallback.unwrap();
+        assert_eq!((f.user_must_match, f.client_auth), (UserMatch::Account, ClientAuth::OAuthBearer));
+    }
+
+    /// `gprxy check-config` refuses what `serve` would refuse without going to the network:
+    /// unreadable TLS files, a key cache TTL outside its bounds, a plain-HTTP issuer.
+    #[test]
+    fn check_config_refuses_what_serve_refuses() {
+        let (_dir, ok) = one_account("signed_context = false\n");
+        let loaded = load(&fallback(&ok)).unwrap();
+        let err = format!("{:#}", crate::server::check(&loaded).unwrap_err());
+        assert!(err.starts_with("tls: "), "{err}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let (c, k) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        std::fs::write(&c, cert.cert.pem()).unwrap();
+        std::fs::write(&k, cert.key_pair.serialize_pem()).unwrap();
+        let tls = format!("[tls]\ncert = \"{}\"\nkey = \"{}\"\n", c.display(), k.display());
+        let with = |text: String| load(&text.replace(TLS, &tls)).unwrap();
+        assert!(crate::server::check(&with(fallback(&ok))).is_ok());
+
+        let ttl =
+            with(fallback(&format!("{ok}[fallback.keys]\ncache_ttl_secs = 30\ncache_ttl_min_secs = 60\n")));
+        let err = format!("{:#}", crate::server::check(&ttl).unwrap_err());
+        assert!(err.contains("fallback.keys.cache_ttl_secs: must lie between"), "{err}");
+
+        let plain = with(fallback(&ok).replace("https://idp", "http://idp.example"));
+        let err = format!("{:#}", crate::server::check(&plain).unwrap_err());
+        assert!(err.contains("fallback.issuer: "), "{err}");
     }
 
     #[test]

@@ -58,7 +58,8 @@ enum Command {
         #[arg(long)]
         generate: bool,
     },
-    /// Check a configuration file and exit.
+    /// Check a configuration file as serve would (TLS files, key cache bounds, issuer URL; no
+    /// network) and exit.
     CheckConfig {
         /// TOML configuration file.
         #[arg(long, short, env = "GPRXY_CONFIG")]
@@ -135,7 +136,8 @@ fn main() -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckConfig { config } => {
-            config::Config::load(Some(&config), &config::Overrides::default())?;
+            let cfg = config::Config::load(Some(&config), &config::Overrides::default())?;
+            server::check(&cfg)?;
             println!("{}: ok", config.display());
             Ok(ExitCode::SUCCESS)
         }

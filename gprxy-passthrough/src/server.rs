@@ -44,6 +44,12 @@ impl Loaded {
     }
 }
 
+/// Checks what `serve` loads from disk for a configuration, with no network: TLS files, the
+/// fallback key cache's bounds and the issuer URL's scheme (`gprxy check-config`).
+pub fn check(config: &Config) -> anyhow::Result<()> {
+    Loaded::from(config).map(|_| ())
+}
+
 /// Builds the proxy's state (TLS material loaded and checked) from a configuration.
 pub fn proxy(config: Config) -> anyhow::Result<Arc<Proxy>> {
     let loaded = Loaded::from(&config)?;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gprxy_core::{
-    peek_claim, peek_unverified, ConfigError, JwksCache, JwksSource, LazyFetcher, SystemClock,
+    peek_claim, peek_unverified, ConfigError, JwksCache, JwksSource, KeySource, LazyFetcher, SystemClock,
     ValidatedToken, Validator,
 };
 use parking_lot::Mutex;
@@ -167,22 +167,38 @@ fn deny(reason: &'static str, detail: String, authn_id: Option<String>) -> Login
     LoginOutcome { authorized: false, authn_id, reason, detail, token: None }
 }
 
-/// Validates and decides. Never panics on bad input; every refusal has a reason code.
+/// Validates and decides with the settings in force, this backend's keys, and the catalog.
 pub fn decide(req: &LoginRequest<'_>) -> LoginOutcome {
     let settings = match Settings::current() {
         Ok(s) => s,
-        Err(e) => return deny("config", e.to_string(), None),
+        Err(e) => return deny("config", crate::settings::describe(&e), None),
     };
+    let keys_for = |issuer: &str, scope: Option<&str>| {
+        issuer_state(&settings, issuer, scope).map(|(cache, v)| (cache as Arc<dyn KeySource>, v))
+    };
+    decide_with(req, &settings, keys_for, crate::ffi::role_powers, gprxy_core::unix_time())
+}
+
+/// The decision itself, given the settings, where an issuer's keys and validator come from,
+/// how a role's powers are looked up, and the time. Never panics on bad input; every refusal
+/// has a reason code.
+pub fn decide_with(
+    req: &LoginRequest<'_>,
+    settings: &Settings,
+    keys_for: impl FnOnce(&str, Option<&str>) -> Result<(Arc<dyn KeySource>, Arc<Validator>), ConfigError>,
+    role_powers: impl FnOnce(&str) -> Option<RolePowers>,
+    now: i64,
+) -> LoginOutcome {
     // Who tried, for the log, even when the token is refused (never used for a decision).
     let unverified_id = || peek_claim(req.token, &settings.authn_claim);
     let Some(issuer) = req.hba_issuer.filter(|i| !i.is_empty()) else {
         return deny("config", "the pg_hba.conf line has no issuer".into(), unverified_id());
     };
-    let (cache, validator) = match issuer_state(&settings, issuer, req.hba_scope) {
+    let (keys, validator) = match keys_for(issuer, req.hba_scope) {
         Ok(found) => found,
-        Err(e) => return deny("config", e.to_string(), unverified_id()),
+        Err(e) => return deny("config", crate::settings::describe(&e), unverified_id()),
     };
-    let result = validator.validate(req.token, &*cache, gprxy_core::unix_time());
+    let result = validator.validate(req.token, &*keys, now);
     let token = match result {
         Ok(t) => t,
         Err(e) => return deny(e.code(), e.to_string(), unverified_id()),
@@ -203,7 +219,7 @@ pub fn decide(req: &LoginRequest<'_>) -> LoginOutcome {
                 token: Some(token),
             };
         }
-        if let Some(detail) = privileged_role(req.role, crate::ffi::role_powers(req.role)) {
+        if let Some(detail) = privileged_role(req.role, role_powers(req.role)) {
             return LoginOutcome {
                 authorized: false,
                 authn_id: Some(token.identity.clone()),
@@ -256,4 +272,150 @@ pub fn audit_line(req: &LoginRequest<'_>, out: &LoginOutcome, started: Instant) 
         line.push_str(&format!(" detail={}", gprxy_core::Quoted::new(&out.detail)));
     }
     line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gprxy_core::testkit::{jwks, now, TestKey};
+    use gprxy_core::KeySet;
+    use serde_json::json;
+
+    const ISSUER: &str = "https://idp.example/";
+
+    fn settings() -> Settings {
+        let mut s = Settings::for_tests("db");
+        s.role_claim = Some("roles".into());
+        s
+    }
+
+    fn token(key: &TestKey, claims: serde_json::Value) -> String {
+        let mut c = json!({"iss": ISSUER, "aud": "db", "sub": "alice", "exp": now() + 300, "scope": "openid db", "roles": ["app_reader"]});
+        c.as_object_mut().unwrap().extend(claims.as_object().unwrap().clone());
+        key.token(json!({"alg": key.default_alg(), "kid": key.kid, "typ": "at+jwt"}), &c)
+    }
+
+    fn request<'a>(token: &'a str, role: &'a str, delegated: bool) -> LoginRequest<'a> {
+        LoginRequest {
+            token,
+            role,
+            hba_issuer: Some(ISSUER),
+            hba_scope: Some("openid db"),
+            delegated,
+            client: Some("127.0.0.1"),
+            database: Some("app"),
+        }
+    }
+
+    /// Decides with `key`'s key set and the policy `settings` give for the request's issuer.
+    fn decide_for(
+        req: &LoginRequest<'_>,
+        settings: &Settings,
+        key: &TestKey,
+        powers: Option<RolePowers>,
+    ) -> LoginOutcome {
+        let keys = KeySet::from_json(jwks(&[key]).to_string().as_bytes()).unwrap();
+        let keys_for = |issuer: &str, scope: Option<&str>| {
+            let v = Arc::new(Validator::new(settings.policy(issuer, scope)?));
+            Ok((Arc::new(keys) as Arc<dyn KeySource>, v))
+        };
+        decide_with(req, settings, keys_for, |_| powers, now())
+    }
+
+    fn ordinary() -> Option<RolePowers> {
+        Some(RolePowers {
+            superuser: false,
+            replication: false,
+            bypass_rls: false,
+            create_role: false,
+            member_of: None,
+        })
+    }
+
+    #[test]
+    fn a_good_token_is_authorized_with_its_identity() {
+        let key = TestKey::p256("k1");
+        let t = token(&key, json!({}));
+        let out = decide_for(&request(&t, "alice", false), &settings(), &key, None);
+        assert_eq!((out.authorized, out.reason, out.authn_id.as_deref()), (true, "ok", Some("alice")));
+    }
+
+    #[test]
+    fn refusals_carry_the_validation_reason() {
+        let key = TestKey::ed25519("k1");
+        let expired = token(&key, json!({"exp": now() - 3600}));
+        let out = decide_for(&request(&expired, "alice", false), &settings(), &key, None);
+        assert_eq!((out.authorized, out.reason), (false, "expired"));
+        assert_eq!(out.authn_id.as_deref(), Some("alice"), "the log names who tried");
+        let other_issuer = token(&key, json!({"iss": "https://evil.example/"}));
+        let out = decide_for(&request(&other_issuer, "alice", false), &settings(), &key, None);
+        assert_eq!(out.reason, "iss_mismatch");
+        let forged = token(&TestKey::ed25519("k1"), json!({}));
+        let out = decide_for(&request(&forged, "alice", false), &settings(), &key, None);
+        assert_eq!((out.authorized, out.reason), (false, "bad_signature"));
+        let no_scope = token(&key, json!({"scope": "openid"}));
+        let out = decide_for(&request(&no_scope, "alice", false), &settings(), &key, None);
+        assert_eq!(out.reason, "scope_missing");
+    }
+
+    #[test]
+    fn a_pg_hba_line_without_issuer_is_a_configuration_refusal() {
+        let key = TestKey::p256("k1");
+        let t = token(&key, json!({}));
+        let mut req = request(&t, "alice", false);
+        req.hba_issuer = None;
+        let out = decide_for(&req, &settings(), &key, None);
+        assert_eq!(
+            (out.authorized, out.reason, out.detail.as_str()),
+            (false, "config", "the pg_hba.conf line has no issuer")
+        );
+    }
+
+    #[test]
+    fn delegated_mode_grants_only_the_roles_the_token_names() {
+        let key = TestKey::rsa("k1");
+        let t = token(&key, json!({"roles": ["app_reader"]}));
+        let out = decide_for(&request(&t, "app_reader", true), &settings(), &key, ordinary());
+        assert_eq!((out.authorized, out.reason), (true, "ok"));
+        let out = decide_for(&request(&t, "app_admin", true), &settings(), &key, ordinary());
+        assert_eq!((out.authorized, out.reason), (false, "role_not_granted"));
+        assert_eq!(out.detail, "role \"app_admin\" is not among the roles the token grants (app_reader)");
+        let mut mapped = settings();
+        mapped.role_map = vec![("reader".into(), "app_reader".into())];
+        let out = decide_for(&request(&t, "app_reader", true), &mapped, &key, ordinary());
+        assert_eq!(out.reason, "role_not_granted", "with a role map only mapped roles are granted");
+    }
+
+    #[test]
+    fn delegated_mode_never_reaches_a_privileged_role() {
+        let key = TestKey::p256("k1");
+        let t = token(&key, json!({"roles": ["app_reader"]}));
+        let req = request(&t, "app_reader", true);
+        let superuser = ordinary().map(|p| RolePowers { superuser: true, bypass_rls: true, ..p });
+        let out = decide_for(&req, &settings(), &key, superuser);
+        assert_eq!((out.authorized, out.reason), (false, "role_privileged"));
+        assert_eq!(
+            out.detail,
+            "role \"app_reader\" has SUPERUSER, BYPASSRLS: delegated mode never maps a token to such a role"
+        );
+        let member = ordinary().map(|p| RolePowers { member_of: Some("app_admin".into()), ..p });
+        assert_eq!(decide_for(&req, &settings(), &key, member).reason, "role_privileged");
+        let out = decide_for(&req, &settings(), &key, None);
+        assert_eq!(out.detail, "role \"app_reader\" was not found in pg_authid");
+    }
+
+    #[test]
+    fn the_audit_line_never_holds_the_token() {
+        let key = TestKey::p256("k1");
+        let t = token(&key, json!({}));
+        let req = request(&t, "alice", false);
+        let out = decide_for(&req, &settings(), &key, None);
+        let line = audit_line(&req, &out, std::time::Instant::now());
+        assert!(
+            line.starts_with("gprxy: oauth login authorized reason=ok role=\"alice\" authn_id=\"alice\""),
+            "{line}"
+        );
+        assert!(!line.contains(&t) && !line.contains(t.rsplit('.').next().unwrap()), "{line}");
+        assert!(line.contains(&format!("token_fp={}", gprxy_core::fingerprint(t.as_bytes()))));
+    }
 }

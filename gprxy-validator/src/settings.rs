@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use gprxy_core::{
     parse_algorithms, Algorithm, CacheSettings, ConfigError, HttpSettings, IdentityForm, Policy,
-    RequiredClaims,
+    RequiredClaims, Setting,
 };
 use parking_lot::Mutex;
 use pgrx::GucSetting;
@@ -184,11 +184,11 @@ impl Settings {
 
     /// Reads the GUCs into typed values.
     fn parse() -> Result<Self, ConfigError> {
-        let cfg = |setting: &'static str, reason: String| ConfigError { setting, reason };
         let algorithms = parse_algorithms(&string(&ALLOWED_ALGORITHMS))?;
-        let role_map = parse_role_map(&string(&ROLE_MAP)).map_err(|r| cfg("gprxy.role_map", r))?;
-        let required_claims =
-            RequiredClaims::parse(&string(&REQUIRED_CLAIMS)).map_err(|r| cfg("gprxy.required_claims", r))?;
+        let role_map =
+            parse_role_map(&string(&ROLE_MAP)).map_err(|r| ConfigError::new(Setting::RoleMap, r))?;
+        let required_claims = RequiredClaims::parse(&string(&REQUIRED_CLAIMS))
+            .map_err(|r| ConfigError::new(Setting::RequiredClaims, r))?;
         let ca = string(&CA_FILE);
         let jwks_uri = string(&JWKS_URI);
         let s = Self {
@@ -253,7 +253,6 @@ impl Settings {
             .role_claim(self.role_claim.clone())
             .required_claims(self.required_claims.clone())
             .build()
-            .map_err(|e| ConfigError { setting: setting_name(e.setting), reason: e.reason })
     }
 
     /// The database roles a token's roles grant in delegated mode: mapped through
@@ -270,16 +269,55 @@ impl Settings {
     }
 }
 
-/// gprxy-core's setting names as the GUCs spell them.
-fn setting_name(core: &'static str) -> &'static str {
-    match core {
-        "audience" => "gprxy.audience",
-        "allowed_algorithms" => "gprxy.allowed_algorithms",
-        "leeway" => "gprxy.leeway",
-        "authn_claim" => "gprxy.authn_claim",
-        "role_claim" => "gprxy.role_claim",
-        "issuer" => "pg_hba.conf issuer",
-        other => other,
+/// A setting as postgresql.conf (or pg_hba.conf) spells it.
+pub fn guc_name(setting: Setting) -> &'static str {
+    match setting {
+        Setting::Issuer => "pg_hba.conf issuer",
+        Setting::Audience => "gprxy.audience",
+        Setting::Algorithms => "gprxy.allowed_algorithms",
+        Setting::Leeway => "gprxy.leeway",
+        Setting::MaxTokenBytes => "gprxy.max_token_bytes",
+        Setting::IdentityClaim => "gprxy.authn_claim",
+        Setting::RoleClaim => "gprxy.role_claim",
+        Setting::RequiredClaims => "gprxy.required_claims",
+        Setting::RoleMap => "gprxy.role_map",
+        Setting::JwksUri => "gprxy.jwks_uri",
+        Setting::CaFile => "gprxy.ca_file",
+        Setting::CacheTtl => "gprxy.jwks_cache_ttl",
+        Setting::CacheTtlMin => "gprxy.jwks_cache_ttl_min",
+        Setting::CacheTtlMax => "gprxy.jwks_cache_ttl_max",
+        Setting::UnknownKidCooldown => "gprxy.jwks_unknown_kid_cooldown",
+        Setting::Backoff => "gprxy.jwks_backoff",
+    }
+}
+
+/// A configuration error as the server log should say it (settings by their GUC names).
+pub fn describe(e: &ConfigError) -> String {
+    e.spelled(guc_name)
+}
+
+#[cfg(test)]
+impl Settings {
+    /// The defaults of every GUC, with this audience (no GUC is read).
+    pub fn for_tests(audience: &str) -> Self {
+        Self {
+            audiences: vec![audience.to_owned()],
+            skip_audience: false,
+            jwks_uri: None,
+            authn_claim: "sub".into(),
+            issuer_qualified: false,
+            role_claim: None,
+            role_map: Vec::new(),
+            algorithms: Algorithm::ALL.to_vec(),
+            required_scopes: Vec::new(),
+            required_claims: RequiredClaims::default(),
+            require_hba_scopes: true,
+            accept_generic_typ: false,
+            leeway: 30,
+            cache: CacheSettings::default(),
+            http: HttpSettings::default(),
+            refresh_check_interval: Duration::from_secs(10),
+        }
     }
 }
 

@@ -18,7 +18,10 @@ pub fn run() {
         let settings = match Settings::current() {
             Ok(s) => s,
             Err(e) => {
-                pgrx::warning!("gprxy: JWKS refresher idle, settings invalid: {e}");
+                pgrx::warning!(
+                    "gprxy: JWKS refresher idle, settings invalid: {}",
+                    crate::settings::describe(&e)
+                );
                 continue;
             }
         };

@@ -15,7 +15,7 @@ use bytes::BytesMut;
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 
-use crate::config::{ClientAuth, Config, Fallback as Settings, UserMatch};
+use crate::config::{toml_name, ClientAuth, Config, Fallback as Settings, UserMatch};
 use crate::conn::{send_ready, BoxStream, CancelKey, LoginInfo, SessionError, Shared};
 use crate::proto::{self, BackendMessage, SqlState, Startup};
 use pool::{Lease, Pools, ServerConn};
@@ -40,14 +40,18 @@ impl Fallback {
             insecure_allow_http_loopback: cfg.insecure_allow_http_loopback,
             ..Default::default()
         };
-        let fetcher = Arc::new(gprxy_core::UreqFetcher::new(http)?);
-        let cache = Arc::new(gprxy_core::JwksCache::new(
-            cfg.source.clone(),
-            fetcher,
-            Arc::new(gprxy_core::SystemClock),
-            cfg.keys.clone(),
-            cfg.insecure_allow_http_loopback,
-        )?);
+        let spelled = |e: gprxy_core::ConfigError| anyhow::anyhow!(e.spelled(toml_name));
+        let fetcher = Arc::new(gprxy_core::UreqFetcher::new(http).map_err(spelled)?);
+        let cache = Arc::new(
+            gprxy_core::JwksCache::new(
+                cfg.source.clone(),
+                fetcher,
+                Arc::new(gprxy_core::SystemClock),
+                cfg.keys.clone(),
+                cfg.insecure_allow_http_loopback,
+            )
+            .map_err(spelled)?,
+        );
         if let Some(key) = &cfg.context_key {
             tracing::info!(
                 event = "context_key",
