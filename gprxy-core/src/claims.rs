@@ -146,16 +146,21 @@ pub fn string_list(value: Option<&Value>) -> Vec<String> {
 /// The scopes a token grants: `scope` (space-separated, RFC 8693/9068) and `scp` (Entra ID, Okta:
 /// a string or an array).
 pub fn granted_scopes(claims: &Map<String, Value>) -> Vec<String> {
-    let mut scopes = Vec::new();
-    if let Some(Value::String(s)) = claims.get("scope") {
-        scopes.extend(s.split(' ').filter(|s| !s.is_empty()).map(str::to_owned));
-    }
-    match claims.get("scp") {
-        Some(Value::String(s)) => scopes.extend(s.split(' ').filter(|s| !s.is_empty()).map(str::to_owned)),
-        Some(v @ Value::Array(_)) => scopes.extend(string_list(Some(v))),
-        _ => {}
-    }
+    let mut scopes = match claims.get("scope") {
+        Some(v @ Value::String(_)) => scopes_of(Some(v)),
+        _ => Vec::new(),
+    };
+    scopes.extend(scopes_of(claims.get("scp")));
     scopes
+}
+
+/// The scopes one claim grants: a space-separated string, or an array of strings.
+pub fn scopes_of(claim: Option<&Value>) -> Vec<String> {
+    match claim {
+        Some(Value::String(s)) => s.split(' ').filter(|s| !s.is_empty()).map(str::to_owned).collect(),
+        Some(v @ Value::Array(_)) => string_list(Some(v)),
+        _ => Vec::new(),
+    }
 }
 
 #[cfg(test)]

@@ -104,6 +104,9 @@ pub enum ValidationError {
     /// `iss` is not a string.
     #[error("claim \"iss\" is not a string")]
     IssuerInvalid,
+    /// `iss` names an issuer that is not trusted here (refused before any key is fetched).
+    #[error("issuer {0} is not trusted")]
+    IssuerNotTrusted(Quoted),
     /// `iss` differs from the expected issuer (exact comparison).
     #[error("issuer {got} does not match the expected {expected}")]
     IssuerMismatch {
@@ -124,6 +127,17 @@ pub enum ValidationError {
     /// A required scope is not granted.
     #[error("required scope {0} not granted")]
     ScopeMissing(Quoted),
+    /// The policy limits token lifetime and the token has no `iat` to measure it by.
+    #[error("token has no \"iat\" and the issuer's policy limits token lifetime")]
+    IatMissing,
+    /// The token lives longer (`exp` - `iat`) than the policy allows.
+    #[error("token lifetime of {lifetime} s is longer than the maximum of {max} s")]
+    LifetimeTooLong {
+        /// `exp` - `iat`.
+        lifetime: i64,
+        /// The policy's maximum.
+        max: u64,
+    },
     /// The `typ` header is not an accepted token type.
     #[error("token type {0} is not accepted")]
     TypeNotAccepted(Quoted),
@@ -171,10 +185,13 @@ impl ValidationError {
             Self::IssuerMissing => "iss_missing",
             Self::IssuerInvalid => "iss_invalid",
             Self::IssuerMismatch { .. } => "iss_mismatch",
+            Self::IssuerNotTrusted(_) => "iss_not_trusted",
             Self::AudienceMissing => "aud_missing",
             Self::AudienceInvalid => "aud_invalid",
             Self::AudienceMismatch => "aud_mismatch",
             Self::ScopeMissing(_) => "scope_missing",
+            Self::IatMissing => "iat_missing",
+            Self::LifetimeTooLong { .. } => "lifetime_too_long",
             Self::TypeNotAccepted(_) => "typ_not_accepted",
             Self::IdentityMissing(_) => "identity_missing",
             Self::RequiredClaim { .. } => "required_claim",
@@ -370,7 +387,8 @@ impl From<&str> for Quoted {
 
 /// A setting gprxy-core checks, by what it means. Each front end spells it its own way
 /// (`gprxy.authn_claim` in postgresql.conf, `fallback.identity_claim` in gprxy.toml); the
-/// [`Display`](fmt::Display) form is the neutral name.
+/// [`Display`](fmt::Display) form is the neutral name, which is also the key of an issuers file
+/// entry ([`crate::issuers`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Setting {
     /// The issuer (pg_hba.conf's `issuer`, fallback's `issuer`).
@@ -405,6 +423,16 @@ pub enum Setting {
     UnknownKidCooldown,
     /// Waits between failed fetches.
     Backoff,
+    /// The claim that grants scopes.
+    ScopeClaim,
+    /// The longest token lifetime.
+    MaxTokenAge,
+    /// Accepted token types.
+    TokenTypes,
+    /// A local key set file.
+    JwksFile,
+    /// A provider profile and what it requires.
+    Profile,
 }
 
 impl Setting {
@@ -414,7 +442,7 @@ impl Setting {
             Self::Issuer => "issuer",
             Self::Audience => "audience",
             Self::Algorithms => "allowed_algorithms",
-            Self::Leeway => "leeway",
+            Self::Leeway => "leeway_secs",
             Self::MaxTokenBytes => "max_token_bytes",
             Self::IdentityClaim => "identity_claim",
             Self::RoleClaim => "role_claim",
@@ -422,11 +450,16 @@ impl Setting {
             Self::RoleMap => "role_map",
             Self::JwksUri => "jwks_uri",
             Self::CaFile => "ca_file",
-            Self::CacheTtl => "cache_ttl",
-            Self::CacheTtlMin => "cache_ttl_min",
-            Self::CacheTtlMax => "cache_ttl_max",
-            Self::UnknownKidCooldown => "unknown_kid_cooldown",
-            Self::Backoff => "backoff",
+            Self::CacheTtl => "keys.cache_ttl_secs",
+            Self::CacheTtlMin => "keys.cache_ttl_min_secs",
+            Self::CacheTtlMax => "keys.cache_ttl_max_secs",
+            Self::UnknownKidCooldown => "keys.unknown_kid_cooldown_secs",
+            Self::Backoff => "keys.backoff",
+            Self::ScopeClaim => "scope_claim",
+            Self::MaxTokenAge => "max_token_age_secs",
+            Self::TokenTypes => "token_types",
+            Self::JwksFile => "jwks_file",
+            Self::Profile => "profile",
         }
     }
 }

@@ -68,6 +68,12 @@ pub enum JwksSource {
         /// The key set URL.
         jwks_uri: String,
     },
+    /// A key set file on this host (an air-gapped cluster: no network at all). Read when the
+    /// cache is made and again when its keys expire.
+    File {
+        /// The JWKS document's path.
+        path: std::path::PathBuf,
+    },
 }
 
 impl JwksSource {
@@ -76,6 +82,7 @@ impl JwksSource {
         match self {
             Self::Discovery { issuer } => format!("discovery {issuer}"),
             Self::Explicit { jwks_uri } => format!("jwks_uri {jwks_uri}"),
+            Self::File { path } => format!("file {}", path.display()),
         }
     }
 }
@@ -291,11 +298,19 @@ impl JwksCache {
         allow_http_loopback: bool,
     ) -> Result<Self, ConfigError> {
         settings.check()?;
-        let url = match &source {
-            JwksSource::Discovery { issuer } => issuer,
-            JwksSource::Explicit { jwks_uri } => jwks_uri,
-        };
-        check_url(url, allow_http_loopback).map_err(|e| ConfigError::new(Setting::Issuer, e.to_string()))?;
+        match &source {
+            JwksSource::Discovery { issuer } => check_url(issuer, allow_http_loopback)
+                .map_err(|e| ConfigError::new(Setting::Issuer, e.to_string()))?,
+            JwksSource::Explicit { jwks_uri } => check_url(jwks_uri, allow_http_loopback)
+                .map_err(|e| ConfigError::new(Setting::JwksUri, e.to_string()))?,
+            JwksSource::File { path } if !path.is_absolute() => {
+                return Err(ConfigError::new(
+                    Setting::JwksFile,
+                    format!("{} is not an absolute path", path.display()),
+                ))
+            }
+            JwksSource::File { .. } => {}
+        }
         Ok(Self {
             source_id: source.id(),
             source,
@@ -570,8 +585,12 @@ impl JwksCache {
             (JwksSource::Explicit { jwks_uri }, _) => jwks_uri.clone(),
             (JwksSource::Discovery { .. }, Some(uri)) => uri,
             (JwksSource::Discovery { issuer }, None) => self.discover(issuer)?,
+            (JwksSource::File { path }, _) => format!("file://{}", path.display()),
         };
-        let resp = self.fetcher.get(&jwks_uri)?;
+        let resp = match &self.source {
+            JwksSource::File { path } => read_key_file(path)?,
+            _ => self.fetcher.get(&jwks_uri)?,
+        };
         let keys = parse_keys(&jwks_uri, &resp.body)?;
         let ttl = resp
             .max_age
@@ -627,6 +646,29 @@ fn install(st: &mut State, keys: KeySet, snap: Snapshot) {
     st.snapshot = Some(snap);
     st.last_error = None;
     st.generation += 1;
+}
+
+/// Largest key set file read.
+pub const MAX_KEY_FILE_BYTES: u64 = 1 << 20;
+
+/// A local key set file, as if served without `max-age`.
+fn read_key_file(path: &std::path::Path) -> Result<crate::fetch::HttpResponse, KeyError> {
+    use std::io::Read;
+    let unreadable =
+        |e: std::io::Error| KeyError::Unavailable(format!("key set file {}: {e}", path.display()));
+    let mut body = Vec::new();
+    std::fs::File::open(path)
+        .map_err(unreadable)?
+        .take(MAX_KEY_FILE_BYTES + 1)
+        .read_to_end(&mut body)
+        .map_err(unreadable)?;
+    if body.len() as u64 > MAX_KEY_FILE_BYTES {
+        return Err(KeyError::Unavailable(format!(
+            "key set file {} is larger than {MAX_KEY_FILE_BYTES} bytes",
+            path.display()
+        )));
+    }
+    Ok(crate::fetch::HttpResponse { body, max_age: None })
 }
 
 fn parse_keys(url: &str, body: &[u8]) -> Result<KeySet, KeyError> {

@@ -50,6 +50,8 @@ pub struct Policy {
     pub(crate) identity_form: IdentityForm,
     pub(crate) role_claim: Option<ClaimPath>,
     pub(crate) required_claims: RequiredClaims,
+    pub(crate) scope_claim: Option<ClaimPath>,
+    pub(crate) max_token_age_secs: Option<u64>,
 }
 
 impl Policy {
@@ -68,6 +70,8 @@ impl Policy {
             identity_form: IdentityForm::Plain,
             role_claim: None,
             required_claims: RequiredClaims::default(),
+            scope_claim: None,
+            max_token_age_secs: None,
         }
     }
 
@@ -110,6 +114,8 @@ pub struct PolicyBuilder {
     identity_form: IdentityForm,
     role_claim: Option<String>,
     required_claims: RequiredClaims,
+    scope_claim: Option<String>,
+    max_token_age_secs: Option<u64>,
 }
 
 impl PolicyBuilder {
@@ -189,6 +195,20 @@ impl PolicyBuilder {
         self
     }
 
+    /// The one claim that grants scopes (`scp` for Entra ID and Okta, `scope` elsewhere): a
+    /// space-separated string or an array. None (the default): both `scope` and `scp` count.
+    pub fn scope_claim(mut self, claim: Option<String>) -> Self {
+        self.scope_claim = claim.filter(|c| !c.is_empty());
+        self
+    }
+
+    /// The longest lifetime (`exp` - `iat`) a token may have; tokens then need `iat`. None
+    /// (the default): any.
+    pub fn max_token_age_secs(mut self, secs: Option<u64>) -> Self {
+        self.max_token_age_secs = secs;
+        self
+    }
+
     /// Checks the settings and returns the policy.
     pub fn build(self) -> Result<Policy, ConfigError> {
         if self.issuer.is_empty() {
@@ -224,6 +244,15 @@ impl PolicyBuilder {
             .map(ClaimPath::parse)
             .transpose()
             .map_err(|reason| ConfigError::new(Setting::RoleClaim, reason))?;
+        let scope_claim = self
+            .scope_claim
+            .as_deref()
+            .map(ClaimPath::parse)
+            .transpose()
+            .map_err(|reason| ConfigError::new(Setting::ScopeClaim, reason))?;
+        if self.max_token_age_secs == Some(0) {
+            return Err(ConfigError::new(Setting::MaxTokenAge, "must be at least 1 second"));
+        }
         let required_scopes = self
             .required_scopes
             .into_iter()
@@ -244,6 +273,8 @@ impl PolicyBuilder {
             identity_form: self.identity_form,
             role_claim,
             required_claims: self.required_claims,
+            scope_claim,
+            max_token_age_secs: self.max_token_age_secs,
         })
     }
 }

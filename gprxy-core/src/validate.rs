@@ -3,7 +3,7 @@
 use serde_json::{Map, Value};
 
 use crate::algorithm::Algorithm;
-use crate::claims::{granted_scopes, parse_object, string_list};
+use crate::claims::{granted_scopes, parse_object, scopes_of, string_list};
 use crate::error::{Quoted, ValidationError};
 use crate::jose::{fingerprint, verify_compact, KeySource};
 use crate::policy::{IdentityForm, Policy};
@@ -101,9 +101,16 @@ impl Validator {
                 return Err(ValidationError::NotYetValid { nbf, now });
             }
         }
-        if let Some(iat) = time_claim(&claims, "iat")? {
+        let iat = time_claim(&claims, "iat")?;
+        if let Some(iat) = iat {
             if iat > now.saturating_add(leeway) {
                 return Err(ValidationError::IssuedInFuture { iat, now });
+            }
+        }
+        if let Some(max) = p.max_token_age_secs {
+            let lifetime = exp.saturating_sub(iat.ok_or(ValidationError::IatMissing)?);
+            if lifetime > i64::try_from(max).unwrap_or(i64::MAX) {
+                return Err(ValidationError::LifetimeTooLong { lifetime, max });
             }
         }
 
@@ -137,7 +144,10 @@ impl Validator {
             }
         }
 
-        let scopes = granted_scopes(&claims);
+        let scopes = match &p.scope_claim {
+            None => granted_scopes(&claims),
+            Some(path) => scopes_of(path.lookup(&claims)),
+        };
         if let Some(missing) = p.required_scopes.iter().find(|r| !scopes.contains(r)) {
             return Err(ValidationError::ScopeMissing(Quoted::new(missing)));
         }

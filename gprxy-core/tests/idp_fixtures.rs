@@ -213,3 +213,178 @@ fn google_id_token_with_email_identity() {
     assert_eq!(v.subject.as_deref(), Some("110169484474386276334"));
     assert!(v.roles.is_empty());
 }
+
+/// Validates `claims` (signed by `k` with `header`) under the one entry of an issuers file that
+/// takes `profile` and adds `extra` lines.
+fn with_profile(
+    profile: &str,
+    iss: &str,
+    aud: &str,
+    extra: &str,
+    k: &TestKey,
+    header: Value,
+    claims: &Value,
+) -> Result<ValidatedToken, String> {
+    let text =
+        format!("[[issuer]]\nprofile = \"{profile}\"\nissuer = \"{iss}\"\naudience = [\"{aud}\"]\n{extra}");
+    let set = gprxy_core::IssuerSet::from_toml(&text, false).map_err(|e| e.to_string())?;
+    let entry = set.get(iss).expect("the entry");
+    let keys = KeySet::from_json(jwks(&[k]).to_string().as_bytes()).unwrap();
+    Validator::new(entry.policy.clone())
+        .validate(&k.token(header, claims), &keys, now())
+        .map_err(|e| e.to_string())
+}
+
+/// Each provider's real claim shape through its profile: the defaults find identity, roles and
+/// scopes where that provider puts them, and what the profile requires is enforced.
+#[test]
+fn profiles_read_each_providers_claim_shape() {
+    let (iat, exp) = times();
+    let k = TestKey::rsa("k");
+
+    let tid = "9188040d-6c67-4c5b-b112-36a304b66dad";
+    let iss = format!("https://login.microsoftonline.com/{tid}/v2.0");
+    let entra = json!({"iss": iss, "aud": "api://db", "iat": iat, "exp": exp, "tid": tid, "ver": "2.0",
+        "oid": "00000000-0000-0000-66f3-3332eca7ea81", "sub": "AAAAAAAAAAAAAAAAAAAAAIkzqFVrSaSaFHy782bbtaQ",
+        "scp": "db.read db.write", "roles": ["App.Admin"]});
+    let v = with_profile(
+        "entra",
+        &iss,
+        "api://db",
+        "required_scopes = [\"db.read\"]",
+        &k,
+        json!({"typ": "JWT"}),
+        &entra,
+    )
+    .unwrap();
+    assert_eq!(
+        (v.identity.as_str(), v.roles.as_slice()),
+        ("00000000-0000-0000-66f3-3332eca7ea81", &["App.Admin".to_owned()][..])
+    );
+    // Entra grants scopes in scp only: a scope claim naming the scope does not count.
+    let mut wrong = entra.clone();
+    wrong["scp"] = json!("other");
+    wrong["scope"] = json!("db.read");
+    let e = with_profile(
+        "entra",
+        &iss,
+        "api://db",
+        "required_scopes = [\"db.read\"]",
+        &k,
+        json!({"typ": "JWT"}),
+        &wrong,
+    );
+    assert_eq!(e.unwrap_err(), "required scope \"db.read\" not granted");
+
+    let iss = "https://acme.okta.com/oauth2/default";
+    let okta = json!({"ver": 1, "iss": iss, "aud": "api://default", "iat": iat, "exp": exp, "cid": "0oa1",
+        "uid": "00u1", "scp": ["openid", "db.read"], "sub": "alice@acme.example", "groups": ["Everyone", "app_writer"]});
+    let v =
+        with_profile("okta", iss, "api://default", "required_scopes = [\"db.read\"]", &k, json!({}), &okta)
+            .unwrap();
+    assert_eq!((v.identity.as_str(), v.roles.len()), ("alice@acme.example", 2));
+
+    let iss = "https://test-org-flow.us.auth0.com/";
+    let auth0 = json!({"iss": iss, "sub": "auth0|65a1b2c3", "aud": ["https://gprxy.io", format!("{iss}userinfo")],
+        "iat": iat, "exp": exp, "scope": "openid db", "https://gprxy.io/roles": ["app_writer"]});
+    let v = with_profile(
+        "auth0",
+        iss,
+        "https://gprxy.io",
+        "role_claim = \"https://gprxy.io/roles\"",
+        &k,
+        json!({"typ": "at+jwt"}),
+        &auth0,
+    )
+    .unwrap();
+    assert_eq!((v.identity.as_str(), v.roles.as_slice()), ("auth0|65a1b2c3", &["app_writer".to_owned()][..]));
+
+    let iss = "https://kc.example.com/realms/acme";
+    let kc = json!({"iss": iss, "aud": ["gprxy", "account"], "sub": "f:8c6:alice", "typ": "Bearer", "iat": iat, "exp": exp,
+        "scope": "openid email", "realm_access": {"roles": ["app_reader"]}});
+    let v = with_profile("keycloak", iss, "gprxy", "", &k, json!({"typ": "JWT"}), &kc).unwrap();
+    assert_eq!((v.identity.as_str(), v.roles.as_slice()), ("f:8c6:alice", &["app_reader".to_owned()][..]));
+
+    let iss = "https://kubernetes.default.svc.cluster.local";
+    let k8s = json!({"aud": [iss], "exp": exp, "iat": iat, "iss": iss, "sub": "system:serviceaccount:payments:api",
+        "kubernetes.io": {"namespace": "payments", "serviceaccount": {"name": "api", "uid": "9a8b"}}});
+    let v =
+        with_profile("kubernetes", iss, iss, "role_claim = \"kubernetes.io.namespace\"", &k, json!({}), &k8s)
+            .unwrap();
+    assert_eq!(
+        (v.identity.as_str(), v.roles.as_slice()),
+        ("system:serviceaccount:payments:api", &["payments".to_owned()][..])
+    );
+
+    let iss = "https://token.actions.githubusercontent.com";
+    let gha = json!({"sub": "repo:octo-org/octo-repo:environment:prod", "environment": "prod", "aud": "https://github.com/octo-org",
+        "repository": "octo-org/octo-repo", "repository_owner": "octo-org", "iss": iss, "iat": iat, "exp": exp});
+    let pin = "required_claims = { repository_owner = \"octo-org\" }";
+    let v = with_profile(
+        "github-actions",
+        iss,
+        "https://github.com/octo-org",
+        pin,
+        &k,
+        json!({"typ": "JWT"}),
+        &gha,
+    )
+    .unwrap();
+    assert_eq!(
+        v.identity,
+        format!("{iss}#repo:octo-org/octo-repo:environment:prod"),
+        "issuer-qualified by default"
+    );
+    let mut evil = gha.clone();
+    evil["repository_owner"] = json!("evil");
+    let e = with_profile(
+        "github-actions",
+        iss,
+        "https://github.com/octo-org",
+        pin,
+        &k,
+        json!({"typ": "JWT"}),
+        &evil,
+    );
+    assert_eq!(
+        e.unwrap_err(),
+        "required claim \"repository_owner\" must equal \"octo-org\" (token: \"evil\")"
+    );
+
+    let iss = "https://accounts.google.com";
+    let client = "1234567890-abc.apps.googleusercontent.com";
+    let google = json!({"iss": iss, "azp": client, "aud": client, "sub": "110169484474386276334", "hd": "acme.example",
+        "email": "alice@acme.example", "email_verified": true, "iat": iat, "exp": exp});
+    let pin = "required_claims = { hd = \"acme.example\" }";
+    let v = with_profile("google", iss, client, pin, &k, json!({"typ": "JWT"}), &google).unwrap();
+    assert_eq!(v.identity, "alice@acme.example");
+    // The profile adds email_verified = true to an e-mail identity.
+    let mut unverified = google.clone();
+    unverified["email_verified"] = json!(false);
+    let e = with_profile("google", iss, client, pin, &k, json!({"typ": "JWT"}), &unverified);
+    assert_eq!(e.unwrap_err(), "required claim \"email_verified\" must be true (token: false)");
+}
+
+/// A policy's maximum token lifetime refuses long-lived tokens, and tokens it cannot measure.
+#[test]
+fn maximum_token_lifetime() {
+    let k = TestKey::p256("k");
+    let t = now();
+    let text =
+        "[[issuer]]\nissuer = \"https://idp.example\"\naudience = [\"db\"]\nmax_token_age_secs = 600\n";
+    let set = gprxy_core::IssuerSet::from_toml(text, false).unwrap();
+    let v = Validator::new(set.get("https://idp.example").unwrap().policy.clone());
+    let keys = KeySet::from_json(jwks(&[&k]).to_string().as_bytes()).unwrap();
+    let token = |claims: Value| k.token(json!({"typ": "at+jwt", "kid": "k"}), &claims);
+    let base = json!({"iss": "https://idp.example", "aud": "db", "sub": "a", "iat": t, "exp": t + 600});
+    assert!(v.validate(&token(base.clone()), &keys, t).is_ok());
+    let mut long = base.clone();
+    long["exp"] = json!(t + 86_400);
+    assert_eq!(
+        v.validate(&token(long), &keys, t).unwrap_err().to_string(),
+        "token lifetime of 86400 s is longer than the maximum of 600 s"
+    );
+    let mut no_iat = base;
+    no_iat.as_object_mut().unwrap().remove("iat");
+    assert_eq!(v.validate(&token(no_iat), &keys, t).unwrap_err().code(), "iat_missing");
+}

@@ -36,14 +36,16 @@ struct FileConfig {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileFallback {
-    issuer: String,
-    audience: Vec<String>,
-    jwks_uri: Option<String>,
-    #[serde(default = "default_sub")]
-    identity_claim: String,
-    role_claim: String,
+    /// Several issuers, each with its own policy (the same keys as the validator's issuers file).
     #[serde(default)]
-    accept_jwt_typ: bool,
+    issuers: Vec<gprxy_core::IssuerEntry>,
+    // One issuer, the shorthand: these keys, or `issuers`.
+    issuer: Option<String>,
+    audience: Option<Vec<String>>,
+    jwks_uri: Option<String>,
+    identity_claim: Option<String>,
+    role_claim: Option<String>,
+    accept_jwt_typ: Option<bool>,
     #[serde(default)]
     insecure_allow_http_loopback: bool,
     #[serde(default)]
@@ -104,7 +106,7 @@ fn required_claims(
 }
 
 /// `[fallback.keys]`: the issuer's key cache (same meaning as the extension's gprxy.jwks_*).
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Default, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 struct FileKeys {
     cache_ttl_secs: Option<u64>,
@@ -132,10 +134,6 @@ fn is_unix_socket(upstream: &str) -> bool {
 
 fn default_true() -> bool {
     true
-}
-
-fn default_sub() -> String {
-    "sub".into()
 }
 
 fn default_scope() -> String {
@@ -318,10 +316,9 @@ pub struct Fallback {
     pub client_auth: ClientAuth,
     /// Scope named in the OAUTHBEARER discovery answer.
     pub scope: String,
-    /// Token policy.
-    pub policy: gprxy_core::Policy,
-    /// Where keys come from.
-    pub source: gprxy_core::JwksSource,
+    /// The trusted issuers, each with its policy, key source and key cache bounds. A token is
+    /// validated against the entry of its own `iss` only.
+    pub issuers: gprxy_core::IssuerSet,
     /// Plain-HTTP issuers on loopback (tests only).
     pub insecure_allow_http_loopback: bool,
     /// Which user name the client must send.
@@ -338,14 +335,12 @@ pub struct Fallback {
     pub context_key: Option<std::sync::Arc<gprxy_core::context::ContextKey>>,
     /// Pool limits.
     pub pool: PoolSettings,
-    /// Key cache timing.
-    pub keys: gprxy_core::CacheSettings,
 }
 
 impl std::fmt::Debug for Fallback {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Fallback")
-            .field("issuer", &self.policy.issuer())
+            .field("issuers", &self.issuers.iter().map(|i| i.issuer()).collect::<Vec<_>>())
             .field("map", &self.map)
             .field("accounts", &self.passwords.keys().collect::<Vec<_>>())
             .field("context", &self.context)
@@ -360,7 +355,7 @@ pub fn toml_name(setting: gprxy_core::Setting) -> &'static str {
         Issuer => "fallback.issuer",
         Audience => "fallback.audience",
         Algorithms => "fallback.allowed_algorithms",
-        Leeway => "fallback.leeway",
+        Leeway => "fallback.leeway_secs",
         MaxTokenBytes => "fallback.max_token_bytes",
         IdentityClaim => "fallback.identity_claim",
         RoleClaim => "fallback.role_claim",
@@ -373,22 +368,37 @@ pub fn toml_name(setting: gprxy_core::Setting) -> &'static str {
         CacheTtlMax => "fallback.keys.cache_ttl_max_secs",
         UnknownKidCooldown => "fallback.keys.unknown_kid_cooldown_secs",
         Backoff => "fallback.keys.backoff",
+        ScopeClaim => "fallback.scope_claim",
+        MaxTokenAge => "fallback.max_token_age_secs",
+        TokenTypes => "fallback.token_types",
+        JwksFile => "fallback.jwks_file",
+        Profile => "fallback.profile",
     }
 }
 
 fn check_fallback(f: FileFallback) -> anyhow::Result<Fallback> {
-    let required = required_claims(f.required_claims)?;
-    let policy = gprxy_core::Policy::builder(f.issuer.clone())
-        .audiences(f.audience)
-        .accept_generic_typ(f.accept_jwt_typ)
-        .identity_claim(f.identity_claim)
-        .role_claim(Some(f.role_claim))
-        .required_claims(required)
-        .build()
-        .map_err(|e| anyhow::anyhow!(e.spelled(toml_name)))?;
-    let source = match f.jwks_uri {
-        Some(jwks_uri) => gprxy_core::JwksSource::Explicit { jwks_uri },
-        None => gprxy_core::JwksSource::Discovery { issuer: f.issuer },
+    let issuers = if f.issuers.is_empty() {
+        one_issuer(&f)?
+    } else {
+        let shorthand = f.issuer.is_some()
+            || f.audience.is_some()
+            || f.jwks_uri.is_some()
+            || f.identity_claim.is_some()
+            || f.role_claim.is_some()
+            || f.accept_jwt_typ.is_some()
+            || !f.required_claims.is_empty()
+            || f.keys != FileKeys::default();
+        if shorthand {
+            bail!(
+                "fallback: give one issuer's keys (issuer, audience, ...) or [[fallback.issuers]], not both"
+            );
+        }
+        gprxy_core::IssuerSet::new(f.issuers.clone(), false).map_err(|e| match e {
+            gprxy_core::IssuersError::Entry { number, issuer, error } => {
+                anyhow::anyhow!("fallback.issuers[{number}] ({issuer:?}): {error}")
+            }
+            other => anyhow::anyhow!("fallback.issuers: {other}"),
+        })?
     };
     if f.map.is_empty() {
         bail!("fallback.map: no rules; every login would be refused");
@@ -454,6 +464,38 @@ fn check_fallback(f: FileFallback) -> anyhow::Result<Fallback> {
     if pool.default_size == 0 || pool.sizes.values().any(|&n| n == 0) {
         bail!("fallback.pool: sizes must be at least 1");
     }
+    Ok(Fallback {
+        pool,
+        client_auth: f.client_auth,
+        scope: f.scope,
+        issuers,
+        insecure_allow_http_loopback: f.insecure_allow_http_loopback,
+        user_must_match: f.user_must_match,
+        map: f.map.into_iter().map(|r| (r.role, r.account)).collect(),
+        passwords,
+        context,
+        context_key,
+    })
+}
+
+/// The one-issuer shorthand (`issuer`, `audience`, ... in `[fallback]`) as an issuer set.
+fn one_issuer(f: &FileFallback) -> anyhow::Result<gprxy_core::IssuerSet> {
+    let (Some(issuer), Some(audience), Some(role_claim)) = (&f.issuer, &f.audience, &f.role_claim) else {
+        bail!("fallback: needs issuer, audience and role_claim (or [[fallback.issuers]])");
+    };
+    let required = required_claims(f.required_claims.clone())?;
+    let policy = gprxy_core::Policy::builder(issuer.clone())
+        .audiences(audience.clone())
+        .accept_generic_typ(f.accept_jwt_typ.unwrap_or(false))
+        .identity_claim(f.identity_claim.clone().unwrap_or_else(|| "sub".into()))
+        .role_claim(Some(role_claim.clone()))
+        .required_claims(required)
+        .build()
+        .map_err(|e| anyhow::anyhow!(e.spelled(toml_name)))?;
+    let source = match &f.jwks_uri {
+        Some(jwks_uri) => gprxy_core::JwksSource::Explicit { jwks_uri: jwks_uri.clone() },
+        None => gprxy_core::JwksSource::Discovery { issuer: issuer.clone() },
+    };
     let k = gprxy_core::CacheSettings::default();
     let secs = |v: Option<u64>, default: Duration| v.map_or(default, Duration::from_secs);
     let keys = gprxy_core::CacheSettings {
@@ -470,20 +512,15 @@ fn check_fallback(f: FileFallback) -> anyhow::Result<Fallback> {
     if keys.min_ttl > keys.max_ttl {
         bail!("fallback.keys: cache_ttl_min_secs is above cache_ttl_max_secs");
     }
-    Ok(Fallback {
-        pool,
-        client_auth: f.client_auth,
-        scope: f.scope,
+    let entry = gprxy_core::IssuerPolicy {
+        profile: None,
         policy,
         source,
-        insecure_allow_http_loopback: f.insecure_allow_http_loopback,
-        user_must_match: f.user_must_match,
-        map: f.map.into_iter().map(|r| (r.role, r.account)).collect(),
-        passwords,
-        context,
-        context_key,
-        keys,
-    })
+        role_map: Vec::new(),
+        ca_file: None,
+        cache: keys,
+    };
+    Ok(gprxy_core::IssuerSet::from_policies(vec![entry]))
 }
 
 /// Reads the context signing key, refusing a file that others can read (as the client's
@@ -804,8 +841,9 @@ mod tests {
         let (_dir, ok) = one_account("signed_context = false\n");
         let with = |keys: &str| load(&fallback(&format!("{ok}[fallback.keys]\n{keys}")));
         let f = with("unknown_kid_cooldown_secs = 5\nmax_staleness_secs = 60\n").unwrap().fallback.unwrap();
-        assert_eq!(f.keys.unknown_kid_cooldown, Duration::from_secs(5));
-        assert_eq!(f.keys.max_staleness, Duration::from_secs(60));
+        let keys = &f.issuers.iter().next().unwrap().cache;
+        assert_eq!(keys.unknown_kid_cooldown, Duration::from_secs(5));
+        assert_eq!(keys.max_staleness, Duration::from_secs(60));
         assert_eq!(f.passwords["app_writer"], "secret");
         assert!(with("unknown_kid_cooldown_secs = 0\n")
             .unwrap_err()
@@ -858,7 +896,7 @@ mod tests {
         .fallback
         .unwrap();
         assert_eq!(
-            f.policy.required_claims(),
+            f.issuers.iter().next().unwrap().policy.required_claims(),
             &gprxy_core::RequiredClaims::parse(
                 "email_verified = true, environment in (prod | staging), kubernetes.io.namespace = ci, repository_owner = acme"
             )
@@ -889,7 +927,8 @@ mod tests {
             err("kubernetes.io = \"x\"\n"),
             "fallback.required_claims.kubernetes: must be a string, a list of strings, or true (a dotted claim name is quoted: \"a.b\" = \"value\")"
         );
-        assert!(load(&fallback(&ok)).unwrap().fallback.unwrap().policy.required_claims().is_empty());
+        let f = load(&fallback(&ok)).unwrap().fallback.unwrap();
+        assert!(f.issuers.iter().next().unwrap().policy.required_claims().is_empty());
     }
 
     #[test]

@@ -80,8 +80,15 @@ fn reload(proxy: &Proxy, path: Option<&PathBuf>, overrides: &Overrides) {
             warn!("limits.worker_threads changes need a restart; keeping the running threads");
         }
         if let (Some(new), Some(old)) = (&loaded.fallback, proxy.fallback.read().as_ref()) {
-            if let Some(snap) = old.cache.export() {
-                let _ = new.cache.import(&snap);
+            // Each issuer keeps its keys across the reload (an issuer's only); a key set file
+            // is read again (rotating it is editing the file and reloading).
+            for issuer in &new.issuers {
+                if matches!(issuer.entry.source, gprxy_core::JwksSource::File { .. }) {
+                    continue;
+                }
+                if let Some(snap) = old.issuer(issuer.entry.issuer()).and_then(|o| o.cache.export()) {
+                    let _ = issuer.cache.import(&snap);
+                }
             }
         }
         let old = std::mem::replace(&mut *proxy.fallback.write(), loaded.fallback.map(Arc::new));

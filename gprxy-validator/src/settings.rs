@@ -288,6 +288,11 @@ pub fn guc_name(setting: Setting) -> &'static str {
         Setting::CacheTtlMax => "gprxy.jwks_cache_ttl_max",
         Setting::UnknownKidCooldown => "gprxy.jwks_unknown_kid_cooldown",
         Setting::Backoff => "gprxy.jwks_backoff",
+        Setting::ScopeClaim => "scope_claim",
+        Setting::MaxTokenAge => "max_token_age_secs",
+        Setting::TokenTypes => "gprxy.token_types",
+        Setting::JwksFile => "jwks_file",
+        Setting::Profile => "profile",
     }
 }
 

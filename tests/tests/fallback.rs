@@ -28,28 +28,10 @@ fn start_with(fallback_extra: &str) -> World {
 /// PostgreSQL 15 with gprxy_validator (SQL side: the signed context, its key pinned), the roles,
 /// and gprxy in fallback mode in front of it.
 fn start_full(fallback_extra: &str, pg_conf: &[&str]) -> World {
-    require_validator(PgVersion::V15);
     let key = TestKey::rsa("k");
     let idp = TestIssuer::start(&[&key]);
-    let certs = TestCerts::new();
-    let context_key = ContextKeyFile::create(certs.dir().join("context.key"));
-    let mut builder = Cluster::builder(PgVersion::V15)
-        .hba("host all app_admin,app_writer,app_reader 127.0.0.1/32 scram-sha-256");
-    for line in context_conf(&[&context_key.public]) {
-        builder = builder.conf(line);
-    }
-    for line in pg_conf {
-        builder = builder.conf(*line);
-    }
-    let pg = builder.start();
-    pg.sql("CREATE EXTENSION gprxy_validator");
-    apply_sql_file(&pg, "postgres", "01_roles.sql");
-    apply_sql_file(&pg, "postgres", "05_signed_context.sql");
-    pg.sql("SET password_encryption = 'scram-sha-256'; ALTER ROLE app_writer PASSWORD 'writer-secret-1'; ALTER ROLE app_reader PASSWORD 'reader-secret-1'; ALTER ROLE app_admin PASSWORD 'admin-secret-1'");
+    let (pg, certs, context_key) = server(pg_conf);
     let p = |n: &str| certs.dir().join(n);
-    std::fs::write(p("writer.pw"), "writer-secret-1\n").unwrap();
-    std::fs::write(p("reader.pw"), "reader-secret-1\n").unwrap();
-    std::fs::write(p("admin.pw"), "admin-secret-1\n").unwrap();
     let (wpw, rpw, apw) = (p("writer.pw"), p("reader.pw"), p("admin.pw"));
     let proxy = Proxy::start(
         &FallbackSetup {
@@ -69,6 +51,32 @@ fn start_full(fallback_extra: &str, pg_conf: &[&str]) -> World {
         .toml(),
     );
     World { idp, key, _pg: pg, proxy, certs, context_key }
+}
+
+/// PostgreSQL 15 with the extension's SQL side, the roles with their passwords (and password
+/// files in the certificates' folder), and a pinned context key.
+fn server(pg_conf: &[&str]) -> (Cluster, TestCerts, ContextKeyFile) {
+    require_validator(PgVersion::V15);
+    let certs = TestCerts::new();
+    let context_key = ContextKeyFile::create(certs.dir().join("context.key"));
+    let mut builder = Cluster::builder(PgVersion::V15)
+        .hba("host all app_admin,app_writer,app_reader 127.0.0.1/32 scram-sha-256");
+    for line in context_conf(&[&context_key.public]) {
+        builder = builder.conf(line);
+    }
+    for line in pg_conf {
+        builder = builder.conf(*line);
+    }
+    let pg = builder.start();
+    pg.sql("CREATE EXTENSION gprxy_validator");
+    apply_sql_file(&pg, "postgres", "01_roles.sql");
+    apply_sql_file(&pg, "postgres", "05_signed_context.sql");
+    pg.sql("SET password_encryption = 'scram-sha-256'; ALTER ROLE app_writer PASSWORD 'writer-secret-1'; ALTER ROLE app_reader PASSWORD 'reader-secret-1'; ALTER ROLE app_admin PASSWORD 'admin-secret-1'");
+    let p = |n: &str| certs.dir().join(n);
+    std::fs::write(p("writer.pw"), "writer-secret-1\n").unwrap();
+    std::fs::write(p("reader.pw"), "reader-secret-1\n").unwrap();
+    std::fs::write(p("admin.pw"), "admin-secret-1\n").unwrap();
+    (pg, certs, context_key)
 }
 
 impl World {
@@ -148,7 +156,7 @@ fn refusals_each_with_a_clear_error() {
     assert!(e.contains("FATAL:  gprxy: token refused (bad_signature): signature does not verify"), "{e}");
     for (claim, value, reason) in [
         ("aud", json!("another-service"), "aud_mismatch"),
-        ("iss", json!("https://evil.example"), "iss_mismatch"),
+        ("iss", json!("https://evil.example"), "iss_not_trusted"),
     ] {
         let mut c = w.idp.claims("alice", "db");
         c["roles"] = json!(["writer"]);
@@ -931,4 +939,106 @@ fn a_planted_search_path_cannot_hijack_the_next_users_set_up() {
         "{e}"
     );
     assert_eq!(w._pg.sql("SELECT count(*) FROM public.loot WHERE v LIKE '%bob%'").trim(), "0");
+}
+
+/// Three issuers in one proxy, each with its own policy: A (RSA key "k", audience db-a), B (a
+/// P-256 key also named "k", audience db-b, its role "boss" mapped to "admin"), and C, whose keys
+/// come from a file only (no network). Each one's tokens log in; none is checked against
+/// another's keys or audience; an unknown issuer costs no request.
+#[test]
+fn several_issuers_each_with_its_own_policy_and_keys() {
+    let (pg, certs, context_key) = server(&[]);
+    let (ka, kb, kc) = (TestKey::rsa("k"), TestKey::p256("k"), TestKey::ed25519("c"));
+    let (a, b) = (TestIssuer::start(&[&ka]), TestIssuer::start(&[&kb]));
+    let c_iss = "https://c.offline.example";
+    let c_keys = certs.dir().join("c-keys.json");
+    std::fs::write(&c_keys, gprxy_core::testkit::jwks(&[&kc]).to_string()).unwrap();
+    let p = |n: &str| certs.dir().join(n);
+    let (wpw, rpw, apw) = (p("writer.pw"), p("reader.pw"), p("admin.pw"));
+    let issuers = format!(
+        "[[fallback.issuers]]\nissuer = \"{}\"\naudience = [\"db-a\"]\nrole_claim = \"roles\"\n\
+         [[fallback.issuers]]\nissuer = \"{}\"\naudience = [\"db-b\"]\nrole_claim = \"roles\"\nrole_map = {{ boss = \"admin\" }}\n\
+         [[fallback.issuers]]\nissuer = \"{c_iss}\"\naudience = [\"db-c\"]\nrole_claim = \"roles\"\njwks_file = \"{}\"\n",
+        a.issuer(),
+        b.issuer(),
+        c_keys.display()
+    );
+    let setup = FallbackSetup {
+        upstream_port: pg.port(),
+        cert: &certs.cert_path,
+        key: &certs.key_path,
+        issuer: "unused",
+        audience: "unused",
+        rules: &[
+            ("admin", "app_admin", &apw),
+            ("writer", "app_writer", &wpw),
+            ("reader", "app_reader", &rpw),
+        ],
+        context_key: Some(&context_key.path),
+        extra: "",
+    };
+    let toml =
+        setup.toml().replace("issuer = \"unused\"\naudience = [\"unused\"]\nrole_claim = \"roles\"\n", "");
+    let proxy = Proxy::start(&format!("{toml}{issuers}"));
+    let world = World { idp: a, key: TestKey::rsa("unused"), _pg: pg, proxy, certs, context_key };
+    let token = |iss: &str, aud: &str, key: &TestKey, roles: serde_json::Value| {
+        let t = gprxy_core::unix_time();
+        let claims =
+            json!({"iss": iss, "sub": "alice", "aud": aud, "iat": t, "exp": t + 300, "roles": roles});
+        key.token(json!({"typ": "at+jwt"}), &claims)
+    };
+    let (a_iss, b_iss) = (world.idp.issuer(), b.issuer());
+    let who = "SELECT current_user";
+    assert_eq!(
+        world.psql("alice", &token(&a_iss, "db-a", &ka, json!(["writer"])), "require", who).unwrap(),
+        "app_writer"
+    );
+    assert_eq!(
+        world.psql("alice", &token(&b_iss, "db-b", &kb, json!(["boss"])), "require", who).unwrap(),
+        "app_admin"
+    );
+    assert_eq!(
+        world.psql("alice", &token(c_iss, "db-c", &kc, json!(["reader"])), "require", who).unwrap(),
+        "app_reader"
+    );
+    // B's role map is B's alone: "boss" from A maps to nothing.
+    let e = world.psql("alice", &token(&a_iss, "db-a", &ka, json!(["boss"])), "require", who).unwrap_err();
+    assert!(e.contains("FATAL:  gprxy: no role in the token maps to a service account"), "{e}");
+    // A's valid signature with B's audience: A's policy wants db-a.
+    let e = world.psql("alice", &token(&a_iss, "db-b", &ka, json!(["writer"])), "require", who).unwrap_err();
+    assert!(e.contains("FATAL:  gprxy: token refused (aud_mismatch)"), "{e}");
+    // Both publish kid "k": a token that says it is B's but is signed with A's "k" meets B's key.
+    let e = world.psql("alice", &token(&b_iss, "db-b", &ka, json!(["writer"])), "require", who).unwrap_err();
+    assert!(e.contains("FATAL:  gprxy: token refused (key_mismatch)"), "{e}");
+    let forged_c = token(c_iss, "db-c", &TestKey::ed25519("c"), json!(["reader"]));
+    let e = world.psql("alice", &forged_c, "require", who).unwrap_err();
+    assert!(e.contains("FATAL:  gprxy: token refused (bad_signature)"), "{e}");
+    // An unknown issuer is refused before any key is looked for.
+    let requests = (world.idp.request_count(), b.request_count());
+    let stranger = TestIssuer::start(&[&ka]);
+    let e = world
+        .psql("alice", &token(&stranger.issuer(), "db-a", &ka, json!(["writer"])), "require", who)
+        .unwrap_err();
+    assert!(
+        e.contains(&format!(
+            "FATAL:  gprxy: token refused (iss_not_trusted): issuer \"{}\" is not trusted",
+            stranger.issuer()
+        )),
+        "{e}"
+    );
+    assert_eq!(
+        (world.idp.request_count(), b.request_count(), stranger.request_count()),
+        (requests.0, requests.1, 0)
+    );
+    // C's keys come from the file: a new key there, after a reload, logs in; the old one not.
+    let kc2 = TestKey::ed25519("c2");
+    std::fs::write(&c_keys, gprxy_core::testkit::jwks(&[&kc2]).to_string()).unwrap();
+    world.proxy.signal("HUP");
+    world.proxy.wait_events("reload", 1);
+    assert_eq!(
+        world.psql("alice", &token(c_iss, "db-c", &kc2, json!(["reader"])), "require", who).unwrap(),
+        "app_reader"
+    );
+    let e = world.psql("alice", &token(c_iss, "db-c", &kc, json!(["reader"])), "require", who).unwrap_err();
+    assert!(e.contains("FATAL:  gprxy: token refused (kid_unknown)"), "{e}");
 }

@@ -81,22 +81,33 @@ pub(super) async fn bearer_token(
     }
 }
 
-/// Validates on this thread against fresh cached keys (microseconds); only when the keys are
-/// stale or the token names a key they lack does it go to a blocking thread, which may fetch.
+/// Validates against the issuer the token names (its unverified `iss` only chooses the entry;
+/// that entry's policy then checks `iss` like every other claim). A token of an issuer that is
+/// not trusted is refused here, with no network request. Validates on this thread against fresh
+/// cached keys (microseconds); only when the keys are stale or the token names a key they lack
+/// does it go to a blocking thread, which may fetch. Returns the token and its issuer's index.
 pub(super) async fn validate(
     fallback: &Arc<Fallback>,
     token: String,
-) -> Result<gprxy_core::ValidatedToken, gprxy_core::ValidationError> {
-    use gprxy_core::ValidationError::{KidUnknown, NoKeyForAlg};
-    if let Some(keys) = fallback.cache.fresh_keys() {
-        match fallback.validator.validate(&token, &*keys, gprxy_core::unix_time()) {
+) -> Result<(gprxy_core::ValidatedToken, usize), gprxy_core::ValidationError> {
+    use gprxy_core::ValidationError::{IssuerMissing, IssuerNotTrusted, KidUnknown, NoKeyForAlg};
+    let iss = gprxy_core::peek_unverified(&token).iss.ok_or(IssuerMissing)?;
+    let index = fallback
+        .issuers
+        .iter()
+        .position(|i| i.entry.issuer() == iss)
+        .ok_or_else(|| IssuerNotTrusted(gprxy_core::Quoted::new(&iss)))?;
+    let issuer = &fallback.issuers[index];
+    if let Some(keys) = issuer.cache.fresh_keys() {
+        match issuer.validator.validate(&token, &*keys, gprxy_core::unix_time()) {
             Err(KidUnknown(_) | NoKeyForAlg(_)) => {}
-            done => return done,
+            done => return done.map(|t| (t, index)),
         }
     }
     let check = fallback.clone();
     tokio::task::spawn_blocking(move || {
-        check.validator.validate(&token, &*check.cache, gprxy_core::unix_time())
+        let issuer = &check.issuers[index];
+        issuer.validator.validate(&token, &*issuer.cache, gprxy_core::unix_time()).map(|t| (t, index))
     })
     .await
     .unwrap_or_else(|_| Err(gprxy_core::KeyError::Unavailable("validation task failed".into()).into()))

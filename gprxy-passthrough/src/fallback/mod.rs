@@ -20,15 +20,23 @@ use crate::conn::{send_ready, BoxStream, CancelKey, LoginInfo, SessionError, Sha
 use crate::proto::{self, BackendMessage, SqlState, Startup};
 use pool::{Lease, Pools, ServerConn};
 
-/// Fallback mode's settings with what outlives connections: the key cache, the validator and
-/// the pools.
+/// One trusted issuer at run time: its policy, its key cache and its validator.
+pub struct Issuer {
+    /// Its checked policy.
+    pub entry: gprxy_core::IssuerPolicy,
+    /// Its keys (never another issuer's).
+    pub cache: Arc<gprxy_core::JwksCache>,
+    /// Its token validator.
+    pub validator: gprxy_core::Validator,
+}
+
+/// Fallback mode's settings with what outlives connections: each issuer's key cache and
+/// validator, and the pools.
 pub struct Fallback {
     /// Settings.
     pub cfg: Settings,
-    /// The issuer's keys.
-    pub cache: Arc<gprxy_core::JwksCache>,
-    /// The token validator.
-    pub validator: gprxy_core::Validator,
+    /// The trusted issuers, in configuration order.
+    pub issuers: Vec<Issuer>,
     /// Server connections by (database, account).
     pub pools: Pools,
 }
@@ -36,22 +44,29 @@ pub struct Fallback {
 impl Fallback {
     /// Builds it (no network yet: keys are fetched on first use).
     pub fn new(cfg: Settings) -> anyhow::Result<Self> {
-        let http = gprxy_core::HttpSettings {
-            insecure_allow_http_loopback: cfg.insecure_allow_http_loopback,
-            ..Default::default()
-        };
         let spelled = |e: gprxy_core::ConfigError| anyhow::anyhow!(e.spelled(toml_name));
-        let fetcher = Arc::new(gprxy_core::UreqFetcher::new(http).map_err(spelled)?);
-        let cache = Arc::new(
-            gprxy_core::JwksCache::new(
-                cfg.source.clone(),
+        let mut issuers = Vec::new();
+        for entry in cfg.issuers.iter() {
+            let http = gprxy_core::HttpSettings {
+                insecure_allow_http_loopback: cfg.insecure_allow_http_loopback,
+                ca_file: entry.ca_file.clone(),
+                ..Default::default()
+            };
+            let fetcher = Arc::new(gprxy_core::UreqFetcher::new(http).map_err(spelled)?);
+            let cache = gprxy_core::JwksCache::new(
+                entry.source.clone(),
                 fetcher,
                 Arc::new(gprxy_core::SystemClock),
-                cfg.keys.clone(),
+                entry.cache.clone(),
                 cfg.insecure_allow_http_loopback,
             )
-            .map_err(spelled)?,
-        );
+            .map_err(spelled)?;
+            issuers.push(Issuer {
+                validator: gprxy_core::Validator::new(entry.policy.clone()),
+                cache: Arc::new(cache),
+                entry: entry.clone(),
+            });
+        }
         if let Some(key) = &cfg.context_key {
             tracing::info!(
                 event = "context_key",
@@ -62,12 +77,12 @@ impl Fallback {
         if cfg.insecure_allow_http_loopback {
             tracing::warn!("fallback.insecure_allow_http_loopback is on: plain-HTTP issuers on loopback are trusted (tests only)");
         }
-        Ok(Self {
-            validator: gprxy_core::Validator::new(cfg.policy.clone()),
-            pools: Pools::new(cfg.pool.clone()),
-            cfg,
-            cache,
-        })
+        Ok(Self { issuers, pools: Pools::new(cfg.pool.clone()), cfg })
+    }
+
+    /// The issuer of exactly this name.
+    pub fn issuer(&self, name: &str) -> Option<&Issuer> {
+        self.issuers.iter().find(|i| i.entry.issuer() == name)
     }
 }
 
@@ -114,19 +129,24 @@ pub async fn log_in(
     let token = match fallback.cfg.client_auth {
         ClientAuth::Password => intake::password_token(client, &mut cbuf, info).await?,
         ClientAuth::OAuthBearer => {
-            let (issuer, scope) = (fallback.cfg.policy.issuer(), fallback.cfg.scope.as_str());
+            // libpq's device flow is sent to the first issuer.
+            let issuer = fallback.issuers.first().map_or("", |i| i.entry.issuer());
+            let scope = fallback.cfg.scope.as_str();
             intake::bearer_token(client, &mut cbuf, info, issuer, scope).await?
         }
     };
     info.note_token(&token);
 
-    let t = intake::validate(&fallback, token).await.map_err(|e| intake::token_refused(info, &e))?;
+    let (t, issuer) =
+        intake::validate(&fallback, token).await.map_err(|e| intake::token_refused(info, &e))?;
+    // The issuer's role map (if any) names the roles the account map sees.
+    let roles = fallback.issuers[issuer].entry.mapped_roles(&t.roles);
 
     let account = fallback
         .cfg
         .map
         .iter()
-        .find(|(role, _)| t.roles.iter().any(|r| r == role))
+        .find(|(role, _)| roles.iter().any(|r| r == role))
         .map(|(_, account)| account.clone())
         .ok_or_else(|| refused("gprxy: no role in the token maps to a service account"))?;
     let user = startup.param("user").unwrap_or_default();

@@ -1,0 +1,549 @@
+//! Issuer policies: which issuers are trusted and what each one's tokens must satisfy, in one
+//! format both front ends read: the validator's `gprxy.issuers_file` (`[[issuer]]` tables) and
+//! gprxy.toml's `[[fallback.issuers]]`, with the same keys.
+//!
+//! An entry is chosen by exact issuer (the pg_hba line's `issuer=`, or fallback mode's token's
+//! unverified `iss`) and the token is then validated against that entry alone: another issuer's
+//! keys, audience or claims never apply, also when two issuers publish the same `kid`.
+//!
+//! A `profile` fills in a provider's defaults (token types, scope claim, role claim, identity
+//! claim) and refuses an entry that lacks what the provider needs to be safe: a GitHub Actions
+//! issuer serves every repository on GitHub, so its entry must pin `repository_owner`; Google
+//! signs tokens for every Google account, so its entry must pin a Workspace domain (`hd`) or the
+//! addresses allowed.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::algorithm::Algorithm;
+use crate::error::{ConfigError, Setting};
+use crate::jwks::{CacheSettings, JwksSource};
+use crate::policy::{parse_algorithms, IdentityForm, Policy};
+use crate::required::{Constraint, RequiredClaim, RequiredClaims};
+
+/// A provider whose defaults and requirements an entry takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Profile {
+    /// Microsoft Entra ID (v2.0 tokens of one tenant).
+    Entra,
+    /// Okta (a custom authorization server).
+    Okta,
+    /// Auth0.
+    Auth0,
+    /// Keycloak (one realm).
+    Keycloak,
+    /// Google ID tokens.
+    Google,
+    /// Kubernetes service-account tokens.
+    Kubernetes,
+    /// GitHub Actions OIDC tokens.
+    GithubActions,
+}
+
+impl Profile {
+    /// The name as written in a file.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Entra => "entra",
+            Self::Okta => "okta",
+            Self::Auth0 => "auth0",
+            Self::Keycloak => "keycloak",
+            Self::Google => "google",
+            Self::Kubernetes => "kubernetes",
+            Self::GithubActions => "github-actions",
+        }
+    }
+
+    /// Defaults: (token types, scope claim, identity claim, role claim, issuer-qualified).
+    fn defaults(
+        self,
+    ) -> (&'static [&'static str], Option<&'static str>, &'static str, Option<&'static str>, bool) {
+        const GENERIC: &[&str] = &["at+jwt", "JWT"];
+        match self {
+            Self::Entra => (GENERIC, Some("scp"), "oid", Some("roles"), false),
+            Self::Okta => (GENERIC, Some("scp"), "sub", Some("groups"), false),
+            Self::Auth0 => (GENERIC, Some("scope"), "sub", None, false),
+            Self::Keycloak => (GENERIC, Some("scope"), "sub", Some("realm_access.roles"), false),
+            Self::Google => (GENERIC, None, "email", None, false),
+            Self::Kubernetes => (GENERIC, None, "sub", None, false),
+            // One issuer for every repository on GitHub: identities are issuer-qualified.
+            Self::GithubActions => (GENERIC, None, "sub", None, true),
+        }
+    }
+
+    /// Refuses an issuer URL of the wrong form, and an entry without what the provider needs.
+    fn check(self, issuer: &str, required: &[RequiredClaim]) -> Result<(), String> {
+        let pinned = |claim: &str| required.iter().any(|r| r.claim() == claim);
+        let host_path = issuer.strip_prefix("https://").unwrap_or("");
+        match self {
+            Self::Entra => {
+                let tenant = host_path
+                    .strip_prefix("login.microsoftonline.com/")
+                    .and_then(|rest| rest.strip_suffix("/v2.0"))
+                    .ok_or("an Entra ID issuer is https://login.microsoftonline.com/<tenant id>/v2.0")?;
+                if ["common", "organizations", "consumers"].contains(&tenant) || tenant.contains('/') {
+                    return Err(format!(
+                        "{tenant:?} is not one tenant: tokens of every tenant would match (use the tenant id)"
+                    ));
+                }
+            }
+            Self::Okta if !host_path.contains("/oauth2/") => {
+                return Err("an Okta issuer is a custom authorization server, https://<org>/oauth2/<id> (the org server's tokens are for Okta's own APIs)".into());
+            }
+            Self::Auth0 if !issuer.ends_with('/') => {
+                return Err("an Auth0 issuer ends with / (https://<tenant>.auth0.com/)".into());
+            }
+            Self::Keycloak if !host_path.contains("/realms/") => {
+                return Err("a Keycloak issuer is https://<host>/realms/<realm>".into());
+            }
+            Self::Google => {
+                if issuer != "https://accounts.google.com" {
+                    return Err("Google's issuer is https://accounts.google.com".into());
+                }
+                if !pinned("hd") && !pinned("email") {
+                    return Err("required_claims must pin hd (the Workspace domain) or list the allowed email addresses: Google signs tokens for every Google account".into());
+                }
+            }
+            Self::GithubActions => {
+                if issuer != "https://token.actions.githubusercontent.com"
+                    && !issuer.ends_with("/_services/token")
+                {
+                    return Err("GitHub Actions' issuer is https://token.actions.githubusercontent.com (GitHub Enterprise Server: https://<host>/_services/token)".into());
+                }
+                if !pinned("repository_owner") && !pinned("repository_owner_id") {
+                    return Err("required_claims must pin repository_owner (or repository_owner_id): the issuer serves every repository on GitHub".into());
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// A required claim's value as written: a string, a list of strings (one of them), or `true`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum ClaimValue {
+    /// Must equal this.
+    Text(String),
+    /// Must be true (false cannot be required: write "false" for the string).
+    Flag(bool),
+    /// Must equal one of these.
+    OneOf(Vec<String>),
+}
+
+/// Key cache bounds of one issuer, in seconds.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyCacheEntry {
+    /// Freshness without `max-age`.
+    pub cache_ttl_secs: Option<u64>,
+    /// Lower bound on freshness.
+    pub cache_ttl_min_secs: Option<u64>,
+    /// Upper bound on freshness.
+    pub cache_ttl_max_secs: Option<u64>,
+    /// Least time between refetches caused by unknown `kid`s.
+    pub unknown_kid_cooldown_secs: Option<u64>,
+    /// How long past expiry the last good keys serve during an outage.
+    pub max_staleness_secs: Option<u64>,
+}
+
+/// One issuer's entry as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerEntry {
+    /// The issuer, exactly as tokens name it.
+    pub issuer: String,
+    /// A provider's defaults and requirements.
+    pub profile: Option<Profile>,
+    /// Accepted audiences (one must be in `aud`).
+    #[serde(default)]
+    pub audience: Vec<String>,
+    /// Signature algorithms (default: every asymmetric one).
+    pub allowed_algorithms: Option<Vec<String>>,
+    /// Accepted `typ` headers: `at+jwt`, and `JWT` (which also admits no `typ`).
+    pub token_types: Option<Vec<String>>,
+    /// The claim that is the identity (default `sub`, or the profile's).
+    pub identity_claim: Option<String>,
+    /// The identity is `<iss>#<claim>`.
+    pub issuer_qualified: Option<bool>,
+    /// The claim that lists roles.
+    pub role_claim: Option<String>,
+    /// Token role → database role (the validator's delegated mode; fallback mode's map then
+    /// sees the mapped names).
+    #[serde(default)]
+    pub role_map: BTreeMap<String, String>,
+    /// The one claim that grants scopes (`scp` or `scope`; default: both).
+    pub scope_claim: Option<String>,
+    /// Scopes every token must grant.
+    #[serde(default)]
+    pub required_scopes: Vec<String>,
+    /// Claims every token must carry.
+    #[serde(default)]
+    pub required_claims: BTreeMap<String, ClaimValue>,
+    /// The longest token lifetime (`exp` - `iat`).
+    pub max_token_age_secs: Option<u64>,
+    /// Allowed clock skew (default 30, at most 300).
+    pub leeway_secs: Option<u64>,
+    /// The key set URL (default: discovery from the issuer).
+    pub jwks_uri: Option<String>,
+    /// A key set file on this host instead of any network (air-gapped).
+    pub jwks_file: Option<PathBuf>,
+    /// A CA bundle for a private issuer.
+    pub ca_file: Option<PathBuf>,
+    /// Key cache bounds.
+    #[serde(default)]
+    pub keys: KeyCacheEntry,
+}
+
+/// One issuer's checked policy.
+#[derive(Debug, Clone)]
+pub struct IssuerPolicy {
+    /// The profile it took, if any.
+    pub profile: Option<Profile>,
+    /// What its tokens must satisfy.
+    pub policy: Policy,
+    /// Where its keys come from.
+    pub source: JwksSource,
+    /// Token role → database role.
+    pub role_map: Vec<(String, String)>,
+    /// A CA bundle for a private issuer.
+    pub ca_file: Option<PathBuf>,
+    /// Key cache bounds.
+    pub cache: CacheSettings,
+}
+
+impl IssuerPolicy {
+    /// The issuer.
+    pub fn issuer(&self) -> &str {
+        self.policy.issuer()
+    }
+
+    /// The database roles a token's roles grant: through `role_map` when it has entries, else
+    /// as they are.
+    pub fn mapped_roles(&self, token_roles: &[String]) -> Vec<String> {
+        if self.role_map.is_empty() {
+            return token_roles.to_vec();
+        }
+        self.role_map
+            .iter()
+            .filter(|(from, _)| token_roles.iter().any(|r| r == from))
+            .map(|(_, to)| to.clone())
+            .collect()
+    }
+}
+
+fn required(table: BTreeMap<String, ClaimValue>) -> Result<Vec<RequiredClaim>, ConfigError> {
+    let bad =
+        |claim: &str, reason: String| ConfigError::new(Setting::RequiredClaims, format!("{claim}: {reason}"));
+    table
+        .into_iter()
+        .map(|(claim, value)| {
+            let constraint = match value {
+                ClaimValue::Text(v) => Constraint::Equals(v),
+                ClaimValue::Flag(true) => Constraint::IsTrue,
+                ClaimValue::Flag(false) => {
+                    return Err(bad(
+                        &claim,
+                        "only true can be required of a boolean (write \"false\" for the string)".into(),
+                    ))
+                }
+                ClaimValue::OneOf(v) => Constraint::OneOf(v),
+            };
+            RequiredClaim::new(&claim, constraint).map_err(|e| bad(&claim, e))
+        })
+        .collect()
+}
+
+fn token_types(types: &[String]) -> Result<bool, ConfigError> {
+    let mut generic = false;
+    if types.is_empty() {
+        return Err(ConfigError::new(Setting::TokenTypes, "at least one (at+jwt)"));
+    }
+    for t in types {
+        match t.to_ascii_lowercase().as_str() {
+            "at+jwt" | "application/at+jwt" => {}
+            "jwt" => generic = true,
+            _ => {
+                return Err(ConfigError::new(
+                    Setting::TokenTypes,
+                    format!("unknown token type {t:?}: use at+jwt and/or JWT"),
+                ))
+            }
+        }
+    }
+    Ok(generic)
+}
+
+impl IssuerEntry {
+    /// Checks the entry (with its profile's defaults and requirements) into a policy.
+    /// `skip_audience` is the front end's insecure test switch.
+    pub fn check(self, skip_audience: bool) -> Result<IssuerPolicy, ConfigError> {
+        let (types, scope_claim, identity_claim, role_claim, qualified) = match self.profile {
+            Some(p) => p.defaults(),
+            None => (&["at+jwt"][..], None, "sub", None, false),
+        };
+        let accept_generic = match &self.token_types {
+            Some(t) => token_types(t)?,
+            None => types.contains(&"JWT"),
+        };
+        let algorithms: Vec<Algorithm> = match &self.allowed_algorithms {
+            Some(list) => parse_algorithms(&list.join(","))?,
+            None => Algorithm::ALL.to_vec(),
+        };
+        let mut required = required(self.required_claims)?;
+        let identity_claim = self.identity_claim.unwrap_or_else(|| identity_claim.to_owned());
+        if let Some(profile) = self.profile {
+            profile.check(&self.issuer, &required).map_err(|reason| {
+                ConfigError::new(Setting::Profile, format!("{}: {reason}", profile.name()))
+            })?;
+            // An e-mail identity is only an identity when the address is verified.
+            if profile == Profile::Google
+                && identity_claim == "email"
+                && !required.iter().any(|r| r.claim() == "email_verified")
+            {
+                required.push(
+                    RequiredClaim::new("email_verified", Constraint::IsTrue)
+                        .map_err(|e| ConfigError::new(Setting::RequiredClaims, e))?,
+                );
+            }
+        }
+        let required =
+            RequiredClaims::new(required).map_err(|e| ConfigError::new(Setting::RequiredClaims, e))?;
+        let policy = Policy::builder(self.issuer.clone())
+            .audiences(self.audience)
+            .insecure_skip_audience(skip_audience)
+            .algorithms(algorithms)
+            .leeway_secs(self.leeway_secs.unwrap_or(30))
+            .required_scopes(self.required_scopes)
+            .accept_generic_typ(accept_generic)
+            .identity_claim(identity_claim)
+            .identity_form(if self.issuer_qualified.unwrap_or(qualified) {
+                IdentityForm::IssuerQualified
+            } else {
+                IdentityForm::Plain
+            })
+            .role_claim(self.role_claim.or(role_claim.map(str::to_owned)))
+            .scope_claim(self.scope_claim.or(scope_claim.map(str::to_owned)))
+            .required_claims(required)
+            .max_token_age_secs(self.max_token_age_secs)
+            .build()?;
+        let source = match (self.jwks_uri, self.jwks_file) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::new(Setting::JwksFile, "give jwks_uri or jwks_file, not both"))
+            }
+            (Some(jwks_uri), None) => JwksSource::Explicit { jwks_uri },
+            (None, Some(path)) if path.is_absolute() => JwksSource::File { path },
+            (None, Some(path)) => {
+                return Err(ConfigError::new(
+                    Setting::JwksFile,
+                    format!("{} is not an absolute path", path.display()),
+                ))
+            }
+            (None, None) => JwksSource::Discovery { issuer: self.issuer },
+        };
+        let d = CacheSettings::default();
+        let secs = |v: Option<u64>, default: Duration| v.map_or(default, Duration::from_secs);
+        let k = self.keys;
+        let cache = CacheSettings {
+            default_ttl: secs(k.cache_ttl_secs, d.default_ttl),
+            min_ttl: secs(k.cache_ttl_min_secs, d.min_ttl),
+            max_ttl: secs(k.cache_ttl_max_secs, d.max_ttl),
+            unknown_kid_cooldown: secs(k.unknown_kid_cooldown_secs, d.unknown_kid_cooldown),
+            max_staleness: secs(k.max_staleness_secs, d.max_staleness),
+            ..d
+        };
+        cache.check()?;
+        if cache.unknown_kid_cooldown.is_zero() {
+            return Err(ConfigError::new(Setting::UnknownKidCooldown, "must be at least 1 second"));
+        }
+        let role_map = self.role_map.into_iter().collect();
+        Ok(IssuerPolicy { profile: self.profile, policy, source, role_map, ca_file: self.ca_file, cache })
+    }
+}
+
+/// The trusted issuers, each with its own policy; chosen by exact issuer.
+#[derive(Debug, Clone, Default)]
+pub struct IssuerSet {
+    issuers: Vec<IssuerPolicy>,
+}
+
+/// An issuers file: `[[issuer]]` tables.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IssuersFile {
+    #[serde(default)]
+    issuer: Vec<IssuerEntry>,
+}
+
+impl IssuerSet {
+    /// Checks entries; `spell` names a setting in the caller's words for the error. Refuses a
+    /// set with no entry, or with one issuer twice.
+    pub fn new(entries: Vec<IssuerEntry>, skip_audience: bool) -> Result<Self, IssuersError> {
+        if entries.is_empty() {
+            return Err(IssuersError::Empty);
+        }
+        let mut issuers: Vec<IssuerPolicy> = Vec::with_capacity(entries.len());
+        for (i, entry) in entries.into_iter().enumerate() {
+            let name = entry.issuer.clone();
+            let at = |error| IssuersError::Entry { number: i + 1, issuer: name.clone(), error };
+            if issuers.iter().any(|p| p.issuer() == name) {
+                return Err(at(ConfigError::new(Setting::Issuer, "named twice")));
+            }
+            issuers.push(entry.check(skip_audience).map_err(at)?);
+        }
+        Ok(Self { issuers })
+    }
+
+    /// A set of policies checked elsewhere (a front end's one-issuer shorthand).
+    pub fn from_policies(issuers: Vec<IssuerPolicy>) -> Self {
+        Self { issuers }
+    }
+
+    /// Parses and checks an issuers file (TOML, `[[issuer]]` tables). A syntax error names its
+    /// line; a bad entry names its number and issuer.
+    pub fn from_toml(text: &str, skip_audience: bool) -> Result<Self, IssuersError> {
+        let file: IssuersFile = toml::from_str(text).map_err(|e| IssuersError::Syntax(e.to_string()))?;
+        Self::new(file.issuer, skip_audience)
+    }
+
+    /// The policy for tokens of exactly this issuer.
+    pub fn get(&self, issuer: &str) -> Option<&IssuerPolicy> {
+        self.issuers.iter().find(|p| p.issuer() == issuer)
+    }
+
+    /// Every policy, in file order.
+    pub fn iter(&self) -> impl Iterator<Item = &IssuerPolicy> {
+        self.issuers.iter()
+    }
+
+    /// How many issuers.
+    pub fn len(&self) -> usize {
+        self.issuers.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.issuers.is_empty()
+    }
+}
+
+/// Why an issuer set cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IssuersError {
+    /// Not TOML, or a key or value of the wrong kind (the message names the line).
+    #[error("{0}")]
+    Syntax(String),
+    /// No issuer at all.
+    #[error("no issuer: every login would be refused")]
+    Empty,
+    /// One entry is wrong.
+    #[error("issuer {number} ({issuer:?}): {error}")]
+    Entry {
+        /// 1-based position in the file.
+        number: usize,
+        /// Its issuer.
+        issuer: String,
+        /// What is wrong.
+        error: ConfigError,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(text: &str) -> Result<IssuerSet, String> {
+        IssuerSet::from_toml(text, false).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn entries_are_chosen_by_exact_issuer_with_their_own_settings() {
+        let s = set(r#"
+[[issuer]]
+issuer = "https://a.example/"
+audience = ["db"]
+
+[[issuer]]
+issuer = "https://b.example"
+audience = ["other"]
+jwks_file = "/etc/gprxy/b.json"
+max_token_age_secs = 3600
+"#)
+        .unwrap();
+        assert_eq!(s.len(), 2);
+        assert_eq!(s.get("https://a.example/").unwrap().policy.audiences, ["db"]);
+        assert_eq!(s.get("https://b.example").unwrap().policy.audiences, ["other"]);
+        assert!(s.get("https://a.example").is_none(), "exact match only");
+        assert!(matches!(s.get("https://b.example").unwrap().source, JwksSource::File { .. }));
+    }
+
+    #[test]
+    fn errors_name_the_line_or_the_entry() {
+        let e = set("[[issuer]]\nissuer = \"https://a\"\naudience = [\"db\"]\nscope = 3\n").unwrap_err();
+        assert!(e.contains("line 4") && e.contains("unknown field `scope`"), "{e}");
+        let e = set(
+            "[[issuer]]\nissuer = \"https://a\"\naudience = [\"db\"]\n[[issuer]]\nissuer = \"https://b\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(e, "issuer 2 (\"https://b\"): audience: at least one accepted audience is required (RFC 9068 section 4)");
+        let e = set("[[issuer]]\nissuer = \"https://a\"\naudience = [\"db\"]\n[[issuer]]\nissuer = \"https://a\"\naudience = [\"x\"]\n").unwrap_err();
+        assert_eq!(e, "issuer 2 (\"https://a\"): issuer: named twice");
+        assert_eq!(set("").unwrap_err(), "no issuer: every login would be refused");
+        let e = set("[[issuer]]\nissuer = \"https://a\"\naudience = [\"db\"]\njwks_file = \"keys.json\"\n")
+            .unwrap_err();
+        assert!(e.ends_with("jwks_file: keys.json is not an absolute path"), "{e}");
+        let e = set("[[issuer]]\nissuer = \"https://a\"\naudience = [\"db\"]\nrequired_claims = { verified = false }\n").unwrap_err();
+        assert!(e.contains("required_claims: verified: only true can be required"), "{e}");
+    }
+
+    #[test]
+    fn profiles_refuse_what_is_unsafe_for_their_provider() {
+        let one = |profile: &str, issuer: &str, extra: &str| {
+            set(&format!(
+                "[[issuer]]\nprofile = \"{profile}\"\nissuer = \"{issuer}\"\naudience = [\"db\"]\n{extra}"
+            ))
+        };
+        let e = one("github-actions", "https://token.actions.githubusercontent.com", "").unwrap_err();
+        assert!(e.ends_with("profile: github-actions: required_claims must pin repository_owner (or repository_owner_id): the issuer serves every repository on GitHub"), "{e}");
+        assert!(one(
+            "github-actions",
+            "https://token.actions.githubusercontent.com",
+            "required_claims = { repository_owner = \"acme\" }"
+        )
+        .is_ok());
+        let e = one("google", "https://accounts.google.com", "").unwrap_err();
+        assert!(e.contains("profile: google: required_claims must pin hd"), "{e}");
+        let e = one("entra", "https://login.microsoftonline.com/common/v2.0", "").unwrap_err();
+        assert!(e.contains("\"common\" is not one tenant"), "{e}");
+        let e = one("auth0", "https://acme.auth0.com", "").unwrap_err();
+        assert!(e.contains("an Auth0 issuer ends with /"), "{e}");
+        let e = one("okta", "https://acme.okta.com", "").unwrap_err();
+        assert!(e.contains("custom authorization server"), "{e}");
+        let e = one("keycloak", "https://kc.example.com/auth", "").unwrap_err();
+        assert!(e.contains("/realms/<realm>"), "{e}");
+        let e =
+            set("[[issuer]]\nprofile = \"ping\"\nissuer = \"https://a\"\naudience = [\"db\"]\n").unwrap_err();
+        assert!(e.contains("unknown variant `ping`"), "{e}");
+    }
+
+    #[test]
+    fn profile_defaults_can_be_overridden() {
+        let s = set(r#"
+[[issuer]]
+profile = "entra"
+issuer = "https://login.microsoftonline.com/9188040d-6c67-4c5b-b112-36a304b66dad/v2.0"
+audience = ["api://db"]
+identity_claim = "preferred_username"
+"#)
+        .unwrap();
+        let p = &s.iter().next().unwrap().policy;
+        assert_eq!(p.identity_claim.as_str(), "preferred_username");
+        assert_eq!(p.scope_claim.as_ref().map(|c| c.as_str()), Some("scp"));
+        assert!(p.accept_generic_typ);
+    }
+}
