@@ -433,6 +433,8 @@ pub enum Setting {
     JwksFile,
     /// A provider profile and what it requires.
     Profile,
+    /// The issuer set as a whole (the validator's issuers file).
+    Issuers,
 }
 
 impl Setting {
@@ -460,6 +462,7 @@ impl Setting {
             Self::TokenTypes => "token_types",
             Self::JwksFile => "jwks_file",
             Self::Profile => "profile",
+            Self::Issuers => "issuers",
         }
     }
 }

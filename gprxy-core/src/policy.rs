@@ -90,6 +90,17 @@ impl Policy {
         &self.required_claims
     }
 
+    /// The same policy, with these scopes required too (a pg_hba line's).
+    pub fn with_required_scopes(&self, more: impl IntoIterator<Item = String>) -> Self {
+        let mut p = self.clone();
+        for scope in more {
+            if !p.required_scopes.contains(&scope) {
+                p.required_scopes.push(scope);
+            }
+        }
+        p
+    }
+
     /// Whether audience checking is switched off (tests only).
     pub fn skips_audience(&self) -> bool {
         self.skip_audience

@@ -373,6 +373,7 @@ pub fn toml_name(setting: gprxy_core::Setting) -> &'static str {
         TokenTypes => "fallback.token_types",
         JwksFile => "fallback.jwks_file",
         Profile => "fallback.profile",
+        Issuers => "fallback.issuers",
     }
 }
 

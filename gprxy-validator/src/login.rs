@@ -48,27 +48,26 @@ struct IssuerState {
 /// single-threaded; the mutex only satisfies `static`.
 static ISSUERS: Mutex<Vec<(String, IssuerState)>> = Mutex::new(Vec::new());
 
-/// The JWKS source for an issuer under these settings.
-pub fn source_for(settings: &Settings, issuer: &str) -> JwksSource {
-    match &settings.jwks_uri {
-        Some(uri) => JwksSource::Explicit { jwks_uri: uri.clone() },
-        None => JwksSource::Discovery { issuer: issuer.to_owned() },
-    }
-}
-
 impl IssuerState {
     fn new(settings: &Arc<Settings>, issuer: &str) -> Result<Self, ConfigError> {
         // One attempt is at most a discovery request and a key set request.
-        let http = &settings.http;
+        let (source, cache_settings, ca_file) = settings.key_source(issuer)?;
+        let http = gprxy_core::HttpSettings { ca_file, ..settings.http.clone() };
         let attempt_budget = (http.connect_timeout + http.read_timeout) * 2 + Duration::from_secs(1);
+        // A key set file is each backend's to read (after a reload, again): nothing to share.
+        let local = matches!(source, JwksSource::File { .. });
         let cache = JwksCache::new(
-            source_for(settings, issuer),
+            source,
             Arc::new(LazyFetcher::new(http.clone())),
             Arc::new(SystemClock),
-            settings.cache.clone(),
+            cache_settings,
             http.insecure_allow_http_loopback,
-        )?
-        .with_share(Arc::new(crate::shared::ShmShare::new(issuer)), attempt_budget);
+        )?;
+        let cache = if local {
+            cache
+        } else {
+            cache.with_share(Arc::new(crate::shared::ShmShare::new(issuer)), attempt_budget)
+        };
         Ok(Self { settings: settings.clone(), cache: Arc::new(cache), validators: Vec::new() })
     }
 }
@@ -91,7 +90,9 @@ fn with_issuer<T>(
     let state = &mut issuers[i].1;
     if !Arc::ptr_eq(&state.settings, settings) {
         let renewed = IssuerState::new(settings, issuer)?;
-        if let Some(snap) = state.cache.export() {
+        // Keys carry over, but a key set file is read again (that is how it rotates).
+        let file = matches!(settings.key_source(issuer)?.0, JwksSource::File { .. });
+        if let Some(snap) = state.cache.export().filter(|_| !file) {
             let _ = renewed.cache.import(&snap);
         }
         *state = renewed;
@@ -204,7 +205,7 @@ pub fn decide_with(
         Err(e) => return deny(e.code(), e.to_string(), unverified_id()),
     };
     if req.delegated {
-        let granted = settings.granted_db_roles(&token.roles);
+        let granted = settings.granted_db_roles(issuer, &token.roles);
         if !granted.iter().any(|r| r == req.role) {
             let detail = format!(
                 "role {:?} is not among the roles the token grants ({})",

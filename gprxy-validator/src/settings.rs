@@ -13,6 +13,7 @@ use gprxy_core::{
     parse_algorithms, Algorithm, CacheSettings, ConfigError, HttpSettings, IdentityForm, Policy,
     RequiredClaims, Setting,
 };
+use gprxy_core::{IssuerPolicy, IssuerSet, JwksSource};
 use parking_lot::Mutex;
 use pgrx::GucSetting;
 
@@ -27,6 +28,7 @@ pub static ROLE_MAP: Str = Str::new(None);
 pub static ALLOWED_ALGORITHMS: Str = Str::new(Some(c"RS256,RS384,RS512,PS256,PS384,PS512,ES256,ES384,EdDSA"));
 pub static REQUIRED_SCOPES: Str = Str::new(None);
 pub static REQUIRED_CLAIMS: Str = Str::new(None);
+pub static ISSUERS_FILE: Str = Str::new(None);
 pub static REQUIRE_HBA_SCOPES: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static TOKEN_TYPES: Str = Str::new(Some(c"at+jwt"));
 pub static LEEWAY: GucSetting<i32> = GucSetting::<i32>::new(30);
@@ -116,6 +118,46 @@ pub fn check_url(v: &str) -> Result<(), String> {
     gprxy_core::fetch::check_url(v, true).map_err(|e| e.to_string())
 }
 
+/// Largest issuers file read.
+const ISSUERS_FILE_MAX: u64 = 1 << 20;
+
+/// The parse of `gprxy.issuers_file` that its check hook made, for its assign hook; and the one
+/// in force. A file that does not parse at a reload is refused by the check hook (PostgreSQL
+/// logs why and keeps the old value), so the policy in force stays the last good one.
+static ISSUERS_PENDING: Mutex<Option<(String, Option<Arc<IssuerSet>>)>> = Mutex::new(None);
+static ISSUERS_IN_FORCE: Mutex<Option<Arc<IssuerSet>>> = Mutex::new(None);
+
+/// `gprxy.issuers_file` check hook: empty, or a file of `[[issuer]]` entries that parses and
+/// checks (the message names the line or the entry).
+pub fn check_issuers_file(v: &str) -> Result<(), String> {
+    let parsed = if v.is_empty() {
+        None
+    } else {
+        use std::io::Read;
+        let mut text = String::new();
+        std::fs::File::open(v)
+            .and_then(|f| f.take(ISSUERS_FILE_MAX + 1).read_to_string(&mut text))
+            .map_err(|e| format!("{v}: {e}"))?;
+        if text.len() as u64 > ISSUERS_FILE_MAX {
+            return Err(format!("{v}: larger than {ISSUERS_FILE_MAX} bytes"));
+        }
+        Some(Arc::new(IssuerSet::from_toml(&text, false).map_err(|e| format!("{v}: {e}"))?))
+    };
+    *ISSUERS_PENDING.lock() = Some((v.to_owned(), parsed));
+    Ok(())
+}
+
+/// `gprxy.issuers_file` assign hook: the checked parse is now in force.
+pub fn issuers_file_assigned(v: &str) {
+    let mut pending = ISSUERS_PENDING.lock();
+    if let Some((path, parsed)) = pending.take() {
+        if path == v {
+            *ISSUERS_IN_FORCE.lock() = parsed;
+        }
+    }
+    changed();
+}
+
 /// `gprxy.ca_file`: empty, or a readable file.
 pub fn check_file(v: &str) -> Result<(), String> {
     if v.is_empty() || std::path::Path::new(v).is_file() {
@@ -144,6 +186,9 @@ pub struct Settings {
     pub cache: CacheSettings,
     pub http: HttpSettings,
     pub refresh_check_interval: Duration,
+    /// `gprxy.issuers_file`'s entries: when set, the pg_hba line's issuer selects one, and the
+    /// per-issuer settings above are not used (setting them too is refused).
+    pub issuers: Option<Arc<IssuerSet>>,
 }
 
 /// Bumped by every `gprxy.*` setting's assign hook (at definition, and whenever a reload
@@ -225,18 +270,86 @@ impl Settings {
                 resolve_in_caller_thread: true,
             },
             refresh_check_interval: secs(JWKS_REFRESH_CHECK_INTERVAL.get()),
+            issuers: ISSUERS_IN_FORCE.lock().clone(),
         };
         s.cache.check()?;
+        if s.issuers.is_some() {
+            s.refuse_global_issuer_settings()?;
+        }
         Ok(s)
+    }
+
+    /// With an issuers file, the per-issuer settings live in the file: one also set in
+    /// postgresql.conf would be ignored, and ignoring a required claim or audience weakens
+    /// validation, so it is refused.
+    fn refuse_global_issuer_settings(&self) -> Result<(), ConfigError> {
+        let set: Vec<&str> = [
+            (!self.audiences.is_empty(), "gprxy.audience"),
+            (self.skip_audience, "gprxy.insecure_skip_audience"),
+            (self.jwks_uri.is_some(), "gprxy.jwks_uri"),
+            (self.authn_claim != "sub", "gprxy.authn_claim"),
+            (self.issuer_qualified, "gprxy.authn_issuer_qualified"),
+            (self.role_claim.is_some(), "gprxy.role_claim"),
+            (self.algorithms != Algorithm::ALL.to_vec(), "gprxy.allowed_algorithms"),
+            (!self.required_scopes.is_empty(), "gprxy.required_scopes"),
+            (!self.required_claims.is_empty(), "gprxy.required_claims"),
+            (self.accept_generic_typ, "gprxy.token_types"),
+        ]
+        .into_iter()
+        .filter_map(|(on, name)| on.then_some(name))
+        .collect();
+        if set.is_empty() {
+            return Ok(());
+        }
+        Err(ConfigError::new(
+            Setting::Issuers,
+            format!("{} also set: with an issuers file, set them per issuer in the file", set.join(", ")),
+        ))
+    }
+
+    /// The issuers file's entry for `issuer` (None without a file; an error when the file does
+    /// not name it).
+    pub fn entry(&self, issuer: &str) -> Result<Option<&IssuerPolicy>, ConfigError> {
+        let Some(set) = &self.issuers else { return Ok(None) };
+        set.get(issuer).map(Some).ok_or_else(|| {
+            ConfigError::new(
+                Setting::Issuers,
+                format!("the pg_hba.conf line's issuer {issuer:?} is not in the issuers file"),
+            )
+        })
+    }
+
+    /// Where `issuer`'s keys come from and its cache bounds.
+    pub fn key_source(
+        &self,
+        issuer: &str,
+    ) -> Result<(JwksSource, CacheSettings, Option<std::path::PathBuf>), ConfigError> {
+        Ok(match self.entry(issuer)? {
+            Some(e) => {
+                (e.source.clone(), e.cache.clone(), e.ca_file.clone().or_else(|| self.http.ca_file.clone()))
+            }
+            None => {
+                let source = match &self.jwks_uri {
+                    Some(uri) => JwksSource::Explicit { jwks_uri: uri.clone() },
+                    None => JwksSource::Discovery { issuer: issuer.to_owned() },
+                };
+                (source, self.cache.clone(), self.http.ca_file.clone())
+            }
+        })
     }
 
     /// The policy for a login that matched a pg_hba line with this issuer and scope.
     pub fn policy(&self, issuer: &str, hba_scope: Option<&str>) -> Result<Policy, ConfigError> {
-        let mut scopes = self.required_scopes.clone();
-        if self.require_hba_scopes {
-            // `openid` asks for an ID token; access tokens need not repeat it.
-            scopes.extend(hba_scope.map(list).unwrap_or_default().into_iter().filter(|s| s != "openid"));
+        // `openid` asks for an ID token; access tokens need not repeat it.
+        let hba_scopes: Vec<String> = match (self.require_hba_scopes, hba_scope) {
+            (true, Some(scope)) => list(scope).into_iter().filter(|s| s != "openid").collect(),
+            _ => Vec::new(),
+        };
+        if let Some(entry) = self.entry(issuer)? {
+            return Ok(entry.policy.with_required_scopes(hba_scopes));
         }
+        let mut scopes = self.required_scopes.clone();
+        scopes.extend(hba_scopes);
         Policy::builder(issuer)
             .audiences(self.audiences.clone())
             .insecure_skip_audience(self.skip_audience)
@@ -255,14 +368,23 @@ impl Settings {
             .build()
     }
 
-    /// The database roles a token's roles grant in delegated mode: mapped through
-    /// `gprxy.role_map` when it is set, else taken as they are.
-    pub fn granted_db_roles(&self, token_roles: &[String]) -> Vec<String> {
-        if self.role_map.is_empty() {
+    /// The token-role to database-role pairs for `issuer`: its entry's `role_map` when it has
+    /// one, else `gprxy.role_map`.
+    pub fn role_map(&self, issuer: &str) -> &[(String, String)] {
+        match self.issuers.as_ref().and_then(|set| set.get(issuer)) {
+            Some(e) if !e.role_map.is_empty() => &e.role_map,
+            _ => &self.role_map,
+        }
+    }
+
+    /// The database roles a token's roles grant in delegated mode: mapped through the
+    /// issuer's role map when there is one, else taken as they are.
+    pub fn granted_db_roles(&self, issuer: &str, token_roles: &[String]) -> Vec<String> {
+        let map = self.role_map(issuer);
+        if map.is_empty() {
             return token_roles.to_vec();
         }
-        self.role_map
-            .iter()
+        map.iter()
             .filter(|(from, _)| token_roles.iter().any(|r| r == from))
             .map(|(_, to)| to.clone())
             .collect()
@@ -293,6 +415,7 @@ pub fn guc_name(setting: Setting) -> &'static str {
         Setting::TokenTypes => "gprxy.token_types",
         Setting::JwksFile => "jwks_file",
         Setting::Profile => "profile",
+        Setting::Issuers => "gprxy.issuers_file",
     }
 }
 
@@ -322,6 +445,7 @@ impl Settings {
             cache: CacheSettings::default(),
             http: HttpSettings::default(),
             refresh_check_interval: Duration::from_secs(10),
+            issuers: None,
         }
     }
 }

@@ -544,3 +544,113 @@ fn delegated_mode_never_maps_a_token_to_a_superuser_or_privileged_role() {
     s.pg.sql("ALTER ROLE app_writer SUPERUSER");
     s.refused("app_writer", &t, "role_privileged");
 }
+
+/// `gprxy.issuers_file`: three pg_hba lines with three issuers, each with its own audience and
+/// keys (C's from a file on the server, no network); a fourth line's issuer is not in the file.
+#[test]
+fn an_issuers_file_gives_each_pg_hba_issuer_its_own_policy() {
+    let (ka, kb, kc) = (TestKey::rsa("k"), TestKey::p256("k"), TestKey::ed25519("c"));
+    let (a, b) = (TestIssuer::start(&[&ka]), TestIssuer::start(&[&kb]));
+    // C and D hand out tokens for the device flow; their key endpoints must never be asked.
+    let (c, d) = (TestIssuer::start(&[&kc]), TestIssuer::start(&[&kc]));
+    let mut builder = validator_cluster("");
+    for (user, idp) in [("alice", &a), ("bob", &b), ("carol", &c), ("dave", &d)] {
+        builder = builder
+            .hba(format!(
+                "host all {user} 127.0.0.1/32 oauth issuer=\"{}\" scope=\"openid\" map=m",
+                idp.issuer()
+            ))
+            .ident(format!("m {user} {user}"));
+    }
+    let pg = builder.start();
+    pg.sql("CREATE ROLE alice LOGIN; CREATE ROLE bob LOGIN; CREATE ROLE carol LOGIN; CREATE ROLE dave LOGIN; CREATE EXTENSION gprxy_validator");
+    let c_keys = pg.data_dir().join("c-keys.json");
+    std::fs::write(&c_keys, gprxy_core::testkit::jwks(&[&kc]).to_string()).unwrap();
+    let file = pg.data_dir().join("issuers.toml");
+    let entry = |idp: &TestIssuer, aud: &str, extra: &str| {
+        format!("[[issuer]]\nissuer = \"{}\"\naudience = [\"{aud}\"]\n{extra}\n", idp.issuer())
+    };
+    let good = format!(
+        "{}{}{}",
+        entry(&a, "db-a", ""),
+        entry(&b, "db-b", ""),
+        entry(&c, "db-c", &format!("jwks_file = \"{}\"", c_keys.display()))
+    );
+    std::fs::write(&file, &good).unwrap();
+    pg.sql(&format!("ALTER SYSTEM SET gprxy.issuers_file = '{}'", file.display()));
+    pg.sql("SELECT pg_reload_conf()");
+    assert!(
+        pg.wait_for_log("parameter \"gprxy.issuers_file\" changed", std::time::Duration::from_secs(5)),
+        "{}",
+        pg.log()
+    );
+
+    let token = |idp: &TestIssuer, aud: &str, key: &TestKey, sub: &str| {
+        key.token(json!({"typ": "at+jwt"}), &idp.claims(sub, aud))
+    };
+    let login = |user: &str, idp: &TestIssuer, token: &str| {
+        let client = format!("c{}", gprxy_core::fingerprint(token.as_bytes()));
+        idp.hand_out(&client, token);
+        oauth_psql(pg.port(), user, &idp.issuer(), &client, "SELECT system_user")
+    };
+    let last_audit =
+        || pg.log().lines().rfind(|l| l.contains("gprxy: oauth login")).unwrap_or_default().to_owned();
+    assert_eq!(login("alice", &a, &token(&a, "db-a", &ka, "alice")).unwrap(), "oauth:alice");
+    assert_eq!(login("bob", &b, &token(&b, "db-b", &kb, "bob")).unwrap(), "oauth:bob");
+    assert_eq!(login("carol", &c, &token(&c, "db-c", &kc, "carol")).unwrap(), "oauth:carol");
+    assert_eq!(c.jwks_requests(), 0, "C's keys come from the file");
+    // A's valid signature with B's audience: A's entry wants db-a.
+    assert!(login("alice", &a, &token(&a, "db-b", &ka, "alice")).is_err());
+    assert!(last_audit().contains("refused reason=aud_mismatch"), "{}", last_audit());
+    // Both publish kid "k": a token of B's signed with A's "k" meets B's own key.
+    assert!(login("bob", &b, &token(&b, "db-b", &ka, "bob")).is_err());
+    assert!(last_audit().contains("refused reason=key_mismatch"), "{}", last_audit());
+    // D is on a pg_hba line but not in the file: refused, and its keys never fetched.
+    assert!(login("dave", &d, &token(&d, "db-a", &kc, "dave")).is_err());
+    let refused = last_audit();
+    assert!(
+        refused.contains("refused reason=config") && refused.contains("is not in the issuers file"),
+        "{refused}"
+    );
+    assert_eq!(d.jwks_requests(), 0);
+
+    // Rotating C's keys: a new file and a reload.
+    let kc2 = TestKey::ed25519("c2");
+    std::fs::write(&c_keys, gprxy_core::testkit::jwks(&[&kc2]).to_string()).unwrap();
+    pg.sql("SELECT pg_reload_conf()");
+    let rotated = token(&c, "db-c", &kc2, "carol");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while login("carol", &c, &rotated).is_err() {
+        assert!(std::time::Instant::now() < deadline, "the new key never took: {}", last_audit());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(login("carol", &c, &token(&c, "db-c", &kc, "carol")).is_err());
+    assert!(last_audit().contains("refused reason=kid_unknown"), "{}", last_audit());
+
+    // A broken file at reload is refused with its line named; the policy in force stays.
+    std::fs::write(&file, format!("{good}[[issuer]]\nissuer = \"https://x\"\naudiences = [\"x\"]\n"))
+        .unwrap();
+    pg.sql("SELECT pg_reload_conf()");
+    let named = "unknown field `audiences`";
+    assert!(pg.wait_for_log(named, std::time::Duration::from_secs(5)), "{}", pg.log());
+    assert!(pg.log().contains("invalid value for parameter \"gprxy.issuers_file\""), "{}", pg.log());
+    let line = good.lines().count() + 3;
+    assert!(
+        pg.log().contains(&format!("issuers.toml: TOML parse error at line {line}, column 1")),
+        "{}",
+        pg.log()
+    );
+    assert_eq!(login("alice", &a, &token(&a, "db-a", &ka, "alice")).unwrap(), "oauth:alice");
+
+    // A per-issuer setting also in postgresql.conf would be ignored: logins are refused instead.
+    std::fs::write(&file, &good).unwrap();
+    pg.sql("ALTER SYSTEM SET gprxy.required_claims = 'team = db'");
+    pg.sql("SELECT pg_reload_conf()");
+    assert!(pg.wait_for_log("parameter \"gprxy.required_claims\" changed", std::time::Duration::from_secs(5)));
+    assert!(login("alice", &a, &token(&a, "db-a", &ka, "alice")).is_err());
+    let refused = last_audit();
+    assert!(
+        refused.contains("refused reason=config") && refused.contains("gprxy.required_claims also set"),
+        "{refused}"
+    );
+}

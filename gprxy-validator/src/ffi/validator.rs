@@ -172,6 +172,16 @@ string_check_hook!(check_claim, s::check_claim);
 string_check_hook!(check_required_claims, s::check_required_claims);
 string_check_hook!(check_url, s::check_url);
 string_check_hook!(check_file, s::check_file);
+string_check_hook!(check_issuers_file, s::check_issuers_file);
+
+// `gprxy.issuers_file`'s assign hook: its check hook's parse comes into force.
+#[pg_guard]
+unsafe extern "C-unwind" fn issuers_file_assigned(new: *const c_char, _extra: *mut c_void) {
+    // SAFETY: PostgreSQL passes the value being assigned, NULL or NUL-terminated, valid for the
+    // call.
+    let value = unsafe { opt_str(new) }.unwrap_or_default();
+    s::issuers_file_assigned(value.trim());
+}
 
 fn no_check(_: &str) -> Result<(), String> {
     Ok(())
@@ -408,6 +418,20 @@ fn define_settings() {
         &s::CA_FILE,
         Some(check_file),
     );
+    // SAFETY: the hooks are #[pg_guard]ed; name, description and setting are 'static.
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"gprxy.issuers_file",
+            c"TOML file of [[issuer]] policies; the pg_hba line's issuer selects one. Empty: the gprxy.* settings.",
+            c"",
+            &s::ISSUERS_FILE,
+            GucContext::Sighup,
+            GucFlags::default(),
+            Some(check_issuers_file),
+            Some(issuers_file_assigned),
+            None,
+        )
+    };
     define_bool(
         c"gprxy.insecure_allow_http_loopback",
         c"INSECURE, tests only: allow http:// issuers on loopback.",
