@@ -388,3 +388,13 @@ fn maximum_token_lifetime() {
     no_iat.as_object_mut().unwrap().remove("iat");
     assert_eq!(v.validate(&token(no_iat), &keys, t).unwrap_err().code(), "iat_missing");
 }
+
+/// The example issuers file (README's) loads, with each entry's profile.
+#[test]
+fn the_example_issuers_file_loads() {
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../issuers.toml.example")).unwrap();
+    let set = gprxy_core::IssuerSet::from_toml(&text, false).unwrap();
+    let profiles: Vec<_> = set.iter().map(|i| i.profile.map(|p| p.name())).collect();
+    assert_eq!(profiles, [Some("entra"), Some("github-actions"), Some("kubernetes")]);
+}
