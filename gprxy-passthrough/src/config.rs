@@ -790,6 +790,28 @@ mod tests {
         assert!(err.starts_with("fallback.audience: at least one accepted audience"), "{err}");
     }
 
+    /// `[[fallback.issuers]]`: each entry checked at start-up, a profile's requirement named;
+    /// the one-issuer keys and a list together are refused.
+    #[test]
+    fn several_issuers_are_checked_at_start() {
+        let (_dir, ok) = one_account("signed_context = false\n");
+        let base = format!("upstream = \"h:1\"\n{TLS}[fallback]\n{ok}");
+        let entry = |extra: &str| {
+            format!("[[fallback.issuers]]\nissuer = \"https://token.actions.githubusercontent.com\"\nprofile = \"github-actions\"\naudience = [\"db\"]\n{extra}")
+        };
+        let err = load(&format!("{base}{}", entry(""))).unwrap_err().to_string();
+        assert_eq!(err, "fallback.issuers[1] (\"https://token.actions.githubusercontent.com\"): profile: github-actions: required_claims must pin repository_owner (or repository_owner_id): the issuer serves every repository on GitHub");
+        let pinned = entry("required_claims = { repository_owner = \"acme\" }\n");
+        let f = load(&format!("{base}{pinned}")).unwrap().fallback.unwrap();
+        assert_eq!(f.issuers.len(), 1);
+        let both = format!("upstream = \"h:1\"\n{TLS}[fallback]\nissuer = \"https://idp\"\n{ok}{pinned}");
+        let err = load(&both).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "fallback: give one issuer's keys (issuer, audience, ...) or [[fallback.issuers]], not both"
+        );
+    }
+
     /// Enumerated settings are parsed with the file, so a bad one names its line.
     #[test]
     fn a_bad_enumerated_value_names_its_line() {

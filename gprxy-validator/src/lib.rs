@@ -34,20 +34,6 @@ pub extern "C-unwind" fn _PG_init() {
     }
 }
 
-/// One audit line per login attempt. Failures go only to the server log (COMMERROR, as
-/// PostgreSQL's validator documentation asks); successes at LOG.
-#[cfg(feature = "pg18")]
-fn audit(line: &str, authorized: bool) {
-    use pgrx::pg_sys::panic::ErrorReport;
-    use pgrx::{PgLogLevel, PgSqlErrorCode};
-    let (level, code) = if authorized {
-        (PgLogLevel::LOG, PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION)
-    } else {
-        (PgLogLevel::LOG_SERVER_ONLY, PgSqlErrorCode::ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION)
-    };
-    ErrorReport::new(code, line.to_owned(), "gprxy_validator").report(level);
-}
-
 /// The claims of the token that authenticated this session (NULL without one).
 #[pg_extern(stable, parallel_restricted)]
 fn claims() -> Option<pgrx::JsonB> {

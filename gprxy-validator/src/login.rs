@@ -253,7 +253,7 @@ pub fn audit_line(req: &LoginRequest<'_>, out: &LoginOutcome, started: Instant) 
     };
     let q = |v: Option<&str>| gprxy_core::Quoted::new(v.unwrap_or("-")).to_string();
     // Integer arithmetic: float formatting is code a new backend would fault in for this alone.
-    let micros = started.elapsed().as_micros();
+    let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
     let mut line = format!(
         "gprxy: oauth login {} reason={} role={} authn_id={} iss={} kid={} alg={} token_fp={} client={} database={} elapsed_ms={}.{:03}",
         if out.authorized { "authorized" } else { "refused" },

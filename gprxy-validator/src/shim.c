@@ -71,4 +71,19 @@ gprxy_port_database(void)
 {
 	return MyProcPort ? MyProcPort->database_name : NULL;
 }
+
+/*
+ * The validator's audit line: a success at LOG, a refusal only to the server log (as
+ * PostgreSQL's validator documentation asks), with its SQLSTATE.
+ */
+void
+gprxy_audit(int authorized, const char *line)
+{
+	if (authorized)
+		ereport(LOG, (errmsg_internal("%s", line)));
+	else
+		ereport(LOG_SERVER_ONLY,
+				(errcode(ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION),
+				 errmsg_internal("%s", line)));
+}
 #endif

@@ -70,6 +70,16 @@ extern "C" {
     fn gprxy_hba_oauth_skip_usermap() -> c_int;
     fn gprxy_port_remote_host() -> *const c_char;
     fn gprxy_port_database() -> *const c_char;
+    fn gprxy_audit(authorized: c_int, line: *const c_char);
+}
+
+/// Writes the audit line of one login (through the C shim: a plain ereport, which a new backend
+/// runs with less code than the ErrorReport machinery).
+pub fn audit(line: &str, authorized: bool) {
+    let Ok(line) = CString::new(line.replace('\0', " ")) else { return };
+    // SAFETY: `line` is NUL-terminated and outlives the call; the guard turns an ERROR inside
+    // (out of memory while formatting) into a Rust panic instead of a longjmp across Rust frames.
+    unsafe { pg_sys::ffi::pg_guard_ffi_boundary(|| gprxy_audit(c_int::from(authorized), line.as_ptr())) }
 }
 
 #[pg_guard]
@@ -123,7 +133,7 @@ unsafe extern "C-unwind" fn validate_cb(
         database: database.as_deref(),
     };
     let outcome = login::decide(&req);
-    crate::audit(&login::audit_line(&req, &outcome, started), outcome.authorized);
+    audit(&login::audit_line(&req, &outcome, started), outcome.authorized);
     if outcome.authorized {
         if let Some(t) = &outcome.token {
             crate::session::set(crate::session::SessionIdentity {
