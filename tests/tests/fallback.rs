@@ -1042,3 +1042,24 @@ fn several_issuers_each_with_its_own_policy_and_keys() {
     let e = world.psql("alice", &token(c_iss, "db-c", &kc, json!(["reader"])), "require", who).unwrap_err();
     assert!(e.contains("FATAL:  gprxy: token refused (kid_unknown)"), "{e}");
 }
+
+/// A service account's password rotates the way a secrets agent delivers it: the server's
+/// password and the file change, SIGHUP; new sessions log in with the new password, a running
+/// session keeps its connection.
+#[test]
+fn a_rotated_service_account_password_is_picked_up_at_sighup() {
+    let w = start();
+    let t = w.token("alice", json!(["writer"]), 300);
+    let mut running =
+        connect_tls(w.proxy.addr(), "alice", "postgres", Auth::Password(&t), &w.certs.ca).unwrap();
+    assert_eq!(running.scalar("SELECT current_user").unwrap().as_deref(), Some("app_writer"));
+    w._pg.sql("SET password_encryption = 'scram-sha-256'; ALTER ROLE app_writer PASSWORD 'writer-secret-2'");
+    std::fs::write(w.certs.dir().join("writer.pw"), "writer-secret-2\n").unwrap();
+    w.proxy.signal("HUP");
+    w.proxy.wait_events("reload", 1);
+    // A new pool: its first connection logs in with the new password (the old one is refused
+    // by the server now).
+    assert_eq!(w.psql("alice", &t, "require", "SELECT current_user").unwrap(), "app_writer");
+    assert_eq!(running.scalar("SELECT gprxy.subject()").unwrap().as_deref(), Some("alice"));
+    assert!(!w.proxy.log().contains("writer-secret-2"), "a password reached the log");
+}
