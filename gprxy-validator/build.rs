@@ -28,7 +28,10 @@ fn pg_config(version: &str) -> PathBuf {
 fn main() {
     println!("cargo:rerun-if-changed=src/shim.c");
     println!("cargo:rerun-if-env-changed=PGRX_PG_CONFIG_PATH");
-    let version = if std::env::var_os("CARGO_FEATURE_PG18").is_some() { "pg18" } else { "pg15" };
+    let version = ["pg18", "pg17", "pg15"]
+        .into_iter()
+        .find(|v| std::env::var_os(format!("CARGO_FEATURE_{}", v.to_uppercase())).is_some())
+        .unwrap_or("pg15");
     let pg_config = pg_config(version);
     let out = Command::new(&pg_config)
         .arg("--includedir-server")

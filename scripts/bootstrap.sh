@@ -2,19 +2,20 @@
 # Installs everything gprxy's build and tests need, idempotently.
 #
 #   - Debian packages: build deps, PostgreSQL 15 (server + dev headers), pgbouncer, sudo-free tools
-#   - PostgreSQL 18, built from Debian's source package into $GPRXY_CACHE/pg-<version>
-#     (never from sid binaries: they would replace libc)
-#   - cargo-pgrx 0.18.1, registered with pg18 and pg15; cargo-fuzz for the parser fuzz target
+#   - PostgreSQL 18 and 17, built from Debian's source packages into $GPRXY_CACHE/pg-<version>
+#     (never from sid or trixie binaries: they would replace libc); 17 runs fallback mode's tests
+#   - cargo-pgrx 0.18.1, registered with pg18, pg17 and pg15; cargo-fuzz for the fuzz targets
 #   - an unprivileged OS user that test servers run as (PostgreSQL refuses root)
 #
 # A second run checks stamps and changes nothing. A failed step stops with its name.
 #
 #   scripts/bootstrap.sh            everything
-#   scripts/bootstrap.sh postgres   apt packages and PostgreSQL 18 only (CI's cold-path check)
+#   scripts/bootstrap.sh postgres   apt packages and PostgreSQL 18 and 17 only (CI's cold-path check)
 set -euo pipefail
 ONLY="${1:-all}"
 
 PG18_SUITE="${PG18_SUITE:-sid}"              # Debian suite with the source package postgresql-18
+PG17_SUITE="${PG17_SUITE:-trixie}"           # ... and postgresql-17
 PGRX_VERSION="0.18.1"
 CACHE="${GPRXY_CACHE:-/var/cache/gprxy}"    # outside the clone; readable by the test user
 TEST_USER="${GPRXY_TEST_USER:-gprxytest}"
@@ -60,8 +61,11 @@ step "PostgreSQL 18 (source package from $PG18_SUITE) into $CACHE/pg18"
 bash "$ROOT/scripts/build-postgres.sh" 18 "$PG18_SUITE"
 PREFIX="$(readlink -f "$CACHE/pg18")"
 PG18_FULL="$("$PREFIX/bin/pg_config" --version | awk '{print $2}')"
+step "PostgreSQL 17 (source package from $PG17_SUITE) into $CACHE/pg17"
+bash "$ROOT/scripts/build-postgres.sh" 17 "$PG17_SUITE"
+PG17_CONFIG="$(readlink -f "$CACHE/pg17")/bin/pg_config"
 if [ "$ONLY" = postgres ]; then
-  echo "bootstrap: ok (PostgreSQL $PG18_FULL at $PREFIX)" >&2
+  echo "bootstrap: ok (PostgreSQL $PG18_FULL at $PREFIX, $("$PG17_CONFIG" --version))" >&2
   exit 0
 fi
 
@@ -76,12 +80,13 @@ if ! command -v cargo-fuzz >/dev/null 2>&1; then
   cargo install cargo-fuzz --version 0.13.2 --locked
 fi
 
-step "cargo pgrx init (pg18, pg15)"
+step "cargo pgrx init (pg18, pg17, pg15)"
 PG15_CONFIG=/usr/lib/postgresql/15/bin/pg_config
 want="pg18 = \"$PREFIX/bin/pg_config\""
 cfg="${PGRX_HOME:-$HOME/.pgrx}/config.toml"
-if ! grep -qF "$want" "$cfg" 2>/dev/null || ! grep -qF "$PG15_CONFIG" "$cfg" 2>/dev/null; then
-  cargo pgrx init --pg18 "$PREFIX/bin/pg_config" --pg15 "$PG15_CONFIG" >/dev/null
+if ! grep -qF "$want" "$cfg" 2>/dev/null || ! grep -qF "$PG15_CONFIG" "$cfg" 2>/dev/null \
+   || ! grep -qF "$PG17_CONFIG" "$cfg" 2>/dev/null; then
+  cargo pgrx init --pg18 "$PREFIX/bin/pg_config" --pg17 "$PG17_CONFIG" --pg15 "$PG15_CONFIG" >/dev/null
 fi
 
 echo "bootstrap: ok (PostgreSQL $PG18_FULL at $PREFIX, cargo-pgrx $PGRX_VERSION)" >&2

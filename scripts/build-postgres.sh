@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds one PostgreSQL major version from Debian's own source package into the cache, once.
 #
-#   scripts/build-postgres.sh MAJOR SUITE     e.g. 18 sid
+#   scripts/build-postgres.sh MAJOR SUITE     e.g. 18 sid, 17 trixie
 #
 # Source: `apt-get source --download-only postgresql-MAJOR` from SUITE through a private source
 # list (the machine's own apt sources are never changed: binaries from a newer suite would replace
@@ -29,7 +29,27 @@ if ! compgen -G "$SRC_DIR/$pattern" >/dev/null; then
   apt_opts=(-o "Dir::Etc::SourceList=$apt_dir/sources.list" -o Dir::Etc::SourceParts=/dev/null
             -o "Dir::State::Lists=$apt_dir/lists")
   as_root apt-get "${apt_opts[@]}" update -qq
-  (cd "$SRC_DIR" && as_root apt-get "${apt_opts[@]}" source --download-only -qq "postgresql-$MAJOR")
+  if ! (cd "$SRC_DIR" && as_root apt-get "${apt_opts[@]}" source --download-only -qq "postgresql-$MAJOR"); then
+    # A mirror's index can name a point release whose files it does not have yet (seen: trixie's
+    # postgresql-17 17.12 listed, 404; 17.11 there). Take the newest earlier point release of
+    # the same Debian revision that the mirror has, checked against its .dsc's SHA-256.
+    version=$(apt-cache "${apt_opts[@]}" showsrc "postgresql-$MAJOR" | awk '/^Version:/ {print $2; exit}')
+    upstream="${version%%-*}"; revision="${version#*-}"; minor="${upstream#*.}"
+    pool="$uri/pool/main/p/postgresql-$MAJOR"
+    found=""
+    for ((m = minor - 1; m >= 0 && m >= minor - 6; m--)); do
+      dsc="postgresql-${MAJOR}_${MAJOR}.${m}-${revision}.dsc"
+      if curl -fsS -o "/tmp/$dsc" "$pool/$dsc" 2>/dev/null; then found="$MAJOR.$m"; break; fi
+    done
+    [ -n "$found" ] || { echo "build-postgres: no source of postgresql-$MAJOR on $uri ($SUITE)" >&2; exit 1; }
+    orig_name="postgresql-${MAJOR}_${found}.orig.tar.bz2"
+    sum=$(awk -v f="$orig_name" '/^Checksums-Sha256:/ {s = 1; next} s && $3 == f {print $1; exit}' "/tmp/$dsc")
+    as_root curl -fsS -o "$SRC_DIR/$orig_name.part" "$pool/$orig_name"
+    echo "$sum  $SRC_DIR/$orig_name.part" | sha256sum -c --quiet - \
+      || { echo "build-postgres: $orig_name does not match its .dsc" >&2; exit 1; }
+    as_root mv "$SRC_DIR/$orig_name.part" "$SRC_DIR/$orig_name"
+    echo "build-postgres: $SUITE's postgresql-$MAJOR $version is not on the mirror; took $found" >&2
+  fi
 fi
 orig=$(compgen -G "$SRC_DIR/$pattern" | sort -V | tail -n1)
 FULL=$(basename "$orig" | sed -E "s/postgresql-${MAJOR}_(.*)\.orig\.tar\.bz2/\1/")
@@ -47,17 +67,21 @@ if [ ! -f "$PREFIX/.gprxy-built" ]; then
     # MAKELEVEL is 0. Started from the project's make, this script inherits MAKELEVEL=1 and
     # MAKEFLAGS: drop them so the build is the same by hand and under make.
     unset MAKELEVEL MAKEFLAGS MFLAGS
-    ./configure --prefix="$PREFIX" --with-openssl --with-libcurl --without-icu >configure.log 2>&1 \
+    # libcurl: psql's OAuth device flow (PostgreSQL 18 and later).
+    curl=(); [ "$MAJOR" -ge 18 ] && curl=(--with-libcurl)
+    ./configure --prefix="$PREFIX" --with-openssl "${curl[@]}" --without-icu >configure.log 2>&1 \
       || { tail -n 30 configure.log; exit 1; }
     make -j3 world-bin >make.log 2>&1 || { tail -n 40 make.log; exit 1; }
     make install-world-bin >install.log 2>&1 || { tail -n 40 install.log; exit 1; }
   )
   # PostgreSQL's own test issuer and test validator (the floor in the connect benchmark).
   as_root mkdir -p "$PREFIX/share/gprxy"
-  as_root cp "$build/src/test/modules/oauth_validator/t/oauth_server.py" "$PREFIX/share/gprxy/"
-  if [ -f "$build/src/test/modules/oauth_validator/validator.c" ]; then
-    as_root cp "$build/src/test/modules/oauth_validator/validator.c" "$PREFIX/share/gprxy/"
-  fi
+  # (PostgreSQL 18 and later.)
+  for f in t/oauth_server.py validator.c; do
+    if [ -f "$build/src/test/modules/oauth_validator/$f" ]; then
+      as_root cp "$build/src/test/modules/oauth_validator/$f" "$PREFIX/share/gprxy/"
+    fi
+  done
   as_root rm -rf "$build"
   as_root touch "$PREFIX/.gprxy-built"
 fi

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds and installs gprxy_validator into PostgreSQL 18 (validator) and 15 (SQL side only), and
+# Builds and installs gprxy_validator into PostgreSQL 18 (validator), 17 and 15 (SQL side only), and
 # PostgreSQL's own test validator into 18 as oauth_test_validator (the floor in `make bench`).
 set -euo pipefail
 CACHE="${GPRXY_CACHE:-/var/cache/gprxy}"
@@ -8,6 +8,8 @@ cd "$(dirname "$0")/../gprxy-validator"
 cargo pgrx install --profile extension --pg-config "$PG18_CONFIG" >/dev/null
 cargo pgrx install --profile extension --no-default-features --features pg15 \
   --pg-config /usr/lib/postgresql/15/bin/pg_config >/dev/null
+cargo pgrx install --profile extension --no-default-features --features pg17 \
+  --pg-config "$CACHE/pg17/bin/pg_config" >/dev/null
 
 floor_src="$CACHE/pg18/share/gprxy/validator.c"
 if [ ! -f "$floor_src" ]; then
@@ -22,4 +24,4 @@ if [ ! -f "$floor_so" ] || [ "$floor_src" -nt "$floor_so" ]; then
     -I"$("$PG18_CONFIG" --includedir-server)" "$floor_src" -o "$floor_so.tmp"
   mv "$floor_so.tmp" "$floor_so"
 fi
-echo "install-extension: gprxy_validator installed into PostgreSQL 18 and 15; oauth_test_validator into 18" >&2
+echo "install-extension: gprxy_validator installed into PostgreSQL 18, 17 and 15; oauth_test_validator into 18" >&2

@@ -24,6 +24,11 @@ use crate::jwks::{CacheSettings, JwksSource};
 use crate::policy::{parse_algorithms, IdentityForm, Policy};
 use crate::required::{Constraint, RequiredClaim, RequiredClaims};
 
+const GITHUB_ACTIONS: &str = "https://token.actions.githubusercontent.com";
+const GOOGLE: &str = "https://accounts.google.com";
+/// Entra ID's tenant of personal Microsoft accounts.
+const ENTRA_CONSUMERS_TENANT: &str = "9188040d-6c67-4c5b-b112-36a304b66dad";
+
 /// A provider whose defaults and requirements an entry takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -75,6 +80,17 @@ impl Profile {
         }
     }
 
+    /// The profile whose requirements an issuer URL implies whatever the entry says: issuers
+    /// that serve everyone (GitHub Actions, Google) are never trusted unpinned.
+    fn implied_by(issuer: &str) -> Option<Self> {
+        match issuer {
+            GITHUB_ACTIONS => Some(Self::GithubActions),
+            GOOGLE => Some(Self::Google),
+            _ if issuer.starts_with("https://login.microsoftonline.com/") => Some(Self::Entra),
+            _ => None,
+        }
+    }
+
     /// Refuses an issuer URL of the wrong form, and an entry without what the provider needs.
     fn check(self, issuer: &str, required: &[RequiredClaim]) -> Result<(), String> {
         let pinned = |claim: &str| required.iter().any(|r| r.claim() == claim);
@@ -90,6 +106,12 @@ impl Profile {
                         "{tenant:?} is not one tenant: tokens of every tenant would match (use the tenant id)"
                     ));
                 }
+                // The tenant of every personal Microsoft account: anyone can have a token there.
+                if tenant.eq_ignore_ascii_case(ENTRA_CONSUMERS_TENANT) {
+                    return Err(format!(
+                        "{tenant:?} is the personal-accounts tenant: every Microsoft account holder has tokens there (use your organisation's tenant id)"
+                    ));
+                }
             }
             Self::Okta if !host_path.contains("/oauth2/") => {
                 return Err("an Okta issuer is a custom authorization server, https://<org>/oauth2/<id> (the org server's tokens are for Okta's own APIs)".into());
@@ -101,17 +123,18 @@ impl Profile {
                 return Err("a Keycloak issuer is https://<host>/realms/<realm>".into());
             }
             Self::Google => {
-                if issuer != "https://accounts.google.com" {
+                if issuer != GOOGLE {
                     return Err("Google's issuer is https://accounts.google.com".into());
                 }
                 if !pinned("hd") && !pinned("email") {
                     return Err("required_claims must pin hd (the Workspace domain) or list the allowed email addresses: Google signs tokens for every Google account".into());
                 }
             }
+            Self::Kubernetes if !pinned("kubernetes.io.namespace") => {
+                return Err("required_claims must pin kubernetes.io.namespace: any pod of the cluster can ask for a token with your audience".into());
+            }
             Self::GithubActions => {
-                if issuer != "https://token.actions.githubusercontent.com"
-                    && !issuer.ends_with("/_services/token")
-                {
+                if issuer != GITHUB_ACTIONS && !issuer.ends_with("/_services/token") {
                     return Err("GitHub Actions' issuer is https://token.actions.githubusercontent.com (GitHub Enterprise Server: https://<host>/_services/token)".into());
                 }
                 if !pinned("repository_owner") && !pinned("repository_owner_id") {
@@ -297,20 +320,23 @@ impl IssuerEntry {
         };
         let mut required = required(self.required_claims)?;
         let identity_claim = self.identity_claim.unwrap_or_else(|| identity_claim.to_owned());
-        if let Some(profile) = self.profile {
+        // A profile's requirements hold for its provider's issuer even when the entry names no
+        // profile (or another one).
+        let checks: Vec<Profile> =
+            self.profile.into_iter().chain(Profile::implied_by(&self.issuer)).collect();
+        for profile in &checks {
             profile.check(&self.issuer, &required).map_err(|reason| {
                 ConfigError::new(Setting::Profile, format!("{}: {reason}", profile.name()))
             })?;
-            // An e-mail identity is only an identity when the address is verified.
-            if profile == Profile::Google
-                && identity_claim == "email"
-                && !required.iter().any(|r| r.claim() == "email_verified")
-            {
-                required.push(
-                    RequiredClaim::new("email_verified", Constraint::IsTrue)
-                        .map_err(|e| ConfigError::new(Setting::RequiredClaims, e))?,
-                );
-            }
+        }
+        // An e-mail is only an identity, or a pin, when the address is verified.
+        let email_used = identity_claim.trim() == "email" || required.iter().any(|r| r.claim() == "email");
+        let verified_pinned = required.iter().any(|r| r.claim() == "email_verified");
+        if checks.contains(&Profile::Google) && email_used && !verified_pinned {
+            required.push(
+                RequiredClaim::new("email_verified", Constraint::IsTrue)
+                    .map_err(|e| ConfigError::new(Setting::RequiredClaims, e))?,
+            );
         }
         let required =
             RequiredClaims::new(required).map_err(|e| ConfigError::new(Setting::RequiredClaims, e))?;
@@ -364,6 +390,29 @@ impl IssuerEntry {
         let role_map = self.role_map.into_iter().collect();
         Ok(IssuerPolicy { profile: self.profile, policy, source, role_map, ca_file: self.ca_file, cache })
     }
+}
+
+/// Reads a policy or key file that decides who may log in: a regular file (a FIFO would block
+/// the reader), at most `max` bytes, that neither its group nor others may write (whoever can
+/// write it can admit any token).
+pub fn read_policy_file(path: &std::path::Path, max: u64) -> Result<String, String> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(format!("writable by its group or others (mode {:o}): chmod go-w", meta.mode() & 0o777));
+    }
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(max + 1).read_to_string(&mut text))
+        .map_err(|e| e.to_string())?;
+    if text.len() as u64 > max {
+        return Err(format!("larger than {max} bytes"));
+    }
+    Ok(text)
 }
 
 /// The trusted issuers, each with its own policy; chosen by exact issuer.
@@ -529,6 +578,59 @@ max_token_age_secs = 3600
         let e =
             set("[[issuer]]\nprofile = \"ping\"\nissuer = \"https://a\"\naudience = [\"db\"]\n").unwrap_err();
         assert!(e.contains("unknown variant `ping`"), "{e}");
+        let e = one("entra", &format!("https://login.microsoftonline.com/{ENTRA_CONSUMERS_TENANT}/v2.0"), "")
+            .unwrap_err();
+        assert!(e.contains("is the personal-accounts tenant"), "{e}");
+        let e = one("kubernetes", "https://k8s.example", "").unwrap_err();
+        assert!(e.ends_with("profile: kubernetes: required_claims must pin kubernetes.io.namespace: any pod of the cluster can ask for a token with your audience"), "{e}");
+        assert!(one(
+            "kubernetes",
+            "https://k8s.example",
+            "required_claims = { \"kubernetes.io.namespace\" = \"payments\" }"
+        )
+        .is_ok());
+    }
+
+    /// A file that decides who logs in is read only when it is a regular file nobody else can
+    /// write.
+    #[test]
+    fn policy_files_must_be_regular_and_not_writable_by_others() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("issuers.toml");
+        std::fs::write(&file, "x").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(read_policy_file(&file, 10).unwrap(), "x");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o666)).unwrap();
+        assert_eq!(
+            read_policy_file(&file, 10).unwrap_err(),
+            "writable by its group or others (mode 666): chmod go-w"
+        );
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(read_policy_file(&file, 0).unwrap_err(), "larger than 0 bytes");
+        let fifo = dir.path().join("fifo");
+        assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+        assert_eq!(read_policy_file(&fifo, 10).unwrap_err(), "not a regular file");
+        assert_eq!(read_policy_file(dir.path(), 10).unwrap_err(), "not a regular file");
+    }
+
+    /// GitHub's and Google's issuers serve everyone: their pins are required whatever the
+    /// entry's profile, and a Google e-mail pin needs a verified address.
+    #[test]
+    fn an_everyone_issuer_needs_its_pins_without_a_profile() {
+        let plain = |issuer: &str, extra: &str| {
+            set(&format!("[[issuer]]\nissuer = \"{issuer}\"\naudience = [\"db\"]\n{extra}"))
+        };
+        let e = plain("https://token.actions.githubusercontent.com", "").unwrap_err();
+        assert!(e.contains("profile: github-actions: required_claims must pin repository_owner"), "{e}");
+        let e = set("[[issuer]]\nprofile = \"kubernetes\"\nissuer = \"https://accounts.google.com\"\naudience = [\"db\"]\nrequired_claims = { \"kubernetes.io.namespace\" = \"x\" }\n").unwrap_err();
+        assert!(e.contains("profile: google: required_claims must pin hd"), "{e}");
+        let e = plain("https://login.microsoftonline.com/common/v2.0", "").unwrap_err();
+        assert!(e.contains("\"common\" is not one tenant"), "{e}");
+        let s =
+            plain("https://accounts.google.com", "required_claims = { email = [\"a@x.example\"] }").unwrap();
+        let required = s.iter().next().unwrap().policy.required_claims().clone();
+        assert!(required.iter().any(|r| r.claim() == "email_verified"), "{required:?}");
     }
 
     #[test]
@@ -536,7 +638,7 @@ max_token_age_secs = 3600
         let s = set(r#"
 [[issuer]]
 profile = "entra"
-issuer = "https://login.microsoftonline.com/9188040d-6c67-4c5b-b112-36a304b66dad/v2.0"
+issuer = "https://login.microsoftonline.com/11111111-2222-4333-8444-555555555555/v2.0"
 audience = ["api://db"]
 identity_claim = "preferred_username"
 "#)

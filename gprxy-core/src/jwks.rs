@@ -651,24 +651,12 @@ fn install(st: &mut State, keys: KeySet, snap: Snapshot) {
 /// Largest key set file read.
 pub const MAX_KEY_FILE_BYTES: u64 = 1 << 20;
 
-/// A local key set file, as if served without `max-age`.
+/// A local key set file, as if served without `max-age` (checked as
+/// [`crate::issuers::read_policy_file`] checks: whoever can write it can admit any token).
 fn read_key_file(path: &std::path::Path) -> Result<crate::fetch::HttpResponse, KeyError> {
-    use std::io::Read;
-    let unreadable =
-        |e: std::io::Error| KeyError::Unavailable(format!("key set file {}: {e}", path.display()));
-    let mut body = Vec::new();
-    std::fs::File::open(path)
-        .map_err(unreadable)?
-        .take(MAX_KEY_FILE_BYTES + 1)
-        .read_to_end(&mut body)
-        .map_err(unreadable)?;
-    if body.len() as u64 > MAX_KEY_FILE_BYTES {
-        return Err(KeyError::Unavailable(format!(
-            "key set file {} is larger than {MAX_KEY_FILE_BYTES} bytes",
-            path.display()
-        )));
-    }
-    Ok(crate::fetch::HttpResponse { body, max_age: None })
+    let text = crate::issuers::read_policy_file(path, MAX_KEY_FILE_BYTES)
+        .map_err(|e| KeyError::Unavailable(format!("key set file {}: {e}", path.display())))?;
+    Ok(crate::fetch::HttpResponse { body: text.into_bytes(), max_age: None })
 }
 
 fn parse_keys(url: &str, body: &[u8]) -> Result<KeySet, KeyError> {

@@ -40,7 +40,7 @@ fn auth0_namespaced_roles_and_audience_array() {
 fn entra_id_v2_scp_and_app_roles() {
     let k = TestKey::rsa("entra-key");
     let (iat, exp) = times();
-    let tid = "9188040d-6c67-4c5b-b112-36a304b66dad";
+    let tid = "11111111-2222-4333-8444-555555555555";
     let iss = format!("https://login.microsoftonline.com/{tid}/v2.0");
     let claims = json!({
         "iss": iss, "aud": "6e74172b-be56-4843-9ff4-e66a39bb12e3", "iat": iat, "nbf": iat, "exp": exp,
@@ -242,7 +242,7 @@ fn profiles_read_each_providers_claim_shape() {
     let (iat, exp) = times();
     let k = TestKey::rsa("k");
 
-    let tid = "9188040d-6c67-4c5b-b112-36a304b66dad";
+    let tid = "11111111-2222-4333-8444-555555555555";
     let iss = format!("https://login.microsoftonline.com/{tid}/v2.0");
     let entra = json!({"iss": iss, "aud": "api://db", "iat": iat, "exp": exp, "tid": tid, "ver": "2.0",
         "oid": "00000000-0000-0000-66f3-3332eca7ea81", "sub": "AAAAAAAAAAAAAAAAAAAAAIkzqFVrSaSaFHy782bbtaQ",
@@ -308,9 +308,8 @@ fn profiles_read_each_providers_claim_shape() {
     let iss = "https://kubernetes.default.svc.cluster.local";
     let k8s = json!({"aud": [iss], "exp": exp, "iat": iat, "iss": iss, "sub": "system:serviceaccount:payments:api",
         "kubernetes.io": {"namespace": "payments", "serviceaccount": {"name": "api", "uid": "9a8b"}}});
-    let v =
-        with_profile("kubernetes", iss, iss, "role_claim = \"kubernetes.io.namespace\"", &k, json!({}), &k8s)
-            .unwrap();
+    let pin = "role_claim = \"kubernetes.io.namespace\"\nrequired_claims = { \"kubernetes.io.namespace\" = \"payments\" }";
+    let v = with_profile("kubernetes", iss, iss, pin, &k, json!({}), &k8s).unwrap();
     assert_eq!(
         (v.identity.as_str(), v.roles.as_slice()),
         ("system:serviceaccount:payments:api", &["payments".to_owned()][..])

@@ -127,21 +127,27 @@ const ISSUERS_FILE_MAX: u64 = 1 << 20;
 static ISSUERS_PENDING: Mutex<Option<(String, Option<Arc<IssuerSet>>)>> = Mutex::new(None);
 static ISSUERS_IN_FORCE: Mutex<Option<Arc<IssuerSet>>> = Mutex::new(None);
 
+/// Why the last non-empty `gprxy.issuers_file` was refused, while no file is in force: a file
+/// that is broken when the server starts leaves the setting empty, and then every login is
+/// refused with this reason instead of falling back to the one-issuer settings.
+static ISSUERS_REFUSED: Mutex<Option<String>> = Mutex::new(None);
+
 /// `gprxy.issuers_file` check hook: empty, or a file of `[[issuer]]` entries that parses and
 /// checks (the message names the line or the entry).
 pub fn check_issuers_file(v: &str) -> Result<(), String> {
     let parsed = if v.is_empty() {
         None
     } else {
-        use std::io::Read;
-        let mut text = String::new();
-        std::fs::File::open(v)
-            .and_then(|f| f.take(ISSUERS_FILE_MAX + 1).read_to_string(&mut text))
-            .map_err(|e| format!("{v}: {e}"))?;
-        if text.len() as u64 > ISSUERS_FILE_MAX {
-            return Err(format!("{v}: larger than {ISSUERS_FILE_MAX} bytes"));
+        let text = gprxy_core::issuers::read_policy_file(std::path::Path::new(v), ISSUERS_FILE_MAX)
+            .and_then(|text| IssuerSet::from_toml(&text, false).map_err(|e| e.to_string()))
+            .map_err(|e| format!("{v}: {e}"));
+        match text {
+            Ok(set) => Some(Arc::new(set)),
+            Err(e) => {
+                *ISSUERS_REFUSED.lock() = Some(e.clone());
+                return Err(e);
+            }
         }
-        Some(Arc::new(IssuerSet::from_toml(&text, false).map_err(|e| format!("{v}: {e}"))?))
     };
     *ISSUERS_PENDING.lock() = Some((v.to_owned(), parsed));
     Ok(())
@@ -153,6 +159,7 @@ pub fn issuers_file_assigned(v: &str) {
     if let Some((path, parsed)) = pending.take() {
         if path == v {
             *ISSUERS_IN_FORCE.lock() = parsed;
+            *ISSUERS_REFUSED.lock() = None;
         }
     }
     changed();
@@ -272,6 +279,14 @@ impl Settings {
             refresh_check_interval: secs(JWKS_REFRESH_CHECK_INTERVAL.get()),
             issuers: ISSUERS_IN_FORCE.lock().clone(),
         };
+        if s.issuers.is_none() {
+            if let Some(why) = ISSUERS_REFUSED.lock().clone() {
+                return Err(ConfigError::new(
+                    Setting::Issuers,
+                    format!("refused, so no issuer is trusted: {why}"),
+                ));
+            }
+        }
         s.cache.check()?;
         if s.issuers.is_some() {
             s.refuse_global_issuer_settings()?;
@@ -294,6 +309,16 @@ impl Settings {
             (!self.required_scopes.is_empty(), "gprxy.required_scopes"),
             (!self.required_claims.is_empty(), "gprxy.required_claims"),
             (self.accept_generic_typ, "gprxy.token_types"),
+            (self.leeway != 30, "gprxy.leeway"),
+            (!self.role_map.is_empty(), "gprxy.role_map"),
+            (self.cache.default_ttl != CacheSettings::default().default_ttl, "gprxy.jwks_cache_ttl"),
+            (self.cache.min_ttl != CacheSettings::default().min_ttl, "gprxy.jwks_cache_ttl_min"),
+            (self.cache.max_ttl != CacheSettings::default().max_ttl, "gprxy.jwks_cache_ttl_max"),
+            (self.cache.max_staleness != CacheSettings::default().max_staleness, "gprxy.jwks_max_staleness"),
+            (
+                self.cache.unknown_kid_cooldown != CacheSettings::default().unknown_kid_cooldown,
+                "gprxy.jwks_unknown_kid_cooldown",
+            ),
         ]
         .into_iter()
         .filter_map(|(on, name)| on.then_some(name))
@@ -368,12 +393,12 @@ impl Settings {
             .build()
     }
 
-    /// The token-role to database-role pairs for `issuer`: its entry's `role_map` when it has
-    /// one, else `gprxy.role_map`.
+    /// The token-role to database-role pairs for `issuer`: its entry's `role_map` with an
+    /// issuers file (another issuer's never applies), else `gprxy.role_map`.
     pub fn role_map(&self, issuer: &str) -> &[(String, String)] {
-        match self.issuers.as_ref().and_then(|set| set.get(issuer)) {
-            Some(e) if !e.role_map.is_empty() => &e.role_map,
-            _ => &self.role_map,
+        match &self.issuers {
+            Some(set) => set.get(issuer).map_or(&[][..], |e| &e.role_map),
+            None => &self.role_map,
         }
     }
 

@@ -28,15 +28,28 @@ pub fn cache_dir() -> PathBuf {
 pub enum PgVersion {
     /// Debian's PostgreSQL 15.
     V15,
+    /// PostgreSQL 17 built by scripts/bootstrap.sh.
+    V17,
     /// PostgreSQL 18 built by scripts/bootstrap.sh.
     V18,
 }
 
 impl PgVersion {
+    /// The server fallback mode's tests run against: `GPRXY_FALLBACK_PG` (15, the default, or
+    /// 17; `make test` runs them on both).
+    pub fn fallback_upstream() -> Self {
+        match std::env::var("GPRXY_FALLBACK_PG").as_deref() {
+            Ok("17") => Self::V17,
+            Ok("15") | Err(_) => Self::V15,
+            Ok(other) => panic!("GPRXY_FALLBACK_PG={other}: use 15 or 17"),
+        }
+    }
+
     /// The server's bin directory. Panics with how to get it when it is missing.
     pub fn bin_dir(self) -> PathBuf {
         let dir = match self {
             Self::V15 => PathBuf::from("/usr/lib/postgresql/15/bin"),
+            Self::V17 => cache_dir().join("pg17").join("bin"),
             Self::V18 => std::env::var_os("GPRXY_PG18_PREFIX")
                 .map_or_else(|| cache_dir().join("pg18"), PathBuf::from)
                 .join("bin"),
@@ -59,6 +72,7 @@ impl fmt::Display for PgVersion {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Self::V15 => "15",
+            Self::V17 => "17",
             Self::V18 => "18",
         })
     }

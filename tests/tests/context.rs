@@ -27,7 +27,7 @@ fn cluster(version: PgVersion, pinned: &[&str]) -> Cluster {
     let hba = "host all analyst,app_admin,app_writer,app_reader 127.0.0.1/32 scram-sha-256";
     let mut b = match version {
         PgVersion::V18 => validator_cluster("db").hba(hba),
-        PgVersion::V15 => Cluster::builder(PgVersion::V15).hba(hba),
+        older => Cluster::builder(older).hba(hba),
     };
     for line in context_conf(pinned) {
         b = b.conf(line);
@@ -89,7 +89,7 @@ fn assert_refused(attempt: (Result<(), PgError>, String), message: &str) {
 fn a_password_role_cannot_forge_a_context_on_15() {
     let dir = tempfile::tempdir().unwrap();
     let proxy_key = ContextKeyFile::create(dir.path().join("context.key"));
-    let pg = cluster(PgVersion::V15, &[&proxy_key.public]);
+    let pg = cluster(PgVersion::fallback_upstream(), &[&proxy_key.public]);
     let at = addr(pg.port());
     assert_refused(forge(at, "analyst", "analyst-pw-1", own_key(), &[]), NOT_ALLOWED);
     // Even with the proxy's real key (stolen), analyst is not a context role.
@@ -161,7 +161,7 @@ fn the_context_key_rotates_from_a_to_b_with_sessions_running() {
     let path = certs.dir().join("context.key");
     let a = ContextKeyFile::create(&path);
     let a_key = a.key();
-    let pg = cluster(PgVersion::V15, &[&a.public]);
+    let pg = cluster(PgVersion::fallback_upstream(), &[&a.public]);
     let pw = certs.dir().join("writer.pw");
     std::fs::write(&pw, "writer-pw-1\n").unwrap();
     let proxy = Proxy::start(

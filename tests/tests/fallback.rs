@@ -1,5 +1,6 @@
-//! Fallback mode against Debian's PostgreSQL 15: gprxy validates the token, maps its roles to a
-//! service account, logs in with SCRAM-SHA-256 and sets the user's context.
+//! Fallback mode against PostgreSQL 15 (Debian's) or 17 (`GPRXY_FALLBACK_PG=17`; `make test` runs
+//! both): gprxy validates the token, maps its roles to a service account, logs in with
+//! SCRAM-SHA-256 and sets the user's context.
 
 use gprxy_core::testkit::TestKey;
 use gprxy_tests::idp::TestIssuer;
@@ -56,11 +57,12 @@ fn start_full(fallback_extra: &str, pg_conf: &[&str]) -> World {
 /// PostgreSQL 15 with the extension's SQL side, the roles with their passwords (and password
 /// files in the certificates' folder), and a pinned context key.
 fn server(pg_conf: &[&str]) -> (Cluster, TestCerts, ContextKeyFile) {
-    require_validator(PgVersion::V15);
+    let version = PgVersion::fallback_upstream();
+    require_validator(version);
     let certs = TestCerts::new();
     let context_key = ContextKeyFile::create(certs.dir().join("context.key"));
-    let mut builder = Cluster::builder(PgVersion::V15)
-        .hba("host all app_admin,app_writer,app_reader 127.0.0.1/32 scram-sha-256");
+    let mut builder =
+        Cluster::builder(version).hba("host all app_admin,app_writer,app_reader 127.0.0.1/32 scram-sha-256");
     for line in context_conf(&[&context_key.public]) {
         builder = builder.conf(line);
     }

@@ -654,3 +654,26 @@ fn an_issuers_file_gives_each_pg_hba_issuer_its_own_policy() {
         "{refused}"
     );
 }
+
+/// An issuers file that cannot be read when the server starts leaves no issuer trusted: every
+/// login is refused with the file's error, never judged by the one-issuer settings instead.
+#[test]
+fn a_broken_issuers_file_at_start_refuses_every_login() {
+    let key = TestKey::rsa("k");
+    let idp = TestIssuer::start(&[&key]);
+    let pg = validator_cluster("db")
+        .conf("gprxy.issuers_file = '/nonexistent/issuers.toml'")
+        .hba(format!("host all alice 127.0.0.1/32 oauth issuer=\"{}\" scope=\"openid\" map=m", idp.issuer()))
+        .ident("m alice alice")
+        .start();
+    pg.sql("CREATE ROLE alice LOGIN");
+    let token = key.token(json!({"typ": "at+jwt"}), &idp.claims("alice", "db"));
+    idp.hand_out("c1", &token);
+    assert!(oauth_psql(pg.port(), "alice", &idp.issuer(), "c1", "SELECT 1").is_err());
+    let audit = pg.log().lines().rfind(|l| l.contains("gprxy: oauth login")).unwrap_or_default().to_owned();
+    assert!(audit.contains("refused reason=config"), "{audit}");
+    assert!(
+        audit.contains("gprxy.issuers_file: refused, so no issuer is trusted: /nonexistent/issuers.toml: No such file or directory"),
+        "{audit}"
+    );
+}
