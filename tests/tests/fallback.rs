@@ -291,7 +291,9 @@ fn pool_at_its_limit_waits_then_times_out_and_bad_connections_are_replaced() {
 
 /// The last signed context the proxy sent that the server log shows (log_statement = all).
 fn logged_context(log: &str) -> Option<String> {
-    let line = log.lines().rev().find(|l| l.contains("parameters:") && l.contains("'v2."))?;
+    // "parameters:" (PostgreSQL 15), "Parameters:" (17 and later).
+    let line =
+        log.lines().rev().find(|l| l.to_ascii_lowercase().contains("parameters:") && l.contains("'v2."))?;
     let start = line.rfind("'v2.")? + 1;
     let end = start + line[start..].find('\'')?;
     Some(line[start..end].to_owned())
