@@ -237,3 +237,22 @@ pub async fn send_ready(
     }
     Ok(())
 }
+
+/// Streams for tests of the login state machine without a server or socket.
+#[cfg(test)]
+pub mod duplex {
+    use super::{read_message, BoxStream};
+    use crate::proto;
+    use bytes::BytesMut;
+
+    /// Two ends of one in-memory connection: (gprxy's end, the peer's end).
+    pub fn pair() -> (BoxStream, BoxStream) {
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        (Box::new(ours), Box::new(theirs))
+    }
+
+    /// The next whole message on `s` (panics when the peer closed).
+    pub async fn next(s: &mut BoxStream, buf: &mut BytesMut) -> proto::Message {
+        read_message(s, buf, 1 << 20, "message").await.expect("a message")
+    }
+}

@@ -230,16 +230,7 @@ enum Bridge {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conn::read_message;
-
-    fn pair() -> (BoxStream, BoxStream) {
-        let (a, b) = tokio::io::duplex(64 * 1024);
-        (Box::new(a), Box::new(b))
-    }
-
-    async fn next(s: &mut BoxStream, buf: &mut BytesMut) -> proto::Message {
-        read_message(s, buf, 1 << 20, "message").await.unwrap()
-    }
+    use crate::conn::duplex::{next, pair};
 
     fn proxy(token_as_password: bool) -> std::sync::Arc<crate::session::Proxy> {
         let overrides =

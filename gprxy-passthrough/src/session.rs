@@ -246,11 +246,7 @@ async fn login(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn pair() -> (BoxStream, BoxStream) {
-        let (a, b) = tokio::io::duplex(64 * 1024);
-        (Box::new(a), Box::new(b))
-    }
+    use crate::conn::duplex::pair;
 
     /// A proxy in pass-through mode (its upstream is never reached by these tests).
     fn proxy(with_tls: bool, require_tls: bool) -> Arc<Proxy> {

@@ -119,15 +119,7 @@ mod tests {
     use postgres_protocol::message::frontend;
     use tokio::io::AsyncWriteExt;
 
-    /// The proxy's end of a client connection, and the client's.
-    fn client_pair() -> (BoxStream, BoxStream) {
-        let (proxy_side, client_side) = tokio::io::duplex(64 * 1024);
-        (Box::new(proxy_side), Box::new(client_side))
-    }
-
-    async fn next(s: &mut BoxStream, buf: &mut BytesMut) -> proto::Message {
-        read_message(s, buf, 1 << 20, "message").await.unwrap()
-    }
+    use crate::conn::duplex::{next, pair as client_pair};
 
     fn tls_info() -> LoginInfo {
         LoginInfo { tls: true, ..LoginInfo::default() }
