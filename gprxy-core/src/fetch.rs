@@ -294,6 +294,29 @@ impl Fetcher for LazyFetcher {
     }
 }
 
+/// Reads a policy or key file that decides who may log in: a regular file (a FIFO would block
+/// the reader), at most `max` bytes, that neither its group nor others may write (whoever can
+/// write it can admit any token).
+pub fn read_policy_file(path: &std::path::Path, max: u64) -> Result<String, String> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(format!("writable by its group or others (mode {:o}): chmod go-w", meta.mode() & 0o777));
+    }
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(max + 1).read_to_string(&mut text))
+        .map_err(|e| e.to_string())?;
+    if text.len() as u64 > max {
+        return Err(format!("larger than {max} bytes"));
+    }
+    Ok(text)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -392,29 +392,6 @@ impl IssuerEntry {
     }
 }
 
-/// Reads a policy or key file that decides who may log in: a regular file (a FIFO would block
-/// the reader), at most `max` bytes, that neither its group nor others may write (whoever can
-/// write it can admit any token).
-pub fn read_policy_file(path: &std::path::Path, max: u64) -> Result<String, String> {
-    use std::io::Read;
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
-    if !meta.is_file() {
-        return Err("not a regular file".into());
-    }
-    if meta.mode() & 0o022 != 0 {
-        return Err(format!("writable by its group or others (mode {:o}): chmod go-w", meta.mode() & 0o777));
-    }
-    let mut text = String::new();
-    std::fs::File::open(path)
-        .and_then(|f| f.take(max + 1).read_to_string(&mut text))
-        .map_err(|e| e.to_string())?;
-    if text.len() as u64 > max {
-        return Err(format!("larger than {max} bytes"));
-    }
-    Ok(text)
-}
-
 /// The trusted issuers, each with its own policy; chosen by exact issuer.
 #[derive(Debug, Clone, Default)]
 pub struct IssuerSet {
@@ -600,18 +577,18 @@ max_token_age_secs = 3600
         let file = dir.path().join("issuers.toml");
         std::fs::write(&file, "x").unwrap();
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
-        assert_eq!(read_policy_file(&file, 10).unwrap(), "x");
+        assert_eq!(crate::fetch::read_policy_file(&file, 10).unwrap(), "x");
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o666)).unwrap();
         assert_eq!(
-            read_policy_file(&file, 10).unwrap_err(),
+            crate::fetch::read_policy_file(&file, 10).unwrap_err(),
             "writable by its group or others (mode 666): chmod go-w"
         );
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
-        assert_eq!(read_policy_file(&file, 0).unwrap_err(), "larger than 0 bytes");
+        assert_eq!(crate::fetch::read_policy_file(&file, 0).unwrap_err(), "larger than 0 bytes");
         let fifo = dir.path().join("fifo");
         assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
-        assert_eq!(read_policy_file(&fifo, 10).unwrap_err(), "not a regular file");
-        assert_eq!(read_policy_file(dir.path(), 10).unwrap_err(), "not a regular file");
+        assert_eq!(crate::fetch::read_policy_file(&fifo, 10).unwrap_err(), "not a regular file");
+        assert_eq!(crate::fetch::read_policy_file(dir.path(), 10).unwrap_err(), "not a regular file");
     }
 
     /// GitHub's and Google's issuers serve everyone: their pins are required whatever the

@@ -652,9 +652,9 @@ fn install(st: &mut State, keys: KeySet, snap: Snapshot) {
 pub const MAX_KEY_FILE_BYTES: u64 = 1 << 20;
 
 /// A local key set file, as if served without `max-age` (checked as
-/// [`crate::issuers::read_policy_file`] checks: whoever can write it can admit any token).
+/// [`crate::fetch::read_policy_file`] checks: whoever can write it can admit any token).
 fn read_key_file(path: &std::path::Path) -> Result<crate::fetch::HttpResponse, KeyError> {
-    let text = crate::issuers::read_policy_file(path, MAX_KEY_FILE_BYTES)
+    let text = crate::fetch::read_policy_file(path, MAX_KEY_FILE_BYTES)
         .map_err(|e| KeyError::Unavailable(format!("key set file {}: {e}", path.display())))?;
     Ok(crate::fetch::HttpResponse { body: text.into_bytes(), max_age: None })
 }

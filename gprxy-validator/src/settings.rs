@@ -138,7 +138,7 @@ pub fn check_issuers_file(v: &str) -> Result<(), String> {
     let parsed = if v.is_empty() {
         None
     } else {
-        let text = gprxy_core::issuers::read_policy_file(std::path::Path::new(v), ISSUERS_FILE_MAX)
+        let text = gprxy_core::fetch::read_policy_file(std::path::Path::new(v), ISSUERS_FILE_MAX)
             .and_then(|text| IssuerSet::from_toml(&text, false).map_err(|e| e.to_string()))
             .map_err(|e| format!("{v}: {e}"));
         match text {
