@@ -145,6 +145,8 @@ fn default_scope() -> String {
 struct FileRule {
     role: String,
     account: String,
+    /// Only tokens of this issuer (with several issuers, whose role names may collide).
+    issuer: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -309,6 +311,17 @@ named_choices!(UserMatch, "fallback.user_must_match", "identity" => UserMatch::I
 named_choices!(ClientAuth, "fallback.client_auth", "password" => ClientAuth::Password, "oauthbearer" => ClientAuth::OAuthBearer);
 named_choices!(LogFormat, "log.format", "text" => LogFormat::Text, "json" => LogFormat::Json);
 
+/// One `[[fallback.map]]` rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapRule {
+    /// A role the token (after its issuer's role map) must carry.
+    pub role: String,
+    /// The service account it maps to.
+    pub account: String,
+    /// Only tokens of this issuer; None: any trusted issuer.
+    pub issuer: Option<String>,
+}
+
 /// Fallback mode, checked.
 #[derive(Clone)]
 pub struct Fallback {
@@ -324,7 +337,7 @@ pub struct Fallback {
     /// Which user name the client must send.
     pub user_must_match: UserMatch,
     /// First match wins: token role → service account.
-    pub map: Vec<(String, String)>,
+    pub map: Vec<MapRule>,
     /// Service account → password (read at start-up; never logged).
     pub passwords: std::collections::BTreeMap<String, String>,
     /// Session setting → claim it is set from.
@@ -406,6 +419,9 @@ fn check_fallback(f: FileFallback) -> anyhow::Result<Fallback> {
     }
     let mut passwords = std::collections::BTreeMap::new();
     for rule in &f.map {
+        if let Some(issuer) = rule.issuer.as_deref().filter(|i| issuers.get(i).is_none()) {
+            bail!("fallback.map: issuer {issuer:?} is not among the trusted issuers");
+        }
         if rule.account.starts_with("pg_") {
             bail!("fallback.map: {:?} starts with pg_, which PostgreSQL reserves", rule.account);
         }
@@ -472,7 +488,11 @@ fn check_fallback(f: FileFallback) -> anyhow::Result<Fallback> {
         issuers,
         insecure_allow_http_loopback: f.insecure_allow_http_loopback,
         user_must_match: f.user_must_match,
-        map: f.map.into_iter().map(|r| (r.role, r.account)).collect(),
+        map: f
+            .map
+            .into_iter()
+            .map(|r| MapRule { role: r.role, account: r.account, issuer: r.issuer })
+            .collect(),
         passwords,
         context,
         context_key,
@@ -804,6 +824,9 @@ mod tests {
         let pinned = entry("required_claims = { repository_owner = \"acme\" }\n");
         let f = load(&format!("{base}{pinned}")).unwrap().fallback.unwrap();
         assert_eq!(f.issuers.len(), 1);
+        let stray = "[[fallback.map]]\nrole = \"x\"\naccount = \"app_writer\"\nissuer = \"https://other\"\n";
+        let err = load(&format!("{base}{pinned}{stray}")).unwrap_err().to_string();
+        assert_eq!(err, "fallback.map: issuer \"https://other\" is not among the trusted issuers");
         let both = format!("upstream = \"h:1\"\n{TLS}[fallback]\nissuer = \"https://idp\"\n{ok}{pinned}");
         let err = load(&both).unwrap_err().to_string();
         assert_eq!(

@@ -961,7 +961,7 @@ fn several_issuers_each_with_its_own_policy_and_keys() {
     let (wpw, rpw, apw) = (p("writer.pw"), p("reader.pw"), p("admin.pw"));
     let issuers = format!(
         "[[fallback.issuers]]\nissuer = \"{}\"\naudience = [\"db-a\"]\nrole_claim = \"roles\"\n\
-         [[fallback.issuers]]\nissuer = \"{}\"\naudience = [\"db-b\"]\nrole_claim = \"roles\"\nrole_map = {{ boss = \"admin\" }}\n\
+         [[fallback.issuers]]\nissuer = \"{}\"\naudience = [\"db-b\"]\nrole_claim = \"roles\"\nrole_map = {{ boss = \"admin\", ops = \"ops\" }}\n\
          [[fallback.issuers]]\nissuer = \"{c_iss}\"\naudience = [\"db-c\"]\nrole_claim = \"roles\"\njwks_file = \"{}\"\n",
         a.issuer(),
         b.issuer(),
@@ -983,7 +983,10 @@ fn several_issuers_each_with_its_own_policy_and_keys() {
     };
     let toml =
         setup.toml().replace("issuer = \"unused\"\naudience = [\"unused\"]\nrole_claim = \"roles\"\n", "");
-    let proxy = Proxy::start(&format!("{toml}{issuers}"));
+    // A rule for one issuer only: "ops" means something at B, nothing at A.
+    let b_only =
+        format!("[[fallback.map]]\nrole = \"ops\"\naccount = \"app_admin\"\nissuer = \"{}\"\n", b.issuer());
+    let proxy = Proxy::start(&format!("{toml}{issuers}{b_only}"));
     let world = World { idp: a, key: TestKey::rsa("unused"), _pg: pg, proxy, certs, context_key };
     let token = |iss: &str, aud: &str, key: &TestKey, roles: serde_json::Value| {
         let t = gprxy_core::unix_time();
@@ -1005,6 +1008,19 @@ fn several_issuers_each_with_its_own_policy_and_keys() {
         world.psql("alice", &token(c_iss, "db-c", &kc, json!(["reader"])), "require", who).unwrap(),
         "app_reader"
     );
+    // The session's roles are B's after its role map.
+    let roles = "SELECT array_to_string(gprxy.roles(), ',')";
+    assert_eq!(
+        world.psql("alice", &token(&b_iss, "db-b", &kb, json!(["boss"])), "require", roles).unwrap(),
+        "admin"
+    );
+    // A rule that names B does not apply to A's tokens.
+    assert_eq!(
+        world.psql("alice", &token(&b_iss, "db-b", &kb, json!(["ops"])), "require", who).unwrap(),
+        "app_admin"
+    );
+    let e = world.psql("alice", &token(&a_iss, "db-a", &ka, json!(["ops"])), "require", who).unwrap_err();
+    assert!(e.contains("FATAL:  gprxy: no role in the token maps to a service account"), "{e}");
     // B's role map is B's alone: "boss" from A maps to nothing.
     let e = world.psql("alice", &token(&a_iss, "db-a", &ka, json!(["boss"])), "require", who).unwrap_err();
     assert!(e.contains("FATAL:  gprxy: no role in the token maps to a service account"), "{e}");

@@ -142,12 +142,13 @@ pub async fn log_in(
     // The issuer's role map (if any) names the roles the account map sees.
     let roles = fallback.issuers[issuer].entry.mapped_roles(&t.roles);
 
+    let iss = fallback.issuers[issuer].entry.issuer();
     let account = fallback
         .cfg
         .map
         .iter()
-        .find(|(role, _)| roles.iter().any(|r| r == role))
-        .map(|(_, account)| account.clone())
+        .find(|rule| rule.issuer.as_deref().is_none_or(|i| i == iss) && roles.contains(&rule.role))
+        .map(|rule| rule.account.clone())
         .ok_or_else(|| refused("gprxy: no role in the token maps to a service account"))?;
     let user = startup.param("user").unwrap_or_default();
     let expected = match fallback.cfg.user_must_match {
@@ -183,13 +184,13 @@ pub async fn log_in(
     // It logged in (the database exists): its gauges are exported.
     lease.admit(&shared.metrics, &database, &account);
     let mut sbuf = BytesMut::new();
-    let reports = match setup::prepare(&mut conn, &mut sbuf, &settings, &t).await {
+    let reports = match setup::prepare(&mut conn, &mut sbuf, &settings, &t, &roles).await {
         // An idle connection that died unnoticed, or was not in step: one fresh login, once.
         Err(e) if reused && setup::connection_failed(&e) => {
             tracing::info!(event = "pool", action = "replace", "pooled server connection failed at set-up");
             conn = login().await?;
             sbuf.clear();
-            setup::prepare(&mut conn, &mut sbuf, &settings, &t).await?
+            setup::prepare(&mut conn, &mut sbuf, &settings, &t, &roles).await?
         }
         r => r?,
     };

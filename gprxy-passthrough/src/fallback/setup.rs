@@ -16,8 +16,10 @@ pub(super) async fn prepare(
     sbuf: &mut BytesMut,
     settings: &[(String, String)],
     t: &gprxy_core::ValidatedToken,
+    roles: &[String],
 ) -> Result<BytesMut, SessionError> {
-    let signed = conn.signer.as_mut().map(|s| s.sign(t.subject.clone(), t.roles.clone(), t.claims.clone()));
+    // The roles after the issuer's role map: what the account map saw, and what gprxy.roles() says.
+    let signed = conn.signer.as_mut().map(|s| s.sign(t.subject.clone(), roles.to_vec(), t.claims.clone()));
     set_up_session(&mut conn.stream, sbuf, settings, signed.as_deref()).await
 }
 
