@@ -680,6 +680,9 @@ fn hostile_sasl_mechanism_names_cannot_inject_metrics_or_grow_the_label_set() {
     let hostile = |i: usize| format!("x\"}} 1\ngprxy_connections_active 9\n#{i}{}", "A".repeat(60_000));
     let e = sasl_attempt(p.addr(), &hostile(0));
     assert!(e.contains("SASL authentication mechanism"), "{e}");
+    // The client has its error before the proxy counts the login: wait for the login's event,
+    // which comes after the count.
+    p.wait_events("login", 1);
     let samples = parse_metrics(&p.admin_get("/metrics"));
     let active = series(&samples, "gprxy_connections_active");
     assert_eq!(active.len(), 1, "{active:?}");
