@@ -147,20 +147,8 @@ impl Profile {
     }
 }
 
-/// A required claim's value as written: a string, a list of strings (one of them), or `true`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
-pub enum ClaimValue {
-    /// Must equal this.
-    Text(String),
-    /// Must be true (false cannot be required: write "false" for the string).
-    Flag(bool),
-    /// Must equal one of these.
-    OneOf(Vec<String>),
-}
-
 /// Key cache bounds of one issuer, in seconds.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyCacheEntry {
     /// Freshness without `max-age`.
@@ -173,6 +161,23 @@ pub struct KeyCacheEntry {
     pub unknown_kid_cooldown_secs: Option<u64>,
     /// How long past expiry the last good keys serve during an outage.
     pub max_staleness_secs: Option<u64>,
+}
+
+impl KeyCacheEntry {
+    /// The bounds, with the defaults for what is not written (unchecked: see
+    /// [`CacheSettings::check`]).
+    pub fn settings(&self) -> CacheSettings {
+        let d = CacheSettings::default();
+        let secs = |v: Option<u64>, default: Duration| v.map_or(default, Duration::from_secs);
+        CacheSettings {
+            default_ttl: secs(self.cache_ttl_secs, d.default_ttl),
+            min_ttl: secs(self.cache_ttl_min_secs, d.min_ttl),
+            max_ttl: secs(self.cache_ttl_max_secs, d.max_ttl),
+            unknown_kid_cooldown: secs(self.unknown_kid_cooldown_secs, d.unknown_kid_cooldown),
+            max_staleness: secs(self.max_staleness_secs, d.max_staleness),
+            ..d
+        }
+    }
 }
 
 /// One issuer's entry as written.
@@ -205,9 +210,9 @@ pub struct IssuerEntry {
     /// Scopes every token must grant.
     #[serde(default)]
     pub required_scopes: Vec<String>,
-    /// Claims every token must carry.
+    /// Claims every token must carry: `claim = "value"`, `claim = ["a", "b"]`, `claim = true`.
     #[serde(default)]
-    pub required_claims: BTreeMap<String, ClaimValue>,
+    pub required_claims: BTreeMap<String, toml::Value>,
     /// The longest token lifetime (`exp` - `iat`).
     pub max_token_age_secs: Option<u64>,
     /// Allowed clock skew (default 30, at most 300).
@@ -249,37 +254,17 @@ impl IssuerPolicy {
     /// The database roles a token's roles grant: through `role_map` when it has entries, else
     /// as they are.
     pub fn mapped_roles(&self, token_roles: &[String]) -> Vec<String> {
-        if self.role_map.is_empty() {
-            return token_roles.to_vec();
-        }
-        self.role_map
-            .iter()
-            .filter(|(from, _)| token_roles.iter().any(|r| r == from))
-            .map(|(_, to)| to.clone())
-            .collect()
+        map_roles(&self.role_map, token_roles)
     }
 }
 
-fn required(table: BTreeMap<String, ClaimValue>) -> Result<Vec<RequiredClaim>, ConfigError> {
-    let bad =
-        |claim: &str, reason: String| ConfigError::new(Setting::RequiredClaims, format!("{claim}: {reason}"));
-    table
-        .into_iter()
-        .map(|(claim, value)| {
-            let constraint = match value {
-                ClaimValue::Text(v) => Constraint::Equals(v),
-                ClaimValue::Flag(true) => Constraint::IsTrue,
-                ClaimValue::Flag(false) => {
-                    return Err(bad(
-                        &claim,
-                        "only true can be required of a boolean (write \"false\" for the string)".into(),
-                    ))
-                }
-                ClaimValue::OneOf(v) => Constraint::OneOf(v),
-            };
-            RequiredClaim::new(&claim, constraint).map_err(|e| bad(&claim, e))
-        })
-        .collect()
+/// A token's roles through a role map (`token role` → `database role`): the mapped names of the
+/// roles the map names; with an empty map, the roles as they are.
+pub fn map_roles(map: &[(String, String)], token_roles: &[String]) -> Vec<String> {
+    if map.is_empty() {
+        return token_roles.to_vec();
+    }
+    map.iter().filter(|(from, _)| token_roles.iter().any(|r| r == from)).map(|(_, to)| to.clone()).collect()
 }
 
 fn token_types(types: &[String]) -> Result<bool, ConfigError> {
@@ -318,12 +303,16 @@ impl IssuerEntry {
             Some(list) => parse_algorithms(&list.join(","))?,
             None => Algorithm::ALL.to_vec(),
         };
-        let mut required = required(self.required_claims)?;
+        let mut required =
+            crate::required::from_toml_table(self.required_claims).map_err(|(claim, reason)| {
+                ConfigError::new(Setting::RequiredClaims, format!("{claim}: {reason}"))
+            })?;
         let identity_claim = self.identity_claim.unwrap_or_else(|| identity_claim.to_owned());
         // A profile's requirements hold for its provider's issuer even when the entry names no
         // profile (or another one).
-        let checks: Vec<Profile> =
+        let mut checks: Vec<Profile> =
             self.profile.into_iter().chain(Profile::implied_by(&self.issuer)).collect();
+        checks.dedup();
         for profile in &checks {
             profile.check(&self.issuer, &required).map_err(|reason| {
                 ConfigError::new(Setting::Profile, format!("{}: {reason}", profile.name()))
@@ -362,31 +351,14 @@ impl IssuerEntry {
             (Some(_), Some(_)) => {
                 return Err(ConfigError::new(Setting::JwksFile, "give jwks_uri or jwks_file, not both"))
             }
-            (Some(jwks_uri), None) => JwksSource::Explicit { jwks_uri },
-            (None, Some(path)) if path.is_absolute() => JwksSource::File { path },
             (None, Some(path)) => {
-                return Err(ConfigError::new(
-                    Setting::JwksFile,
-                    format!("{} is not an absolute path", path.display()),
-                ))
+                crate::jwks::check_key_file_path(&path)?;
+                JwksSource::File { path }
             }
-            (None, None) => JwksSource::Discovery { issuer: self.issuer },
+            (jwks_uri, None) => JwksSource::for_issuer(&self.issuer, jwks_uri),
         };
-        let d = CacheSettings::default();
-        let secs = |v: Option<u64>, default: Duration| v.map_or(default, Duration::from_secs);
-        let k = self.keys;
-        let cache = CacheSettings {
-            default_ttl: secs(k.cache_ttl_secs, d.default_ttl),
-            min_ttl: secs(k.cache_ttl_min_secs, d.min_ttl),
-            max_ttl: secs(k.cache_ttl_max_secs, d.max_ttl),
-            unknown_kid_cooldown: secs(k.unknown_kid_cooldown_secs, d.unknown_kid_cooldown),
-            max_staleness: secs(k.max_staleness_secs, d.max_staleness),
-            ..d
-        };
+        let cache = self.keys.settings();
         cache.check()?;
-        if cache.unknown_kid_cooldown.is_zero() {
-            return Err(ConfigError::new(Setting::UnknownKidCooldown, "must be at least 1 second"));
-        }
         let role_map = self.role_map.into_iter().collect();
         Ok(IssuerPolicy { profile: self.profile, policy, source, role_map, ca_file: self.ca_file, cache })
     }
@@ -407,8 +379,7 @@ struct IssuersFile {
 }
 
 impl IssuerSet {
-    /// Checks entries; `spell` names a setting in the caller's words for the error. Refuses a
-    /// set with no entry, or with one issuer twice.
+    /// Checks entries. Refuses a set with no entry, or with one issuer twice.
     pub fn new(entries: Vec<IssuerEntry>, skip_audience: bool) -> Result<Self, IssuersError> {
         if entries.is_empty() {
             return Err(IssuersError::Empty);

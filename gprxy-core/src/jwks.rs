@@ -76,7 +76,24 @@ pub enum JwksSource {
     },
 }
 
+/// A key set file's path must be absolute (a relative one would depend on the process's
+/// working directory).
+pub(crate) fn check_key_file_path(path: &std::path::Path) -> Result<(), ConfigError> {
+    if path.is_absolute() {
+        return Ok(());
+    }
+    Err(ConfigError::new(Setting::JwksFile, format!("{} is not an absolute path", path.display())))
+}
+
 impl JwksSource {
+    /// An issuer's keys from its configured `jwks_uri`, else by discovery from the issuer.
+    pub fn for_issuer(issuer: &str, jwks_uri: Option<String>) -> Self {
+        match jwks_uri {
+            Some(jwks_uri) => Self::Explicit { jwks_uri },
+            None => Self::Discovery { issuer: issuer.to_owned() },
+        }
+    }
+
     /// What a key set from this source is tagged with: `discovery <issuer>` or `jwks_uri <url>`.
     pub fn id(&self) -> String {
         match self {
@@ -131,6 +148,9 @@ impl CacheSettings {
         }
         if self.default_ttl < self.min_ttl || self.default_ttl > self.max_ttl {
             return Err(ConfigError::new(Setting::CacheTtl, "must lie between the lower and upper bounds"));
+        }
+        if self.unknown_kid_cooldown.is_zero() {
+            return Err(ConfigError::new(Setting::UnknownKidCooldown, "must be at least 1 second"));
         }
         if self.backoff_initial.is_zero() || self.backoff_initial > self.backoff_max {
             return Err(ConfigError::new(Setting::Backoff, "initial must be > 0 and <= max"));
@@ -303,13 +323,7 @@ impl JwksCache {
                 .map_err(|e| ConfigError::new(Setting::Issuer, e.to_string()))?,
             JwksSource::Explicit { jwks_uri } => check_url(jwks_uri, allow_http_loopback)
                 .map_err(|e| ConfigError::new(Setting::JwksUri, e.to_string()))?,
-            JwksSource::File { path } if !path.is_absolute() => {
-                return Err(ConfigError::new(
-                    Setting::JwksFile,
-                    format!("{} is not an absolute path", path.display()),
-                ))
-            }
-            JwksSource::File { .. } => {}
+            JwksSource::File { path } => check_key_file_path(path)?,
         }
         Ok(Self {
             source_id: source.id(),
@@ -353,7 +367,12 @@ impl JwksCache {
 
     /// Takes keys fetched elsewhere, if they are newer than ours and come from our source (a key
     /// set of another `jwks_uri` or issuer is not taken). Returns whether they were taken.
+    /// A key set file is never imported: it is read (a copy made before the file changed would
+    /// hide the change, and replacing the file is how its keys rotate).
     pub fn import(&self, snap: &Snapshot) -> Result<bool, KeyError> {
+        if matches!(self.source, JwksSource::File { .. }) {
+            return Ok(false);
+        }
         if snap.source != self.source_id {
             tracing::debug!(source = %snap.source, ours = %self.source_id, "key set of another source not imported");
             return Ok(false);

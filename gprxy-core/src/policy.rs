@@ -5,7 +5,7 @@
 
 use std::str::FromStr;
 
-pub use crate::algorithm::Algorithm;
+use crate::algorithm::Algorithm;
 use crate::claims::ClaimPath;
 use crate::error::{ConfigError, Setting};
 use crate::required::RequiredClaims;

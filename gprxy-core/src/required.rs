@@ -134,6 +134,41 @@ impl fmt::Display for RequiredClaim {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RequiredClaims(Vec<RequiredClaim>);
 
+/// Constraints written as a TOML table (`claim = "value"`, `claim = ["a", "b"]`, `claim =
+/// true`), as gprxy.toml and the issuers file write them. An error names the claim and what is
+/// wrong with it.
+pub fn from_toml_table(
+    table: std::collections::BTreeMap<String, toml::Value>,
+) -> Result<Vec<RequiredClaim>, (String, String)> {
+    table
+        .into_iter()
+        .map(|(claim, value)| {
+            let bad = |reason: &str| (claim.clone(), reason.to_owned());
+            let constraint = match value {
+                toml::Value::String(v) => Constraint::Equals(v),
+                toml::Value::Boolean(true) => Constraint::IsTrue,
+                toml::Value::Boolean(false) => {
+                    return Err(bad("only true can be required of a boolean (write \"false\" for the string)"))
+                }
+                toml::Value::Array(items) => Constraint::OneOf(
+                    items
+                        .into_iter()
+                        .map(|v| match v {
+                            toml::Value::String(s) => Ok(s),
+                            _ => Err(bad("a list holds strings only")),
+                        })
+                        .collect::<Result<_, _>>()?,
+                ),
+                toml::Value::Table(_) => return Err(bad(
+                    "must be a string, a list of strings, or true (a dotted claim name is quoted: \"a.b\" = \"value\")",
+                )),
+                _ => return Err(bad("must be a string, a list of strings, or true")),
+            };
+            RequiredClaim::new(&claim, constraint).map_err(|e| (claim.clone(), e))
+        })
+        .collect()
+}
+
 impl RequiredClaims {
     /// From constraints; a claim named twice is refused (which one would win is unclear).
     pub fn new(list: Vec<RequiredClaim>) -> Result<Self, String> {

@@ -64,8 +64,10 @@ struct FileFallback {
     context_key_file: Option<PathBuf>,
     #[serde(default)]
     pool: FilePool,
+    /// `[fallback.keys]`: the one issuer's key cache (same meaning as the extension's
+    /// gprxy.jwks_*).
     #[serde(default)]
-    keys: FileKeys,
+    keys: gprxy_core::issuers::KeyCacheEntry,
     /// Claim = a string, a list of strings (one of them), or true.
     #[serde(default)]
     required_claims: std::collections::BTreeMap<String, toml::Value>,
@@ -76,44 +78,9 @@ struct FileFallback {
 fn required_claims(
     table: std::collections::BTreeMap<String, toml::Value>,
 ) -> anyhow::Result<gprxy_core::RequiredClaims> {
-    use gprxy_core::{Constraint, RequiredClaim};
-    let mut list = Vec::new();
-    for (claim, value) in table {
-        let at = format!("fallback.required_claims.{claim}");
-        let constraint = match value {
-            toml::Value::String(v) => Constraint::Equals(v),
-            toml::Value::Boolean(true) => Constraint::IsTrue,
-            toml::Value::Boolean(false) => {
-                bail!("{at}: only true can be required of a boolean (write \"false\" for the string)")
-            }
-            toml::Value::Array(items) => Constraint::OneOf(
-                items
-                    .into_iter()
-                    .map(|v| match v {
-                        toml::Value::String(s) => Ok(s),
-                        _ => Err(anyhow::anyhow!("{at}: a list holds strings only")),
-                    })
-                    .collect::<anyhow::Result<_>>()?,
-            ),
-            toml::Value::Table(_) => bail!(
-                "{at}: must be a string, a list of strings, or true (a dotted claim name is quoted: \"a.b\" = \"value\")"
-            ),
-            _ => bail!("{at}: must be a string, a list of strings, or true"),
-        };
-        list.push(RequiredClaim::new(&claim, constraint).map_err(|e| anyhow::anyhow!("{at}: {e}"))?);
-    }
+    let list = gprxy_core::required::from_toml_table(table)
+        .map_err(|(claim, reason)| anyhow::anyhow!("fallback.required_claims.{claim}: {reason}"))?;
     gprxy_core::RequiredClaims::new(list).map_err(|e| anyhow::anyhow!("fallback.required_claims: {e}"))
-}
-
-/// `[fallback.keys]`: the issuer's key cache (same meaning as the extension's gprxy.jwks_*).
-#[derive(Debug, Deserialize, Default, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-struct FileKeys {
-    cache_ttl_secs: Option<u64>,
-    cache_ttl_min_secs: Option<u64>,
-    cache_ttl_max_secs: Option<u64>,
-    unknown_kid_cooldown_secs: Option<u64>,
-    max_staleness_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -390,7 +357,7 @@ pub fn toml_name(setting: gprxy_core::Setting) -> &'static str {
     }
 }
 
-fn check_fallback(f: FileFallback) -> anyhow::Result<Fallback> {
+fn check_fallback(mut f: FileFallback) -> anyhow::Result<Fallback> {
     let issuers = if f.issuers.is_empty() {
         one_issuer(&f)?
     } else {
@@ -401,13 +368,13 @@ fn check_fallback(f: FileFallback) -> anyhow::Result<Fallback> {
             || f.role_claim.is_some()
             || f.accept_jwt_typ.is_some()
             || !f.required_claims.is_empty()
-            || f.keys != FileKeys::default();
+            || f.keys != Default::default();
         if shorthand {
             bail!(
                 "fallback: give one issuer's keys (issuer, audience, ...) or [[fallback.issuers]], not both"
             );
         }
-        gprxy_core::IssuerSet::new(f.issuers.clone(), false).map_err(|e| match e {
+        gprxy_core::IssuerSet::new(std::mem::take(&mut f.issuers), false).map_err(|e| match e {
             gprxy_core::IssuersError::Entry { number, issuer, error } => {
                 anyhow::anyhow!("fallback.issuers[{number}] ({issuer:?}): {error}")
             }
@@ -513,20 +480,8 @@ fn one_issuer(f: &FileFallback) -> anyhow::Result<gprxy_core::IssuerSet> {
         .required_claims(required)
         .build()
         .map_err(|e| anyhow::anyhow!(e.spelled(toml_name)))?;
-    let source = match &f.jwks_uri {
-        Some(jwks_uri) => gprxy_core::JwksSource::Explicit { jwks_uri: jwks_uri.clone() },
-        None => gprxy_core::JwksSource::Discovery { issuer: issuer.clone() },
-    };
-    let k = gprxy_core::CacheSettings::default();
-    let secs = |v: Option<u64>, default: Duration| v.map_or(default, Duration::from_secs);
-    let keys = gprxy_core::CacheSettings {
-        default_ttl: secs(f.keys.cache_ttl_secs, k.default_ttl),
-        min_ttl: secs(f.keys.cache_ttl_min_secs, k.min_ttl),
-        max_ttl: secs(f.keys.cache_ttl_max_secs, k.max_ttl),
-        unknown_kid_cooldown: secs(f.keys.unknown_kid_cooldown_secs, k.unknown_kid_cooldown),
-        max_staleness: secs(f.keys.max_staleness_secs, k.max_staleness),
-        ..k
-    };
+    let source = gprxy_core::JwksSource::for_issuer(issuer, f.jwks_uri.clone());
+    let keys = f.keys.settings();
     if keys.min_ttl.is_zero() || keys.unknown_kid_cooldown.is_zero() {
         bail!("fallback.keys: cache_ttl_min_secs and unknown_kid_cooldown_secs must be at least 1");
     }

@@ -90,11 +90,8 @@ impl SessionError {
     pub fn log_fields(&self) -> (String, String) {
         match self {
             Self::Server { sqlstate, message } => (sqlstate.clone(), message.clone()),
-            Self::Refused { .. } | Self::NotReady => {
-                let (code, message) =
-                    self.client_message().unwrap_or((SqlState::CONNECTION_FAILURE, String::new()));
-                (code.to_string(), message)
-            }
+            Self::Refused { sqlstate, message } => (sqlstate.to_string(), message.clone()),
+            Self::NotReady => (SqlState::CONNECTION_FAILURE.to_string(), self.to_string()),
             other => (String::new(), other.to_string()),
         }
     }

@@ -80,12 +80,9 @@ fn reload(proxy: &Proxy, path: Option<&PathBuf>, overrides: &Overrides) {
             warn!("limits.worker_threads changes need a restart; keeping the running threads");
         }
         if let (Some(new), Some(old)) = (&loaded.fallback, proxy.fallback.read().as_ref()) {
-            // Each issuer keeps its keys across the reload (an issuer's only); a key set file
-            // is read again (rotating it is editing the file and reloading).
+            // Each issuer keeps its keys across the reload (an issuer's only; a key set file is
+            // read again, see JwksCache::import).
             for issuer in &new.issuers {
-                if matches!(issuer.entry.source, gprxy_core::JwksSource::File { .. }) {
-                    continue;
-                }
                 if let Some(snap) = old.issuer(issuer.entry.issuer()).and_then(|o| o.cache.export()) {
                     let _ = issuer.cache.import(&snap);
                 }
@@ -146,10 +143,10 @@ impl SessionLimit {
         self.max = max;
     }
 
-    /// Waits until every session has ended, or `deadline`. Returns whether all did.
-    async fn drained(&self, deadline: tokio::time::Instant) -> bool {
+    /// Waits until every session has ended, or `deadline`.
+    async fn drain(&self, deadline: tokio::time::Instant) {
         let all = u32::try_from(self.max).unwrap_or(u32::MAX);
-        tokio::time::timeout_at(deadline, self.permits.acquire_many(all)).await.is_ok()
+        let _ = tokio::time::timeout_at(deadline, self.permits.acquire_many(all)).await;
     }
 }
 
@@ -223,7 +220,7 @@ pub async fn run(
         "shutting down: no new connections"
     );
     let deadline = tokio::time::Instant::now() + grace;
-    let _ = limit.drained(deadline).await;
+    limit.drain(deadline).await;
     info!(left = shared.metrics.active.get(), "stopped");
     Ok(())
 }

@@ -73,7 +73,7 @@ impl IssuerState {
 }
 
 /// Runs `f` on the backend's state for `issuer` under `settings`, rebuilt when the settings were
-/// parsed anew (the keys carry over).
+/// parsed anew (the keys carry over, except a key set file's: see `JwksCache::import`).
 fn with_issuer<T>(
     settings: &Arc<Settings>,
     issuer: &str,
@@ -90,9 +90,7 @@ fn with_issuer<T>(
     let state = &mut issuers[i].1;
     if !Arc::ptr_eq(&state.settings, settings) {
         let renewed = IssuerState::new(settings, issuer)?;
-        // Keys carry over, but a key set file is read again (that is how it rotates).
-        let file = matches!(settings.key_source(issuer)?.0, JwksSource::File { .. });
-        if let Some(snap) = state.cache.export().filter(|_| !file) {
+        if let Some(snap) = state.cache.export() {
             let _ = renewed.cache.import(&snap);
         }
         *state = renewed;

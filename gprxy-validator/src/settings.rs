@@ -298,6 +298,7 @@ impl Settings {
     /// postgresql.conf would be ignored, and ignoring a required claim or audience weakens
     /// validation, so it is refused.
     fn refuse_global_issuer_settings(&self) -> Result<(), ConfigError> {
+        let d = CacheSettings::default();
         let set: Vec<&str> = [
             (!self.audiences.is_empty(), "gprxy.audience"),
             (self.skip_audience, "gprxy.insecure_skip_audience"),
@@ -311,14 +312,11 @@ impl Settings {
             (self.accept_generic_typ, "gprxy.token_types"),
             (self.leeway != 30, "gprxy.leeway"),
             (!self.role_map.is_empty(), "gprxy.role_map"),
-            (self.cache.default_ttl != CacheSettings::default().default_ttl, "gprxy.jwks_cache_ttl"),
-            (self.cache.min_ttl != CacheSettings::default().min_ttl, "gprxy.jwks_cache_ttl_min"),
-            (self.cache.max_ttl != CacheSettings::default().max_ttl, "gprxy.jwks_cache_ttl_max"),
-            (self.cache.max_staleness != CacheSettings::default().max_staleness, "gprxy.jwks_max_staleness"),
-            (
-                self.cache.unknown_kid_cooldown != CacheSettings::default().unknown_kid_cooldown,
-                "gprxy.jwks_unknown_kid_cooldown",
-            ),
+            (self.cache.default_ttl != d.default_ttl, "gprxy.jwks_cache_ttl"),
+            (self.cache.min_ttl != d.min_ttl, "gprxy.jwks_cache_ttl_min"),
+            (self.cache.max_ttl != d.max_ttl, "gprxy.jwks_cache_ttl_max"),
+            (self.cache.max_staleness != d.max_staleness, "gprxy.jwks_max_staleness"),
+            (self.cache.unknown_kid_cooldown != d.unknown_kid_cooldown, "gprxy.jwks_unknown_kid_cooldown"),
         ]
         .into_iter()
         .filter_map(|(on, name)| on.then_some(name))
@@ -353,13 +351,11 @@ impl Settings {
             Some(e) => {
                 (e.source.clone(), e.cache.clone(), e.ca_file.clone().or_else(|| self.http.ca_file.clone()))
             }
-            None => {
-                let source = match &self.jwks_uri {
-                    Some(uri) => JwksSource::Explicit { jwks_uri: uri.clone() },
-                    None => JwksSource::Discovery { issuer: issuer.to_owned() },
-                };
-                (source, self.cache.clone(), self.http.ca_file.clone())
-            }
+            None => (
+                JwksSource::for_issuer(issuer, self.jwks_uri.clone()),
+                self.cache.clone(),
+                self.http.ca_file.clone(),
+            ),
         })
     }
 
@@ -405,14 +401,7 @@ impl Settings {
     /// The database roles a token's roles grant in delegated mode: mapped through the
     /// issuer's role map when there is one, else taken as they are.
     pub fn granted_db_roles(&self, issuer: &str, token_roles: &[String]) -> Vec<String> {
-        let map = self.role_map(issuer);
-        if map.is_empty() {
-            return token_roles.to_vec();
-        }
-        map.iter()
-            .filter(|(from, _)| token_roles.iter().any(|r| r == from))
-            .map(|(_, to)| to.clone())
-            .collect()
+        gprxy_core::issuers::map_roles(self.role_map(issuer), token_roles)
     }
 }
 

@@ -86,17 +86,19 @@ pub(super) async fn bearer_token(
 /// not trusted is refused here, with no network request. Validates on this thread against fresh
 /// cached keys (microseconds); only when the keys are stale or the token names a key they lack
 /// does it go to a blocking thread, which may fetch. Returns the token and its issuer's index.
+/// `iss` is the token's unverified `iss` (the login's [`LoginInfo`] has it already).
 pub(super) async fn validate(
     fallback: &Arc<Fallback>,
     token: String,
+    iss: Option<&str>,
 ) -> Result<(gprxy_core::ValidatedToken, usize), gprxy_core::ValidationError> {
     use gprxy_core::ValidationError::{IssuerMissing, IssuerNotTrusted, KidUnknown, NoKeyForAlg};
-    let iss = gprxy_core::peek_unverified(&token).iss.ok_or(IssuerMissing)?;
+    let iss = iss.ok_or(IssuerMissing)?;
     let index = fallback
         .issuers
         .iter()
         .position(|i| i.entry.issuer() == iss)
-        .ok_or_else(|| IssuerNotTrusted(gprxy_core::Quoted::new(&iss)))?;
+        .ok_or_else(|| IssuerNotTrusted(gprxy_core::Quoted::new(iss)))?;
     let issuer = &fallback.issuers[index];
     if let Some(keys) = issuer.cache.fresh_keys() {
         match issuer.validator.validate(&token, &*keys, gprxy_core::unix_time()) {

@@ -137,17 +137,18 @@ pub async fn log_in(
     };
     info.note_token(&token);
 
-    let (t, issuer) =
-        intake::validate(&fallback, token).await.map_err(|e| intake::token_refused(info, &e))?;
+    let iss = info.token.as_ref().and_then(|t| t.iss.clone());
+    let (t, issuer) = intake::validate(&fallback, token, iss.as_deref())
+        .await
+        .map_err(|e| intake::token_refused(info, &e))?;
     // The issuer's role map (if any) names the roles the account map sees.
-    let roles = fallback.issuers[issuer].entry.mapped_roles(&t.roles);
-
-    let iss = fallback.issuers[issuer].entry.issuer();
+    let entry = &fallback.issuers[issuer].entry;
+    let roles = entry.mapped_roles(&t.roles);
     let account = fallback
         .cfg
         .map
         .iter()
-        .find(|rule| rule.issuer.as_deref().is_none_or(|i| i == iss) && roles.contains(&rule.role))
+        .find(|rule| rule.issuer.as_deref().is_none_or(|i| i == entry.issuer()) && roles.contains(&rule.role))
         .map(|rule| rule.account.clone())
         .ok_or_else(|| refused("gprxy: no role in the token maps to a service account"))?;
     let user = startup.param("user").unwrap_or_default();

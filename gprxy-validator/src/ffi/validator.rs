@@ -76,7 +76,9 @@ extern "C" {
 /// Writes the audit line of one login (through the C shim: a plain ereport, which a new backend
 /// runs with less code than the ErrorReport machinery).
 pub fn audit(line: &str, authorized: bool) {
-    let Ok(line) = CString::new(line.replace('\0', " ")) else { return };
+    // The line quotes what it took from the token and the client; a NUL cannot be in it, but
+    // would end the C string early: it becomes a space rather than a lost line.
+    let Ok(line) = CString::new(line).or_else(|_| CString::new(line.replace('\0', " "))) else { return };
     // SAFETY: `line` is NUL-terminated and outlives the call; the guard turns an ERROR inside
     // (out of memory while formatting) into a Rust panic instead of a longjmp across Rust frames.
     unsafe { pg_sys::ffi::pg_guard_ffi_boundary(|| gprxy_audit(c_int::from(authorized), line.as_ptr())) }
