@@ -276,7 +276,13 @@ mod tests {
     ) -> (Result<Option<LoggedIn>, SessionError>, LoginInfo) {
         let config = proxy.shared.config.read().clone();
         let mut info = LoginInfo::default();
-        let r = login(proxy, &config, client_end, &mut info, false).await;
+        // Every case here ends at once; one that waits (say, for a TLS handshake) is a failure.
+        let r = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            login(proxy, &config, client_end, &mut info, false),
+        )
+        .await
+        .expect("the login ended without waiting");
         (r, info)
     }
 
