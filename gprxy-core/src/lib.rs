@@ -23,6 +23,7 @@ pub mod jwks;
 pub mod policy;
 pub mod prepare;
 pub mod required;
+pub mod session;
 #[cfg(feature = "testkit")]
 #[allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 pub mod testkit;
@@ -41,4 +42,5 @@ pub use jwks::{
 pub use policy::{parse_algorithms, IdentityForm, Policy, PolicyBuilder, MAX_TOKEN_BYTES};
 pub use prepare::prepare_process;
 pub use required::{Constraint, RequiredClaim, RequiredClaims};
+pub use session::{EndHow, EndReason, SessionMode, SessionPlan, SessionPolicy};
 pub use validate::{ValidatedToken, Validator};
