@@ -1,4 +1,5 @@
-//! Builds the C shim that reads `MyProcPort` (pgrx's `Port` is opaque).
+//! Builds the C shim that reads `MyProcPort` (pgrx's `Port` is opaque) and the session-end
+//! timer and hooks (src/session_end.c).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -27,6 +28,7 @@ fn pg_config(version: &str) -> PathBuf {
 
 fn main() {
     println!("cargo:rerun-if-changed=src/shim.c");
+    println!("cargo:rerun-if-changed=src/session_end.c");
     println!("cargo:rerun-if-env-changed=PGRX_PG_CONFIG_PATH");
     let version = ["pg18", "pg17", "pg15"]
         .into_iter()
@@ -39,5 +41,5 @@ fn main() {
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", pg_config.display()));
     assert!(out.status.success(), "{} --includedir-server failed", pg_config.display());
     let include = String::from_utf8(out.stdout).expect("utf-8 path").trim().to_owned();
-    cc::Build::new().file("src/shim.c").include(include).warnings(true).compile("gprxy_shim");
+    cc::Build::new().file("src/shim.c").file("src/session_end.c").include(include).warnings(true).compile("gprxy_shim");
 }

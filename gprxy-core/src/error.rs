@@ -435,6 +435,8 @@ pub enum Setting {
     Profile,
     /// The issuer set as a whole (the validator's issuers file).
     Issuers,
+    /// When a session ends after its login (`off`, `idle`, `strict`).
+    SessionPolicy,
 }
 
 impl Setting {
@@ -463,6 +465,7 @@ impl Setting {
             Self::JwksFile => "jwks_file",
             Self::Profile => "profile",
             Self::Issuers => "issuers",
+            Self::SessionPolicy => "session.policy",
         }
     }
 }

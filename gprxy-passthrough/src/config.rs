@@ -354,6 +354,7 @@ pub fn toml_name(setting: gprxy_core::Setting) -> &'static str {
         JwksFile => "fallback.jwks_file",
         Profile => "fallback.profile",
         Issuers => "fallback.issuers",
+        SessionPolicy => "session.policy",
     }
 }
 

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gprxy_core::{
-    peek_claim, peek_unverified, ConfigError, JwksCache, JwksSource, KeySource, LazyFetcher, SystemClock,
-    ValidatedToken, Validator,
+    peek_claim, peek_unverified, ConfigError, JwksCache, JwksSource, KeySource, LazyFetcher, SessionMode,
+    SessionPlan, SystemClock, ValidatedToken, Validator,
 };
 use parking_lot::Mutex;
 
@@ -33,6 +33,33 @@ pub struct LoginOutcome {
     pub reason: &'static str,
     pub detail: String,
     pub token: Option<ValidatedToken>,
+    /// When the session this login opens ends (`gprxy.session_policy`), if it does.
+    pub session_end: Option<SessionEnd>,
+}
+
+/// A session's planned end, with what the client reads and the audit line's start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionEnd {
+    pub plan: SessionPlan,
+    pub message: String,
+    pub audit: String,
+}
+
+impl SessionEnd {
+    fn new(plan: SessionPlan, mode: SessionMode, role: &str, token: &ValidatedToken) -> Self {
+        let q = |v: &str| gprxy_core::Quoted::new(v).to_string();
+        let audit = format!(
+            "gprxy: event={} policy={} role={} authn_id={} sub={} iss={} token_fp={}",
+            plan.reason.event(),
+            mode.name(),
+            q(role),
+            q(&token.identity),
+            q(token.subject.as_deref().unwrap_or("-")),
+            q(&token.issuer),
+            token.fingerprint,
+        );
+        Self { plan, message: plan.reason.client_message(), audit }
+    }
 }
 
 /// What one issuer needs per login, built on its first login in this backend and kept while
@@ -163,7 +190,7 @@ fn privileged_role(role: &str, powers: Option<RolePowers>) -> Option<String> {
 }
 
 fn deny(reason: &'static str, detail: String, authn_id: Option<String>) -> LoginOutcome {
-    LoginOutcome { authorized: false, authn_id, reason, detail, token: None }
+    LoginOutcome { authorized: false, authn_id, reason, detail, token: None, session_end: None }
 }
 
 /// Validates and decides with the settings in force, this backend's keys, and the catalog.
@@ -216,6 +243,7 @@ pub fn decide_with(
                 reason: "role_not_granted",
                 detail,
                 token: Some(token),
+                session_end: None,
             };
         }
         if let Some(detail) = privileged_role(req.role, role_powers(req.role)) {
@@ -225,15 +253,22 @@ pub fn decide_with(
                 reason: "role_privileged",
                 detail,
                 token: Some(token),
+                session_end: None,
             };
         }
     }
+    let login_at = u64::try_from(now).unwrap_or(0);
+    let session_end = settings
+        .session
+        .plan(login_at, u64::try_from(token.expires_at).ok())
+        .map(|plan| SessionEnd::new(plan, settings.session.mode, req.role, &token));
     LoginOutcome {
         authorized: true,
         authn_id: Some(token.identity.clone()),
         reason: "ok",
         detail: String::new(),
         token: Some(token),
+        session_end,
     }
 }
 
@@ -337,6 +372,45 @@ mod tests {
         let t = token(&key, json!({}));
         let out = decide_for(&request(&t, "alice", false), &settings(), &key, None);
         assert_eq!((out.authorized, out.reason, out.authn_id.as_deref()), (true, "ok", Some("alice")));
+    }
+
+    #[test]
+    fn an_authorized_login_carries_its_sessions_end() {
+        use gprxy_core::{EndHow, EndReason, SessionPolicy};
+        let key = TestKey::rsa("k1");
+        let exp = now() + 300;
+        let t = token(&key, json!({"exp": exp}));
+        let mut s = settings();
+        s.session = SessionPolicy { mode: SessionMode::Strict, grace_secs: 5, ..SessionPolicy::default() };
+        let out = decide_for(&request(&t, "alice", false), &s, &key, None);
+        let end = out.session_end.expect("strict plans an end");
+        assert_eq!(end.plan.end_at, u64::try_from(exp).unwrap() + 5);
+        assert_eq!((end.plan.how, end.plan.reason), (EndHow::Now, EndReason::TokenExpired { exp: exp as u64 }));
+        assert!(end.message.starts_with("gprxy: the access token expired at "), "{}", end.message);
+        assert!(
+            end.audit.starts_with(&format!(
+                "gprxy: event=session_expired policy=strict role=\"alice\" authn_id=\"alice\" sub=\"alice\" iss=\"{ISSUER}\" token_fp="
+            )),
+            "{}",
+            end.audit
+        );
+        assert!(!end.audit.contains(&t) && !end.audit.contains(t.split('.').nth(1).unwrap()));
+
+        s.session.mode = SessionMode::Off;
+        assert_eq!(decide_for(&request(&t, "alice", false), &s, &key, None).session_end, None);
+        s.session.max_session_age_secs = Some(60);
+        let end = decide_for(&request(&t, "alice", false), &s, &key, None).session_end.unwrap();
+        assert_eq!(end.plan.reason, EndReason::MaxAge { limit_secs: 60 });
+        assert!(end.audit.starts_with("gprxy: event=session_max_age policy=off "), "{}", end.audit);
+    }
+
+    #[test]
+    fn a_refused_login_plans_no_end() {
+        let key = TestKey::rsa("k1");
+        let t = token(&key, json!({"roles": []}));
+        let out = decide_for(&request(&t, "app_reader", true), &settings(), &key, ordinary());
+        assert_eq!((out.authorized, out.reason), (false, "role_not_granted"));
+        assert_eq!(out.session_end, None);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use gprxy_core::{
     parse_algorithms, Algorithm, CacheSettings, ConfigError, HttpSettings, IdentityForm, Policy,
     RequiredClaims, Setting,
 };
-use gprxy_core::{IssuerPolicy, IssuerSet, JwksSource};
+use gprxy_core::{IssuerPolicy, IssuerSet, JwksSource, SessionMode, SessionPolicy};
 use parking_lot::Mutex;
 use pgrx::GucSetting;
 
@@ -44,6 +44,10 @@ pub static HTTP_MAX_BODY: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024);
 pub static CA_FILE: Str = Str::new(None);
 pub static INSECURE_ALLOW_HTTP_LOOPBACK: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static INSECURE_SKIP_AUDIENCE: GucSetting<bool> = GucSetting::<bool>::new(false);
+pub static SESSION_POLICY: Str = Str::new(Some(c"idle"));
+pub static SESSION_GRACE: GucSetting<i32> = GucSetting::<i32>::new(0);
+pub static SESSION_IDLE_HARD_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(3600);
+pub static MAX_SESSION_AGE: GucSetting<i32> = GucSetting::<i32>::new(0);
 
 fn string(s: &Str) -> String {
     s.get().map(|c| c.to_string_lossy().trim().to_owned()).unwrap_or_default()
@@ -165,6 +169,13 @@ pub fn issuers_file_assigned(v: &str) {
     changed();
 }
 
+/// `gprxy.session_policy`: `off`, `idle` or `strict`.
+pub fn check_session_policy(v: &str) -> Result<(), String> {
+    SessionMode::parse(v)
+        .map(|_| ())
+        .ok_or_else(|| format!("{v:?} is not a session policy: use {}", SessionMode::NAMES.join(", ")))
+}
+
 /// `gprxy.ca_file`: empty, or a readable file.
 pub fn check_file(v: &str) -> Result<(), String> {
     if v.is_empty() || std::path::Path::new(v).is_file() {
@@ -196,6 +207,8 @@ pub struct Settings {
     /// `gprxy.issuers_file`'s entries: when set, the pg_hba line's issuer selects one, and the
     /// per-issuer settings above are not used (setting them too is refused).
     pub issuers: Option<Arc<IssuerSet>>,
+    /// When a session ends after its login (`gprxy.session_policy` and its limits).
+    pub session: SessionPolicy,
 }
 
 /// Bumped by every `gprxy.*` setting's assign hook (at definition, and whenever a reload
@@ -278,6 +291,14 @@ impl Settings {
             },
             refresh_check_interval: secs(JWKS_REFRESH_CHECK_INTERVAL.get()),
             issuers: ISSUERS_IN_FORCE.lock().clone(),
+            session: SessionPolicy {
+                mode: SessionMode::parse(&string(&SESSION_POLICY)).ok_or_else(|| {
+                    ConfigError::new(Setting::SessionPolicy, "not off, idle or strict".to_owned())
+                })?,
+                grace_secs: secs(SESSION_GRACE.get()).as_secs(),
+                idle_hard_limit_secs: secs(SESSION_IDLE_HARD_LIMIT.get()).as_secs(),
+                max_session_age_secs: Some(secs(MAX_SESSION_AGE.get()).as_secs()).filter(|&a| a > 0),
+            },
         };
         if s.issuers.is_none() {
             if let Some(why) = ISSUERS_REFUSED.lock().clone() {
@@ -430,6 +451,7 @@ pub fn guc_name(setting: Setting) -> &'static str {
         Setting::JwksFile => "jwks_file",
         Setting::Profile => "profile",
         Setting::Issuers => "gprxy.issuers_file",
+        Setting::SessionPolicy => "gprxy.session_policy",
     }
 }
 
@@ -460,6 +482,7 @@ impl Settings {
             http: HttpSettings::default(),
             refresh_check_interval: Duration::from_secs(10),
             issuers: None,
+            session: SessionPolicy::default(),
         }
     }
 }
@@ -473,6 +496,11 @@ mod tests {
         assert!(check_algorithms("RS256, ES256").is_ok());
         assert!(check_algorithms("HS256").unwrap_err().contains("never allowed"));
         assert!(check_algorithms("").unwrap_err().contains("at least one"));
+        assert!(check_session_policy("strict").is_ok());
+        assert_eq!(
+            check_session_policy("always").unwrap_err(),
+            "\"always\" is not a session policy: use off, idle, strict"
+        );
         assert!(check_token_types("at+jwt, JWT").is_ok());
         assert!(check_token_types("id_token").unwrap_err().contains("unknown token type"));
         assert!(check_role_map("admin:app_admin, writer:app_writer").is_ok());

@@ -71,6 +71,42 @@ extern "C" {
     fn gprxy_port_remote_host() -> *const c_char;
     fn gprxy_port_database() -> *const c_char;
     fn gprxy_audit(authorized: c_int, line: *const c_char);
+    fn gprxy_session_hooks_install();
+    fn gprxy_session_plan(
+        strict: c_int,
+        end_at: i64,
+        hard_at: i64,
+        message: *const c_char,
+        audit: *const c_char,
+    );
+}
+
+/// Hands the session's planned end to the C timer (src/session_end.c), which arms it once the
+/// login has succeeded.
+fn plan_session_end(end: &login::SessionEnd) {
+    let text = |s: &str| CString::new(s.replace('\0', " ")).unwrap_or_default();
+    let (message, audit) = (text(&end.message), text(&end.audit));
+    // Far-future times are clamped to a year PostgreSQL's timestamps hold.
+    let clamp = |t: u64| i64::try_from(t.min(1 << 40)).unwrap_or(1 << 40);
+    let strict = c_int::from(end.plan.how == gprxy_core::EndHow::Now);
+    let hard_at = match end.plan.how {
+        gprxy_core::EndHow::AtIdle { hard_at } => hard_at,
+        gprxy_core::EndHow::Now => end.plan.end_at,
+    };
+    // SAFETY: the strings are NUL-terminated and outlive the call (the shim copies them into
+    // TopMemoryContext); the guard turns an ERROR inside (out of memory) into a Rust panic
+    // instead of a longjmp across Rust frames.
+    unsafe {
+        pg_sys::ffi::pg_guard_ffi_boundary(|| {
+            gprxy_session_plan(
+                strict,
+                clamp(end.plan.end_at),
+                clamp(hard_at),
+                message.as_ptr(),
+                audit.as_ptr(),
+            )
+        })
+    }
 }
 
 /// Writes the audit line of one login (through the C shim: a plain ereport, which a new backend
@@ -137,6 +173,9 @@ unsafe extern "C-unwind" fn validate_cb(
     let outcome = login::decide(&req);
     audit(&login::audit_line(&req, &outcome, started), outcome.authorized);
     if outcome.authorized {
+        if let Some(end) = &outcome.session_end {
+            plan_session_end(end);
+        }
         if let Some(t) = &outcome.token {
             crate::session::set(crate::session::SessionIdentity {
                 claims: t.claims.clone(),
@@ -185,6 +224,7 @@ string_check_hook!(check_required_claims, s::check_required_claims);
 string_check_hook!(check_url, s::check_url);
 string_check_hook!(check_file, s::check_file);
 string_check_hook!(check_issuers_file, s::check_issuers_file);
+string_check_hook!(check_session_policy, s::check_session_policy);
 
 // `gprxy.issuers_file`'s assign hook: its check hook's parse comes into force.
 #[pg_guard]
@@ -444,6 +484,36 @@ fn define_settings() {
             None,
         )
     };
+    define_string(
+        c"gprxy.session_policy",
+        c"What a token's expiry does to its session: off, idle (ends at the next idle point) or strict (ends at once).",
+        &s::SESSION_POLICY,
+        Some(check_session_policy),
+    );
+    define_int(
+        c"gprxy.session_grace",
+        c"How long after the token's exp a session's end is due.",
+        &s::SESSION_GRACE,
+        0,
+        86_400,
+        GucFlags::UNIT_S,
+    );
+    define_int(
+        c"gprxy.session_idle_hard_limit",
+        c"With session_policy idle: how long after its end is due a session that never goes idle ends anyway.",
+        &s::SESSION_IDLE_HARD_LIMIT,
+        0,
+        i32::MAX,
+        GucFlags::UNIT_S,
+    );
+    define_int(
+        c"gprxy.max_session_age",
+        c"The longest a token's session lasts whatever its exp; 0: no limit.",
+        &s::MAX_SESSION_AGE,
+        0,
+        i32::MAX,
+        GucFlags::UNIT_S,
+    );
     define_bool(
         c"gprxy.insecure_allow_http_loopback",
         c"INSECURE, tests only: allow http:// issuers on loopback.",
@@ -475,6 +545,8 @@ pub extern "C-unwind" fn gprxy_jwks_worker(_arg: pg_sys::Datum) {
 /// Everything `_PG_init` does on PostgreSQL 18.
 pub fn init() {
     define_settings();
+    // SAFETY: called once from _PG_init; the hooks chain to the ones installed before.
+    unsafe { gprxy_session_hooks_install() };
     // SAFETY: reading a postmaster-set flag during library load.
     let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
     if preloading {
