@@ -257,7 +257,8 @@ pub fn decide_with(
             };
         }
     }
-    let login_at = u64::try_from(now).unwrap_or(0);
+    // Whole seconds, rounded up: a session never ends before max_session_age has passed.
+    let login_at = u64::try_from(now).unwrap_or(0).saturating_add(1);
     let session_end = settings
         .session
         .plan(login_at, u64::try_from(token.expires_at).ok())
@@ -385,7 +386,10 @@ mod tests {
         let out = decide_for(&request(&t, "alice", false), &s, &key, None);
         let end = out.session_end.expect("strict plans an end");
         assert_eq!(end.plan.end_at, u64::try_from(exp).unwrap() + 5);
-        assert_eq!((end.plan.how, end.plan.reason), (EndHow::Now, EndReason::TokenExpired { exp: exp as u64 }));
+        assert_eq!(
+            (end.plan.how, end.plan.reason),
+            (EndHow::Now, EndReason::TokenExpired { exp: exp as u64 })
+        );
         assert!(end.message.starts_with("gprxy: the access token expired at "), "{}", end.message);
         assert!(
             end.audit.starts_with(&format!(

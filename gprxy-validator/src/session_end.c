@@ -90,17 +90,33 @@ arm_timer(void)
 
 /*
  * After an error PostgreSQL cancels every timer (disable_all_timeouts), as does a hot
- * standby's conflict handling: the end of each transaction puts the session's timer back.
+ * standby's conflict handling: the end of each transaction, and the abort of each
+ * subtransaction (an error inside a savepoint leaves the transaction open), put the session's
+ * timer back.
  */
+static void
+rearm_timer(void)
+{
+	if (session.armed && !ending && !get_timeout_active(session.timer))
+		arm_timer();
+}
+
 static void
 transaction_ended(XactEvent event, void *arg)
 {
 	(void) arg;
-	if (!session.armed || ending)
-		return;
-	if ((event == XACT_EVENT_COMMIT || event == XACT_EVENT_ABORT || event == XACT_EVENT_PREPARE) &&
-		!get_timeout_active(session.timer))
-		arm_timer();
+	if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_ABORT || event == XACT_EVENT_PREPARE)
+		rearm_timer();
+}
+
+static void
+subtransaction_ended(SubXactEvent event, SubTransactionId sub, SubTransactionId parent, void *arg)
+{
+	(void) sub;
+	(void) parent;
+	(void) arg;
+	if (event == SUBXACT_EVENT_ABORT_SUB)
+		rearm_timer();
 }
 
 /* The audit line, as the backend exits (PostgreSQL's log_disconnections logs the same way). */
@@ -128,6 +144,7 @@ client_authenticated(Port *port, int status)
 	session.login_at = GetCurrentTimestamp();
 	session.timer = RegisterTimeout(USER_TIMEOUT, session_timer_fired);
 	RegisterXactCallback(transaction_ended, NULL);
+	RegisterSubXactCallback(subtransaction_ended, NULL);
 	before_shmem_exit(log_session_end, (Datum) 0);
 	session.armed = true;
 	arm_timer();

@@ -29,6 +29,8 @@ pub struct PgError {
     pub code: Option<String>,
     /// Message.
     pub message: String,
+    /// Severity (`ERROR`, `FATAL`, ...; empty for a transport failure).
+    pub severity: String,
 }
 
 impl std::fmt::Display for PgError {
@@ -38,7 +40,7 @@ impl std::fmt::Display for PgError {
 }
 
 fn io_err(e: impl std::fmt::Display) -> PgError {
-    PgError { code: None, message: e.to_string() }
+    PgError { code: None, message: e.to_string(), severity: String::new() }
 }
 
 /// Plain TCP or TLS (rustls) to the server.
@@ -157,13 +159,14 @@ fn connect_with(
 }
 
 fn error_of(body: &postgres_protocol::message::backend::ErrorResponseBody) -> PgError {
-    let mut e = PgError { code: None, message: String::new() };
+    let mut e = PgError { code: None, message: String::new(), severity: String::new() };
     let mut fields = body.fields();
     while let Ok(Some(f)) = fields.next() {
         let v = String::from_utf8_lossy(f.value_bytes()).into_owned();
         match f.type_() {
             b'C' => e.code = Some(v),
             b'M' => e.message = v,
+            b'V' => e.severity = v,
             _ => {}
         }
     }
@@ -304,6 +307,16 @@ impl PgConn {
                     return Ok((before, vals));
                 }
                 before.push(vals);
+            }
+        }
+    }
+
+    /// Waits (up to the read timeout) for the next ErrorResponse, whatever comes before it: a
+    /// session's end as the server announces it.
+    pub fn next_error(&mut self) -> Result<PgError, PgError> {
+        loop {
+            if let Message::ErrorResponse(body) = self.next_message()? {
+                return Ok(error_of(&body));
             }
         }
     }

@@ -1,0 +1,211 @@
+//! A session ends when its token does: gprxy_validator alone in PostgreSQL 18 (no proxy), with
+//! tokens that expire seconds after login (gprxy.session_policy, gprxy.max_session_age).
+
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use gprxy_core::session::UtcTime;
+use gprxy_core::testkit::TestKey;
+use gprxy_tests::idp::TestIssuer;
+use gprxy_tests::pgwire::{self, Auth, PgConn, PgError};
+use gprxy_tests::{validator_cluster, Cluster};
+use serde_json::json;
+
+const AUD: &str = "db";
+
+struct Setup {
+    idp: TestIssuer,
+    key: TestKey,
+    pg: Cluster,
+}
+
+fn setup(conf: &[&str]) -> Setup {
+    let key = TestKey::rsa("key-1");
+    let idp = TestIssuer::start(&[&key]);
+    let mut b = validator_cluster(AUD)
+        .hba(format!(
+            "host all all 127.0.0.1/32 oauth issuer=\"{}\" scope=\"openid db:read\" map=m",
+            idp.issuer()
+        ))
+        .ident("m alice alice");
+    for c in conf {
+        b = b.conf(*c);
+    }
+    let pg = b.start();
+    pg.sql(
+        "CREATE ROLE alice LOGIN; CREATE TABLE t (x int); GRANT ALL ON t TO alice; \
+         CREATE EXTENSION gprxy_validator",
+    );
+    Setup { idp, key, pg }
+}
+
+fn now_f() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64()
+}
+
+/// Sleeps until the unix time `t`.
+fn sleep_until(t: f64) {
+    let left = t - now_f();
+    if left > 0.0 {
+        std::thread::sleep(Duration::from_secs_f64(left));
+    }
+}
+
+impl Setup {
+    fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.pg.port()))
+    }
+
+    /// Logs alice in with a token that expires `secs` from now; returns the session and `exp`.
+    fn login_expiring_in(&self, secs: i64) -> (PgConn, i64) {
+        let exp = gprxy_core::unix_time() + secs;
+        let mut claims = self.idp.claims("alice", AUD);
+        claims["exp"] = json!(exp);
+        let token = self.key.token(json!({"typ": "at+jwt"}), &claims);
+        let conn = pgwire::connect(self.addr(), "alice", "postgres", Auth::Bearer(&token))
+            .unwrap_or_else(|e| panic!("login failed: {e}\n{}", self.pg.log()));
+        (conn, exp)
+    }
+
+    fn rows(&self) -> String {
+        self.pg.sql("SELECT count(*) FROM t")
+    }
+
+    fn audit_lines(&self, event: &str) -> Vec<String> {
+        let needle = format!("gprxy: event={event} ");
+        self.pg.log().lines().filter(|l| l.contains(&needle)).map(str::to_owned).collect()
+    }
+}
+
+fn expired_message(exp: i64) -> String {
+    format!("gprxy: the access token expired at {}; log in again", UtcTime(exp as u64))
+}
+
+/// The session's end as the client reads it: FATAL, SQLSTATE 28000, gprxy's message.
+fn assert_ended(e: &PgError, message: &str) {
+    assert_eq!(
+        (e.severity.as_str(), e.code.as_deref(), e.message.as_str()),
+        ("FATAL", Some("28000"), message),
+        "{e:?}"
+    );
+}
+
+/// How long after `t` (unix seconds) it is now.
+fn since(t: i64) -> f64 {
+    now_f() - t as f64
+}
+
+#[test]
+fn strict_ends_the_session_at_expiry_mid_transaction_and_its_rows_are_gone() {
+    let s = setup(&["gprxy.session_policy = 'strict'"]);
+    let (mut c, exp) = s.login_expiring_in(5);
+    // An error cancels every timer PostgreSQL runs; the session's end must survive it.
+    assert!(c.query("SELECT 1/0").unwrap_err().message.contains("division by zero"));
+    c.query("BEGIN").unwrap();
+    c.query("INSERT INTO t VALUES (1)").unwrap();
+    // So does an error inside a savepoint, which leaves the transaction open.
+    c.query("SAVEPOINT a").unwrap();
+    assert!(c.query("SELECT 1/0").is_err());
+    c.query("ROLLBACK TO a").unwrap();
+    let e = c.next_error().unwrap();
+    let late = since(exp);
+    assert_ended(&e, &expired_message(exp));
+    assert!((-0.05..1.0).contains(&late), "ended {late:.3} s after exp");
+    assert_eq!(s.rows(), "0", "the open transaction rolled back");
+    let audit = s.audit_lines("session_expired");
+    assert_eq!(audit.len(), 1, "{}", s.pg.log());
+    assert!(
+        audit[0].contains(&format!(
+            "policy=strict role=\"alice\" authn_id=\"alice\" sub=\"alice\" iss=\"{}\" token_fp=",
+            s.idp.issuer()
+        )) && audit[0].contains(" age_s="),
+        "{}",
+        audit[0]
+    );
+}
+
+#[test]
+fn idle_ends_an_idle_session_at_expiry_and_lets_a_running_transaction_commit_first() {
+    let s = setup(&["gprxy.session_policy = 'idle'"]);
+    let (mut idle, exp_idle) = s.login_expiring_in(5);
+    let (mut busy, exp_busy) = s.login_expiring_in(5);
+    busy.query("BEGIN").unwrap();
+    busy.query("INSERT INTO t VALUES (1)").unwrap();
+
+    let e = idle.next_error().unwrap();
+    let late = since(exp_idle);
+    assert_ended(&e, &expired_message(exp_idle));
+    assert!((-0.05..1.0).contains(&late), "idle session ended {late:.3} s after exp");
+
+    // Past its token's expiry, inside its transaction: the session goes on until it commits.
+    sleep_until(exp_busy as f64 + 1.2);
+    busy.query("INSERT INTO t VALUES (2)").unwrap();
+    busy.query("COMMIT").unwrap();
+    let committed = now_f();
+    let e = busy.next_error().unwrap();
+    assert_ended(&e, &expired_message(exp_busy));
+    let after_commit = now_f() - committed;
+    assert!(after_commit < 1.0, "ended {after_commit:.3} s after its commit");
+    assert_eq!(s.rows(), "2", "the transaction committed before the session ended");
+    assert_eq!(s.audit_lines("session_expired").len(), 2, "{}", s.pg.log());
+}
+
+#[test]
+fn idle_ends_a_session_that_never_goes_idle_at_the_hard_limit() {
+    let s = setup(&["gprxy.session_policy = 'idle'", "gprxy.session_idle_hard_limit = '1s'"]);
+    let (mut c, exp) = s.login_expiring_in(4);
+    c.query("BEGIN").unwrap();
+    c.query("INSERT INTO t VALUES (1)").unwrap();
+    let e = c.next_error().unwrap();
+    let late = since(exp);
+    assert_ended(&e, &expired_message(exp));
+    assert!((0.95..2.0).contains(&late), "ended {late:.3} s after exp, hard limit 1 s");
+    assert_eq!(s.rows(), "0");
+}
+
+#[test]
+fn off_keeps_the_session_past_expiry() {
+    let s = setup(&["gprxy.session_policy = 'off'"]);
+    let (mut c, exp) = s.login_expiring_in(3);
+    sleep_until(exp as f64 + 1.5);
+    assert_eq!(c.scalar("SELECT gprxy.subject()").unwrap().as_deref(), Some("alice"));
+    assert!(s.audit_lines("session_expired").is_empty());
+}
+
+#[test]
+fn max_session_age_ends_a_session_from_a_long_lived_token() {
+    let s = setup(&["gprxy.max_session_age = '3s'"]);
+    let login = now_f();
+    let (mut c, _) = s.login_expiring_in(3600);
+    let e = c.next_error().unwrap();
+    let age = now_f() - login;
+    assert_ended(&e, "gprxy: the session reached its maximum age (3 s, max_session_age); log in again");
+    assert!((2.9..4.5).contains(&age), "ended at age {age:.3} s");
+    let audit = s.audit_lines("session_max_age");
+    assert_eq!(audit.len(), 1, "{}", s.pg.log());
+    assert!(audit[0].contains("policy=idle role=\"alice\""), "{}", audit[0]);
+}
+
+#[test]
+fn a_session_policy_that_is_not_a_policy_is_refused() {
+    let s = setup(&["gprxy.session_policy = 'strict'"]);
+    let err = s.pg.try_sql("ALTER SYSTEM SET gprxy.session_policy = 'sometimes'").unwrap_err();
+    assert!(
+        err.contains("invalid value for parameter \"gprxy.session_policy\": \"sometimes\"")
+            && err.contains("\"sometimes\" is not a session policy: use off, idle, strict"),
+        "{err}"
+    );
+    assert_eq!(s.pg.sql("SHOW gprxy.session_policy"), "strict");
+}
+
+#[test]
+fn a_validator_loaded_at_login_without_preloading_ends_sessions_too() {
+    let s = setup(&["shared_preload_libraries = ''", "gprxy.session_policy = 'strict'"]);
+    assert_eq!(s.pg.sql("SHOW shared_preload_libraries"), "");
+    let (mut c, exp) = s.login_expiring_in(4);
+    c.query("BEGIN").unwrap();
+    c.query("INSERT INTO t VALUES (1)").unwrap();
+    let e = c.next_error().unwrap();
+    assert_ended(&e, &expired_message(exp));
+    assert_eq!(s.rows(), "0");
+}
