@@ -157,6 +157,21 @@ pub enum ValidationError {
     /// Keys could not be had from the issuer.
     #[error("signing keys unavailable: {0}")]
     Keys(#[from] KeyError),
+    /// The issuer's introspection endpoint says the token is not active (RFC 7662).
+    #[error("the issuer says the token is not active (revoked, expired or unknown)")]
+    TokenInactive,
+    /// The introspection endpoint could not be asked (down, slow, not configured, no secret).
+    #[error("introspection failed: {0}")]
+    IntrospectionUnavailable(String),
+    /// The introspection endpoint refused gprxy's client credentials.
+    #[error("the introspection endpoint refused gprxy's client credentials (HTTP {status}): check client_id and the client secret")]
+    IntrospectionClientRefused {
+        /// 401 or 403.
+        status: u16,
+    },
+    /// The introspection answer is not an RFC 7662 answer.
+    #[error("the introspection answer is malformed: {0}")]
+    IntrospectionMalformed(String),
 }
 
 impl ValidationError {
@@ -196,6 +211,10 @@ impl ValidationError {
             Self::IdentityMissing(_) => "identity_missing",
             Self::RequiredClaim { .. } => "required_claim",
             Self::Keys(_) => "keys_unavailable",
+            Self::TokenInactive => "token_inactive",
+            Self::IntrospectionUnavailable(_) => "introspection_unavailable",
+            Self::IntrospectionClientRefused { .. } => "introspection_client_refused",
+            Self::IntrospectionMalformed(_) => "introspection_malformed",
         }
     }
 }
@@ -437,6 +456,8 @@ pub enum Setting {
     Issuers,
     /// When a session ends after its login (`off`, `idle`, `strict`).
     SessionPolicy,
+    /// An issuer's token introspection (RFC 7662).
+    Introspection,
 }
 
 impl Setting {
@@ -466,6 +487,7 @@ impl Setting {
             Self::Profile => "profile",
             Self::Issuers => "issuers",
             Self::SessionPolicy => "session.policy",
+            Self::Introspection => "introspection",
         }
     }
 }

@@ -23,6 +23,17 @@ pub trait Fetcher: Send + Sync {
     fn get(&self, url: &str) -> Result<HttpResponse, KeyError>;
 }
 
+/// POSTs forms (OAuth endpoints: introspection), besides GETs.
+pub trait FormPoster: Fetcher {
+    /// POSTs `form` to `url`, with HTTP Basic credentials when given; returns status and body.
+    fn post_form(
+        &self,
+        url: &str,
+        form: &[(&str, &str)],
+        basic: Option<(&str, &str)>,
+    ) -> Result<(u16, Vec<u8>), KeyError>;
+}
+
 /// Limits of the HTTP client.
 #[derive(Debug, Clone)]
 pub struct HttpSettings {
@@ -212,8 +223,26 @@ impl UreqFetcher {
     /// POSTs an `application/x-www-form-urlencoded` form (OAuth endpoints) and returns the
     /// status with the body (OAuth errors come as 400 with a JSON body), under the same limits.
     pub fn post_form(&self, url: &str, form: &[(&str, &str)]) -> Result<(u16, Vec<u8>), KeyError> {
+        self.post_form_as(url, form, None)
+    }
+
+    /// [`Self::post_form`] with HTTP Basic client credentials (RFC 6749 section 2.3.1: id and
+    /// secret form-encoded, then joined by `:`).
+    pub fn post_form_as(
+        &self,
+        url: &str,
+        form: &[(&str, &str)],
+        basic: Option<(&str, &str)>,
+    ) -> Result<(u16, Vec<u8>), KeyError> {
         check_url(url, self.settings.insecure_allow_http_loopback)?;
-        let sent = self.agent.post(url).header("Accept", "application/json").send_form(form.iter().copied());
+        let mut request = self.agent.post(url).header("Accept", "application/json");
+        if let Some((id, secret)) = basic {
+            use base64::Engine as _;
+            let pair = format!("{}:{}", form_encode(id), form_encode(secret));
+            let value = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(pair));
+            request = request.header("Authorization", value);
+        }
+        let sent = request.send_form(form.iter().copied());
         let (status, _, body) = self.finish(url, sent, false)?;
         Ok((status, body))
     }
@@ -257,6 +286,30 @@ impl Fetcher for UreqFetcher {
     }
 }
 
+/// `application/x-www-form-urlencoded` encoding of one value.
+fn form_encode(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for b in v.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'*' => out.push(char::from(b)),
+            b' ' => out.push('+'),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+impl FormPoster for UreqFetcher {
+    fn post_form(
+        &self,
+        url: &str,
+        form: &[(&str, &str)],
+        basic: Option<(&str, &str)>,
+    ) -> Result<(u16, Vec<u8>), KeyError> {
+        self.post_form_as(url, form, basic)
+    }
+}
+
 /// A [`UreqFetcher`] built on the first request instead of up front: a PostgreSQL backend serves
 /// one login, and most logins find their keys in the shared cache and never fetch, so they need
 /// not pay for an HTTP agent (TLS configuration, root store, CA file read).
@@ -279,18 +332,35 @@ impl LazyFetcher {
     }
 }
 
-impl Fetcher for LazyFetcher {
-    fn get(&self, url: &str) -> Result<HttpResponse, KeyError> {
+impl LazyFetcher {
+    fn fetcher(&self, url: &str) -> Result<&UreqFetcher, KeyError> {
         if let Some(fetcher) = self.built.get() {
-            return fetcher.get(url);
+            return Ok(fetcher);
         }
         match UreqFetcher::new(self.settings.clone()) {
-            Ok(fetcher) => self.built.get_or_init(|| fetcher).get(url),
+            Ok(fetcher) => Ok(self.built.get_or_init(|| fetcher)),
             Err(e) => Err(KeyError::Transport {
                 url: Quoted::new(url),
                 reason: format!("the HTTP client could not be built: {e}"),
             }),
         }
+    }
+}
+
+impl Fetcher for LazyFetcher {
+    fn get(&self, url: &str) -> Result<HttpResponse, KeyError> {
+        self.fetcher(url)?.get(url)
+    }
+}
+
+impl FormPoster for LazyFetcher {
+    fn post_form(
+        &self,
+        url: &str,
+        form: &[(&str, &str)],
+        basic: Option<(&str, &str)>,
+    ) -> Result<(u16, Vec<u8>), KeyError> {
+        self.fetcher(url)?.post_form_as(url, form, basic)
     }
 }
 

@@ -20,6 +20,7 @@ use serde::Deserialize;
 
 use crate::algorithm::Algorithm;
 use crate::error::{ConfigError, Setting};
+use crate::introspect::{IntrospectionEntry, IntrospectionSettings, TokenMode};
 use crate::jwks::{CacheSettings, JwksSource};
 use crate::policy::{parse_algorithms, IdentityForm, Policy};
 use crate::required::{Constraint, RequiredClaim, RequiredClaims};
@@ -226,6 +227,10 @@ pub struct IssuerEntry {
     /// Key cache bounds.
     #[serde(default)]
     pub keys: KeyCacheEntry,
+    /// How tokens are checked: `jwt` (default), `introspect` or `jwt+introspect`.
+    pub tokens: Option<TokenMode>,
+    /// The introspection endpoint and gprxy's client there (RFC 7662).
+    pub introspection: Option<IntrospectionEntry>,
 }
 
 /// One issuer's checked policy.
@@ -243,6 +248,10 @@ pub struct IssuerPolicy {
     pub ca_file: Option<PathBuf>,
     /// Key cache bounds.
     pub cache: CacheSettings,
+    /// How tokens are checked.
+    pub mode: TokenMode,
+    /// Introspection, for `introspect` and `jwt+introspect`.
+    pub introspection: Option<IntrospectionSettings>,
 }
 
 impl IssuerPolicy {
@@ -360,7 +369,28 @@ impl IssuerEntry {
         let cache = self.keys.settings();
         cache.check()?;
         let role_map = self.role_map.into_iter().collect();
-        Ok(IssuerPolicy { profile: self.profile, policy, source, role_map, ca_file: self.ca_file, cache })
+        let mode = self.tokens.unwrap_or_default();
+        // http:// is checked again, with the front end's setting, at each request.
+        let introspection = match self.introspection {
+            Some(entry) => Some(entry.check(mode, true)?),
+            None if mode == TokenMode::Jwt => None,
+            None => {
+                return Err(ConfigError::new(
+                    Setting::Introspection,
+                    format!("tokens = \"{}\" needs an [introspection] table", mode.name()),
+                ))
+            }
+        };
+        Ok(IssuerPolicy {
+            profile: self.profile,
+            policy,
+            source,
+            role_map,
+            ca_file: self.ca_file,
+            cache,
+            mode,
+            introspection,
+        })
     }
 }
 
@@ -404,7 +434,8 @@ impl IssuerSet {
     /// Parses and checks an issuers file (TOML, `[[issuer]]` tables). A syntax error names its
     /// line; a bad entry names its number and issuer.
     pub fn from_toml(text: &str, skip_audience: bool) -> Result<Self, IssuersError> {
-        let file: IssuersFile = toml::from_str(text).map_err(|e| IssuersError::Syntax(e.to_string()))?;
+        let file: IssuersFile =
+            toml::from_str(text).map_err(|e| IssuersError::Syntax(toml_error(text, &e)))?;
         Self::new(file.issuer, skip_audience)
     }
 
@@ -426,6 +457,20 @@ impl IssuerSet {
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
         self.issuers.is_empty()
+    }
+}
+
+/// A TOML error as a log line may show it: where it is and what is wrong, without the
+/// offending line itself (which may hold a secret written where it does not belong).
+pub fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    match e.span() {
+        Some(span) => {
+            let before = &text.as_bytes()[..span.start.min(text.len())];
+            let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+            let column = before.iter().rev().take_while(|&&b| b != b'\n').count() + 1;
+            format!("TOML error at line {line}, column {column}: {}", e.message().trim_end())
+        }
+        None => format!("TOML error: {}", e.message().trim_end()),
     }
 }
 

@@ -16,6 +16,7 @@ pub mod claims;
 pub mod context;
 pub mod error;
 pub mod fetch;
+pub mod introspect;
 pub mod issuers;
 pub mod jose;
 pub mod jwk;
@@ -31,7 +32,8 @@ pub mod validate;
 
 pub use algorithm::Algorithm;
 pub use error::{ConfigError, KeyError, Malformed, Quoted, Setting, ValidationError};
-pub use fetch::{Fetcher, HttpResponse, HttpSettings, LazyFetcher, UreqFetcher};
+pub use fetch::{Fetcher, FormPoster, HttpResponse, HttpSettings, LazyFetcher, UreqFetcher};
+pub use introspect::{validate_token, AnswerStore, Introspector, MemoryAnswers, TokenMode};
 pub use issuers::{IssuerEntry, IssuerPolicy, IssuerSet, IssuersError, Profile};
 pub use jose::{fingerprint, peek_claim, peek_unverified, KeySource, Unverified};
 pub use jwk::{KeySet, VerifyKey};

@@ -25,8 +25,8 @@ pub struct ValidatedToken {
     pub expires_at: i64,
     /// The header's `kid`.
     pub kid: Option<String>,
-    /// The header's `alg`.
-    pub alg: Algorithm,
+    /// The header's `alg` (`None` for an opaque token checked by introspection).
+    pub alg: Option<Algorithm>,
     /// A short fingerprint of the token for logs.
     pub fingerprint: String,
     /// Every claim, for callers that expose them to SQL.
@@ -90,6 +90,21 @@ impl Validator {
         }
 
         let claims = parse_object(&verified.payload).map_err(ValidationError::ClaimsMalformed)?;
+        self.check_claims(claims, now, token, header.kid, Some(header.alg))
+    }
+
+    /// Checks claims against the policy: a verified JWT's, or an introspection answer's (whose
+    /// `token` is opaque: only its fingerprint is kept). Time claims, `iss`, `aud`, scopes,
+    /// required claims and the identity, as for any token.
+    pub fn check_claims(
+        &self,
+        claims: Map<String, Value>,
+        now: i64,
+        token: &str,
+        kid: Option<String>,
+        alg: Option<Algorithm>,
+    ) -> Result<ValidatedToken, ValidationError> {
+        let p = &self.policy;
         let leeway = p.leeway_secs as i64;
 
         let exp = time_claim(&claims, "exp")?.ok_or(ValidationError::ExpMissing)?;
@@ -171,8 +186,8 @@ impl Validator {
             roles,
             scopes,
             expires_at: exp,
-            kid: header.kid,
-            alg: header.alg,
+            kid,
+            alg,
             fingerprint: fingerprint(token.as_bytes()),
             claims,
         })

@@ -395,5 +395,36 @@ fn the_example_issuers_file_loads() {
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../issuers.toml.example")).unwrap();
     let set = gprxy_core::IssuerSet::from_toml(&text, false).unwrap();
     let profiles: Vec<_> = set.iter().map(|i| i.profile.map(|p| p.name())).collect();
-    assert_eq!(profiles, [Some("entra"), Some("github-actions"), Some("kubernetes")]);
+    assert_eq!(profiles, [Some("entra"), Some("github-actions"), Some("kubernetes"), None]);
+    let modes: Vec<_> = set.iter().map(|i| i.mode.name()).collect();
+    assert_eq!(modes, ["jwt", "jwt", "jwt", "introspect"]);
+}
+
+/// An issuer's token mode and its introspection table go together.
+#[test]
+fn introspection_settings_are_checked_with_the_entry() {
+    let entry = |extra: &str| {
+        format!("[[issuer]]\nissuer = \"https://sso.example.com\"\naudience = [\"db\"]\n{extra}")
+    };
+    let err = |extra: &str| gprxy_core::IssuerSet::from_toml(&entry(extra), false).unwrap_err().to_string();
+    assert!(err("tokens = \"introspect\"").contains("tokens = \"introspect\" needs an [introspection] table"));
+    assert!(
+        err("tokens = \"opaque\"").contains("unknown variant `opaque`"),
+        "{}",
+        err("tokens = \"opaque\"")
+    );
+    let table = "[issuer.introspection]\nclient_id = \"gprxy\"\nclient_secret_env = \"S\"\n";
+    assert!(
+        err(table).contains("an [introspection] table needs tokens = \"introspect\" or \"jwt+introspect\"")
+    );
+    // A secret written where it does not belong is refused, and the refusal does not quote it.
+    let inline = err(&format!("{table}client_secret = \"hunter2-inline\"\n"));
+    assert!(inline.starts_with("TOML error at line 7, column 1: unknown field `client_secret`"), "{inline}");
+    assert!(!inline.contains("hunter2"), "{inline}");
+    let ok =
+        gprxy_core::IssuerSet::from_toml(&entry(&format!("tokens = \"jwt+introspect\"\n{table}")), false)
+            .unwrap();
+    let i = ok.iter().next().unwrap();
+    assert_eq!(i.mode, gprxy_core::TokenMode::JwtIntrospect);
+    assert_eq!(i.introspection.as_ref().unwrap().active_ttl_max_secs, 60);
 }

@@ -355,6 +355,7 @@ pub fn toml_name(setting: gprxy_core::Setting) -> &'static str {
         Profile => "fallback.profile",
         Issuers => "fallback.issuers",
         SessionPolicy => "session.policy",
+        Introspection => "fallback.issuers.introspection",
     }
 }
 
@@ -382,6 +383,14 @@ fn check_fallback(mut f: FileFallback) -> anyhow::Result<Fallback> {
             other => anyhow::anyhow!("fallback.issuers: {other}"),
         })?
     };
+    let opaque: Vec<&str> =
+        issuers.iter().filter(|i| i.mode == gprxy_core::TokenMode::Introspect).map(|i| i.issuer()).collect();
+    if opaque.len() > 1 {
+        bail!(
+            "fallback.issuers: {} all have tokens = \"introspect\"; at most one may (an opaque token does not name its issuer, and gprxy never sends a token to another issuer's endpoint)",
+            opaque.join(", ")
+        );
+    }
     if f.map.is_empty() {
         bail!("fallback.map: no rules; every login would be refused");
     }
@@ -496,6 +505,8 @@ fn one_issuer(f: &FileFallback) -> anyhow::Result<gprxy_core::IssuerSet> {
         role_map: Vec::new(),
         ca_file: None,
         cache: keys,
+        mode: gprxy_core::TokenMode::Jwt,
+        introspection: None,
     };
     Ok(gprxy_core::IssuerSet::from_policies(vec![entry]))
 }
@@ -579,7 +590,13 @@ impl Config {
             Some(p) => {
                 let text = std::fs::read_to_string(p)
                     .with_context(|| format!("cannot read config file {}", p.display()))?;
-                toml::from_str(&text).map_err(|e| anyhow::anyhow!("config file {}: {e}", p.display()))?
+                toml::from_str(&text).map_err(|e| {
+                    anyhow::anyhow!(
+                        "config file {}: {}",
+                        p.display(),
+                        gprxy_core::issuers::toml_error(&text, &e)
+                    )
+                })?
             }
             None => FileConfig::default(),
         };

@@ -8,6 +8,8 @@
 
 use pgrx::prelude::*;
 
+#[cfg(feature = "pg18")]
+mod answers;
 mod ffi;
 #[cfg(feature = "pg18")]
 mod login;

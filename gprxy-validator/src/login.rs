@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gprxy_core::{
-    peek_claim, peek_unverified, ConfigError, JwksCache, JwksSource, KeySource, LazyFetcher, SessionMode,
-    SessionPlan, SystemClock, ValidatedToken, Validator,
+    peek_claim, peek_unverified, ConfigError, Introspector, JwksCache, JwksSource, KeySource, LazyFetcher,
+    SessionMode, SessionPlan, SystemClock, TokenMode, ValidatedToken, Validator,
 };
 use parking_lot::Mutex;
 
@@ -69,6 +69,17 @@ struct IssuerState {
     cache: Arc<JwksCache>,
     /// By the pg_hba line's scope.
     validators: Vec<(Option<String>, Arc<Validator>)>,
+    mode: TokenMode,
+    introspector: Option<Arc<Introspector>>,
+}
+
+/// How one login's token is checked: the issuer's keys, its validator for the pg_hba line's
+/// scope, its token mode and, for introspection, its introspector.
+pub struct IssuerCheck {
+    pub keys: Arc<dyn KeySource>,
+    pub validator: Arc<Validator>,
+    pub mode: TokenMode,
+    pub introspector: Option<Arc<Introspector>>,
 }
 
 /// Per-backend state by issuer (a handful: a list needs no hashing). A backend is
@@ -83,9 +94,10 @@ impl IssuerState {
         let attempt_budget = (http.connect_timeout + http.read_timeout) * 2 + Duration::from_secs(1);
         // A key set file is each backend's to read (after a reload, again): nothing to share.
         let local = matches!(source, JwksSource::File { .. });
+        let fetcher = Arc::new(LazyFetcher::new(http.clone()));
         let cache = JwksCache::new(
             source,
-            Arc::new(LazyFetcher::new(http.clone())),
+            fetcher.clone(),
             Arc::new(SystemClock),
             cache_settings,
             http.insecure_allow_http_loopback,
@@ -95,7 +107,18 @@ impl IssuerState {
         } else {
             cache.with_share(Arc::new(crate::shared::ShmShare::new(issuer)), attempt_budget)
         };
-        Ok(Self { settings: settings.clone(), cache: Arc::new(cache), validators: Vec::new() })
+        let entry = settings.entry(issuer)?;
+        let mode = entry.map_or(TokenMode::Jwt, |e| e.mode);
+        let introspector = entry.and_then(|e| e.introspection.clone()).map(|i| {
+            Arc::new(Introspector::new(issuer, i, fetcher, Arc::new(crate::answers::ShmAnswers::new())))
+        });
+        Ok(Self {
+            settings: settings.clone(),
+            cache: Arc::new(cache),
+            validators: Vec::new(),
+            mode,
+            introspector,
+        })
     }
 }
 
@@ -130,12 +153,12 @@ pub fn cache_for(settings: &Arc<Settings>, issuer: &str) -> Result<Arc<JwksCache
     with_issuer(settings, issuer, |state| Ok(state.cache.clone()))
 }
 
-/// The backend's key cache for `issuer` and its validator for the pg_hba line's scope.
-fn issuer_state(
+/// How this backend checks `issuer`'s tokens for the pg_hba line's scope.
+fn issuer_check(
     settings: &Arc<Settings>,
     issuer: &str,
     hba_scope: Option<&str>,
-) -> Result<(Arc<JwksCache>, Arc<Validator>), ConfigError> {
+) -> Result<IssuerCheck, ConfigError> {
     with_issuer(settings, issuer, |state| {
         let validator = match state.validators.iter().find(|(scope, _)| scope.as_deref() == hba_scope) {
             Some((_, v)) => v.clone(),
@@ -145,7 +168,12 @@ fn issuer_state(
                 v
             }
         };
-        Ok((state.cache.clone(), validator))
+        Ok(IssuerCheck {
+            keys: state.cache.clone(),
+            validator,
+            mode: state.mode,
+            introspector: state.introspector.clone(),
+        })
     })
 }
 
@@ -199,10 +227,8 @@ pub fn decide(req: &LoginRequest<'_>) -> LoginOutcome {
         Ok(s) => s,
         Err(e) => return deny("config", crate::settings::describe(&e), None),
     };
-    let keys_for = |issuer: &str, scope: Option<&str>| {
-        issuer_state(&settings, issuer, scope).map(|(cache, v)| (cache as Arc<dyn KeySource>, v))
-    };
-    decide_with(req, &settings, keys_for, crate::ffi::role_powers, gprxy_core::unix_time())
+    let check_for = |issuer: &str, scope: Option<&str>| issuer_check(&settings, issuer, scope);
+    decide_with(req, &settings, check_for, crate::ffi::role_powers, gprxy_core::unix_time())
 }
 
 /// The decision itself, given the settings, where an issuer's keys and validator come from,
@@ -211,7 +237,7 @@ pub fn decide(req: &LoginRequest<'_>) -> LoginOutcome {
 pub fn decide_with(
     req: &LoginRequest<'_>,
     settings: &Settings,
-    keys_for: impl FnOnce(&str, Option<&str>) -> Result<(Arc<dyn KeySource>, Arc<Validator>), ConfigError>,
+    check_for: impl FnOnce(&str, Option<&str>) -> Result<IssuerCheck, ConfigError>,
     role_powers: impl FnOnce(&str) -> Option<RolePowers>,
     now: i64,
 ) -> LoginOutcome {
@@ -220,11 +246,18 @@ pub fn decide_with(
     let Some(issuer) = req.hba_issuer.filter(|i| !i.is_empty()) else {
         return deny("config", "the pg_hba.conf line has no issuer".into(), unverified_id());
     };
-    let (keys, validator) = match keys_for(issuer, req.hba_scope) {
+    let check = match check_for(issuer, req.hba_scope) {
         Ok(found) => found,
         Err(e) => return deny("config", crate::settings::describe(&e), unverified_id()),
     };
-    let result = validator.validate(req.token, &*keys, now);
+    let result = gprxy_core::validate_token(
+        check.mode,
+        &check.validator,
+        &*check.keys,
+        check.introspector.as_deref(),
+        req.token,
+        now,
+    );
     let token = match result {
         Ok(t) => t,
         Err(e) => return deny(e.code(), e.to_string(), unverified_id()),
@@ -278,7 +311,7 @@ pub fn decide_with(
 pub fn audit_line(req: &LoginRequest<'_>, out: &LoginOutcome, started: Instant) -> String {
     let (iss, kid, alg, fp) = match &out.token {
         Some(t) => {
-            (Some(t.issuer.clone()), t.kid.clone(), Some(t.alg.name().to_owned()), t.fingerprint.clone())
+            (Some(t.issuer.clone()), t.kid.clone(), t.alg.map(|a| a.name().to_owned()), t.fingerprint.clone())
         }
         None => {
             let peek = peek_unverified(req.token);
@@ -350,11 +383,15 @@ mod tests {
         powers: Option<RolePowers>,
     ) -> LoginOutcome {
         let keys = KeySet::from_json(jwks(&[key]).to_string().as_bytes()).unwrap();
-        let keys_for = |issuer: &str, scope: Option<&str>| {
-            let v = Arc::new(Validator::new(settings.policy(issuer, scope)?));
-            Ok((Arc::new(keys) as Arc<dyn KeySource>, v))
+        let check_for = |issuer: &str, scope: Option<&str>| {
+            Ok(IssuerCheck {
+                keys: Arc::new(keys),
+                validator: Arc::new(Validator::new(settings.policy(issuer, scope)?)),
+                mode: TokenMode::Jwt,
+                introspector: None,
+            })
         };
-        decide_with(req, settings, keys_for, |_| powers, now())
+        decide_with(req, settings, check_for, |_| powers, now())
     }
 
     fn ordinary() -> Option<RolePowers> {

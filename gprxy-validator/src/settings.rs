@@ -452,6 +452,7 @@ pub fn guc_name(setting: Setting) -> &'static str {
         Setting::Profile => "profile",
         Setting::Issuers => "gprxy.issuers_file",
         Setting::SessionPolicy => "gprxy.session_policy",
+        Setting::Introspection => "introspection",
     }
 }
 

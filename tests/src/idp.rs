@@ -16,6 +16,23 @@ struct State {
     pending: HashMap<String, u32>,
     jwks_status: Option<u16>,
     jwks_black_hole: bool,
+    introspection: Introspection,
+}
+
+/// The introspection endpoint's state (RFC 7662).
+#[derive(Default)]
+struct Introspection {
+    /// The client id and secret it accepts (None: every request is refused).
+    client: Option<(String, String)>,
+    /// Opaque tokens that are active, with their claims.
+    opaque: HashMap<String, Value>,
+    /// Tokens revoked (opaque or JWT).
+    revoked: std::collections::HashSet<String>,
+    /// Answer with this status instead (down).
+    status: Option<u16>,
+    /// Answer after this long (slow).
+    delay: std::time::Duration,
+    requests: usize,
 }
 
 /// What the token endpoint answers for a device code or a refresh token.
@@ -119,6 +136,36 @@ impl TestIssuer {
         self.server.request_count()
     }
 
+    /// The introspection endpoint accepts this client (HTTP Basic or form credentials).
+    pub fn introspection_client(&self, id: &str, secret: &str) {
+        self.state.lock().introspection.client = Some((id.into(), secret.into()));
+    }
+
+    /// An opaque token the introspection endpoint calls active, with these claims.
+    pub fn opaque_token(&self, token: &str, claims: Value) {
+        self.state.lock().introspection.opaque.insert(token.into(), claims);
+    }
+
+    /// From now on the introspection endpoint calls `token` inactive.
+    pub fn revoke_token(&self, token: &str) {
+        self.state.lock().introspection.revoked.insert(token.into());
+    }
+
+    /// The introspection endpoint answers with this status (`Some(503)`: down), or normally.
+    pub fn introspection_status(&self, status: Option<u16>) {
+        self.state.lock().introspection.status = status;
+    }
+
+    /// The introspection endpoint answers after `delay`.
+    pub fn introspection_delay(&self, delay: std::time::Duration) {
+        self.state.lock().introspection.delay = delay;
+    }
+
+    /// Requests the introspection endpoint got.
+    pub fn introspection_requests(&self) -> usize {
+        self.state.lock().introspection.requests
+    }
+
     /// Standard claims for `sub` from this issuer, valid for five minutes.
     pub fn claims(&self, sub: &str, aud: &str) -> Value {
         let t = now();
@@ -138,6 +185,7 @@ fn handle(req: &Request, base: &str, state: &Mutex<State>) -> Response {
             "jwks_uri": format!("{base}/jwks"),
             "token_endpoint": format!("{base}/token"),
             "device_authorization_endpoint": format!("{base}/authorize"),
+            "introspection_endpoint": format!("{base}/introspect"),
             "grant_types_supported": ["urn:ietf:params:oauth:grant-type:device_code"],
             "response_types_supported": ["token"],
             "subject_types_supported": ["public"],
@@ -182,6 +230,49 @@ fn handle(req: &Request, base: &str, state: &Mutex<State>) -> Response {
                 None => Response::json(&json!({"error": "access_denied"})).with_status(400),
             }
         }
+        ("POST", "/introspect") => introspect(req, &mut state.lock().introspection),
         _ => Response::status(404),
     }
+}
+
+/// RFC 7662: an opaque token registered as active answers with its claims, a JWT with its own
+/// payload (as an issuer that signed it would), a revoked or unknown one `active: false`.
+fn introspect(req: &Request, st: &mut Introspection) -> Response {
+    use base64::Engine as _;
+    st.requests += 1;
+    if let Some(code) = st.status {
+        return Response::status(code).delayed(st.delay);
+    }
+    let Some((id, secret)) = st.client.clone() else { return Response::status(401) };
+    let basic =
+        format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}")));
+    let authed = req.headers.get("authorization") == Some(&basic)
+        || (req.form("client_id").as_deref() == Some(id.as_str())
+            && req.form("client_secret").as_deref() == Some(secret.as_str()));
+    if !authed {
+        return Response::json(&json!({"error": "invalid_client"})).with_status(401).delayed(st.delay);
+    }
+    let token = req.form("token").unwrap_or_default();
+    let claims = if st.revoked.contains(&token) {
+        None
+    } else if let Some(c) = st.opaque.get(&token) {
+        Some(c.clone())
+    } else {
+        jwt_payload(&token)
+    };
+    let body = match claims {
+        Some(Value::Object(mut c)) => {
+            c.insert("active".into(), json!(true));
+            Value::Object(c)
+        }
+        _ => json!({"active": false}),
+    };
+    Response::json(&body).delayed(st.delay)
+}
+
+fn jwt_payload(token: &str) -> Option<Value> {
+    use base64::Engine as _;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).ok()?;
+    serde_json::from_slice(&bytes).ok()
 }

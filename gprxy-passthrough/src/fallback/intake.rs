@@ -92,14 +92,43 @@ pub(super) async fn validate(
     token: String,
     iss: Option<&str>,
 ) -> Result<(gprxy_core::ValidatedToken, usize), gprxy_core::ValidationError> {
+    use gprxy_core::TokenMode;
     use gprxy_core::ValidationError::{IssuerMissing, IssuerNotTrusted, KidUnknown, NoKeyForAlg};
-    let iss = iss.ok_or(IssuerMissing)?;
-    let index = fallback
-        .issuers
-        .iter()
-        .position(|i| i.entry.issuer() == iss)
-        .ok_or_else(|| IssuerNotTrusted(gprxy_core::Quoted::new(iss)))?;
+    let index = match iss {
+        Some(iss) => fallback
+            .issuers
+            .iter()
+            .position(|i| i.entry.issuer() == iss)
+            .ok_or_else(|| IssuerNotTrusted(gprxy_core::Quoted::new(iss)))?,
+        // An opaque token names no issuer: it goes to the one issuer whose tokens are opaque
+        // (the configuration allows at most one), never to another.
+        None => fallback
+            .issuers
+            .iter()
+            .position(|i| i.entry.mode == TokenMode::Introspect)
+            .ok_or(IssuerMissing)?,
+    };
     let issuer = &fallback.issuers[index];
+    if issuer.entry.mode != TokenMode::Jwt {
+        // The endpoint may have to be asked: on a blocking thread.
+        let check = fallback.clone();
+        return tokio::task::spawn_blocking(move || {
+            let issuer = &check.issuers[index];
+            gprxy_core::validate_token(
+                issuer.entry.mode,
+                &issuer.validator,
+                &*issuer.cache,
+                issuer.introspector.as_deref(),
+                &token,
+                gprxy_core::unix_time(),
+            )
+            .map(|t| (t, index))
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(gprxy_core::ValidationError::IntrospectionUnavailable("validation task failed".into()))
+        });
+    }
     if let Some(keys) = issuer.cache.fresh_keys() {
         match issuer.validator.validate(&token, &*keys, gprxy_core::unix_time()) {
             Err(KidUnknown(_) | NoKeyForAlg(_)) => {}

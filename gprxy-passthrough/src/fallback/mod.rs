@@ -28,7 +28,12 @@ pub struct Issuer {
     pub cache: Arc<gprxy_core::JwksCache>,
     /// Its token validator.
     pub validator: gprxy_core::Validator,
+    /// Its introspection endpoint and answers (`introspect`, `jwt+introspect`).
+    pub introspector: Option<Arc<gprxy_core::Introspector>>,
 }
+
+/// Introspection answers kept per issuer (each at most 4 KB of claims).
+const ANSWERS_KEPT: usize = 10_000;
 
 /// Fallback mode's settings with what outlives connections: each issuer's key cache and
 /// validator, and the pools.
@@ -53,6 +58,15 @@ impl Fallback {
                 ..Default::default()
             };
             let fetcher = Arc::new(gprxy_core::UreqFetcher::new(http).map_err(spelled)?);
+            let introspector = entry.introspection.clone().map(|settings| {
+                let answers = gprxy_core::MemoryAnswers::new(ANSWERS_KEPT, settings.stale_ok_secs);
+                Arc::new(gprxy_core::Introspector::new(
+                    entry.issuer(),
+                    settings,
+                    fetcher.clone(),
+                    Arc::new(answers),
+                ))
+            });
             let cache = gprxy_core::JwksCache::new(
                 entry.source.clone(),
                 fetcher,
@@ -65,6 +79,7 @@ impl Fallback {
                 validator: gprxy_core::Validator::new(entry.policy.clone()),
                 cache: Arc::new(cache),
                 entry: entry.clone(),
+                introspector,
             });
         }
         if let Some(key) = &cfg.context_key {

@@ -10,6 +10,7 @@ use pgrx::bgworkers::{BackgroundWorkerBuilder, BgWorkerStartTime};
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, GucContext, GucFlags, GucRegistry, PgLwLock};
 
+use crate::answers::SharedAnswers;
 use crate::login::{self, LoginRequest};
 use crate::settings::{self as s};
 use crate::shared::SharedKeys;
@@ -206,6 +207,14 @@ pub static SHARED: PgLwLock<SharedKeys> =
 
 // SAFETY: SharedKeys is plain bytes and integers (no pointers), so it may live in shared memory.
 unsafe impl pgrx::shmem::PGRXSharedMemory for SharedKeys {}
+
+/// Cluster-wide introspection answers, keyed by a hash of issuer and token.
+pub static ANSWERS: PgLwLock<SharedAnswers> =
+    // SAFETY: the lock name is unique to this extension.
+    unsafe { PgLwLock::new(c"gprxy_introspection") };
+
+// SAFETY: SharedAnswers is plain bytes, booleans and integers (no pointers).
+unsafe impl pgrx::shmem::PGRXSharedMemory for SharedAnswers {}
 
 static SHMEM_READY: AtomicBool = AtomicBool::new(false);
 
@@ -553,6 +562,7 @@ pub fn init() {
         // Parsed once here; every backend forked from the postmaster inherits the parse.
         s::Settings::prepare();
         pg_shmem_init!(SHARED = SharedKeys::default());
+        pg_shmem_init!(ANSWERS = SharedAnswers::default());
         SHMEM_READY.store(true, Ordering::Relaxed);
         BackgroundWorkerBuilder::new("gprxy JWKS refresher")
             .set_type("gprxy JWKS refresher")

@@ -1,0 +1,663 @@
+//! RFC 7662 token introspection: opaque access tokens, and revocation of JWTs.
+//!
+//! Per issuer, a [`TokenMode`]: `jwt` (signature and claims checked here), `introspect` (the
+//! issuer says whether the token is active and what its claims are) or `jwt+introspect` (a JWT
+//! checked here whose revocation the issuer is asked about). An [`Introspector`] asks the
+//! issuer's endpoint with its client credentials and keeps each answer in an [`AnswerStore`]
+//! keyed by a hash of issuer and token (never the token), so that a client logging in again and
+//! again costs one request per [`IntrospectionSettings::active_ttl_max_secs`]. An answer is
+//! checked like a JWT's claims ([`crate::Validator::check_claims`]).
+//!
+//! When the endpoint fails the login is refused, unless the issuer is `jwt+introspect` with a
+//! `stale_ok_secs` window and an active answer younger than that is at hand.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use parking_lot::Mutex;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::claims::parse_object;
+use crate::error::{ConfigError, Quoted, Setting, ValidationError};
+use crate::fetch::FormPoster;
+use crate::jose::KeySource;
+use crate::validate::{ValidatedToken, Validator};
+
+/// How an issuer's tokens are checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub enum TokenMode {
+    /// JWTs, checked here (signature, claims).
+    #[default]
+    #[serde(rename = "jwt")]
+    Jwt,
+    /// Opaque tokens: the introspection endpoint's answer is the token's claims.
+    #[serde(rename = "introspect")]
+    Introspect,
+    /// JWTs checked here, then asked about at the endpoint (revocation).
+    #[serde(rename = "jwt+introspect")]
+    JwtIntrospect,
+}
+
+impl TokenMode {
+    /// The word the settings use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Jwt => "jwt",
+            Self::Introspect => "introspect",
+            Self::JwtIntrospect => "jwt+introspect",
+        }
+    }
+}
+
+/// How gprxy authenticates to the endpoint (RFC 6749 section 2.3.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    /// HTTP Basic with the form-encoded client id and secret.
+    #[default]
+    ClientSecretBasic,
+    /// `client_id` and `client_secret` in the form.
+    ClientSecretPost,
+}
+
+/// An issuer's `[introspection]` table as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntrospectionEntry {
+    /// The endpoint (default: discovery's `introspection_endpoint`).
+    pub endpoint: Option<String>,
+    /// gprxy's client id at the issuer.
+    pub client_id: String,
+    /// The environment variable holding the client secret.
+    pub client_secret_env: Option<String>,
+    /// The file holding the client secret (one line).
+    pub client_secret_file: Option<PathBuf>,
+    /// `client_secret_basic` (default) or `client_secret_post`.
+    pub client_auth: Option<ClientAuth>,
+    /// The longest an active answer is kept (default 60; never past the token's `exp`).
+    pub cache_ttl_max_secs: Option<u64>,
+    /// How long an inactive answer is kept (default 10).
+    pub inactive_ttl_secs: Option<u64>,
+    /// `jwt+introspect` only: while the endpoint fails, an active answer this much past its
+    /// time still admits the token (default 0: refuse).
+    pub stale_ok_secs: Option<u64>,
+}
+
+/// Where the client secret is read from: never from a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    /// An environment variable of the process.
+    Env(String),
+    /// A file (its first line).
+    File(PathBuf),
+}
+
+impl SecretSource {
+    /// Reads the secret. Errors name the variable or file, never what it holds.
+    pub fn read(&self) -> Result<String, String> {
+        let secret = match self {
+            Self::Env(name) => std::env::var(name)
+                .map_err(|_| format!("the client secret variable {name} is not set (or not UTF-8)"))?,
+            Self::File(path) => crate::fetch::read_policy_file(path, 4096)
+                .map_err(|e| format!("the client secret file: {e}"))?
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
+        };
+        let secret = secret.trim().to_owned();
+        if secret.is_empty() {
+            return Err(match self {
+                Self::Env(name) => format!("the client secret variable {name} is empty"),
+                Self::File(path) => format!("the client secret file {} is empty", path.display()),
+            });
+        }
+        Ok(secret)
+    }
+}
+
+/// An issuer's checked introspection settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IntrospectionSettings {
+    /// The endpoint, or `None` for discovery's.
+    pub endpoint: Option<String>,
+    /// gprxy's client id.
+    pub client_id: String,
+    /// Where the secret comes from.
+    pub secret: SecretSource,
+    /// How it is sent.
+    pub client_auth: ClientAuth,
+    /// The longest an active answer is kept.
+    pub active_ttl_max_secs: u64,
+    /// How long an inactive answer is kept.
+    pub inactive_ttl_secs: u64,
+    /// `jwt+introspect`: how long past its time an active answer serves while the endpoint fails.
+    pub stale_ok_secs: u64,
+}
+
+impl IntrospectionEntry {
+    /// Checks the table for an issuer in `mode`.
+    pub fn check(
+        self,
+        mode: TokenMode,
+        allow_http_loopback: bool,
+    ) -> Result<IntrospectionSettings, ConfigError> {
+        let err = |r: String| ConfigError::new(Setting::Introspection, r);
+        if mode == TokenMode::Jwt {
+            return Err(err(
+                "an [introspection] table needs tokens = \"introspect\" or \"jwt+introspect\"".into()
+            ));
+        }
+        if self.client_id.trim().is_empty() {
+            return Err(err("client_id is required".into()));
+        }
+        let secret = match (self.client_secret_env, self.client_secret_file) {
+            (Some(name), None) if !name.trim().is_empty() => SecretSource::Env(name.trim().to_owned()),
+            (None, Some(path)) if path.is_absolute() => SecretSource::File(path),
+            (None, Some(path)) => return Err(err(format!("client_secret_file {} is not an absolute path", path.display()))),
+            _ => return Err(err("give the client secret as client_secret_env or client_secret_file (one of them; never the secret itself)".into())),
+        };
+        if let Some(url) = &self.endpoint {
+            crate::fetch::check_url(url, allow_http_loopback).map_err(|e| err(format!("endpoint: {e}")))?;
+        }
+        let stale_ok_secs = self.stale_ok_secs.unwrap_or(0);
+        if stale_ok_secs > 0 && mode != TokenMode::JwtIntrospect {
+            return Err(err("stale_ok_secs is allowed only with tokens = \"jwt+introspect\": an opaque token has nothing else to vouch for it".into()));
+        }
+        let active_ttl_max_secs = self.cache_ttl_max_secs.unwrap_or(60);
+        let inactive_ttl_secs = self.inactive_ttl_secs.unwrap_or(10);
+        if active_ttl_max_secs > 3600 || inactive_ttl_secs > 3600 || stale_ok_secs > 86_400 {
+            return Err(err(
+                "cache_ttl_max_secs and inactive_ttl_secs are at most 3600, stale_ok_secs at most 86400"
+                    .into(),
+            ));
+        }
+        Ok(IntrospectionSettings {
+            endpoint: self.endpoint,
+            client_id: self.client_id.trim().to_owned(),
+            secret,
+            client_auth: self.client_auth.unwrap_or_default(),
+            active_ttl_max_secs,
+            inactive_ttl_secs,
+            stale_ok_secs,
+        })
+    }
+}
+
+/// One answer as stored: whether the token was active, the answer's claims (JSON, active
+/// answers only), until when it is fresh and when it was stored (unix seconds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredAnswer {
+    /// `active` was true.
+    pub active: bool,
+    /// The answer's JSON object (empty for inactive answers).
+    pub claims_json: Vec<u8>,
+    /// Fresh until then.
+    pub fresh_until: i64,
+}
+
+/// Where answers are kept: in memory for the proxy, in shared memory for the validator.
+pub trait AnswerStore: Send + Sync {
+    /// The entry for `key`, fresh or not.
+    fn get(&self, key: &[u8; 32]) -> Option<StoredAnswer>;
+    /// Keeps `answer` (an implementation may drop it when full or too large).
+    fn put(&self, key: [u8; 32], answer: StoredAnswer, now: i64);
+}
+
+/// The cache key of a token at an issuer: SHA-256 over both, never the token itself.
+pub fn cache_key(issuer: &str, token: &str) -> [u8; 32] {
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    ctx.update(&(issuer.len() as u64).to_be_bytes());
+    ctx.update(issuer.as_bytes());
+    ctx.update(token.as_bytes());
+    let mut key = [0u8; 32];
+    key.copy_from_slice(ctx.finish().as_ref());
+    key
+}
+
+/// A bounded in-memory [`AnswerStore`] (the proxy's): when full, expired entries go first,
+/// then the entry that expires soonest.
+pub struct MemoryAnswers {
+    entries: Mutex<HashMap<[u8; 32], StoredAnswer>>,
+    capacity: usize,
+    stale_keep_secs: i64,
+}
+
+impl MemoryAnswers {
+    /// Room for `capacity` answers, each kept `stale_keep_secs` past its freshness (for
+    /// `stale_ok_secs`).
+    pub fn new(capacity: usize, stale_keep_secs: u64) -> Self {
+        Self {
+            entries: Mutex::new(HashMap::new()),
+            capacity: capacity.max(1),
+            stale_keep_secs: i64::try_from(stale_keep_secs).unwrap_or(i64::MAX),
+        }
+    }
+
+    /// How many answers are kept.
+    pub fn len(&self) -> usize {
+        self.entries.lock().len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl AnswerStore for MemoryAnswers {
+    fn get(&self, key: &[u8; 32]) -> Option<StoredAnswer> {
+        self.entries.lock().get(key).cloned()
+    }
+
+    fn put(&self, key: [u8; 32], answer: StoredAnswer, now: i64) {
+        let mut entries = self.entries.lock();
+        if entries.len() >= self.capacity && !entries.contains_key(&key) {
+            let keep = self.stale_keep_secs;
+            entries.retain(|_, a| a.fresh_until.saturating_add(keep) > now);
+            if entries.len() >= self.capacity {
+                if let Some(soonest) = entries.iter().min_by_key(|(_, a)| a.fresh_until).map(|(k, _)| *k) {
+                    entries.remove(&soonest);
+                }
+            }
+        }
+        entries.insert(key, answer);
+    }
+}
+
+/// What the endpoint said of a token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// Active, with the answer's claims.
+    Active(Map<String, Value>),
+    /// Not active (revoked, expired, unknown, or not for this client).
+    Inactive,
+}
+
+/// Asks one issuer's introspection endpoint, through its answer store.
+pub struct Introspector {
+    issuer: String,
+    settings: IntrospectionSettings,
+    http: Arc<dyn FormPoster>,
+    store: Arc<dyn AnswerStore>,
+    endpoint: OnceLock<String>,
+}
+
+impl Introspector {
+    /// An introspector for `issuer`; nothing is fetched or read yet.
+    pub fn new(
+        issuer: &str,
+        settings: IntrospectionSettings,
+        http: Arc<dyn FormPoster>,
+        store: Arc<dyn AnswerStore>,
+    ) -> Self {
+        Self { issuer: issuer.to_owned(), settings, http, store, endpoint: OnceLock::new() }
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &IntrospectionSettings {
+        &self.settings
+    }
+
+    /// The issuer's answer for `token` at `now`: a fresh stored one, else the endpoint's (then
+    /// stored), else, for `jwt+introspect` with `stale_ok_secs`, an active one not older than
+    /// that window.
+    pub fn answer(&self, token: &str, now: i64) -> Result<Answer, ValidationError> {
+        let key = cache_key(&self.issuer, token);
+        let stored = self.store.get(&key);
+        if let Some(s) = stored.as_ref().filter(|s| s.fresh_until > now) {
+            return stored_answer(s);
+        }
+        match self.ask(token, now) {
+            Ok((answer, fresh_until)) => {
+                let claims_json = match &answer {
+                    Answer::Active(claims) => serde_json::to_vec(claims).unwrap_or_default(),
+                    Answer::Inactive => Vec::new(),
+                };
+                let active = matches!(answer, Answer::Active(_));
+                self.store.put(key, StoredAnswer { active, claims_json, fresh_until }, now);
+                Ok(answer)
+            }
+            Err(e) => {
+                let window = i64::try_from(self.settings.stale_ok_secs).unwrap_or(0);
+                match stored {
+                    Some(s) if window > 0 && s.active && s.fresh_until.saturating_add(window) > now => {
+                        stored_answer(&s)
+                    }
+                    _ => Err(e),
+                }
+            }
+        }
+    }
+
+    /// The endpoint: the configured one, else discovery's `introspection_endpoint` (fetched
+    /// once per introspector).
+    fn endpoint(&self) -> Result<String, ValidationError> {
+        if let Some(url) = self.settings.endpoint.as_ref().or(self.endpoint.get()) {
+            return Ok(url.clone());
+        }
+        let unavailable = |reason: String| ValidationError::IntrospectionUnavailable(reason);
+        let (url, meta) = crate::jwks::issuer_metadata(&*self.http, &self.issuer)
+            .map_err(|e| unavailable(format!("discovery: {e}")))?;
+        let endpoint = meta
+            .get("introspection_endpoint")
+            .and_then(Value::as_str)
+            .ok_or_else(|| unavailable(format!("{url} names no introspection_endpoint")))?;
+        Ok(self.endpoint.get_or_init(|| endpoint.to_owned()).clone())
+    }
+
+    fn ask(&self, token: &str, now: i64) -> Result<(Answer, i64), ValidationError> {
+        let endpoint = self.endpoint()?;
+        let secret = self.settings.secret.read().map_err(ValidationError::IntrospectionUnavailable)?;
+        let id = self.settings.client_id.as_str();
+        let mut form = vec![("token", token), ("token_type_hint", "access_token")];
+        let basic = match self.settings.client_auth {
+            ClientAuth::ClientSecretBasic => Some((id, secret.as_str())),
+            ClientAuth::ClientSecretPost => {
+                form.extend([("client_id", id), ("client_secret", secret.as_str())]);
+                None
+            }
+        };
+        let (status, body) = self
+            .http
+            .post_form(&endpoint, &form, basic)
+            .map_err(|e| ValidationError::IntrospectionUnavailable(e.to_string()))?;
+        match status {
+            200 => {}
+            401 | 403 => return Err(ValidationError::IntrospectionClientRefused { status }),
+            _ => {
+                return Err(ValidationError::IntrospectionUnavailable(format!(
+                    "{} answered HTTP {status}",
+                    Quoted::new(&endpoint)
+                )))
+            }
+        }
+        let malformed = |r: String| ValidationError::IntrospectionMalformed(r);
+        let claims = parse_object(&body).map_err(|e| malformed(e.to_string()))?;
+        let ttl = |secs: u64| now.saturating_add(i64::try_from(secs).unwrap_or(i64::MAX));
+        match claims.get("active") {
+            Some(Value::Bool(true)) => {
+                let exp = claims.get("exp").and_then(Value::as_i64).unwrap_or(i64::MAX);
+                Ok((Answer::Active(claims), ttl(self.settings.active_ttl_max_secs).min(exp)))
+            }
+            Some(Value::Bool(false)) => Ok((Answer::Inactive, ttl(self.settings.inactive_ttl_secs))),
+            _ => Err(malformed("\"active\" is missing or not a boolean".into())),
+        }
+    }
+}
+
+fn stored_answer(s: &StoredAnswer) -> Result<Answer, ValidationError> {
+    if !s.active {
+        return Ok(Answer::Inactive);
+    }
+    parse_object(&s.claims_json)
+        .map(Answer::Active)
+        .map_err(|e| ValidationError::IntrospectionMalformed(format!("stored answer: {e}")))
+}
+
+/// Checks `token` the issuer's way: as a JWT, by introspection, or both.
+pub fn validate_token(
+    mode: TokenMode,
+    validator: &Validator,
+    keys: &dyn KeySource,
+    introspector: Option<&Introspector>,
+    token: &str,
+    now: i64,
+) -> Result<ValidatedToken, ValidationError> {
+    let introspector =
+        || introspector.ok_or(ValidationError::IntrospectionUnavailable("no introspection settings".into()));
+    match mode {
+        TokenMode::Jwt => validator.validate(token, keys, now),
+        TokenMode::Introspect => {
+            if token.len() > validator.policy().max_token_bytes {
+                return Err(ValidationError::TooLarge {
+                    size: token.len(),
+                    max: validator.policy().max_token_bytes,
+                });
+            }
+            match introspector()?.answer(token, now)? {
+                Answer::Active(claims) => validator.check_claims(claims, now, token, None, None),
+                Answer::Inactive => Err(ValidationError::TokenInactive),
+            }
+        }
+        TokenMode::JwtIntrospect => {
+            // Local checks first: a forged or expired token costs no request.
+            let checked = validator.validate(token, keys, now)?;
+            match introspector()?.answer(token, now)? {
+                Answer::Active(_) => Ok(checked),
+                Answer::Inactive => Err(ValidationError::TokenInactive),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::KeyError;
+    use crate::fetch::HttpResponse;
+
+    /// One request: URL, form, Basic credentials.
+    type Seen = (String, Vec<(String, String)>, Option<(String, String)>);
+
+    /// An endpoint that answers from a table and counts requests.
+    struct Endpoint {
+        answers: Mutex<HashMap<String, (u16, String)>>,
+        requests: Mutex<Vec<Seen>>,
+        down: std::sync::atomic::AtomicBool,
+    }
+
+    impl Endpoint {
+        fn new() -> Arc<Self> {
+            Arc::new(Self {
+                answers: Mutex::new(HashMap::new()),
+                requests: Mutex::new(Vec::new()),
+                down: false.into(),
+            })
+        }
+        fn answer(&self, token: &str, status: u16, body: serde_json::Value) {
+            self.answers.lock().insert(token.into(), (status, body.to_string()));
+        }
+        fn count(&self) -> usize {
+            self.requests.lock().len()
+        }
+    }
+
+    impl crate::Fetcher for Endpoint {
+        fn get(&self, url: &str) -> Result<HttpResponse, KeyError> {
+            let body = serde_json::json!({"issuer": ISS, "introspection_endpoint": format!("{ISS}/found")});
+            assert_eq!(url, format!("{ISS}/.well-known/openid-configuration"));
+            Ok(HttpResponse { body: body.to_string().into_bytes(), max_age: None })
+        }
+    }
+
+    impl FormPoster for Endpoint {
+        fn post_form(
+            &self,
+            url: &str,
+            form: &[(&str, &str)],
+            basic: Option<(&str, &str)>,
+        ) -> Result<(u16, Vec<u8>), KeyError> {
+            if self.down.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(KeyError::Timeout(Quoted::new(url)));
+            }
+            let form: Vec<(String, String)> = form.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect();
+            let token = form.iter().find(|(k, _)| k == "token").map(|(_, v)| v.clone()).unwrap_or_default();
+            self.requests.lock().push((url.into(), form, basic.map(|(a, b)| (a.into(), b.into()))));
+            let (status, body) =
+                self.answers.lock().get(&token).cloned().unwrap_or((200, r#"{"active":false}"#.into()));
+            Ok((status, body.into_bytes()))
+        }
+    }
+
+    const ISS: &str = "https://idp.example";
+    const NOW: i64 = 1_000_000;
+
+    fn settings(secret_var: &str) -> IntrospectionSettings {
+        IntrospectionSettings {
+            endpoint: Some(format!("{ISS}/introspect")),
+            client_id: "gprxy".into(),
+            secret: SecretSource::Env(secret_var.into()),
+            client_auth: ClientAuth::ClientSecretBasic,
+            active_ttl_max_secs: 60,
+            inactive_ttl_secs: 10,
+            stale_ok_secs: 0,
+        }
+    }
+
+    fn introspector(endpoint: &Arc<Endpoint>, s: IntrospectionSettings) -> Introspector {
+        Introspector::new(ISS, s, endpoint.clone(), Arc::new(MemoryAnswers::new(16, s_keep())))
+    }
+
+    fn s_keep() -> u64 {
+        300
+    }
+
+    fn active() -> serde_json::Value {
+        serde_json::json!({"active": true, "iss": ISS, "aud": "db", "sub": "alice", "exp": NOW + 600, "scope": "db"})
+    }
+
+    #[test]
+    fn an_active_answer_is_asked_once_and_kept_until_the_cache_ttl() {
+        std::env::set_var("GPRXY_TEST_SECRET_1", "s3cret");
+        let e = Endpoint::new();
+        e.answer("opaque-1", 200, active());
+        let i = introspector(&e, settings("GPRXY_TEST_SECRET_1"));
+        for _ in 0..100 {
+            assert!(matches!(i.answer("opaque-1", NOW).unwrap(), Answer::Active(c) if c["sub"] == "alice"));
+        }
+        assert_eq!(e.count(), 1);
+        let (url, form, basic) = e.requests.lock()[0].clone();
+        assert_eq!(url, format!("{ISS}/introspect"));
+        assert!(form.contains(&("token".into(), "opaque-1".into())));
+        assert_eq!(basic, Some(("gprxy".into(), "s3cret".into())));
+        // 60 s later the answer is asked again, and the revocation shows.
+        e.answer("opaque-1", 200, serde_json::json!({"active": false}));
+        assert_eq!(i.answer("opaque-1", NOW + 60).unwrap(), Answer::Inactive);
+        assert_eq!(e.count(), 2);
+        // Inactive answers are kept for inactive_ttl_secs.
+        assert_eq!(i.answer("opaque-1", NOW + 69).unwrap(), Answer::Inactive);
+        assert_eq!(e.count(), 2);
+    }
+
+    #[test]
+    fn an_answer_is_never_kept_past_the_tokens_exp() {
+        std::env::set_var("GPRXY_TEST_SECRET_2", "s");
+        let e = Endpoint::new();
+        let mut a = active();
+        a["exp"] = serde_json::json!(NOW + 5);
+        e.answer("t", 200, a);
+        let i = introspector(&e, settings("GPRXY_TEST_SECRET_2"));
+        i.answer("t", NOW).unwrap();
+        i.answer("t", NOW + 5).unwrap();
+        assert_eq!(e.count(), 2);
+    }
+
+    #[test]
+    fn refusals_of_the_endpoint_are_refusals_of_the_login() {
+        std::env::set_var("GPRXY_TEST_SECRET_3", "wrong");
+        let e = Endpoint::new();
+        e.answer("t", 401, serde_json::json!({"error": "invalid_client"}));
+        e.answer("u", 500, serde_json::json!({}));
+        e.answer("v", 200, serde_json::json!({"active": "yes"}));
+        let i = introspector(&e, settings("GPRXY_TEST_SECRET_3"));
+        assert_eq!(
+            i.answer("t", NOW).unwrap_err(),
+            ValidationError::IntrospectionClientRefused { status: 401 }
+        );
+        assert_eq!(
+            i.answer("u", NOW).unwrap_err().to_string(),
+            "introspection failed: \"https://idp.example/introspect\" answered HTTP 500"
+        );
+        assert_eq!(i.answer("v", NOW).unwrap_err().code(), "introspection_malformed");
+        e.down.store(true, std::sync::atomic::Ordering::Relaxed);
+        let down = i.answer("w", NOW).unwrap_err();
+        assert_eq!(down.code(), "introspection_unavailable");
+        assert!(!down.to_string().contains("wrong"), "{down}");
+        let missing = introspector(&e, settings("GPRXY_TEST_SECRET_UNSET")).answer("x", NOW).unwrap_err();
+        assert_eq!(
+            missing.to_string(),
+            "introspection failed: the client secret variable GPRXY_TEST_SECRET_UNSET is not set (or not UTF-8)"
+        );
+    }
+
+    #[test]
+    fn stale_answers_serve_only_inside_the_window_while_the_endpoint_is_down() {
+        std::env::set_var("GPRXY_TEST_SECRET_4", "s");
+        let e = Endpoint::new();
+        e.answer("t", 200, active());
+        let i =
+            introspector(&e, IntrospectionSettings { stale_ok_secs: 30, ..settings("GPRXY_TEST_SECRET_4") });
+        i.answer("t", NOW).unwrap();
+        e.down.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(matches!(i.answer("t", NOW + 89).unwrap(), Answer::Active(_)));
+        assert_eq!(i.answer("t", NOW + 90).unwrap_err().code(), "introspection_unavailable");
+        // Without a window, refused as soon as the answer is stale.
+        let strict = introspector(&e, settings("GPRXY_TEST_SECRET_4"));
+        assert_eq!(strict.answer("t", NOW).unwrap_err().code(), "introspection_unavailable");
+    }
+
+    #[test]
+    fn discovery_names_the_endpoint_and_post_auth_sends_the_secret_in_the_form() {
+        std::env::set_var("GPRXY_TEST_SECRET_5", "p0st");
+        let e = Endpoint::new();
+        let s = IntrospectionSettings {
+            endpoint: None,
+            client_auth: ClientAuth::ClientSecretPost,
+            ..settings("GPRXY_TEST_SECRET_5")
+        };
+        let i = introspector(&e, s);
+        assert_eq!(i.answer("t", NOW).unwrap(), Answer::Inactive);
+        let (url, form, basic) = e.requests.lock()[0].clone();
+        assert_eq!(url, format!("{ISS}/found"));
+        assert!(form.contains(&("client_secret".into(), "p0st".into())));
+        assert_eq!(basic, None);
+    }
+
+    #[test]
+    fn the_cache_key_is_a_hash_of_issuer_and_token() {
+        let k = cache_key(ISS, "opaque-1");
+        assert_ne!(k, cache_key("https://other.example", "opaque-1"));
+        assert_ne!(k, cache_key(ISS, "opaque-2"));
+        assert!(!k.windows(8).any(|w| w == b"opaque-1"));
+    }
+
+    #[test]
+    fn the_memory_store_is_bounded() {
+        let store = MemoryAnswers::new(2, 0);
+        let a = |fresh| StoredAnswer { active: true, claims_json: b"{}".to_vec(), fresh_until: fresh };
+        store.put([1; 32], a(NOW + 10), NOW);
+        store.put([2; 32], a(NOW + 20), NOW);
+        store.put([3; 32], a(NOW + 30), NOW);
+        assert_eq!(store.len(), 2);
+        assert!(store.get(&[1; 32]).is_none(), "the soonest to expire went first");
+    }
+
+    #[test]
+    fn settings_are_checked() {
+        let entry = |f: fn(&mut IntrospectionEntry)| {
+            let mut e = IntrospectionEntry {
+                client_id: "gprxy".into(),
+                client_secret_env: Some("X".into()),
+                ..IntrospectionEntry::default()
+            };
+            f(&mut e);
+            e
+        };
+        let msg = |e: IntrospectionEntry, m| e.check(m, false).unwrap_err().reason;
+        assert!(entry(|_| {}).check(TokenMode::Introspect, false).is_ok());
+        assert!(msg(entry(|_| {}), TokenMode::Jwt).contains("needs tokens ="));
+        assert!(msg(entry(|e| e.client_secret_file = Some("/s".into())), TokenMode::Introspect)
+            .contains("one of them; never the secret itself"));
+        assert!(
+            msg(entry(|e| e.client_secret_env = None), TokenMode::Introspect).contains("client_secret_env")
+        );
+        assert!(msg(entry(|e| e.stale_ok_secs = Some(5)), TokenMode::Introspect)
+            .contains("only with tokens = \"jwt+introspect\""));
+        assert!(entry(|e| e.stale_ok_secs = Some(5)).check(TokenMode::JwtIntrospect, false).is_ok());
+        assert!(msg(entry(|e| e.endpoint = Some("http://idp.example/i".into())), TokenMode::Introspect)
+            .contains("is not an https URL"));
+    }
+}
