@@ -75,6 +75,20 @@ impl Setup {
         let needle = format!("gprxy: event={event} ");
         self.pg.log().lines().filter(|l| l.contains(&needle)).map(str::to_owned).collect()
     }
+
+    /// The audit lines of `event` once there are `n` (a backend writes its line as it exits,
+    /// just after the client has read the FATAL).
+    fn wait_audit_lines(&self, event: &str, n: usize) -> Vec<String> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let lines = self.audit_lines(event);
+            if lines.len() >= n || std::time::Instant::now() > deadline {
+                assert_eq!(lines.len(), n, "{}", self.pg.log());
+                return lines;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 fn expired_message(exp: i64) -> String {
@@ -112,8 +126,7 @@ fn strict_ends_the_session_at_expiry_mid_transaction_and_its_rows_are_gone() {
     assert_ended(&e, &expired_message(exp));
     assert!((-0.05..1.0).contains(&late), "ended {late:.3} s after exp");
     assert_eq!(s.rows(), "0", "the open transaction rolled back");
-    let audit = s.audit_lines("session_expired");
-    assert_eq!(audit.len(), 1, "{}", s.pg.log());
+    let audit = s.wait_audit_lines("session_expired", 1);
     assert!(
         audit[0].contains(&format!(
             "policy=strict role=\"alice\" authn_id=\"alice\" sub=\"alice\" iss=\"{}\" token_fp=",
@@ -147,7 +160,7 @@ fn idle_ends_an_idle_session_at_expiry_and_lets_a_running_transaction_commit_fir
     let after_commit = now_f() - committed;
     assert!(after_commit < 1.0, "ended {after_commit:.3} s after its commit");
     assert_eq!(s.rows(), "2", "the transaction committed before the session ended");
-    assert_eq!(s.audit_lines("session_expired").len(), 2, "{}", s.pg.log());
+    s.wait_audit_lines("session_expired", 2);
 }
 
 #[test]
@@ -181,8 +194,7 @@ fn max_session_age_ends_a_session_from_a_long_lived_token() {
     let age = now_f() - login;
     assert_ended(&e, "gprxy: the session reached its maximum age (3 s, max_session_age); log in again");
     assert!((2.9..4.5).contains(&age), "ended at age {age:.3} s");
-    let audit = s.audit_lines("session_max_age");
-    assert_eq!(audit.len(), 1, "{}", s.pg.log());
+    let audit = s.wait_audit_lines("session_max_age", 1);
     assert!(audit[0].contains("policy=idle role=\"alice\""), "{}", audit[0]);
 }
 
