@@ -12,8 +12,13 @@
 //!
 //! Goals (exit status 1 when one is missed): gprxy within 0.20 ms of the floor for RS256 and EdDSA
 //! and 0.25 ms for ES256; the validator's own time at most the signature check + 0.1 ms; gprxy at
-//! most 0.6 of SCRAM-SHA-256. `BENCH_ROUNDS` (default 15) and `BENCH_CONNECTS` (per method and
-//! round, default 40) set the size; `BENCH_ONLY=gprxy_rs256` measures one method (no goals checked).
+//! most 0.6 of SCRAM-SHA-256.
+//!
+//! Then, on a second server with an issuers file: a login whose opaque token's introspection
+//! answer is in shared memory (`introspect_cached`) against a JWT login of the same file
+//! (`jwt_rs256`); goal: at most 1.10 times the JWT login. `BENCH_ROUNDS` (default 15) and `BENCH_CONNECTS` (per method and
+//! round, default 40) set the size; `BENCH_ONLY=gprxy_rs256` measures one method (no goals checked),
+//! `BENCH_ONLY=introspection` the second server only.
 
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -85,6 +90,10 @@ fn main() {
     );
     let rounds = env_usize("BENCH_ROUNDS", 15);
     let per_round = env_usize("BENCH_CONNECTS", 40);
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("introspection") {
+        let missed = introspection(rounds, per_round);
+        std::process::exit(i32::from(!missed.is_empty()));
+    }
 
     let rsa = TestKey::rsa("bench-rs256");
     let p256 = TestKey::p256("bench-es256");
@@ -221,8 +230,105 @@ fn main() {
     // Stop the server and the issuer before exiting (process::exit runs no destructors).
     drop(pg);
     drop(idp);
+    missed.extend(introspection(rounds, per_round));
     if !missed.is_empty() {
         eprintln!("connect: {} goal(s) missed", missed.len());
         std::process::exit(1);
     }
+}
+
+/// A login with a cached introspection answer against a JWT login, interleaved on one server
+/// whose issuers file trusts two issuers: A's JWTs (RS256), B's opaque tokens. Returns the goals
+/// missed.
+fn introspection(rounds: usize, per_round: usize) -> Vec<String> {
+    let rsa = TestKey::rsa("bench-jwt");
+    let (a, b) = (TestIssuer::start(&[&rsa]), TestIssuer::start(&[]));
+    b.introspection_client("gprxy", "bench-secret");
+    let pg = validator_cluster("")
+        .conf("log_connections = off")
+        .hba(format!("host all alice 127.0.0.1/32 oauth issuer=\"{}\" scope=\"openid\" map=m", a.issuer()))
+        .hba(format!("host all bob 127.0.0.1/32 oauth issuer=\"{}\" scope=\"openid\" map=m", b.issuer()))
+        .ident("m alice alice")
+        .ident("m bob bob")
+        .start();
+    pg.sql("CREATE ROLE alice LOGIN; CREATE ROLE bob LOGIN");
+    let secret = pg.data_dir().join("secret");
+    std::fs::write(&secret, "bench-secret\n").expect("secret file");
+    let file = pg.data_dir().join("issuers.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[[issuer]]\nissuer = \"{}\"\naudience = [\"db\"]\n\n[[issuer]]\nissuer = \"{}\"\naudience = [\"db\"]\n\
+             tokens = \"introspect\"\n[issuer.introspection]\nclient_id = \"gprxy\"\nclient_secret_file = \"{}\"\n\
+             cache_ttl_max_secs = 3600\n",
+            a.issuer(),
+            b.issuer(),
+            secret.display()
+        ),
+    )
+    .expect("issuers file");
+    pg.sql(&format!("ALTER SYSTEM SET gprxy.issuers_file = '{}'", file.display()));
+    pg.sql("SELECT pg_reload_conf()");
+    assert!(
+        pg.wait_for_log("parameter \"gprxy.issuers_file\" changed", std::time::Duration::from_secs(5)),
+        "{}",
+        pg.log()
+    );
+    let addr: SocketAddr = ([127, 0, 0, 1], pg.port()).into();
+    let mut claims = a.claims("alice", "db");
+    claims["exp"] = json!(gprxy_core::unix_time() + 3600);
+    let jwt: &'static str = Box::leak(rsa.token(json!({"typ": "at+jwt"}), &claims).into_boxed_str());
+    let mut opaque_claims = b.claims("bob", "db");
+    opaque_claims["exp"] = json!(gprxy_core::unix_time() + 3600);
+    // As long as the JWT: the same bytes on the wire.
+    let opaque: &'static str = Box::leak(format!("opq-{}", "x".repeat(jwt.len() - 4)).into_boxed_str());
+    b.opaque_token(opaque, opaque_claims);
+    let mut methods = [
+        Method { name: "jwt_rs256", user: "alice", auth: Auth::Bearer(jwt), wall_ms: vec![], cpu_s: 0.0 },
+        Method {
+            name: "introspect_cached",
+            user: "bob",
+            auth: Auth::Bearer(opaque),
+            wall_ms: vec![],
+            cpu_s: 0.0,
+        },
+    ];
+    for m in &methods {
+        for _ in 0..3 {
+            connect(addr, m.user, "postgres", m.auth)
+                .unwrap_or_else(|e| panic!("{} login: {e}", m.name))
+                .close();
+        }
+    }
+    for _ in 0..rounds {
+        for m in methods.iter_mut() {
+            let cpu = gprxy_tests::machine::busy_seconds();
+            let t = Instant::now();
+            for _ in 0..per_round {
+                connect(addr, m.user, "postgres", m.auth)
+                    .unwrap_or_else(|e| panic!("{} login: {e}", m.name))
+                    .close();
+            }
+            m.wall_ms.push(t.elapsed().as_secs_f64() * 1000.0 / per_round as f64);
+            m.cpu_s += gprxy_tests::machine::busy_seconds() - cpu;
+        }
+    }
+    assert_eq!(b.introspection_requests(), 1, "the answer came from shared memory after the first login");
+    println!("introspection: {rounds} interleaved rounds x {per_round} connections per method; medians");
+    let mut out = Vec::new();
+    for m in &methods {
+        println!(
+            "  {:<18} {:>9.3} ms {:>19.3} ms machine CPU",
+            m.name,
+            median(m.wall_ms.clone()),
+            m.cpu_s * 1000.0 / (rounds * per_round) as f64
+        );
+    }
+    let ratio = median(methods[1].wall_ms.clone()) / median(methods[0].wall_ms.clone());
+    let line = format!("introspect_cached / jwt_rs256: {ratio:.3} (goal <= 1.10)");
+    println!("  {line} {}", if ratio <= 1.10 { "ok" } else { "MISSED" });
+    if ratio > 1.10 {
+        out.push(line);
+    }
+    out
 }
