@@ -118,6 +118,15 @@ impl SecretSource {
     }
 }
 
+fn is_variable_name(v: &str) -> bool {
+    let mut chars = v.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// The largest answer kept (its claims' JSON); a larger one is asked again at each login.
+pub const ANSWER_MAX_BYTES: usize = 4096;
+
 /// An issuer's checked introspection settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IntrospectionSettings {
@@ -154,9 +163,14 @@ impl IntrospectionEntry {
             return Err(err("client_id is required".into()));
         }
         let secret = match (self.client_secret_env, self.client_secret_file) {
-            (Some(name), None) if !name.trim().is_empty() => SecretSource::Env(name.trim().to_owned()),
+            // A value that is not a variable name or a path may be the secret itself, pasted in
+            // the wrong place: refused without being repeated.
+            (Some(name), None) if is_variable_name(name.trim()) => SecretSource::Env(name.trim().to_owned()),
+            (Some(_), None) => {
+                return Err(err("client_secret_env must name an environment variable ([A-Za-z_][A-Za-z0-9_]*), not hold the secret".into()))
+            }
             (None, Some(path)) if path.is_absolute() => SecretSource::File(path),
-            (None, Some(path)) => return Err(err(format!("client_secret_file {} is not an absolute path", path.display()))),
+            (None, Some(_)) => return Err(err("client_secret_file must be an absolute path".into())),
             _ => return Err(err("give the client secret as client_secret_env or client_secret_file (one of them; never the secret itself)".into())),
         };
         if let Some(url) = &self.endpoint {
@@ -253,6 +267,9 @@ impl AnswerStore for MemoryAnswers {
     }
 
     fn put(&self, key: [u8; 32], answer: StoredAnswer, now: i64) {
+        if answer.claims_json.len() > ANSWER_MAX_BYTES {
+            return;
+        }
         let mut entries = self.entries.lock();
         if entries.len() >= self.capacity && !entries.contains_key(&key) {
             let keep = self.stale_keep_secs;
@@ -311,7 +328,7 @@ impl Introspector {
             return stored_answer(s);
         }
         match self.ask(token, now) {
-            Ok((answer, fresh_until)) => {
+            Ok(Asked::Answered(answer, fresh_until)) => {
                 let claims_json = match &answer {
                     Answer::Active(claims) => serde_json::to_vec(claims).unwrap_or_default(),
                     Answer::Inactive => Vec::new(),
@@ -320,7 +337,9 @@ impl Introspector {
                 self.store.put(key, StoredAnswer { active, claims_json, fresh_until }, now);
                 Ok(answer)
             }
-            Err(e) => {
+            // Only an outage (no answer, or a 5xx) lets a stale answer serve: a refusal of
+            // gprxy's credentials or a malformed answer is not the endpoint being down.
+            Ok(Asked::Outage(e)) => {
                 let window = i64::try_from(self.settings.stale_ok_secs).unwrap_or(0);
                 match stored {
                     Some(s) if window > 0 && s.active && s.fresh_until.saturating_add(window) > now => {
@@ -329,6 +348,7 @@ impl Introspector {
                     _ => Err(e),
                 }
             }
+            Err(e) => Err(e),
         }
     }
 
@@ -348,8 +368,12 @@ impl Introspector {
         Ok(self.endpoint.get_or_init(|| endpoint.to_owned()).clone())
     }
 
-    fn ask(&self, token: &str, now: i64) -> Result<(Answer, i64), ValidationError> {
-        let endpoint = self.endpoint()?;
+    fn ask(&self, token: &str, now: i64) -> Result<Asked, ValidationError> {
+        let outage = |e: ValidationError| Ok(Asked::Outage(e));
+        let endpoint = match self.endpoint() {
+            Ok(url) => url,
+            Err(e) => return outage(e),
+        };
         let secret = self.settings.secret.read().map_err(ValidationError::IntrospectionUnavailable)?;
         let id = self.settings.client_id.as_str();
         let mut form = vec![("token", token), ("token_type_hint", "access_token")];
@@ -360,32 +384,64 @@ impl Introspector {
                 None
             }
         };
-        let (status, body) = self
-            .http
-            .post_form(&endpoint, &form, basic)
-            .map_err(|e| ValidationError::IntrospectionUnavailable(e.to_string()))?;
+        let (status, body) = match self.http.post_form(&endpoint, &form, basic) {
+            Ok(answered) => answered,
+            Err(e) => return outage(ValidationError::IntrospectionUnavailable(e.to_string())),
+        };
+        let unavailable = ValidationError::IntrospectionUnavailable(format!(
+            "{} answered HTTP {status}",
+            Quoted::new(&endpoint)
+        ));
         match status {
             200 => {}
             401 | 403 => return Err(ValidationError::IntrospectionClientRefused { status }),
-            _ => {
-                return Err(ValidationError::IntrospectionUnavailable(format!(
-                    "{} answered HTTP {status}",
-                    Quoted::new(&endpoint)
-                )))
-            }
+            500..=599 => return outage(unavailable),
+            _ => return Err(unavailable),
         }
         let malformed = |r: String| ValidationError::IntrospectionMalformed(r);
         let claims = parse_object(&body).map_err(|e| malformed(e.to_string()))?;
         let ttl = |secs: u64| now.saturating_add(i64::try_from(secs).unwrap_or(i64::MAX));
         match claims.get("active") {
             Some(Value::Bool(true)) => {
+                not_an_access_token(&claims)?;
                 let exp = claims.get("exp").and_then(Value::as_i64).unwrap_or(i64::MAX);
-                Ok((Answer::Active(claims), ttl(self.settings.active_ttl_max_secs).min(exp)))
+                Ok(Asked::Answered(Answer::Active(claims), ttl(self.settings.active_ttl_max_secs).min(exp)))
             }
-            Some(Value::Bool(false)) => Ok((Answer::Inactive, ttl(self.settings.inactive_ttl_secs))),
+            Some(Value::Bool(false)) => {
+                Ok(Asked::Answered(Answer::Inactive, ttl(self.settings.inactive_ttl_secs)))
+            }
             _ => Err(malformed("\"active\" is missing or not a boolean".into())),
         }
     }
+}
+
+/// What asking the endpoint came to: an answer (and until when it is fresh), or an outage.
+enum Asked {
+    Answered(Answer, i64),
+    Outage(ValidationError),
+}
+
+/// An active answer for a refresh or ID token (RFC 7662 `token_type`, Keycloak's `typ`) is not
+/// an access token's: refused whatever its audience.
+fn not_an_access_token(claims: &Map<String, Value>) -> Result<(), ValidationError> {
+    const OTHER: [&str; 8] = [
+        "refresh",
+        "refresh_token",
+        "offline",
+        "id",
+        "id_token",
+        "logout",
+        "urn:ietf:params:oauth:token-type:refresh_token",
+        "urn:ietf:params:oauth:token-type:id_token",
+    ];
+    for field in ["token_type", "typ"] {
+        if let Some(t) = claims.get(field).and_then(Value::as_str) {
+            if OTHER.iter().any(|o| t.eq_ignore_ascii_case(o)) {
+                return Err(ValidationError::TypeNotAccepted(Quoted::new(t)));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn stored_answer(s: &StoredAnswer) -> Result<Answer, ValidationError> {
@@ -600,6 +656,44 @@ mod tests {
     }
 
     #[test]
+    fn a_stale_answer_never_covers_a_refusal_of_gprxy_or_a_malformed_answer() {
+        std::env::set_var("GPRXY_TEST_SECRET_6", "s");
+        let e = Endpoint::new();
+        e.answer("t", 200, active());
+        let i =
+            introspector(&e, IntrospectionSettings { stale_ok_secs: 30, ..settings("GPRXY_TEST_SECRET_6") });
+        i.answer("t", NOW).unwrap();
+        e.answer("t", 401, serde_json::json!({"error": "invalid_client"}));
+        assert_eq!(i.answer("t", NOW + 61).unwrap_err().code(), "introspection_client_refused");
+        e.answer("t", 200, serde_json::json!({"active": 1}));
+        assert_eq!(i.answer("t", NOW + 61).unwrap_err().code(), "introspection_malformed");
+        e.answer("t", 503, serde_json::json!({}));
+        assert!(matches!(i.answer("t", NOW + 61).unwrap(), Answer::Active(_)), "a 5xx is an outage");
+    }
+
+    #[test]
+    fn an_active_refresh_or_id_token_is_not_an_access_token() {
+        std::env::set_var("GPRXY_TEST_SECRET_7", "s");
+        let e = Endpoint::new();
+        let mut refresh = active();
+        refresh["token_type"] = serde_json::json!("refresh_token");
+        e.answer("r", 200, refresh);
+        let mut id = active();
+        id["typ"] = serde_json::json!("ID");
+        e.answer("i", 200, id);
+        let mut bearer = active();
+        bearer["typ"] = serde_json::json!("Bearer");
+        e.answer("b", 200, bearer);
+        let i = introspector(&e, settings("GPRXY_TEST_SECRET_7"));
+        assert_eq!(
+            i.answer("r", NOW).unwrap_err().to_string(),
+            "token type \"refresh_token\" is not accepted"
+        );
+        assert_eq!(i.answer("i", NOW).unwrap_err().code(), "typ_not_accepted");
+        assert!(matches!(i.answer("b", NOW).unwrap(), Answer::Active(_)));
+    }
+
+    #[test]
     fn discovery_names_the_endpoint_and_post_auth_sends_the_secret_in_the_form() {
         std::env::set_var("GPRXY_TEST_SECRET_5", "p0st");
         let e = Endpoint::new();
@@ -633,6 +727,13 @@ mod tests {
         store.put([3; 32], a(NOW + 30), NOW);
         assert_eq!(store.len(), 2);
         assert!(store.get(&[1; 32]).is_none(), "the soonest to expire went first");
+        let big = StoredAnswer {
+            active: true,
+            claims_json: vec![b' '; ANSWER_MAX_BYTES + 1],
+            fresh_until: NOW + 99,
+        };
+        store.put([4; 32], big, NOW);
+        assert!(store.get(&[4; 32]).is_none(), "an answer over the size limit is not kept");
     }
 
     #[test]
@@ -654,6 +755,20 @@ mod tests {
         assert!(
             msg(entry(|e| e.client_secret_env = None), TokenMode::Introspect).contains("client_secret_env")
         );
+        let pasted =
+            msg(entry(|e| e.client_secret_env = Some("hunter2:pasted".into())), TokenMode::Introspect);
+        assert!(
+            pasted.contains("must name an environment variable") && !pasted.contains("hunter2"),
+            "{pasted}"
+        );
+        let relative = msg(
+            entry(|e| {
+                e.client_secret_env = None;
+                e.client_secret_file = Some("hunter2".into());
+            }),
+            TokenMode::Introspect,
+        );
+        assert!(!relative.contains("hunter2"), "{relative}");
         assert!(msg(entry(|e| e.stale_ok_secs = Some(5)), TokenMode::Introspect)
             .contains("only with tokens = \"jwt+introspect\""));
         assert!(entry(|e| e.stale_ok_secs = Some(5)).check(TokenMode::JwtIntrospect, false).is_ok());

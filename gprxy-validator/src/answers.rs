@@ -13,7 +13,7 @@ use crate::ffi::{shmem_ready, ANSWERS};
 /// Answers kept at once.
 pub const ENTRIES: usize = 256;
 /// The largest answer kept (its JSON); a larger one is asked again at each login.
-pub const ANSWER_MAX: usize = 4096;
+pub const ANSWER_MAX: usize = gprxy_core::introspect::ANSWER_MAX_BYTES;
 
 #[derive(Clone, Copy)]
 #[repr(C)]

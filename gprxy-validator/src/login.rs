@@ -296,6 +296,23 @@ pub fn decide_with(
         .session
         .plan(login_at, u64::try_from(token.expires_at).ok())
         .map(|plan| SessionEnd::new(plan, settings.session.mode, req.role, &token));
+    // A token inside the leeway past its exp would be let in only to be ended at once.
+    if let Some(end) = session_end.as_ref().filter(|e| e.plan.end_at <= u64::try_from(now).unwrap_or(0)) {
+        let detail = format!(
+            "the token expired at {} and gprxy.session_policy = {} ends its session then",
+            gprxy_core::session::UtcTime(u64::try_from(token.expires_at).unwrap_or(0)),
+            settings.session.mode.name()
+        );
+        debug_assert!(matches!(end.plan.reason, gprxy_core::EndReason::TokenExpired { .. }));
+        return LoginOutcome {
+            authorized: false,
+            authn_id: Some(token.identity.clone()),
+            reason: "expired",
+            detail,
+            token: Some(token),
+            session_end: None,
+        };
+    }
     LoginOutcome {
         authorized: true,
         authn_id: Some(token.identity.clone()),
@@ -443,6 +460,23 @@ mod tests {
         let end = decide_for(&request(&t, "alice", false), &s, &key, None).session_end.unwrap();
         assert_eq!(end.plan.reason, EndReason::MaxAge { limit_secs: 60 });
         assert!(end.audit.starts_with("gprxy: event=session_max_age policy=off "), "{}", end.audit);
+    }
+
+    #[test]
+    fn a_token_inside_the_leeway_is_refused_when_its_session_would_end_at_once() {
+        let key = TestKey::rsa("k1");
+        let t = token(&key, json!({"exp": now() - 5}));
+        let out = decide_for(&request(&t, "alice", false), &settings(), &key, None);
+        assert_eq!((out.authorized, out.reason), (false, "expired"));
+        assert!(
+            out.detail.ends_with("and gprxy.session_policy = idle ends its session then"),
+            "{}",
+            out.detail
+        );
+        let mut off = settings();
+        off.session.mode = SessionMode::Off;
+        let out = decide_for(&request(&t, "alice", false), &off, &key, None);
+        assert!(out.authorized, "with the policy off the leeway admits it, as before");
     }
 
     #[test]

@@ -2,31 +2,39 @@
  * Ending a session when its token does (gprxy.session_policy, PostgreSQL 18).
  *
  * The validator plans the end at login (gprxy_session_plan); once the login has succeeded
- * (ClientAuthentication_hook) a timer runs. When it fires:
- *   strict: the backend sends itself SIGTERM, PostgreSQL's own termination path (as its
- *           statement_timeout does during authentication): an open transaction rolls back;
- *   idle:   every IDLE_POLL_MS it looks whether the backend waits for the client's next
- *           command outside a transaction, and only then ends it the same way (or at the hard
- *           limit whatever it is doing).
- * The client then reads PostgreSQL's FATAL with gprxy's message and SQLSTATE 28000 instead of
- * "terminating connection due to administrator command" (emit_log_hook), and the server log
- * gets an audit line as the backend exits.
+ * (ClientAuthentication_hook) two things watch it:
  *
- * C, not Rust: the timer's handler runs inside a signal handler (it only reads memory and
- * calls kill(), which is async-signal-safe), and the message is rewritten inside PostgreSQL's
- * error reporting, where no Rust frame may be.
+ *  - A POSIX timer of the backend's own, on a real-time signal PostgreSQL does not use, so that
+ *    nothing in PostgreSQL cancels it (its timeout.c timers are all cancelled after every
+ *    error). When it fires, the handler sends the backend SIGTERM, PostgreSQL's own termination
+ *    path (as statement_timeout does during authentication): strict at the end; idle, every
+ *    IDLE_POLL_MS after the end, once the backend waits for the client's next command with no
+ *    transaction open, or at the hard limit whatever it is doing. The handler only reads memory
+ *    and calls kill(), which is async-signal-safe.
+ *  - The start of every statement (ExecutorStart and ProcessUtility hooks): strict past the
+ *    end, idle past the hard limit or in a transaction that began after the end (a client that
+ *    always has the next command queued is never idle), the statement fails with FATAL.
+ *
+ * The client reads gprxy's message with SQLSTATE 28000: raised here at a statement's start, or
+ * replacing PostgreSQL's "terminating connection due to administrator command" for the SIGTERM
+ * the timer sent (emit_log_hook). The server log gets an audit line as the backend exits.
+ *
+ * C, not Rust: the timer's handler runs inside a signal handler, the FATALs longjmp, and the
+ * message is rewritten inside PostgreSQL's error reporting, where no Rust frame may be.
  */
 #include "postgres.h"
 
 #include <signal.h>
+#include <time.h>
 
 #include "access/xact.h"
+#include "executor/executor.h"
 #include "libpq/auth.h"
 #include "miscadmin.h"
 #include "storage/ipc.h"
+#include "tcop/utility.h"
 #include "utils/elog.h"
 #include "utils/memutils.h"
-#include "utils/timeout.h"
 #include "utils/timestamp.h"
 #include "utils/wait_event.h"
 
@@ -34,25 +42,30 @@
 
 /* How often an idle-mode session past its end looks whether it is idle. */
 #define IDLE_POLL_MS 100
+/* The real-time signal of the session timer (PostgreSQL uses none of them). */
+#define SESSION_SIGNAL (SIGRTMIN + 5)
 
 static struct
 {
 	bool		planned;		/* the validator planned an end for this login */
 	bool		armed;			/* the login succeeded; the timer runs */
 	bool		strict;
+	time_t		end_unix;
 	TimestampTz end_at;
 	TimestampTz hard_at;
 	TimestampTz login_at;
 	char	   *message;		/* what the client reads (TopMemoryContext) */
 	char	   *audit;			/* the audit line, less the session's age */
-	TimeoutId	timer;
+	timer_t		timer;
 }			session;
 
-/* Set by the timer just before the backend signals itself; read by the two hooks below. */
+/* 1: the timer sent SIGTERM (the FATAL is to be explained); 2: the end was told. */
 static volatile sig_atomic_t ending = 0;
 
 static ClientAuthentication_hook_type prev_client_authentication_hook = NULL;
 static emit_log_hook_type prev_emit_log_hook = NULL;
+static ExecutorStart_hook_type prev_executor_start_hook = NULL;
+static ProcessUtility_hook_type prev_process_utility_hook = NULL;
 
 /* Waiting for the client's next message with no transaction open: the session is idle. */
 static bool
@@ -61,62 +74,61 @@ backend_idle(void)
 	return *my_wait_event_info == WAIT_EVENT_CLIENT_READ && !IsTransactionOrTransactionBlock();
 }
 
-/* The timer's handler: runs in the SIGALRM handler, so it only reads memory and calls kill(). */
+/* The timer's signal handler: only reads memory and calls kill(). */
 static void
-session_timer_fired(void)
+session_timer_fired(SIGNAL_ARGS)
 {
-	int			save_errno = errno;
-
-	if (!ending &&
-		(session.strict || backend_idle() || GetCurrentTimestamp() >= session.hard_at))
+	(void) postgres_signal_arg;
+	if (!session.armed || ending)
+		return;
+	if (session.strict || backend_idle() || GetCurrentTimestamp() >= session.hard_at)
 	{
 		ending = 1;
 		kill(MyProcPid, SIGTERM);
 	}
-	errno = save_errno;
+}
+
+/* FATAL at a statement's start once the session's end has come (see the top comment). */
+static void
+check_session_end(void)
+{
+	TimestampTz now;
+
+	if (!session.armed || ending)
+		return;
+	now = GetCurrentTimestamp();
+	if (now < session.end_at)
+		return;
+	if (session.strict || now >= session.hard_at ||
+		GetCurrentTransactionStartTimestamp() >= session.end_at)
+	{
+		ending = 2;
+		ereport(FATAL,
+				(errcode(ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION),
+				 errmsg_internal("%s", session.message)));
+	}
 }
 
 static void
-arm_timer(void)
+executor_start(QueryDesc *queryDesc, int eflags)
 {
-	TimestampTz now = GetCurrentTimestamp();
-	TimestampTz first = Max(session.end_at, now);
-
-	if (session.strict)
-		enable_timeout_at(session.timer, first);
+	check_session_end();
+	if (prev_executor_start_hook)
+		prev_executor_start_hook(queryDesc, eflags);
 	else
-		enable_timeout_every(session.timer, first, IDLE_POLL_MS);
-}
-
-/*
- * After an error PostgreSQL cancels every timer (disable_all_timeouts), as does a hot
- * standby's conflict handling: the end of each transaction, and the abort of each
- * subtransaction (an error inside a savepoint leaves the transaction open), put the session's
- * timer back.
- */
-static void
-rearm_timer(void)
-{
-	if (session.armed && !ending && !get_timeout_active(session.timer))
-		arm_timer();
+		standard_ExecutorStart(queryDesc, eflags);
 }
 
 static void
-transaction_ended(XactEvent event, void *arg)
+process_utility(PlannedStmt *pstmt, const char *queryString, bool readOnlyTree,
+				ProcessUtilityContext context, ParamListInfo params, QueryEnvironment *queryEnv,
+				DestReceiver *dest, QueryCompletion *qc)
 {
-	(void) arg;
-	if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_ABORT || event == XACT_EVENT_PREPARE)
-		rearm_timer();
-}
-
-static void
-subtransaction_ended(SubXactEvent event, SubTransactionId sub, SubTransactionId parent, void *arg)
-{
-	(void) sub;
-	(void) parent;
-	(void) arg;
-	if (event == SUBXACT_EVENT_ABORT_SUB)
-		rearm_timer();
+	check_session_end();
+	if (prev_process_utility_hook)
+		prev_process_utility_hook(pstmt, queryString, readOnlyTree, context, params, queryEnv, dest, qc);
+	else
+		standard_ProcessUtility(pstmt, queryString, readOnlyTree, context, params, queryEnv, dest, qc);
 }
 
 /* The audit line, as the backend exits (PostgreSQL's log_disconnections logs the same way). */
@@ -137,17 +149,33 @@ log_session_end(int code, Datum arg)
 static void
 client_authenticated(Port *port, int status)
 {
+	struct sigevent sev;
+	struct itimerspec when;
+
 	if (prev_client_authentication_hook)
 		prev_client_authentication_hook(port, status);
 	if (status != STATUS_OK || !session.planned || session.armed)
 		return;
 	session.login_at = GetCurrentTimestamp();
-	session.timer = RegisterTimeout(USER_TIMEOUT, session_timer_fired);
-	RegisterXactCallback(transaction_ended, NULL);
-	RegisterSubXactCallback(subtransaction_ended, NULL);
+	pqsignal(SESSION_SIGNAL, session_timer_fired);
+	MemSet(&sev, 0, sizeof(sev));
+	sev.sigev_notify = SIGEV_SIGNAL;
+	sev.sigev_signo = SESSION_SIGNAL;
+	if (timer_create(CLOCK_REALTIME, &sev, &session.timer) != 0)
+		ereport(FATAL,
+				(errcode(ERRCODE_INSUFFICIENT_RESOURCES),
+				 errmsg("gprxy: cannot create the session's timer: %m")));
 	before_shmem_exit(log_session_end, (Datum) 0);
 	session.armed = true;
-	arm_timer();
+	MemSet(&when, 0, sizeof(when));
+	/* An end already due fires at once. */
+	when.it_value.tv_sec = session.end_unix > 0 ? session.end_unix : 1;
+	if (!session.strict)
+		when.it_interval.tv_nsec = IDLE_POLL_MS * 1000000L;
+	if (timer_settime(session.timer, TIMER_ABSTIME, &when, NULL) != 0)
+		ereport(FATAL,
+				(errcode(ERRCODE_INSUFFICIENT_RESOURCES),
+				 errmsg("gprxy: cannot start the session's timer: %m")));
 }
 
 /* Replaces PostgreSQL's message for the SIGTERM the timer sent with gprxy's own. */
@@ -166,7 +194,7 @@ explain_termination(ErrorData *edata)
 		prev_emit_log_hook(edata);
 }
 
-/* _PG_init: installs the two hooks (they do nothing for a session without a planned end). */
+/* _PG_init: installs the hooks (they do nothing for a session without a planned end). */
 void
 gprxy_session_hooks_install(void)
 {
@@ -174,6 +202,10 @@ gprxy_session_hooks_install(void)
 	ClientAuthentication_hook = client_authenticated;
 	prev_emit_log_hook = emit_log_hook;
 	emit_log_hook = explain_termination;
+	prev_executor_start_hook = ExecutorStart_hook;
+	ExecutorStart_hook = executor_start;
+	prev_process_utility_hook = ProcessUtility_hook;
+	ProcessUtility_hook = process_utility;
 }
 
 /*
@@ -184,6 +216,7 @@ void
 gprxy_session_plan(int strict, int64 end_at, int64 hard_at, const char *message, const char *audit)
 {
 	session.strict = strict != 0;
+	session.end_unix = (time_t) end_at;
 	session.end_at = time_t_to_timestamptz((pg_time_t) end_at);
 	session.hard_at = time_t_to_timestamptz((pg_time_t) hard_at);
 	session.message = MemoryContextStrdup(TopMemoryContext, message);

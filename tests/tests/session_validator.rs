@@ -221,3 +221,76 @@ fn a_validator_loaded_at_login_without_preloading_ends_sessions_too() {
     assert_ended(&e, &expired_message(exp));
     assert_eq!(s.rows(), "0");
 }
+
+/// A Bind to a statement that does not exist, with its Sync: an error with no transaction open
+/// (PostgreSQL then cancels every timer of its own and runs no transaction callback).
+fn bind_to_nothing(c: &mut PgConn) {
+    let mut out = Vec::new();
+    let body = b"\0nosuch\0\0\0\0\0\0\0";
+    out.push(b'B');
+    out.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+    out.extend_from_slice(body);
+    out.extend_from_slice(b"S\0\0\0\x04");
+    c.send_raw(&out).unwrap();
+    let e = c.next_error().unwrap();
+    assert_eq!(e.code.as_deref(), Some("26000"), "{e:?}");
+    c.query("SELECT 1").unwrap();
+}
+
+#[test]
+fn strict_ends_the_session_whatever_errors_came_before() {
+    let s = setup(&["gprxy.session_policy = 'strict'"]);
+    let (mut c, exp) = s.login_expiring_in(5);
+    bind_to_nothing(&mut c);
+    // An error in a transaction block, then one in the failed block, then a new block.
+    c.query("BEGIN").unwrap();
+    assert!(c.query("SELECT 1/0").is_err());
+    assert!(c.query("SELECT 1/0").is_err());
+    c.query("ROLLBACK").unwrap();
+    bind_to_nothing(&mut c);
+    c.query("BEGIN").unwrap();
+    c.query("INSERT INTO t VALUES (1)").unwrap();
+    let e = c.next_error().unwrap();
+    let late = since(exp);
+    assert_ended(&e, &expired_message(exp));
+    assert!((-0.05..1.0).contains(&late), "ended {late:.3} s after exp");
+    assert_eq!(s.rows(), "0");
+}
+
+#[test]
+fn idle_ends_a_client_that_always_has_its_next_command_queued() {
+    let s = setup(&["gprxy.session_policy = 'idle'"]);
+    let (mut c, exp) = s.login_expiring_in(4);
+    bind_to_nothing(&mut c);
+    // Two queries in one write: the first runs across the expiry (its transaction began
+    // before it) and is answered; the second's transaction begins after: it is refused at
+    // its start, though the backend never waited for the client in between.
+    let sleep = (exp as f64 + 0.5 - now_f()).max(0.1);
+    let mut out = bytes::BytesMut::new();
+    postgres_protocol::message::frontend::query(&format!("SELECT pg_sleep({sleep:.3}), 'first'"), &mut out)
+        .unwrap();
+    postgres_protocol::message::frontend::query("INSERT INTO t VALUES (2)", &mut out).unwrap();
+    c.send_raw(&out).unwrap();
+    let (_, first) = c.rows_until("first").unwrap();
+    assert_eq!(first[1].as_deref(), Some("first"));
+    let e = c.next_error().unwrap();
+    assert_ended(&e, &expired_message(exp));
+    assert_eq!(s.rows(), "0", "the queued command never ran");
+}
+
+#[test]
+fn a_token_inside_the_leeway_whose_session_would_end_at_once_is_refused() {
+    let s = setup(&[]);
+    let exp = gprxy_core::unix_time() - 5;
+    let mut claims = s.idp.claims("alice", AUD);
+    claims["exp"] = json!(exp);
+    let token = s.key.token(json!({"typ": "at+jwt"}), &claims);
+    let e = pgwire::connect(s.addr(), "alice", "postgres", Auth::Bearer(&token)).err().expect("refused");
+    assert_eq!(e.message, "OAuth bearer authentication failed for user \"alice\"");
+    let line = s.pg.log().lines().rfind(|l| l.contains("gprxy: oauth login")).unwrap_or_default().to_owned();
+    assert!(
+        line.contains("oauth login refused reason=expired ")
+            && line.contains("and gprxy.session_policy = idle ends its session then"),
+        "{line}"
+    );
+}
