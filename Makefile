@@ -43,7 +43,7 @@ unit-test:
 test: bootstrap lint install-extension
 	cargo build --workspace --bins
 	cargo test --workspace --no-fail-fast
-	GPRXY_FALLBACK_PG=17 cargo test -p gprxy-tests --no-fail-fast --test fallback --test context
+	GPRXY_FALLBACK_PG=17 cargo test -p gprxy-tests --no-fail-fast --test fallback --test context --test introspection
 	$(MAKE) fuzz FUZZ_SECONDS=15
 
 ## The whole product on this machine, no account anywhere; Ctrl-C stops and cleans up.
