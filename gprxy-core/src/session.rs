@@ -56,7 +56,12 @@ pub struct SessionPolicy {
 
 impl Default for SessionPolicy {
     fn default() -> Self {
-        Self { mode: SessionMode::Idle, grace_secs: 0, idle_hard_limit_secs: 3600, max_session_age_secs: None }
+        Self {
+            mode: SessionMode::Idle,
+            grace_secs: 0,
+            idle_hard_limit_secs: 3600,
+            max_session_age_secs: None,
+        }
     }
 }
 
@@ -235,7 +240,11 @@ mod tests {
 
     #[test]
     fn maximum_age_holds_with_the_policy_off_and_without_an_exp() {
-        let p = SessionPolicy { mode: SessionMode::Off, max_session_age_secs: Some(60), ..SessionPolicy::default() };
+        let p = SessionPolicy {
+            mode: SessionMode::Off,
+            max_session_age_secs: Some(60),
+            ..SessionPolicy::default()
+        };
         let plan = p.plan(LOGIN, Some(LOGIN + 5)).unwrap();
         assert_eq!(plan.reason, EndReason::MaxAge { limit_secs: 60 });
         assert_eq!(SessionPolicy::default().plan(LOGIN, None), None);
