@@ -8,8 +8,8 @@
 //! - [`upstream`]: reaching the server, forwarding cancel requests.
 //! - [`conn`]: the connection layer: shared state, stream, session error, cancel keys, reading a
 //!   message.
-//! - Below everything: [`proto`] (framing without I/O), [`relay`] (bytes both ways), [`config`],
-//!   [`metrics`], [`tls`].
+//! - Below everything: [`proto`] (framing without I/O), [`relay`] (bytes both ways), [`track`]
+//!   (requests against answers), [`config`], [`metrics`], [`tls`].
 //!
 //! Apart: [`user_login`], the user's side (`gprxy login`, `gprxy token`).
 #![forbid(unsafe_code)]
@@ -26,5 +26,6 @@ pub mod relay;
 pub mod server;
 pub mod session;
 pub mod tls;
+pub mod track;
 pub mod upstream;
 pub mod user_login;
