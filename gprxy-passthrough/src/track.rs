@@ -60,19 +60,45 @@ impl Tracker {
     /// Server bytes on their way to the client.
     pub fn server_bytes(&mut self, data: &[u8]) -> Result<(), proto::ProtoError> {
         let (in_flight, copy_in, doubt) = (&mut self.in_flight, &mut self.copy_in, &mut self.doubt);
-        self.server.feed_each(data, |tag| match tag {
-            b'Z' => {
-                *copy_in = false;
-                match in_flight.checked_sub(1) {
-                    Some(n) => *in_flight = n,
-                    None => *doubt = true,
-                }
-            }
-            // CopyInResponse, CopyBothResponse: the server waits for the client's data.
-            b'G' | b'W' => *copy_in = true,
-            _ => {}
-        })?;
+        self.server.feed_each(data, |tag| answered(tag, in_flight, copy_in, doubt))?;
         Ok(())
+    }
+
+    /// Server bytes as far as the end of the message the server's stream is in. Returns how
+    /// many of `data` that took (0 between messages).
+    pub fn server_bytes_to_boundary(&mut self, data: &[u8]) -> Result<usize, proto::ProtoError> {
+        let (in_flight, copy_in, doubt) = (&mut self.in_flight, &mut self.copy_in, &mut self.doubt);
+        self.server.feed_to_boundary(data, |tag| answered(tag, in_flight, copy_in, doubt))
+    }
+
+    /// Whether the client's stream stopped between two messages.
+    pub fn client_between_messages(&self) -> bool {
+        self.client.at_boundary()
+    }
+
+    /// Whether the server's stream stopped between two messages.
+    pub fn server_between_messages(&self) -> bool {
+        self.server.at_boundary()
+    }
+
+    /// Queries, Syncs and function calls whose ReadyForQuery has not come back.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight
+    }
+
+    /// Extended-protocol messages were sent since the last Sync.
+    pub fn unsynced(&self) -> bool {
+        self.unsynced
+    }
+
+    /// The server waits for the client's COPY data.
+    pub fn copy_in(&self) -> bool {
+        self.copy_in
+    }
+
+    /// The status of the last ReadyForQuery (`I`, `T` or `E`).
+    pub fn last_ready(&self) -> Option<u8> {
+        self.server.last_ready
     }
 
     /// Whether the connection can be reset for another client: both streams between messages,
@@ -88,6 +114,21 @@ impl Tracker {
     }
 }
 
+/// What one server message's tag says about the requests.
+fn answered(tag: u8, in_flight: &mut u64, copy_in: &mut bool, doubt: &mut bool) {
+    match tag {
+        b'Z' => {
+            *copy_in = false;
+            match in_flight.checked_sub(1) {
+                Some(n) => *in_flight = n,
+                None => *doubt = true,
+            }
+        }
+        // CopyInResponse, CopyBothResponse: the server waits for the client's data.
+        b'G' | b'W' => *copy_in = true,
+        _ => {}
+    }
+}
 
 #[cfg(test)]
 mod tests {
