@@ -7,7 +7,8 @@
 //!   [`fallback`] (gprxy validates; service accounts, the session pool, the signed context).
 //! - [`upstream`]: reaching the server, forwarding cancel requests.
 //! - [`conn`]: the connection layer: shared state, stream, session error, cancel keys, reading a
-//!   message.
+//!   message; [`lifetime`]: when a logged-in session ends (`[session]`), the relay that watches
+//!   for it.
 //! - Below everything: [`proto`] (framing without I/O), [`relay`] (bytes both ways), [`track`]
 //!   (requests against answers), [`config`], [`metrics`], [`tls`].
 //!
@@ -19,6 +20,7 @@ pub mod admin;
 pub mod config;
 pub mod conn;
 pub mod fallback;
+pub mod lifetime;
 pub mod metrics;
 pub mod passthrough;
 pub mod proto;

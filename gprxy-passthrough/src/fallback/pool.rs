@@ -9,10 +9,8 @@
 //! reset, a reload) closes the connection instead.
 
 use std::collections::HashMap;
-use std::future::poll_fn;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -21,15 +19,14 @@ use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 
 use crate::config::PoolSettings;
-use crate::conn::{read_message, BoxStream, CancelKey, SessionError};
+use crate::conn::{read_message, BoxStream, CancelKey, SessionError, Shared};
+use crate::lifetime::END_TIMEOUT;
 use crate::metrics::{Metrics, PoolGauges};
 use crate::proto::{self, SqlState};
 use crate::track::Tracker;
-use crate::relay::{End, Pipe, Verdict};
 
 /// A logged-in server connection.
 pub struct ServerConn {
@@ -349,59 +346,154 @@ async fn reset(conn: &mut ServerConn) -> bool {
     matches!(tokio::time::timeout(Duration::from_secs(5), run).await, Ok(Some(true)))
 }
 
-/// Relays a pooled session until the client leaves. Returns whether the server connection is
-/// clean ([`Tracker::clean`] when the client sent Terminate or closed). `counters` count the
-/// bytes relayed after `to_server` and `to_client`, to the server and to the client.
-pub async fn relay_tracked(
-    client: &mut BoxStream,
-    server: &mut BoxStream,
-    to_server: BytesMut,
-    to_client: BytesMut,
-    counters: (Counter, Counter),
+/// Brings a server connection whose client was ended mid-request back to an idle point, so
+/// that it can be reset and reused: what the server was sent past its last message is fed to
+/// `track` first (`server_leftover`); a running request is cancelled (its process signalled
+/// before anything else is sent), an open COPY failed, unsynced extended-protocol messages
+/// synced, the answers read and dropped, then an open transaction rolled back. Returns
+/// whether the connection is clean ([`Tracker::clean`]); false after [`END_TIMEOUT`].
+pub async fn settle(
+    shared: &Shared,
+    conn: &mut ServerConn,
+    track: &mut Tracker,
+    server_leftover: BytesMut,
 ) -> bool {
-    let (to_server_bytes, to_client_bytes) = counters;
-    let mut track = Tracker::default();
-    // Server bytes that came after the set-up's answer count like any other.
-    if track.server_bytes(&to_client).is_err() {
-        return false;
-    }
-    if !to_client.is_empty() && client.write_all(&to_client).await.is_err() {
-        return false;
-    }
-    // Client bytes go to the server as they are, up to a Terminate, which ends the session:
-    // first what came with the login, then the relay.
-    match track.client_bytes(&to_server) {
-        Ok(Some(end)) => return server.write_all(&to_server[..end]).await.is_ok() && track.clean(),
-        Ok(None) if server.write_all(&to_server).await.is_err() => return false,
-        Ok(None) => {}
-        Err(_) => return false,
-    }
-    let (mut forward, mut back) = (Pipe::new(to_server_bytes, false), Pipe::new(to_client_bytes, false));
-    poll_fn(|cx| {
-        let watch_client = |data: &[u8]| match track.client_bytes(data) {
-            Ok(Some(end)) => Verdict::PassUpTo(end),
-            Ok(None) => Verdict::Pass,
-            Err(_) => Verdict::Refuse,
-        };
-        match forward.poll_copy(cx, &mut **client, &mut **server, watch_client) {
-            // The client left, or sent Terminate (not forwarded).
-            Poll::Ready(End::Eof | End::ReadFailed(_) | End::Stopped) => return Poll::Ready(track.clean()),
-            Poll::Ready(End::WriteFailed(_) | End::Refused) => return Poll::Ready(false),
-            Poll::Pending => {}
+    let run = async {
+        track.server_bytes(&server_leftover).ok()?;
+        if (track.in_flight() > 0 && !track.copy_in()) || track.unsynced() {
+            let config = shared.config.read().clone();
+            crate::upstream::cancel(shared, &config, conn.key.as_ref()?).await.ok()?;
         }
-        let watch_server =
-            |data: &[u8]| if track.server_bytes(data).is_ok() { Verdict::Pass } else { Verdict::Refuse };
-        match back.poll_copy(cx, &mut **server, &mut **client, watch_server) {
-            Poll::Ready(_) => Poll::Ready(false),
-            Poll::Pending => Poll::Pending,
+        let mut out = BytesMut::new();
+        if track.copy_in() {
+            frontend::copy_fail("gprxy: the session ended", &mut out).ok()?;
         }
-    })
-    .await
+        if track.unsynced() {
+            frontend::sync(&mut out);
+        }
+        send_tracked(conn, track, &out).await?;
+        drain(conn, track).await?;
+        if track.last_ready() != Some(b'I') {
+            let mut rollback = BytesMut::new();
+            frontend::query("ROLLBACK", &mut rollback).ok()?;
+            send_tracked(conn, track, &rollback).await?;
+            drain(conn, track).await?;
+        }
+        Some(track.clean())
+    };
+    matches!(tokio::time::timeout(END_TIMEOUT, run).await, Ok(Some(true)))
+}
+
+/// Sends client messages of gprxy's own, counted like the client's.
+async fn send_tracked(conn: &mut ServerConn, track: &mut Tracker, out: &[u8]) -> Option<()> {
+    if out.is_empty() {
+        return Some(());
+    }
+    track.client_bytes(out).ok()?;
+    conn.stream.write_all(out).await.ok()?;
+    conn.stream.flush().await.ok()
+}
+
+/// Reads and drops server messages until every request was answered.
+async fn drain(conn: &mut ServerConn, track: &mut Tracker) -> Option<()> {
+    let mut buf = BytesMut::new();
+    while track.in_flight() > 0 || !track.server_between_messages() {
+        buf.clear();
+        if conn.stream.read_buf(&mut buf).await.ok()? == 0 {
+            return None;
+        }
+        track.server_bytes(&buf).ok()?;
+    }
+    Some(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn q(sql: &str) -> BytesMut {
+        let mut out = BytesMut::new();
+        frontend::query(sql, &mut out).unwrap();
+        out
+    }
+
+    fn answer(tag: &str, status: u8) -> BytesMut {
+        let mut out = proto::frame(b'C', format!("{tag}\0").as_bytes());
+        out.extend_from_slice(&proto::frame(b'Z', &[status]));
+        out
+    }
+
+    /// A server connection whose far end the test plays, and a tracker that saw `client` sent
+    /// and `server` answered.
+    fn session(client: &[u8], server: &[u8], key: Option<CancelKey>) -> (ServerConn, BoxStream, Tracker) {
+        let (ours, theirs) = crate::conn::duplex::pair();
+        let mut track = Tracker::default();
+        track.client_bytes(client).unwrap();
+        track.server_bytes(server).unwrap();
+        (ServerConn::new(ours, BytesMut::new(), key, None), theirs, track)
+    }
+
+    fn shared() -> std::sync::Arc<crate::session::Proxy> {
+        // Port 9: a cancel would not get through.
+        let overrides =
+            crate::config::Overrides { upstream: Some("127.0.0.1:9".into()), ..Default::default() };
+        crate::server::proxy(crate::config::Config::load(None, &overrides).unwrap()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn settling_rolls_back_an_open_transaction() {
+        let proxy = shared();
+        let (mut conn, mut server, mut track) = session(&q("BEGIN"), &answer("BEGIN", b'T'), None);
+        let fake = tokio::spawn(async move {
+            let mut buf = BytesMut::new();
+            let m = crate::conn::duplex::next(&mut server, &mut buf).await;
+            server.write_all(&answer("ROLLBACK", b'I')).await.unwrap();
+            m
+        });
+        assert!(settle(&proxy.shared, &mut conn, &mut track, BytesMut::new()).await);
+        assert_eq!(fake.await.unwrap().raw, q("ROLLBACK"));
+        assert!(track.clean());
+    }
+
+    #[tokio::test]
+    async fn settling_fails_an_open_copy_then_rolls_back() {
+        let proxy = shared();
+        let copy_in = proto::frame(b'G', b"\0\0\0");
+        let (mut conn, mut server, mut track) = session(&q("COPY t FROM STDIN"), &copy_in, None);
+        let fake = tokio::spawn(async move {
+            let mut buf = BytesMut::new();
+            let fail = crate::conn::duplex::next(&mut server, &mut buf).await;
+            let mut refused = proto::frame(b'E', b"SERROR\0C57014\0Mgprxy: the session ended\0\0");
+            refused.extend_from_slice(&proto::frame(b'Z', b"E"));
+            server.write_all(&refused).await.unwrap();
+            let rollback = crate::conn::duplex::next(&mut server, &mut buf).await;
+            server.write_all(&answer("ROLLBACK", b'I')).await.unwrap();
+            (fail.tag, rollback.raw)
+        });
+        assert!(settle(&proxy.shared, &mut conn, &mut track, BytesMut::new()).await);
+        assert_eq!(fake.await.unwrap(), (b'f', q("ROLLBACK")));
+    }
+
+    #[tokio::test]
+    async fn an_answer_read_before_the_end_settles_without_a_word_to_the_server() {
+        let proxy = shared();
+        let (mut conn, mut server, mut track) = session(&q("SELECT 1"), b"", None);
+        assert!(settle(&proxy.shared, &mut conn, &mut track, answer("SELECT 1", b'I')).await);
+        drop(conn);
+        let mut sent = Vec::new();
+        server.read_to_end(&mut sent).await.unwrap();
+        assert!(sent.is_empty(), "{sent:?}");
+    }
+
+    #[tokio::test]
+    async fn a_running_query_that_cannot_be_cancelled_is_not_settled() {
+        let proxy = shared();
+        // No cancel key, or a server the cancel cannot reach.
+        let (mut conn, _server, mut track) = session(&q("SELECT pg_sleep(60)"), b"", None);
+        assert!(!settle(&proxy.shared, &mut conn, &mut track, BytesMut::new()).await);
+        let (mut conn, _server, mut track) = session(&q("SELECT pg_sleep(60)"), b"", Some((7, vec![1; 4])));
+        assert!(!settle(&proxy.shared, &mut conn, &mut track, BytesMut::new()).await);
+    }
 
     #[tokio::test]
     async fn a_pool_that_never_logged_in_is_forgotten_and_not_exported() {
