@@ -76,14 +76,24 @@ impl Ending {
     }
 }
 
+/// Whose session it is, for the audit line (never the token itself).
+#[derive(Debug, Clone, Default)]
+pub struct TokenOwner {
+    /// The token's `sub`.
+    pub sub: Option<String>,
+    /// The token's `iss`.
+    pub iss: Option<String>,
+    /// The token's fingerprint, as the login line gives it.
+    pub token_fp: Option<String>,
+}
+
 /// When and why one logged-in session ends, with what its audit line names.
 #[derive(Debug, Clone)]
 pub struct SessionEnd {
     plan: SessionPlan,
     policy: SessionMode,
     mode: ProxyMode,
-    sub: Option<String>,
-    iss: Option<String>,
+    owner: TokenOwner,
     login: std::time::Instant,
 }
 
@@ -94,12 +104,11 @@ impl SessionEnd {
         policy: &SessionPolicy,
         mode: ProxyMode,
         exp: Option<u64>,
-        sub: Option<String>,
-        iss: Option<String>,
+        owner: TokenOwner,
     ) -> Option<Self> {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
         let plan = policy.plan(now, exp)?;
-        Some(Self { plan, policy: policy.mode, mode, sub, iss, login: std::time::Instant::now() })
+        Some(Self { plan, policy: policy.mode, mode, owner, login: std::time::Instant::now() })
     }
 
     /// The plan.
@@ -121,11 +130,12 @@ impl SessionEnd {
         info!(
             event = reason.event(),
             reason = reason.label(),
-            sub = self.sub.as_deref().unwrap_or(""),
-            iss = self.iss.as_deref().unwrap_or(""),
+            sub = self.owner.sub.as_deref().unwrap_or(""),
+            iss = self.owner.iss.as_deref().unwrap_or(""),
+            token_fp = self.owner.token_fp.as_deref().unwrap_or(""),
             age_secs = self.login.elapsed().as_secs(),
-            mode = self.policy.name(),
-            proxy_mode = self.mode.label(),
+            policy = self.policy.name(),
+            mode = self.mode.label(),
             ended_at = ending.label(),
             "session ended: {}",
             reason.client_message()
@@ -340,8 +350,8 @@ mod tests {
     fn expired(mode: SessionMode, hard_limit: u64) -> SessionEnd {
         let policy = SessionPolicy { mode, idle_hard_limit_secs: hard_limit, ..SessionPolicy::default() };
         let exp = unix_now() - 10;
-        let end = SessionEnd::plan(&policy, ProxyMode::Passthrough, Some(exp), Some("alice".into()), None);
-        end.unwrap()
+        let owner = TokenOwner { sub: Some("alice".into()), ..TokenOwner::default() };
+        SessionEnd::plan(&policy, ProxyMode::Passthrough, Some(exp), owner).unwrap()
     }
 
     fn expiry_message(end: &SessionEnd) -> String {
@@ -506,8 +516,8 @@ mod tests {
     #[tokio::test]
     async fn before_its_end_a_session_relays_and_terminate_is_kept_back() {
         let policy = SessionPolicy { mode: SessionMode::Strict, ..SessionPolicy::default() };
-        let end =
-            SessionEnd::plan(&policy, ProxyMode::Fallback, Some(unix_now() + 3600), None, None).unwrap();
+        let in_an_hour = Some(unix_now() + 3600);
+        let end = SessionEnd::plan(&policy, ProxyMode::Fallback, in_an_hour, TokenOwner::default()).unwrap();
         let (relay, mut client, mut server) = start(end, BytesMut::new(), BytesMut::new());
         let mut bye = q("SELECT 1");
         bye.extend_from_slice(b"X\0\0\0\x04");

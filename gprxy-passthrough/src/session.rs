@@ -14,7 +14,7 @@ use tracing::{field::Empty, info, warn, Instrument};
 use crate::config::Config;
 use crate::conn::{read_more, send, BoxStream, LoginInfo, SessionError, Shared, Upstream};
 use crate::fallback::{Fallback, PooledSession};
-use crate::lifetime::{ProxyMode, SessionEnd};
+use crate::lifetime::{ProxyMode, SessionEnd, TokenOwner};
 use crate::proto::{self, FirstPacket, ProtoError, SqlState};
 
 /// Everything a connection runs with: the connection layer's shared state and fallback mode
@@ -105,7 +105,8 @@ pub async fn handle(proxy: Arc<Proxy>, sock: TcpStream, peer: SocketAddr) {
 fn passthrough_end(policy: &gprxy_core::SessionPolicy, info: &LoginInfo) -> Option<SessionEnd> {
     let t = info.token.as_ref()?;
     let exp = t.exp.and_then(|e| u64::try_from(e).ok());
-    SessionEnd::plan(policy, ProxyMode::Passthrough, exp, t.sub.clone(), t.iss.clone())
+    let owner = TokenOwner { sub: t.sub.clone(), iss: t.iss.clone(), token_fp: info.token_fp.clone() };
+    SessionEnd::plan(policy, ProxyMode::Passthrough, exp, owner)
 }
 
 /// The login event. Strings a client chose are recorded as `&str`: the text format writes them

@@ -17,7 +17,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::config::{toml_name, ClientAuth, Config, Fallback as Settings, UserMatch};
 use crate::conn::{send_ready, BoxStream, CancelKey, LoginInfo, SessionError, Shared};
-use crate::lifetime::{relay_watched, ProxyMode, RelayEnd, SessionEnd};
+use crate::lifetime::{relay_watched, ProxyMode, RelayEnd, SessionEnd, TokenOwner};
 use crate::proto::{self, BackendMessage, SqlState, Startup};
 use crate::track::Tracker;
 use pool::{Lease, Pools, ServerConn};
@@ -217,8 +217,11 @@ pub async fn log_in(
         &config.session,
         ProxyMode::Fallback,
         u64::try_from(t.expires_at).ok(),
-        t.subject.clone(),
-        Some(t.issuer.clone()),
+        TokenOwner {
+            sub: t.subject.clone(),
+            iss: Some(t.issuer.clone()),
+            token_fp: Some(t.fingerprint.clone()),
+        },
     );
     Ok(PooledSession { lease, conn, client_key, end, leftover_client: cbuf, leftover_server: sbuf })
 }
