@@ -25,6 +25,8 @@ pub enum Auth<'a> {
 /// An ErrorResponse (or a transport failure, with no SQLSTATE).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PgError {
+    /// Severity (`ERROR`, `FATAL`, ...).
+    pub severity: Option<String>,
     /// SQLSTATE.
     pub code: Option<String>,
     /// Message.
@@ -38,7 +40,7 @@ impl std::fmt::Display for PgError {
 }
 
 fn io_err(e: impl std::fmt::Display) -> PgError {
-    PgError { code: None, message: e.to_string() }
+    PgError { severity: None, code: None, message: e.to_string() }
 }
 
 /// Plain TCP or TLS (rustls) to the server.
@@ -157,13 +159,14 @@ fn connect_with(
 }
 
 fn error_of(body: &postgres_protocol::message::backend::ErrorResponseBody) -> PgError {
-    let mut e = PgError { code: None, message: String::new() };
+    let mut e = PgError { severity: None, code: None, message: String::new() };
     let mut fields = body.fields();
     while let Ok(Some(f)) = fields.next() {
         let v = String::from_utf8_lossy(f.value_bytes()).into_owned();
         match f.type_() {
             b'C' => e.code = Some(v),
             b'M' => e.message = v,
+            b'V' => e.severity = Some(v),
             _ => {}
         }
     }
@@ -250,7 +253,8 @@ impl PgConn {
         }
     }
 
-    /// Runs a simple query; returns the rows of the last result as text.
+    /// Runs a simple query; returns the rows of the last result as text. An error after which
+    /// the server closes the connection (FATAL) is returned as it came.
     pub fn query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, PgError> {
         let mut out = BytesMut::new();
         frontend::query(sql, &mut out).map_err(io_err)?;
@@ -258,7 +262,12 @@ impl PgConn {
         let mut rows = Vec::new();
         let mut error = None;
         loop {
-            match self.next_message()? {
+            let message = match self.next_message() {
+                Ok(m) => m,
+                // A FATAL is followed by the close: the error is what the client was told.
+                Err(closed) => return Err(error.unwrap_or(closed)),
+            };
+            match message {
                 Message::DataRow(row) => {
                     let buf = row.buffer();
                     let vals: Vec<Option<String>> = row
@@ -305,6 +314,19 @@ impl PgConn {
                 }
                 before.push(vals);
             }
+        }
+    }
+
+    /// Waits for the server to end the session: the ErrorResponse it sends, then the close.
+    pub fn wait_for_end(&mut self) -> Result<PgError, PgError> {
+        let e = match self.next_message()? {
+            Message::ErrorResponse(body) => error_of(&body),
+            _ => return Err(io_err("a message other than an ErrorResponse")),
+        };
+        match self.next_message() {
+            Err(closed) if closed.code.is_none() => Ok(e),
+            Err(other) => Err(other),
+            Ok(_) => Err(io_err(format!("a message after the error ({e})"))),
         }
     }
 
