@@ -106,8 +106,11 @@ impl SessionEnd {
         exp: Option<u64>,
         owner: TokenOwner,
     ) -> Option<Self> {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
-        let plan = policy.plan(now, exp)?;
+        // Whole seconds, rounded up (as the validator does): a session never ends before
+        // max_session_age has passed.
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let login_at = now.as_secs() + u64::from(now.subsec_nanos() > 0);
+        let plan = policy.plan(login_at, exp)?;
         Some(Self { plan, policy: policy.mode, mode, owner, login: std::time::Instant::now() })
     }
 
@@ -407,6 +410,19 @@ mod tests {
         let m = crate::proto::parse_message(&mut fatal.clone(), 1024, "x").unwrap().unwrap();
         assert_eq!(crate::proto::error_fields(&m), ("28000".to_owned(), expiry_message(&end)));
         assert!(fatal.windows(7).any(|w| w == b"SFATAL\0"));
+    }
+
+    #[test]
+    fn a_maximum_age_is_never_cut_short_and_a_login_without_exp_has_only_that() {
+        let policy = SessionPolicy { max_session_age_secs: Some(60), ..SessionPolicy::default() };
+        let before = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+        let end = SessionEnd::plan(&policy, ProxyMode::Passthrough, None, TokenOwner::default()).unwrap();
+        assert_eq!(end.plan.reason, EndReason::MaxAge { limit_secs: 60 });
+        let end_at = Duration::from_secs(end.plan.end_at);
+        assert!(end_at >= before + Duration::from_secs(60), "{end_at:?} < {before:?} + 60 s");
+        assert!(end_at <= before + Duration::from_secs(62));
+        let no_limit = SessionPolicy::default();
+        assert!(SessionEnd::plan(&no_limit, ProxyMode::Passthrough, None, TokenOwner::default()).is_none());
     }
 
     #[tokio::test]
