@@ -114,11 +114,6 @@ impl SessionEnd {
         Some(Self { plan, policy: policy.mode, mode, owner, login: std::time::Instant::now() })
     }
 
-    /// The plan.
-    pub fn session_plan(&self) -> &SessionPlan {
-        &self.plan
-    }
-
     /// The ErrorResponse the client reads last: FATAL, SQLSTATE 28000, the reason.
     pub fn fatal(&self) -> BytesMut {
         let message = self.plan.reason.client_message();
