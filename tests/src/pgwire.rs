@@ -25,12 +25,12 @@ pub enum Auth<'a> {
 /// An ErrorResponse (or a transport failure, with no SQLSTATE).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PgError {
-    /// Severity (`ERROR`, `FATAL`, ...).
-    pub severity: Option<String>,
     /// SQLSTATE.
     pub code: Option<String>,
     /// Message.
     pub message: String,
+    /// Severity (`ERROR`, `FATAL`, ...; empty for a transport failure).
+    pub severity: String,
 }
 
 impl std::fmt::Display for PgError {
@@ -40,7 +40,7 @@ impl std::fmt::Display for PgError {
 }
 
 fn io_err(e: impl std::fmt::Display) -> PgError {
-    PgError { severity: None, code: None, message: e.to_string() }
+    PgError { code: None, message: e.to_string(), severity: String::new() }
 }
 
 /// Plain TCP or TLS (rustls) to the server.
@@ -159,14 +159,14 @@ fn connect_with(
 }
 
 fn error_of(body: &postgres_protocol::message::backend::ErrorResponseBody) -> PgError {
-    let mut e = PgError { severity: None, code: None, message: String::new() };
+    let mut e = PgError { code: None, message: String::new(), severity: String::new() };
     let mut fields = body.fields();
     while let Ok(Some(f)) = fields.next() {
         let v = String::from_utf8_lossy(f.value_bytes()).into_owned();
         match f.type_() {
             b'C' => e.code = Some(v),
             b'M' => e.message = v,
-            b'V' => e.severity = Some(v),
+            b'V' => e.severity = v,
             _ => {}
         }
     }
@@ -291,6 +291,19 @@ impl PgConn {
         Ok(self.query(sql)?.into_iter().next().and_then(|r| r.into_iter().next()).flatten())
     }
 
+    /// Waits for the server to end the session: the ErrorResponse it sends, then the close.
+    pub fn wait_for_end(&mut self) -> Result<PgError, PgError> {
+        let e = match self.next_message()? {
+            Message::ErrorResponse(body) => error_of(&body),
+            _ => return Err(io_err("a message other than an ErrorResponse")),
+        };
+        match self.next_message() {
+            Err(closed) if closed.code.is_none() => Ok(e),
+            Err(other) => Err(other),
+            Ok(_) => Err(io_err(format!("a message after the error ({e})"))),
+        }
+    }
+
     /// Writes `bytes` as they are, in one write (a burst of messages).
     pub fn send_raw(&mut self, bytes: &[u8]) -> Result<(), PgError> {
         self.send(bytes)?;
@@ -317,16 +330,13 @@ impl PgConn {
         }
     }
 
-    /// Waits for the server to end the session: the ErrorResponse it sends, then the close.
-    pub fn wait_for_end(&mut self) -> Result<PgError, PgError> {
-        let e = match self.next_message()? {
-            Message::ErrorResponse(body) => error_of(&body),
-            _ => return Err(io_err("a message other than an ErrorResponse")),
-        };
-        match self.next_message() {
-            Err(closed) if closed.code.is_none() => Ok(e),
-            Err(other) => Err(other),
-            Ok(_) => Err(io_err(format!("a message after the error ({e})"))),
+    /// Waits (up to the read timeout) for the next ErrorResponse, whatever comes before it: a
+    /// session's end as the server announces it.
+    pub fn next_error(&mut self) -> Result<PgError, PgError> {
+        loop {
+            if let Message::ErrorResponse(body) = self.next_message()? {
+                return Ok(error_of(&body));
+            }
         }
     }
 

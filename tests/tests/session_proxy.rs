@@ -47,8 +47,8 @@ fn assert_ended(c: &mut PgConn, message: &str) -> f64 {
 
 fn assert_fatal(e: &PgError, message: &str) {
     assert_eq!(
-        (e.severity.as_deref(), e.code.as_deref(), e.message.as_str()),
-        (Some("FATAL"), Some("28000"), message),
+        (e.severity.as_str(), e.code.as_deref(), e.message.as_str()),
+        ("FATAL", Some("28000"), message),
         "{e}"
     );
 }
