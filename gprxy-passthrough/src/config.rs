@@ -29,7 +29,48 @@ struct FileConfig {
     log: FileLog,
     #[serde(default)]
     bridge: FileBridge,
+    #[serde(default)]
+    session: FileSession,
     fallback: Option<FileFallback>,
+}
+
+/// `[session]`: when a session ends after login (gprxy_core::session).
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileSession {
+    policy: Option<SessionModeName>,
+    grace_secs: Option<u64>,
+    idle_hard_limit_secs: Option<u64>,
+    /// Absent or 0: no limit.
+    max_session_age_secs: Option<u64>,
+}
+
+/// `session.policy` by its word (`off`, `idle`, `strict`).
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(try_from = "String")]
+struct SessionModeName(gprxy_core::SessionMode);
+
+impl TryFrom<String> for SessionModeName {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        // Exact spelling, as the other enumerated settings.
+        match gprxy_core::SessionMode::parse(&s) {
+            Some(mode) if mode.name() == s => Ok(Self(mode)),
+            _ => Err(format!("session.policy: {s:?} is not off, idle or strict")),
+        }
+    }
+}
+
+impl FileSession {
+    fn policy(self) -> gprxy_core::SessionPolicy {
+        let d = gprxy_core::SessionPolicy::default();
+        gprxy_core::SessionPolicy {
+            mode: self.policy.map_or(d.mode, |p| p.0),
+            grace_secs: self.grace_secs.unwrap_or(d.grace_secs),
+            idle_hard_limit_secs: self.idle_hard_limit_secs.unwrap_or(d.idle_hard_limit_secs),
+            max_session_age_secs: self.max_session_age_secs.filter(|&s| s > 0),
+        }
+    }
 }
 
 /// `[fallback]`: the proxy validates tokens itself and logs in upstream as a service account.
@@ -575,6 +616,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Token-as-password bridge.
     pub token_as_password: bool,
+    /// When a session ends after login (`[session]`); a reload applies to new sessions.
+    pub session: gprxy_core::SessionPolicy,
     /// Fallback mode (proxy-side validation), if configured.
     pub fallback: Option<Fallback>,
 }
@@ -667,6 +710,7 @@ impl Config {
                 .transpose()?,
             log_format,
             token_as_password: file.bridge.token_as_password,
+            session: file.session.policy(),
             fallback: file.fallback.map(check_fallback).transpose()?,
         })
     }
@@ -966,6 +1010,41 @@ mod tests {
         let c = load(include_str!("../../gprxy.toml.example")).unwrap();
         assert!(c.require_tls && c.tls.is_some() && !c.token_as_password);
         assert_eq!(c.admin_listen, Some("127.0.0.1:9187".parse().unwrap()));
+        assert_eq!(c.session, gprxy_core::SessionPolicy::default());
+    }
+
+    #[test]
+    fn session_table_is_parsed_once_with_defaults() {
+        use gprxy_core::{SessionMode, SessionPolicy};
+        assert_eq!(load("upstream = \"h:1\"\n").unwrap().session, SessionPolicy::default());
+        let c = load(
+            "upstream = \"h:1\"\n[session]\npolicy = \"strict\"\ngrace_secs = 30\nidle_hard_limit_secs = 600\nmax_session_age_secs = 86400\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.session,
+            SessionPolicy {
+                mode: SessionMode::Strict,
+                grace_secs: 30,
+                idle_hard_limit_secs: 600,
+                max_session_age_secs: Some(86400)
+            }
+        );
+        let off =
+            load("upstream = \"h:1\"\n[session]\npolicy = \"off\"\nmax_session_age_secs = 0\n").unwrap();
+        assert_eq!(off.session, SessionPolicy { mode: SessionMode::Off, ..SessionPolicy::default() });
+        let err = |text: &str| {
+            format!("{:#}", load(&format!("upstream = \"h:1\"\n[session]\n{text}")).unwrap_err())
+        };
+        let e = err("policy = \"Strict\"\n");
+        assert!(
+            e.contains("session.policy: \"Strict\" is not off, idle or strict") && e.contains("line 3"),
+            "{e}"
+        );
+        let e = err("grace = 5\n");
+        assert!(e.contains("unknown field `grace`") && e.contains("line 3"), "{e}");
+        let e = err("grace_secs = -1\n");
+        assert!(e.contains("grace_secs") && e.contains("line 3"), "{e}");
     }
 
     #[test]

@@ -7,9 +7,10 @@
 //!   [`fallback`] (gprxy validates; service accounts, the session pool, the signed context).
 //! - [`upstream`]: reaching the server, forwarding cancel requests.
 //! - [`conn`]: the connection layer: shared state, stream, session error, cancel keys, reading a
-//!   message.
-//! - Below everything: [`proto`] (framing without I/O), [`relay`] (bytes both ways), [`config`],
-//!   [`metrics`], [`tls`].
+//!   message; [`lifetime`]: when a logged-in session ends (`[session]`), the relay that watches
+//!   for it.
+//! - Below everything: [`proto`] (framing without I/O), [`relay`] (bytes both ways), [`track`]
+//!   (requests against answers), [`config`], [`metrics`], [`tls`].
 //!
 //! Apart: [`user_login`], the user's side (`gprxy login`, `gprxy token`).
 #![forbid(unsafe_code)]
@@ -19,6 +20,7 @@ pub mod admin;
 pub mod config;
 pub mod conn;
 pub mod fallback;
+pub mod lifetime;
 pub mod metrics;
 pub mod passthrough;
 pub mod proto;
@@ -26,5 +28,6 @@ pub mod relay;
 pub mod server;
 pub mod session;
 pub mod tls;
+pub mod track;
 pub mod upstream;
 pub mod user_login;

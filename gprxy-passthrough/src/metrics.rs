@@ -55,6 +55,15 @@ pub struct DirectionLabels {
     pub direction: &'static str,
 }
 
+/// Labels of the ended-sessions counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SessionEndLabels {
+    /// `passthrough` or `fallback`.
+    pub mode: &'static str,
+    /// `token_expired` or `max_age` (gprxy_core::EndReason::label).
+    pub reason: &'static str,
+}
+
 /// Labels of the pool gauges.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
 pub struct PoolLabels {
@@ -146,6 +155,8 @@ pub struct Metrics {
     pools: Arc<PoolCollector>,
     /// Time clients waited for a pooled connection.
     pub pool_wait: Histogram,
+    /// Sessions the session policy ended, by mode and reason.
+    pub sessions_ended: Family<SessionEndLabels, Counter>,
 }
 
 impl Metrics {
@@ -193,6 +204,12 @@ impl Metrics {
             "Time clients waited for a pooled connection",
             pool_wait.clone(),
         );
+        let sessions_ended = Family::<SessionEndLabels, Counter>::default();
+        registry.register(
+            "sessions_ended",
+            "Sessions ended by the session policy (token expired, maximum age)",
+            sessions_ended.clone(),
+        );
         Self {
             registry,
             logins,
@@ -205,6 +222,7 @@ impl Metrics {
             rejected,
             pools,
             pool_wait,
+            sessions_ended,
         }
     }
 
@@ -218,6 +236,11 @@ impl Metrics {
     pub fn login(&self, mechanism: &str, outcome: &'static str) {
         let labels = LoginLabels { mechanism: mechanism_label(mechanism), outcome };
         self.logins.get_or_create(&labels).inc();
+    }
+
+    /// Counts a session the session policy ended.
+    pub fn session_ended(&self, mode: &'static str, reason: &'static str) {
+        self.sessions_ended.get_or_create(&SessionEndLabels { mode, reason }).inc();
     }
 
     /// Gauges for a new pool, exported once [`Metrics::admit_pool`] is called.
@@ -273,6 +296,23 @@ mod tests {
         assert!(text.contains("gprxy_logins_total{mechanism=\"other\",outcome=\"failure\"} 1\n"), "{text}");
         assert!(text.contains("gprxy_logins_total{mechanism=\"SCRAM-SHA-256\",outcome=\"success\"} 1\n"));
         assert!(!text.contains("gprxy_connections_active 9"), "{text}");
+    }
+
+    #[test]
+    fn ended_sessions_are_counted_by_mode_and_reason() {
+        let m = Metrics::new();
+        m.session_ended("passthrough", "token_expired");
+        m.session_ended("passthrough", "token_expired");
+        m.session_ended("fallback", "max_age");
+        let text = m.render();
+        assert!(
+            text.contains("gprxy_sessions_ended_total{mode=\"passthrough\",reason=\"token_expired\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("gprxy_sessions_ended_total{mode=\"fallback\",reason=\"max_age\"} 1\n"),
+            "{text}"
+        );
     }
 
     #[test]

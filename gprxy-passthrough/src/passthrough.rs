@@ -9,7 +9,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::Config;
 use crate::conn::{send, send_ready, BoxStream, LoginInfo, SessionError, Shared, Upstream};
+use crate::lifetime::{relay_watched, RelayEnd, SessionEnd};
 use crate::proto::{self, auth, BackendMessage, ProtoError, SqlState, Startup};
+use crate::track::Tracker;
 
 /// Logs the client in through the server: the startup packet (less the proxy's own
 /// parameters) goes upstream, then the authentication exchange is relayed.
@@ -30,14 +32,32 @@ pub async fn log_in(
     authenticate(shared, config, client, up, buf, info).await
 }
 
-/// Copies bytes both ways until either side closes, then forgets the session's cancel key.
-pub async fn run(shared: &Shared, client: &mut BoxStream, mut up: Upstream) {
+/// Relays until either side closes or the session's end comes, then forgets the session's
+/// cancel key. Without an end, bytes are copied both ways as they are (no framing).
+pub async fn run(shared: &Shared, client: &mut BoxStream, mut up: Upstream, end: Option<SessionEnd>) {
     // Taken, so that the login's buffers are not held for the rest of the session.
     let (to_server, to_client) =
         (std::mem::take(&mut up.leftover_client), std::mem::take(&mut up.leftover_server));
+    match end {
+        None => copy(shared, client, &mut up.stream, to_server, to_client).await,
+        Some(end) => Box::pin(watch(shared, client, &mut up, to_server, to_client, &end)).await,
+    }
+    if let Some(k) = &up.key {
+        shared.cancel_keys.remove(k);
+    }
+}
+
+/// The plain relay.
+async fn copy(
+    shared: &Shared,
+    client: &mut BoxStream,
+    up: &mut BoxStream,
+    to_server: BytesMut,
+    to_client: BytesMut,
+) {
     let written = async {
         if !to_server.is_empty() {
-            up.stream.write_all(&to_server).await?;
+            up.write_all(&to_server).await?;
         }
         if !to_client.is_empty() {
             client.write_all(&to_client).await?;
@@ -47,11 +67,46 @@ pub async fn run(shared: &Shared, client: &mut BoxStream, mut up: Upstream) {
     if written.await.is_ok() {
         drop((to_server, to_client));
         let (sent, received) = shared.metrics.relayed_bytes();
-        let _ = crate::relay::copy_both_ways(client, &mut up.stream, sent, received).await;
+        let _ = crate::relay::copy_both_ways(client, up, sent, received).await;
     }
-    if let Some(k) = &up.key {
-        shared.cancel_keys.remove(k);
+}
+
+/// The relay of a session that ends: at its end the client gets the FATAL, a running request
+/// is cancelled when the end was forced, and the server is told goodbye.
+async fn watch(
+    shared: &Shared,
+    client: &mut BoxStream,
+    up: &mut Upstream,
+    to_server: BytesMut,
+    to_client: BytesMut,
+    end: &SessionEnd,
+) {
+    let mut track = Tracker::default();
+    let relay_end =
+        relay_watched(&shared.metrics, client, &mut up.stream, to_server, to_client, &mut track, Some(end))
+            .await;
+    // Terminate is sent only between the client's messages (the client's own was not relayed).
+    let mut goodbye = track.client_between_messages();
+    match relay_end {
+        RelayEnd::ClientLeft => {}
+        RelayEnd::Broken => goodbye = false,
+        RelayEnd::Ended { ending, server_in_step, .. } => {
+            end.record(&shared.metrics, ending);
+            goodbye = server_in_step;
+            if ending.forced() && (track.in_flight() > 0 || track.unsynced()) {
+                if let Some(key) = &up.key {
+                    let config = shared.config.read().clone();
+                    let _ = crate::upstream::cancel(shared, &config, key).await;
+                }
+            }
+        }
     }
+    if goodbye {
+        let mut out = BytesMut::new();
+        frontend::terminate(&mut out);
+        let _ = up.stream.write_all(&out).await;
+    }
+    let _ = up.stream.shutdown().await;
 }
 
 /// The startup packet (already parsed, so well formed) without its `gprxy.*` parameters: those

@@ -670,6 +670,16 @@ mod tests {
     }
 }
 
+/// Where a [`Framer`] walk stopped.
+enum Walk {
+    /// At this offset a Terminate starts.
+    Terminate(usize),
+    /// A message ended at this offset.
+    Boundary(usize),
+    /// It walked all the bytes.
+    All,
+}
+
 /// Follows message boundaries in a byte stream without buffering messages (which may be up to
 /// 1 GB): enough to stop before a Terminate and to know the last ReadyForQuery status.
 #[derive(Debug, Default, Clone)]
@@ -695,8 +705,35 @@ impl Framer {
     pub fn feed_each(
         &mut self,
         data: &[u8],
-        mut on_message: impl FnMut(u8),
+        on_message: impl FnMut(u8),
     ) -> Result<Option<usize>, ProtoError> {
+        match self.walk(data, on_message, false)? {
+            Walk::Terminate(at) => Ok(Some(at)),
+            Walk::Boundary(_) | Walk::All => Ok(None),
+        }
+    }
+
+    /// Walks `data` only as far as the end of the message the stream is in (nothing when it is
+    /// between messages), calling `on_message` as [`Self::feed_each`] does. Returns how many
+    /// bytes that took: all of `data` when the message goes on past it.
+    pub fn feed_to_boundary(&mut self, data: &[u8], on_message: impl FnMut(u8)) -> Result<usize, ProtoError> {
+        if self.at_boundary() {
+            return Ok(0);
+        }
+        match self.walk(data, on_message, true)? {
+            Walk::Boundary(n) => Ok(n),
+            // A Terminate starts only between messages, where the walk already stopped.
+            Walk::Terminate(n) => Ok(n),
+            Walk::All => Ok(data.len()),
+        }
+    }
+
+    fn walk(
+        &mut self,
+        data: &[u8],
+        mut on_message: impl FnMut(u8),
+        stop_at_boundary: bool,
+    ) -> Result<Walk, ProtoError> {
         let mut i = 0;
         while i < data.len() {
             if self.remaining > 0 {
@@ -707,10 +744,13 @@ impl Framer {
                 let take = (self.remaining as usize).min(data.len() - i);
                 self.remaining -= take as u64;
                 i += take;
+                if stop_at_boundary && self.remaining == 0 {
+                    return Ok(Walk::Boundary(i));
+                }
                 continue;
             }
             if self.have == 0 && data[i] == b'X' {
-                return Ok(Some(i));
+                return Ok(Walk::Terminate(i));
             }
             self.header[self.have] = data[i];
             self.have += 1;
@@ -724,9 +764,12 @@ impl Framer {
                 self.remaining = body;
                 self.first_body_byte = true;
                 self.have = 0;
+                if stop_at_boundary && body == 0 {
+                    return Ok(Walk::Boundary(i));
+                }
             }
         }
-        Ok(None)
+        Ok(Walk::All)
     }
 
     /// Whether the stream stopped between two messages.
@@ -766,6 +809,42 @@ mod framer_tests {
         let mut f = Framer::default();
         f.feed(&frame(b'Q', b"abc")[..6]).unwrap();
         assert!(!f.at_boundary());
+    }
+
+    #[test]
+    fn walks_to_the_end_of_the_message_it_is_in_and_no_further() {
+        let mut stream = Vec::new();
+        stream.extend_from_slice(&frame(b'D', &[7u8; 20]));
+        stream.extend_from_slice(&frame(b'C', b"SELECT 1\0"));
+        stream.extend_from_slice(&frame(b'Z', b"I"));
+        let first = 5 + 20;
+        for cut in 1..first {
+            // Stopped `cut` bytes into the DataRow: the walk takes the rest of it, whatever the
+            // chunks, and nothing of the CommandComplete.
+            let mut f = Framer::default();
+            f.feed(&stream[..cut]).unwrap();
+            let mut tags = Vec::new();
+            let mut taken = 0;
+            for chunk in stream[cut..].chunks(3) {
+                let n = f.feed_to_boundary(chunk, |t| tags.push(t)).unwrap();
+                taken += n;
+                if n < chunk.len() || f.at_boundary() {
+                    break;
+                }
+            }
+            assert_eq!((cut + taken, f.at_boundary()), (first, true), "cut {cut}");
+            assert_eq!(tags, if cut < 5 { vec![b'D'] } else { vec![] }, "cut {cut}");
+            assert_eq!(f.feed_to_boundary(&stream[first..], |_| {}).unwrap(), 0);
+        }
+        // A message without a body ends with its header.
+        let mut f = Framer::default();
+        f.feed(&[b'I', 0]).unwrap();
+        assert_eq!(f.feed_to_boundary(&[0, 0, 4, b'Z'], |_| {}).unwrap(), 3);
+        // The status of a ReadyForQuery walked this way is kept.
+        let mut f = Framer::default();
+        f.feed(&stream[..first + 14 + 2]).unwrap();
+        assert_eq!(f.feed_to_boundary(&stream[first + 14 + 2..], |_| {}).unwrap(), 4);
+        assert_eq!(f.last_ready, Some(b'I'));
     }
 
     #[test]

@@ -139,17 +139,8 @@ impl Pipe {
         W: AsyncWrite + Unpin + ?Sized,
     {
         loop {
-            while self.written < self.limit {
-                let n = match ready!(
-                    Pin::new(&mut *w).poll_write(cx, &self.buf.data()[self.written..self.limit])
-                ) {
-                    Ok(0) => return Poll::Ready(End::WriteFailed(io::ErrorKind::WriteZero.into())),
-                    Ok(n) => n,
-                    Err(e) => return Poll::Ready(End::WriteFailed(e)),
-                };
-                self.written += n;
-                self.need_flush = true;
-                self.counter.inc_by(n as u64);
+            if let Err(e) = ready!(self.poll_write_read_bytes(cx, w)) {
+                return Poll::Ready(End::WriteFailed(e));
             }
             if let Some(ending) = &self.ending {
                 // Kept until the shutdown or flush is done, so that a pending one resumes here.
@@ -197,6 +188,44 @@ impl Pipe {
                 }
             }
         }
+    }
+}
+
+impl Pipe {
+    /// Writes the bytes read and passed that are not written yet.
+    fn poll_write_read_bytes<W>(&mut self, cx: &mut Context<'_>, w: &mut W) -> Poll<io::Result<()>>
+    where
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        while self.written < self.limit {
+            let n = ready!(Pin::new(&mut *w).poll_write(cx, &self.buf.data()[self.written..self.limit]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.written += n;
+            self.need_flush = true;
+            self.counter.inc_by(n as u64);
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Whether every byte read was written (nothing waits in the buffer).
+    pub fn drained(&self) -> bool {
+        self.written == self.limit && self.ending.is_none()
+    }
+
+    /// Writes and flushes what was read and passed, reading nothing more: for a relay that
+    /// stops with a message of its own to write after.
+    pub fn poll_write_out<W>(&mut self, cx: &mut Context<'_>, w: &mut W) -> Poll<io::Result<()>>
+    where
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        ready!(self.poll_write_read_bytes(cx, w))?;
+        if self.need_flush {
+            ready!(Pin::new(&mut *w).poll_flush(cx))?;
+            self.need_flush = false;
+        }
+        Poll::Ready(Ok(()))
     }
 }
 

@@ -14,6 +14,7 @@ use tracing::{field::Empty, info, warn, Instrument};
 use crate::config::Config;
 use crate::conn::{read_more, send, BoxStream, LoginInfo, SessionError, Shared, Upstream};
 use crate::fallback::{Fallback, PooledSession};
+use crate::lifetime::{ProxyMode, SessionEnd, TokenOwner};
 use crate::proto::{self, FirstPacket, ProtoError, SqlState};
 
 /// Everything a connection runs with: the connection layer's shared state and fallback mode
@@ -70,7 +71,10 @@ pub async fn handle(proxy: Arc<Proxy>, sock: TcpStream, peer: SocketAddr) {
             Ok(Some(session)) => {
                 log_login(shared, &info, "success", None, started);
                 match session {
-                    LoggedIn::Direct(up) => crate::passthrough::run(shared, &mut client, up).await,
+                    LoggedIn::Direct(up) => {
+                        let end = passthrough_end(&config.session, &info);
+                        crate::passthrough::run(shared, &mut client, up, end).await
+                    }
                     LoggedIn::Pooled(pooled) => pooled.run(shared, &mut client).await,
                 }
             }
@@ -93,6 +97,16 @@ pub async fn handle(proxy: Arc<Proxy>, sock: TcpStream, peer: SocketAddr) {
     }
     .instrument(span)
     .await
+}
+
+/// The end of a pass-through session: from the `exp` of the token the client logged in with,
+/// read without checking (the server checked the token). A login without a token (SCRAM,
+/// trust, ...) is not ended; a token without a readable `exp` (opaque) only by the maximum age.
+fn passthrough_end(policy: &gprxy_core::SessionPolicy, info: &LoginInfo) -> Option<SessionEnd> {
+    let t = info.token.as_ref()?;
+    let exp = t.exp.and_then(|e| u64::try_from(e).ok());
+    let owner = TokenOwner { sub: t.sub.clone(), iss: t.iss.clone(), token_fp: info.token_fp.clone() };
+    SessionEnd::plan(policy, ProxyMode::Passthrough, exp, owner)
 }
 
 /// The login event. Strings a client chose are recorded as `&str`: the text format writes them

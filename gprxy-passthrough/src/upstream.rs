@@ -6,7 +6,7 @@ use tokio::net::TcpStream;
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::conn::{BoxStream, SessionError, Shared};
+use crate::conn::{BoxStream, CancelKey, SessionError, Shared};
 use crate::proto::{self, SqlState};
 
 /// A new connection to the server, TLS when configured.
@@ -54,18 +54,23 @@ pub async fn connect(shared: &Shared, config: &Config) -> Result<BoxStream, Sess
 /// Forwards a cancel request whose key belongs to a live session to that session's server
 /// process; one with an unknown key is dropped (logged).
 pub async fn forward_cancel(shared: &Shared, config: &Config, pid: i32, key: Vec<u8>) {
-    let Some((server_pid, server_secret)) = shared.cancel_keys.get(&(pid, key)) else {
+    let Some(server_key) = shared.cancel_keys.get(&(pid, key)) else {
         info!(event = "cancel", pid, outcome = "dropped", "cancel request with an unknown key dropped");
         return;
     };
-    match connect(shared, config).await {
-        Ok(mut up) => {
-            let _ = up.write_all(&proto::encode_cancel(server_pid, &server_secret)).await;
-            let _ = up.flush().await;
-            let mut sink = [0u8; 1];
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), up.read(&mut sink)).await;
-            info!(event = "cancel", pid, outcome = "forwarded", "cancel request forwarded");
-        }
+    match cancel(shared, config, &server_key).await {
+        Ok(()) => info!(event = "cancel", pid, outcome = "forwarded", "cancel request forwarded"),
         Err(e) => warn!(event = "cancel", pid, error = %e, "cancel request not forwarded"),
     }
+}
+
+/// Sends a CancelRequest for the server process `key` names, and waits (5 s at most) until
+/// the server closes that connection: by then the process has been signalled.
+pub async fn cancel(shared: &Shared, config: &Config, key: &CancelKey) -> Result<(), SessionError> {
+    let mut up = connect(shared, config).await?;
+    up.write_all(&proto::encode_cancel(key.0, &key.1)).await?;
+    up.flush().await?;
+    let mut sink = [0u8; 1];
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), up.read(&mut sink)).await;
+    Ok(())
 }

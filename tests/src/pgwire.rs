@@ -253,7 +253,8 @@ impl PgConn {
         }
     }
 
-    /// Runs a simple query; returns the rows of the last result as text.
+    /// Runs a simple query; returns the rows of the last result as text. An error after which
+    /// the server closes the connection (FATAL) is returned as it came.
     pub fn query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, PgError> {
         let mut out = BytesMut::new();
         frontend::query(sql, &mut out).map_err(io_err)?;
@@ -261,7 +262,12 @@ impl PgConn {
         let mut rows = Vec::new();
         let mut error = None;
         loop {
-            match self.next_message()? {
+            let message = match self.next_message() {
+                Ok(m) => m,
+                // A FATAL is followed by the close: the error is what the client was told.
+                Err(closed) => return Err(error.unwrap_or(closed)),
+            };
+            match message {
                 Message::DataRow(row) => {
                     let buf = row.buffer();
                     let vals: Vec<Option<String>> = row
@@ -283,6 +289,19 @@ impl PgConn {
     /// The first column of the first row.
     pub fn scalar(&mut self, sql: &str) -> Result<Option<String>, PgError> {
         Ok(self.query(sql)?.into_iter().next().and_then(|r| r.into_iter().next()).flatten())
+    }
+
+    /// Waits for the server to end the session: the ErrorResponse it sends, then the close.
+    pub fn wait_for_end(&mut self) -> Result<PgError, PgError> {
+        let e = match self.next_message()? {
+            Message::ErrorResponse(body) => error_of(&body),
+            _ => return Err(io_err("a message other than an ErrorResponse")),
+        };
+        match self.next_message() {
+            Err(closed) if closed.code.is_none() => Ok(e),
+            Err(other) => Err(other),
+            Ok(_) => Err(io_err(format!("a message after the error ({e})"))),
+        }
     }
 
     /// Writes `bytes` as they are, in one write (a burst of messages).

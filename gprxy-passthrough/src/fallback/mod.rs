@@ -17,7 +17,9 @@ use tokio::io::AsyncWriteExt;
 
 use crate::config::{toml_name, ClientAuth, Config, Fallback as Settings, UserMatch};
 use crate::conn::{send_ready, BoxStream, CancelKey, LoginInfo, SessionError, Shared};
+use crate::lifetime::{relay_watched, ProxyMode, RelayEnd, SessionEnd, TokenOwner};
 use crate::proto::{self, BackendMessage, SqlState, Startup};
+use crate::track::Tracker;
 use pool::{Lease, Pools, ServerConn};
 
 /// One trusted issuer at run time: its policy, its key cache and its validator.
@@ -226,7 +228,17 @@ pub async fn log_in(
         identity = t.identity.as_str(),
         "token mapped to service account"
     );
-    Ok(PooledSession { lease, conn, client_key, leftover_client: cbuf, leftover_server: sbuf })
+    let end = SessionEnd::plan(
+        &config.session,
+        ProxyMode::Fallback,
+        u64::try_from(t.expires_at).ok(),
+        TokenOwner {
+            sub: t.subject.clone(),
+            iss: Some(t.issuer.clone()),
+            token_fp: Some(t.fingerprint.clone()),
+        },
+    );
+    Ok(PooledSession { lease, conn, client_key, end, leftover_client: cbuf, leftover_server: sbuf })
 }
 
 /// A logged-in pooled session: its server connection, whole, and the lease it goes back
@@ -236,27 +248,44 @@ pub struct PooledSession {
     conn: ServerConn,
     /// The cancel key the client holds (registered in `Shared::cancel_keys`).
     client_key: Option<CancelKey>,
+    /// When the session ends by the session policy, if it does.
+    end: Option<SessionEnd>,
     leftover_client: BytesMut,
     leftover_server: BytesMut,
 }
 
 impl PooledSession {
-    /// Relays until the client leaves, then returns the server connection to the pool it came
-    /// from (reset, or closed when not clean), even if a reload replaced the pools.
+    /// Relays until the client leaves or the session's end comes, then returns the server
+    /// connection to the pool it came from (reset, or closed when not clean), even if a reload
+    /// replaced the pools. A session ended while busy is first brought back to idle.
     pub async fn run(mut self, shared: &Shared, client: &mut BoxStream) {
         let to_server = std::mem::take(&mut self.leftover_client);
         let to_client = std::mem::take(&mut self.leftover_server);
-        let relay = pool::relay_tracked(
+        let mut track = Tracker::default();
+        let relay = relay_watched(
+            &shared.metrics,
             client,
             &mut self.conn.stream,
             to_server,
             to_client,
-            shared.metrics.relayed_bytes(),
+            &mut track,
+            self.end.as_ref(),
         );
-        let clean = Box::pin(relay).await;
+        let relay_end = Box::pin(relay).await;
         if let Some(k) = &self.client_key {
             shared.cancel_keys.remove(k);
         }
+        let clean = match relay_end {
+            RelayEnd::ClientLeft => track.clean(),
+            RelayEnd::Broken => false,
+            RelayEnd::Ended { ending, server_in_step, server_leftover } => {
+                if let Some(end) = &self.end {
+                    end.record(&shared.metrics, ending);
+                }
+                server_in_step
+                    && Box::pin(pool::settle(shared, &mut self.conn, &mut track, server_leftover)).await
+            }
+        };
         Box::pin(self.lease.give_back(self.conn, clean)).await;
     }
 }

@@ -9,10 +9,8 @@
 //! reset, a reload) closes the connection instead.
 
 use std::collections::HashMap;
-use std::future::poll_fn;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -21,14 +19,14 @@ use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 
 use crate::config::PoolSettings;
-use crate::conn::{read_message, BoxStream, CancelKey, SessionError};
+use crate::conn::{read_message, BoxStream, CancelKey, SessionError, Shared};
+use crate::lifetime::END_TIMEOUT;
 use crate::metrics::{Metrics, PoolGauges};
-use crate::proto::{self, Framer, SqlState};
-use crate::relay::{End, Pipe, Verdict};
+use crate::proto::{self, SqlState};
+use crate::track::Tracker;
 
 /// A logged-in server connection.
 pub struct ServerConn {
@@ -348,142 +346,154 @@ async fn reset(conn: &mut ServerConn) -> bool {
     matches!(tokio::time::timeout(Duration::from_secs(5), run).await, Ok(Some(true)))
 }
 
-/// What a pooled session's client asked for against what the server answered, from the bytes
-/// relayed each way (without buffering messages). Every simple Query, Sync and FunctionCall is
-/// answered by exactly one ReadyForQuery, or by none when the server skips it (after an error
-/// in an extended-protocol batch, or inside COPY): so the count errs only towards "in doubt".
-#[derive(Debug)]
-pub struct Tracker {
-    client: Framer,
-    server: Framer,
-    /// Queries, Syncs and function calls sent whose ReadyForQuery has not come back.
-    in_flight: u64,
-    /// Extended-protocol messages sent since the last Sync.
-    unsynced: bool,
-    /// The server asked for COPY data and has not sent ReadyForQuery since.
-    copy_in: bool,
-    /// Something that cannot be accounted for: a ReadyForQuery nobody asked for, a message type
-    /// the tracker does not know.
-    doubt: bool,
-}
-
-impl Default for Tracker {
-    fn default() -> Self {
-        let mut server = Framer::default();
-        // The session starts after the set-up's ReadyForQuery, which was `I`.
-        server.last_ready = Some(b'I');
-        Self {
-            client: Framer::default(),
-            server,
-            in_flight: 0,
-            unsynced: false,
-            copy_in: false,
-            doubt: false,
-        }
-    }
-}
-
-impl Tracker {
-    /// Client bytes on their way to the server. Returns where a Terminate starts, if one does.
-    pub fn client_bytes(&mut self, data: &[u8]) -> Result<Option<usize>, proto::ProtoError> {
-        let (in_flight, unsynced, doubt) = (&mut self.in_flight, &mut self.unsynced, &mut self.doubt);
-        self.client.feed_each(data, |tag| match tag {
-            b'Q' | b'F' => *in_flight += 1,
-            b'S' => {
-                *in_flight += 1;
-                *unsynced = false;
-            }
-            b'P' | b'B' | b'E' | b'D' | b'C' => *unsynced = true,
-            // Flush; COPY data, done and fail (the server's side shows the COPY's state).
-            b'H' | b'd' | b'c' | b'f' => {}
-            _ => *doubt = true,
-        })
-    }
-
-    /// Server bytes on their way to the client.
-    pub fn server_bytes(&mut self, data: &[u8]) -> Result<(), proto::ProtoError> {
-        let (in_flight, copy_in, doubt) = (&mut self.in_flight, &mut self.copy_in, &mut self.doubt);
-        self.server.feed_each(data, |tag| match tag {
-            b'Z' => {
-                *copy_in = false;
-                match in_flight.checked_sub(1) {
-                    Some(n) => *in_flight = n,
-                    None => *doubt = true,
-                }
-            }
-            // CopyInResponse, CopyBothResponse: the server waits for the client's data.
-            b'G' | b'W' => *copy_in = true,
-            _ => {}
-        })?;
-        Ok(())
-    }
-
-    /// Whether the connection can be reset for another client: both streams between messages,
-    /// every request answered, no COPY open, the last ReadyForQuery `I`, nothing in doubt.
-    pub fn clean(&self) -> bool {
-        self.client.at_boundary()
-            && self.server.at_boundary()
-            && self.in_flight == 0
-            && !self.unsynced
-            && !self.copy_in
-            && !self.doubt
-            && self.server.last_ready == Some(b'I')
-    }
-}
-
-/// Relays a pooled session until the client leaves. Returns whether the server connection is
-/// clean ([`Tracker::clean`] when the client sent Terminate or closed). `counters` count the
-/// bytes relayed after `to_server` and `to_client`, to the server and to the client.
-pub async fn relay_tracked(
-    client: &mut BoxStream,
-    server: &mut BoxStream,
-    to_server: BytesMut,
-    to_client: BytesMut,
-    counters: (Counter, Counter),
+/// Brings a server connection whose client was ended mid-request back to an idle point, so
+/// that it can be reset and reused: what the server was sent past its last message is fed to
+/// `track` first (`server_leftover`); a running request is cancelled (its process signalled
+/// before anything else is sent), an open COPY failed, unsynced extended-protocol messages
+/// synced, the answers read and dropped, then an open transaction rolled back. Returns
+/// whether the connection is clean ([`Tracker::clean`]); false after [`END_TIMEOUT`].
+pub async fn settle(
+    shared: &Shared,
+    conn: &mut ServerConn,
+    track: &mut Tracker,
+    server_leftover: BytesMut,
 ) -> bool {
-    let (to_server_bytes, to_client_bytes) = counters;
-    let mut track = Tracker::default();
-    // Server bytes that came after the set-up's answer count like any other.
-    if track.server_bytes(&to_client).is_err() {
-        return false;
-    }
-    if !to_client.is_empty() && client.write_all(&to_client).await.is_err() {
-        return false;
-    }
-    // Client bytes go to the server as they are, up to a Terminate, which ends the session:
-    // first what came with the login, then the relay.
-    match track.client_bytes(&to_server) {
-        Ok(Some(end)) => return server.write_all(&to_server[..end]).await.is_ok() && track.clean(),
-        Ok(None) if server.write_all(&to_server).await.is_err() => return false,
-        Ok(None) => {}
-        Err(_) => return false,
-    }
-    let (mut forward, mut back) = (Pipe::new(to_server_bytes, false), Pipe::new(to_client_bytes, false));
-    poll_fn(|cx| {
-        let watch_client = |data: &[u8]| match track.client_bytes(data) {
-            Ok(Some(end)) => Verdict::PassUpTo(end),
-            Ok(None) => Verdict::Pass,
-            Err(_) => Verdict::Refuse,
-        };
-        match forward.poll_copy(cx, &mut **client, &mut **server, watch_client) {
-            // The client left, or sent Terminate (not forwarded).
-            Poll::Ready(End::Eof | End::ReadFailed(_) | End::Stopped) => return Poll::Ready(track.clean()),
-            Poll::Ready(End::WriteFailed(_) | End::Refused) => return Poll::Ready(false),
-            Poll::Pending => {}
+    let run = async {
+        track.server_bytes(&server_leftover).ok()?;
+        if (track.in_flight() > 0 && !track.copy_in()) || track.unsynced() {
+            let config = shared.config.read().clone();
+            crate::upstream::cancel(shared, &config, conn.key.as_ref()?).await.ok()?;
         }
-        let watch_server =
-            |data: &[u8]| if track.server_bytes(data).is_ok() { Verdict::Pass } else { Verdict::Refuse };
-        match back.poll_copy(cx, &mut **server, &mut **client, watch_server) {
-            Poll::Ready(_) => Poll::Ready(false),
-            Poll::Pending => Poll::Pending,
+        let mut out = BytesMut::new();
+        if track.copy_in() {
+            frontend::copy_fail("gprxy: the session ended", &mut out).ok()?;
         }
-    })
-    .await
+        if track.unsynced() {
+            frontend::sync(&mut out);
+        }
+        send_tracked(conn, track, &out).await?;
+        drain(conn, track).await?;
+        if track.last_ready() != Some(b'I') {
+            let mut rollback = BytesMut::new();
+            frontend::query("ROLLBACK", &mut rollback).ok()?;
+            send_tracked(conn, track, &rollback).await?;
+            drain(conn, track).await?;
+        }
+        Some(track.clean())
+    };
+    matches!(tokio::time::timeout(END_TIMEOUT, run).await, Ok(Some(true)))
+}
+
+/// Sends client messages of gprxy's own, counted like the client's.
+async fn send_tracked(conn: &mut ServerConn, track: &mut Tracker, out: &[u8]) -> Option<()> {
+    if out.is_empty() {
+        return Some(());
+    }
+    track.client_bytes(out).ok()?;
+    conn.stream.write_all(out).await.ok()?;
+    conn.stream.flush().await.ok()
+}
+
+/// Reads and drops server messages until every request was answered.
+async fn drain(conn: &mut ServerConn, track: &mut Tracker) -> Option<()> {
+    let mut buf = BytesMut::new();
+    while track.in_flight() > 0 || !track.server_between_messages() {
+        buf.clear();
+        if conn.stream.read_buf(&mut buf).await.ok()? == 0 {
+            return None;
+        }
+        track.server_bytes(&buf).ok()?;
+    }
+    Some(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn q(sql: &str) -> BytesMut {
+        let mut out = BytesMut::new();
+        frontend::query(sql, &mut out).unwrap();
+        out
+    }
+
+    fn answer(tag: &str, status: u8) -> BytesMut {
+        let mut out = proto::frame(b'C', format!("{tag}\0").as_bytes());
+        out.extend_from_slice(&proto::frame(b'Z', &[status]));
+        out
+    }
+
+    /// A server connection whose far end the test plays, and a tracker that saw `client` sent
+    /// and `server` answered.
+    fn session(client: &[u8], server: &[u8], key: Option<CancelKey>) -> (ServerConn, BoxStream, Tracker) {
+        let (ours, theirs) = crate::conn::duplex::pair();
+        let mut track = Tracker::default();
+        track.client_bytes(client).unwrap();
+        track.server_bytes(server).unwrap();
+        (ServerConn::new(ours, BytesMut::new(), key, None), theirs, track)
+    }
+
+    fn shared() -> std::sync::Arc<crate::session::Proxy> {
+        // Port 9: a cancel would not get through.
+        let overrides =
+            crate::config::Overrides { upstream: Some("127.0.0.1:9".into()), ..Default::default() };
+        crate::server::proxy(crate::config::Config::load(None, &overrides).unwrap()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn settling_rolls_back_an_open_transaction() {
+        let proxy = shared();
+        let (mut conn, mut server, mut track) = session(&q("BEGIN"), &answer("BEGIN", b'T'), None);
+        let fake = tokio::spawn(async move {
+            let mut buf = BytesMut::new();
+            let m = crate::conn::duplex::next(&mut server, &mut buf).await;
+            server.write_all(&answer("ROLLBACK", b'I')).await.unwrap();
+            m
+        });
+        assert!(settle(&proxy.shared, &mut conn, &mut track, BytesMut::new()).await);
+        assert_eq!(fake.await.unwrap().raw, q("ROLLBACK"));
+        assert!(track.clean());
+    }
+
+    #[tokio::test]
+    async fn settling_fails_an_open_copy_then_rolls_back() {
+        let proxy = shared();
+        let copy_in = proto::frame(b'G', b"\0\0\0");
+        let (mut conn, mut server, mut track) = session(&q("COPY t FROM STDIN"), &copy_in, None);
+        let fake = tokio::spawn(async move {
+            let mut buf = BytesMut::new();
+            let fail = crate::conn::duplex::next(&mut server, &mut buf).await;
+            let mut refused = proto::frame(b'E', b"SERROR\0C57014\0Mgprxy: the session ended\0\0");
+            refused.extend_from_slice(&proto::frame(b'Z', b"E"));
+            server.write_all(&refused).await.unwrap();
+            let rollback = crate::conn::duplex::next(&mut server, &mut buf).await;
+            server.write_all(&answer("ROLLBACK", b'I')).await.unwrap();
+            (fail.tag, rollback.raw)
+        });
+        assert!(settle(&proxy.shared, &mut conn, &mut track, BytesMut::new()).await);
+        assert_eq!(fake.await.unwrap(), (b'f', q("ROLLBACK")));
+    }
+
+    #[tokio::test]
+    async fn an_answer_read_before_the_end_settles_without_a_word_to_the_server() {
+        let proxy = shared();
+        let (mut conn, mut server, mut track) = session(&q("SELECT 1"), b"", None);
+        assert!(settle(&proxy.shared, &mut conn, &mut track, answer("SELECT 1", b'I')).await);
+        drop(conn);
+        let mut sent = Vec::new();
+        server.read_to_end(&mut sent).await.unwrap();
+        assert!(sent.is_empty(), "{sent:?}");
+    }
+
+    #[tokio::test]
+    async fn a_running_query_that_cannot_be_cancelled_is_not_settled() {
+        let proxy = shared();
+        // No cancel key, or a server the cancel cannot reach.
+        let (mut conn, _server, mut track) = session(&q("SELECT pg_sleep(60)"), b"", None);
+        assert!(!settle(&proxy.shared, &mut conn, &mut track, BytesMut::new()).await);
+        let (mut conn, _server, mut track) = session(&q("SELECT pg_sleep(60)"), b"", Some((7, vec![1; 4])));
+        assert!(!settle(&proxy.shared, &mut conn, &mut track, BytesMut::new()).await);
+    }
 
     #[tokio::test]
     async fn a_pool_that_never_logged_in_is_forgotten_and_not_exported() {
@@ -501,118 +511,6 @@ mod tests {
         let text = metrics.render();
         assert!(text.contains("gprxy_pool_in_use{database=\"app\",account=\"app\"} 0\n"), "{text}");
         assert!(!text.contains("such"), "{text}");
-    }
-
-    fn q(sql: &str) -> BytesMut {
-        let mut body = sql.as_bytes().to_vec();
-        body.push(0);
-        proto::frame(b'Q', &body)
-    }
-
-    fn msgs(list: &[(u8, &[u8])]) -> Vec<u8> {
-        list.iter().flat_map(|(tag, body)| proto::frame(*tag, body).to_vec()).collect()
-    }
-
-    /// Feeds `client` then `server` to a tracker, whole and one byte at a time; both must agree.
-    /// Returns whether a Terminate was found and whether the connection is clean.
-    fn track(steps: &[(&[u8], &[u8])]) -> (bool, bool) {
-        let run = |chunk: usize| {
-            let mut t = Tracker::default();
-            let mut terminated = false;
-            for (client, server) in steps {
-                for c in client.chunks(chunk.max(1)) {
-                    if t.client_bytes(c).unwrap().is_some() {
-                        terminated = true;
-                        break;
-                    }
-                }
-                for c in server.chunks(chunk.max(1)) {
-                    t.server_bytes(c).unwrap();
-                }
-            }
-            (terminated, t.clean())
-        };
-        let whole = run(usize::MAX);
-        assert_eq!(run(1), whole, "one byte at a time");
-        assert_eq!(run(3), whole, "three bytes at a time");
-        whole
-    }
-
-    const X: &[u8] = b"X\0\0\0\x04";
-
-    #[test]
-    fn answered_requests_leave_the_connection_clean() {
-        let answer = msgs(&[(b'T', b"row description"), (b'D', b"row"), (b'C', b"SELECT 1\0"), (b'Z', b"I")]);
-        assert_eq!(track(&[(&q("SELECT 1"), &answer), (X, b"")]), (true, true));
-        // Extended protocol: Parse, Bind, Execute, Sync; then its answers.
-        let ext = msgs(&[
-            (b'P', b"\0SELECT 1\0\0\0"),
-            (b'B', b"\0\0\0\0\0\0\0\0"),
-            (b'E', b"\0\0\0\0\0"),
-            (b'S', b""),
-        ]);
-        let ext_answer =
-            msgs(&[(b'1', b""), (b'2', b""), (b'D', b"row"), (b'C', b"SELECT 1\0"), (b'Z', b"I")]);
-        assert_eq!(track(&[(&ext, &ext_answer), (X, b"")]), (true, true));
-        // A COPY that ended: data, done, then the answer.
-        let copy_in = msgs(&[(b'G', b"\0\0\0")]);
-        let data = msgs(&[(b'd', b"1\n"), (b'c', b"")]);
-        let done = msgs(&[(b'C', b"COPY 1\0"), (b'Z', b"I")]);
-        assert_eq!(track(&[(&q("COPY t FROM STDIN"), &copy_in), (&data, &done), (X, b"")]), (true, true));
-        // A client that just closes between answered requests.
-        assert_eq!(track(&[(&q("SELECT 1"), &answer)]), (false, true));
-    }
-
-    #[test]
-    fn a_burst_before_terminate_is_in_doubt() {
-        // The issue's attack: two empty queries, a slow one and BEGIN, then Terminate at once.
-        let mut burst = q("").to_vec();
-        burst.extend_from_slice(&q(""));
-        burst.extend_from_slice(&q("SELECT pg_sleep(2)"));
-        burst.extend_from_slice(&q("BEGIN"));
-        burst.extend_from_slice(X);
-        assert_eq!(track(&[(&burst, b"")]), (true, false));
-        // Even after the two empty queries were answered, two are not.
-        let empty = msgs(&[(b'I', b""), (b'Z', b"I"), (b'I', b""), (b'Z', b"I")]);
-        assert_eq!(track(&[(&burst, &empty)]), (true, false));
-        // All four answered, but BEGIN left a transaction open.
-        let rest =
-            msgs(&[(b'D', b"r"), (b'C', b"SELECT 1\0"), (b'Z', b"I"), (b'C', b"BEGIN\0"), (b'Z', b"T")]);
-        let mut all = empty.clone();
-        all.extend_from_slice(&rest);
-        assert_eq!(track(&[(&burst, &all)]), (true, false));
-        // And the ROLLBACK that ends it, answered: clean again.
-        let rollback = msgs(&[(b'C', b"ROLLBACK\0"), (b'Z', b"I")]);
-        let mut no_x = burst[..burst.len() - X.len()].to_vec();
-        no_x.extend_from_slice(&q("ROLLBACK"));
-        all.extend_from_slice(&rollback);
-        assert_eq!(track(&[(&no_x, &all), (X, b"")]), (true, true));
-    }
-
-    #[test]
-    fn copy_unsynced_batches_and_unrequested_answers_are_in_doubt() {
-        // COPY FROM STDIN left open: the server waits for data.
-        let copy_in = msgs(&[(b'G', b"\0\0\0")]);
-        assert_eq!(track(&[(&q("COPY t FROM STDIN"), &copy_in), (X, b"")]), (true, false));
-        // Data sent but no CopyDone yet.
-        let data = msgs(&[(b'd', b"1\n")]);
-        assert_eq!(track(&[(&q("COPY t FROM STDIN"), &copy_in), (&data, b""), (X, b"")]), (true, false));
-        // Extended-protocol messages with no Sync after them (Flush only).
-        let ext = msgs(&[
-            (b'P', b"\0BEGIN\0\0\0"),
-            (b'B', b"\0\0\0\0\0\0\0\0"),
-            (b'E', b"\0\0\0\0\0"),
-            (b'H', b""),
-        ]);
-        let answers = msgs(&[(b'1', b""), (b'2', b""), (b'C', b"BEGIN\0")]);
-        assert_eq!(track(&[(&ext, &answers), (X, b"")]), (true, false));
-        // A ReadyForQuery nobody asked for.
-        assert_eq!(track(&[(b"", &msgs(&[(b'Z', b"I")])), (X, b"")]), (true, false));
-        // A message type no client sends in a session.
-        assert_eq!(track(&[(&msgs(&[(b'p', b"secret\0")]), b""), (X, b"")]), (true, false));
-        // Cut in the middle of a message.
-        let half = q("SELECT 1");
-        assert_eq!(track(&[(&half[..6], b"")]), (false, false));
     }
 
     fn reset_answers(check: &mut ResetCheck, list: &[(u8, &[u8])]) -> Option<bool> {
