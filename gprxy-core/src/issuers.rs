@@ -468,7 +468,18 @@ pub fn toml_error(text: &str, e: &toml::de::Error) -> String {
             let before = &text.as_bytes()[..span.start.min(text.len())];
             let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
             let column = before.iter().rev().take_while(|&&b| b != b'\n').count() + 1;
-            format!("TOML error at line {line}, column {column}: {}", e.message().trim_end())
+            // The key of a `key = value` line helps and holds no secret; the value is not shown.
+            let key = text
+                .lines()
+                .nth(line - 1)
+                .and_then(|l| l.split_once('='))
+                .map(|(k, _)| k.trim())
+                .filter(|k| {
+                    !k.is_empty() && k.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+                })
+                .map(|k| format!(" (key {k})"))
+                .unwrap_or_default();
+            format!("TOML error at line {line}, column {column}{key}: {}", e.message().trim_end())
         }
         None => format!("TOML error: {}", e.message().trim_end()),
     }

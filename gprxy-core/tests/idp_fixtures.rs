@@ -419,7 +419,11 @@ fn introspection_settings_are_checked_with_the_entry() {
     );
     // A secret written where it does not belong is refused, and the refusal does not quote it.
     let inline = err(&format!("{table}client_secret = \"hunter2-inline\"\n"));
-    assert!(inline.starts_with("TOML error at line 7, column 1: unknown field `client_secret`"), "{inline}");
+    assert!(
+        inline
+            .starts_with("TOML error at line 7, column 1 (key client_secret): unknown field `client_secret`"),
+        "{inline}"
+    );
     assert!(!inline.contains("hunter2"), "{inline}");
     let ok =
         gprxy_core::IssuerSet::from_toml(&entry(&format!("tokens = \"jwt+introspect\"\n{table}")), false)

@@ -636,7 +636,7 @@ fn an_issuers_file_gives_each_pg_hba_issuer_its_own_policy() {
     assert!(pg.log().contains("invalid value for parameter \"gprxy.issuers_file\""), "{}", pg.log());
     let line = good.lines().count() + 3;
     assert!(
-        pg.log().contains(&format!("issuers.toml: TOML error at line {line}, column 1: ")),
+        pg.log().contains(&format!("issuers.toml: TOML error at line {line}, column 1 (key audiences): ")),
         "{}",
         pg.log()
     );
