@@ -160,8 +160,13 @@ struct Clock {
 
 impl Clock {
     fn new(plan: &SessionPlan) -> Self {
-        let sleep = Box::pin(tokio::time::sleep(until(plan.end_at).min(MAX_WAIT)));
-        Self { how: plan.how, target: plan.end_at, due: false, sleep }
+        // An end already past is due from the first poll on (the timer would tick first).
+        let (target, due) = match plan.how {
+            EndHow::AtIdle { hard_at } if until(plan.end_at).is_zero() => (hard_at, true),
+            _ => (plan.end_at, false),
+        };
+        let sleep = Box::pin(tokio::time::sleep(until(target).min(MAX_WAIT)));
+        Self { how: plan.how, target, due, sleep }
     }
 
     /// Ready when the session must end; `idle` says whether it is at an idle point now.
@@ -246,23 +251,47 @@ pub async fn relay_watched(
     let mut forward = Pipe::new(to_server_bytes, false);
     let mut back = Pipe::new(to_client_bytes.clone(), false);
     let step = poll_fn(|cx| {
-        let watch_client = |data: &[u8]| match track.client_bytes(data) {
-            Ok(Some(at)) => Verdict::PassUpTo(at),
-            Ok(None) => Verdict::Pass,
-            Err(_) => Verdict::Refuse,
-        };
-        match forward.poll_copy(cx, &mut **client, &mut **server, watch_client) {
-            // The client left, or sent Terminate (not forwarded).
-            Poll::Ready(End::Eof | End::ReadFailed(_) | End::Stopped) => {
-                return Poll::Ready(Err(RelayEnd::ClientLeft))
+        // The clock first, so that the end being due is known before any client byte is read
+        // in this round (a forced end is taken at once).
+        if let Some(clock) = clock.as_mut() {
+            if let Poll::Ready(ending) = clock.poll_end(cx, || false) {
+                return Poll::Ready(Ok(ending));
             }
-            Poll::Ready(End::WriteFailed(_) | End::Refused) => return Poll::Ready(Err(RelayEnd::Broken)),
-            Poll::Pending => {}
         }
+        // The server's answers next, so that whether the client may be read is decided on
+        // what the server said last.
         let watch_server =
             |data: &[u8]| if track.server_bytes(data).is_ok() { Verdict::Pass } else { Verdict::Refuse };
         if back.poll_copy(cx, &mut **server, &mut **client, watch_server).is_ready() {
             return Poll::Ready(Err(RelayEnd::Broken));
+        }
+        // Once the end is due, a client outside a transaction is read no more (between whole
+        // requests, no COPY open): what it sent is answered, and then the session is at its
+        // idle point. A client that always has its next command queued is never idle
+        // otherwise; the commands it queued after the end never reach the server.
+        let hold_client = clock.as_ref().is_some_and(|c| c.due)
+            && track.last_ready() == Some(b'I')
+            && track.client_between_messages()
+            && !track.unsynced()
+            && !track.copy_in();
+        if hold_client {
+            if let Poll::Ready(Err(_)) = forward.poll_write_out(cx, &mut **server) {
+                return Poll::Ready(Err(RelayEnd::Broken));
+            }
+        } else {
+            let watch_client = |data: &[u8]| match track.client_bytes(data) {
+                Ok(Some(at)) => Verdict::PassUpTo(at),
+                Ok(None) => Verdict::Pass,
+                Err(_) => Verdict::Refuse,
+            };
+            match forward.poll_copy(cx, &mut **client, &mut **server, watch_client) {
+                // The client left, or sent Terminate (not forwarded).
+                Poll::Ready(End::Eof | End::ReadFailed(_) | End::Stopped) => {
+                    return Poll::Ready(Err(RelayEnd::ClientLeft))
+                }
+                Poll::Ready(End::WriteFailed(_) | End::Refused) => return Poll::Ready(Err(RelayEnd::Broken)),
+                Poll::Pending => {}
+            }
         }
         match clock.as_mut() {
             Some(clock) => {
@@ -473,6 +502,42 @@ mod tests {
         assert_eq!(tags, b"CZCZE", "the INSERT's and the COMMIT's answers, then the FATAL");
         let (r, _) = relay.await.unwrap();
         assert!(matches!(r, RelayEnd::Ended { ending: Ending::AtIdle, server_in_step: true, .. }), "{r:?}");
+    }
+
+    /// Under `idle`, a client that always has its next command queued: the command being
+    /// answered when the end came finishes; the one queued after it never reaches the server.
+    #[tokio::test]
+    async fn a_client_with_its_next_command_queued_is_ended_after_the_answer_in_flight() {
+        let end = expired(SessionMode::Idle, 3600);
+        let message = expiry_message(&end);
+        let (relay, mut client, mut server) = start(end, q("SELECT 1"), BytesMut::new());
+        let mut sbuf = BytesMut::new();
+        assert_eq!(next(&mut server, &mut sbuf).await.raw, q("SELECT 1"));
+        // The next command is queued before the first is answered.
+        send(&mut client, &q("INSERT INTO t VALUES (2)")).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        send(&mut server, &answer("SELECT 1", b'I')).await;
+        let got = rest(&mut client).await;
+        let mut buf = BytesMut::from(&got[..]);
+        let mut tags = Vec::new();
+        while let Some(m) = crate::proto::parse_message(&mut buf, 1024, "x").unwrap() {
+            tags.push(m.tag);
+            if m.tag == b'E' {
+                assert!(is_fatal(&m, &message));
+            }
+        }
+        assert_eq!(tags, b"CZE", "the first command's answer, then the FATAL");
+        let (r, track) = relay.await.unwrap();
+        assert!(matches!(r, RelayEnd::Ended { ending: Ending::AtIdle, server_in_step: true, .. }), "{r:?}");
+        assert!(track.clean());
+        drop(client);
+        let mut rest_of_server = Vec::new();
+        let _ =
+            tokio::time::timeout(Duration::from_millis(200), server.read_to_end(&mut rest_of_server)).await;
+        assert!(
+            !rest_of_server.windows(6).any(|w| w == b"INSERT"),
+            "the queued command reached the server: {rest_of_server:?}"
+        );
     }
 
     /// Under `strict` the end does not wait; the server message being relayed is finished
