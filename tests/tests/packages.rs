@@ -325,7 +325,9 @@ fn packages_install_log_in_through_the_installed_files_and_purge_clean() {
     let exposure = security.lines().find(|l| l.contains("Overall exposure level")).expect("exposure line");
     let score: f64 =
         exposure.split(": ").nth(1).and_then(|s| s.split_whitespace().next()).unwrap().parse().unwrap();
-    eprintln!("packages: systemd-analyze security --offline=true {UNIT}: exposure {score} (of 10; lower is safer)");
+    eprintln!(
+        "packages: systemd-analyze security --offline=true {UNIT}: exposure {score} (of 10; lower is safer)"
+    );
     assert!(score <= 2.0, "{security}");
     assert_eq!(unit_setting(&unit, "Type"), "notify");
     assert_eq!(unit_setting(&unit, "User"), "gprxy");
