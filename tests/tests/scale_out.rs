@@ -392,7 +392,6 @@ fn writes_through_haproxy_survive_a_killed_and_a_restarted_replica() {
         assert!(!victim.in_doubt.is_empty(), "the session held on {replica} did not break");
     }
 
-    // Each replica that served a login fetched the issuer's keys once, on its own.
     let per_replica: Vec<(&str, usize)> = vec![
         ("g1 (killed)", logins(&replicas[0])),
         ("g2 (stopped)", logins(&replicas[1])),
@@ -401,7 +400,10 @@ fn writes_through_haproxy_survive_a_killed_and_a_restarted_replica() {
     ];
     let serving = per_replica.iter().filter(|(_, n)| *n > 0).count();
     assert_eq!(serving, 4, "{per_replica:?}");
+    // Each replica that served a login asked the issuer twice, on its own: discovery, then the
+    // key set (cached from then on).
     assert_eq!(idp.jwks_requests(), serving, "one key fetch per replica process");
+    assert_eq!(idp.request_count(), 2 * serving as u64, "discovery and keys, per replica process");
 
     let stat = lb.try_stat().unwrap_or_default();
     println!(
@@ -414,9 +416,10 @@ fn writes_through_haproxy_survive_a_killed_and_a_restarted_replica() {
     );
     println!(
         "scale-out: {} connections through HAProxy, {} connection attempts failed; logins per \
-         replica: {per_replica:?}; HAProxy sessions per server: {stat:?}; JWKS fetches: {}; {:.1} s",
+         replica: {per_replica:?}; HAProxy sessions per server: {stat:?}; IdP requests: {} ({} key fetches); {:.1} s",
         seen.iter().map(|s| s.connections).sum::<usize>(),
         seen.iter().map(|s| s.failed_connects).sum::<usize>(),
+        idp.request_count(),
         idp.jwks_requests(),
         started.elapsed().as_secs_f64()
     );
