@@ -269,6 +269,10 @@ fn unit_setting(unit: &str, key: &str) -> String {
 #[test]
 fn packages_install_log_in_through_the_installed_files_and_purge_clean() {
     let started = Instant::now();
+    assert!(
+        gprxy_tests::running_as_root(),
+        "the packages test installs with dpkg: run it as root (make test and CI do)"
+    );
     let debs = debs();
     let mut machine = Machine::take(&debs);
 
