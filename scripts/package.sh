@@ -42,8 +42,10 @@ VERSION="$(cargo metadata --no-deps --format-version 1 --manifest-path "$ROOT/Ca
   | python3 -c 'import json, sys; print(next(p["version"] for p in json.load(sys.stdin)["packages"] if p["name"] == "gprxy-passthrough"))')"
 DEBVER="$VERSION-$REVISION"
 ARCH="$(dpkg --print-architecture)"
-# Timestamps from the last commit, so that two builds of one commit are alike.
-export SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-$(git -C "$ROOT" log -1 --format=%ct 2>/dev/null || date +%s)}"
+# Timestamps from the last commit, so that two builds of one commit are alike. Given to dpkg-deb
+# only: exported to cargo it would rebuild every C dependency (the cc crate reruns build scripts
+# when SOURCE_DATE_EPOCH changes), here and in make install-extension's builds after it.
+EPOCH="${SOURCE_DATE_EPOCH:-$(git -C "$ROOT" log -1 --format=%ct 2>/dev/null || date +%s)}"
 COMMIT="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
 
 WORK="$(mktemp -d /var/tmp/gprxy-package.XXXXXX)"
@@ -68,7 +70,7 @@ add_docs() {
     echo
     echo "  * Built from the gprxy repository, commit $COMMIT."
     echo
-    echo " -- $MAINTAINER  $(date -u -R -d "@$SOURCE_DATE_EPOCH")"
+    echo " -- $MAINTAINER  $(date -u -R -d "@$EPOCH")"
   } | gzip -9n >"$doc/changelog.Debian.gz"
   chmod 0644 "$doc/changelog.Debian.gz"
 }
@@ -85,7 +87,7 @@ build_deb() {
   printf '%s\nInstalled-Size: %s\n' "$control" "$size" >"$stage/DEBIAN/control"
   local deb="$OUT/${pkg}_${DEBVER}_${ARCH}.deb"
   rm -f "$OUT/${pkg}"_*.deb
-  dpkg-deb --root-owner-group -Zxz --build "$stage" "$deb" >/dev/null
+  SOURCE_DATE_EPOCH="$EPOCH" dpkg-deb --root-owner-group -Zxz --build "$stage" "$deb" >/dev/null
   echo "package: $deb" >&2
 }
 
