@@ -6,7 +6,7 @@ export GPRXY_CACHE
 export GPRXY_PG18_PREFIX := $(GPRXY_CACHE)/pg18
 export CARGO_TERM_COLOR := never
 
-.PHONY: all bootstrap postgres fmt-check clippy lint install-extension build unit-test test demo bench fuzz
+.PHONY: all bootstrap postgres fmt-check clippy lint install-extension package build unit-test test demo bench fuzz
 
 all: test
 
@@ -32,6 +32,14 @@ lint: fmt-check clippy
 install-extension: bootstrap
 	@bash scripts/install-extension.sh
 
+## Debian packages into target/debian (scripts/package.sh): postgresql-NN-gprxy-validator for
+## each of PG_VERSIONS (default 18 17 15) and gprxy (binary, /etc/gprxy/gprxy.toml, systemd unit).
+## PG_CONFIG names the PostgreSQL 18 server to build for (default: the cache's), e.g.
+## make package PG_VERSIONS=18 PG_CONFIG=/usr/lib/postgresql/18/bin/pg_config
+package: bootstrap
+	@PG_CONFIG='$(PG_CONFIG)' PG17_CONFIG='$(PG17_CONFIG)' PG15_CONFIG='$(PG15_CONFIG)' \
+	  PG_VERSIONS='$(PG_VERSIONS)' bash scripts/package.sh
+
 build:
 	cargo build --workspace --all-targets
 
@@ -39,8 +47,9 @@ build:
 unit-test:
 	cargo test -p gprxy-core -p gprxy-passthrough --no-fail-fast
 
-## Everything: bootstrap, format and lint checks, the extension, every test (unit and end-to-end).
-test: bootstrap lint install-extension
+## Everything: bootstrap, format and lint checks, the extension, the packages, every test (unit
+## and end-to-end; tests/tests/packages.rs installs and purges the packages).
+test: bootstrap lint install-extension package
 	cargo build --workspace --bins
 	cargo test --workspace --no-fail-fast
 	GPRXY_FALLBACK_PG=17 cargo test -p gprxy-tests --no-fail-fast --test fallback --test context --test introspection

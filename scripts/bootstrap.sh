@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything gprxy's build and tests need, idempotently.
 #
-#   - Debian packages: build deps, PostgreSQL 15 (server + dev headers), pgbouncer, sudo-free tools
+#   - Debian packages: build deps, PostgreSQL 15 (server + dev headers), pgbouncer, haproxy,
+#     dpkg-dev (make package), sudo-free tools
 #   - PostgreSQL 18 and 17, built from Debian's source packages into $GPRXY_CACHE/pg-<version>
 #     (never from sid or trixie binaries: they would replace libc); 17 runs fallback mode's tests
 #   - cargo-pgrx 0.18.1, registered with pg18, pg17 and pg15; cargo-fuzz for the fuzz targets
@@ -32,6 +33,9 @@ APT_PACKAGES=(
   zlib1g-dev clang libclang-dev postgresql-15 postgresql-server-dev-15 postgresql-client-15
   pgbouncer curl ca-certificates xz-utils bzip2 python3 openssl libkrb5-dev
   python3-psycopg python3-prometheus-client
+  # make package (dpkg-deb, dpkg-shlibdeps), its install test (adduser, systemd-analyze) and the
+  # scale-out test's load balancer
+  dpkg-dev adduser systemd haproxy
 )
 step "apt packages"
 missing=()
@@ -43,8 +47,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-# Debian starts a pg15 cluster and pgbouncer on install; tests start their own servers.
-for svc in postgresql pgbouncer; do
+# Debian starts a pg15 cluster, pgbouncer and haproxy on install; tests start their own servers.
+for svc in postgresql pgbouncer haproxy; do
   if command -v systemctl >/dev/null && systemctl is-active -q "$svc" 2>/dev/null; then
     as_root systemctl stop "$svc" || true
   fi

@@ -1,6 +1,7 @@
 //! gprxy's proxy. Its modules, each importing only those below it:
 //!
-//! - [`server`]: the accept loop, reload and drain; [`admin`]: `/metrics` and `/healthz`.
+//! - [`server`]: the accept loop, reload and drain; [`admin`]: `/metrics` and `/healthz`;
+//!   [`notify`]: readiness for systemd.
 //! - [`session`]: one client connection: TLS, the startup packet, the login through a mode, the
 //!   relay, the login's log event.
 //! - The modes: [`passthrough`] (the server authenticates; the token-as-password bridge) and
@@ -22,6 +23,7 @@ pub mod conn;
 pub mod fallback;
 pub mod lifetime;
 pub mod metrics;
+pub mod notify;
 pub mod passthrough;
 pub mod proto;
 pub mod relay;

@@ -173,6 +173,8 @@ pub async fn run(
             bind(admin, config.reuse_port).with_context(|| format!("cannot listen on {admin} (admin)"))?;
         tokio::spawn(crate::admin::serve(l, proxy.clone()));
     }
+    // Both listeners are bound: systemd (Type=notify) may start what depends on gprxy.
+    crate::notify::notify("READY=1");
     let mut limit = SessionLimit::new(config.max_client_connections);
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -213,6 +215,7 @@ pub async fn run(
     }
     drop(listener);
     shared.draining.store(true, Ordering::Relaxed);
+    crate::notify::notify("STOPPING=1");
     let grace = shared.config.read().shutdown_grace;
     info!(
         sessions = shared.metrics.active.get(),

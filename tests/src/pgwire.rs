@@ -340,6 +340,15 @@ impl PgConn {
         }
     }
 
+    /// The client's end of the TCP connection (to tell it apart in a load balancer's sessions).
+    pub fn local_addr(&self) -> Result<SocketAddr, PgError> {
+        match &self.stream {
+            Transport::Plain(s) => s.local_addr(),
+            Transport::Tls(s) => s.sock.local_addr(),
+        }
+        .map_err(io_err)
+    }
+
     /// Sends Terminate and closes.
     pub fn close(mut self) {
         let mut out = BytesMut::new();
