@@ -406,7 +406,11 @@ fn writes_through_haproxy_survive_a_killed_and_a_restarted_replica() {
     assert_eq!(idp.request_count(), 2 * serving as u64, "discovery and keys, per replica process");
 
     let stat = lb.try_stat().unwrap_or_default();
-    println!(
+    // Straight to stderr, past the test harness's capture: `make test` shows the counts.
+    use std::io::Write as _;
+    let mut out = std::io::stderr().lock();
+    let _ = writeln!(
+        out,
         "scale-out: {} writes seen committed, all in the table once; {} in doubt (connection lost \
          before the answer), {} of them committed; {} rows in the table",
         committed.len(),
@@ -414,7 +418,8 @@ fn writes_through_haproxy_survive_a_killed_and_a_restarted_replica() {
         doubt_landed,
         in_table.len()
     );
-    println!(
+    let _ = writeln!(
+        out,
         "scale-out: {} connections through HAProxy, {} connection attempts failed; logins per \
          replica: {per_replica:?}; HAProxy sessions per server: {stat:?}; IdP requests: {} ({} key fetches); {:.1} s",
         seen.iter().map(|s| s.connections).sum::<usize>(),
