@@ -87,6 +87,7 @@ pub async fn handle(proxy: Arc<Proxy>, sock: TcpStream, peer: SocketAddr) {
                 };
                 if let Some(response) = e.to_client() {
                     let _ = send(&mut client, &response).await;
+                    Box::pin(close_after_refusal(&mut client)).await;
                 }
                 if !info.user.is_empty() || !matches!(e, SessionError::ClientGone) {
                     log_login(shared, &info, outcome, Some(&e), started);
@@ -97,6 +98,17 @@ pub async fn handle(proxy: Arc<Proxy>, sock: TcpStream, peer: SocketAddr) {
     }
     .instrument(span)
     .await
+}
+
+/// Closes a refused client's connection without a reset: a socket closed with input not yet
+/// read sends RST, which can destroy the error response before the client reads it. The input
+/// is read and dropped for a moment (bounded: a client that keeps sending is cut then).
+async fn close_after_refusal(client: &mut BoxStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = client.shutdown().await;
+    let mut sink = vec![0u8; 4096];
+    let drain = async { while matches!(client.read(&mut sink).await, Ok(n) if n > 0) {} };
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(250), drain).await;
 }
 
 /// The end of a pass-through session: from the `exp` of the token the client logged in with,
