@@ -49,6 +49,35 @@ struct Method {
     cpu_s: f64,
 }
 
+fn login(addr: SocketAddr, m: &Method) {
+    connect(addr, m.user, "postgres", m.auth).unwrap_or_else(|e| panic!("{} login: {e}", m.name)).close();
+}
+
+/// Every method's login works (and the caches it uses are warm).
+fn warm_up(addr: SocketAddr, methods: &[Method]) {
+    for m in methods {
+        for _ in 0..3 {
+            login(addr, m);
+        }
+    }
+}
+
+/// Interleaved rounds: every method `per_round` connections per round, wall time per
+/// connection and the machine's busy CPU recorded per method.
+fn measure(addr: SocketAddr, methods: &mut [Method], rounds: usize, per_round: usize) {
+    for _ in 0..rounds {
+        for m in methods.iter_mut() {
+            let cpu = gprxy_tests::machine::busy_seconds();
+            let t = Instant::now();
+            for _ in 0..per_round {
+                login(addr, m);
+            }
+            m.wall_ms.push(t.elapsed().as_secs_f64() * 1000.0 / per_round as f64);
+            m.cpu_s += gprxy_tests::machine::busy_seconds() - cpu;
+        }
+    }
+}
+
 /// Bare signature check of `token` with `key` (no parsing of claims, no policy), in ms.
 fn bare_verify_ms(key: &TestKey, token: &str) -> f64 {
     let jwk = key.jwk();
@@ -148,28 +177,10 @@ fn main() {
         methods.retain(|m| only.split(',').any(|o| o == m.name));
     }
     // Every login works, and the shared key cache is warm.
-    for m in &methods {
-        for _ in 0..3 {
-            connect(addr, m.user, "postgres", m.auth)
-                .unwrap_or_else(|e| panic!("{} login: {e}", m.name))
-                .close();
-        }
-    }
+    warm_up(addr, &methods);
     let fetches_after_warmup = idp.jwks_requests();
 
-    for _ in 0..rounds {
-        for m in methods.iter_mut() {
-            let cpu = gprxy_tests::machine::busy_seconds();
-            let t = Instant::now();
-            for _ in 0..per_round {
-                connect(addr, m.user, "postgres", m.auth)
-                    .unwrap_or_else(|e| panic!("{} login: {e}", m.name))
-                    .close();
-            }
-            m.wall_ms.push(t.elapsed().as_secs_f64() * 1000.0 / per_round as f64);
-            m.cpu_s += gprxy_tests::machine::busy_seconds() - cpu;
-        }
-    }
+    measure(addr, &mut methods, rounds, per_round);
     assert_eq!(idp.jwks_requests(), fetches_after_warmup, "JWKS fetched during the measurement");
 
     println!("connect: {rounds} interleaved rounds x {per_round} connections per method; medians");
@@ -293,26 +304,8 @@ fn introspection(rounds: usize, per_round: usize) -> Vec<String> {
             cpu_s: 0.0,
         },
     ];
-    for m in &methods {
-        for _ in 0..3 {
-            connect(addr, m.user, "postgres", m.auth)
-                .unwrap_or_else(|e| panic!("{} login: {e}", m.name))
-                .close();
-        }
-    }
-    for _ in 0..rounds {
-        for m in methods.iter_mut() {
-            let cpu = gprxy_tests::machine::busy_seconds();
-            let t = Instant::now();
-            for _ in 0..per_round {
-                connect(addr, m.user, "postgres", m.auth)
-                    .unwrap_or_else(|e| panic!("{} login: {e}", m.name))
-                    .close();
-            }
-            m.wall_ms.push(t.elapsed().as_secs_f64() * 1000.0 / per_round as f64);
-            m.cpu_s += gprxy_tests::machine::busy_seconds() - cpu;
-        }
-    }
+    warm_up(addr, &methods);
+    measure(addr, &mut methods, rounds, per_round);
     assert_eq!(b.introspection_requests(), 1, "the answer came from shared memory after the first login");
     println!("introspection: {rounds} interleaved rounds x {per_round} connections per method; medians");
     let mut out = Vec::new();

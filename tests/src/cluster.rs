@@ -418,6 +418,18 @@ pub fn validator_cluster(audience: &str) -> ClusterBuilder {
         .conf("gprxy.insecure_allow_http_loopback = on")
 }
 
+/// [`validator_cluster`] whose every loopback login is OAuth from `issuer` (scope
+/// `openid db:read`), the token's `sub` mapped to the same role for `alice`, with `conf` lines.
+pub fn alice_oauth_cluster(audience: &str, issuer: &str, conf: &[&str]) -> ClusterBuilder {
+    let mut b = validator_cluster(audience)
+        .hba(format!("host all all 127.0.0.1/32 oauth issuer=\"{issuer}\" scope=\"openid db:read\" map=m"))
+        .ident("m alice alice");
+    for c in conf {
+        b = b.conf(*c);
+    }
+    b
+}
+
 /// Runs psql 18 through libpq's OAuth device flow against `host:port`, as `user`, with the
 /// test issuer's `client_id` choosing the token. Returns stdout, or stderr on failure.
 pub fn oauth_psql(port: u16, user: &str, issuer: &str, client_id: &str, sql: &str) -> Result<String, String> {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use gprxy_core::testkit::TestKey;
 use gprxy_tests::idp::TestIssuer;
 use gprxy_tests::pgwire::{self, Auth, PgConn, PgError};
-use gprxy_tests::{validator_cluster, Cluster};
+use gprxy_tests::{alice_oauth_cluster, Cluster};
 use serde_json::json;
 
 const AUD: &str = "db";
@@ -26,16 +26,7 @@ fn setup(mode: &str, extra: &str, conf: &[&str]) -> Setup {
     let key = TestKey::rsa("key-1");
     let idp = TestIssuer::start(&[&key]);
     idp.introspection_client("gprxy", SECRET);
-    let mut b = validator_cluster("")
-        .hba(format!(
-            "host all all 127.0.0.1/32 oauth issuer=\"{}\" scope=\"openid db:read\" map=m",
-            idp.issuer()
-        ))
-        .ident("m alice alice");
-    for c in conf {
-        b = b.conf(*c);
-    }
-    let pg = b.start();
+    let pg = alice_oauth_cluster("", &idp.issuer(), conf).start();
     pg.sql("CREATE ROLE alice LOGIN; CREATE EXTENSION gprxy_validator");
     let secret = pg.data_dir().join("introspection-secret");
     std::fs::write(&secret, format!("{SECRET}\n")).unwrap();

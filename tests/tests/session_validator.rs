@@ -8,7 +8,7 @@ use gprxy_core::session::UtcTime;
 use gprxy_core::testkit::TestKey;
 use gprxy_tests::idp::TestIssuer;
 use gprxy_tests::pgwire::{self, Auth, PgConn, PgError};
-use gprxy_tests::{validator_cluster, Cluster};
+use gprxy_tests::{alice_oauth_cluster, Cluster};
 use serde_json::json;
 
 const AUD: &str = "db";
@@ -22,16 +22,7 @@ struct Setup {
 fn setup(conf: &[&str]) -> Setup {
     let key = TestKey::rsa("key-1");
     let idp = TestIssuer::start(&[&key]);
-    let mut b = validator_cluster(AUD)
-        .hba(format!(
-            "host all all 127.0.0.1/32 oauth issuer=\"{}\" scope=\"openid db:read\" map=m",
-            idp.issuer()
-        ))
-        .ident("m alice alice");
-    for c in conf {
-        b = b.conf(*c);
-    }
-    let pg = b.start();
+    let pg = alice_oauth_cluster(AUD, &idp.issuer(), conf).start();
     pg.sql(
         "CREATE ROLE alice LOGIN; CREATE TABLE t (x int); GRANT ALL ON t TO alice; \
          CREATE EXTENSION gprxy_validator",
