@@ -419,6 +419,21 @@ mod tests {
         out
     }
 
+    /// The tags of every message the client gets until its side is shut down; an ErrorResponse
+    /// among them must be the session's FATAL with `message`.
+    async fn tags_to_the_end(client: &mut BoxStream, message: &str) -> Vec<u8> {
+        let got = rest(client).await;
+        let mut buf = BytesMut::from(&got[..]);
+        let mut tags = Vec::new();
+        while let Some(m) = crate::proto::parse_message(&mut buf, 1024, "x").unwrap() {
+            tags.push(m.tag);
+            if m.tag == b'E' {
+                assert!(is_fatal(&m, message));
+            }
+        }
+        tags
+    }
+
     fn is_fatal(m: &Message, message: &str) -> bool {
         let mut want = BytesMut::new();
         BackendMessage::ErrorResponse { sqlstate: SqlState::INVALID_AUTHORIZATION, message }
@@ -490,15 +505,7 @@ mod tests {
         send(&mut client, &q("COMMIT")).await;
         assert_eq!(next(&mut server, &mut sbuf).await.raw, q("COMMIT"));
         send(&mut server, &answer("COMMIT", b'I')).await;
-        let got = rest(&mut client).await;
-        let mut buf = BytesMut::from(&got[..]);
-        let mut tags = Vec::new();
-        while let Some(m) = crate::proto::parse_message(&mut buf, 1024, "x").unwrap() {
-            tags.push(m.tag);
-            if m.tag == b'E' {
-                assert!(is_fatal(&m, &message));
-            }
-        }
+        let tags = tags_to_the_end(&mut client, &message).await;
         assert_eq!(tags, b"CZCZE", "the INSERT's and the COMMIT's answers, then the FATAL");
         let (r, _) = relay.await.unwrap();
         assert!(matches!(r, RelayEnd::Ended { ending: Ending::AtIdle, server_in_step: true, .. }), "{r:?}");
@@ -517,15 +524,7 @@ mod tests {
         send(&mut client, &q("INSERT INTO t VALUES (2)")).await;
         tokio::time::sleep(Duration::from_millis(50)).await;
         send(&mut server, &answer("SELECT 1", b'I')).await;
-        let got = rest(&mut client).await;
-        let mut buf = BytesMut::from(&got[..]);
-        let mut tags = Vec::new();
-        while let Some(m) = crate::proto::parse_message(&mut buf, 1024, "x").unwrap() {
-            tags.push(m.tag);
-            if m.tag == b'E' {
-                assert!(is_fatal(&m, &message));
-            }
-        }
+        let tags = tags_to_the_end(&mut client, &message).await;
         assert_eq!(tags, b"CZE", "the first command's answer, then the FATAL");
         let (r, track) = relay.await.unwrap();
         assert!(matches!(r, RelayEnd::Ended { ending: Ending::AtIdle, server_in_step: true, .. }), "{r:?}");
