@@ -1,5 +1,6 @@
 //! Builds the C shim that reads `MyProcPort` (pgrx's `Port` is opaque) and the session-end
-//! timer and hooks (src/session_end.c).
+//! timer and hooks (src/session_end.c), and the copy of the library's code into memory that
+//! backends inherit (src/resident_code.c).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -29,6 +30,7 @@ fn pg_config(version: &str) -> PathBuf {
 fn main() {
     println!("cargo:rerun-if-changed=src/shim.c");
     println!("cargo:rerun-if-changed=src/session_end.c");
+    println!("cargo:rerun-if-changed=src/resident_code.c");
     println!("cargo:rerun-if-env-changed=PGRX_PG_CONFIG_PATH");
     let version = ["pg18", "pg17", "pg15"]
         .into_iter()
@@ -41,10 +43,16 @@ fn main() {
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", pg_config.display()));
     assert!(out.status.success(), "{} --includedir-server failed", pg_config.display());
     let include = String::from_utf8(out.stdout).expect("utf-8 path").trim().to_owned();
+    // Segments on 2 MiB boundaries (the dynamic loader honours the alignment): the copy the
+    // postmaster keeps of the code (src/resident_code.c) then fits whole 2 MiB pages.
+    if std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux") {
+        println!("cargo:rustc-cdylib-link-arg=-Wl,-z,max-page-size=2097152,-z,separate-loadable-segments");
+    }
     // PostgreSQL's own headers have unused parameters; its extension builds (PGXS) say so too.
     cc::Build::new()
         .file("src/shim.c")
         .file("src/session_end.c")
+        .file("src/resident_code.c")
         .include(include)
         .warnings(true)
         .flag("-Wno-unused-parameter")

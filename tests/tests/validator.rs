@@ -677,3 +677,75 @@ fn a_broken_issuers_file_at_start_refuses_every_login() {
         "{audit}"
     );
 }
+
+/// The mappings of the validator's library file in process `pid`: permissions and resident KiB.
+fn library_file_mappings(pid: i32) -> Vec<(String, u64)> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).expect("the backend's smaps");
+    let mut found: Vec<(String, u64)> = Vec::new();
+    let mut in_library = false;
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let first = fields.next().unwrap_or_default();
+        if first.contains('-') && first.split('-').all(|h| u64::from_str_radix(h, 16).is_ok()) {
+            let perms = fields.next().unwrap_or_default().to_owned();
+            in_library = line.ends_with("/gprxy_validator.so");
+            if in_library {
+                found.push((perms, 0));
+            }
+        } else if in_library && first == "Rss:" {
+            let kib = fields.next().and_then(|v| v.parse().ok()).expect("Rss value");
+            found.last_mut().expect("mapping").1 = kib;
+        }
+    }
+    found
+}
+
+/// A backend's minor page faults so far (/proc/<pid>/stat, field 10).
+fn minor_faults(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the backend's stat");
+    let after_name = stat.rsplit_once(')').expect("stat line").1;
+    after_name.split_whitespace().nth(7).and_then(|v| v.parse().ok()).expect("minflt")
+}
+
+/// Logs `token` in as alice over the wire protocol and returns, from inside the session, the
+/// library's file mappings and the faults its backend took.
+fn backend_after_login(s: &Setup, token: &str) -> (Vec<(String, u64)>, u64) {
+    use gprxy_tests::pgwire::{connect, Auth};
+    let conn = connect(([127, 0, 0, 1], s.pg.port()).into(), "alice", "postgres", Auth::Bearer(token))
+        .expect("token login");
+    let (pid, _) = conn.key.expect("BackendKeyData");
+    let seen = (library_file_mappings(pid), minor_faults(pid));
+    conn.close();
+    seen
+}
+
+#[test]
+fn backends_run_the_validators_code_from_memory_the_postmaster_kept() {
+    let on = setup();
+    let t = on.token(on.idp.claims("alice", AUD));
+    backend_after_login(&on, &t); // the first login fetches the keys
+    let (mappings, faults_on) = backend_after_login(&on, &t);
+    let log = on.pg.log();
+    assert!(log.contains("KiB of code kept in memory backends inherit"), "{log}");
+    assert!(!mappings.is_empty(), "the library's writable data is still a mapping of its file");
+    // Readable and not writable: code and constants (`---p` are the gaps between segments).
+    let read_only: Vec<_> =
+        mappings.iter().filter(|(perms, _)| perms.starts_with('r') && !perms.contains('w')).collect();
+    assert!(read_only.is_empty(), "code or constants still mapped from the file: {read_only:?}");
+    drop(on);
+
+    let off = setup_with("map=m", &["gprxy.resident_code = off"], &["m alice alice"]);
+    let t = off.token(off.idp.claims("alice", AUD));
+    backend_after_login(&off, &t); // the first login fetches the keys
+    let (mappings, faults_off) = backend_after_login(&off, &t);
+    assert!(off.pg.log().contains("gprxy.resident_code is off"));
+    let code: Vec<_> = mappings.iter().filter(|(perms, _)| perms.contains('x')).collect();
+    assert!(
+        code.len() == 1 && code[0].1 > 0,
+        "with the setting off the code is a file mapping the backend faulted in: {mappings:?}"
+    );
+    assert!(
+        faults_on < faults_off,
+        "a login with the code kept took {faults_on} page faults, without {faults_off}"
+    );
+}
