@@ -45,7 +45,8 @@ fn main() {
     let include = String::from_utf8(out.stdout).expect("utf-8 path").trim().to_owned();
     // Segments on 2 MiB boundaries (the dynamic loader honours the alignment): the copy the
     // postmaster keeps of the code (src/resident_code.c) then fits whole 2 MiB pages.
-    if std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux") {
+    // PostgreSQL 18 only: older servers load the SQL side, which keeps nothing resident.
+    if version == "pg18" && std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux") {
         println!("cargo:rustc-cdylib-link-arg=-Wl,-z,max-page-size=2097152,-z,separate-loadable-segments");
     }
     // PostgreSQL's own headers have unused parameters; its extension builds (PGXS) say so too.

@@ -5,16 +5,31 @@
  * table entries at fork (a page fault fills them in when needed), so each new backend faults in
  * every 64 KiB of this library's code and constants that its login runs, and unmaps them again
  * at exit: most of what a token login cost beyond its signature check. Called in the postmaster
- * while it loads shared_preload_libraries (one thread, before any client), this copies each
- * read-only mapping of the library into anonymous memory at the same address, with the same
- * protection, in 2 MiB pages where a mapping covers whole ones. Fork copies anonymous mappings'
- * entries, so a backend runs the code without faulting it in.
+ * while it loads shared_preload_libraries (one thread, before any client), this replaces each
+ * whole 2 MiB block of the library's read-only mappings with an anonymous copy in one
+ * transparent huge page, at the same address and with the same protection (and a segment's last
+ * part too, when the rest of its 2 MiB block is the gap before the next one). Fork copies an
+ * anonymous huge page's one table entry, so a backend runs that code without faulting it in,
+ * and its exit has one entry to drop.
+ *
+ * The copy is never writable: it is mapped read-only (and executable for code) from the start
+ * and filled through /proc/self/mem, as a debugger writes a breakpoint. So it counts nowhere
+ * towards the commit limit (vm.overcommit_memory = 2), and nothing is ever writable and
+ * executable at once. Blocks with no huge page available stay file mappings: a copy in 4 KiB
+ * pages would cost every fork a table entry per page, more than the faults it saves.
  */
 #define _GNU_SOURCE
+#include <stddef.h>
+
+const char *gprxy_keep_code_resident(size_t *bytes);
+
+#ifdef __linux__
+#include <fcntl.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 #define MAX_RANGES 16
 #define HUGE_SIZE ((uintptr_t) 2 << 20)
@@ -25,8 +40,6 @@ struct range
 	uintptr_t	end;
 	int			prot;
 };
-
-const char *gprxy_keep_code_resident(size_t *bytes, size_t *huge_bytes);
 
 /* One line of /proc/self/maps: its range, permissions and path (empty for anonymous memory). */
 static int
@@ -42,7 +55,8 @@ parse_line(char *line, unsigned long *start, unsigned long *end, char perms[5], 
 }
 
 /*
- * The library's mappings that are readable and not writable (code, constants, headers), found
+ * The library's mappings that are not writable, in address order: code, constants, headers, and
+ * the inaccessible gaps the loader leaves between segments (prot 0). Found
  * by the path of the mapping this function runs from (as the kernel names it: symbolic links
  * in the path PostgreSQL loaded resolved).
  */
@@ -75,7 +89,7 @@ find_ranges(struct range *ranges, int *count)
 	{
 		if (!parse_line(line, &start, &end, perms, &path) || strcmp(path, library) != 0)
 			continue;
-		if (perms[0] != 'r' || perms[1] == 'w')
+		if (perms[1] == 'w')
 			continue;
 		if (*count == MAX_RANGES)
 		{
@@ -84,82 +98,162 @@ find_ranges(struct range *ranges, int *count)
 		}
 		ranges[*count].start = start;
 		ranges[*count].end = end;
-		ranges[*count].prot = PROT_READ | (perms[2] == 'x' ? PROT_EXEC : 0);
+		ranges[*count].prot = (perms[0] == 'r' ? PROT_READ : 0) | (perms[2] == 'x' ? PROT_EXEC : 0);
 		(*count)++;
 	}
 	fclose(maps);
 	return NULL;
 }
 
+/* Whether transparent huge pages may back memory that asks for them (madvise or always). */
+static int
+huge_pages_offered(void)
+{
+	char		mode[128] = "";
+	FILE	   *f = fopen("/sys/kernel/mm/transparent_hugepage/enabled", "r");
+
+	if (f == NULL)
+		return 0;
+	if (fgets(mode, sizeof mode, f) == NULL)
+		mode[0] = '\0';
+	fclose(f);
+	return strstr(mode, "[always]") != NULL || strstr(mode, "[madvise]") != NULL;
+}
+
+/* Whether the mapping that starts at `at` is backed by a whole huge page (/proc/self/smaps). */
+static int
+is_one_huge_page(uintptr_t at)
+{
+	char		line[4096];
+	int			in_it = 0;
+	int			huge = 0;
+	FILE	   *smaps = fopen("/proc/self/smaps", "r");
+
+	if (smaps == NULL)
+		return 0;
+	while (fgets(line, sizeof line, smaps) != NULL)
+	{
+		unsigned long start,
+					end,
+					kib;
+
+		/* A mapping's first line starts with its range; its fields with a name and a colon. */
+		if (sscanf(line, "%lx-%lx ", &start, &end) == 2)
+			in_it = (start == at);
+		else if (in_it && sscanf(line, "AnonHugePages: %lu kB", &kib) == 1)
+		{
+			huge = kib * 1024 >= HUGE_SIZE;
+			break;
+		}
+	}
+	fclose(smaps);
+	return huge;
+}
+
 /*
- * Replaces one mapping by an anonymous copy at the same address. The copy is made at an
- * address congruent to the original modulo 2 MiB, so that its 2 MiB pages land on 2 MiB
- * boundaries when mremap moves it into place; mremap replaces the file mapping atomically, and
- * the bytes at every address stay the same throughout.
+ * Replaces the 2 MiB block at `at` (2 MiB aligned) by an anonymous copy in one huge page with
+ * protection `prot`, holding the block's first `len` bytes and zeros after them. mremap moves
+ * the copy's page table entry into place and drops what the block mapped in one step; the bytes
+ * at every readable address stay the same.
  */
 static const char *
-copy_range(const struct range *r, size_t *huge_bytes)
+copy_block(int mem, uintptr_t at, size_t len, int prot)
 {
-	size_t		len = r->end - r->start;
-	size_t		span = len + HUGE_SIZE;
-	char	   *raw = mmap(NULL, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	char	   *raw = mmap(NULL, 2 * HUGE_SIZE, prot, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	uintptr_t	base,
-				copy,
-				first_huge,
-				end_huge;
+				copy;
 
 	if (raw == MAP_FAILED)
 		return "mmap of the copy failed";
 	base = (uintptr_t) raw;
-	copy = (base & ~(HUGE_SIZE - 1)) + (r->start & (HUGE_SIZE - 1));
-	if (copy < base)
-		copy += HUGE_SIZE;
+	copy = (base + HUGE_SIZE - 1) & ~(HUGE_SIZE - 1);
 	if (copy > base)
 		munmap(raw, copy - base);
-	if (base + span > copy + len)
-		munmap((void *) (copy + len), base + span - (copy + len));
-	/* Best effort: without transparent huge pages the copy is in 4 KiB pages. */
-	(void) madvise((void *) copy, len, MADV_HUGEPAGE);
-	memcpy((void *) copy, (const void *) r->start, len);
-	if (mprotect((void *) copy, len, r->prot) != 0)
+	if (base + 2 * HUGE_SIZE > copy + HUGE_SIZE)
+		munmap((void *) (copy + HUGE_SIZE), base + 2 * HUGE_SIZE - (copy + HUGE_SIZE));
+	if (madvise((void *) copy, HUGE_SIZE, MADV_HUGEPAGE) != 0)
 	{
-		munmap((void *) copy, len);
-		return "mprotect of the copy failed";
+		munmap((void *) copy, HUGE_SIZE);
+		return "madvise(MADV_HUGEPAGE) of the copy failed";
 	}
-	if (mremap((void *) copy, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, (void *) r->start) == MAP_FAILED)
+	if (pwrite(mem, (const void *) at, len, (off_t) copy) != (ssize_t) len)
 	{
-		munmap((void *) copy, len);
+		munmap((void *) copy, HUGE_SIZE);
+		return "writing the copy through /proc/self/mem failed";
+	}
+	if (!is_one_huge_page(copy))
+	{
+		munmap((void *) copy, HUGE_SIZE);
+		return "no 2 MiB page was available for the copy";
+	}
+	if (mremap((void *) copy, HUGE_SIZE, HUGE_SIZE, MREMAP_MAYMOVE | MREMAP_FIXED, (void *) at) == MAP_FAILED)
+	{
+		munmap((void *) copy, HUGE_SIZE);
 		return "mremap onto the library failed";
 	}
-	first_huge = (r->start + HUGE_SIZE - 1) & ~(HUGE_SIZE - 1);
-	end_huge = r->end & ~(HUGE_SIZE - 1);
-	if (end_huge > first_huge)
-		*huge_bytes += end_huge - first_huge;
 	return NULL;
 }
 
 /*
- * Copies the library's read-only mappings into anonymous memory. Returns NULL when done (with
- * the bytes copied, and those eligible for 2 MiB pages), else what failed: the mappings not yet
- * copied stay as they were, and either way the code at every address is the same.
+ * Copies every whole 2 MiB block of the library's read-only mappings, and each one's last part
+ * when a gap fills the rest of its block. Returns NULL when all were copied, else what stopped
+ * it; *bytes is what was copied either way (the rest stays file mappings: the code at every
+ * address is the same).
  */
 const char *
-gprxy_keep_code_resident(size_t *bytes, size_t *huge_bytes)
+gprxy_keep_code_resident(size_t *bytes)
 {
 	struct range ranges[MAX_RANGES];
 	int			count;
-	const char *failed = find_ranges(ranges, &count);
+	int			mem;
+	const char *failed;
 
 	*bytes = 0;
-	*huge_bytes = 0;
+	if (!huge_pages_offered())
+		return "transparent huge pages are off (/sys/kernel/mm/transparent_hugepage/enabled)";
+	failed = find_ranges(ranges, &count);
 	if (failed)
 		return failed;
-	for (int i = 0; i < count; i++)
+	mem = open("/proc/self/mem", O_RDWR | O_CLOEXEC);
+	if (mem < 0)
+		return "/proc/self/mem cannot be opened for writing";
+	for (int i = 0; i < count && !failed; i++)
 	{
-		failed = copy_range(&ranges[i], huge_bytes);
-		if (failed)
-			return failed;
-		*bytes += ranges[i].end - ranges[i].start;
+		const struct range *r = &ranges[i];
+		uintptr_t	at = (r->start + HUGE_SIZE - 1) & ~(HUGE_SIZE - 1);
+
+		if (!(r->prot & PROT_READ))
+			continue;
+		for (; at + HUGE_SIZE <= r->end && !failed; at += HUGE_SIZE)
+		{
+			failed = copy_block(mem, at, HUGE_SIZE, r->prot);
+			if (!failed)
+				*bytes += HUGE_SIZE;
+		}
+		/*
+		 * The segment's end, when the rest of its block is the loader's inaccessible gap before
+		 * the next segment: one huge page holds both, the gap's part zeros with the segment's
+		 * protection (nothing the file held there becomes readable).
+		 */
+		if (!failed && at >= r->start && at < r->end && i + 1 < count && ranges[i + 1].prot == 0 &&
+			ranges[i + 1].start == r->end && ranges[i + 1].end >= at + HUGE_SIZE)
+		{
+			failed = copy_block(mem, at, r->end - at, r->prot);
+			if (!failed)
+				*bytes += r->end - at;
+		}
 	}
-	return NULL;
+	close(mem);
+	return failed;
 }
+
+#else
+
+const char *
+gprxy_keep_code_resident(size_t *bytes)
+{
+	*bytes = 0;
+	return "not supported on this operating system";
+}
+
+#endif

@@ -678,23 +678,38 @@ fn a_broken_issuers_file_at_start_refuses_every_login() {
     );
 }
 
-/// The mappings of the validator's library file in process `pid`: permissions and resident KiB.
-fn library_file_mappings(pid: i32) -> Vec<(String, u64)> {
+/// One mapping of a process (/proc/<pid>/smaps): whether it maps the validator's library file,
+/// its permissions, size, resident size and anonymous huge pages, in KiB.
+#[derive(Debug, Default)]
+struct Mapping {
+    library: bool,
+    perms: String,
+    size: u64,
+    rss: u64,
+    anon_huge: u64,
+}
+
+fn mappings(pid: i32) -> Vec<Mapping> {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).expect("the backend's smaps");
-    let mut found: Vec<(String, u64)> = Vec::new();
-    let mut in_library = false;
+    let mut found: Vec<Mapping> = Vec::new();
     for line in smaps.lines() {
         let mut fields = line.split_whitespace();
         let first = fields.next().unwrap_or_default();
         if first.contains('-') && first.split('-').all(|h| u64::from_str_radix(h, 16).is_ok()) {
             let perms = fields.next().unwrap_or_default().to_owned();
-            in_library = line.ends_with("/gprxy_validator.so");
-            if in_library {
-                found.push((perms, 0));
+            found.push(Mapping {
+                library: line.ends_with("/gprxy_validator.so"),
+                perms,
+                ..Mapping::default()
+            });
+        } else if let Some(m) = found.last_mut() {
+            let kib = || fields.clone().next().and_then(|v| v.parse().ok()).expect("a size in kB");
+            match first {
+                "Size:" => m.size = kib(),
+                "Rss:" => m.rss = kib(),
+                "AnonHugePages:" => m.anon_huge = kib(),
+                _ => {}
             }
-        } else if in_library && first == "Rss:" {
-            let kib = fields.next().and_then(|v| v.parse().ok()).expect("Rss value");
-            found.last_mut().expect("mapping").1 = kib;
         }
     }
     found
@@ -707,42 +722,62 @@ fn minor_faults(pid: i32) -> u64 {
     after_name.split_whitespace().nth(7).and_then(|v| v.parse().ok()).expect("minflt")
 }
 
-/// Logs `token` in as alice over the wire protocol and returns, from inside the session, the
-/// library's file mappings and the faults its backend took.
-fn backend_after_login(s: &Setup, token: &str) -> (Vec<(String, u64)>, u64) {
+/// Logs `token` in as alice over the wire protocol and returns, from inside the session, its
+/// backend's mappings and the faults it took.
+fn backend_after_login(s: &Setup, token: &str) -> (Vec<Mapping>, u64) {
     use gprxy_tests::pgwire::{connect, Auth};
     let conn = connect(([127, 0, 0, 1], s.pg.port()).into(), "alice", "postgres", Auth::Bearer(token))
         .expect("token login");
     let (pid, _) = conn.key.expect("BackendKeyData");
-    let seen = (library_file_mappings(pid), minor_faults(pid));
+    let seen = (mappings(pid), minor_faults(pid));
     conn.close();
     seen
 }
 
+/// The KiB the postmaster's log says it kept resident.
+fn kept_kib(log: &str) -> u64 {
+    let line = log
+        .lines()
+        .find(|l| l.contains("KiB of code and constants kept in memory backends inherit, in 2 MiB pages"))
+        .unwrap_or_else(|| panic!("no resident-code line in the log:\n{log}"));
+    let before = line.split(" KiB of code").next().expect("line");
+    before.rsplit(' ').next().and_then(|v| v.parse().ok()).expect("KiB")
+}
+
 #[test]
 fn backends_run_the_validators_code_from_memory_the_postmaster_kept() {
+    let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").expect("THP mode");
+    assert!(
+        thp.contains("[madvise]") || thp.contains("[always]"),
+        "this test needs transparent huge pages (madvise or always): {thp}"
+    );
     let on = setup();
     let t = on.token(on.idp.claims("alice", AUD));
     backend_after_login(&on, &t); // the first login fetches the keys
-    let (mappings, faults_on) = backend_after_login(&on, &t);
-    let log = on.pg.log();
-    assert!(log.contains("KiB of code kept in memory backends inherit"), "{log}");
-    assert!(!mappings.is_empty(), "the library's writable data is still a mapping of its file");
-    // Readable and not writable: code and constants (`---p` are the gaps between segments).
-    let read_only: Vec<_> =
-        mappings.iter().filter(|(perms, _)| perms.starts_with('r') && !perms.contains('w')).collect();
-    assert!(read_only.is_empty(), "code or constants still mapped from the file: {read_only:?}");
+    let (maps, faults_on) = backend_after_login(&on, &t);
+    let kept = kept_kib(&on.pg.log());
+    // The library's code is 6 MB: at least three of its 2 MiB blocks, and its constants' first.
+    assert!(kept >= 4 * 2048, "kept only {kept} KiB");
+    let huge: u64 = maps.iter().filter(|m| !m.library).map(|m| m.anon_huge).sum();
+    assert!(huge >= kept, "the backend inherited {huge} KiB of huge pages, the postmaster kept {kept}");
+    // No code is left a file mapping (its last part shares a huge page with the gap after it);
+    // what may be is less than a 2 MiB block of constants.
+    let code: Vec<_> = maps.iter().filter(|m| m.library && m.perms.contains('x')).collect();
+    assert!(code.is_empty(), "code still mapped from the file: {code:?}");
+    let read_only = |m: &&Mapping| m.library && m.perms.starts_with('r') && !m.perms.contains('w');
+    let biggest = maps.iter().filter(read_only).map(|m| m.size).max().unwrap_or(0);
+    assert!(biggest < 2048, "a read-only file mapping of {biggest} KiB is left: {maps:?}");
     drop(on);
 
     let off = setup_with("map=m", &["gprxy.resident_code = off"], &["m alice alice"]);
     let t = off.token(off.idp.claims("alice", AUD));
-    backend_after_login(&off, &t); // the first login fetches the keys
-    let (mappings, faults_off) = backend_after_login(&off, &t);
+    backend_after_login(&off, &t);
+    let (maps, faults_off) = backend_after_login(&off, &t);
     assert!(off.pg.log().contains("gprxy.resident_code is off"));
-    let code: Vec<_> = mappings.iter().filter(|(perms, _)| perms.contains('x')).collect();
+    let code: Vec<_> = maps.iter().filter(|m| m.library && m.perms.contains('x')).collect();
     assert!(
-        code.len() == 1 && code[0].1 > 0,
-        "with the setting off the code is a file mapping the backend faulted in: {mappings:?}"
+        code.len() == 1 && code[0].size >= 3 * 2048 && code[0].rss > 0,
+        "with the setting off the code is one file mapping the backend faulted in: {code:?}"
     );
     assert!(
         faults_on < faults_off,

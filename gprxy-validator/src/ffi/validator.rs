@@ -73,7 +73,7 @@ extern "C" {
     fn gprxy_port_database() -> *const c_char;
     fn gprxy_audit(authorized: c_int, line: *const c_char);
     fn gprxy_session_hooks_install();
-    fn gprxy_keep_code_resident(bytes: *mut usize, huge_bytes: *mut usize) -> *const c_char;
+    fn gprxy_keep_code_resident(bytes: *mut usize) -> *const c_char;
     fn gprxy_session_plan(
         strict: c_int,
         end_at: i64,
@@ -333,36 +333,38 @@ fn define_bool(name: &'static CStr, desc: &'static CStr, setting: &'static pgrx:
 /// inherits (src/resident_code.c).
 static RESIDENT_CODE: pgrx::GucSetting<bool> = pgrx::GucSetting::<bool>::new(true);
 
-/// Defines `gprxy.resident_code`: at preload only, where a postmaster setting can be defined.
-fn define_resident_code() {
+/// Defines `gprxy.resident_code`. A postmaster setting can only be defined at preload; loaded
+/// later (no preloading) the setting does nothing, and is defined so that a postgresql.conf that
+/// names it draws no "invalid configuration parameter" warning at every login.
+fn define_resident_code(preloading: bool) {
     GucRegistry::define_bool_guc(
         c"gprxy.resident_code",
         c"At preload, copy the library's code into memory every backend inherits (no page faults per login).",
-        c"Off leaves it a file mapping, which profilers such as perf can symbolise.",
+        c"Needs shared_preload_libraries and transparent huge pages. Off leaves it a file mapping, which perf and uprobes see.",
         &RESIDENT_CODE,
-        GucContext::Postmaster,
+        if preloading { GucContext::Postmaster } else { GucContext::Sighup },
         GucFlags::default(),
     );
 }
 
-/// Copies the library's read-only mappings into anonymous memory (see src/resident_code.c) and
-/// says in the server log what came of it.
+/// Copies the library's read-only code and constants into memory backends inherit (see
+/// src/resident_code.c) and says in the server log what came of it.
 fn keep_code_resident() {
     if !RESIDENT_CODE.get() {
         pgrx::log!("gprxy_validator: gprxy.resident_code is off: each backend faults in the code it runs");
         return;
     }
-    let (mut bytes, mut huge_bytes) = (0usize, 0usize);
+    let mut bytes = 0usize;
     // SAFETY: called from _PG_init in the postmaster while it loads shared_preload_libraries:
-    // one thread, no client yet. The shim replaces read-only mappings of this library with
-    // byte-identical copies at the same addresses and writes the two counts.
-    let failed = unsafe { gprxy_keep_code_resident(&mut bytes, &mut huge_bytes) };
+    // one thread, no client yet. The shim replaces whole 2 MiB blocks of this library's
+    // read-only mappings with byte-identical copies at the same addresses and writes the count.
+    let failed = unsafe { gprxy_keep_code_resident(&mut bytes) };
+    let kib = bytes / 1024;
     // SAFETY: the shim returns NULL or a static string.
     match unsafe { super::opt_str(failed) } {
-        None => pgrx::log!(
-            "gprxy_validator: {} KiB of code kept in memory backends inherit ({} KiB of it eligible for 2 MiB pages)",
-            bytes / 1024,
-            huge_bytes / 1024
+        None => pgrx::log!("gprxy_validator: {kib} KiB of code and constants kept in memory backends inherit, in 2 MiB pages"),
+        Some(why) if bytes > 0 => pgrx::log!(
+            "gprxy_validator: {kib} KiB of code and constants kept in memory backends inherit, then stopped ({why}); backends fault in the rest"
         ),
         Some(why) => pgrx::log!(
             "gprxy_validator: code not kept resident ({why}); each backend faults in the code it runs"
@@ -576,9 +578,7 @@ fn define_settings() {
         &s::INSECURE_SKIP_AUDIENCE,
     );
     // SAFETY: reading a postmaster-set flag during library load.
-    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
-        define_resident_code();
-    }
+    define_resident_code(unsafe { pg_sys::process_shared_preload_libraries_in_progress });
     // SAFETY: called once from _PG_init with a static prefix.
     unsafe { pg_sys::MarkGUCPrefixReserved(c"gprxy".as_ptr()) };
 }
