@@ -27,6 +27,7 @@ const char *gprxy_keep_code_resident(size_t *bytes);
 #include <fcntl.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -120,41 +121,48 @@ huge_pages_offered(void)
 	return strstr(mode, "[always]") != NULL || strstr(mode, "[madvise]") != NULL;
 }
 
-/* Whether the mapping that starts at `at` is backed by a whole huge page (/proc/self/smaps). */
-static int
-is_one_huge_page(uintptr_t at)
+/*
+ * A field of the mapping that starts at `at`, in kB (/proc/self/smaps; `name` with its colon),
+ * or -1 when no mapping starts there.
+ */
+static long
+smaps_field(uintptr_t at, const char *name)
 {
 	char		line[4096];
 	int			in_it = 0;
-	int			huge = 0;
+	long		value = -1;
+	size_t		n = strlen(name);
 	FILE	   *smaps = fopen("/proc/self/smaps", "r");
 
 	if (smaps == NULL)
-		return 0;
+		return -1;
 	while (fgets(line, sizeof line, smaps) != NULL)
 	{
 		unsigned long start,
-					end,
-					kib;
+					end;
 
 		/* A mapping's first line starts with its range; its fields with a name and a colon. */
 		if (sscanf(line, "%lx-%lx ", &start, &end) == 2)
 			in_it = (start == at);
-		else if (in_it && sscanf(line, "AnonHugePages: %lu kB", &kib) == 1)
+		else if (in_it && strncmp(line, name, n) == 0)
 		{
-			huge = kib * 1024 >= HUGE_SIZE;
+			value = strtol(line + n, NULL, 10);
 			break;
 		}
 	}
 	fclose(smaps);
-	return huge;
+	return value;
 }
 
 /*
  * Replaces the 2 MiB block at `at` (2 MiB aligned) by an anonymous copy in one huge page with
  * protection `prot`, holding the block's first `len` bytes and zeros after them. mremap moves
  * the copy's page table entry into place and drops what the block mapped in one step; the bytes
- * at every readable address stay the same.
+ * at every readable address stay the same. Everything before mremap undoes itself on failure.
+ * mremap itself unmaps the destination before it moves the copy: should the move then fail
+ * (an allocation failure inside the kernel; 6.x kernels check the map count first), the block
+ * would be left unmapped and the postmaster would crash at start, before any client, and
+ * gprxy.resident_code = off is the way out.
  */
 static const char *
 copy_block(int mem, uintptr_t at, size_t len, int prot)
@@ -181,7 +189,7 @@ copy_block(int mem, uintptr_t at, size_t len, int prot)
 		munmap((void *) copy, HUGE_SIZE);
 		return "writing the copy through /proc/self/mem failed";
 	}
-	if (!is_one_huge_page(copy))
+	if (smaps_field(copy, "AnonHugePages:") * 1024 < (long) HUGE_SIZE)
 	{
 		munmap((void *) copy, HUGE_SIZE);
 		return "no 2 MiB page was available for the copy";
@@ -222,7 +230,11 @@ gprxy_keep_code_resident(size_t *bytes)
 		const struct range *r = &ranges[i];
 		uintptr_t	at = (r->start + HUGE_SIZE - 1) & ~(HUGE_SIZE - 1);
 
-		if (!(r->prot & PROT_READ))
+		/*
+		 * Gaps hold nothing to copy; a mapping with private copies of its pages (the relocated
+		 * RELRO data) is inherited at fork already.
+		 */
+		if (!(r->prot & PROT_READ) || smaps_field(r->start, "Anonymous:") != 0)
 			continue;
 		for (; at + HUGE_SIZE <= r->end && !failed; at += HUGE_SIZE)
 		{
