@@ -247,7 +247,7 @@ gprxy_keep_code_resident(size_t *bytes)
 		 * the next segment: one huge page holds both, the gap's part zeros with the segment's
 		 * protection (nothing the file held there becomes readable).
 		 */
-		if (!failed && at >= r->start && at < r->end && i + 1 < count && ranges[i + 1].prot == 0 &&
+		if (!failed && at < r->end && i + 1 < count && ranges[i + 1].prot == 0 &&
 			ranges[i + 1].start == r->end && ranges[i + 1].end >= at + HUGE_SIZE)
 		{
 			failed = copy_block(mem, at, r->end - at, r->prot);

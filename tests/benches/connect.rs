@@ -29,7 +29,7 @@ use std::time::Instant;
 
 use gprxy_core::testkit::TestKey;
 use gprxy_tests::idp::TestIssuer;
-use gprxy_tests::pgwire::{connect, Auth};
+use gprxy_tests::pgwire::{connect, Auth, PgConn};
 use gprxy_tests::{validator_cluster, PgVersion};
 use serde_json::json;
 
@@ -53,8 +53,12 @@ struct Method {
     cpu_s: f64,
 }
 
+fn open(addr: SocketAddr, m: &Method) -> PgConn {
+    connect(addr, m.user, "postgres", m.auth).unwrap_or_else(|e| panic!("{} login: {e}", m.name))
+}
+
 fn login(addr: SocketAddr, m: &Method) {
-    connect(addr, m.user, "postgres", m.auth).unwrap_or_else(|e| panic!("{} login: {e}", m.name)).close();
+    open(addr, m).close();
 }
 
 /// Every method's login works (and the caches it uses are warm).
@@ -99,16 +103,10 @@ fn measure(addr: SocketAddr, methods: &mut [Method], rounds: usize, per_round: u
 fn faults_per_backend(addr: SocketAddr, m: &Method, n: usize) -> u64 {
     let mut counts: Vec<u64> = (0..n)
         .map(|_| {
-            let conn =
-                connect(addr, m.user, "postgres", m.auth).unwrap_or_else(|e| panic!("{} login: {e}", m.name));
-            let (pid, _) = conn.key.expect("BackendKeyData");
-            let stat =
-                std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the backend's /proc stat");
-            // Field 10 (minflt), counted after the command name, which ends with the last ')'.
-            let after = stat.rsplit_once(')').expect("stat line").1;
-            let minflt = after.split_whitespace().nth(7).and_then(|v| v.parse().ok()).expect("minflt");
+            let conn = open(addr, m);
+            let faults = gprxy_tests::machine::minor_faults(conn.key.expect("BackendKeyData").0);
             conn.close();
-            minflt
+            faults
         })
         .collect();
     counts.sort_unstable();

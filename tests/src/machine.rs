@@ -36,3 +36,11 @@ pub fn ticks_per_second() -> f64 {
 pub fn busy_seconds() -> f64 {
     counters().0 as f64 / ticks_per_second()
 }
+
+/// A process's minor page faults so far (/proc/<pid>/stat, field 10, counted after the command
+/// name, which ends with the last ')').
+pub fn minor_faults(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the process's /proc stat");
+    let after_name = stat.rsplit_once(')').expect("stat line").1;
+    after_name.split_whitespace().nth(7).and_then(|v| v.parse().ok()).expect("minflt")
+}

@@ -715,13 +715,6 @@ fn mappings(pid: i32) -> Vec<Mapping> {
     found
 }
 
-/// A backend's minor page faults so far (/proc/<pid>/stat, field 10).
-fn minor_faults(pid: i32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the backend's stat");
-    let after_name = stat.rsplit_once(')').expect("stat line").1;
-    after_name.split_whitespace().nth(7).and_then(|v| v.parse().ok()).expect("minflt")
-}
-
 /// Logs `token` in as alice over the wire protocol and returns, from inside the session, its
 /// backend's mappings and the faults it took.
 fn backend_after_login(s: &Setup, token: &str) -> (Vec<Mapping>, u64) {
@@ -729,7 +722,7 @@ fn backend_after_login(s: &Setup, token: &str) -> (Vec<Mapping>, u64) {
     let conn = connect(([127, 0, 0, 1], s.pg.port()).into(), "alice", "postgres", Auth::Bearer(token))
         .expect("token login");
     let (pid, _) = conn.key.expect("BackendKeyData");
-    let seen = (mappings(pid), minor_faults(pid));
+    let seen = (mappings(pid), gprxy_tests::machine::minor_faults(pid));
     conn.close();
     seen
 }
