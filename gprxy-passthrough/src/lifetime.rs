@@ -114,6 +114,12 @@ impl SessionEnd {
         Some(Self { plan, policy: policy.mode, mode, owner, login: std::time::Instant::now() })
     }
 
+    /// The refusal of a login whose session would end at once (a token inside the leeway past
+    /// its `exp`): the client's message; None when the end is still ahead.
+    pub fn refusal_at_login(&self) -> Option<String> {
+        until(self.plan.end_at).is_zero().then(|| self.plan.reason.client_message())
+    }
+
     /// The ErrorResponse the client reads last: FATAL, SQLSTATE 28000, the reason.
     pub fn fatal(&self) -> BytesMut {
         let message = self.plan.reason.client_message();
@@ -268,12 +274,17 @@ pub async fn relay_watched(
         // Once the end is due, a client outside a transaction is read no more (between whole
         // requests, no COPY open): what it sent is answered, and then the session is at its
         // idle point. A client that always has its next command queued is never idle
-        // otherwise; the commands it queued after the end never reach the server.
-        let hold_client = clock.as_ref().is_some_and(|c| c.due)
-            && track.last_ready() == Some(b'I')
-            && track.client_between_messages()
-            && !track.unsynced()
-            && !track.copy_in();
+        // otherwise; the commands it queued after the end never reach the server. An
+        // extended-protocol batch with no Sync yet, begun outside a transaction, is held too:
+        // its work is not committed (no Sync comes), and the session ends once every request
+        // before it was answered.
+        let held = |track: &Tracker| {
+            clock.as_ref().is_some_and(|c| c.due)
+                && track.last_ready() == Some(b'I')
+                && track.client_between_messages()
+                && !track.copy_in()
+        };
+        let hold_client = held(track);
         if hold_client {
             if let Poll::Ready(Err(_)) = forward.poll_write_out(cx, &mut **server) {
                 return Poll::Ready(Err(RelayEnd::Broken));
@@ -295,7 +306,12 @@ pub async fn relay_watched(
         }
         match clock.as_mut() {
             Some(clock) => {
-                let idle = || forward.drained() && back.drained() && track.clean();
+                let held_unsynced = hold_client && track.unsynced() && track.in_flight() == 0;
+                let idle = || {
+                    forward.drained()
+                        && back.drained()
+                        && (track.clean() || (held_unsynced && track.server_between_messages()))
+                };
                 clock.poll_end(cx, idle).map(Ok)
             }
             None => Poll::Pending,
@@ -537,6 +553,29 @@ mod tests {
             !rest_of_server.windows(6).any(|w| w == b"INSERT"),
             "the queued command reached the server: {rest_of_server:?}"
         );
+    }
+
+    /// Under `idle`, an extended-protocol batch with no Sync, begun outside a transaction, does
+    /// not keep the session: once the end is due the client is read no more, and the session
+    /// ends with the batch unsynced (nothing the client sends after the end reaches the server).
+    #[tokio::test]
+    async fn an_unsynced_batch_does_not_keep_a_session_past_its_idle_end() {
+        let end = expired(SessionMode::Idle, 3600);
+        let message = expiry_message(&end);
+        let mut batch = frame(b'P', b"\0BEGIN\0\0\0");
+        batch.extend_from_slice(&frame(b'B', &[0u8; 8]));
+        batch.extend_from_slice(&frame(b'E', &[0u8; 5]));
+        let (relay, mut client, mut server) = start(end, batch.clone(), BytesMut::new());
+        send(&mut client, &q("INSERT INTO t VALUES (1)")).await;
+        let tags = tags_to_the_end(&mut client, &message).await;
+        assert_eq!(tags, b"E", "only the FATAL");
+        let (r, track) = relay.await.unwrap();
+        assert!(matches!(r, RelayEnd::Ended { ending: Ending::AtIdle, server_in_step: true, .. }), "{r:?}");
+        assert!(track.unsynced() && track.in_flight() == 0);
+        drop(client);
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_millis(200), server.read_to_end(&mut got)).await;
+        assert_eq!(got, batch.to_vec(), "the server got the batch and nothing after it");
     }
 
     /// Under `strict` the end does not wait; the server message being relayed is finished

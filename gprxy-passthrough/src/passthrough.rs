@@ -87,18 +87,20 @@ async fn watch(
             .await;
     // Terminate is sent only between the client's messages (the client's own was not relayed).
     let mut goodbye = track.client_between_messages();
+    // Requests left running: a client that left with requests unanswered, or a forced end.
+    let cancel = track.in_flight() > 0 || track.unsynced();
     match relay_end {
         RelayEnd::ClientLeft => {}
         RelayEnd::Broken => goodbye = false,
         RelayEnd::Ended { ending, server_in_step, .. } => {
             end.record(&shared.metrics, ending);
             goodbye = server_in_step;
-            if ending.forced() && (track.in_flight() > 0 || track.unsynced()) {
-                if let Some(key) = &up.key {
-                    let config = shared.config.read().clone();
-                    let _ = crate::upstream::cancel(shared, &config, key).await;
-                }
-            }
+        }
+    }
+    if cancel {
+        if let Some(key) = &up.key {
+            let config = shared.config.read().clone();
+            let _ = crate::upstream::cancel(shared, &config, key).await;
         }
     }
     if goodbye {

@@ -7,6 +7,7 @@
 mod account_login;
 mod intake;
 pub mod pool;
+mod reap;
 mod setup;
 
 use std::sync::Arc;
@@ -177,6 +178,22 @@ pub async fn log_in(
         return Err(refused(format!("gprxy: user name {user:?} does not match the token")));
     }
 
+    let end = SessionEnd::plan(
+        &config.session,
+        ProxyMode::Fallback,
+        u64::try_from(t.expires_at).ok(),
+        TokenOwner {
+            sub: t.subject.clone(),
+            iss: Some(t.issuer.clone()),
+            token_fp: Some(t.fingerprint.clone()),
+        },
+    );
+    // A token inside the leeway past its exp would be let in only to be ended at once: refused
+    // at login, as the validator does.
+    if let Some(message) = end.as_ref().and_then(SessionEnd::refusal_at_login) {
+        info.detail = Some("the session's end is already due (token inside the leeway)".into());
+        return Err(refused(message));
+    }
     let database = startup.param("database").unwrap_or(user).to_owned();
     let client_settings = setup::client_settings(startup, &fallback.cfg.context).map_err(refused)?;
     let mut lease = fallback.pools.checkout(&shared.metrics, &database, &account).await?;
@@ -228,17 +245,17 @@ pub async fn log_in(
         identity = t.identity.as_str(),
         "token mapped to service account"
     );
-    let end = SessionEnd::plan(
-        &config.session,
-        ProxyMode::Fallback,
-        u64::try_from(t.expires_at).ok(),
-        TokenOwner {
-            sub: t.subject.clone(),
-            iss: Some(t.issuer.clone()),
-            token_fp: Some(t.fingerprint.clone()),
-        },
-    );
-    Ok(PooledSession { lease, conn, client_key, end, leftover_client: cbuf, leftover_server: sbuf })
+    Ok(PooledSession {
+        lease,
+        conn,
+        client_key,
+        end,
+        leftover_client: cbuf,
+        leftover_server: sbuf,
+        account,
+        database,
+        fallback: fallback.clone(),
+    })
 }
 
 /// A logged-in pooled session: its server connection, whole, and the lease it goes back
@@ -252,6 +269,11 @@ pub struct PooledSession {
     end: Option<SessionEnd>,
     leftover_client: BytesMut,
     leftover_server: BytesMut,
+    /// The service account and database (a backend given up is ended as that account).
+    account: String,
+    database: String,
+    /// Where the account's password is.
+    fallback: Arc<Fallback>,
 }
 
 impl PooledSession {
@@ -276,7 +298,13 @@ impl PooledSession {
             shared.cancel_keys.remove(k);
         }
         let clean = match relay_end {
-            RelayEnd::ClientLeft => track.clean(),
+            // A client that left with requests unanswered: they are cancelled and the connection
+            // settled as after a forced end (a message cut in half cannot be settled).
+            RelayEnd::ClientLeft => {
+                track.clean()
+                    || (track.client_between_messages()
+                        && Box::pin(pool::settle(shared, &mut self.conn, &mut track, BytesMut::new())).await)
+            }
             RelayEnd::Broken => false,
             RelayEnd::Ended { ending, server_in_step, server_leftover } => {
                 if let Some(end) = &self.end {
@@ -286,7 +314,11 @@ impl PooledSession {
                     && Box::pin(pool::settle(shared, &mut self.conn, &mut track, server_leftover)).await
             }
         };
-        Box::pin(self.lease.give_back(self.conn, clean)).await;
+        if let Some(doomed) = Box::pin(self.lease.give_back(self.conn, clean)).await {
+            let password =
+                self.fallback.cfg.passwords.get(&self.account).map(String::as_str).unwrap_or_default();
+            Box::pin(reap::end_backend(shared, &self.account, &self.database, password, doomed)).await;
+        }
     }
 }
 

@@ -7,6 +7,13 @@
 //! server is idle; the reset ends with a query carrying a random marker, whose answer must be
 //! the last one. Anything in doubt (unanswered requests, COPY, an error or a timeout in the
 //! reset, a reload) closes the connection instead.
+//!
+//! A pool's size is a promise about server backends, not sockets: a connection is counted
+//! until its backend is gone. One closed politely (Terminate) is counted until the server
+//! closes its side, which PostgreSQL does only after its process left the shared state
+//! (`pg_stat_activity` no longer lists it). One given up with work possibly in flight comes
+//! back from [`Lease::give_back`] as a [`Doomed`] connection, still holding its slot, for the
+//! caller to end its backend for certain (`super::reap`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -62,6 +69,8 @@ impl ServerConn {
 struct Pool {
     idle: Mutex<Vec<(ServerConn, Instant)>>,
     permits: Arc<Semaphore>,
+    /// One backend of this pool is ended at a time (each end opens one connection of its own).
+    reaping: Arc<tokio::sync::Mutex<()>>,
     /// The pool's gauges (exported once it has logged in).
     gauges: Arc<PoolGauges>,
 }
@@ -101,12 +110,37 @@ pub struct Pools {
     retired: Arc<AtomicBool>,
 }
 
-/// Ends a server connection politely: Terminate, then close (PostgreSQL logs no EOF error).
-async fn terminate(conn: &mut ServerConn) {
+/// How long a backend told goodbye (Terminate) may take to close its side before it is ended
+/// by other means.
+const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Ends a server connection politely: Terminate, then waits (`within` at most) until the
+/// server closes its side, which it does once its process has left the shared state. Returns
+/// whether it did.
+async fn terminate(conn: &mut ServerConn, within: Duration) -> bool {
     let mut out = BytesMut::new();
     frontend::terminate(&mut out);
+    // A write that fails (the server closed first) still leaves the EOF to be read.
     let _ = conn.stream.write_all(&out).await;
-    let _ = conn.stream.shutdown().await;
+    let _ = conn.stream.flush().await;
+    server_closed(&mut conn.stream, within).await
+}
+
+/// Reads and drops what the server sends until it closes its side (true) or `within` passes.
+pub(crate) async fn server_closed(stream: &mut BoxStream, within: Duration) -> bool {
+    let mut sink = vec![0u8; 8192];
+    let closed = async {
+        loop {
+            match stream.read(&mut sink).await {
+                Ok(0) => return true,
+                Ok(_) => {}
+                // Reset by the peer: its process closed the socket.
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+                Err(_) => return false,
+            }
+        }
+    };
+    matches!(tokio::time::timeout(within, closed).await, Ok(true))
 }
 
 /// Whether an idle connection is still usable: nothing to read (a closed socket reads 0, a
@@ -136,7 +170,7 @@ impl Pools {
             let idle = std::mem::take(&mut *pool.idle.lock());
             pool.gauges.idle.dec_by(idle.len() as i64);
             for (mut conn, _) in idle {
-                terminate(&mut conn).await;
+                terminate(&mut conn, GOODBYE_TIMEOUT).await;
             }
         }
         tracing::info!(event = "pool", action = "retire", "configuration reloaded: old pools closed");
@@ -158,6 +192,7 @@ impl Pools {
                     Arc::new(Pool {
                         idle: Mutex::new(Vec::new()),
                         permits: Arc::new(Semaphore::new(size.max(1))),
+                        reaping: Arc::new(tokio::sync::Mutex::new(())),
                         gauges: metrics.pool_gauges(),
                     })
                 })
@@ -208,6 +243,8 @@ impl Pools {
                 account,
                 "idle server connection closed or expired"
             );
+            // An idle backend reads the Terminate at once; the slot is this lease's meanwhile.
+            terminate(&mut conn, GOODBYE_TIMEOUT).await;
         }
         Ok(lease)
     }
@@ -226,8 +263,12 @@ impl Pools {
 
 impl Lease {
     /// Ends a session: resets `conn` and returns it to the pool it came from, or closes it when
-    /// it is not `clean`, too old, its reset fails, or that pool was retired by a reload.
-    pub async fn give_back(self, mut conn: ServerConn, clean: bool) {
+    /// it is not `clean`, too old, its reset fails, or that pool was retired by a reload. A
+    /// connection closed politely is counted until the server has closed its side. Returns the
+    /// connection, with this lease's slot, when its backend may still be running (not `clean`,
+    /// or the goodbye was not answered): the caller must end that backend ([`Doomed`]).
+    #[must_use = "a doomed connection's backend must be ended"]
+    pub async fn give_back(self, mut conn: ServerConn, clean: bool) -> Option<Doomed> {
         let reusable = clean
             && !self.retired.load(Ordering::SeqCst)
             && conn.created.elapsed() < self.max_lifetime
@@ -238,17 +279,32 @@ impl Lease {
             if !self.retired.load(Ordering::SeqCst) {
                 idle.push((conn, Instant::now()));
                 self.idle.inc();
-                return;
+                return None;
             }
         }
         let retired = self.retired.load(Ordering::SeqCst);
         tracing::info!(event = "pool", action = "close", clean, retired, "server connection not reused");
-        if clean {
-            // Between messages: the server can be told goodbye.
-            terminate(&mut conn).await;
-        } else {
-            let _ = conn.stream.shutdown().await;
+        // Between messages the server can be told goodbye; it then ends by itself.
+        if clean && terminate(&mut conn, GOODBYE_TIMEOUT).await {
+            return None;
         }
+        Some(Doomed { conn, lease: self })
+    }
+}
+
+/// A server connection given up with its backend possibly still running (a request in flight,
+/// a statement that caught the cancel, a message cut): it keeps its pool slot until the backend
+/// is gone.
+pub struct Doomed {
+    /// The connection (its socket still open: the server closing it tells the backend is gone).
+    pub conn: ServerConn,
+    lease: Lease,
+}
+
+impl Doomed {
+    /// The pool's lock for ending backends: one at a time per pool.
+    pub fn turn(&self) -> Arc<tokio::sync::Mutex<()>> {
+        self.lease.pool.reaping.clone()
     }
 }
 
@@ -346,11 +402,12 @@ async fn reset(conn: &mut ServerConn) -> bool {
     matches!(tokio::time::timeout(Duration::from_secs(5), run).await, Ok(Some(true)))
 }
 
-/// Brings a server connection whose client was ended mid-request back to an idle point, so
-/// that it can be reset and reused: what the server was sent past its last message is fed to
-/// `track` first (`server_leftover`); a running request is cancelled (its process signalled
-/// before anything else is sent), an open COPY failed, unsynced extended-protocol messages
-/// synced, the answers read and dropped, then an open transaction rolled back. Returns
+/// Brings a server connection whose client was ended or left mid-request back to an idle
+/// point, so that it can be reset and reused: what the server was sent past its last message is
+/// fed to `track` first (`server_leftover`); a running request is cancelled (its process
+/// signalled before anything else is sent), an open COPY failed, unsynced extended-protocol
+/// work aborted (a statement that raises an error, then Sync: a Sync alone would commit what
+/// the client never synced), the answers read and dropped, then an open transaction rolled back. Returns
 /// whether the connection is clean ([`Tracker::clean`]); false after [`END_TIMEOUT`].
 pub async fn settle(
     shared: &Shared,
@@ -369,7 +426,7 @@ pub async fn settle(
             frontend::copy_fail("gprxy: the session ended", &mut out).ok()?;
         }
         if track.unsynced() {
-            frontend::sync(&mut out);
+            out.extend_from_slice(&abort_unsynced());
         }
         send_tracked(conn, track, &out).await?;
         drain(conn, track).await?;
@@ -382,6 +439,23 @@ pub async fn settle(
         Some(track.clean())
     };
     matches!(tokio::time::timeout(END_TIMEOUT, run).await, Ok(Some(true)))
+}
+
+/// The error raised to abort a client's unsynced extended-protocol work.
+const ABORT_UNSYNCED: &str =
+    "DO $gprxy$BEGIN RAISE EXCEPTION 'gprxy: the session ended; its unsynced work is rolled back'; END$gprxy$";
+
+/// Parse, Bind and Execute of [`ABORT_UNSYNCED`] (unnamed statement and portal), then Sync: the
+/// implicit transaction fails and is rolled back; an explicit one is left failed (`E`).
+fn abort_unsynced() -> BytesMut {
+    let mut parse = b"\0".to_vec();
+    parse.extend_from_slice(ABORT_UNSYNCED.as_bytes());
+    parse.extend_from_slice(b"\0\0\0");
+    let mut out = proto::frame(b'P', &parse);
+    out.extend_from_slice(&proto::frame(b'B', b"\0\0\0\0\0\0\0\0"));
+    out.extend_from_slice(&proto::frame(b'E', b"\0\0\0\0\0"));
+    frontend::sync(&mut out);
+    out
 }
 
 /// Sends client messages of gprxy's own, counted like the client's.
@@ -493,6 +567,24 @@ mod tests {
         assert!(!settle(&proxy.shared, &mut conn, &mut track, BytesMut::new()).await);
         let (mut conn, _server, mut track) = session(&q("SELECT pg_sleep(60)"), b"", Some((7, vec![1; 4])));
         assert!(!settle(&proxy.shared, &mut conn, &mut track, BytesMut::new()).await);
+    }
+
+    /// Aborting unsynced work is one extended-protocol batch ending in Sync: the tracker sees a
+    /// synced stream waiting for one ReadyForQuery, and the statement raises gprxy's error.
+    #[test]
+    fn unsynced_work_is_aborted_by_an_error_then_synced() {
+        let mut track = Tracker::default();
+        track.client_bytes(&proto::frame(b'P', b"\0INSERT INTO t VALUES (1)\0\0\0")).unwrap();
+        assert!(track.unsynced());
+        let abort = abort_unsynced();
+        track.client_bytes(&abort).unwrap();
+        assert!(!track.unsynced() && track.in_flight() == 1 && track.client_between_messages());
+        let mut buf = BytesMut::from(&abort[..]);
+        let tags: Vec<u8> = std::iter::from_fn(|| proto::parse_message(&mut buf, 1 << 16, "x").unwrap())
+            .map(|m| m.tag)
+            .collect();
+        assert_eq!(tags, b"PBES");
+        assert!(String::from_utf8_lossy(&abort).contains("RAISE EXCEPTION 'gprxy: the session ended"));
     }
 
     #[tokio::test]

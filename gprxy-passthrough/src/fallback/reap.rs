@@ -1,0 +1,129 @@
+//! Ending a pooled backend for certain. A server connection given up with work possibly in
+//! flight ([`Doomed`]: the client left mid-request, a forced end whose settling failed, a
+//! statement that caught the cancel) may still be running and committing after its socket is
+//! closed, and would still take one of the server's connections. So gprxy logs in as the same
+//! service account (a role may signal its own backends, PostgreSQL 13 and later), runs
+//! `pg_terminate_backend(pid)` (PostgreSQL's SIGTERM, which no PL/pgSQL handler catches), and
+//! waits until the doomed connection's server side closes: PostgreSQL closes it only after the
+//! process has left the shared state, so the backend no longer exists for the server. The pool
+//! slot is held until then; a failed attempt is retried with a growing pause, for as long as
+//! it takes (a slot is never handed on while its backend may live).
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use postgres_protocol::message::frontend;
+use tokio::io::AsyncWriteExt;
+
+use super::account_login;
+use super::pool::{server_closed, Doomed};
+use crate::conn::{read_message, Shared};
+use crate::proto;
+
+/// How long one attempt waits for the terminated backend to close its side.
+const TERMINATE_WAIT: Duration = Duration::from_secs(10);
+/// The longest pause between attempts.
+const MAX_PAUSE: Duration = Duration::from_secs(10);
+
+/// Ends the doomed connection's backend, then frees its slot. `account`, `database` and
+/// `password` log the terminating connection in (the same account's own).
+pub async fn end_backend(shared: &Shared, account: &str, database: &str, password: &str, mut doomed: Doomed) {
+    let _turn = doomed.turn().lock_owned().await;
+    let Some(pid) = doomed.conn.key.as_ref().map(|k| k.0) else {
+        // No process id to name (the server sent no BackendKeyData): only its own close tells.
+        while !server_closed(&mut doomed.conn.stream, TERMINATE_WAIT).await {
+            tracing::warn!(
+                event = "pool",
+                action = "end_backend",
+                account,
+                "a backend with no key is still open"
+            );
+        }
+        return;
+    };
+    let mut pause = Duration::from_millis(100);
+    let mut attempt = 1u32;
+    loop {
+        let config = shared.config.read().clone();
+        let outcome = async {
+            let mut killer = account_login::log_in(shared, &config, account, database, password, None)
+                .await
+                .map_err(|e| format!("cannot log in to end it: {e}"))?;
+            let signalled = terminate_backend(&mut killer.stream, pid).await;
+            // Told goodbye either way: its own backend ends at once.
+            let mut bye = BytesMut::new();
+            frontend::terminate(&mut bye);
+            let _ = killer.stream.write_all(&bye).await;
+            let _ = killer.stream.flush().await;
+            let killer_gone = server_closed(&mut killer.stream, TERMINATE_WAIT);
+            let signalled = signalled?;
+            let doomed_gone = server_closed(&mut doomed.conn.stream, TERMINATE_WAIT).await;
+            killer_gone.await;
+            if doomed_gone {
+                Ok(signalled)
+            } else {
+                Err("its process did not end in time".to_owned())
+            }
+        }
+        .await;
+        match outcome {
+            Ok(signalled) => {
+                tracing::info!(
+                    event = "pool",
+                    action = "end_backend",
+                    account,
+                    pid,
+                    signalled,
+                    attempt,
+                    "server process of a connection given up has ended"
+                );
+                return;
+            }
+            Err(reason) => {
+                shared.metrics.upstream_errors.inc();
+                tracing::warn!(
+                    event = "pool",
+                    action = "end_backend",
+                    account,
+                    pid,
+                    attempt,
+                    reason = reason.as_str(),
+                    "server process of a connection given up not ended yet; its pool slot stays taken"
+                );
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(MAX_PAUSE);
+                attempt = attempt.saturating_add(1);
+            }
+        }
+    }
+}
+
+/// `SELECT pg_terminate_backend(pid)` on `stream`: whether the process was signalled (false:
+/// it was already gone).
+async fn terminate_backend(stream: &mut crate::conn::BoxStream, pid: i32) -> Result<bool, String> {
+    let mut out = BytesMut::new();
+    frontend::query(&format!("SELECT pg_catalog.pg_terminate_backend({pid})"), &mut out)
+        .map_err(|e| e.to_string())?;
+    stream.write_all(&out).await.map_err(|e| e.to_string())?;
+    stream.flush().await.map_err(|e| e.to_string())?;
+    let mut buf = BytesMut::new();
+    let mut signalled = None;
+    let mut error = None;
+    loop {
+        let m = read_message(stream, &mut buf, proto::MAX_SERVER_AUTH_MESSAGE, "server message")
+            .await
+            .map_err(|e| e.to_string())?;
+        match m.tag {
+            // One row, one column: 't' or 'f'.
+            b'D' => signalled = Some(m.body().ends_with(b"t")),
+            b'E' => error = Some(proto::error_fields(&m)),
+            b'Z' => break,
+            _ => {}
+        }
+    }
+    match (error, signalled) {
+        (Some((code, message)), _) => Err(format!("pg_terminate_backend failed: {code} {message}")),
+        (None, Some(s)) => Ok(s),
+        (None, None) => Err("pg_terminate_backend returned no row".to_owned()),
+    }
+}
