@@ -24,8 +24,7 @@ use crate::proto::{BackendMessage, SqlState};
 use crate::relay::{End, Pipe, Verdict};
 use crate::track::Tracker;
 
-/// How long ending the client's side may take (finishing the server's message, the FATAL),
-/// and, in fallback mode, bringing the server connection back to idle.
+/// How long ending the client's side may take (finishing the server's message, the FATAL).
 pub const END_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The longest single timer wait; a later end is waited for in steps.

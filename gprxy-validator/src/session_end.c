@@ -14,6 +14,17 @@
  *  - The start of every statement (ExecutorStart and ProcessUtility hooks): strict past the
  *    end, idle past the hard limit or in a transaction that began after the end (a client that
  *    always has the next command queued is never idle), the statement fails with FATAL.
+ *  - The start of every function call a fast-path request (FunctionCall) makes, which reaches
+ *    neither hook above (object_access_hook, OAT_FUNCTION_EXECUTE), by the same rule.
+ *  - The commit of every transaction (XACT_EVENT_PRE_COMMIT and PRE_PREPARE), by the same
+ *    rule: a transaction that began after the end never commits, whichever way its work came
+ *    (a procedure commits inside one statement). Its work is rolled back and the backend ends
+ *    with FATAL.
+ *
+ * Without the timer (timer_create fails, for instance when RLIMIT_SIGPENDING, counted per OS
+ * user, is used up) the login is not refused: the statement and commit checks still end the
+ * session, at its next statement or commit; an idle session waits for its next command. The
+ * server log says so once per backend.
  *
  * The client reads gprxy's message with SQLSTATE 28000: raised here at a statement's start, or
  * replacing PostgreSQL's "terminating connection due to administrator command" for the SIGTERM
@@ -28,6 +39,7 @@
 #include <time.h>
 
 #include "access/xact.h"
+#include "catalog/objectaccess.h"
 #include "executor/executor.h"
 #include "libpq/auth.h"
 #include "miscadmin.h"
@@ -48,7 +60,8 @@
 static struct
 {
 	bool		planned;		/* the validator planned an end for this login */
-	bool		armed;			/* the login succeeded; the timer runs */
+	bool		armed;			/* the login succeeded; the checks run */
+	bool		timed;			/* the timer runs */
 	bool		strict;
 	time_t		end_unix;
 	TimestampTz end_at;
@@ -66,6 +79,7 @@ static ClientAuthentication_hook_type prev_client_authentication_hook = NULL;
 static emit_log_hook_type prev_emit_log_hook = NULL;
 static ExecutorStart_hook_type prev_executor_start_hook = NULL;
 static ProcessUtility_hook_type prev_process_utility_hook = NULL;
+static object_access_hook_type prev_object_access_hook = NULL;
 
 /* Waiting for the client's next message with no transaction open: the session is idle. */
 static bool
@@ -88,7 +102,8 @@ session_timer_fired(SIGNAL_ARGS)
 	}
 }
 
-/* FATAL at a statement's start once the session's end has come (see the top comment). */
+/* FATAL at a statement's start or a commit once the session's end has come (see the top
+ * comment). */
 static void
 check_session_end(void)
 {
@@ -131,6 +146,26 @@ process_utility(PlannedStmt *pstmt, const char *queryString, bool readOnlyTree,
 		standard_ProcessUtility(pstmt, queryString, readOnlyTree, context, params, queryEnv, dest, qc);
 }
 
+/* A function about to run (fast-path calls, and functions in a statement's expressions). */
+static void
+object_access(ObjectAccessType access, Oid classId, Oid objectId, int subId, void *arg)
+{
+	if (access == OAT_FUNCTION_EXECUTE)
+		check_session_end();
+	if (prev_object_access_hook)
+		prev_object_access_hook(access, classId, objectId, subId, arg);
+}
+
+/* A transaction that began after the end does not commit. */
+static void
+xact_callback(XactEvent event, void *arg)
+{
+	(void) arg;
+	if (event == XACT_EVENT_PRE_COMMIT || event == XACT_EVENT_PARALLEL_PRE_COMMIT ||
+		event == XACT_EVENT_PRE_PREPARE)
+		check_session_end();
+}
+
 /* The audit line, as the backend exits (PostgreSQL's log_disconnections logs the same way). */
 static void
 log_session_end(int code, Datum arg)
@@ -161,21 +196,29 @@ client_authenticated(Port *port, int status)
 	MemSet(&sev, 0, sizeof(sev));
 	sev.sigev_notify = SIGEV_SIGNAL;
 	sev.sigev_signo = SESSION_SIGNAL;
-	if (timer_create(CLOCK_REALTIME, &sev, &session.timer) != 0)
-		ereport(FATAL,
-				(errcode(ERRCODE_INSUFFICIENT_RESOURCES),
-				 errmsg("gprxy: cannot create the session's timer: %m")));
 	before_shmem_exit(log_session_end, (Datum) 0);
+	RegisterXactCallback(xact_callback, NULL);
 	session.armed = true;
+	if (timer_create(CLOCK_REALTIME, &sev, &session.timer) != 0)
+	{
+		ereport(WARNING,
+				(errmsg("gprxy: no timer for this session's end (%m); it ends at its next statement or commit after the end"),
+				 errhint("timer_create counts against RLIMIT_SIGPENDING (ulimit -i) of the server's OS user.")));
+		return;
+	}
 	MemSet(&when, 0, sizeof(when));
 	/* An end already due fires at once. */
 	when.it_value.tv_sec = session.end_unix > 0 ? session.end_unix : 1;
 	if (!session.strict)
 		when.it_interval.tv_nsec = IDLE_POLL_MS * 1000000L;
 	if (timer_settime(session.timer, TIMER_ABSTIME, &when, NULL) != 0)
-		ereport(FATAL,
-				(errcode(ERRCODE_INSUFFICIENT_RESOURCES),
-				 errmsg("gprxy: cannot start the session's timer: %m")));
+	{
+		ereport(WARNING,
+				(errmsg("gprxy: cannot start the timer for this session's end (%m); it ends at its next statement or commit after the end")));
+		timer_delete(session.timer);
+		return;
+	}
+	session.timed = true;
 }
 
 /* Replaces PostgreSQL's message for the SIGTERM the timer sent with gprxy's own. */
@@ -206,6 +249,8 @@ gprxy_session_hooks_install(void)
 	ExecutorStart_hook = executor_start;
 	prev_process_utility_hook = ProcessUtility_hook;
 	ProcessUtility_hook = process_utility;
+	prev_object_access_hook = object_access_hook;
+	object_access_hook = object_access;
 }
 
 /*

@@ -193,6 +193,33 @@ impl PgConn {
         }
     }
 
+    /// The next backend message as its tag and body, whatever its type (postgres-protocol
+    /// parses not every one, FunctionCallResponse for one). An ErrorResponse is returned as
+    /// `Err` with its fields; the server's close as `Err` with no code.
+    pub fn next_raw(&mut self) -> Result<(u8, Vec<u8>), PgError> {
+        loop {
+            if self.buf.len() >= 5 {
+                let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+                if self.buf.len() > len {
+                    let m = self.buf.split_to(1 + len);
+                    if m[0] == b'E' {
+                        let mut again = BytesMut::from(&m[..]);
+                        if let Ok(Some(Message::ErrorResponse(body))) = Message::parse(&mut again) {
+                            return Err(error_of(&body));
+                        }
+                    }
+                    return Ok((m[0], m[5..].to_vec()));
+                }
+            }
+            let mut chunk = [0u8; 16384];
+            let n = self.stream.read(&mut chunk).map_err(io_err)?;
+            if n == 0 {
+                return Err(io_err("server closed the connection"));
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
     fn authenticate(&mut self, auth: Auth<'_>) -> Result<(), PgError> {
         let mut scram: Option<ScramSha256> = None;
         loop {
@@ -366,4 +393,60 @@ pub fn cancel(addr: SocketAddr, key: (i32, i32)) -> std::io::Result<()> {
     let mut sink = [0u8; 1];
     let _ = s.read(&mut sink);
     Ok(())
+}
+
+/// Frontend messages as bytes, for tests that write the protocol by hand (pipelined, cut,
+/// without Sync).
+pub mod msg {
+    fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        out.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        out.extend_from_slice(body);
+        out
+    }
+
+    /// Query (simple protocol).
+    pub fn query(sql: &str) -> Vec<u8> {
+        let mut body = sql.as_bytes().to_vec();
+        body.push(0);
+        frame(b'Q', &body)
+    }
+
+    /// Parse, Bind and Execute of `sql` (unnamed statement and portal, no parameters), no Sync.
+    pub fn extended(sql: &str) -> Vec<u8> {
+        let mut parse = vec![0];
+        parse.extend_from_slice(sql.as_bytes());
+        parse.extend_from_slice(&[0, 0, 0]);
+        let mut out = frame(b'P', &parse);
+        out.extend_from_slice(&frame(b'B', &[0; 8]));
+        out.extend_from_slice(&frame(b'E', &[0; 5]));
+        out
+    }
+
+    /// Sync.
+    pub fn sync() -> Vec<u8> {
+        frame(b'S', &[])
+    }
+
+    /// Flush.
+    pub fn flush() -> Vec<u8> {
+        frame(b'H', &[])
+    }
+
+    /// FunctionCall of the function `oid` with no arguments, result as text.
+    pub fn function_call(oid: u32) -> Vec<u8> {
+        let mut body = oid.to_be_bytes().to_vec();
+        body.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        frame(b'F', &body)
+    }
+
+    /// CopyData.
+    pub fn copy_data(data: &[u8]) -> Vec<u8> {
+        frame(b'd', data)
+    }
+
+    /// CopyDone.
+    pub fn copy_done() -> Vec<u8> {
+        frame(b'c', &[])
+    }
 }

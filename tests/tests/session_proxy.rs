@@ -402,3 +402,183 @@ fn fallback_off_keeps_sessions_past_expiry_until_the_maximum_age() {
     assert!(events.iter().all(|e| e["reason"] == "max_age"), "{events:#?}");
     assert_eq!(p.metric("gprxy_sessions_ended_total{mode=\"fallback\",reason=\"max_age\"}"), 2.0);
 }
+
+// ---------------------------------------------------------------------------------------------
+// #26: the attacks on a session's end and a pool's size, judged from the server's side.
+
+/// Backends (other than the one asking) running a statement that contains `marker`.
+fn running(pg: &Cluster, marker: &str) -> u32 {
+    pg.sql(&format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE state <> 'idle' AND pid <> pg_backend_pid() \
+         AND strpos(query, '{marker}') > 0"
+    ))
+    .parse()
+    .unwrap()
+}
+
+/// The server processes of `user`.
+fn backends_of(pg: &Cluster, user: &str) -> u32 {
+    pg.sql(&format!("SELECT count(*) FROM pg_stat_activity WHERE usename = '{user}'")).parse().unwrap()
+}
+
+/// `ticks`: rows that say when they were written and when their transaction began.
+fn create_ticks(pg: &Cluster, grantee: &str) {
+    pg.sql(&format!(
+        "CREATE TABLE ticks (tag text, at timestamptz DEFAULT clock_timestamp(), \
+         xact_start timestamptz DEFAULT now()); GRANT ALL ON ticks TO {grantee}"
+    ));
+}
+
+fn ticks_where(pg: &Cluster, condition: &str) -> u32 {
+    pg.sql(&format!("SELECT count(*) FROM ticks WHERE {condition}")).parse().unwrap()
+}
+
+/// An extended-protocol batch with no Sync, begun outside a transaction before the end, then
+/// COMMIT, INSERT and COMMIT sent after it: under `idle` none of it commits and the client reads
+/// only the FATAL, at `exp`.
+fn unsynced_batch_across_the_end(c: &mut PgConn, pg: &Cluster, exp: u64) {
+    let mut before = gprxy_tests::pgwire::msg::extended("BEGIN");
+    before.extend_from_slice(&gprxy_tests::pgwire::msg::extended("INSERT INTO t VALUES ('before the end')"));
+    before.extend_from_slice(&gprxy_tests::pgwire::msg::flush());
+    c.send_raw(&before).unwrap();
+    sleep_until(exp as f64 + 1.5);
+    let mut after = gprxy_tests::pgwire::msg::extended("COMMIT");
+    after.extend_from_slice(&gprxy_tests::pgwire::msg::extended("INSERT INTO t VALUES ('after the end')"));
+    after.extend_from_slice(&gprxy_tests::pgwire::msg::extended("COMMIT"));
+    after.extend_from_slice(&gprxy_tests::pgwire::msg::sync());
+    // The session may be closed already: the write is allowed to fail.
+    let _ = c.send_raw(&after);
+    let mut answered = Vec::new();
+    let e = loop {
+        match c.next_raw() {
+            Ok((tag, _)) => answered.push(tag as char),
+            Err(e) => break e,
+        }
+    };
+    assert_fatal(&e, &expired_message(exp));
+    // BEGIN's and the INSERT's answers came with the Flush, before the end; nothing after.
+    assert!(!answered.contains(&'Z'), "answers after the end: {answered:?}");
+    assert_eq!(count(pg, "before the end"), "0");
+    assert_eq!(count(pg, "after the end"), "0");
+}
+
+#[test]
+fn passthrough_idle_an_unsynced_batch_does_not_outlive_the_end() {
+    let w = Direct::start();
+    let p = w.proxy("policy = \"idle\"");
+    let (token, exp) = w.token(3);
+    let mut c = w.connect(&p, &token);
+    unsynced_batch_across_the_end(&mut c, &w.pg, exp);
+    assert!(backend_gone(&w.pg, "alice"), "the server process outlived the session");
+}
+
+#[test]
+fn fallback_idle_an_unsynced_batch_does_not_outlive_the_end() {
+    let w = Pooled::start();
+    let p = w.proxy("policy = \"idle\"");
+    let (token, exp) = w.token("alice", "writer", 3);
+    let mut c = w.connect(&p, "alice", &token);
+    let before = pid(&mut c);
+    unsynced_batch_across_the_end(&mut c, &w.pg, exp);
+    // Rolled back, reset and reused.
+    assert_eq!(w.next_session_pid(&p, "dave", "writer"), before);
+    assert_eq!(count(&w.pg, "before the end"), "0");
+}
+
+/// A DO loop that catches the cancel and commits every round.
+const STUBBORN: &str = "DO $$BEGIN LOOP BEGIN PERFORM pg_sleep(0.05); EXCEPTION WHEN query_canceled THEN NULL; END; \
+     INSERT INTO ticks (tag) VALUES ('stubborn'); COMMIT; END LOOP; END$$";
+
+/// #26 item 1: under `strict` a statement that catches the cancel is not left running: its
+/// server process is ended, nothing commits a moment after the end, and the pool's slot is
+/// free again for the next session.
+#[test]
+fn fallback_strict_ends_a_backend_that_catches_the_cancel() {
+    let w = Pooled::start();
+    create_ticks(&w.pg, "app_writer");
+    let p = w.proxy("policy = \"strict\"");
+    let (token, exp) = w.token("alice", "writer", 3);
+    let mut c = w.connect(&p, "alice", &token);
+    let doomed = pid(&mut c);
+    let e = c.query(STUBBORN).unwrap_err();
+    assert_fatal(&e, &expired_message(exp));
+    assert_on_time(unix_now(), exp);
+    sleep_until(exp as f64 + 3.0);
+    assert_eq!(
+        w.pg.sql(&format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {doomed}")),
+        "0",
+        "the process still runs"
+    );
+    let late = ticks_where(&w.pg, &format!("at > to_timestamp({exp}) + interval '1.5 s'"));
+    assert_eq!(late, 0, "rows committed well after the end");
+    assert!(ticks_where(&w.pg, "true") > 0, "the loop never ran");
+    // The slot was kept until the process was gone, then freed: the next session gets one.
+    assert_ne!(w.next_session_pid(&p, "dave", "writer"), doomed);
+    let ended = p.wait_events("pool", 1);
+    assert!(
+        p.events("pool").iter().any(|e| e["action"] == "end_backend" && e["pid"].as_i64() == doomed.parse().ok()),
+        "{ended:#?}"
+    );
+}
+
+/// #26 item 1: clients that leave with a statement running (one of them a loop that catches
+/// the cancel) do not leave server processes behind, and a pool of one never has more than one
+/// server process serving clients (plus at most the one gprxy opens to end a backend).
+#[test]
+fn fallback_clients_that_leave_mid_statement_leave_no_backend_behind() {
+    let w = Pooled::start();
+    create_ticks(&w.pg, "app_writer");
+    let p = w.proxy("policy = \"idle\"");
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let most = std::thread::scope(|s| {
+        let sampler = s.spawn(|| {
+            let mut most = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                most = most.max(backends_of(&w.pg, "app_writer"));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            most
+        });
+        for (i, sql) in ["SELECT pg_sleep(120) /* left-0 */", "SELECT pg_sleep(120) /* left-1 */", STUBBORN]
+            .iter()
+            .enumerate()
+        {
+            let (token, _) = w.token(&format!("user{i}"), "writer", 3600);
+            let mut c = w.connect(&p, &format!("user{i}"), &token);
+            c.send_raw(&gprxy_tests::pgwire::msg::query(sql)).unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            drop(c);
+        }
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while running(&w.pg, "pg_sleep(") > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        sampler.join().unwrap()
+    });
+    assert_eq!(running(&w.pg, "pg_sleep("), 0, "statements of clients that left still run");
+    assert!(most <= 2, "{most} server processes of app_writer at once, pool of one");
+    let stubborn_after = ticks_where(&w.pg, "at > clock_timestamp() - interval '1 s'");
+    assert_eq!(stubborn_after, 0, "the loop still commits");
+    // The slot is free again.
+    let (token, _) = w.token("erin", "writer", 3600);
+    let mut c = w.connect(&p, "erin", &token);
+    assert_eq!(c.scalar("SELECT current_setting('app.user_id')").unwrap().as_deref(), Some("erin"));
+}
+
+/// #26 item 4: a token inside the leeway (its `exp` 5 s ago) is refused at login, as the
+/// validator refuses it, instead of being let in and ended at once.
+#[test]
+fn fallback_refuses_a_token_inside_the_leeway_at_login() {
+    let w = Pooled::start();
+    let p = w.proxy("policy = \"idle\"");
+    let mut claims = w.idp.claims("alice", "db");
+    let exp = gprxy_core::unix_time() as u64 - 5;
+    claims["exp"] = json!(exp);
+    claims["roles"] = json!(["writer"]);
+    let token = w.key.token(json!({"typ": "at+jwt"}), &claims);
+    let e = connect_tls(p.addr(), "alice", "postgres", Auth::Password(&token), &w.certs.ca).err().expect("refused");
+    assert_fatal(&e, &expired_message(exp));
+    let logins = p.wait_events("login", 1);
+    assert_eq!(logins.last().unwrap()["outcome"], "failure", "{logins:#?}");
+}

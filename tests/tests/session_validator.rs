@@ -288,3 +288,83 @@ fn a_token_inside_the_leeway_whose_session_would_end_at_once_is_refused() {
         "{line}"
     );
 }
+
+/// A table whose rows say when they were written and when their transaction began, and a
+/// function that writes one (as alice may).
+fn ticks(s: &Setup) -> u32 {
+    s.pg.sql(
+        "CREATE TABLE ticks (at timestamptz DEFAULT clock_timestamp(), xact_start timestamptz DEFAULT now()); \
+         GRANT ALL ON ticks TO alice; \
+         CREATE FUNCTION tick() RETURNS int LANGUAGE sql AS $$ INSERT INTO ticks DEFAULT VALUES; SELECT 1 $$",
+    );
+    s.pg.sql("SELECT 'tick'::regproc::oid").parse().unwrap()
+}
+
+/// Rows whose transaction began at or after `unix` (the server's clock).
+fn ticks_begun_after(s: &Setup, unix: i64) -> String {
+    s.pg.sql(&format!("SELECT count(*) FROM ticks WHERE xact_start >= to_timestamp({unix})"))
+}
+
+/// #26 item 3: fast-path function calls always queued (FunctionCall reaches neither the
+/// executor's nor the utility hook) do not keep an `idle` session to its hard limit: the first
+/// call whose transaction began after the end is refused before it runs, and no row of one
+/// commits.
+#[test]
+fn idle_ends_a_client_that_keeps_fast_path_calls_queued() {
+    let s = setup(&["gprxy.session_policy = 'idle'"]);
+    let oid = ticks(&s);
+    let (mut c, exp) = s.login_expiring_in(3);
+    let depth = 4;
+    let mut burst = Vec::new();
+    for _ in 0..depth {
+        burst.extend_from_slice(&pgwire::msg::function_call(oid));
+    }
+    c.send_raw(&burst).unwrap();
+    let (mut answers, mut after_exp) = (0u32, 0u32);
+    let ended = loop {
+        assert!(since(exp) < 20.0, "the session outlived its end by 20 s ({answers} answers)");
+        match c.next_raw() {
+            Ok((b'Z', _)) => {
+                // One call answered: queue the next, so that one is always waiting.
+                c.send_raw(&pgwire::msg::function_call(oid)).unwrap();
+            }
+            Ok((b'V', _)) => {
+                answers += 1;
+                if since(exp) > 0.0 {
+                    after_exp += 1;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => break e,
+        }
+    };
+    let late = since(exp);
+    assert_ended(&ended, &expired_message(exp));
+    assert!(late < 1.0, "ended {late:.3} s after exp");
+    assert!(answers > 10, "only {answers} calls ran before the end");
+    assert_eq!(ticks_begun_after(&s, exp), "0", "{after_exp} calls answered after exp");
+}
+
+/// #26 item 4: without a timer (RLIMIT_SIGPENDING used up, here set to 0 for the server) a
+/// token login is not refused; the session still ends, at its first statement past the end,
+/// and the server log says why it had no timer.
+#[test]
+fn a_session_without_a_timer_still_ends_at_its_next_statement() {
+    let s = setup(&["gprxy.session_policy = 'idle'"]);
+    let status = std::process::Command::new("prlimit")
+        .args(["--pid", &s.pg.pid().to_string(), "--sigpending=0:0"])
+        .status()
+        .expect("prlimit (util-linux) runs");
+    assert!(status.success(), "prlimit failed");
+    let (mut c, exp) = s.login_expiring_in(3);
+    assert_eq!(c.scalar("SELECT 'before the end'").unwrap().as_deref(), Some("before the end"));
+    assert!(
+        s.pg.wait_for_log("gprxy: no timer for this session's end (Resource temporarily unavailable)", Duration::from_secs(5)),
+        "{}",
+        s.pg.log()
+    );
+    sleep_until(exp as f64 + 0.5);
+    let e = c.query("INSERT INTO t VALUES (1)").unwrap_err();
+    assert_ended(&e, &expired_message(exp));
+    assert_eq!(s.rows(), "0");
+}

@@ -30,7 +30,6 @@ use prometheus_client::metrics::gauge::Gauge;
 
 use crate::config::PoolSettings;
 use crate::conn::{read_message, BoxStream, CancelKey, SessionError, Shared};
-use crate::lifetime::END_TIMEOUT;
 use crate::metrics::{Metrics, PoolGauges};
 use crate::proto::{self, SqlState};
 use crate::track::Tracker;
@@ -408,7 +407,8 @@ async fn reset(conn: &mut ServerConn) -> bool {
 /// signalled before anything else is sent), an open COPY failed, unsynced extended-protocol
 /// work aborted (a statement that raises an error, then Sync: a Sync alone would commit what
 /// the client never synced), the answers read and dropped, then an open transaction rolled back. Returns
-/// whether the connection is clean ([`Tracker::clean`]); false after [`END_TIMEOUT`].
+/// whether the connection is clean ([`Tracker::clean`]); false after [`SETTLE_TIMEOUT`] (a
+/// statement that caught the cancel keeps running: its backend is then ended, `super::reap`).
 pub async fn settle(
     shared: &Shared,
     conn: &mut ServerConn,
@@ -438,8 +438,12 @@ pub async fn settle(
         }
         Some(track.clean())
     };
-    matches!(tokio::time::timeout(END_TIMEOUT, run).await, Ok(Some(true)))
+    matches!(tokio::time::timeout(SETTLE_TIMEOUT, run).await, Ok(Some(true)))
 }
+
+/// How long settling may take before the connection is given up: a cancelled statement answers
+/// within milliseconds; one that caught the cancel must not run on for long.
+pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The error raised to abort a client's unsynced extended-protocol work.
 const ABORT_UNSYNCED: &str =
