@@ -116,9 +116,18 @@ pub struct ClusterBuilder {
     conf: Vec<String>,
     hba: Vec<String>,
     ident: Vec<String>,
+    /// `prlimit` options the server starts under (resource limits lowered for a test).
+    rlimits: Vec<String>,
 }
 
 impl ClusterBuilder {
+    /// Starts the server under a lowered resource limit (a `prlimit` option, for example
+    /// `--sigpending=0:0`): no privilege is needed to lower one's own limits.
+    pub fn rlimit(mut self, option: impl Into<String>) -> Self {
+        self.rlimits.push(option.into());
+        self
+    }
+
     /// Adds a postgresql.conf line.
     pub fn conf(mut self, line: impl Into<String>) -> Self {
         self.conf.push(line.into());
@@ -157,8 +166,15 @@ impl ClusterBuilder {
             ]),
             "initdb",
         );
-        let mut cluster =
-            Cluster { version: self.version, root: Some(root), root_path, data, port: 0, started: false };
+        let mut cluster = Cluster {
+            version: self.version,
+            root: Some(root),
+            root_path,
+            data,
+            port: 0,
+            started: false,
+            rlimits: self.rlimits.clone(),
+        };
         cluster.write_config(&self);
         cluster.start_server();
         cluster
@@ -173,12 +189,13 @@ pub struct Cluster {
     data: PathBuf,
     port: u16,
     started: bool,
+    rlimits: Vec<String>,
 }
 
 impl Cluster {
     /// Starts describing a cluster of `version`.
     pub fn builder(version: PgVersion) -> ClusterBuilder {
-        ClusterBuilder { version, conf: Vec::new(), hba: Vec::new(), ident: Vec::new() }
+        ClusterBuilder { version, conf: Vec::new(), hba: Vec::new(), ident: Vec::new(), rlimits: Vec::new() }
     }
 
     /// A cluster with default settings.
@@ -219,7 +236,18 @@ impl Cluster {
         let mut last = String::new();
         for _ in 0..5 {
             self.port = free_port();
-            let out = command_as_test_user(self.version.bin("pg_ctl"))
+            let mut cmd = if self.rlimits.is_empty() {
+                command_as_test_user(self.version.bin("pg_ctl"))
+            } else {
+                let mut c = Command::new("prlimit");
+                c.args(&self.rlimits).arg("--");
+                if running_as_root() {
+                    c.arg("runuser").arg("-u").arg(test_user()).arg("--");
+                }
+                c.arg(self.version.bin("pg_ctl"));
+                c
+            };
+            let out = cmd
                 .arg("-D")
                 .arg(&self.data)
                 .arg("-l")

@@ -7,6 +7,7 @@
 
 mod certs;
 mod cluster;
+pub mod hostile;
 pub mod idp;
 pub mod machine;
 pub mod pgwire;

@@ -376,6 +376,15 @@ impl PgConn {
         .map_err(io_err)
     }
 
+    /// How long a read may wait for the server (60 s from the connect on).
+    pub fn set_read_timeout(&self, timeout: Duration) -> Result<(), PgError> {
+        match &self.stream {
+            Transport::Plain(s) => s.set_read_timeout(Some(timeout)),
+            Transport::Tls(s) => s.sock.set_read_timeout(Some(timeout)),
+        }
+        .map_err(io_err)
+    }
+
     /// Sends Terminate and closes.
     pub fn close(mut self) {
         let mut out = BytesMut::new();
@@ -437,6 +446,16 @@ pub mod msg {
     pub fn function_call(oid: u32) -> Vec<u8> {
         let mut body = oid.to_be_bytes().to_vec();
         body.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        frame(b'F', &body)
+    }
+
+    /// FunctionCall of the function `oid` with one text argument, result as text.
+    pub fn function_call_text(oid: u32, arg: &str) -> Vec<u8> {
+        let mut body = oid.to_be_bytes().to_vec();
+        body.extend_from_slice(&[0, 1, 0, 0, 0, 1]);
+        body.extend_from_slice(&(arg.len() as u32).to_be_bytes());
+        body.extend_from_slice(arg.as_bytes());
+        body.extend_from_slice(&[0, 0]);
         frame(b'F', &body)
     }
 

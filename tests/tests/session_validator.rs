@@ -325,8 +325,9 @@ fn idle_ends_a_client_that_keeps_fast_path_calls_queued() {
         assert!(since(exp) < 20.0, "the session outlived its end by 20 s ({answers} answers)");
         match c.next_raw() {
             Ok((b'Z', _)) => {
-                // One call answered: queue the next, so that one is always waiting.
-                c.send_raw(&pgwire::msg::function_call(oid)).unwrap();
+                // One call answered: queue the next, so that one is always waiting (the write
+                // fails once the server has closed; the FATAL is read next).
+                let _ = c.send_raw(&pgwire::msg::function_call(oid));
             }
             Ok((b'V', _)) => {
                 answers += 1;
@@ -350,16 +351,20 @@ fn idle_ends_a_client_that_keeps_fast_path_calls_queued() {
 /// and the server log says why it had no timer.
 #[test]
 fn a_session_without_a_timer_still_ends_at_its_next_statement() {
-    let s = setup(&["gprxy.session_policy = 'idle'"]);
-    let status = std::process::Command::new("prlimit")
-        .args(["--pid", &s.pg.pid().to_string(), "--sigpending=0:0"])
-        .status()
-        .expect("prlimit (util-linux) runs");
-    assert!(status.success(), "prlimit failed");
+    let key = TestKey::rsa("key-1");
+    let idp = TestIssuer::start(&[&key]);
+    let pg = alice_oauth_cluster(AUD, &idp.issuer(), &["gprxy.session_policy = 'idle'"])
+        .rlimit("--sigpending=0:0")
+        .start();
+    pg.sql("CREATE ROLE alice LOGIN; CREATE TABLE t (x int); GRANT ALL ON t TO alice");
+    let s = Setup { idp, key, pg };
     let (mut c, exp) = s.login_expiring_in(3);
     assert_eq!(c.scalar("SELECT 'before the end'").unwrap().as_deref(), Some("before the end"));
     assert!(
-        s.pg.wait_for_log("gprxy: no timer for this session's end (Resource temporarily unavailable)", Duration::from_secs(5)),
+        s.pg.wait_for_log(
+            "gprxy: no timer for this session's end (Resource temporarily unavailable)",
+            Duration::from_secs(5)
+        ),
         "{}",
         s.pg.log()
     );
