@@ -43,6 +43,11 @@ struct FileSession {
     idle_hard_limit_secs: Option<u64>,
     /// Absent or 0: no limit.
     max_session_age_secs: Option<u64>,
+    /// Pass-through: the role gprxy logs in as to end a server process whose statement
+    /// survived the cancel (a member of `pg_signal_backend`).
+    terminate_user: Option<String>,
+    terminate_password_file: Option<PathBuf>,
+    terminate_database: Option<String>,
 }
 
 /// `session.policy` by its word (`off`, `idle`, `strict`).
@@ -61,7 +66,35 @@ impl TryFrom<String> for SessionModeName {
     }
 }
 
+/// Pass-through: who ends a server process that outlived its session's cancel.
+#[derive(Debug, Clone)]
+pub struct Terminator {
+    /// The role (a member of `pg_signal_backend`).
+    pub user: String,
+    /// Its password (SCRAM-SHA-256), from `terminate_password_file`.
+    pub password: String,
+    /// The database it connects to (default `postgres`).
+    pub database: String,
+}
+
 impl FileSession {
+    fn terminator(&self) -> anyhow::Result<Option<Terminator>> {
+        match (&self.terminate_user, &self.terminate_password_file) {
+            (None, None) if self.terminate_database.is_none() => Ok(None),
+            (Some(user), Some(path)) => {
+                let password = std::fs::read_to_string(path)
+                    .with_context(|| {
+                        format!("session.terminate_password_file: cannot read {}", path.display())
+                    })?
+                    .trim_end_matches(['\n', '\r'])
+                    .to_owned();
+                let database = self.terminate_database.clone().unwrap_or_else(|| "postgres".to_owned());
+                Ok(Some(Terminator { user: user.clone(), password, database }))
+            }
+            _ => bail!("session: give terminate_user and terminate_password_file together"),
+        }
+    }
+
     fn policy(self) -> gprxy_core::SessionPolicy {
         let d = gprxy_core::SessionPolicy::default();
         gprxy_core::SessionPolicy {
@@ -618,6 +651,9 @@ pub struct Config {
     pub token_as_password: bool,
     /// When a session ends after login (`[session]`); a reload applies to new sessions.
     pub session: gprxy_core::SessionPolicy,
+    /// Pass-through: who ends a server process that outlived its session (`[session]
+    /// terminate_user`).
+    pub terminator: Option<Terminator>,
     /// Fallback mode (proxy-side validation), if configured.
     pub fallback: Option<Fallback>,
 }
@@ -710,6 +746,7 @@ impl Config {
                 .transpose()?,
             log_format,
             token_as_password: file.bridge.token_as_password,
+            terminator: file.session.terminator()?,
             session: file.session.policy(),
             fallback: file.fallback.map(check_fallback).transpose()?,
         })

@@ -9,6 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::Config;
 use crate::conn::{send, send_ready, BoxStream, LoginInfo, SessionError, Shared, Upstream};
+use crate::fallback::reap;
 use crate::lifetime::{relay_watched, RelayEnd, SessionEnd};
 use crate::proto::{self, auth, BackendMessage, ProtoError, SqlState, Startup};
 use crate::track::Tracker;
@@ -88,18 +89,30 @@ async fn watch(
     // Terminate is sent only between the client's messages (the client's own was not relayed).
     let mut goodbye = track.client_between_messages();
     // Requests left running: a client that left with requests unanswered, or a forced end.
-    let cancel = track.in_flight() > 0 || track.unsynced();
+    let running = track.in_flight() > 0 || track.unsynced();
+    let mut forced = false;
     match relay_end {
         RelayEnd::ClientLeft => {}
         RelayEnd::Broken => goodbye = false,
         RelayEnd::Ended { ending, server_in_step, .. } => {
             end.record(&shared.metrics, ending);
             goodbye = server_in_step;
+            forced = ending.forced();
         }
     }
+    let config = shared.config.read().clone();
+    // A forced end with a request running: with a terminator the process is ended at once (a
+    // cancel could be caught and the statement commit after the end); otherwise cancelled.
+    if forced && running {
+        if let (Some(t), Some(key)) = (&config.terminator, &up.key) {
+            let killer = reap::Killer { user: &t.user, database: &t.database, password: &t.password };
+            Box::pin(reap::end_process(shared, killer, key.0, &mut up.stream)).await;
+            return;
+        }
+    }
+    let cancel = running;
     if cancel {
         if let Some(key) = &up.key {
-            let config = shared.config.read().clone();
             let _ = crate::upstream::cancel(shared, &config, key).await;
         }
     }
@@ -107,9 +120,30 @@ async fn watch(
         let mut out = BytesMut::new();
         frontend::terminate(&mut out);
         let _ = up.stream.write_all(&out).await;
+        let _ = up.stream.flush().await;
+    }
+    // Requests were running: the server process must be gone, not only the socket. A statement
+    // that caught the cancel is ended by `[session] terminate_user`, when configured.
+    if cancel && !crate::fallback::pool::server_closed(&mut up.stream, STATEMENT_END_WAIT).await {
+        match (&config.terminator, &up.key) {
+            (Some(t), Some(key)) => {
+                let killer = reap::Killer { user: &t.user, database: &t.database, password: &t.password };
+                Box::pin(reap::end_process(shared, killer, key.0, &mut up.stream)).await;
+            }
+            _ => tracing::warn!(
+                event = "end_backend",
+                pid = up.key.as_ref().map_or(0, |k| k.0),
+                "the session's server process still runs after the cancel; set [session] terminate_user \
+                 (or keep gprxy_validator's own gprxy.session_policy on) so that it is ended"
+            ),
+        }
     }
     let _ = up.stream.shutdown().await;
 }
+
+/// How long a cancelled session's server process may take to close after Terminate before
+/// it is ended by `[session] terminate_user`.
+const STATEMENT_END_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// The startup packet (already parsed, so well formed) without its `gprxy.*` parameters: those
 /// names are the proxy's (a client must not pick a signed-context nonce), and with the names

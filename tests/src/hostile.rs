@@ -230,18 +230,28 @@ impl Target {
                     .conf(format!("gprxy.session_policy = '{server_policy}'"))
                     .conf(format!("gprxy.session_idle_hard_limit = '{hard}'"))
                     .hba("host all postgres 127.0.0.1/32 trust")
+                    .hba("host all gen_terminator 127.0.0.1/32 scram-sha-256")
                     .hba(format!(
                         "host all {ROLE} 127.0.0.1/32 oauth issuer=\"{}\" scope=\"openid db:read\" map=m",
                         idp.issuer()
                     ))
                     .ident(format!("m /^s[0-9]+-[0-9]+$ {ROLE}"))
                     .start();
-                pg.sql(&format!("CREATE ROLE {ROLE} LOGIN; CREATE EXTENSION gprxy_validator; {SCHEMA}"));
+                pg.sql(&format!(
+                    "CREATE ROLE {ROLE} LOGIN; CREATE EXTENSION gprxy_validator; {SCHEMA}; \
+                     SET password_encryption = 'scram-sha-256'; \
+                     CREATE ROLE gen_terminator LOGIN PASSWORD 'terminator-secret-1' IN ROLE pg_signal_backend"
+                ));
+                let pw = certs.dir().join("terminator.pw");
+                std::fs::write(&pw, "terminator-secret-1\n").unwrap();
                 let proxy = (kind != Kind::Validator).then(|| {
                     let session = if kind == Kind::PassthroughServerPolicy {
                         "[session]\npolicy = \"off\"\n".to_owned()
                     } else {
-                        proxy_session.clone()
+                        format!(
+                            "{proxy_session}terminate_user = \"gen_terminator\"\nterminate_password_file = \"{}\"\n",
+                            pw.display()
+                        )
                     };
                     Proxy::start(&format!("upstream = \"127.0.0.1:{}\"\n{session}", pg.port()))
                 });
@@ -670,7 +680,9 @@ fn sample(t: &Target, done: &AtomicBool, sessions: &Mutex<Vec<SessionRun>>) -> (
                 let its_statement =
                     pool.is_some() && state != "idle" && query.contains(&format!("'{}'", s.sid))
                         || pool.is_some() && state != "idle" && query.contains(&format!("/* {} */", s.sid));
-                if its_process || its_statement {
+                let told =
+                    seen.iter().any(|v: &Violation| v.invariant == 2 && v.sid.as_deref() == Some(&s.sid));
+                if (its_process || its_statement) && !told {
                     seen.push(Violation {
                         invariant: 2,
                         sid: Some(s.sid.clone()),

@@ -106,6 +106,7 @@ impl Direct {
         let pg = validator_cluster("db")
             .conf("gprxy.session_policy = 'off'")
             .hba("host all plain_user 127.0.0.1/32 trust")
+            .hba("host all gprxy_terminator 127.0.0.1/32 scram-sha-256")
             .hba(format!(
                 "host all alice 127.0.0.1/32 oauth issuer=\"{}\" scope=\"openid db:read\" map=m",
                 idp.issuer()
@@ -114,7 +115,8 @@ impl Direct {
             .start();
         pg.sql(
             "CREATE ROLE alice LOGIN; CREATE ROLE plain_user LOGIN; CREATE EXTENSION gprxy_validator; \
-             CREATE TABLE t (tag text); GRANT ALL ON t TO alice",
+             CREATE TABLE t (tag text); GRANT ALL ON t TO alice; SET password_encryption = 'scram-sha-256'; \
+             CREATE ROLE gprxy_terminator LOGIN PASSWORD 'terminator-1' IN ROLE pg_signal_backend",
         );
         Self { idp, key, pg, certs: TestCerts::new() }
     }
@@ -346,10 +348,11 @@ fn fallback_idle_ends_at_expiry_after_a_running_transaction_commits_and_reuses_t
     assert!(!log.contains(&idle_token) && !log.contains(&busy_token), "a token reached the log");
 }
 
-/// `strict`: ends mid-transaction with a query running; the pooled connection is cancelled,
-/// rolled back, reset and reused by the next session.
+/// `strict`: ends mid-transaction with a query running; that server process is ended (a
+/// cancel could be caught), the transaction is gone, and the pool's slot serves the next
+/// session with a new process.
 #[test]
-fn fallback_strict_ends_mid_transaction_rolls_back_and_reuses_the_connection() {
+fn fallback_strict_ends_mid_transaction_and_its_server_process() {
     let w = Pooled::start();
     let p = w.proxy("policy = \"strict\"");
     let (token, exp) = w.token("alice", "writer", LIFE);
@@ -360,7 +363,8 @@ fn fallback_strict_ends_mid_transaction_rolls_back_and_reuses_the_connection() {
     assert_on_time(unix_now(), exp);
     assert_fatal(&e, &expired_message(exp));
     assert_eq!(count(&w.pg, "rolled back"), "0");
-    assert_eq!(w.next_session_pid(&p, "dave", "writer"), before, "the server connection was not reused");
+    assert_ne!(w.next_session_pid(&p, "dave", "writer"), before, "the ended process served again");
+    assert_eq!(w.pg.sql(&format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {before}")), "0");
     assert_eq!(count(&w.pg, "rolled back"), "0");
     let events = audit(&p, "session_expired", 1, "strict", "fallback", &w.idp.issuer());
     assert_eq!((events[0]["sub"].as_str(), events[0]["ended_at"].as_str()), (Some("alice"), Some("strict")));
@@ -515,11 +519,9 @@ fn fallback_strict_ends_a_backend_that_catches_the_cancel() {
     assert!(ticks_where(&w.pg, "true") > 0, "the loop never ran");
     // The slot was kept until the process was gone, then freed: the next session gets one.
     assert_ne!(w.next_session_pid(&p, "dave", "writer"), doomed);
-    let ended = p.wait_events("pool", 1);
+    let ended = p.wait_events("end_backend", 1);
     assert!(
-        p.events("pool")
-            .iter()
-            .any(|e| e["action"] == "end_backend" && e["pid"].as_i64() == doomed.parse().ok()),
+        ended.iter().any(|e| e["role"] == "app_writer" && e["pid"].as_i64() == doomed.parse().ok()),
         "{ended:#?}"
     );
 }
@@ -588,4 +590,45 @@ fn fallback_refuses_a_token_inside_the_leeway_at_login() {
     assert_fatal(&e, &expired_message(exp));
     let logins = p.wait_events("login", 1);
     assert_eq!(logins.last().unwrap()["outcome"], "failure", "{logins:#?}");
+}
+
+/// #26 item 1, pass-through with the server's own policy off: under `strict` a statement that
+/// catches the cancel is ended by `[session] terminate_user` (a member of pg_signal_backend),
+/// nothing commits a moment after the end; without it gprxy says in its log that the process
+/// still runs.
+#[test]
+fn passthrough_strict_ends_a_process_that_catches_the_cancel_with_terminate_user() {
+    let w = Direct::start();
+    create_ticks(&w.pg, "alice");
+    let pw = w.certs.dir().join("terminator.pw");
+    std::fs::write(&pw, "terminator-1\n").unwrap();
+    let p = w.proxy(&format!(
+        "policy = \"strict\"\nterminate_user = \"gprxy_terminator\"\nterminate_password_file = \"{}\"",
+        pw.display()
+    ));
+    let (token, exp) = w.token(3);
+    let mut c = w.connect(&p, &token);
+    let doomed = pid(&mut c);
+    let e = c.query(STUBBORN).unwrap_err();
+    assert_fatal(&e, &expired_message(exp));
+    assert!(backend_gone(&w.pg, "alice"), "the server process outlived the session");
+    sleep_until(exp as f64 + 2.0);
+    assert_eq!(ticks_where(&w.pg, &format!("at > to_timestamp({exp}) + interval '1 s'")), 0);
+    assert!(ticks_where(&w.pg, "true") > 0, "the loop never ran");
+    let ended = p.wait_events("end_backend", 1);
+    assert_eq!(ended[0]["role"], "gprxy_terminator", "{ended:#?}");
+    assert_eq!(ended[0]["pid"].as_i64(), doomed.parse().ok());
+
+    // Without terminate_user the cancel is all gprxy can do, and it says so.
+    let p = w.proxy("policy = \"strict\"");
+    let (token, exp) = w.token(3);
+    let mut c = w.connect(&p, &token);
+    let e = c.query(STUBBORN).unwrap_err();
+    assert_fatal(&e, &expired_message(exp));
+    let warned = p.wait_events("end_backend", 1);
+    assert!(
+        warned[0]["message"].as_str().unwrap_or("").contains("set [session] terminate_user"),
+        "{warned:#?}"
+    );
+    w.pg.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'alice'");
 }

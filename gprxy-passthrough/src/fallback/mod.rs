@@ -7,7 +7,7 @@
 mod account_login;
 mod intake;
 pub mod pool;
-mod reap;
+pub(crate) mod reap;
 mod setup;
 
 use std::sync::Arc;
@@ -310,7 +310,12 @@ impl PooledSession {
                 if let Some(end) = &self.end {
                     end.record(&shared.metrics, ending);
                 }
+                // A forced end with a request running ends that server process (a cancel could
+                // be caught, and the statement then commit after the end); otherwise the
+                // connection is settled and reused.
+                let running = track.in_flight() > 0 || track.unsynced();
                 server_in_step
+                    && !(ending.forced() && running)
                     && Box::pin(pool::settle(shared, &mut self.conn, &mut track, server_leftover)).await
             }
         };

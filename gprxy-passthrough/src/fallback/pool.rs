@@ -443,7 +443,7 @@ pub async fn settle(
 
 /// How long settling may take before the connection is given up: a cancelled statement answers
 /// within milliseconds; one that caught the cancel must not run on for long.
-pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(1);
+pub const SETTLE_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// The error raised to abort a client's unsynced extended-protocol work.
 const ABORT_UNSYNCED: &str =

@@ -17,13 +17,25 @@ use tokio::io::AsyncWriteExt;
 
 use super::account_login;
 use super::pool::{server_closed, Doomed};
-use crate::conn::{read_message, Shared};
+use crate::conn::{read_message, BoxStream, Shared};
 use crate::proto;
 
 /// How long one attempt waits for the terminated backend to close its side.
 const TERMINATE_WAIT: Duration = Duration::from_secs(10);
 /// The longest pause between attempts.
 const MAX_PAUSE: Duration = Duration::from_secs(10);
+
+/// Who logs in to end a backend: a role that may signal it (the same role, or a member of
+/// `pg_signal_backend` for another non-superuser role).
+#[derive(Debug, Clone, Copy)]
+pub struct Killer<'a> {
+    /// The role.
+    pub user: &'a str,
+    /// A database it may connect to.
+    pub database: &'a str,
+    /// Its password (SCRAM-SHA-256).
+    pub password: &'a str,
+}
 
 /// Ends the doomed connection's backend, then frees its slot. `account`, `database` and
 /// `password` log the terminating connection in (the same account's own).
@@ -41,25 +53,33 @@ pub async fn end_backend(shared: &Shared, account: &str, database: &str, passwor
         }
         return;
     };
+    let killer = Killer { user: account, database, password };
+    end_process(shared, killer, pid, &mut doomed.conn.stream).await;
+}
+
+/// Ends server process `pid`, whose connection is `stream`, logged in as `killer`: returns once
+/// the server has closed `stream` (the process has left the shared state), retrying for as long
+/// as that takes.
+pub async fn end_process(shared: &Shared, killer: Killer<'_>, pid: i32, stream: &mut BoxStream) {
     let mut pause = Duration::from_millis(100);
     let mut attempt = 1u32;
     loop {
         let config = shared.config.read().clone();
         let outcome = async {
-            let mut killer = account_login::log_in(shared, &config, account, database, password, None)
-                .await
-                .map_err(|e| format!("cannot log in to end it: {e}"))?;
-            let signalled = terminate_backend(&mut killer.stream, pid).await;
+            let mut conn =
+                account_login::log_in(shared, &config, killer.user, killer.database, killer.password, None)
+                    .await
+                    .map_err(|e| format!("cannot log in to end it: {e}"))?;
+            let signalled = terminate_backend(&mut conn.stream, pid).await;
             // Told goodbye either way: its own backend ends at once.
             let mut bye = BytesMut::new();
             frontend::terminate(&mut bye);
-            let _ = killer.stream.write_all(&bye).await;
-            let _ = killer.stream.flush().await;
-            let killer_gone = server_closed(&mut killer.stream, TERMINATE_WAIT);
+            let _ = conn.stream.write_all(&bye).await;
+            let _ = conn.stream.flush().await;
             let signalled = signalled?;
-            let doomed_gone = server_closed(&mut doomed.conn.stream, TERMINATE_WAIT).await;
-            killer_gone.await;
-            if doomed_gone {
+            let gone = server_closed(stream, TERMINATE_WAIT).await;
+            server_closed(&mut conn.stream, TERMINATE_WAIT).await;
+            if gone {
                 Ok(signalled)
             } else {
                 Err("its process did not end in time".to_owned())
@@ -69,9 +89,8 @@ pub async fn end_backend(shared: &Shared, account: &str, database: &str, passwor
         match outcome {
             Ok(signalled) => {
                 tracing::info!(
-                    event = "pool",
-                    action = "end_backend",
-                    account,
+                    event = "end_backend",
+                    role = killer.user,
                     pid,
                     signalled,
                     attempt,
@@ -82,13 +101,12 @@ pub async fn end_backend(shared: &Shared, account: &str, database: &str, passwor
             Err(reason) => {
                 shared.metrics.upstream_errors.inc();
                 tracing::warn!(
-                    event = "pool",
-                    action = "end_backend",
-                    account,
+                    event = "end_backend",
+                    role = killer.user,
                     pid,
                     attempt,
                     reason = reason.as_str(),
-                    "server process of a connection given up not ended yet; its pool slot stays taken"
+                    "server process of a connection given up not ended yet"
                 );
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(MAX_PAUSE);
@@ -100,7 +118,7 @@ pub async fn end_backend(shared: &Shared, account: &str, database: &str, passwor
 
 /// `SELECT pg_terminate_backend(pid)` on `stream`: whether the process was signalled (false:
 /// it was already gone).
-async fn terminate_backend(stream: &mut crate::conn::BoxStream, pid: i32) -> Result<bool, String> {
+async fn terminate_backend(stream: &mut BoxStream, pid: i32) -> Result<bool, String> {
     let mut out = BytesMut::new();
     frontend::query(&format!("SELECT pg_catalog.pg_terminate_backend({pid})"), &mut out)
         .map_err(|e| e.to_string())?;
