@@ -92,6 +92,35 @@ pub struct Context {
     pub roles: Vec<String>,
     /// The validated claims.
     pub claims: Map<String, Value>,
+    /// When the session ends by the proxy's session policy: the server checks it too, at every
+    /// statement's start, fast-path call and commit (absent: nothing ends it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end: Option<ContextEnd>,
+}
+
+/// A pooled session's end, as the proxy planned it (gprxy_core::session).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContextEnd {
+    /// Unix seconds at which the end is due.
+    pub at: u64,
+    /// Unix seconds after which the session ends whatever it is doing (`at` under strict).
+    pub hard_at: u64,
+    /// Strict: at `at`, mid-transaction if need be.
+    pub strict: bool,
+    /// What the client reads (the FATAL's message).
+    pub message: String,
+}
+
+impl ContextEnd {
+    /// The end of a session planned by `plan`.
+    pub fn of(plan: &crate::SessionPlan) -> Self {
+        let (hard_at, strict) = match plan.how {
+            crate::EndHow::AtIdle { hard_at } => (hard_at, false),
+            crate::EndHow::Now => (plan.end_at, true),
+        };
+        Self { at: plan.end_at, hard_at, strict, message: plan.reason.client_message() }
+    }
 }
 
 /// The proxy's long-lived signing key.
@@ -189,9 +218,21 @@ impl ContextSigner {
 
     /// Signs the next context for this connection.
     pub fn sign(&mut self, sub: Option<String>, roles: Vec<String>, claims: Map<String, Value>) -> String {
+        self.sign_ending(sub, roles, claims, None)
+    }
+
+    /// Signs the next context for this connection, with the session's end for the server to
+    /// check.
+    pub fn sign_ending(
+        &mut self,
+        sub: Option<String>,
+        roles: Vec<String>,
+        claims: Map<String, Value>,
+        end: Option<ContextEnd>,
+    ) -> String {
         self.counter += 1;
         let payload =
-            Context { n: self.counter, nonce: self.nonce.clone(), pid: self.pid, sub, roles, claims };
+            Context { n: self.counter, nonce: self.nonce.clone(), pid: self.pid, sub, roles, claims, end };
         let json = serde_json::to_vec(&payload).unwrap_or_default();
         let body = B64.encode(json);
         let mut message = DOMAIN.to_vec();

@@ -119,6 +119,11 @@ impl SessionEnd {
         until(self.plan.end_at).is_zero().then(|| self.plan.reason.client_message())
     }
 
+    /// The end as the signed context carries it to the server (fallback mode).
+    pub fn context_end(&self) -> gprxy_core::context::ContextEnd {
+        gprxy_core::context::ContextEnd::of(&self.plan)
+    }
+
     /// The ErrorResponse the client reads last: FATAL, SQLSTATE 28000, the reason.
     pub fn fatal(&self) -> BytesMut {
         let message = self.plan.reason.client_message();

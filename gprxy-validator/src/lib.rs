@@ -26,6 +26,7 @@ mod worker;
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     ffi::define_context_settings();
+    ffi::install_session_hooks();
     #[cfg(feature = "pg18")]
     ffi::init();
     // Loaded by the postmaster (shared_preload_libraries): every backend forked from it inherits
@@ -74,12 +75,17 @@ fn set_context(context: &str) {
         nonce_count,
         pid: ffi::backend_pid(),
     };
-    if let Err(e) = session::set_signed(&caller, context) {
-        pgrx::ereport!(
-            ERROR,
-            pgrx::PgSqlErrorCode::ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION,
-            format!("gprxy: context refused: {e}")
-        );
+    match session::set_signed(&caller, context) {
+        // The proxy's session end is checked here too, at every statement, call and commit.
+        Ok(Some(end)) => ffi::bind_session_end(&end),
+        Ok(None) => ffi::unbind_session_end(),
+        Err(e) => {
+            pgrx::ereport!(
+                ERROR,
+                pgrx::PgSqlErrorCode::ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION,
+                format!("gprxy: context refused: {e}")
+            );
+        }
     }
 }
 
@@ -87,6 +93,7 @@ fn set_context(context: &str) {
 #[pg_extern(volatile, parallel_unsafe)]
 fn reset_context() {
     session::reset_signed();
+    ffi::unbind_session_end();
 }
 
 pgrx::extension_sql!(

@@ -103,7 +103,10 @@ pub struct Caller {
 /// Accepts a context signed by the proxy when the session user is in `gprxy.context_roles`,
 /// the signature verifies against a key pinned in `gprxy.context_keys`, it was signed for this
 /// connection (nonce, process id) and its counter is above the last one.
-pub fn set_signed(caller: &Caller, context: &str) -> Result<(), SetContextError> {
+pub fn set_signed(
+    caller: &Caller,
+    context: &str,
+) -> Result<Option<gprxy_core::context::ContextEnd>, SetContextError> {
     let mut s = SESSION.lock();
     if s.from_token_login {
         return Err(SetContextError::TokenLogin);
@@ -121,7 +124,7 @@ pub fn set_signed(caller: &Caller, context: &str) -> Result<(), SetContextError>
         .map_err(SetContextError::Context)?;
     s.last_counter = ctx.n;
     s.identity = Some(SessionIdentity { claims: ctx.claims, roles: ctx.roles, subject: ctx.sub });
-    Ok(())
+    Ok(ctx.end)
 }
 
 /// Forgets a signed context (the counter stays). A token login's identity stays too.

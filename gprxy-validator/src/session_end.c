@@ -30,6 +30,13 @@
  * replacing PostgreSQL's "terminating connection due to administrator command" for the SIGTERM
  * the timer sent (emit_log_hook). The server log gets an audit line as the backend exits.
  *
+ * Fallback mode (PostgreSQL 13 to 17, and 18 behind gprxy's fallback mode): the proxy's signed
+ * context carries the session's end (gprxy.set_context calls gprxy_session_bind, reset_context
+ * gprxy_session_unbind), and the same statement, function-call and commit checks run for that
+ * pooled session, without the timer (the proxy times the end). A statement the proxy let in
+ * before the end cannot begin transactions after it: a procedure or DO block that commits in a
+ * loop is ended at its first statement or commit past the end.
+ *
  * C, not Rust: the timer's handler runs inside a signal handler, the FATALs longjmp, and the
  * message is rewritten inside PostgreSQL's error reporting, where no Rust frame may be.
  */
@@ -50,8 +57,6 @@
 #include "utils/timestamp.h"
 #include "utils/wait_event.h"
 
-#if PG_VERSION_NUM >= 180000
-
 /* How often an idle-mode session past its end looks whether it is idle. */
 #define IDLE_POLL_MS 100
 /* The real-time signal of the session timer (PostgreSQL uses none of them). */
@@ -69,17 +74,21 @@ static struct
 	TimestampTz login_at;
 	char	   *message;		/* what the client reads (TopMemoryContext) */
 	char	   *audit;			/* the audit line, less the session's age */
+#if PG_VERSION_NUM >= 180000
 	timer_t		timer;
+#endif
 }			session;
+
+static bool xact_callback_registered = false;
 
 /* 1: the timer sent SIGTERM (the FATAL is to be explained); 2: the end was told. */
 static volatile sig_atomic_t ending = 0;
 
-static ClientAuthentication_hook_type prev_client_authentication_hook = NULL;
-static emit_log_hook_type prev_emit_log_hook = NULL;
 static ExecutorStart_hook_type prev_executor_start_hook = NULL;
 static ProcessUtility_hook_type prev_process_utility_hook = NULL;
 static object_access_hook_type prev_object_access_hook = NULL;
+
+#if PG_VERSION_NUM >= 180000
 
 /* Waiting for the client's next message with no transaction open: the session is idle. */
 static bool
@@ -101,6 +110,8 @@ session_timer_fired(SIGNAL_ARGS)
 		kill(MyProcPid, SIGTERM);
 	}
 }
+
+#endif
 
 /* FATAL at a statement's start or a commit once the session's end has come (see the top
  * comment). */
@@ -166,6 +177,11 @@ xact_callback(XactEvent event, void *arg)
 		check_session_end();
 }
 
+#if PG_VERSION_NUM >= 180000
+
+static ClientAuthentication_hook_type prev_client_authentication_hook = NULL;
+static emit_log_hook_type prev_emit_log_hook = NULL;
+
 /* The audit line, as the backend exits (PostgreSQL's log_disconnections logs the same way). */
 static void
 log_session_end(int code, Datum arg)
@@ -197,7 +213,11 @@ client_authenticated(Port *port, int status)
 	sev.sigev_notify = SIGEV_SIGNAL;
 	sev.sigev_signo = SESSION_SIGNAL;
 	before_shmem_exit(log_session_end, (Datum) 0);
-	RegisterXactCallback(xact_callback, NULL);
+	if (!xact_callback_registered)
+	{
+		RegisterXactCallback(xact_callback, NULL);
+		xact_callback_registered = true;
+	}
 	session.armed = true;
 	if (timer_create(CLOCK_REALTIME, &sev, &session.timer) != 0)
 	{
@@ -237,14 +257,18 @@ explain_termination(ErrorData *edata)
 		prev_emit_log_hook(edata);
 }
 
+#endif
+
 /* _PG_init: installs the hooks (they do nothing for a session without a planned end). */
 void
 gprxy_session_hooks_install(void)
 {
+#if PG_VERSION_NUM >= 180000
 	prev_client_authentication_hook = ClientAuthentication_hook;
 	ClientAuthentication_hook = client_authenticated;
 	prev_emit_log_hook = emit_log_hook;
 	emit_log_hook = explain_termination;
+#endif
 	prev_executor_start_hook = ExecutorStart_hook;
 	ExecutorStart_hook = executor_start;
 	prev_process_utility_hook = ProcessUtility_hook;
@@ -252,6 +276,8 @@ gprxy_session_hooks_install(void)
 	prev_object_access_hook = object_access_hook;
 	object_access_hook = object_access;
 }
+
+#if PG_VERSION_NUM >= 180000
 
 /*
  * The validator accepted the token: the session ends at end_at (unix seconds), at once
@@ -270,3 +296,36 @@ gprxy_session_plan(int strict, int64 end_at, int64 hard_at, const char *message,
 }
 
 #endif
+
+/*
+ * Fallback mode: the proxy's signed context says when this pooled session ends (unix seconds,
+ * strict or at the next idle point before hard_at); the statement, function-call and commit
+ * checks run for it until gprxy_session_unbind. The message is copied.
+ */
+void
+gprxy_session_bind(int strict, int64 end_at, int64 hard_at, const char *message)
+{
+	if (session.planned)
+		return;					/* a token login's own end (PostgreSQL 18) stays */
+	session.strict = strict != 0;
+	session.end_at = time_t_to_timestamptz((pg_time_t) end_at);
+	session.hard_at = time_t_to_timestamptz((pg_time_t) hard_at);
+	if (session.message)
+		pfree(session.message);
+	session.message = MemoryContextStrdup(TopMemoryContext, message);
+	if (!xact_callback_registered)
+	{
+		RegisterXactCallback(xact_callback, NULL);
+		xact_callback_registered = true;
+	}
+	session.armed = true;
+}
+
+/* The pooled session ended (gprxy.reset_context): nothing is checked until the next bind. */
+void
+gprxy_session_unbind(void)
+{
+	if (session.planned)
+		return;
+	session.armed = false;
+}

@@ -632,3 +632,30 @@ fn passthrough_strict_ends_a_process_that_catches_the_cancel_with_terminate_user
     );
     w.pg.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'alice'");
 }
+
+/// #26, the class: under `idle` a request the proxy let in before the end runs on, but the
+/// server checks the end the signed context carries: a DO block that commits in a loop across
+/// the end is ended at its first statement in a transaction that began after the end, so no
+/// row of such a transaction commits, and its server process is ended.
+#[test]
+fn fallback_idle_a_loop_that_commits_across_the_end_is_stopped_by_the_server() {
+    let w = Pooled::start();
+    create_ticks(&w.pg, "app_writer");
+    let p = w.proxy("policy = \"idle\"");
+    let (token, exp) = w.token("alice", "writer", 3);
+    let mut c = w.connect(&p, "alice", &token);
+    let doomed = pid(&mut c);
+    let e = c.query(STUBBORN).unwrap_err();
+    assert_fatal(&e, &expired_message(exp));
+    assert_on_time(unix_now(), exp);
+    assert!(ticks_where(&w.pg, "true") > 0, "the loop never ran");
+    assert_eq!(
+        ticks_where(&w.pg, &format!("xact_start >= to_timestamp({exp})")),
+        0,
+        "committed after the end"
+    );
+    sleep_until(exp as f64 + 2.0);
+    assert_eq!(w.pg.sql(&format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {doomed}")), "0");
+    // The pool's slot serves the next session.
+    assert_ne!(w.next_session_pid(&p, "dave", "writer"), doomed);
+}

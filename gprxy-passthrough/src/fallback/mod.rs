@@ -194,6 +194,7 @@ pub async fn log_in(
         info.detail = Some("the session's end is already due (token inside the leeway)".into());
         return Err(refused(message));
     }
+    let context_end = end.as_ref().map(SessionEnd::context_end);
     let database = startup.param("database").unwrap_or(user).to_owned();
     let client_settings = setup::client_settings(startup, &fallback.cfg.context).map_err(refused)?;
     let mut lease = fallback.pools.checkout(&shared.metrics, &database, &account).await?;
@@ -219,13 +220,14 @@ pub async fn log_in(
     // It logged in (the database exists): its gauges are exported.
     lease.admit(&shared.metrics, &database, &account);
     let mut sbuf = BytesMut::new();
-    let reports = match setup::prepare(&mut conn, &mut sbuf, &settings, &t, &roles).await {
+    let reports = match setup::prepare(&mut conn, &mut sbuf, &settings, &t, &roles, context_end.clone()).await
+    {
         // An idle connection that died unnoticed, or was not in step: one fresh login, once.
         Err(e) if reused && setup::connection_failed(&e) => {
             tracing::info!(event = "pool", action = "replace", "pooled server connection failed at set-up");
             conn = login().await?;
             sbuf.clear();
-            setup::prepare(&mut conn, &mut sbuf, &settings, &t, &roles).await?
+            setup::prepare(&mut conn, &mut sbuf, &settings, &t, &roles, context_end).await?
         }
         r => r?,
     };

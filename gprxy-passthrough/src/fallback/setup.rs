@@ -17,9 +17,12 @@ pub(super) async fn prepare(
     settings: &[(String, String)],
     t: &gprxy_core::ValidatedToken,
     roles: &[String],
+    end: Option<gprxy_core::context::ContextEnd>,
 ) -> Result<BytesMut, SessionError> {
-    // The roles after the issuer's role map: what the account map saw, and what gprxy.roles() says.
-    let signed = conn.signer.as_mut().map(|s| s.sign(t.subject.clone(), roles.to_vec(), t.claims.clone()));
+    // The roles after the issuer's role map: what the account map saw, and what gprxy.roles()
+    // says; the session's end, which the server checks too.
+    let signed =
+        conn.signer.as_mut().map(|s| s.sign_ending(t.subject.clone(), roles.to_vec(), t.claims.clone(), end));
     set_up_session(&mut conn.stream, sbuf, settings, signed.as_deref()).await
 }
 

@@ -43,6 +43,41 @@ extern "C" {
     fn gprxy_startup_parameter(name: *const c_char, count: *mut c_int) -> *const c_char;
 }
 
+// A session's end (src/session_end.c).
+extern "C" {
+    fn gprxy_session_hooks_install();
+    fn gprxy_session_bind(strict: c_int, end_at: i64, hard_at: i64, message: *const c_char);
+    fn gprxy_session_unbind();
+}
+
+/// Installs the statement, function-call and commit checks of a session's end (they do nothing
+/// for a session without one). Called once, from `_PG_init`.
+pub fn install_session_hooks() {
+    // SAFETY: called once from _PG_init; the hooks chain to the ones installed before.
+    unsafe { gprxy_session_hooks_install() };
+}
+
+/// Fallback mode: the signed context's end is checked from now on in this backend.
+pub fn bind_session_end(end: &gprxy_core::context::ContextEnd) {
+    let message = CString::new(end.message.replace('\0', " ")).unwrap_or_default();
+    // Far-future times are clamped to a year PostgreSQL's timestamps hold.
+    let clamp = |t: u64| i64::try_from(t.min(1 << 40)).unwrap_or(1 << 40);
+    // SAFETY: the string is NUL-terminated and outlives the call (the C side copies it into
+    // TopMemoryContext); the guard turns an ERROR inside (out of memory) into a Rust panic
+    // instead of a longjmp across Rust frames.
+    unsafe {
+        pg_sys::ffi::pg_guard_ffi_boundary(|| {
+            gprxy_session_bind(c_int::from(end.strict), clamp(end.at), clamp(end.hard_at), message.as_ptr())
+        })
+    }
+}
+
+/// Fallback mode: the pooled session ended (its context was reset); nothing is checked.
+pub fn unbind_session_end() {
+    // SAFETY: only clears a flag in the C side's static state.
+    unsafe { gprxy_session_unbind() };
+}
+
 /// Copies a C string that may be NULL.
 ///
 /// # Safety

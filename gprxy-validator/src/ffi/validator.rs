@@ -72,7 +72,6 @@ extern "C" {
     fn gprxy_port_remote_host() -> *const c_char;
     fn gprxy_port_database() -> *const c_char;
     fn gprxy_audit(authorized: c_int, line: *const c_char);
-    fn gprxy_session_hooks_install();
     fn gprxy_keep_code_resident(bytes: *mut usize) -> *const c_char;
     fn gprxy_session_plan(
         strict: c_int,
@@ -600,8 +599,6 @@ pub extern "C-unwind" fn gprxy_jwks_worker(_arg: pg_sys::Datum) {
 /// Everything `_PG_init` does on PostgreSQL 18.
 pub fn init() {
     define_settings();
-    // SAFETY: called once from _PG_init; the hooks chain to the ones installed before.
-    unsafe { gprxy_session_hooks_install() };
     // SAFETY: reading a postmaster-set flag during library load.
     let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
     if preloading {
