@@ -6,7 +6,7 @@ export GPRXY_CACHE
 export GPRXY_PG18_PREFIX := $(GPRXY_CACHE)/pg18
 export CARGO_TERM_COLOR := never
 
-.PHONY: all bootstrap postgres fmt-check clippy lint install-extension package build unit-test test demo bench fuzz
+.PHONY: all bootstrap postgres fmt-check clippy lint install-extension package build unit-test test soak demo bench fuzz
 
 all: test
 
@@ -54,6 +54,15 @@ test: bootstrap lint install-extension package
 	cargo test --workspace --no-fail-fast
 	GPRXY_FALLBACK_PG=17 cargo test -p gprxy-tests --no-fail-fast --test fallback --test context --test introspection
 	$(MAKE) fuzz FUZZ_SECONDS=15
+
+## Hostile sessions (tests/tests/hostile_sessions.rs) for DURATION seconds: rounds with seeds
+## SEED, SEED+1, ... against every target, each judged from the server's side. make test runs one
+## bounded round; a failure prints the seed and target to replay.
+SEED ?= 1
+DURATION ?= 1800
+soak: bootstrap install-extension
+	cargo build --workspace --bins
+	GPRXY_GEN_SEED=$(SEED) GPRXY_GEN_DURATION=$(DURATION) cargo test -p gprxy-tests --test hostile_sessions -- --nocapture
 
 ## The whole product on this machine, no account anywhere; Ctrl-C stops and cleans up.
 demo: bootstrap install-extension

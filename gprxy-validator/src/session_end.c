@@ -21,10 +21,11 @@
  *    (a procedure commits inside one statement). Its work is rolled back and the backend ends
  *    with FATAL.
  *
- * Without the timer (timer_create fails, for instance when RLIMIT_SIGPENDING, counted per OS
- * user, is used up) the login is not refused: the statement and commit checks still end the
- * session, at its next statement or commit; an idle session waits for its next command. The
- * server log says so once per backend.
+ * Without a POSIX timer (timer_create fails when RLIMIT_SIGPENDING, counted per OS user, is used
+ * up; some sandboxes set it to 0) the login is not refused: the same work runs on PostgreSQL's
+ * own timer (timeout.c, SIGALRM, which needs no queued signal), armed again after every error
+ * from the transaction callback, the log hook and every statement, call and commit. The
+ * postmaster says so once at start.
  *
  * The client reads gprxy's message with SQLSTATE 28000: raised here at a statement's start, or
  * replacing PostgreSQL's "terminating connection due to administrator command" for the SIGTERM
@@ -54,6 +55,7 @@
 #include "tcop/utility.h"
 #include "utils/elog.h"
 #include "utils/memutils.h"
+#include "utils/timeout.h"
 #include "utils/timestamp.h"
 #include "utils/wait_event.h"
 
@@ -66,7 +68,8 @@ static struct
 {
 	bool		planned;		/* the validator planned an end for this login */
 	bool		armed;			/* the login succeeded; the checks run */
-	bool		timed;			/* the timer runs */
+	bool		timed;			/* the POSIX timer runs */
+	bool		pg_timer;		/* PostgreSQL's timer (timeout.c) is used instead */
 	bool		strict;
 	time_t		end_unix;
 	TimestampTz end_at;
@@ -97,11 +100,10 @@ backend_idle(void)
 	return *my_wait_event_info == WAIT_EVENT_CLIENT_READ && !IsTransactionOrTransactionBlock();
 }
 
-/* The timer's signal handler: only reads memory and calls kill(). */
+/* The timer's work, in a signal handler: only reads memory and calls kill(). */
 static void
-session_timer_fired(SIGNAL_ARGS)
+session_due(void)
 {
-	(void) postgres_signal_arg;
 	if (!session.armed || ending)
 		return;
 	if (session.strict || backend_idle() || GetCurrentTimestamp() >= session.hard_at)
@@ -109,6 +111,37 @@ session_timer_fired(SIGNAL_ARGS)
 		ending = 1;
 		kill(MyProcPid, SIGTERM);
 	}
+}
+
+/* The POSIX timer's signal handler. */
+static void
+session_timer_fired(SIGNAL_ARGS)
+{
+	(void) postgres_signal_arg;
+	session_due();
+}
+
+static TimeoutId session_timeout = MAX_TIMEOUTS;
+
+/*
+ * PostgreSQL's timer, when no POSIX timer could be had: PostgreSQL cancels it after every error
+ * (disable_all_timeouts), so it is armed again from the transaction callback (an error aborts
+ * the transaction), the log hook (every ERROR reported), and every statement, function call and
+ * commit. Cheap when it is running: one array read.
+ */
+static void
+pg_timer_rearm(void)
+{
+	if (!session.pg_timer || !session.armed || ending || get_timeout_active(session_timeout))
+		return;
+	enable_timeout_every(session_timeout, session.end_at, session.strict ? 0 : IDLE_POLL_MS);
+}
+
+#else
+
+static void
+pg_timer_rearm(void)
+{
 }
 
 #endif
@@ -122,6 +155,7 @@ check_session_end(void)
 
 	if (!session.armed || ending)
 		return;
+	pg_timer_rearm();
 	now = GetCurrentTimestamp();
 	if (now < session.end_at)
 		return;
@@ -172,6 +206,7 @@ static void
 xact_callback(XactEvent event, void *arg)
 {
 	(void) arg;
+	pg_timer_rearm();
 	if (event == XACT_EVENT_PRE_COMMIT || event == XACT_EVENT_PARALLEL_PRE_COMMIT ||
 		event == XACT_EVENT_PRE_PREPARE)
 		check_session_end();
@@ -219,32 +254,59 @@ client_authenticated(Port *port, int status)
 		xact_callback_registered = true;
 	}
 	session.armed = true;
-	if (timer_create(CLOCK_REALTIME, &sev, &session.timer) != 0)
+	if (timer_create(CLOCK_REALTIME, &sev, &session.timer) == 0)
 	{
-		ereport(WARNING,
-				(errmsg("gprxy: no timer for this session's end (%m); it ends at its next statement or commit after the end"),
-				 errhint("timer_create counts against RLIMIT_SIGPENDING (ulimit -i) of the server's OS user.")));
-		return;
-	}
-	MemSet(&when, 0, sizeof(when));
-	/* An end already due fires at once. */
-	when.it_value.tv_sec = session.end_unix > 0 ? session.end_unix : 1;
-	if (!session.strict)
-		when.it_interval.tv_nsec = IDLE_POLL_MS * 1000000L;
-	if (timer_settime(session.timer, TIMER_ABSTIME, &when, NULL) != 0)
-	{
-		ereport(WARNING,
-				(errmsg("gprxy: cannot start the timer for this session's end (%m); it ends at its next statement or commit after the end")));
+		MemSet(&when, 0, sizeof(when));
+		/* An end already due fires at once. */
+		when.it_value.tv_sec = session.end_unix > 0 ? session.end_unix : 1;
+		if (!session.strict)
+			when.it_interval.tv_nsec = IDLE_POLL_MS * 1000000L;
+		if (timer_settime(session.timer, TIMER_ABSTIME, &when, NULL) == 0)
+		{
+			session.timed = true;
+			return;
+		}
 		timer_delete(session.timer);
+	}
+	/* No POSIX timer (RLIMIT_SIGPENDING used up): PostgreSQL's own, kept armed. */
+	ereport(DEBUG1,
+			(errmsg_internal("gprxy: no POSIX timer for this session's end (%m); PostgreSQL's timer is used")));
+	if (session_timeout == MAX_TIMEOUTS)
+		session_timeout = RegisterTimeout(USER_TIMEOUT, session_due);
+	session.pg_timer = true;
+	pg_timer_rearm();
+}
+
+/*
+ * At preload, in the postmaster: whether backends will get POSIX timers, said once in the log
+ * (a backend that cannot have one uses PostgreSQL's timer and says so only at DEBUG1).
+ */
+void
+gprxy_session_timer_probe(void)
+{
+	struct sigevent sev;
+	timer_t		probe;
+
+	MemSet(&sev, 0, sizeof(sev));
+	sev.sigev_notify = SIGEV_SIGNAL;
+	sev.sigev_signo = SESSION_SIGNAL;
+	if (timer_create(CLOCK_REALTIME, &sev, &probe) == 0)
+	{
+		timer_delete(probe);
 		return;
 	}
-	session.timed = true;
+	ereport(LOG,
+			(errmsg("gprxy: no POSIX timer for session ends (%m): sessions use PostgreSQL's timer, armed again after every error"),
+			 errhint("timer_create counts against RLIMIT_SIGPENDING (ulimit -i) of the server's OS user.")));
 }
 
 /* Replaces PostgreSQL's message for the SIGTERM the timer sent with gprxy's own. */
 static void
 explain_termination(ErrorData *edata)
 {
+	/* PostgreSQL cancelled its timers before reporting this error. */
+	if (edata->elevel >= ERROR)
+		pg_timer_rearm();
 	if (ending == 1 && edata->elevel == FATAL && edata->sqlerrcode == ERRCODE_ADMIN_SHUTDOWN &&
 		session.message)
 	{

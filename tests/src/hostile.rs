@@ -113,6 +113,10 @@ pub enum Step {
     WaitPastEnd,
     /// Close the socket now, whatever is in flight.
     Disconnect,
+    /// Send a `pg_sleep` of so many milliseconds and leave at once.
+    Abandon(u64),
+    /// Send the committing loop and leave at once.
+    AbandonLoop,
 }
 
 impl Step {
@@ -123,7 +127,7 @@ impl Step {
             23..=29 => Self::Commit,
             30..=32 => Self::Rollback,
             33..=36 => Self::SavepointError,
-            37..=43 => Self::Sleep(100 + rng.below(1400)),
+            37..=43 => Self::Sleep(100 + rng.below(2400)),
             44..=48 => Self::Stubborn(100 + rng.below(1400)),
             49..=50 => Self::CommittingLoop,
             51..=58 => Self::Extended { sync: rng.chance(60), flush: rng.chance(50) },
@@ -134,7 +138,9 @@ impl Step {
             75..=80 => Self::Pollute,
             81..=84 => Self::Cancelled,
             85..=90 => Self::Pipeline(2 + rng.below(5) as u8),
-            91..=95 => Self::WaitPastEnd,
+            91..=93 => Self::WaitPastEnd,
+            94..=95 => Self::Abandon(500 + rng.below(4500)),
+            96..=97 => Self::AbandonLoop,
             _ => Self::Disconnect,
         }
     }
@@ -534,6 +540,17 @@ impl Client<'_> {
                 Ok(())
             }
             Step::Disconnect => Err(Over("disconnected".into())),
+            Step::Abandon(ms) => {
+                self.send(&msg::query(&format!("SELECT pg_sleep({}) /* {sid} */", *ms as f64 / 1000.0)))?;
+                Err(Over("left with a statement running".into()))
+            }
+            Step::AbandonLoop => {
+                self.send(&msg::query(&format!(
+                    "DO $$BEGIN LOOP BEGIN PERFORM pg_sleep(0.05); EXCEPTION WHEN query_canceled THEN NULL; END; \
+                     INSERT INTO gen_rows (session, kind) VALUES ('{sid}', 'abandoned'); COMMIT; END LOOP; END$$ /* {sid} */"
+                )))?;
+                Err(Over("left with a loop running".into()))
+            }
         }
     }
 }
@@ -659,7 +676,8 @@ fn sample(t: &Target, done: &AtomicBool, sessions: &Mutex<Vec<SessionRun>>) -> (
         let now = unix_now();
         if let (Some(size), Some(row)) = (pool, rows.first()) {
             let n: u32 = row[3].as_deref().unwrap_or("0").parse().unwrap_or(0);
-            if n > size + 1 {
+            let told = seen.iter().any(|v: &Violation| v.invariant == 2 && v.sid.is_none());
+            if n > size + 1 && !told {
                 seen.push(Violation {
                     invariant: 2,
                     sid: None,
@@ -737,7 +755,8 @@ fn judge_rows(t: &Target, report: &mut Report) {
                     || commit > s.last_commit(t.policy) + COMMIT_SLACK
             }
         };
-        if broken {
+        let told = report.violations.iter().any(|v| v.invariant == 1 && v.sid.as_deref() == Some(&sid));
+        if broken && !told {
             report.violations.push(Violation {
                 invariant: 1,
                 sid: Some(sid.clone()),

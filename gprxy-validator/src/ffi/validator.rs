@@ -73,6 +73,7 @@ extern "C" {
     fn gprxy_port_database() -> *const c_char;
     fn gprxy_audit(authorized: c_int, line: *const c_char);
     fn gprxy_keep_code_resident(bytes: *mut usize) -> *const c_char;
+    fn gprxy_session_timer_probe();
     fn gprxy_session_plan(
         strict: c_int,
         end_at: i64,
@@ -602,6 +603,8 @@ pub fn init() {
     // SAFETY: reading a postmaster-set flag during library load.
     let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
     if preloading {
+        // SAFETY: a timer created and deleted at once; at worst one LOG line.
+        unsafe { gprxy_session_timer_probe() };
         // Parsed once here; every backend forked from the postmaster inherits the parse.
         s::Settings::prepare();
         pg_shmem_init!(SHARED = SharedKeys::default());
