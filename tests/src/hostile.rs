@@ -616,7 +616,7 @@ pub fn run(t: &Target, seed: u64, clients: u64, secs: f64) -> Report {
         for client in 0..clients {
             let (report, sessions) = (&report, &sessions);
             handles.push(s.spawn(move || {
-                let mut rng = Rng::new(seed ^ (client + 1).wrapping_mul(0x51_7cc1_b727_220a_95));
+                let mut rng = Rng::new(seed ^ (client + 1).wrapping_mul(0x517c_c1b7_2722_0a95));
                 let mut n = 0;
                 while started.elapsed().as_secs_f64() < secs {
                     let sid = format!("s{client}-{n}");

@@ -36,7 +36,7 @@ fn hostile_sessions_hold_every_invariant() {
                 Kind::Fallback { .. } => Kind::Fallback { pool: 1 + (seed % 2) as u32 },
                 k => *k,
             };
-            let policy = if (seed + i as u64) % 2 == 0 { Policy::Idle } else { Policy::Strict };
+            let policy = if (seed + i as u64).is_multiple_of(2) { Policy::Idle } else { Policy::Strict };
             let name = format!("{kind}");
             if only_target.as_ref().is_some_and(|t| !name.starts_with(t.trim_end_matches(char::is_numeric))) {
                 continue;
