@@ -34,9 +34,10 @@
  * Fallback mode (PostgreSQL 13 to 17, and 18 behind gprxy's fallback mode): the proxy's signed
  * context carries the session's end (gprxy.set_context calls gprxy_session_bind, reset_context
  * gprxy_session_unbind), and the same statement, function-call and commit checks run for that
- * pooled session, without the timer (the proxy times the end). A statement the proxy let in
- * before the end cannot begin transactions after it: a procedure or DO block that commits in a
- * loop is ended at its first statement or commit past the end.
+ * pooled session, without the timer (the proxy times the end), for work done after the end by
+ * a statement that began before it: a procedure or DO block that commits in a loop is ended at
+ * its first statement or commit past the end. Statements that reach the server after the end
+ * are the proxy's to let in (its own reset, a request inside a transaction begun before).
  *
  * C, not Rust: the timer's handler runs inside a signal handler, the FATALs longjmp, and the
  * message is rewritten inside PostgreSQL's error reporting, where no Rust frame may be.
@@ -70,6 +71,7 @@ static struct
 	bool		armed;			/* the login succeeded; the checks run */
 	bool		timed;			/* the POSIX timer runs */
 	bool		pg_timer;		/* PostgreSQL's timer (timeout.c) is used instead */
+	bool		bound;			/* fallback: the end came with the proxy's signed context */
 	bool		strict;
 	time_t		end_unix;
 	TimestampTz end_at;
@@ -158,6 +160,13 @@ check_session_end(void)
 	pg_timer_rearm();
 	now = GetCurrentTimestamp();
 	if (now < session.end_at)
+		return;
+	/*
+	 * Fallback: the proxy decides which statements reach the server after the end (its own
+	 * reset, a request inside a transaction begun before the end); what it cannot see is work
+	 * that a statement it let in before the end goes on to do after it.
+	 */
+	if (session.bound && GetCurrentStatementStartTimestamp() >= session.end_at)
 		return;
 	if (session.strict || now >= session.hard_at ||
 		GetCurrentTransactionStartTimestamp() >= session.end_at)
@@ -380,6 +389,7 @@ gprxy_session_bind(int strict, int64 end_at, int64 hard_at, const char *message)
 		RegisterXactCallback(xact_callback, NULL);
 		xact_callback_registered = true;
 	}
+	session.bound = true;
 	session.armed = true;
 }
 
@@ -390,4 +400,5 @@ gprxy_session_unbind(void)
 	if (session.planned)
 		return;
 	session.armed = false;
+	session.bound = false;
 }

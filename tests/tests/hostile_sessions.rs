@@ -5,6 +5,8 @@
 //! rounds with seeds n, n+1, ... until the duration has passed. `GPRXY_GEN_TARGET` and
 //! `GPRXY_GEN_POLICY` narrow a run to one target and policy (to replay a failure).
 
+use std::io::Write;
+
 use gprxy_tests::hostile::{run, Kind, Policy, Target};
 
 fn env<T: std::str::FromStr>(name: &str) -> Option<T> {
@@ -48,8 +50,12 @@ fn hostile_sessions_hold_every_invariant() {
             };
             let target = Target::start(kind, policy);
             let report = run(&target, seed, 4, secs);
-            // Counts go to stderr, past the harness's capture, so that make test shows them.
-            eprintln!("hostile sessions: seed {seed}, {kind}, {policy:?}: {}", report.summary());
+            // Straight to stderr, past the harness's capture: make test shows the counts.
+            let _ = writeln!(
+                std::io::stderr().lock(),
+                "hostile sessions: seed {seed}, {kind}, {policy:?}: {}",
+                report.summary()
+            );
             assert!(report.sessions.len() >= 4, "too few sessions ran: {}", report.summary());
             if !report.violations.is_empty() {
                 failures.push(report.failure(seed, kind, policy));

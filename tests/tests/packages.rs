@@ -10,11 +10,11 @@
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use gprxy_core::testkit::TestKey;
@@ -102,9 +102,11 @@ fn user_exists(name: &str) -> bool {
     run("getent", &["passwd", name]).status.success()
 }
 
-/// `$GPRXY_CACHE/e2e.lock`, held by a `flock` child until dropped. When a process this one
-/// descends from holds it already (`flock e2e.lock cargo test ...`), that is enough.
-struct E2eLock(Option<(Child, ChildStdin)>);
+/// `$GPRXY_CACHE/e2e.lock`, an flock held by this process until dropped (std's `File::lock`:
+/// `flock -w` needs a POSIX timer, which machines with `RLIMIT_SIGPENDING` 0 do not give). When a
+/// process this one descends from holds it already (`flock e2e.lock cargo test ...`), that is
+/// enough.
+struct E2eLock(#[allow(dead_code)] Option<std::fs::File>);
 
 impl E2eLock {
     fn acquire() -> Self {
@@ -116,19 +118,17 @@ impl E2eLock {
             eprintln!("packages: {} is held by a process this test runs under", path.display());
             return Self(None);
         }
-        let mut child = Command::new("flock")
-            .args(["-w", "1800"])
-            .arg(&path)
-            .args(["sh", "-c", "echo locked; exec cat >/dev/null"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("flock (util-linux)");
-        let stdin = child.stdin.take().expect("stdin");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("flock's answer");
-        assert_eq!(line, "locked\n", "could not take {} within 30 minutes", path.display());
-        Self(Some((child, stdin)))
+        let file = std::fs::File::open(&path).expect("open e2e.lock");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1800);
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Self(Some(file)),
+                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                }
+                Err(e) => panic!("could not take {} within 30 minutes: {e}", path.display()),
+            }
+        }
     }
 
     /// Whether a flock on `path` belongs to one of this process's ancestors (/proc/locks).
@@ -156,15 +156,6 @@ impl E2eLock {
             }
         }
         false
-    }
-}
-
-impl Drop for E2eLock {
-    fn drop(&mut self) {
-        if let Some((mut child, stdin)) = self.0.take() {
-            drop(stdin);
-            let _ = child.wait();
-        }
     }
 }
 
