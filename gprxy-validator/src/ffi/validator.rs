@@ -330,8 +330,10 @@ fn define_bool(name: &'static CStr, desc: &'static CStr, setting: &'static pgrx:
 }
 
 /// `gprxy.resident_code`: at preload, copy the library's code into memory that every backend
-/// inherits (src/resident_code.c).
-static RESIDENT_CODE: pgrx::GucSetting<bool> = pgrx::GucSetting::<bool>::new(true);
+/// inherits (src/resident_code.c). Off by default: a DBA does not expect an extension to
+/// rewrite the postmaster's code mappings unasked (perf, uprobes and eBPF agents look for the
+/// code in the library's file).
+static RESIDENT_CODE: pgrx::GucSetting<bool> = pgrx::GucSetting::<bool>::new(false);
 
 /// Defines `gprxy.resident_code`. A postmaster setting can only be defined at preload; loaded
 /// later (no preloading) the setting does nothing, and is defined so that a postgresql.conf that
@@ -351,7 +353,7 @@ fn define_resident_code(preloading: bool) {
 /// src/resident_code.c) and says in the server log what came of it.
 fn keep_code_resident() {
     if !RESIDENT_CODE.get() {
-        pgrx::log!("gprxy_validator: gprxy.resident_code is off: each backend faults in the code it runs");
+        // The default: nothing to say.
         return;
     }
     let mut bytes = 0usize;
