@@ -79,6 +79,15 @@ impl Validator {
         if token.len() > p.max_token_bytes {
             return Err(ValidationError::TooLarge { size: token.len(), max: p.max_token_bytes });
         }
+        // RFC 9068 section 4: the issuer first. A token that names another issuer is refused
+        // before any key is looked up, so it costs the issuer no key-set request (the signature
+        // is still what makes a token valid: a matching `iss` only lets it go on).
+        if let Some(iss) = crate::jose::peek_unverified(token).iss.filter(|i| *i != p.issuer) {
+            return Err(ValidationError::IssuerMismatch {
+                got: Quoted::new(&iss),
+                expected: Quoted::new(&p.issuer),
+            });
+        }
         let verified = verify_compact(token, &p.algorithms, keys)?;
         let header = verified.header;
 

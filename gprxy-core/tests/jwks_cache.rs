@@ -610,3 +610,24 @@ fn caller_thread_resolver_fetches_ip_literals_and_localhost() {
     let by_name = format!("http://localhost:{}/jwks", server.addr().port());
     assert_eq!(fetcher.get(&by_name).unwrap().body, br#"{"keys":[]}"#);
 }
+
+/// #27 item 4: a token that names another issuer (and a `kid` the cache does not know) is
+/// refused as `iss_mismatch` before any key lookup: it costs the issuer no request, however many
+/// come, and a good token still validates meanwhile.
+#[test]
+fn a_token_of_another_issuer_costs_no_key_request() {
+    let k1 = TestKey::rsa("k1");
+    let idp = Issuer::start(&[&k1]);
+    let clock = ManualClock::new();
+    let cache = cache_for(&idp.issuer(), &clock, CacheSettings::default());
+    let v = validator(&idp.issuer());
+    let stranger = TestKey::rsa("stranger-kid");
+    for i in 0..50 {
+        let forged = token(&stranger, &format!("https://elsewhere.example/{i}"), &clock);
+        let e = v.validate(&forged, &*cache, clock.now_s()).unwrap_err();
+        assert_eq!(e.code(), "iss_mismatch", "{e}");
+    }
+    assert_eq!(idp.jwks_fetches(), 0, "a token of another issuer fetched keys");
+    assert!(v.validate(&token(&k1, &idp.issuer(), &clock), &*cache, clock.now_s()).is_ok());
+    assert_eq!(idp.jwks_fetches(), 1);
+}
