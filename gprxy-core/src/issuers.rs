@@ -479,10 +479,25 @@ pub fn toml_error(text: &str, e: &toml::de::Error) -> String {
                 })
                 .map(|k| format!(" (key {k})"))
                 .unwrap_or_default();
-            format!("TOML error at line {line}, column {column}{key}: {}", e.message().trim_end())
+            format!("TOML error at line {line}, column {column}{key}: {}", value_free(e.message()))
         }
-        None => format!("TOML error: {}", e.message().trim_end()),
+        None => format!("TOML error: {}", value_free(e.message())),
     }
+}
+
+/// A deserializer's message without the value it quotes: serde writes `invalid type: string
+/// "<value>", expected u64` and ``unknown variant `<value>`, expected ...``, and a value written
+/// under the wrong key may be a secret. What is expected stays (it is the program's, not the
+/// file's).
+pub fn value_free(message: &str) -> String {
+    let message = message.trim_end();
+    for head in ["invalid type", "invalid value", "unknown variant", "invalid length"] {
+        if let Some(rest) = message.strip_prefix(head) {
+            let expected = rest.find(", expected ").map_or("", |i| &rest[i..]);
+            return format!("{head}{expected}");
+        }
+    }
+    message.to_owned()
 }
 
 /// Why an issuer set cannot be used.
@@ -508,6 +523,41 @@ pub enum IssuersError {
 
 #[cfg(test)]
 mod tests {
+
+    /// #27 item 2: a value under the wrong key is never repeated in the error (it may be a
+    /// secret); the line, the key and what was expected are.
+    #[test]
+    fn an_issuers_file_error_never_repeats_the_value() {
+        const MARKER: &str = "MARKER-s3cr3t-41c7";
+        let head = "[[issuer]]\nissuer = \"https://idp.example\"\naudience = [\"db\"]\n";
+        for (line, key) in [
+            (
+                format!("[issuer.introspection]\nclient_id = \"c\"\nclient_auth = \"{MARKER}\"\n"),
+                "client_auth",
+            ),
+            (
+                format!("[issuer.introspection]\nclient_id = \"c\"\ncache_ttl_max_secs = \"{MARKER}\"\n"),
+                "cache_ttl_max_secs",
+            ),
+            (format!("leeway_secs = \"{MARKER}\"\n"), "leeway_secs"),
+            (format!("tokens = \"{MARKER}\"\n"), "tokens"),
+            (format!("allowed_algorithms = \"{MARKER}\"\n"), "allowed_algorithms"),
+        ] {
+            let text = format!("{head}{line}");
+            let err = IssuerSet::from_toml(&text, false).map(|_| ()).unwrap_err().to_string();
+            assert!(!err.contains(MARKER), "{key}: {err}");
+            assert!(err.contains(key) && err.contains("line"), "{key}: {err}");
+        }
+        assert_eq!(
+            value_free("unknown variant `hunter2`, expected `client_secret_basic` or `client_secret_post`"),
+            "unknown variant, expected `client_secret_basic` or `client_secret_post`"
+        );
+        assert_eq!(
+            value_free("invalid type: string \"hunter2\", expected u64"),
+            "invalid type, expected u64"
+        );
+    }
+
     use super::*;
 
     fn set(text: &str) -> Result<IssuerSet, String> {
@@ -581,7 +631,10 @@ max_token_age_secs = 3600
         assert!(e.contains("/realms/<realm>"), "{e}");
         let e =
             set("[[issuer]]\nprofile = \"ping\"\nissuer = \"https://a\"\naudience = [\"db\"]\n").unwrap_err();
-        assert!(e.contains("unknown variant `ping`"), "{e}");
+        assert!(
+            e.contains("(key profile): unknown variant, expected one of `entra`") && !e.contains("ping"),
+            "{e}"
+        );
         let e = one("entra", &format!("https://login.microsoftonline.com/{ENTRA_CONSUMERS_TENANT}/v2.0"), "")
             .unwrap_err();
         assert!(e.contains("is the personal-accounts tenant"), "{e}");

@@ -409,7 +409,7 @@ fn introspection_settings_are_checked_with_the_entry() {
     let err = |extra: &str| gprxy_core::IssuerSet::from_toml(&entry(extra), false).unwrap_err().to_string();
     assert!(err("tokens = \"introspect\"").contains("tokens = \"introspect\" needs an [introspection] table"));
     assert!(
-        err("tokens = \"opaque\"").contains("unknown variant `opaque`"),
+        err("tokens = \"opaque\"").contains("(key tokens): unknown variant, expected"),
         "{}",
         err("tokens = \"opaque\"")
     );

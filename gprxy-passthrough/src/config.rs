@@ -61,7 +61,7 @@ impl TryFrom<String> for SessionModeName {
         // Exact spelling, as the other enumerated settings.
         match gprxy_core::SessionMode::parse(&s) {
             Some(mode) if mode.name() == s => Ok(Self(mode)),
-            _ => Err(format!("session.policy: {s:?} is not off, idle or strict")),
+            _ => Err("session.policy: must be off, idle or strict".to_owned()),
         }
     }
 }
@@ -337,10 +337,8 @@ macro_rules! named_choices {
             fn try_from(s: String) -> Result<Self, String> {
                 match s.as_str() {
                     $($name => Ok($value),)+
-                    other => Err(format!(
-                        concat!($setting, ": {:?} is not ", named_choices!(@list $($name),+)),
-                        other
-                    )),
+                    // The value is not repeated: it may be a secret written under the wrong key.
+                    _ => Err(concat!($setting, ": must be ", named_choices!(@list $($name),+)).to_owned()),
                 }
             }
         }
@@ -889,16 +887,72 @@ mod tests {
         );
     }
 
+    /// #27 item 2: a value written under the wrong key (a secret, say) is never repeated in an
+    /// error: every key that takes a number, a boolean, a list, a table or one of a few words is
+    /// given the marker, and the error names the line and key but never the marker.
+    #[test]
+    fn no_error_repeats_a_configured_value() {
+        const MARKER: &str = "MARKER-s3cr3t-9f2a";
+        let (_dir, ok) = one_account("");
+        let cases = [
+            ("", "login_timeout_ms"),
+            ("", "require_tls"),
+            ("", "max_client_connections"),
+            ("[log]\n", "format"),
+            ("[session]\n", "policy"),
+            ("[session]\n", "grace_secs"),
+            ("[session]\n", "idle_hard_limit_secs"),
+            ("[session]\n", "max_session_age_secs"),
+            ("[bridge]\n", "token_as_password"),
+        ];
+        for (table, key) in cases {
+            let text = format!("upstream = \"h:1\"\n{table}{key} = \"{MARKER}\"\n");
+            let err = format!("{:#}", load(&text).unwrap_err());
+            assert!(!err.contains(MARKER), "{key}: {err}");
+            assert!(err.contains("line") && err.contains(key), "{key}: {err}");
+        }
+        for (key, value) in [
+            ("client_auth", format!("\"{MARKER}\"")),
+            ("user_must_match", format!("\"{MARKER}\"")),
+            ("signed_context", format!("\"{MARKER}\"")),
+            ("audience", format!("\"{MARKER}\"")),
+            ("insecure_allow_http_loopback", format!("\"{MARKER}\"")),
+            ("leeway_secs", format!("\"{MARKER}\"")),
+            ("allowed_algorithms", format!("[\"{MARKER}\"]")),
+            ("pool", format!("\"{MARKER}\"")),
+        ] {
+            let text = fallback(&ok).replacen("[fallback]\n", &format!("[fallback]\n{key} = {value}\n"), 1);
+            let Err(e) = load(&text) else { continue };
+            let err = format!("{e:#}");
+            assert!(!err.contains(MARKER), "fallback.{key}: {err}");
+        }
+        // The issuers-file form of an entry: a secret pasted into client_auth or a number.
+        let issuers = format!(
+            "[[fallback.issuers]]\nissuer = \"https://idp\"\naudience = [\"db\"]\n\
+             [fallback.issuers.introspection]\nclient_id = \"c\"\nclient_auth = \"{MARKER}\"\n"
+        );
+        let text = format!("upstream = \"h:1\"\n{TLS}[fallback]\n{issuers}");
+        let err = format!("{:#}", load(&text).unwrap_err());
+        assert!(!err.contains(MARKER) && err.contains("client_auth"), "{err}");
+        let text = text
+            .replace(&format!("client_auth = \"{MARKER}\""), &format!("cache_ttl_max_secs = \"{MARKER}\""));
+        let err = format!("{:#}", load(&text).unwrap_err());
+        assert!(!err.contains(MARKER) && err.contains("cache_ttl_max_secs"), "{err}");
+    }
+
     /// Enumerated settings are parsed with the file, so a bad one names its line.
     #[test]
     fn a_bad_enumerated_value_names_its_line() {
         let (_dir, ok) = one_account("signed_context = false\nclient_auth = \"kerberos\"\n");
         let err = format!("{:#}", load(&fallback(&ok)).unwrap_err());
-        assert!(err.contains("fallback.client_auth: \"kerberos\" is not password or oauthbearer"), "{err}");
+        assert!(err.contains("fallback.client_auth: must be password or oauthbearer"), "{err}");
+        assert!(!err.contains("kerberos"), "the value is repeated: {err}");
         assert!(err.contains("at line 10, column 15"), "{err}");
         let err = format!("{:#}", load("upstream = \"h:1\"\n[log]\nformat = \"xml\"\n").unwrap_err());
         assert!(
-            err.contains("log.format: \"xml\" is not text or json") && err.contains("at line 3"),
+            err.contains("log.format: must be text or json")
+                && err.contains("at line 3")
+                && !err.contains("xml"),
             "{err}"
         );
         let (_dir, ok) = one_account(
@@ -1075,7 +1129,9 @@ mod tests {
         };
         let e = err("policy = \"Strict\"\n");
         assert!(
-            e.contains("session.policy: \"Strict\" is not off, idle or strict") && e.contains("line 3"),
+            e.contains("session.policy: must be off, idle or strict")
+                && e.contains("line 3")
+                && !e.contains("Strict"),
             "{e}"
         );
         let e = err("grace = 5\n");
