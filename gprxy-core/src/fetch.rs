@@ -21,6 +21,26 @@ pub struct HttpResponse {
 pub trait Fetcher: Send + Sync {
     /// GETs `url`.
     fn get(&self, url: &str) -> Result<HttpResponse, KeyError>;
+
+    /// What the fetched documents are trusted through, beyond the system's roots: empty for
+    /// those, else the CA file's path and a hash of its content. Key sets fetched under one
+    /// trust are never served under another (a CA file a reload removed or replaced).
+    fn trust_id(&self) -> String {
+        String::new()
+    }
+}
+
+/// [`Fetcher::trust_id`] of `settings`: the CA file's path and the SHA-256 of what it holds now
+/// (`unreadable` when it cannot be read).
+pub fn trust_id_of(settings: &HttpSettings) -> String {
+    match &settings.ca_file {
+        None => String::new(),
+        Some(path) => {
+            let content = std::fs::read(path)
+                .map_or_else(|_| "unreadable".to_owned(), |pem| crate::jose::fingerprint(&pem));
+            format!("ca_file {} {content}", path.display())
+        }
+    }
 }
 
 /// POSTs forms (OAuth endpoints: introspection), besides GETs.
@@ -284,6 +304,10 @@ impl Fetcher for UreqFetcher {
         let (_, max_age, body) = self.finish(url, sent, true)?;
         Ok(HttpResponse { body, max_age })
     }
+
+    fn trust_id(&self) -> String {
+        trust_id_of(&self.settings)
+    }
 }
 
 /// `application/x-www-form-urlencoded` encoding of one value.
@@ -350,6 +374,10 @@ impl LazyFetcher {
 impl Fetcher for LazyFetcher {
     fn get(&self, url: &str) -> Result<HttpResponse, KeyError> {
         self.fetcher(url)?.get(url)
+    }
+
+    fn trust_id(&self) -> String {
+        trust_id_of(&self.settings)
     }
 }
 

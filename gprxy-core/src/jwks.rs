@@ -325,8 +325,11 @@ impl JwksCache {
                 .map_err(|e| ConfigError::new(Setting::JwksUri, e.to_string()))?,
             JwksSource::File { path } => check_key_file_path(path)?,
         }
+        // Keys fetched under another CA file (or another content of it) are another source's.
+        let trust = fetcher.trust_id();
+        let source_id = if trust.is_empty() { source.id() } else { format!("{} via {trust}", source.id()) };
         Ok(Self {
-            source_id: source.id(),
+            source_id,
             source,
             share: Arc::new(MemoryShare::default()),
             attempt_budget: Duration::from_secs(20),

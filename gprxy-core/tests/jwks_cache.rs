@@ -631,3 +631,39 @@ fn a_token_of_another_issuer_costs_no_key_request() {
     assert!(v.validate(&token(&k1, &idp.issuer(), &clock), &*cache, clock.now_s()).is_ok());
     assert_eq!(idp.jwks_fetches(), 1);
 }
+
+/// #27 item 6: keys fetched under one CA file are not served under another, nor after the file's
+/// content changed (a reload that removed or replaced a CA): the cache fetches anew; under the
+/// same file and content they are shared.
+#[test]
+fn keys_fetched_under_another_ca_file_are_not_shared() {
+    let k = TestKey::rsa("k");
+    let idp = Issuer::start(&[&k]);
+    let clock = ManualClock::new();
+    let share = Arc::new(gprxy_core::MemoryShare::default());
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, test_ca().0).unwrap();
+    let under = |ca: Option<&std::path::Path>| {
+        let settings = HttpSettings { ca_file: ca.map(std::path::Path::to_path_buf), ..http() };
+        let fetcher = Arc::new(UreqFetcher::new(settings).unwrap());
+        JwksCache::new(discovery(&idp), fetcher, Arc::new(clock.clone()), CacheSettings::default(), true)
+            .unwrap()
+            .with_share(share.clone(), Duration::from_millis(400))
+    };
+    under(Some(&ca)).keys().unwrap();
+    assert_eq!(idp.jwks_fetches(), 1);
+    // Same file, same content: shared.
+    let same = under(Some(&ca));
+    same.keys().unwrap();
+    assert_eq!((idp.jwks_fetches(), same.fetch_count()), (1, 0));
+    // No CA file (the system's roots): not the same trust, fetched anew.
+    let system = under(None);
+    system.keys().unwrap();
+    assert_eq!((idp.jwks_fetches(), system.fetch_count()), (2, 1));
+    // The file replaced by another CA: fetched anew.
+    std::fs::write(&ca, test_ca().0).unwrap();
+    let replaced = under(Some(&ca));
+    replaced.keys().unwrap();
+    assert_eq!((idp.jwks_fetches(), replaced.fetch_count()), (3, 1));
+}
