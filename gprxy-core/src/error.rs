@@ -98,6 +98,9 @@ pub enum ValidationError {
         /// The validator's clock.
         now: i64,
     },
+    /// The token is bound to a key (`cnf`), whose proof gprxy cannot see.
+    #[error("token is bound to a key (cnf) and the issuer's entry does not accept bound tokens")]
+    TokenBound,
     /// `iss` is missing.
     #[error("token has no \"iss\" claim")]
     IssuerMissing,
@@ -199,6 +202,7 @@ impl ValidationError {
             Self::IssuedInFuture { .. } => "issued_in_future",
             Self::IssuerMissing => "iss_missing",
             Self::IssuerInvalid => "iss_invalid",
+            Self::TokenBound => "token_bound",
             Self::IssuerMismatch { .. } => "iss_mismatch",
             Self::IssuerNotTrusted(_) => "iss_not_trusted",
             Self::AudienceMissing => "aud_missing",

@@ -196,6 +196,9 @@ pub struct IssuerEntry {
     pub allowed_algorithms: Option<Vec<String>>,
     /// Accepted `typ` headers: `at+jwt`, and `JWT` (which also admits no `typ`).
     pub token_types: Option<Vec<String>>,
+    /// Accept tokens bound to a key (`cnf`) as bearer tokens (default false: refused as
+    /// `token_bound`).
+    pub accept_bound_tokens: Option<bool>,
     /// The claim that is the identity (default `sub`, or the profile's).
     pub identity_claim: Option<String>,
     /// The identity is `<iss>#<claim>`.
@@ -345,6 +348,7 @@ impl IssuerEntry {
             .leeway_secs(self.leeway_secs.unwrap_or(30))
             .required_scopes(self.required_scopes)
             .accept_generic_typ(accept_generic)
+            .accept_bound_tokens(self.accept_bound_tokens.unwrap_or(false))
             .identity_claim(identity_claim)
             .identity_form(if self.issuer_qualified.unwrap_or(qualified) {
                 IdentityForm::IssuerQualified

@@ -45,6 +45,7 @@ pub struct Policy {
     pub(crate) leeway_secs: u64,
     pub(crate) required_scopes: Vec<String>,
     pub(crate) accept_generic_typ: bool,
+    pub(crate) accept_bound_tokens: bool,
     pub(crate) max_token_bytes: usize,
     pub(crate) identity_claim: ClaimPath,
     pub(crate) identity_form: IdentityForm,
@@ -65,6 +66,7 @@ impl Policy {
             leeway_secs: 30,
             required_scopes: Vec::new(),
             accept_generic_typ: false,
+            accept_bound_tokens: false,
             max_token_bytes: MAX_TOKEN_BYTES,
             identity_claim: "sub".to_owned(),
             identity_form: IdentityForm::Plain,
@@ -120,6 +122,7 @@ pub struct PolicyBuilder {
     leeway_secs: u64,
     required_scopes: Vec<String>,
     accept_generic_typ: bool,
+    accept_bound_tokens: bool,
     max_token_bytes: usize,
     identity_claim: String,
     identity_form: IdentityForm,
@@ -173,6 +176,14 @@ impl PolicyBuilder {
     /// those). Without this only `at+jwt` (RFC 9068) is accepted.
     pub fn accept_generic_typ(mut self, accept: bool) -> Self {
         self.accept_generic_typ = accept;
+        self
+    }
+
+    /// Also accept tokens bound to a key (`cnf`: DPoP `jkt`, mTLS `x5t#S256`) as plain bearer
+    /// tokens. Off by default: gprxy sees no proof of the key, so a stolen bound token, which its
+    /// issuer meant to be useless without the key, would work.
+    pub fn accept_bound_tokens(mut self, accept: bool) -> Self {
+        self.accept_bound_tokens = accept;
         self
     }
 
@@ -279,6 +290,7 @@ impl PolicyBuilder {
             leeway_secs: self.leeway_secs,
             required_scopes,
             accept_generic_typ: self.accept_generic_typ,
+            accept_bound_tokens: self.accept_bound_tokens,
             max_token_bytes: self.max_token_bytes,
             identity_claim,
             identity_form: self.identity_form,

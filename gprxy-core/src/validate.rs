@@ -116,6 +116,11 @@ impl Validator {
         let p = &self.policy;
         let leeway = p.leeway_secs as i64;
 
+        // A token bound to a key (RFC 9449 DPoP, RFC 8705 mTLS) is only as good as the proof of
+        // that key, which never reaches gprxy.
+        if claims.contains_key("cnf") && !p.accept_bound_tokens {
+            return Err(ValidationError::TokenBound);
+        }
         let exp = time_claim(&claims, "exp")?.ok_or(ValidationError::ExpMissing)?;
         if now >= exp.saturating_add(leeway) {
             return Err(ValidationError::Expired { exp, now, leeway: p.leeway_secs });

@@ -554,3 +554,26 @@ fn required_claims_refuse_a_token_from_another_repository() {
     let old = k.token(at(), &with(with(claims(), "repository", json!("evil/x")), "exp", json!(now() - 600)));
     assert_eq!(check_with(p(), &old).unwrap_err().code(), "expired");
 }
+
+/// #27 item 6: a token bound to a key (`cnf`: DPoP `jkt`, mTLS `x5t#S256`) is refused by
+/// default, its own reason; an issuer that says it accepts bound tokens as bearer tokens gets
+/// them through.
+#[test]
+fn a_token_bound_to_a_key_is_refused_unless_its_issuer_accepts_it() {
+    let k = keys();
+    for cnf in [
+        json!({"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"}),
+        json!({"x5t#S256": "bwcK0esc3ACC3DB2Y5_lESsXE8o9ltc05O89jdN-dg2"}),
+    ] {
+        let t = k.rsa.token(at(), &with(claims(), "cnf", cnf));
+        let e = err(&t);
+        assert_eq!(e, ValidationError::TokenBound);
+        assert_eq!(e.code(), "token_bound");
+        assert_eq!(check_with(policy().accept_bound_tokens(true), &t).unwrap().identity, "alice");
+    }
+    let issuers = gprxy_core::IssuerSet::from_toml(
+        &format!("[[issuer]]\nissuer = \"{ISS}\"\naudience = [\"{AUD}\"]\naccept_bound_tokens = true\n"),
+        false,
+    );
+    assert!(issuers.is_ok(), "{:?}", issuers.err());
+}

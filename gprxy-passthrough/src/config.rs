@@ -120,6 +120,8 @@ struct FileFallback {
     identity_claim: Option<String>,
     role_claim: Option<String>,
     accept_jwt_typ: Option<bool>,
+    /// Accept tokens bound to a key (`cnf`) as bearer tokens (default false).
+    accept_bound_tokens: Option<bool>,
     #[serde(default)]
     insecure_allow_http_loopback: bool,
     #[serde(default)]
@@ -441,6 +443,7 @@ fn check_fallback(mut f: FileFallback) -> anyhow::Result<Fallback> {
             || f.identity_claim.is_some()
             || f.role_claim.is_some()
             || f.accept_jwt_typ.is_some()
+            || f.accept_bound_tokens.is_some()
             || !f.required_claims.is_empty()
             || f.keys != Default::default();
         if shorthand {
@@ -557,6 +560,7 @@ fn one_issuer(f: &FileFallback) -> anyhow::Result<gprxy_core::IssuerSet> {
     let policy = gprxy_core::Policy::builder(issuer.clone())
         .audiences(audience.clone())
         .accept_generic_typ(f.accept_jwt_typ.unwrap_or(false))
+        .accept_bound_tokens(f.accept_bound_tokens.unwrap_or(false))
         .identity_claim(f.identity_claim.clone().unwrap_or_else(|| "sub".into()))
         .role_claim(Some(role_claim.clone()))
         .required_claims(required)
