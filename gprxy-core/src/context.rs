@@ -87,6 +87,9 @@ pub struct Context {
     /// The token's subject.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sub: Option<String>,
+    /// The authenticated identity as the issuer's policy forms it (`gprxy.identity()`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
     /// Roles from the configured role claim.
     #[serde(default)]
     pub roles: Vec<String>,
@@ -95,6 +98,21 @@ pub struct Context {
     /// When the session ends by the proxy's session policy: the server checks it too, at every
     /// statement's start, fast-path call and commit (absent: nothing ends it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end: Option<ContextEnd>,
+}
+
+/// What one context says of its session.
+#[derive(Debug, Clone, Default)]
+pub struct Signed {
+    /// The token's subject.
+    pub sub: Option<String>,
+    /// The authenticated identity.
+    pub identity: Option<String>,
+    /// The roles after the issuer's role map.
+    pub roles: Vec<String>,
+    /// The validated claims.
+    pub claims: Map<String, Value>,
+    /// The session's end.
     pub end: Option<ContextEnd>,
 }
 
@@ -218,21 +236,24 @@ impl ContextSigner {
 
     /// Signs the next context for this connection.
     pub fn sign(&mut self, sub: Option<String>, roles: Vec<String>, claims: Map<String, Value>) -> String {
-        self.sign_ending(sub, roles, claims, None)
+        self.sign_ending(Signed { sub, identity: None, roles, claims, end: None })
     }
 
-    /// Signs the next context for this connection, with the session's end for the server to
-    /// check.
-    pub fn sign_ending(
-        &mut self,
-        sub: Option<String>,
-        roles: Vec<String>,
-        claims: Map<String, Value>,
-        end: Option<ContextEnd>,
-    ) -> String {
+    /// Signs the next context for this connection, with the identity and the session's end for
+    /// the server.
+    pub fn sign_ending(&mut self, what: Signed) -> String {
+        let Signed { sub, identity, roles, claims, end } = what;
         self.counter += 1;
-        let payload =
-            Context { n: self.counter, nonce: self.nonce.clone(), pid: self.pid, sub, roles, claims, end };
+        let payload = Context {
+            n: self.counter,
+            nonce: self.nonce.clone(),
+            pid: self.pid,
+            sub,
+            identity,
+            roles,
+            claims,
+            end,
+        };
         let json = serde_json::to_vec(&payload).unwrap_or_default();
         let body = B64.encode(json);
         let mut message = DOMAIN.to_vec();

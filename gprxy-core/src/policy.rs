@@ -82,6 +82,16 @@ impl Policy {
         &self.issuer
     }
 
+    /// How the identity is formed (plain, or issuer-qualified).
+    pub fn identity_form(&self) -> IdentityForm {
+        self.identity_form
+    }
+
+    /// The claim the roles are read from, if any.
+    pub fn role_claim(&self) -> Option<&str> {
+        self.role_claim.as_ref().map(ClaimPath::as_str)
+    }
+
     /// The allowed algorithms.
     pub fn algorithms(&self) -> &[Algorithm] {
         &self.algorithms

@@ -122,6 +122,10 @@ struct FileFallback {
     accept_jwt_typ: Option<bool>,
     /// Accept tokens bound to a key (`cnf`) as bearer tokens (default false).
     accept_bound_tokens: Option<bool>,
+    /// The DBA says two issuers that reach one account issue identities from one namespace (a
+    /// `sub` of one is the same person at the other).
+    #[serde(default)]
+    shared_subject_namespace: bool,
     #[serde(default)]
     insecure_allow_http_loopback: bool,
     #[serde(default)]
@@ -468,6 +472,40 @@ fn check_fallback(mut f: FileFallback) -> anyhow::Result<Fallback> {
     }
     if f.map.is_empty() {
         bail!("fallback.map: no rules; every login would be refused");
+    }
+    // Two issuers that reach one account with plain identities: one's `alice` is the other's to
+    // the RLS policies (gprxy.identity() and gprxy.subject() are the same string).
+    if !f.shared_subject_namespace {
+        let entries: Vec<&gprxy_core::IssuerPolicy> = issuers.iter().collect();
+        for rule in &f.map {
+            let reaching: Vec<usize> = f
+                .map
+                .iter()
+                .filter(|r| r.account == rule.account)
+                .flat_map(|r| {
+                    entries
+                        .iter()
+                        .enumerate()
+                        .filter(move |(_, e)| r.issuer.as_deref().is_none_or(|i| i == e.issuer()))
+                        .map(|(n, _)| n)
+                })
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            let plain = reaching
+                .iter()
+                .any(|&n| entries[n].policy.identity_form() == gprxy_core::IdentityForm::Plain);
+            if reaching.len() > 1 && plain {
+                let numbers: Vec<String> = reaching.iter().map(|n| (n + 1).to_string()).collect();
+                bail!(
+                    "fallback: issuers {} can reach one service account with plain identities, so a \
+                     subject of one is the same user as that subject of the other to the RLS policies: \
+                     set issuer_qualified = true on each, map them to different accounts, or set \
+                     shared_subject_namespace = true if they issue one namespace",
+                    numbers.join(" and ")
+                );
+            }
+        }
     }
     let mut passwords = std::collections::BTreeMap::new();
     for rule in &f.map {
@@ -853,6 +891,34 @@ mod tests {
             pw.display()
         );
         (dir, lines)
+    }
+
+    /// #27 item 1: two issuers that reach one account with plain identities are refused at load,
+    /// unless both are issuer-qualified, they reach different accounts, or the DBA says they share
+    /// one namespace.
+    #[test]
+    fn two_issuers_reaching_one_account_need_qualified_identities() {
+        let issuers = |a: &str, b: &str, rule_issuer: &str| {
+            let (_dir, ok) = one_account(&format!(
+                "{rule_issuer}signed_context = false\n[[fallback.issuers]]\nissuer = \"https://a\"\naudience = [\"db\"]\n{a}\
+                 [[fallback.issuers]]\nissuer = \"https://b\"\naudience = [\"db\"]\n{b}"
+            ));
+            let text = format!("upstream = \"h:1\"\n{TLS}[fallback]\n{ok}");
+            (load(&text).map(|_| ()).map_err(|e| format!("{e:#}")), _dir)
+        };
+        let (plain, _d) = issuers("", "", "");
+        assert_eq!(
+            plain.unwrap_err(),
+            "fallback: issuers 1 and 2 can reach one service account with plain identities, so a subject of one \
+             is the same user as that subject of the other to the RLS policies: set issuer_qualified = true on \
+             each, map them to different accounts, or set shared_subject_namespace = true if they issue one namespace"
+        );
+        let (one_plain, _d) = issuers("issuer_qualified = true\n", "", "");
+        assert!(one_plain.is_err());
+        let (qualified, _d) = issuers("issuer_qualified = true\n", "issuer_qualified = true\n", "");
+        qualified.unwrap();
+        let (shared, _d) = issuers("", "", "shared_subject_namespace = true\n");
+        shared.unwrap();
     }
 
     /// gprxy-core's checks name the setting as gprxy.toml spells it (not as postgresql.conf).

@@ -61,6 +61,14 @@ fn subject() -> Option<String> {
     session::get().and_then(|s| s.subject)
 }
 
+/// The authenticated identity (NULL without a token): the configured identity claim, prefixed
+/// with the issuer (`<iss>#<value>`) when the issuer's entry is `issuer_qualified`. Write RLS
+/// policies on this rather than `gprxy.subject()`: two issuers' `sub` values may be the same.
+#[pg_extern(stable, parallel_restricted)]
+fn identity() -> Option<String> {
+    session::get().and_then(|s| s.identity)
+}
+
 /// Sets the session's identity from a context signed by gprxy (fallback mode). Refused unless
 /// the session user is in `gprxy.context_roles`, the signature verifies against a key pinned in
 /// `gprxy.context_keys`, the context names this connection (the startup packet's

@@ -313,6 +313,9 @@ pub fn decide_with(
             session_end: None,
         };
     }
+    // gprxy.roles() means the same in both modes: the roles after the issuer's role map.
+    let mut token = token;
+    token.roles = settings.granted_db_roles(issuer, &token.roles);
     LoginOutcome {
         authorized: true,
         authn_id: Some(token.identity.clone()),

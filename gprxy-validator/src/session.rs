@@ -12,6 +12,9 @@ pub struct SessionIdentity {
     pub claims: Map<String, Value>,
     pub roles: Vec<String>,
     pub subject: Option<String>,
+    /// The authenticated identity as the issuer's policy forms it (issuer-qualified when the
+    /// entry says so): what RLS policies should compare, since two issuers' `sub` may collide.
+    pub identity: Option<String>,
 }
 
 /// Where the identity came from; a token login's identity is fixed for the session.
@@ -123,7 +126,12 @@ pub fn set_signed(
     let ctx = gprxy_core::context::verify(&setting(&CONTEXT_KEYS), binding, context, s.last_counter)
         .map_err(SetContextError::Context)?;
     s.last_counter = ctx.n;
-    s.identity = Some(SessionIdentity { claims: ctx.claims, roles: ctx.roles, subject: ctx.sub });
+    s.identity = Some(SessionIdentity {
+        claims: ctx.claims,
+        roles: ctx.roles,
+        subject: ctx.sub,
+        identity: ctx.identity,
+    });
     Ok(ctx.end)
 }
 

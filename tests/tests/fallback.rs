@@ -997,6 +997,9 @@ fn several_issuers_each_with_its_own_policy_and_keys() {
     // A rule for one issuer only: "ops" means something at B, nothing at A.
     let b_only =
         format!("[[fallback.map]]\nrole = \"ops\"\naccount = \"app_admin\"\nissuer = \"{}\"\n", b.issuer());
+    // The three issuers reach the same accounts with plain identities: the test says they issue
+    // one namespace (else the proxy refuses the configuration, #27).
+    let toml = toml.replacen("[fallback]\n", "[fallback]\nshared_subject_namespace = true\n", 1);
     let proxy = Proxy::start(&format!("{toml}{issuers}{b_only}"));
     let world = World { idp: a, key: TestKey::rsa("unused"), _pg: pg, proxy, certs, context_key };
     let token = |iss: &str, aud: &str, key: &TestKey, roles: serde_json::Value| {
@@ -1093,4 +1096,93 @@ fn a_rotated_service_account_password_is_picked_up_at_sighup() {
     assert_eq!(w.psql("alice", &t, "require", "SELECT current_user").unwrap(), "app_writer");
     assert_eq!(running.scalar("SELECT gprxy.subject()").unwrap().as_deref(), Some("alice"));
     assert!(!w.proxy.log().contains("writer-secret-2"), "a password reached the log");
+}
+
+/// #27 item 1: two issuers whose tokens both say `sub = alice` reach one service account. With
+/// plain identities the proxy refuses the configuration; with `issuer_qualified` on both, each
+/// `alice` is her issuer's: `gprxy.identity()` (carried in the signed context) tells them apart
+/// and a policy on it keeps B's alice out of A's alice's rows; `gprxy.roles()` and `app.roles`
+/// are the mapped roles.
+#[test]
+fn two_issuers_alice_are_two_people_to_the_policies() {
+    let (pg, certs, context_key) = server(&[]);
+    let (ka, kb) = (TestKey::rsa("ka"), TestKey::rsa("kb"));
+    let (a, b) = (TestIssuer::start(&[&ka]), TestIssuer::start(&[&kb]));
+    let wpw = certs.dir().join("writer.pw");
+    let setup = FallbackSetup {
+        upstream_port: pg.port(),
+        cert: &certs.cert_path,
+        key: &certs.key_path,
+        issuer: "unused",
+        audience: "unused",
+        rules: &[("writer", "app_writer", &wpw)],
+        context_key: Some(&context_key.path),
+        extra: "",
+    };
+    let toml =
+        setup.toml().replace("issuer = \"unused\"\naudience = [\"unused\"]\nrole_claim = \"roles\"\n", "");
+    let issuers = |qualified: bool| {
+        format!(
+            "[[fallback.issuers]]\nissuer = \"{}\"\naudience = [\"db\"]\nrole_claim = \"roles\"\nissuer_qualified = {qualified}\n\
+             role_map = {{ \"DB.Writer\" = \"writer\" }}\n\
+             [[fallback.issuers]]\nissuer = \"{}\"\naudience = [\"db\"]\nrole_claim = \"roles\"\nissuer_qualified = {qualified}\n\
+             role_map = {{ \"DB.Writer\" = \"writer\" }}\n",
+            a.issuer(),
+            b.issuer()
+        )
+    };
+    // Plain identities: refused at load, naming the issuers by position and no value.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gprxy.toml");
+    std::fs::write(&file, format!("listen = \"127.0.0.1:0\"\n{toml}{}", issuers(false))).unwrap();
+    let out = std::process::Command::new(gprxy_tests::proxy::gprxy_bin())
+        .args(["check-config", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("fallback: issuers 1 and 2 can reach one service account with plain identities"),
+        "{err}"
+    );
+
+    pg.sql(
+        "CREATE TABLE notes (owner text DEFAULT gprxy.identity(), body text); ALTER TABLE notes ENABLE ROW LEVEL SECURITY; \
+         CREATE POLICY own ON notes TO app_writer USING (owner = gprxy.identity()) WITH CHECK (owner = gprxy.identity()); \
+         GRANT ALL ON notes TO app_writer",
+    );
+    let proxy = Proxy::start(&format!("{toml}{}", issuers(true)));
+    let token = |iss: &str, key: &TestKey| {
+        let t = gprxy_core::unix_time();
+        let claims = json!({"iss": iss, "sub": "alice", "aud": "db", "iat": t, "exp": t + 300,
+                            "roles": ["DB.Writer", "intern"]});
+        key.token(json!({"typ": "at+jwt"}), &claims)
+    };
+    let (a_alice, b_alice) = (format!("{}#alice", a.issuer()), format!("{}#alice", b.issuer()));
+    let mut ca =
+        connect_tls(proxy.addr(), &a_alice, "postgres", Auth::Password(&token(&a.issuer(), &ka)), &certs.ca)
+            .unwrap();
+    let row = ca
+        .query("SELECT gprxy.identity(), gprxy.subject(), array_to_string(gprxy.roles(), ','), current_setting('app.roles')")
+        .unwrap()
+        .remove(0);
+    assert_eq!(
+        row,
+        vec![Some(a_alice.clone()), Some("alice".into()), Some("writer".into()), Some("writer".into())]
+    );
+    ca.query("INSERT INTO notes (body) VALUES ('a secret of A''s alice')").unwrap();
+    ca.close();
+    let mut cb =
+        connect_tls(proxy.addr(), &b_alice, "postgres", Auth::Password(&token(&b.issuer(), &kb)), &certs.ca)
+            .unwrap();
+    assert_eq!(cb.scalar("SELECT gprxy.identity()").unwrap(), Some(b_alice.clone()));
+    assert_eq!(
+        cb.scalar("SELECT count(*) FROM notes").unwrap().as_deref(),
+        Some("0"),
+        "B's alice reads A's rows"
+    );
+    cb.query("UPDATE notes SET body = 'mine now'").unwrap();
+    assert_eq!(pg.sql("SELECT count(*) FROM notes WHERE body = 'mine now'"), "0");
+    let _ = context_key;
 }

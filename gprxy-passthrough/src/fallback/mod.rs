@@ -199,7 +199,13 @@ pub async fn log_in(
     let client_settings = setup::client_settings(startup, &fallback.cfg.context).map_err(refused)?;
     let mut lease = fallback.pools.checkout(&shared.metrics, &database, &account).await?;
     let mut settings = client_settings;
-    settings.extend(fallback.cfg.context.iter().map(|(k, c)| (k.clone(), setting_value(&t.claims, c))));
+    // The role claim's setting holds the roles after the issuer's role map, as gprxy.roles() does.
+    let role_claim = entry.policy.role_claim();
+    settings.extend(fallback.cfg.context.iter().map(|(k, c)| {
+        let value =
+            if Some(c.as_str()) == role_claim { roles.join(",") } else { setting_value(&t.claims, c) };
+        (k.clone(), value)
+    }));
     let login = async || {
         let password = fallback.cfg.passwords.get(&account).map(String::as_str).unwrap_or_default();
         account_login::log_in(shared, config, &account, &database, password, fallback.cfg.context_key.clone())

@@ -21,8 +21,15 @@ pub(super) async fn prepare(
 ) -> Result<BytesMut, SessionError> {
     // The roles after the issuer's role map: what the account map saw, and what gprxy.roles()
     // says; the session's end, which the server checks too.
-    let signed =
-        conn.signer.as_mut().map(|s| s.sign_ending(t.subject.clone(), roles.to_vec(), t.claims.clone(), end));
+    let signed = conn.signer.as_mut().map(|s| {
+        s.sign_ending(gprxy_core::context::Signed {
+            sub: t.subject.clone(),
+            identity: Some(t.identity.clone()),
+            roles: roles.to_vec(),
+            claims: t.claims.clone(),
+            end,
+        })
+    });
     set_up_session(&mut conn.stream, sbuf, settings, signed.as_deref()).await
 }
 

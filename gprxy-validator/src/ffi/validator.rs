@@ -183,6 +183,7 @@ unsafe extern "C-unwind" fn validate_cb(
                 claims: t.claims.clone(),
                 roles: t.roles.clone(),
                 subject: t.subject.clone(),
+                identity: Some(t.identity.clone()),
             });
         }
     }
