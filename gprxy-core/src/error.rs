@@ -163,6 +163,14 @@ pub enum ValidationError {
     /// The issuer's introspection endpoint says the token is not active (RFC 7662).
     #[error("the issuer says the token is not active (revoked, expired or unknown)")]
     TokenInactive,
+    /// The issuer had its share of requests from gprxy (rate or requests in flight).
+    #[error("introspection not asked: the issuer's limit of {per_sec} requests a second, {concurrent} at once, is reached")]
+    IntrospectionThrottled {
+        /// The issuer's rate limit.
+        per_sec: u32,
+        /// Its cap on requests in flight.
+        concurrent: u32,
+    },
     /// The introspection endpoint could not be asked (down, slow, not configured, no secret).
     #[error("introspection failed: {0}")]
     IntrospectionUnavailable(String),
@@ -217,6 +225,7 @@ impl ValidationError {
             Self::Keys(_) => "keys_unavailable",
             Self::TokenInactive => "token_inactive",
             Self::IntrospectionUnavailable(_) => "introspection_unavailable",
+            Self::IntrospectionThrottled { .. } => "introspection_throttled",
             Self::IntrospectionClientRefused { .. } => "introspection_client_refused",
             Self::IntrospectionMalformed(_) => "introspection_malformed",
         }

@@ -23,6 +23,7 @@ use crate::claims::parse_object;
 use crate::error::{ConfigError, Quoted, Setting, ValidationError};
 use crate::fetch::FormPoster;
 use crate::jose::KeySource;
+use crate::jwks::Clock as _;
 use crate::validate::{ValidatedToken, Validator};
 
 /// How an issuer's tokens are checked.
@@ -83,6 +84,11 @@ pub struct IntrospectionEntry {
     /// `jwt+introspect` only: while the endpoint fails, an active answer this much past its
     /// time still admits the token (default 0: refuse).
     pub stale_ok_secs: Option<u64>,
+    /// Requests (introspection and discovery) per second to this issuer at most, with as many
+    /// at once as a burst (default 20): cluster-wide in the validator, per process in the proxy.
+    pub max_requests_per_sec: Option<u32>,
+    /// Requests to this issuer in flight at once at most (default 4).
+    pub max_concurrent_requests: Option<u32>,
 }
 
 /// Where the client secret is read from: never from a configuration file.
@@ -144,6 +150,62 @@ pub struct IntrospectionSettings {
     pub inactive_ttl_secs: u64,
     /// `jwt+introspect`: how long past its time an active answer serves while the endpoint fails.
     pub stale_ok_secs: u64,
+    /// How many requests the issuer gets from gprxy.
+    pub limits: RequestLimits,
+}
+
+/// What one issuer's endpoints may cost: a token bucket (`per_sec`, bursts of as many) and a cap
+/// on requests in flight. A login past either is refused as `introspection_throttled`, without
+/// a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestLimits {
+    /// Requests per second (and the burst).
+    pub per_sec: u32,
+    /// Requests in flight at once.
+    pub concurrent: u32,
+}
+
+impl Default for RequestLimits {
+    fn default() -> Self {
+        Self { per_sec: 20, concurrent: 4 }
+    }
+}
+
+/// A token bucket with a cap on requests in flight, as both stores keep it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Budget {
+    /// Thousandths of a request available.
+    pub milli_tokens: u64,
+    /// When the bucket was last filled (unix milliseconds).
+    pub filled_at_ms: u64,
+    /// Requests in flight.
+    pub in_flight: u32,
+}
+
+impl Budget {
+    /// Takes one request at `now_ms` under `limits`: false (nothing taken) when the bucket is
+    /// empty or too many are in flight.
+    pub fn take(&mut self, now_ms: u64, limits: RequestLimits) -> bool {
+        let cap = u64::from(limits.per_sec.max(1)) * 1000;
+        if self.filled_at_ms == 0 {
+            self.milli_tokens = cap;
+        } else {
+            let elapsed = now_ms.saturating_sub(self.filled_at_ms);
+            self.milli_tokens = (self.milli_tokens + elapsed * u64::from(limits.per_sec)).min(cap);
+        }
+        self.filled_at_ms = now_ms;
+        if self.in_flight >= limits.concurrent.max(1) || self.milli_tokens < 1000 {
+            return false;
+        }
+        self.milli_tokens -= 1000;
+        self.in_flight += 1;
+        true
+    }
+
+    /// A request taken with [`Self::take`] ended.
+    pub fn release(&mut self) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+    }
 }
 
 impl IntrospectionEntry {
@@ -188,7 +250,16 @@ impl IntrospectionEntry {
                     .into(),
             ));
         }
+        let limits = RequestLimits {
+            per_sec: self.max_requests_per_sec.unwrap_or(RequestLimits::default().per_sec),
+            concurrent: self.max_concurrent_requests.unwrap_or(RequestLimits::default().concurrent),
+        };
+        if limits.per_sec == 0 || limits.concurrent == 0 || limits.per_sec > 10_000 || limits.concurrent > 64
+        {
+            return Err(err("max_requests_per_sec is 1 to 10000, max_concurrent_requests 1 to 64".into()));
+        }
         Ok(IntrospectionSettings {
+            limits,
             endpoint: self.endpoint,
             client_id: self.client_id.trim().to_owned(),
             secret,
@@ -218,6 +289,15 @@ pub trait AnswerStore: Send + Sync {
     fn get(&self, key: &[u8; 32]) -> Option<StoredAnswer>;
     /// Keeps `answer` (an implementation may drop it when full or too large).
     fn put(&self, key: [u8; 32], answer: StoredAnswer, now: i64);
+    /// Takes one request to `issuer`'s endpoints under `limits` ([`Budget::take`]): false when
+    /// the issuer has had its share.
+    fn take_request(&self, issuer: &str, now_ms: u64, limits: RequestLimits) -> bool;
+    /// A request taken with [`Self::take_request`] ended.
+    fn release_request(&self, issuer: &str);
+    /// `issuer`'s introspection endpoint as discovery found it, if it is kept.
+    fn endpoint(&self, issuer: &str) -> Option<String>;
+    /// Keeps `issuer`'s discovered introspection endpoint.
+    fn set_endpoint(&self, issuer: &str, url: &str);
 }
 
 /// The cache key of a token at an issuer: SHA-256 over both, never the token itself.
@@ -237,6 +317,8 @@ pub struct MemoryAnswers {
     entries: Mutex<HashMap<[u8; 32], StoredAnswer>>,
     capacity: usize,
     stale_keep_secs: i64,
+    budgets: Mutex<HashMap<String, Budget>>,
+    endpoints: Mutex<HashMap<String, String>>,
 }
 
 impl MemoryAnswers {
@@ -247,6 +329,8 @@ impl MemoryAnswers {
             entries: Mutex::new(HashMap::new()),
             capacity: capacity.max(1),
             stale_keep_secs: i64::try_from(stale_keep_secs).unwrap_or(i64::MAX),
+            budgets: Mutex::new(HashMap::new()),
+            endpoints: Mutex::new(HashMap::new()),
         }
     }
 
@@ -281,6 +365,24 @@ impl AnswerStore for MemoryAnswers {
             }
         }
         entries.insert(key, answer);
+    }
+
+    fn take_request(&self, issuer: &str, now_ms: u64, limits: RequestLimits) -> bool {
+        self.budgets.lock().entry(issuer.to_owned()).or_default().take(now_ms, limits)
+    }
+
+    fn release_request(&self, issuer: &str) {
+        if let Some(b) = self.budgets.lock().get_mut(issuer) {
+            b.release();
+        }
+    }
+
+    fn endpoint(&self, issuer: &str) -> Option<String> {
+        self.endpoints.lock().get(issuer).cloned()
+    }
+
+    fn set_endpoint(&self, issuer: &str, url: &str) {
+        self.endpoints.lock().insert(issuer.to_owned(), url.to_owned());
     }
 }
 
@@ -354,26 +456,47 @@ impl Introspector {
 
     /// The endpoint: the configured one, else discovery's `introspection_endpoint` (fetched
     /// once per introspector).
-    fn endpoint(&self) -> Result<String, ValidationError> {
+    fn endpoint(&self, now_ms: u64) -> Result<String, ValidationError> {
         if let Some(url) = self.settings.endpoint.as_ref().or(self.endpoint.get()) {
             return Ok(url.clone());
         }
+        // Discovered once for the whole cluster (validator: shared memory) or process.
+        if let Some(url) = self.store.endpoint(&self.issuer) {
+            return Ok(self.endpoint.get_or_init(|| url).clone());
+        }
         let unavailable = |reason: String| ValidationError::IntrospectionUnavailable(reason);
+        let _request = self.request(now_ms)?;
         let (url, meta) = crate::jwks::issuer_metadata(&*self.http, &self.issuer)
             .map_err(|e| unavailable(format!("discovery: {e}")))?;
         let endpoint = meta
             .get("introspection_endpoint")
             .and_then(Value::as_str)
             .ok_or_else(|| unavailable(format!("{url} names no introspection_endpoint")))?;
+        self.store.set_endpoint(&self.issuer, endpoint);
         Ok(self.endpoint.get_or_init(|| endpoint.to_owned()).clone())
+    }
+
+    /// One request to the issuer, within its limits (given back when dropped).
+    fn request(&self, now_ms: u64) -> Result<RequestTaken<'_>, ValidationError> {
+        if self.store.take_request(&self.issuer, now_ms, self.settings.limits) {
+            Ok(RequestTaken { store: &*self.store, issuer: &self.issuer })
+        } else {
+            Err(ValidationError::IntrospectionThrottled {
+                per_sec: self.settings.limits.per_sec,
+                concurrent: self.settings.limits.concurrent,
+            })
+        }
     }
 
     fn ask(&self, token: &str, now: i64) -> Result<Asked, ValidationError> {
         let outage = |e: ValidationError| Ok(Asked::Outage(e));
-        let endpoint = match self.endpoint() {
+        let now_ms = crate::jwks::SystemClock.now_ms();
+        let endpoint = match self.endpoint(now_ms) {
             Ok(url) => url,
+            Err(e @ ValidationError::IntrospectionThrottled { .. }) => return Err(e),
             Err(e) => return outage(e),
         };
+        let _request = self.request(now_ms)?;
         let secret = self.settings.secret.read().map_err(ValidationError::IntrospectionUnavailable)?;
         let id = self.settings.client_id.as_str();
         let mut form = vec![("token", token), ("token_type_hint", "access_token")];
@@ -412,6 +535,18 @@ impl Introspector {
             }
             _ => Err(malformed("\"active\" is missing or not a boolean".into())),
         }
+    }
+}
+
+/// A request taken from an issuer's budget, given back when dropped.
+struct RequestTaken<'a> {
+    store: &'a dyn AnswerStore,
+    issuer: &'a str,
+}
+
+impl Drop for RequestTaken<'_> {
+    fn drop(&mut self) {
+        self.store.release_request(self.issuer);
     }
 }
 
@@ -560,6 +695,7 @@ mod tests {
             active_ttl_max_secs: 60,
             inactive_ttl_secs: 10,
             stale_ok_secs: 0,
+            limits: RequestLimits::default(),
         }
     }
 
@@ -596,6 +732,53 @@ mod tests {
         // Inactive answers are kept for inactive_ttl_secs.
         assert_eq!(i.answer("opaque-1", NOW + 69).unwrap(), Answer::Inactive);
         assert_eq!(e.count(), 2);
+    }
+
+    /// #27 item 4: random tokens cost the issuer at most its budget (a burst of `per_sec`, then
+    /// `per_sec` a second): beyond it they are refused as introspection_throttled without a
+    /// request, and a token whose answer is kept still gets it; discovery is asked once.
+    #[test]
+    fn a_flood_of_random_tokens_costs_at_most_the_budget() {
+        std::env::set_var("GPRXY_TEST_SECRET_9", "s");
+        let e = Endpoint::new();
+        e.answer("good", 200, active());
+        let mut s = settings("GPRXY_TEST_SECRET_9");
+        s.endpoint = None;
+        s.limits = RequestLimits { per_sec: 5, concurrent: 2 };
+        let i = introspector(&e, s);
+        assert!(matches!(i.answer("good", NOW).unwrap(), Answer::Active(_)));
+        let mut throttled = 0;
+        for n in 0..200 {
+            match i.answer(&format!("random-{n}"), NOW) {
+                Err(ValidationError::IntrospectionThrottled { per_sec: 5, concurrent: 2 }) => throttled += 1,
+                Ok(Answer::Inactive) => {}
+                other => panic!("{other:?}"),
+            }
+            assert!(matches!(i.answer("good", NOW).unwrap(), Answer::Active(_)), "the kept answer");
+        }
+        // One discovery and the good token's request came from the burst of 5; the flood got the rest
+        // of the burst plus what refilled while it ran (well under a second here).
+        assert!(e.count() <= 5 + 5, "{} introspection requests", e.count());
+        assert!(throttled >= 190, "{throttled} throttled");
+        assert_eq!(
+            ValidationError::IntrospectionThrottled { per_sec: 5, concurrent: 2 }.code(),
+            "introspection_throttled"
+        );
+    }
+
+    #[test]
+    fn a_budget_refills_and_caps_requests_in_flight() {
+        let limits = RequestLimits { per_sec: 2, concurrent: 1 };
+        let mut b = Budget::default();
+        assert!(b.take(1_000, limits));
+        assert!(!b.take(1_000, limits), "one in flight at most");
+        b.release();
+        assert!(b.take(1_000, limits));
+        b.release();
+        assert!(!b.take(1_000, limits), "a burst of 2, used up");
+        assert!(b.take(1_500, limits), "one more after half a second at 2/s");
+        b.release();
+        assert!(!b.take(1_500, limits));
     }
 
     #[test]

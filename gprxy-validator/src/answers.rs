@@ -5,8 +5,9 @@
 //! whose freshness ends first gives way. Without preloading, a backend keeps its answers to
 //! itself (one request per connection).
 
-use gprxy_core::introspect::{AnswerStore, StoredAnswer};
+use gprxy_core::introspect::{AnswerStore, Budget, RequestLimits, StoredAnswer};
 use gprxy_core::MemoryAnswers;
+use parking_lot::Mutex;
 
 use crate::ffi::{shmem_ready, ANSWERS};
 
@@ -31,16 +32,57 @@ impl Entry {
         Entry { used: false, active: false, key: [0; 32], fresh_until: 0, len: 0, json: [0; ANSWER_MAX] };
 }
 
+/// Issuers whose request budget and discovered endpoint are kept cluster-wide; a further one
+/// keeps them per backend.
+pub const ISSUER_SLOTS: usize = 8;
+/// Requests in flight one issuer may have (the setting's upper bound).
+const MAX_FLIGHTS: usize = 64;
+/// A request in flight counts this long at most (a backend that died mid-request frees its
+/// place then): above every HTTP timeout.
+const FLIGHT_MAX_MS: u64 = 30_000;
+const ENDPOINT_MAX: usize = 1024;
+
+/// One issuer's requests, for the whole cluster: a token bucket, the deadlines of the requests
+/// in flight, and the introspection endpoint discovery named.
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct IssuerState {
+    used: bool,
+    key: [u8; 32],
+    milli_tokens: u64,
+    filled_at_ms: u64,
+    flights: [u64; MAX_FLIGHTS],
+    endpoint_len: u16,
+    endpoint: [u8; ENDPOINT_MAX],
+}
+
+impl IssuerState {
+    const EMPTY: IssuerState = IssuerState {
+        used: false,
+        key: [0; 32],
+        milli_tokens: 0,
+        filled_at_ms: 0,
+        flights: [0; MAX_FLIGHTS],
+        endpoint_len: 0,
+        endpoint: [0; ENDPOINT_MAX],
+    };
+}
+
 #[derive(Clone, Copy)]
 #[repr(C)]
 pub struct SharedAnswers {
     entries: [Entry; ENTRIES],
+    issuers: [IssuerState; ISSUER_SLOTS],
 }
 
 impl Default for SharedAnswers {
     fn default() -> Self {
-        Self { entries: [Entry::EMPTY; ENTRIES] }
+        Self { entries: [Entry::EMPTY; ENTRIES], issuers: [IssuerState::EMPTY; ISSUER_SLOTS] }
     }
+}
+
+fn issuer_key(issuer: &str) -> [u8; 32] {
+    gprxy_core::introspect::cache_key(issuer, "")
 }
 
 impl SharedAnswers {
@@ -61,6 +103,35 @@ impl SharedAnswers {
             .unwrap_or_else(|| (0..ENTRIES).min_by_key(|&i| self.entries[i].fresh_until).unwrap_or(0))
     }
 
+    /// The issuer's state, taking a free slot for it when `claim`.
+    fn issuer(&mut self, issuer: &str, claim: bool) -> Option<&mut IssuerState> {
+        let key = issuer_key(issuer);
+        let i = self.issuers.iter().position(|x| x.used && x.key == key).or_else(|| {
+            let free = self.issuers.iter().position(|x| !x.used).filter(|_| claim)?;
+            self.issuers[free] = IssuerState { used: true, key, ..IssuerState::EMPTY };
+            Some(free)
+        })?;
+        Some(&mut self.issuers[i])
+    }
+
+    /// Takes a request (a flight slot's index), or None when over the limits; Err when the
+    /// issuer has no slot here.
+    fn take(&mut self, issuer: &str, now_ms: u64, limits: RequestLimits) -> Result<Option<usize>, ()> {
+        let st = self.issuer(issuer, true).ok_or(())?;
+        let in_flight = st.flights.iter().filter(|&&d| d > now_ms).count() as u32;
+        let mut b = Budget { milli_tokens: st.milli_tokens, filled_at_ms: st.filled_at_ms, in_flight };
+        if !b.take(now_ms, limits) {
+            st.filled_at_ms = b.filled_at_ms;
+            st.milli_tokens = b.milli_tokens;
+            return Ok(None);
+        }
+        st.milli_tokens = b.milli_tokens;
+        st.filled_at_ms = b.filled_at_ms;
+        let slot = st.flights.iter().position(|&d| d <= now_ms).ok_or(())?;
+        st.flights[slot] = now_ms + FLIGHT_MAX_MS;
+        Ok(Some(slot))
+    }
+
     fn put(&mut self, key: [u8; 32], answer: &StoredAnswer) {
         let i = self.slot_for(&key);
         let e = &mut self.entries[i];
@@ -76,11 +147,13 @@ impl SharedAnswers {
 /// The answer store of one backend: shared memory when preloaded, else its own.
 pub struct ShmAnswers {
     local: MemoryAnswers,
+    /// Flight slots this backend holds in shared memory, by issuer.
+    taken: Mutex<Vec<(String, usize)>>,
 }
 
 impl ShmAnswers {
     pub fn new() -> Self {
-        Self { local: MemoryAnswers::new(64, 86_400) }
+        Self { local: MemoryAnswers::new(64, 86_400), taken: Mutex::new(Vec::new()) }
     }
 }
 
@@ -98,6 +171,56 @@ impl AnswerStore for ShmAnswers {
         }
         if answer.claims_json.len() <= ANSWER_MAX {
             ANSWERS.exclusive().put(key, &answer);
+        }
+    }
+
+    fn take_request(&self, issuer: &str, now_ms: u64, limits: RequestLimits) -> bool {
+        if !shmem_ready() {
+            return self.local.take_request(issuer, now_ms, limits);
+        }
+        match ANSWERS.exclusive().take(issuer, now_ms, limits) {
+            Ok(Some(slot)) => {
+                self.taken.lock().push((issuer.to_owned(), slot));
+                true
+            }
+            Ok(None) => false,
+            // More issuers than slots: this backend's own budget.
+            Err(()) => self.local.take_request(issuer, now_ms, limits),
+        }
+    }
+
+    fn release_request(&self, issuer: &str) {
+        let taken = {
+            let mut t = self.taken.lock();
+            t.iter().position(|(i, _)| i == issuer).map(|at| t.remove(at).1)
+        };
+        match taken {
+            Some(slot) if shmem_ready() => {
+                if let Some(st) = ANSWERS.exclusive().issuer(issuer, false) {
+                    st.flights[slot] = 0;
+                }
+            }
+            _ => self.local.release_request(issuer),
+        }
+    }
+
+    fn endpoint(&self, issuer: &str) -> Option<String> {
+        if !shmem_ready() {
+            return self.local.endpoint(issuer);
+        }
+        let mut shared = ANSWERS.exclusive();
+        let st = shared.issuer(issuer, false)?;
+        let url = &st.endpoint[..usize::from(st.endpoint_len).min(ENDPOINT_MAX)];
+        (!url.is_empty()).then(|| String::from_utf8_lossy(url).into_owned())
+    }
+
+    fn set_endpoint(&self, issuer: &str, url: &str) {
+        if !shmem_ready() || url.len() > ENDPOINT_MAX {
+            return self.local.set_endpoint(issuer, url);
+        }
+        if let Some(st) = ANSWERS.exclusive().issuer(issuer, true) {
+            st.endpoint[..url.len()].copy_from_slice(url.as_bytes());
+            st.endpoint_len = url.len() as u16;
         }
     }
 }

@@ -291,3 +291,37 @@ fn fallback_mode_refuses_revoked_opaque_tokens_and_an_endpoint_that_refuses_gprx
     f.a.introspection_status(None);
     assert_eq!(f.psql(opaque, "SELECT current_user").unwrap(), "app_writer");
 }
+
+/// #27 item 4: a flood of random opaque tokens from many connections costs the issuer at most
+/// its budget (`max_requests_per_sec` = 5: a burst of 5, then 5 a second), cluster-wide across
+/// backends, discovery included (asked once, kept in shared memory); the rest are refused as
+/// `introspection_throttled` with no request; a token whose answer is kept logs in throughout.
+#[test]
+fn a_flood_of_random_opaque_tokens_costs_the_issuer_at_most_its_budget() {
+    let s = setup("introspect", "max_requests_per_sec = 5\nmax_concurrent_requests = 2", &[]);
+    let good = s.opaque("opq-good-7c1e02b4a99d");
+    s.login(&good).unwrap_or_else(|e| panic!("{e}\n{}", s.pg.log())).close();
+    let before = s.idp.request_count();
+    let started = std::time::Instant::now();
+    std::thread::scope(|sc| {
+        for t in 0..6 {
+            let s = &s;
+            sc.spawn(move || {
+                for i in 0..25 {
+                    assert!(s.login(&format!("opq-flood-{t}-{i}")).is_err());
+                }
+            });
+        }
+        sc.spawn(|| {
+            for _ in 0..10 {
+                s.login(&good).expect("a kept answer logs in during the flood").close();
+            }
+        });
+    });
+    let secs = started.elapsed().as_secs_f64();
+    let cost = s.idp.request_count() - before;
+    let bound = 5 + (5.0 * secs).ceil() as u64;
+    assert!(cost <= bound, "150 random tokens cost {cost} requests in {secs:.1} s (at most {bound})");
+    let throttled = s.pg.log().matches("oauth login refused reason=introspection_throttled ").count();
+    assert!(throttled >= 150 - bound as usize, "{throttled} refused as introspection_throttled");
+}
