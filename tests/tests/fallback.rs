@@ -956,6 +956,27 @@ fn a_planted_search_path_cannot_hijack_the_next_users_set_up() {
     assert_eq!(w._pg.sql("SELECT count(*) FROM public.loot WHERE v LIKE '%bob%'").trim(), "0");
 }
 
+/// A fallback configuration with these rules and no issuer of its own: the test appends
+/// `[[fallback.issuers]]` tables.
+fn without_one_issuer(
+    pg: &Cluster,
+    certs: &TestCerts,
+    context_key: &ContextKeyFile,
+    rules: &[(&str, &str, &std::path::Path)],
+) -> String {
+    let setup = FallbackSetup {
+        upstream_port: pg.port(),
+        cert: &certs.cert_path,
+        key: &certs.key_path,
+        issuer: "unused",
+        audience: "unused",
+        rules,
+        context_key: Some(&context_key.path),
+        extra: "",
+    };
+    setup.toml().replace("issuer = \"unused\"\naudience = [\"unused\"]\nrole_claim = \"roles\"\n", "")
+}
+
 /// Three issuers in one proxy, each with its own policy: A (RSA key "k", audience db-a), B (a
 /// P-256 key also named "k", audience db-b, its role "boss" mapped to "admin"), and C, whose keys
 /// come from a file only (no network). Each one's tokens log in; none is checked against
@@ -978,22 +999,9 @@ fn several_issuers_each_with_its_own_policy_and_keys() {
         b.issuer(),
         c_keys.display()
     );
-    let setup = FallbackSetup {
-        upstream_port: pg.port(),
-        cert: &certs.cert_path,
-        key: &certs.key_path,
-        issuer: "unused",
-        audience: "unused",
-        rules: &[
-            ("admin", "app_admin", &apw),
-            ("writer", "app_writer", &wpw),
-            ("reader", "app_reader", &rpw),
-        ],
-        context_key: Some(&context_key.path),
-        extra: "",
-    };
-    let toml =
-        setup.toml().replace("issuer = \"unused\"\naudience = [\"unused\"]\nrole_claim = \"roles\"\n", "");
+    let rules: [(&str, &str, &std::path::Path); 3] =
+        [("admin", "app_admin", &apw), ("writer", "app_writer", &wpw), ("reader", "app_reader", &rpw)];
+    let toml = without_one_issuer(&pg, &certs, &context_key, &rules);
     // A rule for one issuer only: "ops" means something at B, nothing at A.
     let b_only =
         format!("[[fallback.map]]\nrole = \"ops\"\naccount = \"app_admin\"\nissuer = \"{}\"\n", b.issuer());
@@ -1109,18 +1117,7 @@ fn two_issuers_alice_are_two_people_to_the_policies() {
     let (ka, kb) = (TestKey::rsa("ka"), TestKey::rsa("kb"));
     let (a, b) = (TestIssuer::start(&[&ka]), TestIssuer::start(&[&kb]));
     let wpw = certs.dir().join("writer.pw");
-    let setup = FallbackSetup {
-        upstream_port: pg.port(),
-        cert: &certs.cert_path,
-        key: &certs.key_path,
-        issuer: "unused",
-        audience: "unused",
-        rules: &[("writer", "app_writer", &wpw)],
-        context_key: Some(&context_key.path),
-        extra: "",
-    };
-    let toml =
-        setup.toml().replace("issuer = \"unused\"\naudience = [\"unused\"]\nrole_claim = \"roles\"\n", "");
+    let toml = without_one_issuer(&pg, &certs, &context_key, &[("writer", "app_writer", &wpw)]);
     let issuers = |qualified: bool| {
         format!(
             "[[fallback.issuers]]\nissuer = \"{}\"\naudience = [\"db\"]\nrole_claim = \"roles\"\nissuer_qualified = {qualified}\n\

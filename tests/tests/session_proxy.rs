@@ -494,20 +494,27 @@ const STUBBORN: &str =
     "DO $$BEGIN LOOP BEGIN PERFORM pg_sleep(0.05); EXCEPTION WHEN query_canceled THEN NULL; END; \
      INSERT INTO ticks (tag) VALUES ('stubborn'); COMMIT; END LOOP; END$$";
 
-/// #26 item 1: under `strict` a statement that catches the cancel is not left running: its
-/// server process is ended, nothing commits a moment after the end, and the pool's slot is
-/// free again for the next session.
-#[test]
-fn fallback_strict_ends_a_backend_that_catches_the_cancel() {
-    let w = Pooled::start();
+/// Alice's session runs [`STUBBORN`] across its end under `policy` (pools of one): the client
+/// reads the FATAL on time. Returns the proxy, the session's server process and `exp`.
+fn stubborn_across_the_end(w: &Pooled, policy: &str) -> (Proxy, String, u64) {
     create_ticks(&w.pg, "app_writer");
-    let p = w.proxy("policy = \"strict\"");
+    let p = w.proxy(&format!("policy = \"{policy}\""));
     let (token, exp) = w.token("alice", "writer", 3);
     let mut c = w.connect(&p, "alice", &token);
     let doomed = pid(&mut c);
     let e = c.query(STUBBORN).unwrap_err();
     assert_fatal(&e, &expired_message(exp));
     assert_on_time(unix_now(), exp);
+    (p, doomed, exp)
+}
+
+/// #26 item 1: under `strict` a statement that catches the cancel is not left running: its
+/// server process is ended, nothing commits a moment after the end, and the pool's slot is
+/// free again for the next session.
+#[test]
+fn fallback_strict_ends_a_backend_that_catches_the_cancel() {
+    let w = Pooled::start();
+    let (p, doomed, exp) = stubborn_across_the_end(&w, "strict");
     sleep_until(exp as f64 + 3.0);
     assert_eq!(
         w.pg.sql(&format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {doomed}")),
@@ -640,14 +647,7 @@ fn passthrough_strict_ends_a_process_that_catches_the_cancel_with_terminate_user
 #[test]
 fn fallback_idle_a_loop_that_commits_across_the_end_is_stopped_by_the_server() {
     let w = Pooled::start();
-    create_ticks(&w.pg, "app_writer");
-    let p = w.proxy("policy = \"idle\"");
-    let (token, exp) = w.token("alice", "writer", 3);
-    let mut c = w.connect(&p, "alice", &token);
-    let doomed = pid(&mut c);
-    let e = c.query(STUBBORN).unwrap_err();
-    assert_fatal(&e, &expired_message(exp));
-    assert_on_time(unix_now(), exp);
+    let (p, doomed, exp) = stubborn_across_the_end(&w, "idle");
     assert!(ticks_where(&w.pg, "true") > 0, "the loop never ran");
     assert_eq!(
         ticks_where(&w.pg, &format!("xact_start >= to_timestamp({exp})")),
