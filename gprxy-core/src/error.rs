@@ -174,6 +174,10 @@ pub enum ValidationError {
     /// The introspection endpoint could not be asked (down, slow, not configured, no secret).
     #[error("introspection failed: {0}")]
     IntrospectionUnavailable(String),
+    /// The endpoint answered `unsupported_token_type`: it does not introspect this kind of token
+    /// (some providers introspect opaque tokens only, not JWTs).
+    #[error("the introspection endpoint does not introspect this kind of token (unsupported_token_type): use tokens = \"jwt\" for this issuer, or have it issue opaque tokens")]
+    IntrospectionUnsupportedToken,
     /// The introspection endpoint refused gprxy's client credentials.
     #[error("the introspection endpoint refused gprxy's client credentials (HTTP {status}): check client_id and the client secret")]
     IntrospectionClientRefused {
@@ -226,6 +230,7 @@ impl ValidationError {
             Self::TokenInactive => "token_inactive",
             Self::IntrospectionUnavailable(_) => "introspection_unavailable",
             Self::IntrospectionThrottled { .. } => "introspection_throttled",
+            Self::IntrospectionUnsupportedToken => "introspection_unsupported_token",
             Self::IntrospectionClientRefused { .. } => "introspection_client_refused",
             Self::IntrospectionMalformed(_) => "introspection_malformed",
         }

@@ -519,7 +519,21 @@ impl Introspector {
             200 => {}
             401 | 403 => return Err(ValidationError::IntrospectionClientRefused { status }),
             500..=599 => return outage(unavailable),
-            _ => return Err(unavailable),
+            // RFC 7009 section 2.2.1's error, which providers also answer at introspection
+            // (oidc-provider for a JWT): the endpoint works, it will not check this token.
+            400 if oauth_error(&body).as_deref() == Some("unsupported_token_type") => {
+                return Err(ValidationError::IntrospectionUnsupportedToken)
+            }
+            // The provider's error code (a short token, checked) goes to the log's detail.
+            _ => match oauth_error(&body) {
+                Some(code) => {
+                    return Err(ValidationError::IntrospectionUnavailable(format!(
+                        "{} answered HTTP {status} (error {code})",
+                        Quoted::new(&endpoint)
+                    )))
+                }
+                None => return Err(unavailable),
+            },
         }
         let malformed = |r: String| ValidationError::IntrospectionMalformed(r);
         let claims = parse_object(&body).map_err(|e| malformed(e.to_string()))?;
@@ -536,6 +550,15 @@ impl Introspector {
             _ => Err(malformed("\"active\" is missing or not a boolean".into())),
         }
     }
+}
+
+/// The `error` member of an OAuth error answer (RFC 6749 section 5.2), if the body is one.
+fn oauth_error(body: &[u8]) -> Option<String> {
+    let answer = parse_object(body).ok()?;
+    let code = answer.get("error")?.as_str()?;
+    // An error code is a short token of printable ASCII (RFC 6749 section 5.2).
+    (code.len() <= 64 && code.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\'))
+        .then(|| code.to_owned())
 }
 
 /// A request taken from an issuer's budget, given back when dropped.
@@ -764,6 +787,23 @@ mod tests {
             ValidationError::IntrospectionThrottled { per_sec: 5, concurrent: 2 }.code(),
             "introspection_throttled"
         );
+    }
+
+    /// #30 item 2: an endpoint that will not introspect this kind of token (HTTP 400,
+    /// `unsupported_token_type`) is its own reason, not the endpoint being down.
+    #[test]
+    fn an_unsupported_token_type_is_its_own_reason() {
+        std::env::set_var("GPRXY_TEST_SECRET_10", "s");
+        let e = Endpoint::new();
+        e.answer("a.jwt.token", 400, serde_json::json!({"error": "unsupported_token_type"}));
+        e.answer("other", 400, serde_json::json!({"error": "invalid_request"}));
+        let i = introspector(&e, settings("GPRXY_TEST_SECRET_10"));
+        let err = i.answer("a.jwt.token", NOW).unwrap_err();
+        assert_eq!(err, ValidationError::IntrospectionUnsupportedToken);
+        assert_eq!(err.code(), "introspection_unsupported_token");
+        let other = i.answer("other", NOW).unwrap_err();
+        assert_eq!(other.code(), "introspection_unavailable");
+        assert!(other.to_string().ends_with("answered HTTP 400 (error invalid_request)"), "{other}");
     }
 
     #[test]
