@@ -201,6 +201,9 @@ pub struct IssuerEntry {
     pub accept_bound_tokens: Option<bool>,
     /// The claim that is the identity (default `sub`, or the profile's).
     pub identity_claim: Option<String>,
+    /// The claim that is the identity when that one is absent (`client_id` for
+    /// client-credentials tokens whose introspection answer has no `sub`).
+    pub identity_fallback_claim: Option<String>,
     /// The identity is `<iss>#<claim>`.
     pub issuer_qualified: Option<bool>,
     /// The claim that lists roles.
@@ -350,6 +353,7 @@ impl IssuerEntry {
             .accept_generic_typ(accept_generic)
             .accept_bound_tokens(self.accept_bound_tokens.unwrap_or(false))
             .identity_claim(identity_claim)
+            .identity_fallback_claim(self.identity_fallback_claim)
             .identity_form(if self.issuer_qualified.unwrap_or(qualified) {
                 IdentityForm::IssuerQualified
             } else {

@@ -48,6 +48,7 @@ pub struct Policy {
     pub(crate) accept_bound_tokens: bool,
     pub(crate) max_token_bytes: usize,
     pub(crate) identity_claim: ClaimPath,
+    pub(crate) identity_fallback: Option<ClaimPath>,
     pub(crate) identity_form: IdentityForm,
     pub(crate) role_claim: Option<ClaimPath>,
     pub(crate) required_claims: RequiredClaims,
@@ -69,6 +70,7 @@ impl Policy {
             accept_bound_tokens: false,
             max_token_bytes: MAX_TOKEN_BYTES,
             identity_claim: "sub".to_owned(),
+            identity_fallback: None,
             identity_form: IdentityForm::Plain,
             role_claim: None,
             required_claims: RequiredClaims::default(),
@@ -135,6 +137,7 @@ pub struct PolicyBuilder {
     accept_bound_tokens: bool,
     max_token_bytes: usize,
     identity_claim: String,
+    identity_fallback: Option<String>,
     identity_form: IdentityForm,
     role_claim: Option<String>,
     required_claims: RequiredClaims,
@@ -200,6 +203,13 @@ impl PolicyBuilder {
     /// Maximum token size in bytes (default and upper bound 65535).
     pub fn max_token_bytes(mut self, max: usize) -> Self {
         self.max_token_bytes = max;
+        self
+    }
+
+    /// A claim that names the user when the identity claim is absent or empty (`client_id`
+    /// for a client-credentials token whose introspection answer has no `sub`).
+    pub fn identity_fallback_claim(mut self, claim: Option<String>) -> Self {
+        self.identity_fallback = claim;
         self
     }
 
@@ -270,6 +280,12 @@ impl PolicyBuilder {
         }
         let identity_claim = ClaimPath::parse(&self.identity_claim)
             .map_err(|reason| ConfigError::new(Setting::IdentityClaim, reason))?;
+        let identity_fallback = self
+            .identity_fallback
+            .as_deref()
+            .map(ClaimPath::parse)
+            .transpose()
+            .map_err(|reason| ConfigError::new(Setting::IdentityClaim, reason))?;
         let role_claim = self
             .role_claim
             .as_deref()
@@ -303,6 +319,7 @@ impl PolicyBuilder {
             accept_bound_tokens: self.accept_bound_tokens,
             max_token_bytes: self.max_token_bytes,
             identity_claim,
+            identity_fallback,
             identity_form: self.identity_form,
             role_claim,
             required_claims: self.required_claims,

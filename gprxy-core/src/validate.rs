@@ -182,11 +182,14 @@ impl Validator {
         }
         p.required_claims.check(&claims)?;
 
-        let value = match p.identity_claim.lookup(&claims) {
-            Some(Value::String(s)) if !s.is_empty() => s.clone(),
-            Some(Value::Number(n)) => n.to_string(),
-            _ => return Err(ValidationError::IdentityMissing(p.identity_claim.as_str().into())),
+        let named = |path: &crate::claims::ClaimPath| match path.lookup(&claims) {
+            Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
+            Some(Value::Number(n)) => Some(n.to_string()),
+            _ => None,
         };
+        let value = named(&p.identity_claim)
+            .or_else(|| p.identity_fallback.as_ref().and_then(named))
+            .ok_or_else(|| ValidationError::IdentityMissing(p.identity_claim.as_str().into()))?;
         let identity = match p.identity_form {
             IdentityForm::Plain => value,
             IdentityForm::IssuerQualified => format!("{issuer}#{value}"),

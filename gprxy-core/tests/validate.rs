@@ -577,3 +577,18 @@ fn a_token_bound_to_a_key_is_refused_unless_its_issuer_accepts_it() {
     );
     assert!(issuers.is_ok(), "{:?}", issuers.err());
 }
+
+/// #30 item 3: a client-credentials token (here an introspection-like claim set) has
+/// `client_id` and no `sub`: with `identity_fallback_claim = "client_id"` it is that client;
+/// without, `identity_missing`; a `sub` that is there always wins.
+#[test]
+fn the_identity_falls_back_to_a_second_claim_when_the_first_is_absent() {
+    let k = keys();
+    let machine = with(without(claims(), "sub"), "client_id", json!("reporting-job"));
+    let t = k.rsa.token(at(), &machine);
+    assert_eq!(err(&t), ValidationError::IdentityMissing("sub".into()));
+    let fallback = || policy().identity_fallback_claim(Some("client_id".into()));
+    assert_eq!(check_with(fallback(), &t).unwrap().identity, "reporting-job");
+    let both = k.rsa.token(at(), &with(claims(), "client_id", json!("reporting-job")));
+    assert_eq!(check_with(fallback(), &both).unwrap().identity, "alice");
+}
