@@ -9,7 +9,7 @@
 
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BytesMut};
@@ -179,15 +179,20 @@ impl Clock {
         Self { how: plan.how, target, due, sleep }
     }
 
-    /// Ready when the session must end; `idle` says whether it is at an idle point now.
+    /// Ready when the session must end; `idle` says whether it is at an idle point now. The wall
+    /// clock decides, not only the timer: a target already past is taken at this poll, before
+    /// the timer's next tick, so that no client byte read after it is relayed.
     fn poll_end(&mut self, cx: &mut Context<'_>, idle: impl Fn() -> bool) -> Poll<Ending> {
         loop {
             if self.due && idle() {
                 return Poll::Ready(Ending::AtIdle);
             }
-            ready!(self.sleep.as_mut().poll(cx));
+            let fired = self.sleep.as_mut().poll(cx).is_ready();
             let left = until(self.target);
             if !left.is_zero() {
+                if !fired {
+                    return Poll::Pending;
+                }
                 self.sleep.as_mut().reset(Instant::now() + left.min(MAX_WAIT));
                 continue;
             }
@@ -649,6 +654,36 @@ mod tests {
         let mut rest = Vec::new();
         server.read_to_end(&mut rest).await.unwrap();
         assert!(rest.is_empty() && sbuf.is_empty(), "Terminate was relayed: {rest:?}");
+    }
+
+    /// A strict end already past is taken at the first poll, before the timer's tick: a client
+    /// command that is there at once never reaches the server (#26, found by the generator: a
+    /// session that waited for its pool slot past its end relayed a request first).
+    #[tokio::test]
+    async fn a_strict_end_already_past_relays_nothing() {
+        let end = expired(SessionMode::Strict, 3600);
+        let (mut client_end, mut client) = pair();
+        let (mut server_end, mut server) = pair();
+        send(&mut client, &q("INSERT INTO t VALUES (1)")).await;
+        let r = {
+            let mut track = Tracker::default();
+            let metrics = Metrics::new();
+            relay_watched(
+                &metrics,
+                &mut client_end,
+                &mut server_end,
+                BytesMut::new(),
+                BytesMut::new(),
+                &mut track,
+                Some(&end),
+            )
+            .await
+        };
+        assert!(matches!(r, RelayEnd::Ended { ending: Ending::Strict, .. }), "{r:?}");
+        drop(server_end);
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert!(got.is_empty(), "relayed after the end: {got:?}");
     }
 
     /// The wall-clock timer: an end one second ahead comes about a second later.

@@ -237,6 +237,16 @@ pub async fn log_in(
         }
         r => r?,
     };
+    // The end may have come while the login waited for a server connection: refused now, as a
+    // token inside the leeway is, rather than let in to be ended at once.
+    if let Some(message) = end.as_ref().and_then(SessionEnd::refusal_at_login) {
+        info.detail = Some("the session's end came while it waited for a server connection".into());
+        if let Some(doomed) = lease.give_back(conn, true).await {
+            let password = fallback.cfg.passwords.get(&account).map(String::as_str).unwrap_or_default();
+            Box::pin(reap::end_backend(shared, &account, &database, password, doomed)).await;
+        }
+        return Err(refused(message));
+    }
     // The client gets a cancel key of its own for this session, never the server connection's.
     let client_key = conn.key.as_ref().map(|k| session_cancel_key(k.0)).transpose()?;
     let mut to_client = BackendMessage::AuthenticationOk.to_bytes();
