@@ -202,7 +202,7 @@ fn fallback(a_ttl: u64) -> Fallback {
     };
     let toml = format!(
         "upstream = \"127.0.0.1:{}\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[fallback]\nsigned_context = false\n\
-         insecure_allow_http_loopback = true\n{}{}[[fallback.map]]\nrole = \"writer\"\naccount = \"app_writer\"\n\
+         insecure_allow_http_loopback = true\nshared_subject_namespace = true\n{}{}[[fallback.map]]\nrole = \"writer\"\naccount = \"app_writer\"\n\
          [fallback.accounts.app_writer]\npassword_file = \"{}\"\n",
         pg.port(),
         certs.cert_path.display(),
