@@ -537,6 +537,25 @@ mod tests {
         assert_eq!(out.reason, "role_not_granted", "with a role map only mapped roles are granted");
     }
 
+    /// #27 item 1: the session's roles (`gprxy.roles()`) are the mapped ones, as in fallback
+    /// mode: with `admin:app_admin` a token naming `admin` and `intern` has `app_admin` only.
+    #[test]
+    fn the_sessions_roles_are_the_mapped_roles() {
+        let key = TestKey::rsa("k1");
+        let t = token(&key, json!({"roles": ["admin", "intern"]}));
+        let mut mapped = settings();
+        mapped.role_map = vec![("admin".into(), "app_admin".into())];
+        let out = decide_for(&request(&t, "alice", false), &mapped, &key, ordinary());
+        assert_eq!((out.authorized, out.reason), (true, "ok"));
+        assert_eq!(out.token.unwrap().roles, vec!["app_admin".to_owned()]);
+        let out = decide_for(&request(&t, "alice", false), &settings(), &key, ordinary());
+        assert_eq!(
+            out.token.unwrap().roles,
+            vec!["admin".to_owned(), "intern".to_owned()],
+            "no map: as they are"
+        );
+    }
+
     #[test]
     fn delegated_mode_never_reaches_a_privileged_role() {
         let key = TestKey::p256("k1");
