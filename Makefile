@@ -64,10 +64,12 @@ soak: bootstrap install-extension
 	cargo build --workspace --bins
 	GPRXY_GEN_SEED=$(SEED) GPRXY_GEN_DURATION=$(DURATION) cargo test -p gprxy-tests --test hostile_sessions -- --nocapture
 
-## The whole product on this machine, no account anywhere; Ctrl-C stops and cleans up.
+## The whole product on this machine, no account anywhere; Ctrl-C (or SIGTERM, SIGHUP, or make's
+## death: the demo is exec'd, so make is its parent) stops and cleans up.
 demo: bootstrap install-extension
 	cargo build -q -p gprxy-passthrough
-	cargo run -q -p gprxy-tests --bin gprxy-demo
+	cargo build -q -p gprxy-tests --bin gprxy-demo
+	exec "$${CARGO_TARGET_DIR:-target}/debug/gprxy-demo"
 
 ## Coverage-guided fuzzing of the proxy's wire parsing and of token validation (libFuzzer; see
 ## fuzz/README.md), FUZZ_SECONDS per target.

@@ -22,29 +22,39 @@ fn demo_tour_passes_every_step() {
     }
 }
 
-#[test]
-fn demo_keeps_running_until_ctrl_c_then_stops_and_deletes_everything() {
-    use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
-    /// Interrupts the demo if the test fails half-way, so that it cleans up anyway.
-    struct Interrupt(std::process::Child, bool);
-    impl Drop for Interrupt {
-        fn drop(&mut self) {
-            if !self.1 {
-                let _ = Command::new("kill").args(["-INT", &self.0.id().to_string()]).status();
-                let _ = self.0.wait();
-            }
+use std::io::{BufRead, BufReader, Lines};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdout, Command, Stdio};
+
+/// A demo started and past its tour, waiting for a signal.
+struct Running {
+    child: Child,
+    lines: Lines<BufReader<ChildStdout>>,
+    /// Its own folder and each server's.
+    folders: Vec<PathBuf>,
+    /// Both proxies' admin ports.
+    admin: Vec<u16>,
+    /// The process that gets the signal (the demo, or the parent that dies).
+    pid: u32,
+    ended: bool,
+}
+
+impl Drop for Running {
+    /// A test that fails half-way still stops the demo, so that it cleans up anyway.
+    fn drop(&mut self) {
+        if !self.ended {
+            let _ = Command::new("kill").args(["-INT", &self.pid.to_string()]).status();
+            let _ = self.child.wait();
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
     }
-    let mut demo = Interrupt(
-        Command::new(env!("CARGO_BIN_EXE_gprxy-demo"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("run gprxy-demo"),
-        false,
-    );
-    let child = &mut demo.0;
+}
+
+/// Starts `cmd` (the demo, or a shell that runs it) and reads until the demo waits.
+fn start(mut cmd: Command) -> Running {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("run gprxy-demo");
+    let pid = child.id();
     let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
     let mut shown = Vec::new();
     for line in lines.by_ref() {
@@ -59,15 +69,13 @@ fn demo_keeps_running_until_ctrl_c_then_stops_and_deletes_everything() {
     let after = |prefix: &str| -> Vec<String> {
         text.lines().filter_map(|l| l.split_once(prefix).map(|(_, rest)| rest.to_owned())).collect()
     };
-    // The folders: the demo's own and each server's (the parent of its log).
     let demo_dir = after("and delete ").pop().expect("demo folder").trim_end_matches('.').to_owned();
     let logs = after("logs:").pop().expect("log paths");
-    let mut folders: Vec<std::path::PathBuf> = logs
+    let mut folders: Vec<PathBuf> = logs
         .split(" and ")
         .map(|p| std::path::Path::new(p.trim()).parent().expect("server root").to_path_buf())
         .collect();
     folders.push(demo_dir.into());
-    // The listeners: both proxies' admin ports.
     let admin: Vec<u16> = text
         .lines()
         .filter(|l| l.ends_with("/metrics (and /healthz)"))
@@ -76,18 +84,72 @@ fn demo_keeps_running_until_ctrl_c_then_stops_and_deletes_everything() {
     assert_eq!(admin.len(), 2, "{text}");
     assert!(folders.iter().all(|f| f.exists()), "{folders:?}");
     assert!(admin.iter().all(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_ok()));
+    Running { child, lines, folders, admin, pid, ended: false }
+}
 
-    let sent = Command::new("kill").args(["-INT", &child.id().to_string()]).status().expect("kill");
-    assert!(sent.success());
-    let rest: Vec<String> = lines.map_while(Result::ok).collect();
-    let status = child.wait().expect("demo exits");
-    demo.1 = true;
-    assert!(status.success(), "{rest:?}");
+/// Processes whose command line names one of `folders` (the servers run from them).
+fn processes_in(folders: &[PathBuf]) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if folders.iter().any(|f| cmdline.contains(&*f.to_string_lossy())) {
+            found.push(cmdline);
+        }
+    }
+    found
+}
+
+impl Running {
+    /// Sends `signal` to the process that gets it, reads the demo's output to its end, and
+    /// checks that nothing is left: no folder, no listener, no server process.
+    fn stop_with(mut self, signal: &str) -> Vec<String> {
+        let sent = Command::new("kill").args([signal, &self.pid.to_string()]).status().expect("kill");
+        assert!(sent.success());
+        let rest: Vec<String> = self.lines.by_ref().map_while(Result::ok).collect();
+        let _ = self.child.wait();
+        self.ended = true;
+        // The demo's last step (deleting) happens before its output closes; give an orphan's
+        // exit a moment.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::time::Instant::now() < deadline
+            && (self.folders.iter().any(|f| f.exists()) || !processes_in(&self.folders).is_empty())
+        {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        for f in &self.folders {
+            assert!(!f.exists(), "{} is left behind ({signal})", f.display());
+        }
+        assert_eq!(processes_in(&self.folders), Vec::<String>::new(), "processes left ({signal})");
+        for p in &self.admin {
+            assert!(std::net::TcpStream::connect(("127.0.0.1", *p)).is_err(), "a proxy still listens on {p}");
+        }
+        rest
+    }
+}
+
+#[test]
+fn demo_keeps_running_until_ctrl_c_then_stops_and_deletes_everything() {
+    let rest = start(Command::new(env!("CARGO_BIN_EXE_gprxy-demo"))).stop_with("-INT");
     assert!(rest.iter().any(|l| l.starts_with("Stopping the proxies")), "{rest:?}");
-    for f in &folders {
-        assert!(!f.exists(), "{} is left behind", f.display());
+}
+
+/// #31: stopped by SIGTERM (a process manager, `timeout`) or SIGHUP (a closed terminal), the
+/// demo leaves nothing behind either.
+#[test]
+fn demo_stopped_by_sigterm_or_sighup_leaves_nothing_behind() {
+    for signal in ["-TERM", "-HUP"] {
+        let rest = start(Command::new(env!("CARGO_BIN_EXE_gprxy-demo"))).stop_with(signal);
+        assert!(rest.iter().any(|l| l.starts_with("Stopping the proxies")), "{signal}: {rest:?}");
     }
-    for p in &admin {
-        assert!(std::net::TcpStream::connect(("127.0.0.1", *p)).is_err(), "a proxy still listens on {p}");
-    }
+}
+
+/// #31: when the demo's parent dies without passing a signal on (make killed with SIGKILL), the
+/// orphaned demo notices and stops, leaving nothing behind.
+#[test]
+fn demo_whose_parent_dies_stops_by_itself() {
+    let mut parent = Command::new("sh");
+    parent.arg("-c").arg("\"$0\" & wait").arg(env!("CARGO_BIN_EXE_gprxy-demo"));
+    let rest = start(parent).stop_with("-KILL");
+    assert!(rest.iter().any(|l| l.starts_with("Stopping the proxies")), "{rest:?}");
 }

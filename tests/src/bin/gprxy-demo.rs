@@ -6,12 +6,15 @@
 //! 15) with a self-signed certificate made now. Then a tour: device-flow login through the proxy,
 //! row-level security for two tenants, a refused expired token with the server's reason, the
 //! token helper and psql 15 through the fallback proxy, the metrics. It leaves everything running
-//! with commands to try and cleans up on Ctrl-C.
+//! with commands to try and cleans up on Ctrl-C, SIGTERM or SIGHUP, or when its parent (make)
+//! dies: whatever it started is stopped and its folders deleted, mid-tour too.
 //! `--check` runs the same tour, asserts every step's result and exits (used by `make test`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
+use std::time::Duration;
 
 use gprxy_core::testkit::{now, test_ca, TestKey};
 use gprxy_tests::idp::TestIssuer;
@@ -31,8 +34,17 @@ struct Tour {
     step: usize,
 }
 
+/// Set by SIGINT, SIGTERM, SIGHUP, or the parent's death.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// Unwinds out of the tour (dropping, so stopping and deleting, what it started).
+struct Stopped;
+
 impl Tour {
     fn step(&mut self, what: &str) {
+        if STOP.load(Ordering::SeqCst) {
+            std::panic::resume_unwind(Box::new(Stopped));
+        }
         self.step += 1;
         println!("\n[{}] {what}", self.step);
     }
@@ -80,14 +92,36 @@ fn run(cmd: &mut Command) -> (bool, String, String) {
 fn main() {
     let check = std::env::args().any(|a| a == "--check");
     let (stop_tx, stop_rx) = mpsc::channel();
+    let on_signal = stop_tx.clone();
+    // SIGINT, SIGTERM and SIGHUP (ctrlc's "termination" feature).
     ctrlc::set_handler(move || {
-        let _ = stop_tx.send(());
+        STOP.store(true, Ordering::SeqCst);
+        let _ = on_signal.send(());
     })
-    .expect("install Ctrl-C handler");
-    // Everything the demo starts is dropped (stopped, deleted) when `demo` returns.
-    if let Err(failures) = demo(check, &stop_rx) {
-        eprintln!("\ndemo check FAILED:\n  {}", failures.join("\n  "));
-        std::process::exit(1);
+    .expect("install the signal handler");
+    // A parent that dies (make stopped by SIGTERM or SIGKILL) leaves the demo orphaned: it notices
+    // that it was handed to another parent and stops too.
+    let parent = std::os::unix::process::parent_id();
+    std::thread::spawn(move || loop {
+        std::thread::sleep(Duration::from_millis(200));
+        if std::os::unix::process::parent_id() != parent {
+            STOP.store(true, Ordering::SeqCst);
+            let _ = stop_tx.send(());
+            return;
+        }
+    });
+    // Everything the demo starts is dropped (stopped, deleted) when `demo` returns or unwinds.
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| demo(check, &stop_rx)));
+    match outcome {
+        Ok(Ok(())) => {}
+        Ok(Err(failures)) => {
+            eprintln!("\ndemo check FAILED:\n  {}", failures.join("\n  "));
+            std::process::exit(1);
+        }
+        Err(payload) if payload.is::<Stopped>() => {
+            println!("Stopped early: everything it started is stopped and deleted.")
+        }
+        Err(payload) => std::panic::resume_unwind(payload),
     }
 }
 
