@@ -491,12 +491,15 @@ impl Introspector {
     fn ask(&self, token: &str, now: i64) -> Result<Asked, ValidationError> {
         let outage = |e: ValidationError| Ok(Asked::Outage(e));
         let now_ms = crate::jwks::SystemClock.now_ms();
+        // Throttled counts as an outage: a jwt+introspect issuer's stale_ok answers still serve.
         let endpoint = match self.endpoint(now_ms) {
             Ok(url) => url,
-            Err(e @ ValidationError::IntrospectionThrottled { .. }) => return Err(e),
             Err(e) => return outage(e),
         };
-        let _request = self.request(now_ms)?;
+        let _request = match self.request(now_ms) {
+            Ok(taken) => taken,
+            Err(e) => return outage(e),
+        };
         let secret = self.settings.secret.read().map_err(ValidationError::IntrospectionUnavailable)?;
         let id = self.settings.client_id.as_str();
         let mut form = vec![("token", token), ("token_type_hint", "access_token")];

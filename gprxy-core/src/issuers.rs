@@ -477,13 +477,19 @@ pub fn toml_error(text: &str, e: &toml::de::Error) -> String {
             let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
             let column = before.iter().rev().take_while(|&&b| b != b'\n').count() + 1;
             // The key of a `key = value` line helps and holds no secret; the value is not shown.
+            // Named only when it looks like one of gprxy's keys (lower case, a value after `=`):
+            // a bare secret such as `AbC...xyz=` pasted on a line of its own is not a key.
             let key = text
                 .lines()
                 .nth(line - 1)
                 .and_then(|l| l.split_once('='))
+                .filter(|(_, v)| !v.trim().is_empty())
                 .map(|(k, _)| k.trim())
                 .filter(|k| {
-                    !k.is_empty() && k.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+                    !k.is_empty()
+                        && k.len() <= 48
+                        && k.bytes()
+                            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_-.".contains(&b))
                 })
                 .map(|k| format!(" (key {k})"))
                 .unwrap_or_default();
@@ -556,6 +562,12 @@ mod tests {
             assert!(!err.contains(MARKER), "{key}: {err}");
             assert!(err.contains(key) && err.contains("line"), "{key}: {err}");
         }
+        // A bare secret on a line of its own (base64 ending in `=`) is not taken for a key.
+        let err = IssuerSet::from_toml(&format!("{head}MaRkEr7s3cr3tBase64xyz=\n"), false)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("MaRkEr7s3cr3tBase64xyz"), "{err}");
         assert_eq!(
             value_free("unknown variant `hunter2`, expected `client_secret_basic` or `client_secret_post`"),
             "unknown variant, expected `client_secret_basic` or `client_secret_post`"

@@ -105,9 +105,11 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>) {
         let Some((place, evicted)) = admit(&admission, peer.ip()) else { continue };
         let proxy = proxy.clone();
         tokio::spawn(async move {
+            // Evicted only while waiting for the request: once it is served the sender is
+            // dropped (an Err here), which must not cut the answer short.
             tokio::select! {
                 () = answer(sock, &place, &proxy) => {}
-                _ = evicted => {}
+                Ok(()) = evicted => {}
             }
         });
     }

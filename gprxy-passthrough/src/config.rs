@@ -67,7 +67,7 @@ impl TryFrom<String> for SessionModeName {
 }
 
 /// Pass-through: who ends a server process that outlived its session's cancel.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Terminator {
     /// The role (a member of `pg_signal_backend`).
     pub user: String,
@@ -75,6 +75,16 @@ pub struct Terminator {
     pub password: String,
     /// The database it connects to (default `postgres`).
     pub database: String,
+}
+
+impl std::fmt::Debug for Terminator {
+    /// Never the password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Terminator")
+            .field("user", &self.user)
+            .field("database", &self.database)
+            .finish_non_exhaustive()
+    }
 }
 
 impl FileSession {

@@ -107,6 +107,11 @@ async fn watch(
         if let (Some(t), Some(key)) = (&config.terminator, &up.key) {
             let killer = reap::Killer { user: &t.user, database: &t.database, password: &t.password };
             Box::pin(reap::end_process(shared, killer, key.0, &mut up.stream)).await;
+            // Gone, or gprxy gave up: a goodbye it will read if it ever goes idle.
+            let mut out = BytesMut::new();
+            frontend::terminate(&mut out);
+            let _ = up.stream.write_all(&out).await;
+            let _ = up.stream.shutdown().await;
             return;
         }
     }

@@ -147,8 +147,8 @@ impl SharedAnswers {
 /// The answer store of one backend: shared memory when preloaded, else its own.
 pub struct ShmAnswers {
     local: MemoryAnswers,
-    /// Flight slots this backend holds in shared memory, by issuer.
-    taken: Mutex<Vec<(String, usize)>>,
+    /// Flight slots this backend holds in shared memory, by issuer, with their deadlines.
+    taken: Mutex<Vec<(String, usize, u64)>>,
 }
 
 impl ShmAnswers {
@@ -180,7 +180,7 @@ impl AnswerStore for ShmAnswers {
         }
         match ANSWERS.exclusive().take(issuer, now_ms, limits) {
             Ok(Some(slot)) => {
-                self.taken.lock().push((issuer.to_owned(), slot));
+                self.taken.lock().push((issuer.to_owned(), slot, now_ms + FLIGHT_MAX_MS));
                 true
             }
             Ok(None) => false,
@@ -192,11 +192,14 @@ impl AnswerStore for ShmAnswers {
     fn release_request(&self, issuer: &str) {
         let taken = {
             let mut t = self.taken.lock();
-            t.iter().position(|(i, _)| i == issuer).map(|at| t.remove(at).1)
+            t.iter().position(|(i, _, _)| i == issuer).map(|at| t.remove(at))
         };
         match taken {
-            Some(slot) if shmem_ready() => {
-                if let Some(st) = ANSWERS.exclusive().issuer(issuer, false) {
+            Some((_, slot, deadline)) if shmem_ready() => {
+                // Only if still ours: a request past FLIGHT_MAX_MS lost its slot to another.
+                if let Some(st) =
+                    ANSWERS.exclusive().issuer(issuer, false).filter(|st| st.flights[slot] == deadline)
+                {
                     st.flights[slot] = 0;
                 }
             }

@@ -100,8 +100,9 @@ fn set_context(context: &str) {
 /// Forgets a signed context: the claim functions return NULL until the next one.
 #[pg_extern(volatile, parallel_unsafe)]
 fn reset_context() {
+    // The session's end stays bound: the service account that may call this is the client's
+    // too, and only a signed context (the next session's) replaces or clears it.
     session::reset_signed();
-    ffi::unbind_session_end();
 }
 
 pgrx::extension_sql!(

@@ -53,6 +53,7 @@
 #include "libpq/auth.h"
 #include "miscadmin.h"
 #include "storage/ipc.h"
+#include "storage/proc.h"
 #include "tcop/utility.h"
 #include "utils/elog.h"
 #include "utils/memutils.h"
@@ -150,15 +151,43 @@ pg_timer_rearm(void)
 
 /* FATAL at a statement's start or a commit once the session's end has come (see the top
  * comment). */
+/*
+ * When the current transaction began by the clock: the first statement, call or commit this file
+ * saw in it. PostgreSQL's own transaction start is the message's arrival, the same for every
+ * transaction one multi-statement Query opens ("...; COMMIT; BEGIN; INSERT ...; COMMIT" sent before
+ * the end would otherwise commit a transaction begun after it).
+ */
+static LocalTransactionId seen_lxid = InvalidLocalTransactionId;
+static TimestampTz seen_at = 0;
+
+static TimestampTz
+transaction_seen_at(TimestampTz now)
+{
+#if PG_VERSION_NUM >= 170000
+	LocalTransactionId lxid = MyProc->vxid.lxid;
+#else
+	LocalTransactionId lxid = MyProc->lxid;
+#endif
+
+	if (lxid != seen_lxid)
+	{
+		seen_lxid = lxid;
+		seen_at = now;
+	}
+	return seen_at;
+}
+
 static void
 check_session_end(void)
 {
 	TimestampTz now;
+	TimestampTz began;
 
 	if (!session.armed || ending)
 		return;
 	pg_timer_rearm();
 	now = GetCurrentTimestamp();
+	began = transaction_seen_at(now);
 	if (now < session.end_at)
 		return;
 	/*
@@ -169,7 +198,7 @@ check_session_end(void)
 	if (session.bound && GetCurrentStatementStartTimestamp() >= session.end_at)
 		return;
 	if (session.strict || now >= session.hard_at ||
-		GetCurrentTransactionStartTimestamp() >= session.end_at)
+		GetCurrentTransactionStartTimestamp() >= session.end_at || began >= session.end_at)
 	{
 		ending = 2;
 		ereport(FATAL,
@@ -376,14 +405,18 @@ gprxy_session_plan(int strict, int64 end_at, int64 hard_at, const char *message,
 void
 gprxy_session_bind(int strict, int64 end_at, int64 hard_at, const char *message)
 {
+	char	   *copy;
+
 	if (session.planned)
 		return;					/* a token login's own end (PostgreSQL 18) stays */
+	/* Copied before the old one is freed: an ERROR here leaves nothing dangling. */
+	copy = MemoryContextStrdup(TopMemoryContext, message);
 	session.strict = strict != 0;
 	session.end_at = time_t_to_timestamptz((pg_time_t) end_at);
 	session.hard_at = time_t_to_timestamptz((pg_time_t) hard_at);
 	if (session.message)
 		pfree(session.message);
-	session.message = MemoryContextStrdup(TopMemoryContext, message);
+	session.message = copy;
 	if (!xact_callback_registered)
 	{
 		RegisterXactCallback(xact_callback, NULL);

@@ -659,3 +659,24 @@ fn fallback_idle_a_loop_that_commits_across_the_end_is_stopped_by_the_server() {
     // The pool's slot serves the next session.
     assert_ne!(w.next_session_pid(&p, "dave", "writer"), doomed);
 }
+
+/// Review of #26: the service account may call `gprxy.reset_context()`, and so may its client;
+/// that does not switch off the server's check of the session's end (only the next signed context
+/// replaces it): the committing loop is still stopped at the end.
+#[test]
+fn fallback_a_client_that_resets_its_context_still_cannot_commit_past_the_end() {
+    let w = Pooled::start();
+    create_ticks(&w.pg, "app_writer");
+    let p = w.proxy("policy = \"idle\"");
+    let (token, exp) = w.token("alice", "writer", 3);
+    let mut c = w.connect(&p, "alice", &token);
+    c.query("SELECT gprxy.reset_context()").unwrap();
+    let e = c.query(STUBBORN).unwrap_err();
+    assert_fatal(&e, &expired_message(exp));
+    assert!(ticks_where(&w.pg, "true") > 0, "the loop never ran");
+    assert_eq!(
+        ticks_where(&w.pg, &format!("xact_start >= to_timestamp({exp})")),
+        0,
+        "committed after the end"
+    );
+}

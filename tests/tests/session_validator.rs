@@ -377,3 +377,20 @@ fn a_session_without_a_posix_timer_ends_on_postgresqls_own_timer() {
     assert!((-0.05..1.0).contains(&late), "ended {late:.3} s after exp");
     assert_eq!(s.rows(), "0");
 }
+
+/// Review of #26: one simple Query message whose transactions all carry the message's start
+/// time in PostgreSQL: a transaction opened inside it after the end (behind a sleep across the
+/// end) is ended at its first statement, and its row never commits.
+#[test]
+fn idle_a_transaction_begun_after_the_end_inside_one_query_message_never_commits() {
+    let s = setup(&["gprxy.session_policy = 'idle'"]);
+    let (mut c, exp) = s.login_expiring_in(3);
+    let sleep = exp as f64 + 1.0 - now_f();
+    let e = c
+        .query(&format!(
+            "BEGIN; SELECT pg_sleep({sleep:.3}); COMMIT; BEGIN; INSERT INTO t VALUES (1); COMMIT"
+        ))
+        .unwrap_err();
+    assert_ended(&e, &expired_message(exp));
+    assert_eq!(s.rows(), "0", "a transaction begun after the end committed");
+}

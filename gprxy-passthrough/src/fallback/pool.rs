@@ -133,9 +133,10 @@ pub(crate) async fn server_closed(stream: &mut BoxStream, within: Duration) -> b
             match stream.read(&mut sink).await {
                 Ok(0) => return true,
                 Ok(_) => {}
-                // Reset by the peer: its process closed the socket.
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
-                Err(_) => return false,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                // Any other error: the connection is gone (reset; over TLS, a close without
+                // close_notify, as after a server crash, is UnexpectedEof).
+                Err(_) => return true,
             }
         }
     };

@@ -6,8 +6,9 @@
 //! `pg_terminate_backend(pid)` (PostgreSQL's SIGTERM, which no PL/pgSQL handler catches), and
 //! waits until the doomed connection's server side closes: PostgreSQL closes it only after the
 //! process has left the shared state, so the backend no longer exists for the server. The pool
-//! slot is held until then; a failed attempt is retried with a growing pause, for as long as
-//! it takes (a slot is never handed on while its backend may live).
+//! slot is held until then; a failed attempt (each bounded in time) is retried with a growing
+//! pause, and after about two minutes gprxy gives up with an error in the log and frees the
+//! slot: a server it cannot reach or log in to must not wedge the pool for good.
 
 use std::time::Duration;
 
@@ -22,8 +23,13 @@ use crate::proto;
 
 /// How long one attempt waits for the terminated backend to close its side.
 const TERMINATE_WAIT: Duration = Duration::from_secs(10);
+/// How long one whole attempt (log in, signal, wait) may take.
+const ATTEMPT_BUDGET: Duration = Duration::from_secs(20);
 /// The longest pause between attempts.
 const MAX_PAUSE: Duration = Duration::from_secs(10);
+/// Attempts before gprxy gives up (about two minutes): the slot is then freed with an error in
+/// the log, rather than a pool wedged for good by a server it cannot reach or log in to.
+const MAX_ATTEMPTS: u32 = 10;
 
 /// Who logs in to end a backend: a role that may signal it (the same role, or a member of
 /// `pg_signal_backend` for another non-superuser role).
@@ -43,12 +49,11 @@ pub async fn end_backend(shared: &Shared, account: &str, database: &str, passwor
     let _turn = doomed.turn().lock_owned().await;
     let Some(pid) = doomed.conn.key.as_ref().map(|k| k.0) else {
         // No process id to name (the server sent no BackendKeyData): only its own close tells.
-        while !server_closed(&mut doomed.conn.stream, TERMINATE_WAIT).await {
-            tracing::warn!(
-                event = "pool",
-                action = "end_backend",
-                account,
-                "a backend with no key is still open"
+        if !server_closed(&mut doomed.conn.stream, TERMINATE_WAIT * 6).await {
+            tracing::error!(
+                event = "end_backend",
+                role = account,
+                "gave up: a backend with no key is still open; its pool slot is freed"
             );
         }
         return;
@@ -58,12 +63,26 @@ pub async fn end_backend(shared: &Shared, account: &str, database: &str, passwor
 }
 
 /// Ends server process `pid`, whose connection is `stream`, logged in as `killer`: returns once
-/// the server has closed `stream` (the process has left the shared state), retrying for as long
-/// as that takes.
+/// the server has closed `stream` (the process has left the shared state), retrying with a
+/// growing pause; after [`MAX_ATTEMPTS`] (about two minutes) it gives up with an error in the
+/// log.
 pub async fn end_process(shared: &Shared, killer: Killer<'_>, pid: i32, stream: &mut BoxStream) {
     let mut pause = Duration::from_millis(100);
     let mut attempt = 1u32;
     loop {
+        // Already gone (the server ended it, or it ended by itself): nothing to signal, and its
+        // process id may be another backend's by now.
+        if server_closed(stream, Duration::from_millis(20)).await {
+            tracing::info!(
+                event = "end_backend",
+                role = killer.user,
+                pid,
+                signalled = false,
+                attempt,
+                "server process of a connection given up has ended"
+            );
+            return;
+        }
         let config = shared.config.read().clone();
         let outcome = async {
             let mut conn =
@@ -84,8 +103,10 @@ pub async fn end_process(shared: &Shared, killer: Killer<'_>, pid: i32, stream: 
             } else {
                 Err("its process did not end in time".to_owned())
             }
-        }
-        .await;
+        };
+        let outcome = tokio::time::timeout(ATTEMPT_BUDGET, outcome)
+            .await
+            .unwrap_or_else(|_| Err("the attempt timed out".to_owned()));
         match outcome {
             Ok(signalled) => {
                 tracing::info!(
@@ -95,6 +116,18 @@ pub async fn end_process(shared: &Shared, killer: Killer<'_>, pid: i32, stream: 
                     signalled,
                     attempt,
                     "server process of a connection given up has ended"
+                );
+                return;
+            }
+            Err(reason) if attempt >= MAX_ATTEMPTS => {
+                shared.metrics.upstream_errors.inc();
+                tracing::error!(
+                    event = "end_backend",
+                    role = killer.user,
+                    pid,
+                    attempt,
+                    reason = reason.as_str(),
+                    "gave up ending the server process of a connection given up: it may still run; its pool slot is freed"
                 );
                 return;
             }
