@@ -93,9 +93,7 @@ impl FileSession {
             (None, None) if self.terminate_database.is_none() => Ok(None),
             (Some(user), Some(path)) => {
                 let password = std::fs::read_to_string(path)
-                    .with_context(|| {
-                        format!("session.terminate_password_file: cannot read {}", path.display())
-                    })?
+                    .context("session.terminate_password_file: cannot read the file")?
                     .trim_end_matches(['\n', '\r'])
                     .to_owned();
                 let database = self.terminate_database.clone().unwrap_or_else(|| "postgres".to_owned());
