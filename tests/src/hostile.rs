@@ -696,9 +696,9 @@ fn sample(t: &Target, done: &AtomicBool, sessions: &Mutex<Vec<SessionRun>>) -> (
                     row[2].as_deref().unwrap_or(""),
                 );
                 let its_process = pool.is_none() && s.pid.map(|p| p.to_string()).as_deref() == Some(pid);
-                let its_statement =
-                    pool.is_some() && state != "idle" && query.contains(&format!("'{}'", s.sid))
-                        || pool.is_some() && state != "idle" && query.contains(&format!("/* {} */", s.sid));
+                let names_it =
+                    query.contains(&format!("'{}'", s.sid)) || query.contains(&format!("/* {} */", s.sid));
+                let its_statement = pool.is_some() && state != "idle" && names_it;
                 let told =
                     seen.iter().any(|v: &Violation| v.invariant == 2 && v.sid.as_deref() == Some(&s.sid));
                 if (its_process || its_statement) && !told {
