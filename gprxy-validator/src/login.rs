@@ -260,9 +260,11 @@ fn shared_role(settings: &Settings, issuer: &str, role: &str, server: &impl Serv
             "pg_hba.conf could not be read to check which other issuers can reach the role".to_owned(),
         );
     };
-    let mut issuers: Vec<&str> = vec![issuer];
-    for other in &reaching {
-        if !issuers.contains(&other.as_str()) {
+    // One issuer on two lines, once as a well-known metadata URL, is one issuer.
+    let id = |i: &str| gprxy_core::jwks::issuer_id(i).unwrap_or_else(|_| i.to_owned());
+    let mut issuers: Vec<String> = vec![id(issuer)];
+    for other in reaching.iter().map(|i| id(i)) {
+        if !issuers.contains(&other) {
             issuers.push(other);
         }
     }

@@ -397,6 +397,8 @@ impl Settings {
         }
         let mut scopes = self.required_scopes.clone();
         scopes.extend(hba_scopes);
+        // pg_hba.conf's well-known form stands for its issuer: tokens name that one.
+        let issuer = gprxy_core::jwks::issuer_id(issuer).map_err(|e| ConfigError::new(Setting::Issuer, e))?;
         Policy::builder(issuer)
             .audiences(self.audiences.clone())
             .insecure_skip_audience(self.skip_audience)

@@ -832,3 +832,50 @@ fn two_issuers_reaching_one_role_with_plain_identities_are_refused() {
     ));
     assert_eq!(login(&b, &kb).unwrap(), "oauth:alice");
 }
+
+/// #30 item 1: pg_hba.conf's `issuer` may be "a well-known URI that points directly to" the
+/// discovery document. psql 18's device flow completes, and gprxy fetches that document as it is
+/// (not `.../.well-known/openid-configuration/.well-known/...`), takes the issuer it names and
+/// compares tokens' `iss` with it; an issuers-file entry written in the other form is found.
+#[test]
+fn a_well_known_issuer_url_on_the_pg_hba_line_is_that_documents_issuer() {
+    let key = TestKey::rsa("k");
+    let idp = TestIssuer::start(&[&key]);
+    let wk = format!("{}/.well-known/openid-configuration", idp.issuer());
+    let pg = validator_cluster("db")
+        .hba(format!("host all alice 127.0.0.1/32 oauth issuer=\"{wk}\" scope=\"openid\" map=m"))
+        .ident("m alice alice")
+        .start();
+    pg.sql("CREATE ROLE alice LOGIN; CREATE EXTENSION gprxy_validator");
+    let login = |claims: serde_json::Value| {
+        let token = key.token(json!({"typ": "at+jwt"}), &claims);
+        let client = format!("c{}", gprxy_core::fingerprint(token.as_bytes()));
+        idp.hand_out(&client, &token);
+        oauth_psql(pg.port(), "alice", &wk, &client, "SELECT system_user, gprxy.claim('iss')")
+    };
+    let last_audit =
+        || pg.log().lines().rfind(|l| l.contains("gprxy: oauth login")).unwrap_or_default().to_owned();
+    assert_eq!(login(idp.claims("alice", "db")).unwrap(), format!("oauth:alice|{}", idp.issuer()));
+    assert!(last_audit().contains("authorized reason=ok"), "{}", last_audit());
+    // A token naming the URL itself as its issuer is not that issuer's.
+    let mut wrong = idp.claims("alice", "db");
+    wrong["iss"] = json!(wk);
+    assert!(login(wrong).is_err());
+    assert!(last_audit().contains("refused reason=iss_mismatch"), "{}", last_audit());
+
+    // The same issuer in an issuers file, written as its plain issuer: the entry is found.
+    let file = pg.data_dir().join("issuers.toml");
+    std::fs::write(&file, format!("[[issuer]]\nissuer = \"{}\"\naudience = [\"files-aud\"]\n", idp.issuer()))
+        .unwrap();
+    pg.sql(&format!("ALTER SYSTEM SET gprxy.issuers_file = '{}'", file.display()));
+    pg.sql("ALTER SYSTEM SET gprxy.audience = ''");
+    pg.sql("SELECT pg_reload_conf()");
+    assert!(pg.wait_for_log("parameter \"gprxy.issuers_file\" changed", std::time::Duration::from_secs(5)));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while login(idp.claims("alice", "files-aud")).is_err() {
+        assert!(std::time::Instant::now() < deadline, "the entry never applied: {}", last_audit());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(login(idp.claims("alice", "db")).is_err());
+    assert!(last_audit().contains("refused reason=aud_mismatch"), "{}", last_audit());
+}
