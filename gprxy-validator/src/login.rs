@@ -229,6 +229,8 @@ pub trait Server {
         req: &crate::provision::Request,
         settings: &Settings,
     ) -> Result<(), (&'static str, String)>;
+    /// Whether the same request was provisioned within `gprxy.provision_recheck`.
+    fn provisioned_lately(&self, req: &crate::provision::Request, settings: &Settings) -> bool;
 }
 
 /// The running server: the catalog and pg_hba.conf.
@@ -247,6 +249,9 @@ impl Server for Live {
         settings: &Settings,
     ) -> Result<(), (&'static str, String)> {
         crate::provision::request(req, settings.provision_timeout, settings.provision_recheck)
+    }
+    fn provisioned_lately(&self, req: &crate::provision::Request, settings: &Settings) -> bool {
+        crate::provision::remembered(req, settings.provision_recheck)
     }
 }
 
@@ -277,11 +282,6 @@ fn provision_own_role(
     }
     let managed: Vec<&String> = settings.role_map(issuer).iter().map(|(_, to)| to).collect();
     let wanted: Vec<String> = granted.iter().filter(|g| managed.contains(g)).cloned().collect();
-    for group in &wanted {
-        if let Some(why) = privileged_role(group, server.role_powers(group)) {
-            return Some(Err(("provision_privileged_group", why)));
-        }
-    }
     let request = crate::provision::Request {
         mode: policy.mode,
         role: own,
@@ -289,6 +289,17 @@ fn provision_own_role(
         identity: token.identity.clone(),
         wanted,
     };
+    // Nothing changes: a shared-memory lookup, no catalog scan. (A group that gained powers since
+    // is still caught: the login's own role is then a member of it, which the check of the role
+    // itself refuses.)
+    if server.provisioned_lately(&request, settings) {
+        return Some(Ok(()));
+    }
+    for group in &request.wanted {
+        if let Some(why) = privileged_role(group, server.role_powers(group)) {
+            return Some(Err(("provision_privileged_group", why)));
+        }
+    }
     Some(server.provision(&request, settings))
 }
 
@@ -556,6 +567,9 @@ mod tests {
         ) -> Result<(), (&'static str, String)> {
             Err(("provision_unavailable", "no provisioner in unit tests".into()))
         }
+        fn provisioned_lately(&self, _req: &crate::provision::Request, _s: &Settings) -> bool {
+            false
+        }
     }
 
     /// A server whose provisioner records each request and answers `answer`; `powerful` roles
@@ -582,6 +596,9 @@ mod tests {
         ) -> Result<(), (&'static str, String)> {
             self.asked.lock().push(req.clone());
             self.answer.clone()
+        }
+        fn provisioned_lately(&self, req: &crate::provision::Request, _s: &Settings) -> bool {
+            self.answer.is_ok() && self.asked.lock().contains(req)
         }
     }
 

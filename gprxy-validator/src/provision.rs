@@ -167,18 +167,27 @@ impl Request {
 /// Why a login's provisioning failed: the audit reason and its detail.
 pub type Refused = (&'static str, String);
 
+/// Whether `req` was provisioned within `recheck` (a shared-memory lookup).
+pub fn remembered(req: &Request, recheck: Duration) -> bool {
+    if !crate::ffi::shmem_ready() {
+        return false;
+    }
+    let key = req.key();
+    let recheck_ms = u64::try_from(recheck.as_millis()).unwrap_or(u64::MAX);
+    let now = now_ms();
+    PROVISION.share().remembered.iter().any(|r| r.key == key && r.at_ms.saturating_add(recheck_ms) > now)
+}
+
 /// Asks the provisioner for `req` and waits for its answer (backends, during authentication).
 pub fn request(req: &Request, timeout: Duration, recheck: Duration) -> Result<(), Refused> {
     let unavailable = |d: &str| ("provision_unavailable", d.to_owned());
     if !crate::ffi::shmem_ready() {
         return Err(unavailable("gprxy_validator is not in shared_preload_libraries: no provisioner"));
     }
-    let key = req.key();
-    let recheck_ms = u64::try_from(recheck.as_millis()).unwrap_or(u64::MAX);
-    let now = now_ms();
-    if PROVISION.share().remembered.iter().any(|r| r.key == key && r.at_ms.saturating_add(recheck_ms) > now) {
+    if remembered(req, recheck) {
         return Ok(());
     }
+    let key = req.key();
     let too_long = |what: &str| ("provision_refused", format!("the {what} is too long to provision"));
     let role = Fixed::new(&req.role).ok_or_else(|| too_long("role name"))?;
     let issuer = Fixed::new(&req.issuer).ok_or_else(|| too_long("issuer"))?;
