@@ -396,19 +396,22 @@ fn fallback_on_15_takes_the_providers_tokens_as_passwords() {
     std::fs::write(p("reader.pw"), "reader-secret-1\n").unwrap();
     let (wpw, rpw) = (p("writer.pw"), p("reader.pw"));
     let issuer = idp.issuer();
-    let proxy = Proxy::start(
-        &FallbackSetup {
-            upstream_port: pg.port(),
-            cert: &certs.cert_path,
-            key: &certs.key_path,
-            issuer: &issuer,
-            audience: AUDIENCE,
-            rules: &[("writer", "app_writer", &wpw), ("reader", "app_reader", &rpw)],
-            context_key: Some(&context_key.path),
-            extra: "",
-        }
-        .toml(),
-    );
+    let fallback = |extra: &str| {
+        Proxy::start(
+            &FallbackSetup {
+                upstream_port: pg.port(),
+                cert: &certs.cert_path,
+                key: &certs.key_path,
+                issuer: &issuer,
+                audience: AUDIENCE,
+                rules: &[("writer", "app_writer", &wpw), ("reader", "app_reader", &rpw)],
+                context_key: Some(&context_key.path),
+                extra,
+            }
+            .toml(),
+        )
+    };
+    let proxy = fallback("");
     let tls = format!("sslmode=verify-full sslrootcert={}", certs.ca_path.display());
     let sql = "SELECT current_user, current_setting('app.user_id'), current_setting('app.roles'), gprxy.identity(), gprxy.claim('tenant_id')";
     // Client credentials: the client is the identity (sub), its roles map to app_reader.
@@ -430,6 +433,25 @@ fn fallback_on_15_takes_the_providers_tokens_as_passwords() {
     let opaque = idp.client_credentials(Some(OPAQUE_RESOURCE));
     let err = psql15(proxy.port, &format!("user=svc {tls}"), &opaque, "SELECT 1").unwrap_err();
     assert!(err.contains("FATAL:  gprxy: token refused (iss_missing): token has no \"iss\" claim"), "{err}");
+    // psql 18's device flow into fallback mode (OAUTHBEARER with gprxy's discovery answer).
+    let bearer_proxy = fallback("client_auth = \"oauthbearer\"\nscope = \"openid db:read\"");
+    let out = psql18_device_login(
+        &idp,
+        "bob",
+        &format!(
+            "host=localhost hostaddr=127.0.0.1 port={} user=bob dbname=postgres {tls}",
+            bearer_proxy.port
+        ),
+        sql,
+    )
+    .unwrap_or_else(|e| panic!("psql 18 into fallback failed:\n{e}\n{}", bearer_proxy.log()));
+    assert_eq!(out, format!("app_reader|bob|reader|bob|{ACME}"));
+    let events = bearer_proxy.wait_events("login", 2);
+    assert!(
+        events.iter().any(|e| e["outcome"] == "success" && e["mechanism"] == "OAUTHBEARER"),
+        "{events:#?}"
+    );
+    assert!(!holds_a_jwt(&bearer_proxy.log()), "a token is in the proxy log");
     let log = proxy.log();
     for t in [&svc, &alice, &opaque] {
         no_token_in(&log, t, "proxy log");
