@@ -471,7 +471,11 @@ impl Introspector {
         let endpoint = meta
             .get("introspection_endpoint")
             .and_then(Value::as_str)
-            .ok_or_else(|| unavailable(format!("{url} names no introspection_endpoint")))?;
+            .ok_or_else(|| {
+                unavailable(format!(
+                    "{url} names no introspection_endpoint (RFC 8414: optional): set the entry's [introspection] endpoint"
+                ))
+            })?;
         self.store.set_endpoint(&self.issuer, endpoint);
         Ok(self.endpoint.get_or_init(|| endpoint.to_owned()).clone())
     }
@@ -635,7 +639,16 @@ pub fn validate_token(
                 });
             }
             match introspector()?.answer(token, now)? {
-                Answer::Active(claims) => validator.check_claims(claims, now, token, None, None),
+                Answer::Active(mut claims) => {
+                    // RFC 7662 2.2: `iss` is OPTIONAL. The answer came from this issuer's own
+                    // endpoint, asked with gprxy's credentials: an absent `iss` is this issuer
+                    // (a present one is still compared). `aud`, `exp` and the identity are not
+                    // taken from anywhere: without them the login is refused with its reason.
+                    claims
+                        .entry("iss")
+                        .or_insert_with(|| Value::String(validator.policy().issuer().to_owned()));
+                    validator.check_claims(claims, now, token, None, None)
+                }
                 Answer::Inactive => Err(ValidationError::TokenInactive),
             }
         }
@@ -735,6 +748,64 @@ mod tests {
 
     fn active() -> serde_json::Value {
         serde_json::json!({"active": true, "iss": ISS, "aud": "db", "sub": "alice", "exp": NOW + 600, "scope": "db"})
+    }
+
+    /// #30 item 5: every member RFC 7662 section 2.2 calls OPTIONAL, left out of an active
+    /// answer one at a time: `iss` is taken from the entry (the answer came from its endpoint);
+    /// `aud`, `exp`, the identity and a required scope are refused with their reasons; a future
+    /// `nbf` is refused; the others (`client_id`, `username`, `token_type`, `iat`, `nbf`, `jti`)
+    /// change nothing when absent. `sub` absent with `identity_fallback_claim = client_id` takes
+    /// the client id (client-credentials tokens).
+    #[test]
+    fn each_optional_member_of_an_answer_is_handled_as_rfc_7662_says() {
+        std::env::set_var("GPRXY_TEST_SECRET_20", "s");
+        let full = || {
+            let mut a = active();
+            let extra = serde_json::json!({"client_id": "app", "username": "alice@example", "token_type": "Bearer",
+                "iat": NOW - 10, "nbf": NOW - 10, "jti": "j1"});
+            a.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            a
+        };
+        let policy = |fallback: Option<&str>| {
+            crate::Policy::builder(ISS)
+                .audiences(["db"])
+                .required_scopes(["db".to_owned()])
+                .identity_fallback_claim(fallback.map(str::to_owned))
+                .build()
+                .unwrap()
+        };
+        let run = |answer: serde_json::Value, fallback: Option<&str>| {
+            let e = Endpoint::new();
+            e.answer("opaque", 200, answer);
+            let i = introspector(&e, settings("GPRXY_TEST_SECRET_20"));
+            let v = crate::Validator::new(policy(fallback));
+            let keys = crate::KeySet::default();
+            validate_token(TokenMode::Introspect, &v, &keys, Some(&i), "opaque", NOW)
+        };
+        let without = |member: &str| {
+            let mut a = full();
+            a.as_object_mut().unwrap().remove(member);
+            a
+        };
+        let ok = run(full(), None).unwrap();
+        assert_eq!((ok.identity.as_str(), ok.issuer.as_str()), ("alice", ISS));
+        let t = run(without("iss"), None).unwrap();
+        assert_eq!(t.issuer, ISS, "iss from the entry");
+        let mut other = full();
+        other["iss"] = serde_json::json!("https://other.example");
+        assert_eq!(run(other, None).unwrap_err().code(), "iss_mismatch");
+        assert_eq!(run(without("aud"), None).unwrap_err().code(), "aud_missing");
+        assert_eq!(run(without("exp"), None).unwrap_err().code(), "exp_missing");
+        assert_eq!(run(without("sub"), None).unwrap_err().code(), "identity_missing");
+        assert_eq!(run(without("sub"), Some("client_id")).unwrap().identity, "app");
+        assert_eq!(run(without("scope"), None).unwrap_err().code(), "scope_missing");
+        for member in ["client_id", "username", "token_type", "iat", "nbf", "jti"] {
+            assert_eq!(run(without(member), None).unwrap().identity, "alice", "{member} absent");
+        }
+        let mut future = full();
+        future["nbf"] = serde_json::json!(NOW + 3600);
+        assert_eq!(run(future, None).unwrap_err().code(), "not_yet_valid");
+        assert_eq!(run(serde_json::json!({"iss": ISS}), None).unwrap_err().code(), "introspection_malformed");
     }
 
     #[test]

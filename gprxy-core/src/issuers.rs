@@ -244,6 +244,9 @@ pub struct IssuerEntry {
 pub struct IssuerPolicy {
     /// The profile it took, if any.
     pub profile: Option<Profile>,
+    /// The well-known metadata URL the entry was configured with, if it was (its keys and
+    /// introspection endpoint are found there; [`IssuerPolicy::issuer`] is the issuer it names).
+    pub metadata_url: Option<String>,
     /// What its tokens must satisfy.
     pub policy: Policy,
     /// Where its keys come from.
@@ -323,13 +326,16 @@ impl IssuerEntry {
                 ConfigError::new(Setting::RequiredClaims, format!("{claim}: {reason}"))
             })?;
         let identity_claim = self.identity_claim.unwrap_or_else(|| identity_claim.to_owned());
+        // A well-known metadata URL stands for its issuer: tokens name that one.
+        let issuer =
+            crate::jwks::issuer_id(&self.issuer).map_err(|e| ConfigError::new(Setting::Issuer, e))?;
+        let metadata_url = (issuer != self.issuer).then(|| self.issuer.clone());
         // A profile's requirements hold for its provider's issuer even when the entry names no
         // profile (or another one).
-        let mut checks: Vec<Profile> =
-            self.profile.into_iter().chain(Profile::implied_by(&self.issuer)).collect();
+        let mut checks: Vec<Profile> = self.profile.into_iter().chain(Profile::implied_by(&issuer)).collect();
         checks.dedup();
         for profile in &checks {
-            profile.check(&self.issuer, &required).map_err(|reason| {
+            profile.check(&issuer, &required).map_err(|reason| {
                 ConfigError::new(Setting::Profile, format!("{}: {reason}", profile.name()))
             })?;
         }
@@ -344,7 +350,7 @@ impl IssuerEntry {
         }
         let required =
             RequiredClaims::new(required).map_err(|e| ConfigError::new(Setting::RequiredClaims, e))?;
-        let policy = Policy::builder(self.issuer.clone())
+        let policy = Policy::builder(issuer)
             .audiences(self.audience)
             .insecure_skip_audience(skip_audience)
             .algorithms(algorithms)
@@ -391,6 +397,7 @@ impl IssuerEntry {
         };
         Ok(IssuerPolicy {
             profile: self.profile,
+            metadata_url,
             policy,
             source,
             role_map,
@@ -426,7 +433,8 @@ impl IssuerSet {
         for (i, entry) in entries.into_iter().enumerate() {
             let name = entry.issuer.clone();
             let at = |error| IssuersError::Entry { number: i + 1, issuer: name.clone(), error };
-            if issuers.iter().any(|p| p.issuer() == name) {
+            let id = crate::jwks::issuer_id(&name).unwrap_or_else(|_| name.clone());
+            if issuers.iter().any(|p| p.issuer() == id) {
                 return Err(at(ConfigError::new(Setting::Issuer, "named twice")));
             }
             issuers.push(entry.check(skip_audience).map_err(at)?);
@@ -447,9 +455,14 @@ impl IssuerSet {
         Self::new(file.issuer, skip_audience)
     }
 
-    /// The policy for tokens of exactly this issuer.
+    /// The policy for tokens of exactly this issuer. A well-known metadata URL (pg_hba.conf's
+    /// other form of `issuer`) finds the entry of the issuer it stands for, configured either way.
     pub fn get(&self, issuer: &str) -> Option<&IssuerPolicy> {
-        self.issuers.iter().find(|p| p.issuer() == issuer)
+        let id = match crate::jwks::issuer_from_well_known(issuer) {
+            Ok(Some(id)) => id,
+            _ => issuer.to_owned(),
+        };
+        self.issuers.iter().find(|p| p.issuer() == id || p.metadata_url.as_deref() == Some(issuer))
     }
 
     /// Every policy, in file order.

@@ -690,30 +690,79 @@ fn parse_keys(url: &str, body: &[u8]) -> Result<KeySet, KeyError> {
     Ok(keys)
 }
 
+/// The issuer a well-known metadata URL stands for, when `configured` is one (PostgreSQL 18 lets
+/// pg_hba.conf's `issuer` be "a well-known URI that points directly to" the discovery document):
+/// `https://host/path/.well-known/openid-configuration` (OpenID Connect Discovery's suffix form)
+/// or `https://host/.well-known/oauth-authorization-server/path` (RFC 8414's infix form, either
+/// suffix allowed in either place where the other rule allows it, as libpq 18 reads them) gives
+/// `https://host/path`. `Ok(None)`: not a well-known URL (`configured` is the issuer itself).
+/// Refused: a query or fragment, another well-known suffix, or the well-known part in the middle
+/// of a path (`https://host/a/.well-known/openid-configuration/b` does not stand for
+/// `https://host/a/b`).
+pub fn issuer_from_well_known(configured: &str) -> Result<Option<String>, String> {
+    const PREFIX: &str = "/.well-known/";
+    let Some(scheme_end) = configured.find("://").map(|i| i + 3) else {
+        return Ok(None);
+    };
+    let rest = &configured[scheme_end..];
+    let Some(wk_at) = rest.find(PREFIX) else {
+        return Ok(None);
+    };
+    if rest.contains(['?', '#']) {
+        return Err("a well-known metadata URL has no query or fragment".into());
+    }
+    let after = &rest[wk_at + PREFIX.len()..];
+    let suffix = ["openid-configuration", "oauth-authorization-server"]
+        .into_iter()
+        .find(|s| after.strip_prefix(s).is_some_and(|tail| tail.is_empty() || tail.starts_with('/')))
+        .ok_or("a well-known metadata URL ends in openid-configuration or oauth-authorization-server")?;
+    let tail = &after[suffix.len()..];
+    let path_at = rest.find('/').unwrap_or(rest.len());
+    if !tail.is_empty() && wk_at != path_at {
+        return Err("the well-known part is either the whole path's start or its end".into());
+    }
+    let issuer = format!("{}{}{}", &configured[..scheme_end], &rest[..wk_at], tail);
+    Ok(Some(issuer))
+}
+
+/// The issuer `configured` names: the issuer of a well-known metadata URL, else `configured`.
+pub fn issuer_id(configured: &str) -> Result<String, String> {
+    Ok(issuer_from_well_known(configured)?.unwrap_or_else(|| configured.to_owned()))
+}
+
 /// The issuer's metadata (`<issuer>/.well-known/openid-configuration`, else RFC 8414's
-/// `/.well-known/oauth-authorization-server<path>`), with where it came from. The document
-/// must name exactly `issuer`.
+/// `/.well-known/oauth-authorization-server<path>`; a configured well-known URL is fetched as
+/// it is), with where it came from. The document must name exactly the issuer.
 pub fn issuer_metadata(
     fetcher: &dyn Fetcher,
-    issuer: &str,
+    configured: &str,
 ) -> Result<(String, serde_json::Map<String, Value>), KeyError> {
-    let base = issuer.trim_end_matches('/');
-    let oidc = format!("{base}/.well-known/openid-configuration");
-    let (url, body) = match fetcher.get(&oidc) {
-        Ok(r) => (oidc, r.body),
-        Err(KeyError::Status { status: 404, .. }) => {
-            let rfc8414 = rfc8414_url(issuer).ok_or_else(|| KeyError::BadUrl(Quoted::new(issuer)))?;
-            let r = fetcher.get(&rfc8414)?;
-            (rfc8414, r.body)
+    let well_known =
+        issuer_from_well_known(configured).map_err(|_| KeyError::BadUrl(Quoted::new(configured)))?;
+    let (issuer, url, body) = match well_known {
+        Some(issuer) => (issuer, configured.to_owned(), fetcher.get(configured)?.body),
+        None => {
+            let issuer = configured.to_owned();
+            let base = issuer.trim_end_matches('/');
+            let oidc = format!("{base}/.well-known/openid-configuration");
+            match fetcher.get(&oidc) {
+                Ok(r) => (issuer, oidc, r.body),
+                Err(KeyError::Status { status: 404, .. }) => {
+                    let rfc8414 =
+                        rfc8414_url(&issuer).ok_or_else(|| KeyError::BadUrl(Quoted::new(&issuer)))?;
+                    let r = fetcher.get(&rfc8414)?;
+                    (issuer, rfc8414, r.body)
+                }
+                Err(e) => return Err(e),
+            }
         }
-        Err(e) => return Err(e),
     };
     let invalid = |reason: &str| KeyError::Invalid { url: Quoted::new(&url), reason: reason.into() };
     let meta = parse_object(&body).map_err(|e| invalid(&format!("metadata: {e}")))?;
     match meta.get("issuer").and_then(Value::as_str) {
         Some(i) if i == issuer => {}
         Some(i) => {
-            return Err(KeyError::IssuerMismatch { got: Quoted::new(i), expected: Quoted::new(issuer) })
+            return Err(KeyError::IssuerMismatch { got: Quoted::new(i), expected: Quoted::new(&issuer) })
         }
         None => return Err(invalid("metadata has no issuer")),
     }
@@ -732,6 +781,94 @@ fn rfc8414_url(issuer: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    /// Serves fixed documents; anything else is a 404.
+    struct StaticFetcher(Vec<(String, Value)>);
+
+    impl StaticFetcher {
+        fn new<const N: usize>(docs: [(&str, Value); N]) -> Self {
+            Self(docs.into_iter().map(|(u, v)| (u.to_owned(), v)).collect())
+        }
+    }
+
+    impl Fetcher for StaticFetcher {
+        fn get(&self, url: &str) -> Result<crate::fetch::HttpResponse, KeyError> {
+            match self.0.iter().find(|(u, _)| u == url) {
+                Some((_, v)) => {
+                    Ok(crate::fetch::HttpResponse { body: v.to_string().into_bytes(), max_age: None })
+                }
+                None => Err(KeyError::Status { url: Quoted::new(url), status: 404 }),
+            }
+        }
+    }
+
+    /// pg_hba.conf's well-known form: both suffixes, both places, and what is refused.
+    #[test]
+    fn a_well_known_url_stands_for_its_issuer() {
+        let id = |u: &str| issuer_from_well_known(u);
+        assert_eq!(
+            id("https://idp.example/.well-known/openid-configuration"),
+            Ok(Some("https://idp.example".into()))
+        );
+        assert_eq!(
+            id("https://idp.example/tenant/v2/.well-known/openid-configuration"),
+            Ok(Some("https://idp.example/tenant/v2".into()))
+        );
+        assert_eq!(
+            id("https://idp.example/.well-known/oauth-authorization-server/tenant"),
+            Ok(Some("https://idp.example/tenant".into()))
+        );
+        assert_eq!(
+            id("https://idp.example/.well-known/oauth-authorization-server"),
+            Ok(Some("https://idp.example".into()))
+        );
+        assert_eq!(
+            id("http://127.0.0.1:8080/.well-known/openid-configuration"),
+            Ok(Some("http://127.0.0.1:8080".into()))
+        );
+        assert_eq!(id("https://idp.example/tenant"), Ok(None));
+        assert_eq!(id("https://idp.example/tenant/"), Ok(None));
+        assert_eq!(
+            id("https://idp.example/a/.well-known/openid-configuration/b"),
+            Err("the well-known part is either the whole path's start or its end".into())
+        );
+        let suffix = Err(
+            "a well-known metadata URL ends in openid-configuration or oauth-authorization-server".into(),
+        );
+        assert_eq!(id("https://idp.example/.well-known/openid-configuration-bad"), suffix);
+        assert_eq!(id("https://idp.example/.well-known/jwks.json"), suffix);
+        assert_eq!(
+            id("https://idp.example/.well-known/openid-configuration?x=1"),
+            Err("a well-known metadata URL has no query or fragment".into())
+        );
+        assert_eq!(issuer_id("https://idp.example/x"), Ok("https://idp.example/x".into()));
+    }
+
+    /// A configured well-known URL is fetched as it is, and its document must name the issuer
+    /// the URL stands for.
+    #[test]
+    fn a_well_known_url_is_fetched_as_configured() {
+        let wk = "https://idp.example/.well-known/oauth-authorization-server/t";
+        let good = StaticFetcher::new([(
+            wk,
+            json!({"issuer": "https://idp.example/t", "jwks_uri": "https://idp.example/k"}),
+        )]);
+        let (url, meta) = issuer_metadata(&good, wk).unwrap();
+        assert_eq!((url.as_str(), meta["jwks_uri"].as_str()), (wk, Some("https://idp.example/k")));
+        let other = StaticFetcher::new([(
+            wk,
+            json!({"issuer": "https://idp.example", "jwks_uri": "https://idp.example/k"}),
+        )]);
+        assert_eq!(
+            issuer_metadata(&other, wk).unwrap_err().to_string(),
+            KeyError::IssuerMismatch {
+                got: Quoted::new("https://idp.example"),
+                expected: Quoted::new("https://idp.example/t")
+            }
+            .to_string()
+        );
+    }
 
     #[test]
     fn rfc8414_inserts_well_known_before_path() {

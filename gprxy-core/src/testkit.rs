@@ -170,6 +170,17 @@ impl Request {
             (k == name).then(|| percent_decode(v))
         })
     }
+
+    /// Every value of a repeated form field, in order.
+    pub fn form_all(&self, name: &str) -> Vec<String> {
+        let body = String::from_utf8_lossy(&self.body);
+        body.split('&')
+            .filter_map(|kv| {
+                let (k, v) = kv.split_once('=')?;
+                (k == name).then(|| percent_decode(v))
+            })
+            .collect()
+    }
 }
 
 fn percent_decode(s: &str) -> String {

@@ -603,7 +603,11 @@ fn one_issuer(f: &FileFallback) -> anyhow::Result<gprxy_core::IssuerSet> {
         bail!("fallback: needs issuer, audience and role_claim (or [[fallback.issuers]])");
     };
     let required = required_claims(f.required_claims.clone())?;
-    let policy = gprxy_core::Policy::builder(issuer.clone())
+    // A well-known metadata URL stands for its issuer: tokens name that one.
+    let issuer_id =
+        gprxy_core::jwks::issuer_id(issuer).map_err(|e| anyhow::anyhow!("fallback.issuer: {e}"))?;
+    let metadata_url = (&issuer_id != issuer).then(|| issuer.clone());
+    let policy = gprxy_core::Policy::builder(issuer_id)
         .audiences(audience.clone())
         .accept_generic_typ(f.accept_jwt_typ.unwrap_or(false))
         .accept_bound_tokens(f.accept_bound_tokens.unwrap_or(false))
@@ -622,6 +626,7 @@ fn one_issuer(f: &FileFallback) -> anyhow::Result<gprxy_core::IssuerSet> {
     }
     let entry = gprxy_core::IssuerPolicy {
         profile: None,
+        metadata_url,
         policy,
         source,
         role_map: Vec::new(),
@@ -899,6 +904,37 @@ mod tests {
             pw.display()
         );
         (dir, lines)
+    }
+
+    /// #30 item 1: an issuer written as its well-known metadata URL, in the one-issuer shorthand
+    /// and in `[[fallback.issuers]]`: tokens are checked against the issuer it stands for, the
+    /// keys and the OAUTHBEARER discovery answer use the URL as written; a malformed one is refused
+    /// at load.
+    #[test]
+    fn a_well_known_issuer_url_stands_for_its_issuer() {
+        let wk = "https://idp.example/.well-known/oauth-authorization-server/t";
+        for head in [
+            format!(
+                "signed_context = false\nissuer = \"{wk}\"\naudience = [\"db\"]\nrole_claim = \"roles\"\n"
+            ),
+            format!("signed_context = false\n[[fallback.issuers]]\nissuer = \"{wk}\"\naudience = [\"db\"]\n"),
+        ] {
+            let (_dir, lines) = one_account(&head);
+            let cfg = load(&format!("upstream = \"h:1\"\n{TLS}[fallback]\n{lines}")).unwrap();
+            let fallback = cfg.fallback.as_ref().unwrap();
+            let entry =
+                fallback.issuers.get("https://idp.example/t").expect("found by the issuer it stands for");
+            assert_eq!(entry.metadata_url.as_deref(), Some(wk));
+            assert_eq!(entry.source, gprxy_core::JwksSource::Discovery { issuer: wk.to_owned() });
+        }
+        let (_dir, lines) = one_account(
+            "signed_context = false\nissuer = \"https://idp.example/a/.well-known/openid-configuration/b\"\naudience = [\"db\"]\nrole_claim = \"roles\"\n",
+        );
+        let e = load(&format!("upstream = \"h:1\"\n{TLS}[fallback]\n{lines}")).map(|_| ()).unwrap_err();
+        assert_eq!(
+            format!("{e:#}"),
+            "fallback.issuer: the well-known part is either the whole path's start or its end"
+        );
     }
 
     /// #27 item 1: two issuers that reach one account with plain identities are refused at load,

@@ -40,6 +40,10 @@ enum Command {
         /// `audience` parameter (Auth0: the API identifier, to get a JWT access token).
         #[arg(long)]
         audience: Option<String>,
+        /// RFC 8707 `resource` (an absolute URI; repeatable), asked for at login and at every
+        /// refresh: providers that issue JWT access tokens only for a resource need it.
+        #[arg(long, value_parser = parse_resource)]
+        resource: Vec<String>,
         /// PEM file of CA certificates for a private IdP.
         #[arg(long)]
         ca_file: Option<PathBuf>,
@@ -79,6 +83,10 @@ fn init_logging(format: config::LogFormat) {
     }
 }
 
+fn parse_resource(v: &str) -> Result<String, String> {
+    user_login::check_resource(v).map(|()| v.to_owned())
+}
+
 /// Client commands print their error as one line (no backtrace) and exit with status 1.
 fn login_result(r: Result<(), user_login::LoginError>) -> ExitCode {
     match r {
@@ -93,7 +101,15 @@ fn login_result(r: Result<(), user_login::LoginError>) -> ExitCode {
 fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Login { issuer, client_id, scope, audience, ca_file, insecure_allow_http_loopback } => {
+        Command::Login {
+            issuer,
+            client_id,
+            scope,
+            audience,
+            resource,
+            ca_file,
+            insecure_allow_http_loopback,
+        } => {
             if insecure_allow_http_loopback {
                 eprintln!(
                     "gprxy: WARNING: plain-HTTP issuer allowed (--insecure-allow-http-loopback, tests only)"
@@ -104,6 +120,7 @@ fn main() -> anyhow::Result<ExitCode> {
                 client_id,
                 scope,
                 audience,
+                resource,
                 ca_file,
                 insecure_allow_http_loopback,
             };

@@ -110,6 +110,9 @@ pub struct Credentials {
     pub refresh_token: Option<String>,
     /// Unix time the access token expires.
     pub expires_at: i64,
+    /// RFC 8707 resource indicators asked for at login, asked for again at each refresh.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resource: Vec<String>,
     /// PEM CA file for a private issuer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
@@ -129,10 +132,30 @@ pub struct LoginRequest {
     pub scope: String,
     /// `audience` parameter (Auth0 needs one to issue a JWT access token).
     pub audience: Option<String>,
+    /// RFC 8707 `resource` parameters (absolute URIs): providers that issue RFC 9068 JWT access
+    /// tokens only for a resource (panva's oidc-provider) need one.
+    pub resource: Vec<String>,
     /// PEM CA file for a private issuer.
     pub ca_file: Option<PathBuf>,
     /// INSECURE, tests only: plain HTTP to a loopback issuer.
     pub insecure_allow_http_loopback: bool,
+}
+
+/// RFC 8707 section 2: a resource indicator is an absolute URI without a fragment.
+pub fn check_resource(uri: &str) -> Result<(), String> {
+    let scheme_ok = uri.split_once(':').is_some_and(|(scheme, rest)| {
+        !scheme.is_empty()
+            && scheme.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+            && scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+            && !rest.is_empty()
+    });
+    if !scheme_ok {
+        return Err("a resource is an absolute URI (RFC 8707), such as https://db.example.com".into());
+    }
+    if uri.contains('#') {
+        return Err("a resource has no fragment (RFC 8707)".into());
+    }
+    Ok(())
 }
 
 /// `$GPRXY_CONFIG_DIR`, else `$XDG_CONFIG_HOME/gprxy`, else `~/.config/gprxy`.
@@ -160,10 +183,28 @@ fn http(ca_file: Option<&Path>, insecure: bool) -> Result<UreqFetcher, LoginErro
     UreqFetcher::new(settings).map_err(|e| LoginError::BadResponse(e.to_string()))
 }
 
-fn json_object(body: &[u8]) -> Result<Map<String, Value>, LoginError> {
+/// An OAuth endpoint's answer as a JSON object. Anything else (an HTML error page from a proxy,
+/// an empty body) is named by its HTTP status and what it likely means, never quoted (it may
+/// echo what was sent).
+fn json_object(status: u16, body: &[u8]) -> Result<Map<String, Value>, LoginError> {
     match serde_json::from_slice(body) {
         Ok(Value::Object(m)) => Ok(m),
-        _ => Err(LoginError::BadResponse("not a JSON object".into())),
+        _ => {
+            let what = if body.iter().all(u8::is_ascii_whitespace) {
+                "an empty body"
+            } else {
+                "a body that is not a JSON object"
+            };
+            let hint = match status {
+                200..=299 => "the URL may not be this issuer's OAuth endpoint",
+                401 | 403 => "the client id (or its secret) is not accepted at this endpoint",
+                404 => "the endpoint is not there: check the issuer URL",
+                429 => "the issuer is limiting requests: try again later",
+                500..=599 => "the issuer (or a proxy in front of it) failed: try again later",
+                _ => "check the issuer URL and the client's settings at the issuer",
+            };
+            Err(LoginError::BadResponse(format!("HTTP {status} with {what}: {hint}")))
+        }
     }
 }
 
@@ -175,15 +216,39 @@ fn oauth_error(m: &Map<String, Value>) -> Option<(String, Option<String>)> {
     str_field(m, "error").map(|e| (e, str_field(m, "error_description")))
 }
 
-/// When the token expires: `expires_in` if given, else the token's own `exp` (read unverified:
-/// only to decide when to refresh), else now (refresh next time).
+/// How long a token is taken to last when neither the answer (`expires_in`, RECOMMENDED by
+/// RFC 6749 section 5.1) nor the token (an opaque one has no `exp`) says.
+pub const UNKNOWN_LIFETIME_SECS: i64 = 300;
+
+/// When the token expires: the earlier of `expires_in` and the token's own `exp` (read
+/// unverified: only to decide when to refresh), else [`UNKNOWN_LIFETIME_SECS`] from now.
 fn expiry(m: &Map<String, Value>, access_token: &str, now: i64) -> i64 {
     let from_response = m.get("expires_in").and_then(Value::as_i64).map(|s| now + s);
     let from_token = gprxy_core::peek_claim(access_token, "exp").and_then(|v| v.parse::<i64>().ok());
     match (from_response, from_token) {
         (Some(a), Some(b)) => a.min(b),
-        (a, b) => a.or(b).unwrap_or(now),
+        (a, b) => a.or(b).unwrap_or(now + UNKNOWN_LIFETIME_SECS),
     }
+}
+
+/// The access token of a successful token answer (RFC 6749 section 5.1): `access_token` is
+/// required; `token_type`, required too, is taken as `Bearer` when absent (some issuers leave it
+/// out) and refused when it names another kind (a DPoP-bound token is useless without its key,
+/// which gprxy does not hold).
+fn access_token(m: &Map<String, Value>) -> Result<String, LoginError> {
+    let token =
+        str_field(m, "access_token").ok_or_else(|| LoginError::BadResponse("no access_token".into()))?;
+    match m.get("token_type") {
+        None => {}
+        Some(Value::String(t)) if t.eq_ignore_ascii_case("bearer") => {}
+        Some(Value::String(t)) if t.len() <= 32 && t.bytes().all(|b| b.is_ascii_graphic()) => {
+            return Err(LoginError::BadResponse(format!(
+                "token_type {t:?} is not Bearer: ask the issuer for a plain bearer token for this client"
+            )))
+        }
+        Some(_) => return Err(LoginError::BadResponse("token_type is not a short string".into())),
+    }
+    Ok(token)
 }
 
 /// Runs the device flow: asks the issuer for a code, tells the user (`prompt`) where to enter
@@ -202,8 +267,11 @@ pub fn login(req: &LoginRequest, prompt: &mut dyn Write) -> Result<Credentials, 
     if let Some(a) = &req.audience {
         form.push(("audience", a));
     }
-    let (_, body) = fetcher.post_form(&device_endpoint, &form).map_err(unreachable)?;
-    let device = json_object(&body)?;
+    for r in &req.resource {
+        form.push(("resource", r));
+    }
+    let (status, body) = fetcher.post_form(&device_endpoint, &form).map_err(unreachable)?;
+    let device = json_object(status, &body)?;
     if let Some((error, description)) = oauth_error(&device) {
         return Err(LoginError::Refused { error, description });
     }
@@ -222,15 +290,18 @@ pub fn login(req: &LoginRequest, prompt: &mut dyn Write) -> Result<Credentials, 
     let _ = prompt.flush();
 
     let deadline = std::time::Instant::now() + Duration::from_secs(lifetime);
-    let poll = [("grant_type", DEVICE_GRANT), ("device_code", &device_code), ("client_id", &req.client_id)];
+    let mut poll =
+        vec![("grant_type", DEVICE_GRANT), ("device_code", &device_code), ("client_id", &req.client_id)];
+    for r in &req.resource {
+        poll.push(("resource", r));
+    }
     loop {
-        let (_, body) = fetcher.post_form(&token_endpoint, &poll).map_err(unreachable)?;
-        let answer = json_object(&body)?;
+        let (status, body) = fetcher.post_form(&token_endpoint, &poll).map_err(unreachable)?;
+        let answer = json_object(status, &body)?;
         match oauth_error(&answer) {
             None => {
                 let now = gprxy_core::unix_time();
-                let access_token = str_field(&answer, "access_token")
-                    .ok_or_else(|| LoginError::BadResponse("no access_token".into()))?;
+                let access_token = access_token(&answer)?;
                 return Ok(Credentials {
                     issuer: req.issuer.clone(),
                     client_id: req.client_id.clone(),
@@ -238,6 +309,7 @@ pub fn login(req: &LoginRequest, prompt: &mut dyn Write) -> Result<Credentials, 
                     expires_at: expiry(&answer, &access_token, now),
                     access_token,
                     refresh_token: str_field(&answer, "refresh_token"),
+                    resource: req.resource.clone(),
                     ca_file: req.ca_file.clone(),
                     insecure_allow_http_loopback: req.insecure_allow_http_loopback,
                 });
@@ -258,20 +330,22 @@ pub fn login(req: &LoginRequest, prompt: &mut dyn Write) -> Result<Credentials, 
 pub fn refresh(creds: &mut Credentials, now: i64) -> Result<(), LoginError> {
     let refresh_token = creds.refresh_token.clone().ok_or(LoginError::NoRefreshToken)?;
     let fetcher = http(creds.ca_file.as_deref(), creds.insecure_allow_http_loopback)?;
-    let form = [
+    let mut form = vec![
         ("grant_type", "refresh_token"),
         ("refresh_token", refresh_token.as_str()),
         ("client_id", creds.client_id.as_str()),
     ];
-    let (_, body) = fetcher
+    for r in &creds.resource {
+        form.push(("resource", r));
+    }
+    let (status, body) = fetcher
         .post_form(&creds.token_endpoint, &form)
         .map_err(|source| LoginError::Unreachable { issuer: creds.issuer.clone(), source })?;
-    let answer = json_object(&body)?;
+    let answer = json_object(status, &body)?;
     if let Some((error, _)) = oauth_error(&answer) {
         return Err(LoginError::RefreshRefused { error });
     }
-    let access_token = str_field(&answer, "access_token")
-        .ok_or_else(|| LoginError::BadResponse("no access_token".into()))?;
+    let access_token = access_token(&answer)?;
     creds.expires_at = expiry(&answer, &access_token, now);
     creds.access_token = access_token;
     // Rotating issuers send a new refresh token; others keep the old one valid.
@@ -335,6 +409,7 @@ pub fn save(path: &Path, creds: &Credentials) -> Result<(), LoginError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn creds() -> Credentials {
         Credentials {
@@ -344,6 +419,7 @@ mod tests {
             access_token: "a.b.c".into(),
             refresh_token: Some("r1".into()),
             expires_at: 1000,
+            resource: Vec::new(),
             ca_file: None,
             insecure_allow_http_loopback: false,
         }
@@ -400,10 +476,53 @@ mod tests {
         );
     }
 
+    /// #30 item 5, RFC 6749 section 5.1: `token_type` absent is taken as Bearer, another kind is
+    /// refused with the type named; `access_token` is required; `expires_in` absent with an
+    /// opaque token is five minutes.
+    #[test]
+    fn each_member_of_a_token_answer_is_handled_as_rfc_6749_says() {
+        let answer = |v: Value| v.as_object().unwrap().clone();
+        assert_eq!(access_token(&answer(json!({"access_token": "a"}))).unwrap(), "a");
+        assert_eq!(access_token(&answer(json!({"access_token": "a", "token_type": "bearer"}))).unwrap(), "a");
+        assert_eq!(
+            access_token(&answer(json!({"access_token": "a", "token_type": "DPoP"}))).unwrap_err().to_string(),
+            "the issuer's token response is invalid: token_type \"DPoP\" is not Bearer: ask the issuer for a \
+             plain bearer token for this client"
+        );
+        assert_eq!(
+            access_token(&answer(json!({"token_type": "Bearer"}))).unwrap_err().to_string(),
+            "the issuer's token response is invalid: no access_token"
+        );
+        assert_eq!(expiry(&answer(json!({})), "opaque", 1000), 1000 + UNKNOWN_LIFETIME_SECS);
+    }
+
+    /// RFC 6749 section 5.2 and what is not JSON: the status and a hint, never the body.
+    #[test]
+    fn an_answer_that_is_not_json_names_its_status() {
+        let e = |status, body: &[u8]| json_object(status, body).unwrap_err().to_string();
+        assert_eq!(
+            e(404, b"<html>nope</html>"),
+            "the issuer's token response is invalid: HTTP 404 with a body that is not a JSON object: the endpoint \
+             is not there: check the issuer URL"
+        );
+        assert_eq!(
+            e(401, b"  "),
+            "the issuer's token response is invalid: HTTP 401 with an empty body: the client id (or its secret) is \
+             not accepted at this endpoint"
+        );
+        assert_eq!(
+            e(429, b"[]"),
+            "the issuer's token response is invalid: HTTP 429 with a body that is not a JSON object: the issuer is \
+             limiting requests: try again later"
+        );
+        let refused = json_object(400, br#"{"error":"invalid_grant"}"#).unwrap();
+        assert_eq!(oauth_error(&refused), Some(("invalid_grant".into(), None)));
+    }
+
     #[test]
     fn expiry_takes_the_earlier_of_response_and_token() {
         let m = |v: Value| v.as_object().cloned().unwrap();
         assert_eq!(expiry(&m(serde_json::json!({"expires_in": 300})), "opaque", 100), 400);
-        assert_eq!(expiry(&m(serde_json::json!({})), "opaque", 100), 100);
+        assert_eq!(expiry(&m(serde_json::json!({})), "opaque", 100), 100 + UNKNOWN_LIFETIME_SECS);
     }
 }

@@ -217,6 +217,69 @@ fn privileged_role(role: &str, powers: Option<RolePowers>) -> Option<String> {
     })
 }
 
+/// What a login looks up in the server beside the token.
+pub trait Server {
+    /// A role's powers (None: no such role).
+    fn role_powers(&self, role: &str) -> Option<RolePowers>;
+    /// The issuers of pg_hba.conf's oauth lines that can reach `role` (None: unreadable).
+    fn hba_issuers_for_role(&self, role: &str) -> Option<Vec<String>>;
+}
+
+/// The running server: the catalog and pg_hba.conf.
+struct Live;
+
+impl Server for Live {
+    fn role_powers(&self, role: &str) -> Option<RolePowers> {
+        crate::ffi::role_powers(role)
+    }
+    fn hba_issuers_for_role(&self, role: &str) -> Option<Vec<String>> {
+        crate::ffi::hba_issuers_for_role(role)
+    }
+}
+
+/// Why logging `issuer`'s token in as `role` would make one person of two (None: it would not).
+/// Two issuers whose pg_hba lines can reach one role, either with plain identities, are one
+/// namespace to pg_ident, to `gprxy.identity()` and to the RLS policies written on it: one's
+/// `alice` is the other's. Refused unless `gprxy.shared_subject_namespace` says they are one
+/// namespace; pg_hba.conf that cannot be read is refused too (fail closed).
+fn shared_role(settings: &Settings, issuer: &str, role: &str, server: &impl Server) -> Option<String> {
+    if settings.shared_subject_namespace {
+        return None;
+    }
+    // With an issuers file of one entry (or only qualified ones), no second plain issuer can
+    // log in at all: pg_hba.conf need not be read.
+    let can_differ = match &settings.issuers {
+        Some(set) => set.len() > 1 && set.iter().any(|e| settings.plain_identities(e.issuer())),
+        None => !settings.issuer_qualified,
+    };
+    if !can_differ {
+        return None;
+    }
+    let Some(reaching) = server.hba_issuers_for_role(role) else {
+        return Some(
+            "pg_hba.conf could not be read to check which other issuers can reach the role".to_owned(),
+        );
+    };
+    // One issuer on two lines, once as a well-known metadata URL, is one issuer.
+    let id = |i: &str| gprxy_core::jwks::issuer_id(i).unwrap_or_else(|_| i.to_owned());
+    let mut issuers: Vec<String> = vec![id(issuer)];
+    for other in reaching.iter().map(|i| id(i)) {
+        if !issuers.contains(&other) {
+            issuers.push(other);
+        }
+    }
+    if issuers.len() < 2 || !issuers.iter().any(|i| settings.plain_identities(i)) {
+        return None;
+    }
+    // The audit line shows the first 128 characters of a detail: the other issuers first, the
+    // remedies in README ("Two issuers, one role").
+    let others: Vec<String> = issuers.iter().skip(1).map(|i| format!("{i:?}")).collect();
+    Some(format!(
+        "role {role:?} is also reached with plain identities by issuer {} (see gprxy.shared_subject_namespace)",
+        others.join(", ")
+    ))
+}
+
 fn deny(reason: &'static str, detail: String, authn_id: Option<String>) -> LoginOutcome {
     LoginOutcome { authorized: false, authn_id, reason, detail, token: None, session_end: None }
 }
@@ -228,7 +291,7 @@ pub fn decide(req: &LoginRequest<'_>) -> LoginOutcome {
         Err(e) => return deny("config", crate::settings::describe(&e), None),
     };
     let check_for = |issuer: &str, scope: Option<&str>| issuer_check(&settings, issuer, scope);
-    decide_with(req, &settings, check_for, crate::ffi::role_powers, gprxy_core::unix_time())
+    decide_with(req, &settings, check_for, &Live, gprxy_core::unix_time())
 }
 
 /// The decision itself, given the settings, where an issuer's keys and validator come from,
@@ -238,7 +301,7 @@ pub fn decide_with(
     req: &LoginRequest<'_>,
     settings: &Settings,
     check_for: impl FnOnce(&str, Option<&str>) -> Result<IssuerCheck, ConfigError>,
-    role_powers: impl FnOnce(&str) -> Option<RolePowers>,
+    server: &impl Server,
     now: i64,
 ) -> LoginOutcome {
     // Who tried, for the log, even when the token is refused (never used for a decision).
@@ -279,7 +342,7 @@ pub fn decide_with(
                 session_end: None,
             };
         }
-        if let Some(detail) = privileged_role(req.role, role_powers(req.role)) {
+        if let Some(detail) = privileged_role(req.role, server.role_powers(req.role)) {
             return LoginOutcome {
                 authorized: false,
                 authn_id: Some(token.identity.clone()),
@@ -296,6 +359,16 @@ pub fn decide_with(
         .session
         .plan(login_at, u64::try_from(token.expires_at).ok())
         .map(|plan| SessionEnd::new(plan, settings.session.mode, req.role, &token));
+    if let Some(detail) = shared_role(settings, issuer, req.role, server) {
+        return LoginOutcome {
+            authorized: false,
+            authn_id: Some(token.identity.clone()),
+            reason: "issuers_share_role",
+            detail,
+            token: Some(token),
+            session_end: None,
+        };
+    }
     // A token inside the leeway past its exp would be let in only to be ended at once.
     if let Some(end) = session_end.as_ref().filter(|e| e.plan.end_at <= u64::try_from(now).unwrap_or(0)) {
         let detail = format!(
@@ -395,12 +468,37 @@ mod tests {
         }
     }
 
+    /// A server whose roles have `powers` and whose pg_hba.conf has oauth lines of `hba`'s
+    /// issuers reaching every role (None: unreadable).
+    struct FakeServer {
+        powers: Option<RolePowers>,
+        hba: Option<Vec<String>>,
+    }
+
+    impl Server for FakeServer {
+        fn role_powers(&self, _role: &str) -> Option<RolePowers> {
+            self.powers.clone()
+        }
+        fn hba_issuers_for_role(&self, _role: &str) -> Option<Vec<String>> {
+            self.hba.clone()
+        }
+    }
+
     /// Decides with `key`'s key set and the policy `settings` give for the request's issuer.
     fn decide_for(
         req: &LoginRequest<'_>,
         settings: &Settings,
         key: &TestKey,
         powers: Option<RolePowers>,
+    ) -> LoginOutcome {
+        decide_on(req, settings, key, &FakeServer { powers, hba: Some(vec![ISSUER.to_owned()]) })
+    }
+
+    fn decide_on(
+        req: &LoginRequest<'_>,
+        settings: &Settings,
+        key: &TestKey,
+        server: &FakeServer,
     ) -> LoginOutcome {
         let keys = KeySet::from_json(jwks(&[key]).to_string().as_bytes()).unwrap();
         let check_for = |issuer: &str, scope: Option<&str>| {
@@ -411,7 +509,7 @@ mod tests {
                 introspector: None,
             })
         };
-        decide_with(req, settings, check_for, |_| powers, now())
+        decide_with(req, settings, check_for, server, now())
     }
 
     fn ordinary() -> Option<RolePowers> {
@@ -422,6 +520,97 @@ mod tests {
             create_role: false,
             member_of: None,
         })
+    }
+
+    /// Two issuers' pg_hba lines reaching the requested role, with plain identities: refused
+    /// with its own reason, naming both; qualified identities, the DBA's shared namespace, or
+    /// lines that do not reach the role let it in; an unreadable pg_hba.conf is refused.
+    #[test]
+    fn two_plain_issuers_reaching_one_role_are_refused() {
+        let key = TestKey::p256("k1");
+        let t = token(&key, json!({}));
+        let req = request(&t, "alice", false);
+        let other = "https://other.example".to_owned();
+        let both = || FakeServer { powers: ordinary(), hba: Some(vec![ISSUER.to_owned(), other.clone()]) };
+        let out = decide_on(&req, &settings(), &key, &both());
+        assert_eq!((out.authorized, out.reason), (false, "issuers_share_role"));
+        assert!(
+            out.detail
+                == "role \"alice\" is also reached with plain identities by issuer \"https://other.example\" \
+                    (see gprxy.shared_subject_namespace)",
+            "{}",
+            out.detail
+        );
+
+        let mut shared = settings();
+        shared.shared_subject_namespace = true;
+        assert!(decide_on(&req, &shared, &key, &both()).authorized);
+
+        let mut qualified = settings();
+        qualified.issuer_qualified = true;
+        let out = decide_on(&req, &qualified, &key, &both());
+        assert_eq!((out.authorized, out.authn_id.as_deref()), (true, Some("https://idp.example/#alice")));
+
+        let alone = FakeServer { powers: ordinary(), hba: Some(vec![ISSUER.to_owned(), ISSUER.to_owned()]) };
+        assert!(decide_on(&req, &settings(), &key, &alone).authorized);
+
+        let unreadable = FakeServer { powers: ordinary(), hba: None };
+        let out = decide_on(&req, &settings(), &key, &unreadable);
+        assert_eq!(
+            (out.authorized, out.reason, out.detail.as_str()),
+            (
+                false,
+                "issuers_share_role",
+                "pg_hba.conf could not be read to check which other issuers can reach the role"
+            )
+        );
+    }
+
+    /// With an issuers file, one plain entry beside a qualified one still makes one namespace
+    /// (a plain `sub` may be spelled like a qualified identity); a file of one entry needs no
+    /// look at pg_hba.conf at all (no other issuer can log in).
+    #[test]
+    fn the_issuers_file_decides_which_identities_are_plain() {
+        let key = TestKey::p256("k1");
+        let t = token(&key, json!({}));
+        let req = request(&t, "alice", false);
+        let file = |second_qualified: bool| {
+            let mut s = settings();
+            s.role_claim = None;
+            s.audiences.clear();
+            s.issuers = Some(Arc::new(
+                gprxy_core::IssuerSet::from_toml(
+                    &format!(
+                        "[[issuer]]\nissuer = \"{ISSUER}\"\naudience = [\"db\"]\nissuer_qualified = true\n\
+                         [[issuer]]\nissuer = \"https://other.example\"\naudience = [\"db\"]\nissuer_qualified = {second_qualified}\n"
+                    ),
+                    false,
+                )
+                .unwrap(),
+            ));
+            s
+        };
+        let both = FakeServer {
+            powers: ordinary(),
+            hba: Some(vec![ISSUER.to_owned(), "https://other.example".to_owned()]),
+        };
+        let out = decide_on(&req, &file(false), &key, &both);
+        assert_eq!((out.authorized, out.reason), (false, "issuers_share_role"));
+        let out = decide_on(&req, &file(true), &key, &both);
+        assert_eq!((out.authorized, out.reason), (true, "ok"));
+
+        let mut one = settings();
+        one.role_claim = None;
+        one.audiences.clear();
+        one.issuers = Some(Arc::new(
+            gprxy_core::IssuerSet::from_toml(
+                &format!("[[issuer]]\nissuer = \"{ISSUER}\"\naudience = [\"db\"]\n"),
+                false,
+            )
+            .unwrap(),
+        ));
+        let unreadable = FakeServer { powers: ordinary(), hba: None };
+        assert_eq!(decide_on(&req, &one, &key, &unreadable).reason, "ok");
     }
 
     #[test]

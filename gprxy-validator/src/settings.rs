@@ -23,6 +23,7 @@ pub static AUDIENCE: Str = Str::new(None);
 pub static JWKS_URI: Str = Str::new(None);
 pub static AUTHN_CLAIM: Str = Str::new(Some(c"sub"));
 pub static AUTHN_ISSUER_QUALIFIED: GucSetting<bool> = GucSetting::<bool>::new(false);
+pub static SHARED_SUBJECT_NAMESPACE: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static ROLE_CLAIM: Str = Str::new(None);
 pub static ROLE_MAP: Str = Str::new(None);
 pub static ALLOWED_ALGORITHMS: Str = Str::new(Some(c"RS256,RS384,RS512,PS256,PS384,PS512,ES256,ES384,EdDSA"));
@@ -193,6 +194,9 @@ pub struct Settings {
     pub jwks_uri: Option<String>,
     pub authn_claim: String,
     pub issuer_qualified: bool,
+    /// The DBA says every issuer of pg_hba.conf issues identities from one namespace (a `sub` of
+    /// one is the same person at another): two issuers with plain identities may reach one role.
+    pub shared_subject_namespace: bool,
     pub role_claim: Option<String>,
     pub role_map: Vec<(String, String)>,
     pub algorithms: Vec<Algorithm>,
@@ -262,6 +266,7 @@ impl Settings {
             jwks_uri: (!jwks_uri.is_empty()).then_some(jwks_uri),
             authn_claim: string(&AUTHN_CLAIM),
             issuer_qualified: AUTHN_ISSUER_QUALIFIED.get(),
+            shared_subject_namespace: SHARED_SUBJECT_NAMESPACE.get(),
             role_claim: Some(string(&ROLE_CLAIM)).filter(|c| !c.is_empty()),
             role_map,
             algorithms,
@@ -392,6 +397,8 @@ impl Settings {
         }
         let mut scopes = self.required_scopes.clone();
         scopes.extend(hba_scopes);
+        // pg_hba.conf's well-known form stands for its issuer: tokens name that one.
+        let issuer = gprxy_core::jwks::issuer_id(issuer).map_err(|e| ConfigError::new(Setting::Issuer, e))?;
         Policy::builder(issuer)
             .audiences(self.audiences.clone())
             .insecure_skip_audience(self.skip_audience)
@@ -408,6 +415,15 @@ impl Settings {
             .role_claim(self.role_claim.clone())
             .required_claims(self.required_claims.clone())
             .build()
+    }
+
+    /// Whether `issuer`'s identities are plain (its entry's form, else `gprxy.authn_issuer_qualified`):
+    /// an issuer the issuers file does not name is plain here (its logins are refused anyway).
+    pub fn plain_identities(&self, issuer: &str) -> bool {
+        match &self.issuers {
+            Some(set) => set.get(issuer).is_none_or(|e| e.policy.identity_form() == IdentityForm::Plain),
+            None => !self.issuer_qualified,
+        }
     }
 
     /// The token-role to database-role pairs for `issuer`: its entry's `role_map` with an
@@ -471,6 +487,7 @@ impl Settings {
             jwks_uri: None,
             authn_claim: "sub".into(),
             issuer_qualified: false,
+            shared_subject_namespace: false,
             role_claim: None,
             role_map: Vec::new(),
             algorithms: Algorithm::ALL.to_vec(),

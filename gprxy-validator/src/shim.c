@@ -87,3 +87,90 @@ gprxy_audit(int authorized, const char *line)
 				 errmsg_internal("%s", line)));
 }
 #endif
+
+#if PG_VERSION_NUM >= 180000
+#include "lib/stringinfo.h"
+#include "utils/acl.h"
+#include "utils/guc.h"
+#include "utils/memutils.h"
+
+/*
+ * Whether an hba line's user column can match role: `all`, the name itself, a `+group` the role
+ * is a member of (as hba.c decides, SET-able membership), and any regular expression, which is
+ * counted as a match without being evaluated (the answer may say "can" where it cannot, never
+ * the other way).
+ */
+static bool
+gprxy_roles_can_match(List *tokens, const char *role, Oid roleid)
+{
+	ListCell   *cell;
+
+	foreach(cell, tokens)
+	{
+		AuthToken  *tok = lfirst(cell);
+
+		if (tok->regex != NULL)
+			return true;
+		if (!tok->quoted && tok->string[0] == '+')
+		{
+			Oid			group = get_role_oid(tok->string + 1, true);
+
+			if (OidIsValid(roleid) && OidIsValid(group) && is_member_of_role_nosuper(roleid, group))
+				return true;
+		}
+		else if ((!tok->quoted && strcmp(tok->string, "all") == 0) || strcmp(tok->string, role) == 0)
+			return true;
+	}
+	return false;
+}
+
+/*
+ * The issuers of every oauth line of pg_hba.conf (as the file reads now, its includes followed)
+ * whose user column can match role, one per line in a string palloc'd in the caller's memory
+ * context; NULL when the file cannot be opened. Lines that do not parse are skipped: PostgreSQL
+ * refuses such a file on reload, so they are not in force. Parsing happens in a context of its
+ * own, deleted before returning.
+ */
+char *
+gprxy_hba_oauth_issuers_for_role(const char *role)
+{
+	MemoryContext caller = CurrentMemoryContext;
+	MemoryContext work = AllocSetContextCreate(caller, "gprxy pg_hba check", ALLOCSET_SMALL_SIZES);
+	MemoryContext old = MemoryContextSwitchTo(work);
+	Oid			roleid = get_role_oid(role, true);
+	List	   *lines = NIL;
+	ListCell   *cell;
+	StringInfoData found;
+	FILE	   *file;
+	char	   *result;
+
+	initStringInfo(&found);
+	file = open_auth_file(HbaFileName, DEBUG3, 0, NULL);
+	if (file == NULL)
+	{
+		MemoryContextSwitchTo(old);
+		MemoryContextDelete(work);
+		return NULL;
+	}
+	tokenize_auth_file(HbaFileName, file, &lines, DEBUG3, 0);
+	foreach(cell, lines)
+	{
+		TokenizedAuthLine *tok = lfirst(cell);
+		HbaLine    *hba;
+
+		if (tok->err_msg != NULL)
+			continue;
+		hba = parse_hba_line(tok, DEBUG3);
+		if (hba == NULL || hba->auth_method != uaOAuth || hba->oauth_issuer == NULL)
+			continue;
+		if (gprxy_roles_can_match(hba->roles, role, roleid))
+			appendStringInfo(&found, "%s\n", hba->oauth_issuer);
+	}
+	/* Deletes the tokenizer's own context too (depth 0). */
+	free_auth_file(file, 0);
+	result = MemoryContextStrdup(caller, found.data);
+	MemoryContextSwitchTo(old);
+	MemoryContextDelete(work);
+	return result;
+}
+#endif

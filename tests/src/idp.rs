@@ -16,6 +16,10 @@ struct State {
     pending: HashMap<String, u32>,
     jwks_status: Option<u16>,
     jwks_black_hole: bool,
+    /// The token endpoint answers with this status and body instead.
+    token_failure: Option<(u16, &'static str)>,
+    /// The `resource` values of each POST, by path, in order.
+    resources: Vec<(String, Vec<String>)>,
     introspection: Introspection,
 }
 
@@ -116,6 +120,16 @@ impl TestIssuer {
         self.state.lock().refreshes.remove(refresh);
     }
 
+    /// The token endpoint answers `status` with `body` (not JSON, or empty), or normally (None).
+    pub fn fail_token_endpoint(&self, failure: Option<(u16, &'static str)>) {
+        self.state.lock().token_failure = failure;
+    }
+
+    /// The `resource` form values each POST to `path` carried, in order.
+    pub fn resources_sent(&self, path: &str) -> Vec<Vec<String>> {
+        self.state.lock().resources.iter().filter(|(p, _)| p == path).map(|(_, r)| r.clone()).collect()
+    }
+
     /// The first `n` polls for `client_id` answer authorization_pending.
     pub fn pending_polls(&self, client_id: &str, n: u32) {
         self.state.lock().pending.insert(client_id.to_owned(), n);
@@ -179,6 +193,15 @@ fn client_id(req: &Request) -> Option<String> {
 }
 
 fn handle(req: &Request, base: &str, state: &Mutex<State>) -> Response {
+    if req.method == "POST" {
+        let mut st = state.lock();
+        st.resources.push((req.path.clone(), req.form_all("resource")));
+        if let (Some((status, body)), "/token") = (st.token_failure, req.path.as_str()) {
+            let mut r = Response::status(status).header("Content-Type", "text/html");
+            r.body = body.as_bytes().to_vec();
+            return r;
+        }
+    }
     match (req.method.as_str(), req.path.as_str()) {
         ("GET", "/.well-known/openid-configuration") => Response::json(&json!({
             "issuer": base,

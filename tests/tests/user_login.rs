@@ -202,3 +202,72 @@ with psycopg.connect(os.environ["DSN"], password=os.environ["TOKEN"]) as conn:
     let events = proxy.wait_events("login", 1);
     assert_eq!(events[0]["outcome"], "success", "{events:#?}");
 }
+
+/// #30 item 4: `gprxy login --resource` sends RFC 8707's `resource` (repeatable) in the device
+/// authorization request and every token request, keeps it, and `gprxy token` asks for it again
+/// at each refresh; a value that is not an absolute URI is refused before any request.
+#[test]
+fn login_sends_resource_indicators_and_refresh_asks_for_them_again() {
+    let key = TestKey::rsa("k");
+    let idp = TestIssuer::start(&[&key]);
+    let old = token(&key, &idp, "alice", 30);
+    let new = token(&key, &idp, "alice", 600);
+    idp.hand_out_with_refresh("cli", &old, "refresh-1", 30);
+    idp.on_refresh("refresh-1", &new, None, 600);
+    let h = Helper::new();
+    let resources = ["https://db.example.com", "urn:gprxy:reports"];
+    let out = h.run(&[
+        "login",
+        "--issuer",
+        &idp.issuer(),
+        "--client-id",
+        "cli",
+        "--insecure-allow-http-loopback",
+        "--resource",
+        resources[0],
+        "--resource",
+        resources[1],
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let want: Vec<String> = resources.iter().map(|r| (*r).to_owned()).collect();
+    assert_eq!(idp.resources_sent("/authorize"), vec![want.clone()]);
+    assert_eq!(idp.resources_sent("/token"), vec![want.clone()]);
+    assert_eq!(h.token().unwrap(), new);
+    assert_eq!(idp.resources_sent("/token"), vec![want.clone(), want]);
+
+    let before = idp.request_count();
+    let out =
+        h.run(&["login", "--issuer", &idp.issuer(), "--client-id", "cli", "--resource", "db.example.com"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("a resource is an absolute URI (RFC 8707), such as https://db.example.com"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(idp.request_count(), before);
+}
+
+/// #30 item 5: an issuer's answer that is not JSON (a proxy's HTML page) or is empty is named by
+/// its HTTP status with what to do, never quoted.
+#[test]
+fn an_answer_that_is_not_json_is_named_by_its_status() {
+    let key = TestKey::rsa("k");
+    let idp = TestIssuer::start(&[&key]);
+    let short = token(&key, &idp, "alice", 10);
+    idp.hand_out_with_refresh("cli", &short, "refresh-1", 10);
+    let h = Helper::new();
+    assert!(h.login(&idp.issuer(), "cli").status.success());
+    idp.fail_token_endpoint(Some((502, "<html>Bad gateway SECRET-MARKER</html>")));
+    let e = h.token().unwrap_err();
+    assert_eq!(
+        e,
+        "gprxy: the issuer's token response is invalid: HTTP 502 with a body that is not a JSON object: the issuer \
+         (or a proxy in front of it) failed: try again later"
+    );
+    idp.fail_token_endpoint(Some((200, "")));
+    assert_eq!(
+        h.token().unwrap_err(),
+        "gprxy: the issuer's token response is invalid: HTTP 200 with an empty body: the URL may not be this \
+         issuer's OAuth endpoint"
+    );
+}

@@ -778,3 +778,104 @@ fn backends_run_the_validators_code_from_memory_the_postmaster_kept() {
         "a login with the code kept took {faults_on} page faults, without {faults_off}"
     );
 }
+
+/// Two issuers whose pg_hba lines can reach one role, with plain identities: the second's `alice`
+/// would be the first's to pg_ident and to every policy written on gprxy.identity(). A `+group`
+/// line reaches only the group's members (resolved in the catalog, as PostgreSQL does); once
+/// the role joins the group, the login is refused with its own reason and no backend runs as
+/// the role; the DBA's `gprxy.shared_subject_namespace` says the two are one namespace.
+#[test]
+fn two_issuers_reaching_one_role_with_plain_identities_are_refused() {
+    let (ka, kb) = (TestKey::rsa("a"), TestKey::rsa("b"));
+    let (a, b) = (TestIssuer::start(&[&ka]), TestIssuer::start(&[&kb]));
+    let pg = validator_cluster("db")
+        .hba(format!(
+            "host all +contractors 127.0.0.1/32 oauth issuer=\"{}\" scope=\"openid\" map=m",
+            b.issuer()
+        ))
+        .hba(format!("host all alice 127.0.0.1/32 oauth issuer=\"{}\" scope=\"openid\" map=m", a.issuer()))
+        .ident("m alice alice")
+        .start();
+    pg.sql("CREATE ROLE alice LOGIN; CREATE ROLE contractors NOLOGIN; CREATE EXTENSION gprxy_validator");
+    let login = |idp: &TestIssuer, key: &TestKey| {
+        let token = key.token(json!({"typ": "at+jwt"}), &idp.claims("alice", "db"));
+        let client = format!("c{}", gprxy_core::fingerprint(token.as_bytes()));
+        idp.hand_out(&client, &token);
+        oauth_psql(pg.port(), "alice", &idp.issuer(), &client, "SELECT system_user")
+    };
+    let last_audit =
+        || pg.log().lines().rfind(|l| l.contains("gprxy: oauth login")).unwrap_or_default().to_owned();
+
+    // B's line reaches contractors' members only; alice is not one.
+    assert_eq!(login(&a, &ka).unwrap(), "oauth:alice");
+
+    pg.sql("GRANT contractors TO alice");
+    let err = login(&b, &kb).unwrap_err();
+    assert!(err.contains(REFUSED), "{err}");
+    let audit = last_audit();
+    assert!(audit.contains("refused reason=issuers_share_role role=\"alice\" authn_id=\"alice\""), "{audit}");
+    assert!(
+        audit.contains(&format!(
+            "detail=\"role \\\"alice\\\" is also reached with plain identities by issuer \\\"{}\\\" (see gprxy.shared_subject_namespace)\"",
+            a.issuer()
+        )),
+        "{audit}"
+    );
+    // From the server's side: no backend ever ran as alice for it.
+    assert_eq!(pg.sql("SELECT count(*) FROM pg_stat_activity WHERE usename = 'alice'"), "0");
+
+    pg.sql("ALTER SYSTEM SET gprxy.shared_subject_namespace = on");
+    pg.sql("SELECT pg_reload_conf()");
+    assert!(pg.wait_for_log(
+        "parameter \"gprxy.shared_subject_namespace\" changed",
+        std::time::Duration::from_secs(5)
+    ));
+    assert_eq!(login(&b, &kb).unwrap(), "oauth:alice");
+}
+
+/// #30 item 1: pg_hba.conf's `issuer` may be "a well-known URI that points directly to" the
+/// discovery document. psql 18's device flow completes, and gprxy fetches that document as it is
+/// (not `.../.well-known/openid-configuration/.well-known/...`), takes the issuer it names and
+/// compares tokens' `iss` with it; an issuers-file entry written in the other form is found.
+#[test]
+fn a_well_known_issuer_url_on_the_pg_hba_line_is_that_documents_issuer() {
+    let key = TestKey::rsa("k");
+    let idp = TestIssuer::start(&[&key]);
+    let wk = format!("{}/.well-known/openid-configuration", idp.issuer());
+    let pg = validator_cluster("db")
+        .hba(format!("host all alice 127.0.0.1/32 oauth issuer=\"{wk}\" scope=\"openid\" map=m"))
+        .ident("m alice alice")
+        .start();
+    pg.sql("CREATE ROLE alice LOGIN; CREATE EXTENSION gprxy_validator");
+    let login = |claims: serde_json::Value| {
+        let token = key.token(json!({"typ": "at+jwt"}), &claims);
+        let client = format!("c{}", gprxy_core::fingerprint(token.as_bytes()));
+        idp.hand_out(&client, &token);
+        oauth_psql(pg.port(), "alice", &wk, &client, "SELECT system_user, gprxy.claim('iss')")
+    };
+    let last_audit =
+        || pg.log().lines().rfind(|l| l.contains("gprxy: oauth login")).unwrap_or_default().to_owned();
+    assert_eq!(login(idp.claims("alice", "db")).unwrap(), format!("oauth:alice|{}", idp.issuer()));
+    assert!(last_audit().contains("authorized reason=ok"), "{}", last_audit());
+    // A token naming the URL itself as its issuer is not that issuer's.
+    let mut wrong = idp.claims("alice", "db");
+    wrong["iss"] = json!(wk);
+    assert!(login(wrong).is_err());
+    assert!(last_audit().contains("refused reason=iss_mismatch"), "{}", last_audit());
+
+    // The same issuer in an issuers file, written as its plain issuer: the entry is found.
+    let file = pg.data_dir().join("issuers.toml");
+    std::fs::write(&file, format!("[[issuer]]\nissuer = \"{}\"\naudience = [\"files-aud\"]\n", idp.issuer()))
+        .unwrap();
+    pg.sql(&format!("ALTER SYSTEM SET gprxy.issuers_file = '{}'", file.display()));
+    pg.sql("ALTER SYSTEM SET gprxy.audience = ''");
+    pg.sql("SELECT pg_reload_conf()");
+    assert!(pg.wait_for_log("parameter \"gprxy.issuers_file\" changed", std::time::Duration::from_secs(5)));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while login(idp.claims("alice", "files-aud")).is_err() {
+        assert!(std::time::Instant::now() < deadline, "the entry never applied: {}", last_audit());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(login(idp.claims("alice", "db")).is_err());
+    assert!(last_audit().contains("refused reason=aud_mismatch"), "{}", last_audit());
+}

@@ -65,10 +65,14 @@ pub(super) async fn bearer_token(
         Some(token) => Ok(token.to_owned()),
         None => {
             info.discovery = true;
-            let issuer = issuer.trim_end_matches('/');
+            // A well-known metadata URL is sent as configured (libpq 18 takes either form).
+            let discovery = match gprxy_core::jwks::issuer_from_well_known(issuer) {
+                Ok(Some(_)) => issuer.to_owned(),
+                _ => format!("{}/.well-known/openid-configuration", issuer.trim_end_matches('/')),
+            };
             let challenge = serde_json::json!({
                 "status": "invalid_token",
-                "openid-configuration": format!("{issuer}/.well-known/openid-configuration"),
+                "openid-configuration": discovery,
                 "scope": scope,
             })
             .to_string();
@@ -225,6 +229,19 @@ mod tests {
     /// which scope to ask for, acknowledges, and the attempt ends refused.
     #[tokio::test]
     async fn discovery_round_names_the_issuer_and_scope_then_refuses() {
+        for (issuer, discovery) in [
+            ("https://idp/tenant/", "https://idp/tenant/.well-known/openid-configuration"),
+            // #30 item 1: a configured well-known metadata URL is sent as it is.
+            (
+                "https://idp/.well-known/oauth-authorization-server/tenant",
+                "https://idp/.well-known/oauth-authorization-server/tenant",
+            ),
+        ] {
+            discovery_round(issuer, discovery).await;
+        }
+    }
+
+    async fn discovery_round(issuer: &str, discovery: &str) {
         let (mut proxy, mut client) = client_pair();
         let (mut info, mut cbuf) = (tls_info(), BytesMut::new());
         let user = tokio::spawn(async move {
@@ -241,15 +258,13 @@ mod tests {
             client.write_all(&out).await.unwrap();
             json
         });
-        let e = bearer_token(&mut proxy, &mut cbuf, &mut info, "https://idp/tenant/", "openid db")
-            .await
-            .unwrap_err();
+        let e = bearer_token(&mut proxy, &mut cbuf, &mut info, issuer, "openid db").await.unwrap_err();
         let json = user.await.unwrap();
         assert_eq!(
             json,
             serde_json::json!({
                 "status": "invalid_token",
-                "openid-configuration": "https://idp/tenant/.well-known/openid-configuration",
+                "openid-configuration": discovery,
                 "scope": "openid db",
             })
         );

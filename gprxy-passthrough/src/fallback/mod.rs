@@ -148,7 +148,11 @@ pub async fn log_in(
         ClientAuth::Password => intake::password_token(client, &mut cbuf, info).await?,
         ClientAuth::OAuthBearer => {
             // libpq's device flow is sent to the first issuer.
-            let issuer = fallback.issuers.first().map_or("", |i| i.entry.issuer());
+            // (its metadata URL when it was configured as one).
+            let issuer = fallback
+                .issuers
+                .first()
+                .map_or("", |i| i.entry.metadata_url.as_deref().unwrap_or(i.entry.issuer()));
             let scope = fallback.cfg.scope.as_str();
             intake::bearer_token(client, &mut cbuf, info, issuer, scope).await?
         }

@@ -71,6 +71,7 @@ extern "C" {
     fn gprxy_hba_oauth_skip_usermap() -> c_int;
     fn gprxy_port_remote_host() -> *const c_char;
     fn gprxy_port_database() -> *const c_char;
+    fn gprxy_hba_oauth_issuers_for_role(role: *const c_char) -> *mut c_char;
     fn gprxy_audit(authorized: c_int, line: *const c_char);
     fn gprxy_keep_code_resident(bytes: *mut usize) -> *const c_char;
     fn gprxy_session_timer_probe();
@@ -108,6 +109,25 @@ fn plan_session_end(end: &login::SessionEnd) {
                 audit.as_ptr(),
             )
         })
+    }
+}
+
+/// The issuers of pg_hba.conf's oauth lines (the file as it reads now, includes followed) whose
+/// user column can match `role`; None when the file cannot be read.
+pub fn hba_issuers_for_role(role: &str) -> Option<Vec<String>> {
+    let role = CString::new(role).ok()?;
+    // SAFETY: `role` is NUL-terminated and outlives the call; the shim returns NULL or a string
+    // palloc'd in the current memory context, which is copied and freed here once. The guard
+    // turns an ERROR inside (out of memory, a catalog error) into a Rust panic instead of a
+    // longjmp across Rust frames.
+    unsafe {
+        let joined = pg_sys::ffi::pg_guard_ffi_boundary(|| gprxy_hba_oauth_issuers_for_role(role.as_ptr()));
+        if joined.is_null() {
+            return None;
+        }
+        let text = CStr::from_ptr(joined).to_string_lossy().into_owned();
+        pg_sys::pfree(joined.cast());
+        Some(text.split('\n').filter(|i| !i.is_empty()).map(str::to_owned).collect())
     }
 }
 
@@ -398,6 +418,11 @@ fn define_settings() {
         c"gprxy.authn_issuer_qualified",
         c"Identity is issuer#claim instead of the claim alone.",
         &s::AUTHN_ISSUER_QUALIFIED,
+    );
+    define_bool(
+        c"gprxy.shared_subject_namespace",
+        c"Every pg_hba.conf issuer issues one namespace of identities: two with plain identities may reach one role.",
+        &s::SHARED_SUBJECT_NAMESPACE,
     );
     define_string(
         c"gprxy.role_claim",
