@@ -111,8 +111,13 @@ function build() {
       revocation: { enabled: true },
       resourceIndicators: {
         enabled: true,
-        defaultResource: (_ctx, _client, oneOf) => (oneOf ? oneOf[0] : JWT_RESOURCE),
-        useGrantedResource: () => true,
+        // CONFIG.default_resource = false and use_granted_resource = false play a provider
+        // configured without them (clients must then send `resource` themselves).
+        defaultResource: (_ctx, _client, oneOf) => {
+          if (oneOf) return oneOf[0];
+          return config.default_resource === false ? undefined : JWT_RESOURCE;
+        },
+        useGrantedResource: () => config.use_granted_resource !== false,
         getResourceServerInfo: (_ctx, resource) => {
           const common = { scope: 'db:read db:write', audience: config.audience, accessTokenTTL: defaultTtl };
           if (resource === JWT_RESOURCE) {

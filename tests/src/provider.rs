@@ -395,11 +395,21 @@ pub fn psql18_device_login(
     conninfo: &str,
     sql: &str,
 ) -> Result<String, String> {
+    psql18_device_login_at(provider, &provider.issuer(), account, conninfo, sql)
+}
+
+/// [`psql18_device_login`] with `oauth_issuer` as given (the issuer's well-known URL, say).
+pub fn psql18_device_login_at(
+    provider: &Provider,
+    oauth_issuer: &str,
+    account: &str,
+    conninfo: &str,
+    sql: &str,
+) -> Result<String, String> {
     let mut cmd = Command::new(PgVersion::V18.bin("psql"));
     cmd.args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-f", "-", "-d"])
         .arg(format!(
-            "{conninfo} oauth_issuer={} oauth_client_id={PSQL_CLIENT} connect_timeout=30",
-            provider.issuer()
+            "{conninfo} oauth_issuer={oauth_issuer} oauth_client_id={PSQL_CLIENT} connect_timeout=30"
         ))
         .env("PGOAUTHDEBUG", "UNSAFE")
         .env_remove("PGPASSWORD");

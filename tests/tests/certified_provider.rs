@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use gprxy_tests::pgwire::{self, Auth, PgConn, PgError};
 use gprxy_tests::provider::{
-    config_dir, holds_a_jwt, jwt_claims, jwt_header, psql18_device_login, run_device_client, Provider, ACME,
-    AUDIENCE, CLI_CLIENT, INTROSPECTION_CLIENT, INTROSPECTION_SECRET, OPAQUE_RESOURCE, PSQL_CLIENT,
-    SVC_CLIENT,
+    config_dir, default_config, holds_a_jwt, jwt_claims, jwt_header, psql18_device_login,
+    psql18_device_login_at, run_device_client, Provider, ACME, AUDIENCE, CLI_CLIENT, INTROSPECTION_CLIENT,
+    INTROSPECTION_SECRET, JWT_RESOURCE, OPAQUE_RESOURCE, PSQL_CLIENT, SVC_CLIENT,
 };
 use gprxy_tests::proxy::{context_conf, gprxy_bin, ContextKeyFile, FallbackSetup, Proxy};
 use gprxy_tests::{apply_sql_file, require_validator, validator_cluster, Cluster, PgVersion, TestCerts};
@@ -395,14 +395,13 @@ fn fallback_on_15_takes_the_providers_tokens_as_passwords() {
     std::fs::write(p("writer.pw"), "writer-secret-1\n").unwrap();
     std::fs::write(p("reader.pw"), "reader-secret-1\n").unwrap();
     let (wpw, rpw) = (p("writer.pw"), p("reader.pw"));
-    let issuer = idp.issuer();
-    let fallback = |extra: &str| {
+    let fallback_at = |issuer: &str, extra: &str| {
         Proxy::start(
             &FallbackSetup {
                 upstream_port: pg.port(),
                 cert: &certs.cert_path,
                 key: &certs.key_path,
-                issuer: &issuer,
+                issuer,
                 audience: AUDIENCE,
                 rules: &[("writer", "app_writer", &wpw), ("reader", "app_reader", &rpw)],
                 context_key: Some(&context_key.path),
@@ -411,6 +410,7 @@ fn fallback_on_15_takes_the_providers_tokens_as_passwords() {
             .toml(),
         )
     };
+    let fallback = |extra: &str| fallback_at(&idp.issuer(), extra);
     let proxy = fallback("");
     let tls = format!("sslmode=verify-full sslrootcert={}", certs.ca_path.display());
     let sql = "SELECT current_user, current_setting('app.user_id'), current_setting('app.roles'), gprxy.identity(), gprxy.claim('tenant_id')";
@@ -452,6 +452,20 @@ fn fallback_on_15_takes_the_providers_tokens_as_passwords() {
         "{events:#?}"
     );
     assert!(!holds_a_jwt(&bearer_proxy.log()), "a token is in the proxy log");
+    // #30 item 1: fallback's issuer written as the provider's well-known URL; psql 18 is sent
+    // that URL by the discovery answer and completes its device flow.
+    let wk = format!("{}/.well-known/openid-configuration", idp.issuer());
+    let wk_proxy = fallback_at(&wk, "client_auth = \"oauthbearer\"\nscope = \"openid db:read\"");
+    let out = psql18_device_login_at(
+        &idp,
+        &wk,
+        "alice",
+        &format!("host=localhost hostaddr=127.0.0.1 port={} user=alice dbname=postgres {tls}", wk_proxy.port),
+        sql,
+    )
+    .unwrap_or_else(|e| panic!("psql 18 into fallback (well-known issuer) failed:\n{e}\n{}", wk_proxy.log()));
+    assert_eq!(out, format!("app_writer|alice|writer|alice|{ACME}"));
+    assert!(!holds_a_jwt(&wk_proxy.log()), "a token is in the proxy log");
     let log = proxy.log();
     for t in [&svc, &alice, &opaque] {
         no_token_in(&log, t, "proxy log");
@@ -479,6 +493,10 @@ impl Cli {
 }
 
 fn cli_login(idp: &Provider, account: &str, dir: &Path) -> (bool, String) {
+    cli_login_with(idp, account, dir, &[])
+}
+
+fn cli_login_with(idp: &Provider, account: &str, dir: &Path, extra: &[&str]) -> (bool, String) {
     let mut cmd = Command::new(gprxy_bin());
     cmd.args([
         "login",
@@ -489,6 +507,7 @@ fn cli_login(idp: &Provider, account: &str, dir: &Path) -> (bool, String) {
         "--insecure-allow-http-loopback",
     ])
     .args(["--scope", "openid offline_access db:read"])
+    .args(extra)
     .env("GPRXY_CONFIG_DIR", config_dir(dir));
     let (ok, _, err) = run_device_client(cmd, "", "and enter the code", idp, account);
     (ok, err)
@@ -533,5 +552,89 @@ fn gprxy_login_and_gprxy_token_rotate_refresh_tokens() {
         String::from_utf8_lossy(&out.stderr).trim_end(),
         "gprxy: the refresh token was refused by the issuer (invalid_grant): run gprxy login again"
     );
+    no_token_in(&pg.log(), &at2, "server log");
+}
+
+/// #30 item 1: the pg_hba line's issuer written as the provider's well-known URL, as
+/// PostgreSQL 18's documentation allows: psql 18 completes the device flow with that URL as its
+/// `oauth_issuer`, gprxy fetches the document as written and compares tokens' `iss` with the
+/// issuer it names.
+#[test]
+fn a_well_known_issuer_url_on_the_pg_hba_line_works_with_the_provider() {
+    let idp = Provider::start();
+    let wk = format!("{}/.well-known/openid-configuration", idp.issuer());
+    let pg = validator_cluster(AUDIENCE)
+        .hba(format!("host all all 127.0.0.1/32 oauth issuer=\"{wk}\" scope=\"openid db:read\" map=m"))
+        .ident("m alice alice")
+        .ident("m svc svc")
+        .start();
+    pg.sql("CREATE ROLE alice LOGIN; CREATE ROLE svc LOGIN; CREATE EXTENSION gprxy_validator");
+    let out = psql18_device_login_at(
+        &idp,
+        &wk,
+        "alice",
+        &format!("host=127.0.0.1 port={} user=alice dbname=postgres", pg.port()),
+        "SELECT system_user, gprxy.claim('iss')",
+    )
+    .unwrap_or_else(|e| panic!("psql 18 failed:\n{e}\n{}", pg.log()));
+    assert_eq!(out, format!("oauth:alice|{}", idp.issuer()));
+    assert!(last_audit(&pg).contains("authorized reason=ok"), "{}", last_audit(&pg));
+    let counts = idp.counts();
+    let doubled = "/.well-known/openid-configuration/.well-known/openid-configuration";
+    assert_eq!(counts[doubled], serde_json::Value::Null, "the document was not fetched as written: {counts}");
+    // A client-credentials token on the same line; another provider's token is not this one's.
+    let t = idp.client_credentials(None);
+    bearer(&pg, "svc", &t).unwrap_or_else(|e| panic!("{e:?}\n{}", pg.log())).close();
+    let other = Provider::start();
+    let stranger = other.client_credentials(None);
+    refused(&pg, "svc", &stranger, "iss_mismatch", None);
+    no_token_in(&pg.log(), &t, "server log");
+}
+
+/// #30 item 4: a provider configured without a default resource issues opaque access tokens to
+/// clients that send no `resource` (psql 18 is refused); `gprxy login --resource` asks for the
+/// JWT resource at login and at every refresh, and its tokens log in.
+#[test]
+fn gprxy_login_resource_gets_jwts_from_a_provider_without_a_default_resource() {
+    let mut config = default_config();
+    config["default_resource"] = serde_json::json!(false);
+    config["use_granted_resource"] = serde_json::json!(false);
+    let idp = Provider::start_with(config);
+    let pg = validator(&idp, &[]);
+    // psql 18 cannot send resource: an opaque token, not a JWT, so the validator refuses it.
+    let err = psql18_device_login(
+        &idp,
+        "alice",
+        &format!("host=127.0.0.1 port={} user=alice dbname=postgres", pg.port()),
+        "SELECT 1",
+    )
+    .unwrap_err();
+    assert!(err.contains(&format!("{REFUSED} \"alice\"")), "{err}");
+    assert!(last_audit(&pg).contains("oauth login refused reason=malformed "), "{}", last_audit(&pg));
+
+    let cli = Cli { dir: tempfile::tempdir().unwrap() };
+    let (ok, err) = cli_login_with(&idp, "alice", cli.dir.path(), &["--resource", JWT_RESOURCE]);
+    assert!(ok, "gprxy login --resource failed:\n{err}\n{}", idp.log());
+    let at1 = cli.credentials()["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(jwt_claims(&at1)["aud"], AUDIENCE, "--resource got a JWT for the database");
+    // gprxy token refreshes (30 s tokens) and asks for the resource again: a JWT again.
+    let out = cli.run(&["token"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let at2 = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert_ne!(at2, at1);
+    assert_eq!(jwt_claims(&at2)["aud"], AUDIENCE, "the refresh asked for the resource");
+    let mut c = bearer(&pg, "alice", &at2).unwrap_or_else(|e| panic!("{e:?}\n{}", pg.log()));
+    assert_eq!(
+        scalar(&mut c, "SELECT current_user || '|' || gprxy.claim('tenant_id')"),
+        format!("alice|{ACME}")
+    );
+    c.close();
+
+    // Without --resource the same provider hands gprxy login an opaque token.
+    let plain = Cli { dir: tempfile::tempdir().unwrap() };
+    let (ok, err) = cli_login_with(&idp, "alice", plain.dir.path(), &[]);
+    assert!(ok, "{err}");
+    let opaque = plain.credentials()["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(opaque.split('.').count(), 1, "an opaque token without a resource");
     no_token_in(&pg.log(), &at2, "server log");
 }
