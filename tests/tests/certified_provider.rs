@@ -638,3 +638,62 @@ fn gprxy_login_resource_gets_jwts_from_a_provider_without_a_default_resource() {
     assert_eq!(opaque.split('.').count(), 1, "an opaque token without a resource");
     no_token_in(&pg.log(), &at2, "server log");
 }
+
+/// sql/'s row-level security on the provider's claims (delegated mode: the `roles` claim picks
+/// app_writer or app_reader, `tenant_id` and the identity pick the rows), judged by what each
+/// session reads and may write.
+#[test]
+fn row_level_security_follows_the_providers_claims() {
+    const GLOBEX: &str = "22222222-2222-2222-2222-222222222222";
+    let mut config = default_config();
+    config["accounts"]["bob"]["tenant_id"] = serde_json::json!(GLOBEX);
+    let idp = Provider::start_with(config);
+    let pg = validator_cluster(AUDIENCE)
+        .conf("gprxy.role_claim = 'roles'")
+        .conf("gprxy.role_map = 'writer:app_writer, reader:app_reader'")
+        .hba(format!(
+            "host all all 127.0.0.1/32 oauth issuer=\"{}\" scope=\"openid db:read\" delegate_ident_mapping=1",
+            idp.issuer()
+        ))
+        .start();
+    pg.sql("CREATE EXTENSION gprxy_validator");
+    for f in ["01_roles.sql", "02_schema.sql", "03_rls_gprxy_claims.sql", "04_demo_data.sql"] {
+        apply_sql_file(&pg, "postgres", f);
+    }
+    let titles = "SELECT string_agg(title, ',' ORDER BY title) FROM posts";
+    // alice, a writer at Acme, through psql 18's device flow.
+    let out = psql18_device_login(
+        &idp,
+        "alice",
+        &format!("host=127.0.0.1 port={} user=app_writer dbname=postgres", pg.port()),
+        &format!("{titles}; SELECT count(*) FROM users"),
+    )
+    .unwrap_or_else(|e| panic!("psql 18 failed:\n{e}\n{}", pg.log()));
+    assert_eq!(out, "acme public,alice private\n2");
+    // bob, a reader at Globex, with a token from the device flow driven here.
+    let bob = idp.device_tokens(CLI_CLIENT, "bob", &[])["access_token"].as_str().unwrap().to_owned();
+    let mut c = bearer(&pg, "app_reader", &bob).unwrap_or_else(|e| panic!("{e:?}\n{}", pg.log()));
+    assert_eq!(scalar(&mut c, titles), "bob private,globex public");
+    c.close();
+    // bob's token grants no writer role.
+    refused(&pg, "app_writer", &bob, "role_not_granted", None);
+    // alice writes as herself only.
+    let alice = idp.device_tokens(CLI_CLIENT, "alice", &[])["access_token"].as_str().unwrap().to_owned();
+    let mut c = bearer(&pg, "app_writer", &alice).unwrap_or_else(|e| panic!("{e:?}\n{}", pg.log()));
+    c.query(&format!(
+        "INSERT INTO posts (tenant_id, owner_id, title) VALUES ('{ACME}', 'alice', 'new by alice')"
+    ))
+    .unwrap();
+    let e = c
+        .query(&format!(
+            "INSERT INTO posts (tenant_id, owner_id, title) VALUES ('{ACME}', 'dave', 'new by dave')"
+        ))
+        .unwrap_err();
+    assert_eq!(e.message, "new row violates row-level security policy for table \"posts\"", "{e:?}");
+    c.close();
+    assert_eq!(
+        pg.sql("SELECT string_agg(owner_id, ',' ORDER BY owner_id) FROM posts WHERE title LIKE 'new by %'"),
+        "alice"
+    );
+    no_token_in(&pg.log(), &alice, "server log");
+}
