@@ -105,9 +105,11 @@ fi
 if ! command -v npm >/dev/null 2>&1; then   # NodeSource's nodejs brings its own npm
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends npm >/dev/null
 fi
-# oidc-provider 9.13 uses URL.parse (Node 20.18 and later; it asks for 22 and warns on 20).
-if ! node -e 'process.exit(typeof URL.parse === "function" ? 0 : 1)'; then
-  echo "bootstrap: Node $(node --version) is too old for oidc-provider 9.13 (needs URL.parse: Node 20.18 or later)" >&2
+# oidc-provider 9.13 uses URL.parse and crypto.hash (Node 20.18 and later; it asks for 22 and
+# warns on 20). Debian 12's own nodejs is 18.20, which has neither: such a machine needs a newer
+# Node (the project's machines have NodeSource's 20).
+if ! node -e 'process.exit(typeof URL.parse === "function" && typeof require("node:crypto").hash === "function" ? 0 : 1)'; then
+  echo "bootstrap: Node $(node --version) is too old for oidc-provider 9.13 (needs URL.parse and crypto.hash: Node 20.18 or later)" >&2
   false
 fi
 
