@@ -870,6 +870,30 @@ mod tests {
         );
     }
 
+    /// #30 item 5, RFC 8414: `issuer` is required (its absence is refused, naming the document);
+    /// `jwks_uri` is optional there but gprxy needs it for discovery: its absence is a key error
+    /// naming the document and the member, and no key set is guessed.
+    #[test]
+    fn metadata_without_issuer_or_jwks_uri_is_refused_with_the_member_named() {
+        let oidc = "https://idp.example/.well-known/openid-configuration";
+        let no_issuer = StaticFetcher::new([(oidc, json!({"jwks_uri": "https://idp.example/k"}))]);
+        assert_eq!(
+            issuer_metadata(&no_issuer, "https://idp.example").unwrap_err().to_string(),
+            KeyError::Invalid { url: Quoted::new(oidc), reason: "metadata has no issuer".into() }.to_string()
+        );
+        let no_keys = Arc::new(StaticFetcher::new([(oidc, json!({"issuer": "https://idp.example"}))]));
+        let cache = JwksCache::new(
+            JwksSource::Discovery { issuer: "https://idp.example".into() },
+            no_keys,
+            Arc::new(SystemClock),
+            CacheSettings::default(),
+            false,
+        )
+        .unwrap();
+        let e = cache.find_key(Some("k"), crate::Algorithm::RS256).unwrap_err();
+        assert!(e.to_string().contains("metadata has no jwks_uri"), "{e}");
+    }
+
     #[test]
     fn rfc8414_inserts_well_known_before_path() {
         assert_eq!(
