@@ -777,13 +777,17 @@ role_map = { eng = "app_reader" }
             s.get("https://idp.example").unwrap().provision,
             ProvisionPolicy { mode: ProvisionMode::Sync, prefix: "u_".into(), suffix: String::new() }
         );
-        let e = set("[[issuer]]\nissuer = \"https://idp.example\"\naudience = [\"db\"]\nprovision = \"create\"\n")
-            .unwrap_err()
-            .to_string();
+        let e = set(
+            "[[issuer]]\nissuer = \"https://idp.example\"\naudience = [\"db\"]\nprovision = \"create\"\n",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("provision needs a role_map"), "{e}");
-        let e = set("[[issuer]]\nissuer = \"https://idp.example\"\naudience = [\"db\"]\nprovision = \"always\"\n")
-            .unwrap_err()
-            .to_string();
+        let e = set(
+            "[[issuer]]\nissuer = \"https://idp.example\"\naudience = [\"db\"]\nprovision = \"always\"\n",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("unknown variant") && !e.contains("always"), "{e}");
     }
 }

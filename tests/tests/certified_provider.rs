@@ -2,9 +2,11 @@
 //! (tests/provider), configured as README's Identity-provider notes say (RFC 9068 JWT access
 //! tokens through a default resource, opaque tokens for another resource, rotating refresh
 //! tokens). The validator on PostgreSQL 18 (psql 18's device flow, client credentials, refresh,
-//! introspection and revocation, key rotation), pass-through with the bridge, fallback mode on
-//! PostgreSQL 15, and `gprxy login` / `gprxy token`. Each test also checks that no token reached
-//! a log. Node or the module missing fails these tests; they never skip.
+//! introspection and revocation, key rotation, sql/'s row-level security on the claims),
+//! pass-through with the relay and the bridge, fallback mode on PostgreSQL 15, `gprxy login` /
+//! `gprxy token`, and the interop gaps of #30 (the well-known issuer form, `--resource`,
+//! `introspection_unsupported_token`, `identity_fallback_claim`). Each test also checks that no
+//! token reached a log. Node or the module missing fails these tests; they never skip.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -56,9 +58,11 @@ fn last_audit(pg: &Cluster) -> String {
 /// Logs in as `user` with `token` and expects a refusal with `reason` (and a detail starting
 /// with `detail`, when given); neither the token nor its payload is in the server log.
 fn refused(pg: &Cluster, user: &str, token: &str, reason: &str, detail: Option<&str>) {
+    let audits = pg.log().matches("gprxy: oauth login").count();
     let err =
         bearer(pg, user, token).err().unwrap_or_else(|| panic!("login as {user} must be refused ({reason})"));
     assert_eq!(err.message, format!("{REFUSED} \"{user}\""), "{err:?}");
+    assert_eq!(pg.log().matches("gprxy: oauth login").count(), audits + 1, "one audit line per attempt");
     let line = last_audit(pg);
     assert!(line.contains(&format!("oauth login refused reason={reason} ")), "expected {reason}: {line}");
     if let Some(d) = detail {
