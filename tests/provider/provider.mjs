@@ -62,6 +62,12 @@ function newKey(alg) {
 // ID tokens are RS256 (the default), so an RS256 key is always there.
 keys.push(newKey(signingAlg));
 if (signingAlg !== 'RS256') keys.push(newKey('RS256'));
+// CONFIG.encryption_key: an RSA-OAEP encryption key is published too (as providers that take
+// encrypted request objects do); a verifier must pass over it.
+if (config.encryption_key) {
+  const { privateKey } = crypto.generateKeyPairSync('rsa', { modulusLength: 2048 });
+  keys.push({ ...privateKey.export({ format: 'jwk' }), kid: 'enc-1', alg: 'RSA-OAEP', use: 'enc' });
+}
 
 const cookieKeys = [crypto.randomBytes(32).toString('base64url')];
 const counts = {};
@@ -105,6 +111,8 @@ function build() {
     },
     features: {
       devInteractions: { enabled: true },
+      // An encryption key is of use only with encryption on (oidc-provider refuses it otherwise).
+      encryption: { enabled: Boolean(config.encryption_key) },
       deviceFlow: { enabled: true },
       clientCredentials: { enabled: true },
       introspection: { enabled: true },

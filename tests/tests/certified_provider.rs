@@ -281,7 +281,12 @@ fn jwt_introspect_against_a_provider_that_does_not_introspect_jwts_has_its_own_r
 
 #[test]
 fn key_rotation_costs_one_jwks_request_per_new_key() {
-    let idp = Provider::start();
+    // The key set also holds an encryption key, which gprxy passes over.
+    let mut config = default_config();
+    config["encryption_key"] = serde_json::json!(true);
+    let idp = Provider::start_with(config);
+    let published = gprxy_tests::provider::http("GET", &format!("{}/jwks", idp.issuer()), &[], None);
+    assert!(published.body.contains("\"use\":\"enc\""), "{}", published.body);
     let pg = validator(&idp, &["gprxy.jwks_unknown_kid_cooldown = 1"]);
     let login = |t: &str| {
         let mut c = bearer(&pg, "svc", t).unwrap_or_else(|e| panic!("{e:?}\n{}", pg.log()));
@@ -294,7 +299,7 @@ fn key_rotation_costs_one_jwks_request_per_new_key() {
     login(&t1);
     login(&t1);
     let base = idp.jwks_requests();
-    assert_eq!(base, 1, "one key-set request for the first logins");
+    assert_eq!(base, 2, "one key-set request for the first logins (and this test's own)");
 
     for (alg, n) in [("ES256", 1), ("EdDSA", 2)] {
         std::thread::sleep(Duration::from_millis(1100)); // past the unknown-kid cooldown
@@ -700,4 +705,26 @@ fn row_level_security_follows_the_providers_claims() {
         "alice"
     );
     no_token_in(&pg.log(), &alice, "server log");
+}
+
+/// A key the provider stops publishing: its tokens are refused (`kid_unknown`) once the cached
+/// key set has expired and been fetched again; the new key's tokens log in throughout.
+#[test]
+fn a_retired_key_is_refused_once_the_cached_key_set_expires() {
+    let idp = Provider::start();
+    let pg = validator(
+        &idp,
+        &["gprxy.jwks_unknown_kid_cooldown = 1", "gprxy.jwks_cache_ttl = 2", "gprxy.jwks_cache_ttl_min = 1"],
+    );
+    let old = idp.client_credentials(None);
+    bearer(&pg, "svc", &old).unwrap_or_else(|e| panic!("{e:?}\n{}", pg.log())).close();
+    let kid = idp.rotate("ES256");
+    idp.retire_old_keys();
+    let published = gprxy_tests::provider::http("GET", &format!("{}/jwks", idp.issuer()), &[], None);
+    assert!(!published.body.contains("\"rs256-1\""), "{}", published.body);
+    std::thread::sleep(Duration::from_millis(2500));
+    refused(&pg, "svc", &old, "kid_unknown", None);
+    let new = idp.client_credentials(None);
+    assert_eq!(jwt_header(&new)["kid"].as_str(), Some(kid.as_str()));
+    bearer(&pg, "svc", &new).unwrap_or_else(|e| panic!("{e:?}\n{}", pg.log())).close();
 }
