@@ -621,6 +621,7 @@ fn one_issuer(f: &FileFallback) -> anyhow::Result<gprxy_core::IssuerSet> {
         bail!("fallback.keys: cache_ttl_min_secs is above cache_ttl_max_secs");
     }
     let entry = gprxy_core::IssuerPolicy {
+        name: None,
         profile: None,
         policy,
         source,

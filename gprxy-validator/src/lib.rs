@@ -8,17 +8,17 @@
 
 use pgrx::prelude::*;
 
-#[cfg(feature = "pg18")]
+#[cfg(oauth_validator)]
 mod answers;
 mod ffi;
-#[cfg(feature = "pg18")]
+#[cfg(oauth_validator)]
 mod login;
 mod session;
-#[cfg(feature = "pg18")]
+#[cfg(oauth_validator)]
 mod settings;
-#[cfg(feature = "pg18")]
+#[cfg(oauth_validator)]
 mod shared;
-#[cfg(feature = "pg18")]
+#[cfg(oauth_validator)]
 mod worker;
 
 ::pgrx::pg_module_magic!();
@@ -27,11 +27,11 @@ mod worker;
 pub extern "C-unwind" fn _PG_init() {
     ffi::define_context_settings();
     ffi::install_session_hooks();
-    #[cfg(feature = "pg18")]
+    #[cfg(oauth_validator)]
     ffi::init();
     // Loaded by the postmaster (shared_preload_libraries): every backend forked from it inherits
     // the crypto library's initialisation instead of redoing it on each login.
-    #[cfg(feature = "pg18")]
+    #[cfg(oauth_validator)]
     if !gprxy_core::prepare_process() {
         pgrx::warning!("gprxy_validator: the crypto library failed its start-up self-check");
     }

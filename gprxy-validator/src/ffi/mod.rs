@@ -29,13 +29,13 @@ macro_rules! string_check_hook {
     };
 }
 
-#[cfg(feature = "pg18")]
+#[cfg(oauth_validator)]
 mod role;
-#[cfg(feature = "pg18")]
+#[cfg(oauth_validator)]
 pub use role::role_powers;
-#[cfg(feature = "pg18")]
+#[cfg(oauth_validator)]
 mod validator;
-#[cfg(feature = "pg18")]
+#[cfg(oauth_validator)]
 pub use validator::*;
 
 // The C shim (src/shim.c): MyProcPort is opaque to pgrx.
