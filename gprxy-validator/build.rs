@@ -64,6 +64,11 @@ fn main() {
         .include(include)
         .warnings(true)
         .flag("-Wno-unused-parameter")
+        // A hook or callback whose type changed in a new major, or an API it no longer has, is
+        // a build failure rather than a warning and a misread at run time.
+        .flag("-Werror=incompatible-pointer-types")
+        .flag("-Werror=implicit-function-declaration")
+        .flag("-Werror=int-conversion")
         // The C side checks at compile time that its headers are of the major pgrx binds
         // (src/shim.c): pg_config and the feature must name the same server.
         .define("GPRXY_PG_MAJOR", major.to_string().as_str())

@@ -114,7 +114,7 @@ pg19=(); [ -n "$PG19_CONFIG" ] && pg19=(--pg19 "$PG19_CONFIG")
 if ! grep -qF "$want" "$cfg" 2>/dev/null || ! grep -qF "$PG15_CONFIG" "$cfg" 2>/dev/null \
    || ! grep -qF "$PG17_CONFIG" "$cfg" 2>/dev/null \
    || { [ -n "$PG19_CONFIG" ] && ! grep -qF "$PG19_CONFIG" "$cfg" 2>/dev/null; }; then
-  cargo pgrx init --pg18 "$PREFIX/bin/pg_config" --pg17 "$PG17_CONFIG" --pg15 "$PG15_CONFIG" "${pg19[@]}" >/dev/null
+  "$PGRX_ROOT/bin/cargo-pgrx" pgrx init --pg18 "$PREFIX/bin/pg_config" --pg17 "$PG17_CONFIG" --pg15 "$PG15_CONFIG" "${pg19[@]}" >/dev/null
 fi
 
 echo "bootstrap: ok (PostgreSQL $PG18_FULL at $PREFIX, cargo-pgrx $PGRX_VERSION)" >&2

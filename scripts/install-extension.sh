@@ -3,23 +3,25 @@
 # it), 17 and 15 (SQL side only), and PostgreSQL's own test validator into 18 as
 # oauth_test_validator (the floor in `make bench`).
 #
-# cargo-pgrx 0.19.4 from the cache (bootstrap); pgrx 0.19 declares rust-version 1.96 and these
-# machines have 1.95, on which it builds: CARGO_PGRX_... has no such switch, so cargo is given
-# --ignore-rust-version through `cargo pgrx install`'s pass-through of cargo flags is not there
-# either; scripts/cargo-irv puts it on every `cargo build` (see the README).
+# cargo-pgrx 0.19.4 from the cache (bootstrap). pgrx 0.19 declares rust-version 1.96 and these
+# machines have Rust 1.95, on which it builds: cargo-pgrx runs the cargo that $CARGO names, here
+# scripts/cargo-ignore-rust-version (cargo-pgrx's own --cargo flag also reaches `cargo metadata`,
+# which refuses the flag). See the README, "Building".
 set -euo pipefail
 CACHE="${GPRXY_CACHE:-/var/cache/gprxy}"
 export PATH="$CACHE/cargo-pgrx-0.19.4/bin:$PATH"
 PG18_CONFIG="$CACHE/pg18/bin/pg_config"
-cd "$(dirname "$0")/../gprxy-validator"
-cargo pgrx install --profile extension --pg-config "$PG18_CONFIG" >/dev/null
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+pgrx() { CARGO="$ROOT/scripts/cargo-ignore-rust-version" cargo-pgrx pgrx "$@"; }
+cd "$ROOT/gprxy-validator"
+pgrx install --profile extension --pg-config "$PG18_CONFIG" >/dev/null
 if [ -x "$CACHE/pg19/bin/pg_config" ]; then
-  cargo pgrx install --profile extension --no-default-features --features pg19 \
+  pgrx install --profile extension --no-default-features --features pg19 \
     --pg-config "$CACHE/pg19/bin/pg_config" >/dev/null
 fi
-cargo pgrx install --profile extension --no-default-features --features pg15 \
+pgrx install --profile extension --no-default-features --features pg15 \
   --pg-config /usr/lib/postgresql/15/bin/pg_config >/dev/null
-cargo pgrx install --profile extension --no-default-features --features pg17 \
+pgrx install --profile extension --no-default-features --features pg17 \
   --pg-config "$CACHE/pg17/bin/pg_config" >/dev/null
 
 floor_src="$CACHE/pg18/share/gprxy/validator.c"

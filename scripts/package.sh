@@ -117,7 +117,7 @@ for major in $PG_VERSIONS; do
   mkdir -p "$stage/DEBIAN"
   features=()
   [ "$major" = 18 ] || features=(--no-default-features --features "pg$major")
-  (cd "$ROOT/gprxy-validator" && cargo pgrx package --profile extension --pg-config "$pgc" \
+  (cd "$ROOT/gprxy-validator" && CARGO="$ROOT/scripts/cargo-ignore-rust-version" cargo-pgrx pgrx package --profile extension --pg-config "$pgc" \
     "${features[@]}" --out-dir "$stage" >"$WORK/pgrx-$major.log" 2>&1) \
     || { cat "$WORK/pgrx-$major.log" >&2; exit 1; }
   libdir="$("$pgc" --pkglibdir)"

@@ -440,6 +440,7 @@ pub fn toml_name(setting: gprxy_core::Setting) -> &'static str {
         JwksFile => "fallback.jwks_file",
         Profile => "fallback.profile",
         Issuers => "fallback.issuers",
+        EntryName => "fallback.issuers.name",
         SessionPolicy => "session.policy",
         Introspection => "fallback.issuers.introspection",
     }
