@@ -34,6 +34,8 @@ fn main() {
     println!("cargo:rerun-if-env-changed=PGRX_PG_CONFIG_PATH");
     // `oauth_validator`: built for a server with OAuth validator modules (18 and later).
     println!("cargo::rustc-check-cfg=cfg(oauth_validator)");
+    // `oauth_hba_options`: PostgreSQL 19 and later (pg_hba validator options, `error_detail`).
+    println!("cargo::rustc-check-cfg=cfg(oauth_hba_options)");
     let version = ["pg19", "pg18", "pg17", "pg15"]
         .into_iter()
         .find(|v| std::env::var_os(format!("CARGO_FEATURE_{}", v.to_uppercase())).is_some())
@@ -49,6 +51,9 @@ fn main() {
     let validator = major >= 18;
     if validator {
         println!("cargo:rustc-cfg=oauth_validator");
+    }
+    if major >= 19 {
+        println!("cargo:rustc-cfg=oauth_hba_options");
     }
     // Segments on 2 MiB boundaries (the dynamic loader honours the alignment): the copy the
     // postmaster keeps of the code (src/resident_code.c) then fits whole 2 MiB pages.

@@ -382,7 +382,7 @@ pub fn audit_line(req: &LoginRequest<'_>, out: &LoginOutcome, started: Instant) 
 /// A refusal's reason and detail for PostgreSQL 19's `ValidatorModuleResult.error_detail`,
 /// which the server puts as the DETAIL of its own authentication failure line (server log
 /// only, never to the client). None for a login that succeeded.
-#[cfg_attr(not(feature = "pg19"), allow(dead_code))]
+#[cfg_attr(not(oauth_hba_options), allow(dead_code))]
 pub fn error_detail(out: &LoginOutcome) -> Option<String> {
     if out.authorized {
         return None;

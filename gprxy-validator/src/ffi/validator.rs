@@ -34,7 +34,7 @@ pub struct ValidatorModuleResult {
     authn_id: *mut c_char,
     /// PostgreSQL 19: a refusal's explanation, which the server logs as the DETAIL of its own
     /// authentication failure (server log only).
-    #[cfg(feature = "pg19")]
+    #[cfg(oauth_hba_options)]
     error_detail: *mut c_char,
 }
 
@@ -89,9 +89,9 @@ const ABI_FIELDS: [&str; 14] = [
 /// The same values as this library's Rust declarations have them.
 fn rust_abi() -> [usize; 14] {
     use std::mem::{offset_of, size_of};
-    #[cfg(feature = "pg19")]
+    #[cfg(oauth_hba_options)]
     let error_detail = offset_of!(ValidatorModuleResult, error_detail);
-    #[cfg(not(feature = "pg19"))]
+    #[cfg(not(oauth_hba_options))]
     let error_detail = usize::MAX;
     [
         PG_OAUTH_VALIDATOR_MAGIC as usize,
@@ -139,9 +139,9 @@ fn check_abi() {
 // The C shim (src/shim.c): MyProcPort is opaque to pgrx.
 extern "C" {
     fn gprxy_oauth_abi(out: *mut usize, n: c_int) -> c_int;
-    #[cfg(feature = "pg19")]
+    #[cfg(oauth_hba_options)]
     fn gprxy_register_hba_options(state: *mut ValidatorModuleState);
-    #[cfg(feature = "pg19")]
+    #[cfg(oauth_hba_options)]
     fn gprxy_hba_option(state: *const ValidatorModuleState, name: *const c_char) -> *const c_char;
     fn gprxy_hba_oauth_issuer() -> *const c_char;
     fn gprxy_hba_oauth_scope() -> *const c_char;
@@ -210,7 +210,7 @@ unsafe extern "C-unwind" fn startup_cb(state: *mut ValidatorModuleState) {
             pgrx::error!("gprxy_validator was built for PostgreSQL {built}, server is {}", state.sversion);
         }
     }
-    #[cfg(feature = "pg19")]
+    #[cfg(oauth_hba_options)]
     if !state.is_null() {
         // SAFETY: called from the startup callback, the only place PostgreSQL allows it, with
         // the server's state; the option names are static. A WARNING inside (an invalid name)
@@ -220,7 +220,7 @@ unsafe extern "C-unwind" fn startup_cb(state: *mut ValidatorModuleState) {
 }
 
 /// The matched pg_hba line's `validator.NAME` (PostgreSQL 19).
-#[cfg(feature = "pg19")]
+#[cfg(oauth_hba_options)]
 fn hba_option(state: *const ValidatorModuleState, name: &CStr) -> Option<String> {
     if state.is_null() {
         return None;
@@ -258,9 +258,9 @@ unsafe extern "C-unwind" fn validate_cb(
             opt_str(gprxy_port_database()),
         )
     };
-    #[cfg(feature = "pg19")]
+    #[cfg(oauth_hba_options)]
     let entry = hba_option(state, c"entry");
-    #[cfg(not(feature = "pg19"))]
+    #[cfg(not(oauth_hba_options))]
     let entry: Option<String> = {
         let _ = state;
         None
@@ -292,7 +292,7 @@ unsafe extern "C-unwind" fn validate_cb(
             });
         }
     }
-    #[cfg(feature = "pg19")]
+    #[cfg(oauth_hba_options)]
     let error_detail = login::error_detail(&outcome).and_then(|d| CString::new(d.replace('\0', " ")).ok());
     let authn_id = outcome.authn_id.and_then(|id| CString::new(id).ok());
     // SAFETY: `result` is PostgreSQL's result struct for this call; pstrdup copies into the
@@ -303,7 +303,7 @@ unsafe extern "C-unwind" fn validate_cb(
             Some(id) => pg_sys::pstrdup(id.as_ptr()),
             None => std::ptr::null_mut(),
         };
-        #[cfg(feature = "pg19")]
+        #[cfg(oauth_hba_options)]
         {
             // SAFETY: as above; on PostgreSQL 19 the struct has this field (checked at load),
             // and oauth.h allows a palloc'd string.
