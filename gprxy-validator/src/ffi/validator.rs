@@ -741,3 +741,14 @@ pub fn init() {
         keep_code_resident();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// The Rust declarations of `libpq/oauth.h` agree with the header of the server the C shim
+    /// was built against (what `_PG_init` checks before the server may call in).
+    #[test]
+    fn the_oauth_abi_declarations_match_the_servers_header() {
+        assert_eq!(super::abi_mismatch(), None);
+        assert_eq!(super::rust_abi()[0], 0x2025_0220, "PG_OAUTH_VALIDATOR_MAGIC");
+    }
+}
