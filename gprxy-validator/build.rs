@@ -32,7 +32,11 @@ fn main() {
     println!("cargo:rerun-if-changed=src/session_end.c");
     println!("cargo:rerun-if-changed=src/resident_code.c");
     println!("cargo:rerun-if-env-changed=PGRX_PG_CONFIG_PATH");
-    let version = ["pg18", "pg17", "pg15"]
+    // `oauth_validator`: built for a server with OAuth validator modules (18 and later).
+    println!("cargo::rustc-check-cfg=cfg(oauth_validator)");
+    // `oauth_hba_options`: PostgreSQL 19 and later (pg_hba validator options, `error_detail`).
+    println!("cargo::rustc-check-cfg=cfg(oauth_hba_options)");
+    let version = ["pg19", "pg18", "pg17", "pg15"]
         .into_iter()
         .find(|v| std::env::var_os(format!("CARGO_FEATURE_{}", v.to_uppercase())).is_some())
         .unwrap_or("pg15");
@@ -43,10 +47,18 @@ fn main() {
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", pg_config.display()));
     assert!(out.status.success(), "{} --includedir-server failed", pg_config.display());
     let include = String::from_utf8(out.stdout).expect("utf-8 path").trim().to_owned();
+    let major: u32 = version[2..].parse().expect("pgNN");
+    let validator = major >= 18;
+    if validator {
+        println!("cargo:rustc-cfg=oauth_validator");
+    }
+    if major >= 19 {
+        println!("cargo:rustc-cfg=oauth_hba_options");
+    }
     // Segments on 2 MiB boundaries (the dynamic loader honours the alignment): the copy the
     // postmaster keeps of the code (src/resident_code.c) then fits whole 2 MiB pages.
-    // PostgreSQL 18 only: older servers load the SQL side, which keeps nothing resident.
-    if version == "pg18" && std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux") {
+    // PostgreSQL 18 and later only: older servers load the SQL side, which keeps nothing resident.
+    if validator && std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux") {
         println!("cargo:rustc-cdylib-link-arg=-Wl,-z,max-page-size=2097152,-z,separate-loadable-segments");
     }
     // PostgreSQL's own headers have unused parameters; its extension builds (PGXS) say so too.
@@ -57,5 +69,13 @@ fn main() {
         .include(include)
         .warnings(true)
         .flag("-Wno-unused-parameter")
+        // A hook or callback whose type changed in a new major, or an API it no longer has, is
+        // a build failure rather than a warning and a misread at run time.
+        .flag("-Werror=incompatible-pointer-types")
+        .flag("-Werror=implicit-function-declaration")
+        .flag("-Werror=int-conversion")
+        // The C side checks at compile time that its headers are of the major pgrx binds
+        // (src/shim.c): pg_config and the feature must name the same server.
+        .define("GPRXY_PG_MAJOR", major.to_string().as_str())
         .compile("gprxy_shim");
 }

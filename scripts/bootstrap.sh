@@ -3,9 +3,13 @@
 #
 #   - Debian packages: build deps, PostgreSQL 15 (server + dev headers), pgbouncer, haproxy,
 #     dpkg-dev (make package), sudo-free tools
-#   - PostgreSQL 18 and 17, built from Debian's source packages into $GPRXY_CACHE/pg-<version>
-#     (never from sid or trixie binaries: they would replace libc); 17 runs fallback mode's tests
-#   - cargo-pgrx 0.18.1, registered with pg18, pg17 and pg15; cargo-fuzz for the fuzz targets
+#   - PostgreSQL 18, 17 and 19, built from Debian's source packages into $GPRXY_CACHE/pg-<version>
+#     (never from sid, trixie or experimental binaries: they would replace libc); 17 runs fallback
+#     mode's tests, 19 the validator's a second time. 19 is taken from sid or experimental, the
+#     final 19.x when there, else the newest pre-release; when the mirror has no 19 source files
+#     bootstrap says so and goes on without it (GPRXY_REQUIRE_PG19=1 makes that a failure)
+#   - cargo-pgrx 0.19.4 (in $CACHE/cargo-pgrx-0.19.4, --ignore-rust-version: see the README),
+#     registered with pg18, pg17, pg15 and pg19; cargo-fuzz for the fuzz targets
 #   - Node.js and npm (Debian's, when absent) and tests/provider's package-lock.json (oidc-provider,
 #     the real OpenID Provider of tests/tests/certified_provider.rs), `npm ci`'d into
 #     $GPRXY_CACHE/node/oidc-provider-<lockfile hash>/node_modules
@@ -14,13 +18,14 @@
 # A second run checks stamps and changes nothing. A failed step stops with its name.
 #
 #   scripts/bootstrap.sh            everything
-#   scripts/bootstrap.sh postgres   apt packages and PostgreSQL 18 and 17 only (CI's cold-path check)
+#   scripts/bootstrap.sh postgres   apt packages and PostgreSQL 18, 17 and 19 only (CI's cold-path check)
 set -euo pipefail
 ONLY="${1:-all}"
 
 PG18_SUITE="${PG18_SUITE:-sid}"              # Debian suite with the source package postgresql-18
 PG17_SUITE="${PG17_SUITE:-trixie}"           # ... and postgresql-17
-PGRX_VERSION="0.18.1"
+PG19_SUITES="${PG19_SUITES:-sid experimental}" # ... and postgresql-19 (the newest of them)
+PGRX_VERSION="0.19.4"
 CACHE="${GPRXY_CACHE:-/var/cache/gprxy}"    # outside the clone; readable by the test user
 TEST_USER="${GPRXY_TEST_USER:-gprxytest}"
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -71,29 +76,48 @@ PG18_FULL="$("$PREFIX/bin/pg_config" --version | awk '{print $2}')"
 step "PostgreSQL 17 (source package from $PG17_SUITE) into $CACHE/pg17"
 bash "$ROOT/scripts/build-postgres.sh" 17 "$PG17_SUITE"
 PG17_CONFIG="$(readlink -f "$CACHE/pg17")/bin/pg_config"
+step "PostgreSQL 19 (source package from $PG19_SUITES) into $CACHE/pg19"
+# shellcheck disable=SC2086
+rc=0; bash "$ROOT/scripts/build-postgres.sh" 19 $PG19_SUITES || rc=$?
+PG19_CONFIG=""
+if [ "$rc" = 0 ]; then
+  PG19_CONFIG="$(readlink -f "$CACHE/pg19")/bin/pg_config"
+elif [ "$rc" = 3 ] && [ "${GPRXY_REQUIRE_PG19:-0}" != 1 ]; then
+  echo "bootstrap: WARNING: no PostgreSQL 19 source can be downloaded; going on without 19 (make test says its 19 run did not happen)" >&2
+else
+  false
+fi
 if [ "$ONLY" = postgres ]; then
-  echo "bootstrap: ok (PostgreSQL $PG18_FULL at $PREFIX, $("$PG17_CONFIG" --version))" >&2
+  echo "bootstrap: ok (PostgreSQL $PG18_FULL at $PREFIX, $("$PG17_CONFIG" --version)${PG19_CONFIG:+, $("$PG19_CONFIG" --version)})" >&2
   exit 0
 fi
 
 # ---------------------------------------------------------------- cargo-pgrx
+# pgrx 0.19 (the first with PostgreSQL 19) declares rust-version 1.96; these machines have 1.95
+# and it builds and works there: --ignore-rust-version (README, "Building"). Installed into the
+# cache, not ~/.cargo/bin, so that the cargo-pgrx on PATH is never the wrong one; the Makefile
+# puts this one first on PATH.
 step "cargo-pgrx $PGRX_VERSION"
-if ! cargo pgrx --version 2>/dev/null | grep -q "$PGRX_VERSION"; then
-  cargo install cargo-pgrx --version "$PGRX_VERSION" --locked
+PGRX_ROOT="$CACHE/cargo-pgrx-$PGRX_VERSION"
+if ! "$PGRX_ROOT/bin/cargo-pgrx" pgrx --version 2>/dev/null | grep -q "$PGRX_VERSION"; then
+  cargo install cargo-pgrx --version "$PGRX_VERSION" --locked --ignore-rust-version --root "$PGRX_ROOT"
 fi
+export PATH="$PGRX_ROOT/bin:$PATH"
 
 step "cargo-fuzz"
 if ! command -v cargo-fuzz >/dev/null 2>&1; then
   cargo install cargo-fuzz --version 0.13.2 --locked
 fi
 
-step "cargo pgrx init (pg18, pg17, pg15)"
+step "cargo pgrx init (pg18, pg17, pg15${PG19_CONFIG:+, pg19})"
 PG15_CONFIG=/usr/lib/postgresql/15/bin/pg_config
 want="pg18 = \"$PREFIX/bin/pg_config\""
 cfg="${PGRX_HOME:-$HOME/.pgrx}/config.toml"
+pg19=(); [ -n "$PG19_CONFIG" ] && pg19=(--pg19 "$PG19_CONFIG")
 if ! grep -qF "$want" "$cfg" 2>/dev/null || ! grep -qF "$PG15_CONFIG" "$cfg" 2>/dev/null \
-   || ! grep -qF "$PG17_CONFIG" "$cfg" 2>/dev/null; then
-  cargo pgrx init --pg18 "$PREFIX/bin/pg_config" --pg17 "$PG17_CONFIG" --pg15 "$PG15_CONFIG" >/dev/null
+   || ! grep -qF "$PG17_CONFIG" "$cfg" 2>/dev/null \
+   || { [ -n "$PG19_CONFIG" ] && ! grep -qF "$PG19_CONFIG" "$cfg" 2>/dev/null; }; then
+  "$PGRX_ROOT/bin/cargo-pgrx" pgrx init --pg18 "$PREFIX/bin/pg_config" --pg17 "$PG17_CONFIG" --pg15 "$PG15_CONFIG" "${pg19[@]}" >/dev/null
 fi
 
 # ---------------------------------------------------------------- Node.js and oidc-provider

@@ -11,11 +11,13 @@
 #   gprxy                           the proxy: /usr/bin/gprxy, /etc/gprxy/gprxy.toml (conffile),
 #                                   the systemd unit, its system user (postinst)
 #
-#   PG_VERSIONS    majors to package (default "18 17 15": the servers the project builds)
+#   PG_VERSIONS    majors to package (default "18 17 15", and 19 first when the cache has it: the
+#                  servers the project builds)
 #   PG_CONFIG      PostgreSQL 18's pg_config (default: the cache's, $GPRXY_CACHE/pg18); a DBA with
 #                  Debian's server gives /usr/lib/postgresql/18/bin/pg_config and gets
 #                  /usr/lib/postgresql/18/lib and /usr/share/postgresql/18/extension
-#   PG17_CONFIG    PostgreSQL 17's (default: the cache's), PG15_CONFIG 15's (default: Debian's)
+#   PG17_CONFIG    PostgreSQL 17's (default: the cache's), PG15_CONFIG 15's (default: Debian's),
+#                  PG19_CONFIG 19's (default: the cache's)
 #
 # A package for a server that Debian's postgresql-NN package provides (its pg_config under
 # /usr/lib/postgresql/NN) depends on that package; one for a server built from source cannot.
@@ -24,7 +26,11 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 CACHE="${GPRXY_CACHE:-/var/cache/gprxy}"
 OUT="${GPRXY_DEB_DIR:-$ROOT/target/debian}"
-PG_VERSIONS="${PG_VERSIONS:-18 17 15}"
+PG19_CONFIG="${PG19_CONFIG:-$CACHE/pg19/bin/pg_config}"
+default_versions="18 17 15"; [ -x "$PG19_CONFIG" ] && default_versions="19 $default_versions"
+PG_VERSIONS="${PG_VERSIONS:-$default_versions}"
+# cargo-pgrx 0.19.4 from the cache (bootstrap).
+export PATH="$CACHE/cargo-pgrx-0.19.4/bin:$PATH"
 PG18_CONFIG="${PG_CONFIG:-${PG18_CONFIG:-$CACHE/pg18/bin/pg_config}}"
 PG17_CONFIG="${PG17_CONFIG:-$CACHE/pg17/bin/pg_config}"
 PG15_CONFIG="${PG15_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}"
@@ -96,10 +102,11 @@ strip_elf() { strip --strip-unneeded --remove-section=.comment --remove-section=
 # ---------------------------------------------------------------- the extension, per major
 for major in $PG_VERSIONS; do
   case "$major" in
+    19) pgc="$PG19_CONFIG" ;;
     18) pgc="$PG18_CONFIG" ;;
     17) pgc="$PG17_CONFIG" ;;
     15) pgc="$PG15_CONFIG" ;;
-    *) echo "package: PostgreSQL $major is not one the project builds (18, 17, 15)" >&2; exit 1 ;;
+    *) echo "package: PostgreSQL $major is not one the project builds (19, 18, 17, 15)" >&2; exit 1 ;;
   esac
   step "postgresql-$major-gprxy-validator ($pgc)"
   [ -x "$pgc" ] || { echo "package: $pgc is not an executable pg_config" >&2; exit 1; }
@@ -110,7 +117,7 @@ for major in $PG_VERSIONS; do
   mkdir -p "$stage/DEBIAN"
   features=()
   [ "$major" = 18 ] || features=(--no-default-features --features "pg$major")
-  (cd "$ROOT/gprxy-validator" && cargo pgrx package --profile extension --pg-config "$pgc" \
+  (cd "$ROOT/gprxy-validator" && CARGO="$ROOT/scripts/cargo-ignore-rust-version" cargo-pgrx pgrx package --profile extension --pg-config "$pgc" \
     "${features[@]}" --out-dir "$stage" >"$WORK/pgrx-$major.log" 2>&1) \
     || { cat "$WORK/pgrx-$major.log" >&2; exit 1; }
   libdir="$("$pgc" --pkglibdir)"
@@ -133,7 +140,7 @@ for major in $PG_VERSIONS; do
   else
     where="the PostgreSQL $major server at $("$pgc" --bindir | sed 's|/bin$||')"
   fi
-  if [ "$major" = 18 ]; then
+  if [ "$major" -ge 18 ]; then
     summary="OAuth validator module for PostgreSQL $major (gprxy_validator)"
     what=" gprxy_validator is PostgreSQL's OAuth validator (oauth_validator_libraries): it checks
  the access token (JWT signature against a cached JWKS, issuer, audience, expiry, scopes) and

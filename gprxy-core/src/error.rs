@@ -472,6 +472,8 @@ pub enum Setting {
     Profile,
     /// The issuer set as a whole (the validator's issuers file).
     Issuers,
+    /// An issuers file entry's name (a PostgreSQL 19 pg_hba line's `validator.entry`).
+    EntryName,
     /// When a session ends after its login (`off`, `idle`, `strict`).
     SessionPolicy,
     /// An issuer's token introspection (RFC 7662).
@@ -483,6 +485,7 @@ impl Setting {
     pub fn name(self) -> &'static str {
         match self {
             Self::Issuer => "issuer",
+            Self::EntryName => "name",
             Self::Audience => "audience",
             Self::Algorithms => "allowed_algorithms",
             Self::Leeway => "leeway_secs",

@@ -187,6 +187,10 @@ impl KeyCacheEntry {
 pub struct IssuerEntry {
     /// The issuer, exactly as tokens name it.
     pub issuer: String,
+    /// A name a PostgreSQL 19 pg_hba line picks the entry by (`validator.entry=NAME`): letters,
+    /// digits, `.`, `_` and `-`, unique in the file. Several entries of one issuer are allowed
+    /// when all are named (the validator only; see [`IssuerSet::from_toml_named`]).
+    pub name: Option<String>,
     /// A provider's defaults and requirements.
     pub profile: Option<Profile>,
     /// Accepted audiences (one must be in `aud`).
@@ -248,6 +252,8 @@ pub struct IssuerEntry {
 /// One issuer's checked policy.
 #[derive(Debug, Clone)]
 pub struct IssuerPolicy {
+    /// The entry's name, if it has one.
+    pub name: Option<String>,
     /// The profile it took, if any.
     pub profile: Option<Profile>,
     /// The well-known metadata URL the entry was configured with, if it was (its keys and
@@ -291,6 +297,22 @@ pub fn map_roles(map: &[(String, String)], token_roles: &[String]) -> Vec<String
         return token_roles.to_vec();
     }
     map.iter().filter(|(from, _)| token_roles.iter().any(|r| r == from)).map(|(_, to)| to.clone()).collect()
+}
+
+/// An entry's name: 1 to 64 letters, digits, `.`, `_` or `-` (a pg_hba option value that needs
+/// no quoting).
+fn check_entry_name(name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::new(
+            Setting::EntryName,
+            format!("{name:?}: use 1 to 64 letters, digits, '.', '_' or '-'"),
+        ))
+    }
 }
 
 fn token_types(types: &[String]) -> Result<bool, ConfigError> {
@@ -415,6 +437,7 @@ impl IssuerEntry {
             ));
         }
         Ok(IssuerPolicy {
+            name: self.name,
             profile: self.profile,
             provision,
             metadata_url,
@@ -446,6 +469,18 @@ struct IssuersFile {
 impl IssuerSet {
     /// Checks entries. Refuses a set with no entry, or with one issuer twice.
     pub fn new(entries: Vec<IssuerEntry>, skip_audience: bool) -> Result<Self, IssuersError> {
+        Self::build(entries, skip_audience, false)
+    }
+
+    /// Checks entries that a pg_hba line may pick by name (the validator on PostgreSQL 19): as
+    /// [`IssuerSet::new`], except that one issuer may have several entries when every one of
+    /// them is named. The issuer's first entry says where its keys come from and how its tokens
+    /// are checked; a later one may not say it again (its keys are the same keys).
+    pub fn new_named(entries: Vec<IssuerEntry>, skip_audience: bool) -> Result<Self, IssuersError> {
+        Self::build(entries, skip_audience, true)
+    }
+
+    fn build(entries: Vec<IssuerEntry>, skip_audience: bool, shared: bool) -> Result<Self, IssuersError> {
         if entries.is_empty() {
             return Err(IssuersError::Empty);
         }
@@ -453,13 +488,68 @@ impl IssuerSet {
         for (i, entry) in entries.into_iter().enumerate() {
             let name = entry.issuer.clone();
             let at = |error| IssuersError::Entry { number: i + 1, issuer: name.clone(), error };
+            if let Some(n) = &entry.name {
+                check_entry_name(n).map_err(at)?;
+                if issuers.iter().any(|p| p.name.as_deref() == Some(n)) {
+                    return Err(at(ConfigError::new(Setting::EntryName, format!("{n:?} named twice"))));
+                }
+            }
             let id = crate::jwks::issuer_id(&name).unwrap_or_else(|_| name.clone());
-            if issuers.iter().any(|p| p.issuer() == id) {
-                return Err(at(ConfigError::new(Setting::Issuer, "named twice")));
+            if let Some(first) = issuers.iter().find(|p| p.issuer() == id) {
+                if !shared {
+                    return Err(at(ConfigError::new(Setting::Issuer, "named twice")));
+                }
+                if first.name.is_none() || entry.name.is_none() {
+                    return Err(at(ConfigError::new(
+                        Setting::Issuer,
+                        "named twice: several entries of one issuer must each have a name (pg_hba's validator.entry picks one)",
+                    )));
+                }
+                let keys = [
+                    (entry.jwks_uri.is_some(), "jwks_uri"),
+                    (entry.jwks_file.is_some(), "jwks_file"),
+                    (entry.ca_file.is_some(), "ca_file"),
+                    (entry.keys != KeyCacheEntry::default(), "keys"),
+                    (entry.tokens.is_some(), "tokens"),
+                    (entry.introspection.is_some(), "introspection"),
+                ];
+                if let Some((_, key)) = keys.iter().find(|(set, _)| *set) {
+                    return Err(at(ConfigError::new(
+                        Setting::Issuer,
+                        format!("{key}: only the issuer's first entry says where its keys come from and how its tokens are checked"),
+                    )));
+                }
+                let first = first.clone();
+                let mut policy = entry.check(skip_audience).map_err(at)?;
+                policy.source = first.source;
+                policy.ca_file = first.ca_file;
+                policy.cache = first.cache;
+                policy.mode = first.mode;
+                policy.introspection = first.introspection;
+                issuers.push(policy);
+                continue;
             }
             issuers.push(entry.check(skip_audience).map_err(at)?);
         }
         Ok(Self { issuers })
+    }
+
+    /// [`IssuerSet::from_toml`] for the validator: entries a pg_hba line may pick by name
+    /// ([`IssuerSet::new_named`]).
+    pub fn from_toml_named(text: &str, skip_audience: bool) -> Result<Self, IssuersError> {
+        let file: IssuersFile =
+            toml::from_str(text).map_err(|e| IssuersError::Syntax(toml_error(text, &e)))?;
+        Self::new_named(file.issuer, skip_audience)
+    }
+
+    /// The entry named `name`.
+    pub fn named(&self, name: &str) -> Option<&IssuerPolicy> {
+        self.issuers.iter().find(|p| p.name.as_deref() == Some(name))
+    }
+
+    /// How many entries `issuer` has (more than one only in a set from [`IssuerSet::new_named`]).
+    pub fn entries_of(&self, issuer: &str) -> usize {
+        self.issuers.iter().filter(|p| p.issuer() == issuer).count()
     }
 
     /// A set of policies checked elsewhere (a front end's one-issuer shorthand).
@@ -475,8 +565,9 @@ impl IssuerSet {
         Self::new(file.issuer, skip_audience)
     }
 
-    /// The policy for tokens of exactly this issuer. A well-known metadata URL (pg_hba.conf's
-    /// other form of `issuer`) finds the entry of the issuer it stands for, configured either way.
+    /// The policy for tokens of exactly this issuer (its first entry). A well-known metadata URL
+    /// (pg_hba.conf's other form of `issuer`) finds the entry of the issuer it stands for,
+    /// configured either way.
     pub fn get(&self, issuer: &str) -> Option<&IssuerPolicy> {
         let id = match crate::jwks::issuer_from_well_known(issuer) {
             Ok(Some(id)) => id,
@@ -615,6 +706,73 @@ mod tests {
 
     fn set(text: &str) -> Result<IssuerSet, String> {
         IssuerSet::from_toml(text, false).map_err(|e| e.to_string())
+    }
+
+    fn named(text: &str) -> Result<IssuerSet, String> {
+        IssuerSet::from_toml_named(text, false).map_err(|e| e.to_string())
+    }
+
+    const TWO_OF_A: &str = r#"
+[[issuer]]
+issuer = "https://a.example"
+name = "a-reporting"
+audience = ["reporting"]
+jwks_uri = "https://a.example/keys"
+[issuer.keys]
+cache_ttl_secs = 600
+
+[[issuer]]
+issuer = "https://a.example"
+name = "a-billing"
+audience = ["billing"]
+role_map = { admin = "billing_admin" }
+"#;
+
+    #[test]
+    fn named_entries_of_one_issuer_are_picked_by_name_and_share_the_first_ones_keys() {
+        let s = named(TWO_OF_A).unwrap();
+        assert_eq!(s.entries_of("https://a.example"), 2);
+        let (r, b) = (s.named("a-reporting").unwrap(), s.named("a-billing").unwrap());
+        assert_eq!((r.issuer(), b.issuer()), ("https://a.example", "https://a.example"));
+        assert_eq!(r.policy.audiences, ["reporting"]);
+        assert_eq!(b.policy.audiences, ["billing"]);
+        assert_eq!(b.role_map, vec![("admin".to_owned(), "billing_admin".to_owned())]);
+        assert!(r.role_map.is_empty());
+        // The second entry's keys are the first's: one key cache per issuer.
+        assert_eq!(format!("{:?}", b.source), format!("{:?}", r.source));
+        assert_eq!(b.cache.default_ttl, Duration::from_secs(600));
+        assert!(s.named("a-other").is_none());
+        // By issuer alone: the first entry.
+        assert_eq!(s.get("https://a.example").unwrap().name.as_deref(), Some("a-reporting"));
+    }
+
+    #[test]
+    fn named_entries_are_refused_where_they_would_be_ambiguous_or_disagree_on_keys() {
+        // The proxy's issuers (IssuerSet::new, from_toml): one entry per issuer, names or not.
+        assert_eq!(set(TWO_OF_A).unwrap_err(), "issuer 2 (\"https://a.example\"): issuer: named twice");
+        let unnamed = TWO_OF_A.replace("name = \"a-billing\"\n", "");
+        assert_eq!(
+            named(&unnamed).unwrap_err(),
+            "issuer 2 (\"https://a.example\"): issuer: named twice: several entries of one issuer must each have a name (pg_hba's validator.entry picks one)"
+        );
+        let own_keys = TWO_OF_A.replace(
+            "audience = [\"billing\"]",
+            "audience = [\"billing\"]\njwks_uri = \"https://a.example/other\"",
+        );
+        assert_eq!(
+            named(&own_keys).unwrap_err(),
+            "issuer 2 (\"https://a.example\"): issuer: jwks_uri: only the issuer's first entry says where its keys come from and how its tokens are checked"
+        );
+        let same_name = TWO_OF_A.replace("a-billing", "a-reporting");
+        assert_eq!(
+            named(&same_name).unwrap_err(),
+            "issuer 2 (\"https://a.example\"): name: \"a-reporting\" named twice"
+        );
+        let bad_name = TWO_OF_A.replace("a-billing", "a billing");
+        assert_eq!(
+            named(&bad_name).unwrap_err(),
+            "issuer 2 (\"https://a.example\"): name: \"a billing\": use 1 to 64 letters, digits, '.', '_' or '-'"
+        );
     }
 
     #[test]

@@ -440,6 +440,7 @@ pub fn toml_name(setting: gprxy_core::Setting) -> &'static str {
         JwksFile => "fallback.jwks_file",
         Profile => "fallback.profile",
         Issuers => "fallback.issuers",
+        EntryName => "fallback.issuers.name",
         SessionPolicy => "session.policy",
         Introspection => "fallback.issuers.introspection",
     }
@@ -632,6 +633,7 @@ fn one_issuer(f: &FileFallback) -> anyhow::Result<gprxy_core::IssuerSet> {
         bail!("fallback.keys: cache_ttl_min_secs is above cache_ttl_max_secs");
     }
     let entry = gprxy_core::IssuerPolicy {
+        name: None,
         profile: None,
         metadata_url,
         policy,

@@ -8,19 +8,19 @@
 
 use pgrx::prelude::*;
 
-#[cfg(feature = "pg18")]
+#[cfg(oauth_validator)]
 mod answers;
 mod ffi;
-#[cfg(feature = "pg18")]
+#[cfg(oauth_validator)]
 mod login;
-#[cfg(feature = "pg18")]
+#[cfg(oauth_validator)]
 mod provision;
 mod session;
-#[cfg(feature = "pg18")]
+#[cfg(oauth_validator)]
 mod settings;
-#[cfg(feature = "pg18")]
+#[cfg(oauth_validator)]
 mod shared;
-#[cfg(feature = "pg18")]
+#[cfg(oauth_validator)]
 mod worker;
 
 ::pgrx::pg_module_magic!();
@@ -29,11 +29,11 @@ mod worker;
 pub extern "C-unwind" fn _PG_init() {
     ffi::define_context_settings();
     ffi::install_session_hooks();
-    #[cfg(feature = "pg18")]
+    #[cfg(oauth_validator)]
     ffi::init();
     // Loaded by the postmaster (shared_preload_libraries): every backend forked from it inherits
     // the crypto library's initialisation instead of redoing it on each login.
-    #[cfg(feature = "pg18")]
+    #[cfg(oauth_validator)]
     if !gprxy_core::prepare_process() {
         pgrx::warning!("gprxy_validator: the crypto library failed its start-up self-check");
     }
@@ -119,7 +119,7 @@ REVOKE EXECUTE ON FUNCTION gprxy.set_context(text), gprxy.reset_context() FROM P
     finalize,
 );
 
-#[cfg(feature = "pg18")]
+#[cfg(oauth_validator)]
 pgrx::extension_sql!(
     r#"
 -- Roles from groups (gprxy.provision): what gprxy's provisioner created, for whom, and when the

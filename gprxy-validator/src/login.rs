@@ -21,6 +21,8 @@ pub struct LoginRequest<'a> {
     pub role: &'a str,
     pub hba_issuer: Option<&'a str>,
     pub hba_scope: Option<&'a str>,
+    /// The pg_hba line's `validator.entry` (PostgreSQL 19; None on 18).
+    pub hba_entry: Option<&'a str>,
     pub delegated: bool,
     pub client: Option<&'a str>,
     pub database: Option<&'a str>,
@@ -62,13 +64,16 @@ impl SessionEnd {
     }
 }
 
+/// A pg_hba line's `validator.entry` and scope.
+type EntryScope = (Option<String>, Option<String>);
+
 /// What one issuer needs per login, built on its first login in this backend and kept while
 /// the settings are the same parse.
 struct IssuerState {
     settings: Arc<Settings>,
     cache: Arc<JwksCache>,
-    /// By the pg_hba line's scope.
-    validators: Vec<(Option<String>, Arc<Validator>)>,
+    /// By the pg_hba line's entry (`validator.entry`) and scope.
+    validators: Vec<(EntryScope, Arc<Validator>)>,
     mode: TokenMode,
     introspector: Option<Arc<Introspector>>,
 }
@@ -153,18 +158,25 @@ pub fn cache_for(settings: &Arc<Settings>, issuer: &str) -> Result<Arc<JwksCache
     with_issuer(settings, issuer, |state| Ok(state.cache.clone()))
 }
 
-/// How this backend checks `issuer`'s tokens for the pg_hba line's scope.
+/// How this backend checks `issuer`'s tokens for the pg_hba line's entry and scope.
 fn issuer_check(
     settings: &Arc<Settings>,
     issuer: &str,
+    hba_entry: Option<&str>,
     hba_scope: Option<&str>,
 ) -> Result<IssuerCheck, ConfigError> {
     with_issuer(settings, issuer, |state| {
-        let validator = match state.validators.iter().find(|(scope, _)| scope.as_deref() == hba_scope) {
+        let found = state
+            .validators
+            .iter()
+            .find(|((entry, scope), _)| entry.as_deref() == hba_entry && scope.as_deref() == hba_scope);
+        let validator = match found {
             Some((_, v)) => v.clone(),
             None => {
-                let v = Arc::new(Validator::new(settings.policy(issuer, hba_scope)?));
-                state.validators.push((hba_scope.map(str::to_owned), v.clone()));
+                let v = Arc::new(Validator::new(settings.policy(issuer, hba_entry, hba_scope)?));
+                state
+                    .validators
+                    .push(((hba_entry.map(str::to_owned), hba_scope.map(str::to_owned)), v.clone()));
                 v
             }
         };
@@ -267,7 +279,7 @@ fn provision_own_role(
     server: &impl Server,
 ) -> Option<Result<(), (&'static str, String)>> {
     use gprxy_core::provision::{role_name, ProvisionMode};
-    let policy = settings.provision(issuer);
+    let policy = settings.provision(issuer, req.hba_entry);
     if policy.mode == ProvisionMode::Off {
         return None;
     }
@@ -280,13 +292,14 @@ fn provision_own_role(
     if own != req.role {
         return None;
     }
-    let managed: Vec<&String> = settings.role_map(issuer).iter().map(|(_, to)| to).collect();
+    let managed: Vec<&String> = settings.role_map(issuer, req.hba_entry).iter().map(|(_, to)| to).collect();
     let wanted: Vec<String> = granted.iter().filter(|g| managed.contains(g)).cloned().collect();
     let request = crate::provision::Request {
         mode: policy.mode,
         role: own,
         issuer: token.issuer.clone(),
         identity: token.identity.clone(),
+        entry: req.hba_entry.map(str::to_owned),
         wanted,
     };
     // Nothing changes: a shared-memory lookup, no catalog scan. (A group that gained powers since
@@ -356,7 +369,9 @@ pub fn decide(req: &LoginRequest<'_>) -> LoginOutcome {
         Ok(s) => s,
         Err(e) => return deny("config", crate::settings::describe(&e), None),
     };
-    let check_for = |issuer: &str, scope: Option<&str>| issuer_check(&settings, issuer, scope);
+    let check_for = |issuer: &str, entry: Option<&str>, scope: Option<&str>| {
+        issuer_check(&settings, issuer, entry, scope)
+    };
     decide_with(req, &settings, check_for, &Live, gprxy_core::unix_time())
 }
 
@@ -366,7 +381,7 @@ pub fn decide(req: &LoginRequest<'_>) -> LoginOutcome {
 pub fn decide_with(
     req: &LoginRequest<'_>,
     settings: &Settings,
-    check_for: impl FnOnce(&str, Option<&str>) -> Result<IssuerCheck, ConfigError>,
+    check_for: impl FnOnce(&str, Option<&str>, Option<&str>) -> Result<IssuerCheck, ConfigError>,
     server: &impl Server,
     now: i64,
 ) -> LoginOutcome {
@@ -375,7 +390,7 @@ pub fn decide_with(
     let Some(issuer) = req.hba_issuer.filter(|i| !i.is_empty()) else {
         return deny("config", "the pg_hba.conf line has no issuer".into(), unverified_id());
     };
-    let check = match check_for(issuer, req.hba_scope) {
+    let check = match check_for(issuer, req.hba_entry, req.hba_scope) {
         Ok(found) => found,
         Err(e) => return deny("config", crate::settings::describe(&e), unverified_id()),
     };
@@ -403,7 +418,7 @@ pub fn decide_with(
         };
     }
     if req.delegated {
-        let granted = settings.granted_db_roles(issuer, &token.roles);
+        let granted = settings.granted_db_roles(issuer, req.hba_entry, &token.roles);
         let provisioned = provision_own_role(req, settings, issuer, &token, &granted, server);
         if let Some(Err((reason, detail))) = provisioned {
             return LoginOutcome {
@@ -466,7 +481,7 @@ pub fn decide_with(
     }
     // gprxy.roles() means the same in both modes: the roles after the issuer's role map.
     let mut token = token;
-    token.roles = settings.granted_db_roles(issuer, &token.roles);
+    token.roles = settings.granted_db_roles(issuer, req.hba_entry, &token.roles);
     LoginOutcome {
         authorized: true,
         authn_id: Some(token.identity.clone()),
@@ -507,10 +522,28 @@ pub fn audit_line(req: &LoginRequest<'_>, out: &LoginOutcome, started: Instant) 
         micros / 1000,
         micros % 1000,
     );
+    if let Some(entry) = req.hba_entry {
+        line.push_str(&format!(" entry={}", gprxy_core::Quoted::new(entry)));
+    }
     if !out.detail.is_empty() {
         line.push_str(&format!(" detail={}", gprxy_core::Quoted::new(&out.detail)));
     }
     line
+}
+
+/// A refusal's reason and detail for PostgreSQL 19's `ValidatorModuleResult.error_detail`,
+/// which the server puts as the DETAIL of its own authentication failure line (server log
+/// only, never to the client). None for a login that succeeded.
+#[cfg_attr(not(oauth_hba_options), allow(dead_code))]
+pub fn error_detail(out: &LoginOutcome) -> Option<String> {
+    if out.authorized {
+        return None;
+    }
+    Some(if out.detail.is_empty() {
+        format!("gprxy: {}", out.reason)
+    } else {
+        format!("gprxy: {}: {}", out.reason, out.detail)
+    })
 }
 
 #[cfg(test)]
@@ -540,6 +573,7 @@ mod tests {
             role,
             hba_issuer: Some(ISSUER),
             hba_scope: Some("openid db"),
+            hba_entry: None,
             delegated,
             client: Some("127.0.0.1"),
             database: Some("app"),
@@ -627,6 +661,7 @@ mod tests {
                 role: "u_alice".into(),
                 issuer: ISSUER.into(),
                 identity: "alice".into(),
+                entry: None,
                 wanted: vec!["app_reader".into(), "app_writer".into()],
             }]
         );
@@ -681,10 +716,10 @@ mod tests {
         server: &impl Server,
     ) -> LoginOutcome {
         let keys = KeySet::from_json(jwks(&[key]).to_string().as_bytes()).unwrap();
-        let check_for = |issuer: &str, scope: Option<&str>| {
+        let check_for = |issuer: &str, entry: Option<&str>, scope: Option<&str>| {
             Ok(IssuerCheck {
                 keys: Arc::new(keys),
-                validator: Arc::new(Validator::new(settings.policy(issuer, scope)?)),
+                validator: Arc::new(Validator::new(settings.policy(issuer, entry, scope)?)),
                 mode: TokenMode::Jwt,
                 introspector: None,
             })
@@ -956,5 +991,17 @@ mod tests {
         );
         assert!(!line.contains(&t) && !line.contains(t.rsplit('.').next().unwrap()), "{line}");
         assert!(line.contains(&format!("token_fp={}", gprxy_core::fingerprint(t.as_bytes()))));
+    }
+
+    #[test]
+    fn a_refusals_error_detail_is_its_reason_and_detail_and_a_success_has_none() {
+        let out = deny("aud_mismatch", "token audience is not accepted".into(), Some("alice".into()));
+        assert_eq!(
+            error_detail(&out).as_deref(),
+            Some("gprxy: aud_mismatch: token audience is not accepted")
+        );
+        assert_eq!(error_detail(&deny("config", String::new(), None)).as_deref(), Some("gprxy: config"));
+        let ok = LoginOutcome { authorized: true, reason: "ok", ..deny("ok", String::new(), None) };
+        assert_eq!(error_detail(&ok), None);
     }
 }

@@ -79,6 +79,7 @@ pub struct Slot {
     role: Fixed<NAME>,
     issuer: Fixed<TEXT>,
     identity: Fixed<TEXT>,
+    entry: Option<Fixed<NAME>>,
     wanted: [Fixed<NAME>; GROUPS],
     wanted_n: u8,
     ok: bool,
@@ -95,6 +96,7 @@ impl Slot {
         role: Fixed::EMPTY,
         issuer: Fixed::EMPTY,
         identity: Fixed::EMPTY,
+        entry: None,
         wanted: [Fixed::EMPTY; GROUPS],
         wanted_n: 0,
         ok: false,
@@ -144,6 +146,8 @@ pub struct Request {
     pub role: String,
     pub issuer: String,
     pub identity: String,
+    /// The issuers-file entry the pg_hba line named (PostgreSQL 19's `validator.entry`).
+    pub entry: Option<String>,
     /// The managed groups the token names (after the role map).
     pub wanted: Vec<String>,
 }
@@ -199,6 +203,10 @@ pub fn request(req: &Request, timeout: Duration, recheck: Duration) -> Result<()
     let role = Fixed::new(&req.role).ok_or_else(|| too_long("role name"))?;
     let issuer = Fixed::new(&req.issuer).ok_or_else(|| too_long("issuer"))?;
     let identity = Fixed::new(&req.identity).ok_or_else(|| too_long("identity"))?;
+    let entry = match &req.entry {
+        Some(e) => Some(Fixed::new(e).ok_or_else(|| too_long("entry name"))?),
+        None => None,
+    };
     if req.wanted.len() > GROUPS {
         return Err(too_long("list of groups"));
     }
@@ -232,6 +240,7 @@ pub fn request(req: &Request, timeout: Duration, recheck: Duration) -> Result<()
                     role,
                     issuer,
                     identity,
+                    entry,
                     wanted,
                     wanted_n: u8::try_from(req.wanted.len()).unwrap_or(0),
                     taken_at_ms: now,
@@ -369,6 +378,7 @@ fn take_pending() -> Option<(usize, u64, Request)> {
         role: slot.role.get(),
         issuer: slot.issuer.get(),
         identity: slot.identity.get(),
+        entry: slot.entry.as_ref().map(Fixed::get),
         wanted: slot.wanted[..usize::from(slot.wanted_n).min(GROUPS)].iter().map(Fixed::get).collect(),
     };
     Some((i, slot.id, req))
@@ -384,7 +394,8 @@ fn provision(req: &Request) -> Result<(), Refused> {
     let settings = Settings::current().map_err(|e| ("provision_failed", crate::settings::describe(&e)))?;
     // The worker's own view of the policy decides what is managed, not the request's.
     let managed: Vec<String> = {
-        let mut m: Vec<String> = settings.role_map(&req.issuer).iter().map(|(_, to)| to.clone()).collect();
+        let mut m: Vec<String> =
+            settings.role_map(&req.issuer, req.entry.as_deref()).iter().map(|(_, to)| to.clone()).collect();
         m.sort();
         m.dedup();
         m

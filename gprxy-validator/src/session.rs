@@ -29,7 +29,7 @@ struct State {
 static SESSION: Mutex<State> = Mutex::new(State { identity: None, from_token_login: false, last_counter: 0 });
 
 /// Called by the validator when a token authorized this login.
-#[cfg_attr(not(feature = "pg18"), allow(dead_code))]
+#[cfg_attr(not(oauth_validator), allow(dead_code))]
 pub fn set(identity: SessionIdentity) {
     let mut s = SESSION.lock();
     s.identity = Some(identity);

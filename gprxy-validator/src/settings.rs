@@ -151,7 +151,7 @@ pub fn check_issuers_file(v: &str) -> Result<(), String> {
         None
     } else {
         let text = gprxy_core::fetch::read_policy_file(std::path::Path::new(v), ISSUERS_FILE_MAX)
-            .and_then(|text| IssuerSet::from_toml(&text, false).map_err(|e| e.to_string()))
+            .and_then(|text| IssuerSet::from_toml_named(&text, false).map_err(|e| e.to_string()))
             .map_err(|e| format!("{v}: {e}"));
         match text {
             Ok(set) => Some(Arc::new(set)),
@@ -394,8 +394,45 @@ impl Settings {
         ))
     }
 
-    /// The issuers file's entry for `issuer` (None without a file; an error when the file does
-    /// not name it).
+    /// The entry a login's pg_hba line selects: by its `validator.entry` (PostgreSQL 19), which
+    /// must be an entry of the line's issuer, else by the issuer alone, which must then have one
+    /// entry. None without a file (the gprxy.* settings).
+    pub fn select(&self, issuer: &str, entry: Option<&str>) -> Result<Option<&IssuerPolicy>, ConfigError> {
+        let Some(set) = &self.issuers else {
+            return match entry {
+                Some(name) => Err(ConfigError::new(
+                    Setting::EntryName,
+                    format!("{name:?} names an entry, but gprxy.issuers_file is not set"),
+                )),
+                None => Ok(None),
+            };
+        };
+        let Some(name) = entry else {
+            if set.entries_of(issuer) > 1 {
+                return Err(ConfigError::new(
+                    Setting::Issuers,
+                    format!("several entries of the pg_hba.conf line's issuer {issuer:?}: pick one with validator.entry"),
+                ));
+            }
+            return self.entry(issuer);
+        };
+        let Some(found) = set.named(name) else {
+            return Err(ConfigError::new(Setting::EntryName, format!("{name:?} is not in the issuers file")));
+        };
+        if found.issuer() != gprxy_core::jwks::issuer_id(issuer).unwrap_or_else(|_| issuer.to_owned()) {
+            return Err(ConfigError::new(
+                Setting::EntryName,
+                format!(
+                    "{name:?} is an entry of issuer {:?}, not of the pg_hba.conf line's issuer {issuer:?}",
+                    found.issuer()
+                ),
+            ));
+        }
+        Ok(Some(found))
+    }
+
+    /// The issuers file's first entry for `issuer`, which says where its keys come from (None
+    /// without a file; an error when the file does not name it).
     pub fn entry(&self, issuer: &str) -> Result<Option<&IssuerPolicy>, ConfigError> {
         let Some(set) = &self.issuers else { return Ok(None) };
         set.get(issuer).map(Some).ok_or_else(|| {
@@ -423,14 +460,20 @@ impl Settings {
         })
     }
 
-    /// The policy for a login that matched a pg_hba line with this issuer and scope.
-    pub fn policy(&self, issuer: &str, hba_scope: Option<&str>) -> Result<Policy, ConfigError> {
+    /// The policy for a login that matched a pg_hba line with this issuer, entry (PostgreSQL
+    /// 19's `validator.entry`) and scope.
+    pub fn policy(
+        &self,
+        issuer: &str,
+        entry: Option<&str>,
+        hba_scope: Option<&str>,
+    ) -> Result<Policy, ConfigError> {
         // `openid` asks for an ID token; access tokens need not repeat it.
         let hba_scopes: Vec<String> = match (self.require_hba_scopes, hba_scope) {
             (true, Some(scope)) => list(scope).into_iter().filter(|s| s != "openid").collect(),
             _ => Vec::new(),
         };
-        if let Some(entry) = self.entry(issuer)? {
+        if let Some(entry) = self.select(issuer, entry)? {
             return Ok(entry.policy.with_required_scopes(hba_scopes));
         }
         let mut scopes = self.required_scopes.clone();
@@ -465,26 +508,28 @@ impl Settings {
     }
 
     /// How `issuer`'s logins provision roles: its entry's policy, else `gprxy.provision`.
-    pub fn provision(&self, issuer: &str) -> gprxy_core::provision::ProvisionPolicy {
+    pub fn provision(&self, issuer: &str, entry: Option<&str>) -> gprxy_core::provision::ProvisionPolicy {
         match &self.issuers {
-            Some(set) => set.get(issuer).map(|e| e.provision.clone()).unwrap_or_default(),
+            Some(_) => {
+                self.select(issuer, entry).ok().flatten().map(|e| e.provision.clone()).unwrap_or_default()
+            }
             None => self.provision.clone(),
         }
     }
 
     /// The token-role to database-role pairs for `issuer`: its entry's `role_map` with an
     /// issuers file (another issuer's never applies), else `gprxy.role_map`.
-    pub fn role_map(&self, issuer: &str) -> &[(String, String)] {
+    pub fn role_map(&self, issuer: &str, entry: Option<&str>) -> &[(String, String)] {
         match &self.issuers {
-            Some(set) => set.get(issuer).map_or(&[][..], |e| &e.role_map),
+            Some(_) => self.select(issuer, entry).ok().flatten().map_or(&[][..], |e| &e.role_map),
             None => &self.role_map,
         }
     }
 
     /// The database roles a token's roles grant in delegated mode: mapped through the
     /// issuer's role map when there is one, else taken as they are.
-    pub fn granted_db_roles(&self, issuer: &str, token_roles: &[String]) -> Vec<String> {
-        gprxy_core::issuers::map_roles(self.role_map(issuer), token_roles)
+    pub fn granted_db_roles(&self, issuer: &str, entry: Option<&str>, token_roles: &[String]) -> Vec<String> {
+        gprxy_core::issuers::map_roles(self.role_map(issuer, entry), token_roles)
     }
 }
 
@@ -492,6 +537,7 @@ impl Settings {
 pub fn guc_name(setting: Setting) -> &'static str {
     match setting {
         Setting::Issuer => "pg_hba.conf issuer",
+        Setting::EntryName => "pg_hba.conf validator.entry",
         Setting::Audience => "gprxy.audience",
         Setting::Algorithms => "gprxy.allowed_algorithms",
         Setting::Leeway => "gprxy.leeway",
@@ -557,6 +603,57 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pg_hba_lines_validator_entry_selects_an_entry_of_its_issuer() {
+        let file = r#"
+[[issuer]]
+issuer = "https://a.example"
+name = "reporting"
+audience = ["reporting"]
+
+[[issuer]]
+issuer = "https://a.example"
+name = "billing"
+audience = ["billing"]
+role_map = { admin = "billing_admin" }
+
+[[issuer]]
+issuer = "https://b.example"
+name = "b"
+audience = ["b"]
+"#;
+        let mut s = Settings::for_tests("");
+        let err = |r: Result<Option<&IssuerPolicy>, ConfigError>| describe(&r.map(|_| ()).unwrap_err());
+        assert_eq!(
+            err(s.select("https://a.example", Some("billing"))),
+            "pg_hba.conf validator.entry: \"billing\" names an entry, but gprxy.issuers_file is not set"
+        );
+        assert!(s.select("https://a.example", None).unwrap().is_none());
+        s.issuers = Some(Arc::new(IssuerSet::from_toml_named(file, false).unwrap()));
+        let pick = |issuer, entry| s.select(issuer, entry).unwrap().and_then(|p| p.name.clone());
+        assert_eq!(pick("https://a.example", Some("billing")).as_deref(), Some("billing"));
+        assert_eq!(pick("https://a.example", Some("reporting")).as_deref(), Some("reporting"));
+        assert_eq!(pick("https://b.example", None).as_deref(), Some("b"));
+        assert_eq!(
+            err(s.select("https://a.example", None)),
+            "gprxy.issuers_file: several entries of the pg_hba.conf line's issuer \"https://a.example\": pick one with validator.entry"
+        );
+        assert_eq!(
+            err(s.select("https://a.example", Some("payroll"))),
+            "pg_hba.conf validator.entry: \"payroll\" is not in the issuers file"
+        );
+        assert_eq!(
+            err(s.select("https://b.example", Some("billing"))),
+            "pg_hba.conf validator.entry: \"billing\" is an entry of issuer \"https://a.example\", not of the pg_hba.conf line's issuer \"https://b.example\""
+        );
+        // The entry's role map is the one used; without a pick there is no policy.
+        let roles = ["admin".to_owned()];
+        assert_eq!(s.granted_db_roles("https://a.example", Some("billing"), &roles), ["billing_admin"]);
+        assert_eq!(s.granted_db_roles("https://a.example", Some("reporting"), &roles), ["admin"]);
+        assert!(s.policy("https://a.example", Some("billing"), None).is_ok());
+        assert!(s.policy("https://a.example", None, None).is_err());
+    }
 
     #[test]
     fn checks() {

@@ -4,6 +4,19 @@
  * no hba line (never during a normal OAuth login).
  */
 #include "postgres.h"
+
+#include <stddef.h>
+#include <stdint.h>
+
+/*
+ * The pgrx feature (pg15 ... pg19) and pg_config's headers must be of one major: the Rust side
+ * reads what this file returns through pgrx's bindings of that major. build.rs passes the
+ * feature's major.
+ */
+#if defined(GPRXY_PG_MAJOR) && PG_VERSION_NUM / 10000 != GPRXY_PG_MAJOR
+#error "pg_config's headers are not of the PostgreSQL major the pgrx feature names"
+#endif
+
 #include "libpq/hba.h"
 #include "libpq/libpq-be.h"
 #include "miscadmin.h"
@@ -41,6 +54,64 @@ gprxy_startup_parameter(const char *name, int *count)
 }
 
 #if PG_VERSION_NUM >= 180000
+#include "libpq/oauth.h"
+
+/*
+ * libpq/oauth.h's layout as this server's header declares it: the magic, each struct's size and
+ * its fields' offsets, then PG_VERSION_NUM. The Rust declarations (src/ffi/validator.rs) are
+ * compared with it when the library loads, and a difference refuses the load. SIZE_MAX: a field
+ * this major does not have. Returns how many values there are; writes at most n.
+ */
+int
+gprxy_oauth_abi(size_t *out, int n)
+{
+	const size_t abi[] = {
+		PG_OAUTH_VALIDATOR_MAGIC,
+		sizeof(ValidatorModuleState),
+		offsetof(ValidatorModuleState, sversion),
+		offsetof(ValidatorModuleState, private_data),
+		sizeof(ValidatorModuleResult),
+		offsetof(ValidatorModuleResult, authorized),
+		offsetof(ValidatorModuleResult, authn_id),
+#if PG_VERSION_NUM >= 190000
+		offsetof(ValidatorModuleResult, error_detail),
+#else
+		SIZE_MAX,
+#endif
+		sizeof(OAuthValidatorCallbacks),
+		offsetof(OAuthValidatorCallbacks, magic),
+		offsetof(OAuthValidatorCallbacks, startup_cb),
+		offsetof(OAuthValidatorCallbacks, shutdown_cb),
+		offsetof(OAuthValidatorCallbacks, validate_cb),
+		PG_VERSION_NUM,
+	};
+	int			count = (int) lengthof(abi);
+
+	for (int i = 0; i < count && i < n; i++)
+		out[i] = abi[i];
+	return count;
+}
+
+#if PG_VERSION_NUM >= 190000
+/*
+ * PostgreSQL 19: the pg_hba options the validator reads (validator.NAME=value on the line).
+ * Only from the startup callback.
+ */
+void
+gprxy_register_hba_options(ValidatorModuleState *state)
+{
+	static const char *options[] = {"entry"};
+
+	RegisterOAuthHBAOptions(state, lengthof(options), options);
+}
+
+/* The matched pg_hba line's validator.NAME, or NULL (only during validation). */
+const char *
+gprxy_hba_option(const ValidatorModuleState *state, const char *name)
+{
+	return GetOAuthHBAOption(state, name);
+}
+#endif
 
 const char *
 gprxy_hba_oauth_issuer(void)

@@ -32,6 +32,8 @@ pub enum PgVersion {
     V17,
     /// PostgreSQL 18 built by scripts/bootstrap.sh.
     V18,
+    /// PostgreSQL 19 built by scripts/bootstrap.sh.
+    V19,
 }
 
 impl PgVersion {
@@ -45,11 +47,22 @@ impl PgVersion {
         }
     }
 
+    /// The server the validator's tests run against: `GPRXY_VALIDATOR_PG` (18, the default, or
+    /// 19; `make test` runs them on both).
+    pub fn validator() -> Self {
+        match std::env::var("GPRXY_VALIDATOR_PG").as_deref() {
+            Ok("19") => Self::V19,
+            Ok("18") | Err(_) => Self::V18,
+            Ok(other) => panic!("GPRXY_VALIDATOR_PG={other}: use 18 or 19"),
+        }
+    }
+
     /// The server's bin directory. Panics with how to get it when it is missing.
     pub fn bin_dir(self) -> PathBuf {
         let dir = match self {
             Self::V15 => PathBuf::from("/usr/lib/postgresql/15/bin"),
             Self::V17 => cache_dir().join("pg17").join("bin"),
+            Self::V19 => cache_dir().join("pg19").join("bin"),
             Self::V18 => std::env::var_os("GPRXY_PG18_PREFIX")
                 .map_or_else(|| cache_dir().join("pg18"), PathBuf::from)
                 .join("bin"),
@@ -74,6 +87,7 @@ impl fmt::Display for PgVersion {
             Self::V15 => "15",
             Self::V17 => "17",
             Self::V18 => "18",
+            Self::V19 => "19",
         })
     }
 }
@@ -435,11 +449,12 @@ pub fn require_validator(version: PgVersion) {
     );
 }
 
-/// A PostgreSQL 18 cluster with gprxy_validator preloaded as the OAuth validator, accepting
-/// tokens for `audience`, and allowing the test issuer's plain HTTP on loopback (tests only).
+/// A cluster of [`PgVersion::validator`] (18 or 19) with gprxy_validator preloaded as the OAuth
+/// validator, accepting tokens for `audience`, and allowing the test issuer's plain HTTP on
+/// loopback (tests only).
 pub fn validator_cluster(audience: &str) -> ClusterBuilder {
-    require_validator(PgVersion::V18);
-    Cluster::builder(PgVersion::V18)
+    require_validator(PgVersion::validator());
+    Cluster::builder(PgVersion::validator())
         .conf("shared_preload_libraries = 'gprxy_validator'")
         .conf("oauth_validator_libraries = 'gprxy_validator'")
         .conf(format!("gprxy.audience = '{audience}'"))
@@ -458,7 +473,7 @@ pub fn alice_oauth_cluster(audience: &str, issuer: &str, conf: &[&str]) -> Clust
     b
 }
 
-/// Runs psql 18 through libpq's OAuth device flow against `host:port`, as `user`, with the
+/// Runs psql of [`PgVersion::validator`] (18 or 19) through libpq's OAuth device flow against `host:port`, as `user`, with the
 /// test issuer's `client_id` choosing the token. Returns stdout, or stderr on failure.
 pub fn oauth_psql(port: u16, user: &str, issuer: &str, client_id: &str, sql: &str) -> Result<String, String> {
     oauth_psql_with(
@@ -474,7 +489,7 @@ pub fn oauth_psql(port: u16, user: &str, issuer: &str, client_id: &str, sql: &st
 pub fn oauth_psql_with(conninfo: &str, issuer: &str, client_id: &str, sql: &str) -> Result<String, String> {
     use std::io::Write;
     let conn = format!("{conninfo} oauth_issuer={issuer} oauth_client_id={client_id} connect_timeout=20");
-    let mut child = Command::new(PgVersion::V18.bin("psql"))
+    let mut child = Command::new(PgVersion::validator().bin("psql"))
         .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-d", &conn, "-f", "-"])
         .env("PGOAUTHDEBUG", "UNSAFE")
         .env_remove("PGPASSWORD")

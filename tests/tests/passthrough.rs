@@ -297,7 +297,7 @@ fn worker_threads_setting_sets_the_session_threads() {
 }
 
 fn psql_tls(p: &Proxy, ca: &std::path::Path, sql: &str) -> Result<String, String> {
-    let out = std::process::Command::new(PgVersion::V18.bin("psql"))
+    let out = std::process::Command::new(PgVersion::validator().bin("psql"))
         .args(["-X", "-A", "-t", "-c", sql])
         .arg(format!(
             "host=localhost hostaddr=127.0.0.1 port={} user=plain_user dbname=postgres sslmode=verify-full sslrootcert={}",
@@ -323,7 +323,7 @@ fn sighup_reloads_certificates_without_dropping_sessions() {
         let ca = ca1.clone();
         let port = p.port;
         std::thread::spawn(move || {
-            std::process::Command::new(PgVersion::V18.bin("psql"))
+            std::process::Command::new(PgVersion::validator().bin("psql"))
                 .args(["-X", "-A", "-t", "-c", "SELECT pg_sleep(2), 'survived'"])
                 .arg(format!(
                     "host=localhost hostaddr=127.0.0.1 port={port} user=plain_user dbname=postgres sslmode=verify-full sslrootcert={}",
@@ -375,7 +375,7 @@ fn sigterm_stops_accepting_and_lets_sessions_finish() {
 fn upstream_tls_is_verified_and_channel_binding_never_crosses_the_proxy() {
     // PostgreSQL 18 with its own TLS; the key readable only by the server's user.
     let server = TestCerts::for_server();
-    let pg = Cluster::builder(PgVersion::V18)
+    let pg = Cluster::builder(PgVersion::validator())
         .conf("ssl = on")
         .conf(format!("ssl_cert_file = '{}'", server.cert_path.display()))
         .conf(format!("ssl_key_file = '{}'", server.key_path.display()))
@@ -394,7 +394,7 @@ fn upstream_tls_is_verified_and_channel_binding_never_crosses_the_proxy() {
         ))
     };
     let psql = |p: &Proxy, user: &str, extra: &str| {
-        let out = std::process::Command::new(PgVersion::V18.bin("psql"))
+        let out = std::process::Command::new(PgVersion::validator().bin("psql"))
             .args(["-X", "-A", "-t", "-c", "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"])
             .arg(format!(
                 "host=localhost hostaddr=127.0.0.1 port={} user={user} dbname=postgres sslrootcert={} {extra}",

@@ -151,10 +151,10 @@ fn refused_token_still_names_who_tried_by_the_configured_claim() {
 
 #[test]
 fn without_preloading_each_backend_fetches_once() {
-    require_validator(PgVersion::V18);
+    require_validator(PgVersion::validator());
     let key = TestKey::rsa("key-1");
     let idp = TestIssuer::start(&[&key]);
-    let pg = Cluster::builder(PgVersion::V18)
+    let pg = Cluster::builder(PgVersion::validator())
         .conf("oauth_validator_libraries = 'gprxy_validator'")
         .conf(format!("gprxy.audience = '{AUD}'"))
         .conf("gprxy.insecure_allow_http_loopback = on")

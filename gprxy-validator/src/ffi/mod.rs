@@ -29,17 +29,17 @@ macro_rules! string_check_hook {
     };
 }
 
-#[cfg(feature = "pg18")]
+#[cfg(oauth_validator)]
 mod provision;
-#[cfg(feature = "pg18")]
+#[cfg(oauth_validator)]
 pub use provision::*;
-#[cfg(feature = "pg18")]
+#[cfg(oauth_validator)]
 mod role;
-#[cfg(feature = "pg18")]
+#[cfg(oauth_validator)]
 pub use role::role_powers;
-#[cfg(feature = "pg18")]
+#[cfg(oauth_validator)]
 mod validator;
-#[cfg(feature = "pg18")]
+#[cfg(oauth_validator)]
 pub use validator::*;
 
 // The C shim (src/shim.c): MyProcPort is opaque to pgrx.

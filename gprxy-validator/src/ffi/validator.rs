@@ -1,5 +1,5 @@
-//! The PostgreSQL 18 OAuth validator ABI (`libpq/oauth.h`, which
-//! pgrx does not bind), GUC registration with check hooks, shared memory, and the background
+//! The OAuth validator ABI of PostgreSQL 18 and 19 (`libpq/oauth.h`, which pgrx does not bind;
+//! checked against the server's header when the library loads: [`check_abi`]), GUC registration with check hooks, shared memory, and the background
 //! worker's entry point. Everything here converts between C and Rust and calls safe modules.
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
@@ -32,6 +32,10 @@ pub struct ValidatorModuleState {
 pub struct ValidatorModuleResult {
     authorized: bool,
     authn_id: *mut c_char,
+    /// PostgreSQL 19: a refusal's explanation, which the server logs as the DETAIL of its own
+    /// authentication failure (server log only).
+    #[cfg(oauth_hba_options)]
+    error_detail: *mut c_char,
 }
 
 type StartupCb = unsafe extern "C-unwind" fn(*mut ValidatorModuleState);
@@ -64,8 +68,81 @@ pub extern "C-unwind" fn _PG_oauth_validator_module_init() -> *const OAuthValida
     &CALLBACKS
 }
 
+/// What [`check_abi`] compares, in the order of `gprxy_oauth_abi` (src/shim.c).
+const ABI_FIELDS: [&str; 14] = [
+    "PG_OAUTH_VALIDATOR_MAGIC",
+    "sizeof(ValidatorModuleState)",
+    "ValidatorModuleState.sversion",
+    "ValidatorModuleState.private_data",
+    "sizeof(ValidatorModuleResult)",
+    "ValidatorModuleResult.authorized",
+    "ValidatorModuleResult.authn_id",
+    "ValidatorModuleResult.error_detail",
+    "sizeof(OAuthValidatorCallbacks)",
+    "OAuthValidatorCallbacks.magic",
+    "OAuthValidatorCallbacks.startup_cb",
+    "OAuthValidatorCallbacks.shutdown_cb",
+    "OAuthValidatorCallbacks.validate_cb",
+    "PG_VERSION_NUM",
+];
+
+/// The same values as this library's Rust declarations have them.
+fn rust_abi() -> [usize; 14] {
+    use std::mem::{offset_of, size_of};
+    #[cfg(oauth_hba_options)]
+    let error_detail = offset_of!(ValidatorModuleResult, error_detail);
+    #[cfg(not(oauth_hba_options))]
+    let error_detail = usize::MAX;
+    [
+        PG_OAUTH_VALIDATOR_MAGIC as usize,
+        size_of::<ValidatorModuleState>(),
+        offset_of!(ValidatorModuleState, sversion),
+        offset_of!(ValidatorModuleState, private_data),
+        size_of::<ValidatorModuleResult>(),
+        offset_of!(ValidatorModuleResult, authorized),
+        offset_of!(ValidatorModuleResult, authn_id),
+        error_detail,
+        size_of::<OAuthValidatorCallbacks>(),
+        offset_of!(OAuthValidatorCallbacks, magic),
+        offset_of!(OAuthValidatorCallbacks, startup_cb),
+        offset_of!(OAuthValidatorCallbacks, shutdown_cb),
+        offset_of!(OAuthValidatorCallbacks, validate_cb),
+        pg_sys::PG_VERSION_NUM as usize,
+    ]
+}
+
+/// The first difference between the Rust declarations of `libpq/oauth.h` and the header the C
+/// shim was built with (the server's), as "field: Rust R, header H"; None when they agree.
+pub fn abi_mismatch() -> Option<String> {
+    let mut header = [0usize; 14];
+    // SAFETY: the shim writes at most the given count of values into the array and returns how
+    // many it has.
+    let count = unsafe { gprxy_oauth_abi(header.as_mut_ptr(), header.len() as c_int) };
+    if usize::try_from(count).ok() != Some(header.len()) {
+        return Some(format!("the header has {count} values, the library expects {}", header.len()));
+    }
+    let rust = rust_abi();
+    (0..header.len())
+        .find(|&i| rust[i] != header[i])
+        .map(|i| format!("{}: library {:#x}, header {:#x}", ABI_FIELDS[i], rust[i], header[i]))
+}
+
+/// Refuses to load (ERROR in `_PG_init`) a library whose `libpq/oauth.h` declarations differ
+/// from the server headers it was built with: the server would read and write the structs
+/// through the other layout.
+fn check_abi() {
+    if let Some(diff) = abi_mismatch() {
+        pgrx::error!("gprxy_validator: built with an OAuth validator ABI other than this server's ({diff}); rebuild it for this server");
+    }
+}
+
 // The C shim (src/shim.c): MyProcPort is opaque to pgrx.
 extern "C" {
+    fn gprxy_oauth_abi(out: *mut usize, n: c_int) -> c_int;
+    #[cfg(oauth_hba_options)]
+    fn gprxy_register_hba_options(state: *mut ValidatorModuleState);
+    #[cfg(oauth_hba_options)]
+    fn gprxy_hba_option(state: *const ValidatorModuleState, name: *const c_char) -> *const c_char;
     fn gprxy_hba_oauth_issuer() -> *const c_char;
     fn gprxy_hba_oauth_scope() -> *const c_char;
     fn gprxy_hba_oauth_skip_usermap() -> c_int;
@@ -147,10 +224,30 @@ unsafe extern "C-unwind" fn startup_cb(state: *mut ValidatorModuleState) {
     // SAFETY: PostgreSQL passes its module state, valid for this call.
     if let Some(state) = unsafe { state.as_mut() } {
         state.private_data = std::ptr::null_mut();
-        if state.sversion / 10000 != 18 {
-            pgrx::warning!("gprxy_validator was built for PostgreSQL 18, server is {}", state.sversion);
+        let built = pg_sys::PG_VERSION_NUM / 10000;
+        if u32::try_from(state.sversion / 10000).ok() != Some(built) {
+            // PG_MODULE_MAGIC already keeps another major from loading the library.
+            pgrx::error!("gprxy_validator was built for PostgreSQL {built}, server is {}", state.sversion);
         }
     }
+    #[cfg(oauth_hba_options)]
+    if !state.is_null() {
+        // SAFETY: called from the startup callback, the only place PostgreSQL allows it, with
+        // the server's state; the option names are static. A WARNING inside (an invalid name)
+        // returns; an ERROR (out of memory) becomes a Rust panic through the guard.
+        unsafe { pg_sys::ffi::pg_guard_ffi_boundary(|| gprxy_register_hba_options(state)) };
+    }
+}
+
+/// The matched pg_hba line's `validator.NAME` (PostgreSQL 19).
+#[cfg(oauth_hba_options)]
+fn hba_option(state: *const ValidatorModuleState, name: &CStr) -> Option<String> {
+    if state.is_null() {
+        return None;
+    }
+    // SAFETY: called during validation with the server's state; the result is NULL or a string
+    // in the server's validator memory context, valid for the call, copied before return.
+    unsafe { opt_str(pg_sys::ffi::pg_guard_ffi_boundary(|| gprxy_hba_option(state, name.as_ptr()))) }
 }
 
 #[pg_guard]
@@ -160,7 +257,7 @@ unsafe extern "C-unwind" fn shutdown_cb(_state: *mut ValidatorModuleState) {}
 /// refused token is `authorized = false`.
 #[pg_guard]
 unsafe extern "C-unwind" fn validate_cb(
-    _state: *const ValidatorModuleState,
+    state: *const ValidatorModuleState,
     token: *const c_char,
     role: *const c_char,
     result: *mut ValidatorModuleResult,
@@ -181,6 +278,13 @@ unsafe extern "C-unwind" fn validate_cb(
             opt_str(gprxy_port_database()),
         )
     };
+    #[cfg(oauth_hba_options)]
+    let entry = hba_option(state, c"entry");
+    #[cfg(not(oauth_hba_options))]
+    let entry: Option<String> = {
+        let _ = state;
+        None
+    };
     let token = token.to_str().unwrap_or("");
     let role = std::str::from_utf8(role.to_bytes()).map_or_else(|_| role.to_string_lossy(), Into::into);
     let req = LoginRequest {
@@ -188,6 +292,7 @@ unsafe extern "C-unwind" fn validate_cb(
         role: &role,
         hba_issuer: issuer.as_deref(),
         hba_scope: scope.as_deref(),
+        hba_entry: entry.as_deref(),
         delegated,
         client: client.as_deref(),
         database: database.as_deref(),
@@ -207,6 +312,8 @@ unsafe extern "C-unwind" fn validate_cb(
             });
         }
     }
+    #[cfg(oauth_hba_options)]
+    let error_detail = login::error_detail(&outcome).and_then(|d| CString::new(d.replace('\0', " ")).ok());
     let authn_id = outcome.authn_id.and_then(|id| CString::new(id).ok());
     // SAFETY: `result` is PostgreSQL's result struct for this call; pstrdup copies into the
     // current memory context as oauth.h requires ("a palloc'd string").
@@ -216,6 +323,15 @@ unsafe extern "C-unwind" fn validate_cb(
             Some(id) => pg_sys::pstrdup(id.as_ptr()),
             None => std::ptr::null_mut(),
         };
+        #[cfg(oauth_hba_options)]
+        {
+            // SAFETY: as above; on PostgreSQL 19 the struct has this field (checked at load),
+            // and oauth.h allows a palloc'd string.
+            (*result).error_detail = match error_detail {
+                Some(d) => pg_sys::pstrdup(d.as_ptr()),
+                None => std::ptr::null_mut(),
+            };
+        }
     }
     true
 }
@@ -684,8 +800,9 @@ pub extern "C-unwind" fn gprxy_jwks_worker(_arg: pg_sys::Datum) {
     crate::worker::run();
 }
 
-/// Everything `_PG_init` does on PostgreSQL 18.
+/// Everything `_PG_init` does on PostgreSQL 18 and 19.
 pub fn init() {
+    check_abi();
     define_settings();
     // SAFETY: reading a postmaster-set flag during library load.
     let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
@@ -708,5 +825,16 @@ pub fn init() {
             .load();
         super::provision::register_worker();
         keep_code_resident();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The Rust declarations of `libpq/oauth.h` agree with the header of the server the C shim
+    /// was built against (what `_PG_init` checks before the server may call in).
+    #[test]
+    fn the_oauth_abi_declarations_match_the_servers_header() {
+        assert_eq!(super::abi_mismatch(), None);
+        assert_eq!(super::rust_abi()[0], 0x2025_0220, "PG_OAUTH_VALIDATOR_MAGIC");
     }
 }
