@@ -237,6 +237,12 @@ pub struct IssuerEntry {
     pub tokens: Option<TokenMode>,
     /// The introspection endpoint and gprxy's client there (RFC 7662).
     pub introspection: Option<IntrospectionEntry>,
+    /// Roles from groups (the validator, delegated mode): `off` (default), `create`, `sync`.
+    pub provision: Option<crate::provision::ProvisionMode>,
+    /// Put before the identity in a provisioned role's name.
+    pub provision_prefix: Option<String>,
+    /// Put after it.
+    pub provision_suffix: Option<String>,
 }
 
 /// One issuer's checked policy.
@@ -261,6 +267,8 @@ pub struct IssuerPolicy {
     pub mode: TokenMode,
     /// Introspection, for `introspect` and `jwt+introspect`.
     pub introspection: Option<IntrospectionSettings>,
+    /// Roles from groups.
+    pub provision: crate::provision::ProvisionPolicy,
 }
 
 impl IssuerPolicy {
@@ -382,7 +390,7 @@ impl IssuerEntry {
         };
         let cache = self.keys.settings();
         cache.check()?;
-        let role_map = self.role_map.into_iter().collect();
+        let role_map: Vec<(String, String)> = self.role_map.into_iter().collect();
         let mode = self.tokens.unwrap_or_default();
         // http:// is checked again, with the front end's setting, at each request.
         let introspection = match self.introspection {
@@ -395,8 +403,20 @@ impl IssuerEntry {
                 ))
             }
         };
+        let provision = crate::provision::ProvisionPolicy {
+            mode: self.provision.unwrap_or_default(),
+            prefix: self.provision_prefix.unwrap_or_default(),
+            suffix: self.provision_suffix.unwrap_or_default(),
+        };
+        if provision.mode != crate::provision::ProvisionMode::Off && role_map.is_empty() {
+            return Err(ConfigError::new(
+                Setting::RoleMap,
+                "provision needs a role_map: its targets are the only group roles gprxy grants or revokes",
+            ));
+        }
         Ok(IssuerPolicy {
             profile: self.profile,
+            provision,
             metadata_url,
             policy,
             source,
@@ -737,5 +757,37 @@ identity_claim = "preferred_username"
         assert_eq!(p.identity_claim.as_str(), "preferred_username");
         assert_eq!(p.scope_claim.as_ref().map(|c| c.as_str()), Some("scp"));
         assert!(p.accept_generic_typ);
+    }
+
+    /// #29: an entry's provisioning, and its need of a role map (whose targets are the only
+    /// groups gprxy grants or revokes).
+    #[test]
+    fn provisioning_is_per_entry_and_needs_a_role_map() {
+        use crate::provision::{ProvisionMode, ProvisionPolicy};
+        let s = set(r#"
+[[issuer]]
+issuer = "https://idp.example"
+audience = ["db"]
+provision = "sync"
+provision_prefix = "u_"
+role_map = { eng = "app_reader" }
+"#)
+        .unwrap();
+        assert_eq!(
+            s.get("https://idp.example").unwrap().provision,
+            ProvisionPolicy { mode: ProvisionMode::Sync, prefix: "u_".into(), suffix: String::new() }
+        );
+        let e = set(
+            "[[issuer]]\nissuer = \"https://idp.example\"\naudience = [\"db\"]\nprovision = \"create\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("provision needs a role_map"), "{e}");
+        let e = set(
+            "[[issuer]]\nissuer = \"https://idp.example\"\naudience = [\"db\"]\nprovision = \"always\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("unknown variant") && !e.contains("always"), "{e}");
     }
 }

@@ -23,6 +23,7 @@ pub mod jwk;
 pub mod jwks;
 pub mod policy;
 pub mod prepare;
+pub mod provision;
 pub mod required;
 pub mod session;
 #[cfg(feature = "testkit")]

@@ -481,6 +481,13 @@ fn check_fallback(mut f: FileFallback) -> anyhow::Result<Fallback> {
     if f.map.is_empty() {
         bail!("fallback.map: no rules; every login would be refused");
     }
+    if let Some(e) = issuers.iter().find(|e| e.provision.mode != gprxy_core::provision::ProvisionMode::Off) {
+        bail!(
+            "fallback.issuers: {:?} sets provision, which is gprxy_validator's on PostgreSQL 18 (fallback mode maps \
+             tokens to service accounts)",
+            e.issuer()
+        );
+    }
     // Two issuers that reach one account with plain identities: one's `alice` is the other's to
     // the RLS policies (gprxy.identity() and gprxy.subject() are the same string).
     if !f.shared_subject_namespace {
@@ -634,6 +641,7 @@ fn one_issuer(f: &FileFallback) -> anyhow::Result<gprxy_core::IssuerSet> {
         cache: keys,
         mode: gprxy_core::TokenMode::Jwt,
         introspection: None,
+        provision: gprxy_core::provision::ProvisionPolicy::default(),
     };
     Ok(gprxy_core::IssuerSet::from_policies(vec![entry]))
 }

@@ -13,6 +13,8 @@ mod answers;
 mod ffi;
 #[cfg(feature = "pg18")]
 mod login;
+#[cfg(feature = "pg18")]
+mod provision;
 mod session;
 #[cfg(feature = "pg18")]
 mod settings;
@@ -115,4 +117,51 @@ REVOKE EXECUTE ON FUNCTION gprxy.set_context(text), gprxy.reset_context() FROM P
 "#,
     name = "grant_schema_usage",
     finalize,
+);
+
+#[cfg(feature = "pg18")]
+pgrx::extension_sql!(
+    r#"
+-- Roles from groups (gprxy.provision): what gprxy's provisioner created, for whom, and when the
+-- person last logged in through it. The provisioner (gprxy.provision_role) reads and writes it in
+-- gprxy.provision_database; nothing else needs it (sql/06_provisioning.sql).
+CREATE TABLE gprxy.provisioned_roles (
+    role name PRIMARY KEY,
+    issuer text NOT NULL,
+    identity text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    last_login timestamptz NOT NULL DEFAULT now()
+);
+REVOKE ALL ON gprxy.provisioned_roles FROM PUBLIC;
+
+-- The roles gprxy made that nobody logged in as for `days` days (it never drops them itself).
+CREATE FUNCTION gprxy.unused_provisioned_roles(days integer)
+RETURNS TABLE (role name, issuer text, identity text, last_login timestamptz)
+LANGUAGE sql STABLE
+AS $$
+    SELECT p.role, p.issuer, p.identity, p.last_login FROM gprxy.provisioned_roles p
+    WHERE p.last_login < now() - make_interval(days => days) ORDER BY p.last_login
+$$;
+
+-- Drops one role gprxy made, after giving what it owns in this database to `reassign_to`
+-- (REASSIGN OWNED, then DROP OWNED for its grants). Objects it owns in other databases must be
+-- reassigned there first, or DROP ROLE fails and nothing changes.
+CREATE FUNCTION gprxy.drop_provisioned_role(role name, reassign_to name)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM gprxy.provisioned_roles p WHERE p.role = drop_provisioned_role.role) THEN
+        RAISE EXCEPTION 'gprxy: role % was not made by gprxy''s provisioner', drop_provisioned_role.role;
+    END IF;
+    EXECUTE format('REASSIGN OWNED BY %I TO %I', drop_provisioned_role.role, reassign_to);
+    EXECUTE format('DROP OWNED BY %I', drop_provisioned_role.role);
+    EXECUTE format('DROP ROLE %I', drop_provisioned_role.role);
+    DELETE FROM gprxy.provisioned_roles p WHERE p.role = drop_provisioned_role.role;
+    RAISE LOG 'gprxy: provision action=drop role="%" reassigned_to="%"', drop_provisioned_role.role, reassign_to;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION gprxy.unused_provisioned_roles(integer), gprxy.drop_provisioned_role(name, name) FROM PUBLIC;
+"#,
+    name = "provisioned_roles",
 );

@@ -223,6 +223,14 @@ pub trait Server {
     fn role_powers(&self, role: &str) -> Option<RolePowers>;
     /// The issuers of pg_hba.conf's oauth lines that can reach `role` (None: unreadable).
     fn hba_issuers_for_role(&self, role: &str) -> Option<Vec<String>>;
+    /// Has the provisioner make or update a person's role (refused: the reason and detail).
+    fn provision(
+        &self,
+        req: &crate::provision::Request,
+        settings: &Settings,
+    ) -> Result<(), (&'static str, String)>;
+    /// Whether the same request was provisioned within `gprxy.provision_recheck`.
+    fn provisioned_lately(&self, req: &crate::provision::Request, settings: &Settings) -> bool;
 }
 
 /// The running server: the catalog and pg_hba.conf.
@@ -235,6 +243,64 @@ impl Server for Live {
     fn hba_issuers_for_role(&self, role: &str) -> Option<Vec<String>> {
         crate::ffi::hba_issuers_for_role(role)
     }
+    fn provision(
+        &self,
+        req: &crate::provision::Request,
+        settings: &Settings,
+    ) -> Result<(), (&'static str, String)> {
+        crate::provision::request(req, settings.provision_timeout, settings.provision_recheck)
+    }
+    fn provisioned_lately(&self, req: &crate::provision::Request, settings: &Settings) -> bool {
+        crate::provision::remembered(req, settings.provision_recheck)
+    }
+}
+
+/// A person's own role in delegated mode with provisioning on (None: this login is not one).
+/// The token's mapped groups that the role map manages are what the role should be a member of;
+/// a group with powers beyond its grants is never granted.
+fn provision_own_role(
+    req: &LoginRequest<'_>,
+    settings: &Settings,
+    issuer: &str,
+    token: &ValidatedToken,
+    granted: &[String],
+    server: &impl Server,
+) -> Option<Result<(), (&'static str, String)>> {
+    use gprxy_core::provision::{role_name, ProvisionMode};
+    let policy = settings.provision(issuer);
+    if policy.mode == ProvisionMode::Off {
+        return None;
+    }
+    let own = match role_name(&policy, &token.identity) {
+        Ok(own) => own,
+        // Not a person's own role: the group roles stay reachable as before.
+        Err(_) if granted.iter().any(|g| g == req.role) => return None,
+        Err(why) => return Some(Err(("provision_refused", why))),
+    };
+    if own != req.role {
+        return None;
+    }
+    let managed: Vec<&String> = settings.role_map(issuer).iter().map(|(_, to)| to).collect();
+    let wanted: Vec<String> = granted.iter().filter(|g| managed.contains(g)).cloned().collect();
+    let request = crate::provision::Request {
+        mode: policy.mode,
+        role: own,
+        issuer: token.issuer.clone(),
+        identity: token.identity.clone(),
+        wanted,
+    };
+    // Nothing changes: a shared-memory lookup, no catalog scan. (A group that gained powers since
+    // is still caught: the login's own role is then a member of it, which the check of the role
+    // itself refuses.)
+    if server.provisioned_lately(&request, settings) {
+        return Some(Ok(()));
+    }
+    for group in &request.wanted {
+        if let Some(why) = privileged_role(group, server.role_powers(group)) {
+            return Some(Err(("provision_privileged_group", why)));
+        }
+    }
+    Some(server.provision(&request, settings))
 }
 
 /// Why logging `issuer`'s token in as `role` would make one person of two (None: it would not).
@@ -325,9 +391,31 @@ pub fn decide_with(
         Ok(t) => t,
         Err(e) => return deny(e.code(), e.to_string(), unverified_id()),
     };
+    // Before anything is provisioned: a refused login makes nothing.
+    if let Some(detail) = shared_role(settings, issuer, req.role, server) {
+        return LoginOutcome {
+            authorized: false,
+            authn_id: Some(token.identity.clone()),
+            reason: "issuers_share_role",
+            detail,
+            token: Some(token),
+            session_end: None,
+        };
+    }
     if req.delegated {
         let granted = settings.granted_db_roles(issuer, &token.roles);
-        if !granted.iter().any(|r| r == req.role) {
+        let provisioned = provision_own_role(req, settings, issuer, &token, &granted, server);
+        if let Some(Err((reason, detail))) = provisioned {
+            return LoginOutcome {
+                authorized: false,
+                authn_id: Some(token.identity.clone()),
+                reason,
+                detail,
+                token: Some(token),
+                session_end: None,
+            };
+        }
+        if provisioned.is_none() && !granted.iter().any(|r| r == req.role) {
             let detail = format!(
                 "role {:?} is not among the roles the token grants ({})",
                 req.role,
@@ -359,16 +447,6 @@ pub fn decide_with(
         .session
         .plan(login_at, u64::try_from(token.expires_at).ok())
         .map(|plan| SessionEnd::new(plan, settings.session.mode, req.role, &token));
-    if let Some(detail) = shared_role(settings, issuer, req.role, server) {
-        return LoginOutcome {
-            authorized: false,
-            authn_id: Some(token.identity.clone()),
-            reason: "issuers_share_role",
-            detail,
-            token: Some(token),
-            session_end: None,
-        };
-    }
     // A token inside the leeway past its exp would be let in only to be ended at once.
     if let Some(end) = session_end.as_ref().filter(|e| e.plan.end_at <= u64::try_from(now).unwrap_or(0)) {
         let detail = format!(
@@ -482,6 +560,99 @@ mod tests {
         fn hba_issuers_for_role(&self, _role: &str) -> Option<Vec<String>> {
             self.hba.clone()
         }
+        fn provision(
+            &self,
+            _req: &crate::provision::Request,
+            _s: &Settings,
+        ) -> Result<(), (&'static str, String)> {
+            Err(("provision_unavailable", "no provisioner in unit tests".into()))
+        }
+        fn provisioned_lately(&self, _req: &crate::provision::Request, _s: &Settings) -> bool {
+            false
+        }
+    }
+
+    /// A server whose provisioner records each request and answers `answer`; `powerful` roles
+    /// have CREATEROLE.
+    struct Provisioner {
+        asked: parking_lot::Mutex<Vec<crate::provision::Request>>,
+        answer: Result<(), (&'static str, String)>,
+        powerful: Vec<&'static str>,
+    }
+
+    impl Server for Provisioner {
+        fn role_powers(&self, role: &str) -> Option<RolePowers> {
+            let mut p = ordinary()?;
+            p.create_role = self.powerful.contains(&role);
+            Some(p)
+        }
+        fn hba_issuers_for_role(&self, _role: &str) -> Option<Vec<String>> {
+            Some(vec![ISSUER.to_owned()])
+        }
+        fn provision(
+            &self,
+            req: &crate::provision::Request,
+            _s: &Settings,
+        ) -> Result<(), (&'static str, String)> {
+            self.asked.lock().push(req.clone());
+            self.answer.clone()
+        }
+        fn provisioned_lately(&self, req: &crate::provision::Request, _s: &Settings) -> bool {
+            self.answer.is_ok() && self.asked.lock().contains(req)
+        }
+    }
+
+    /// #29: delegated mode with `sync`: a login as the person's own role (prefix + identity) asks
+    /// the provisioner for the managed groups the token names (never an unmapped role), a login as
+    /// a group role does not; a managed group with powers is refused before asking; the
+    /// provisioner's refusal is the login's.
+    #[test]
+    fn a_persons_own_role_is_provisioned_with_the_managed_groups_named() {
+        use gprxy_core::provision::{ProvisionMode, ProvisionPolicy};
+        let key = TestKey::p256("k1");
+        let t = token(&key, json!({"roles": ["eng", "ops", "intern"]}));
+        let mut s = settings();
+        s.role_map = vec![("eng".into(), "app_reader".into()), ("ops".into(), "app_writer".into())];
+        s.provision =
+            ProvisionPolicy { mode: ProvisionMode::Sync, prefix: "u_".into(), suffix: String::new() };
+        let server =
+            |answer, powerful| Provisioner { asked: parking_lot::Mutex::new(Vec::new()), answer, powerful };
+        let ok = server(Ok(()), vec![]);
+        let out = decide_on_server(&request(&t, "u_alice", true), &s, &key, &ok);
+        assert_eq!((out.authorized, out.reason), (true, "ok"));
+        assert_eq!(
+            ok.asked.lock().clone(),
+            vec![crate::provision::Request {
+                mode: ProvisionMode::Sync,
+                role: "u_alice".into(),
+                issuer: ISSUER.into(),
+                identity: "alice".into(),
+                wanted: vec!["app_reader".into(), "app_writer".into()],
+            }]
+        );
+        // A group role, as before: no provisioning.
+        let group = server(Ok(()), vec![]);
+        assert!(decide_on_server(&request(&t, "app_reader", true), &s, &key, &group).authorized);
+        assert!(group.asked.lock().is_empty());
+        // Someone else's role: neither provisioned nor granted.
+        let other = server(Ok(()), vec![]);
+        assert_eq!(
+            decide_on_server(&request(&t, "u_bob", true), &s, &key, &other).reason,
+            "role_not_granted"
+        );
+        assert!(other.asked.lock().is_empty());
+        // A managed group with CREATEROLE is never granted.
+        let powerful = server(Ok(()), vec!["app_writer"]);
+        let out = decide_on_server(&request(&t, "u_alice", true), &s, &key, &powerful);
+        assert_eq!(out.reason, "provision_privileged_group");
+        assert!(powerful.asked.lock().is_empty());
+        // The provisioner's refusal.
+        let refused = server(Err(("provision_collision", "role \"u_alice\" exists".into())), vec![]);
+        let out = decide_on_server(&request(&t, "u_alice", true), &s, &key, &refused);
+        assert_eq!(
+            (out.authorized, out.reason, out.detail.as_str()),
+            (false, "provision_collision", "role \"u_alice\" exists")
+        );
     }
 
     /// Decides with `key`'s key set and the policy `settings` give for the request's issuer.
@@ -499,6 +670,15 @@ mod tests {
         settings: &Settings,
         key: &TestKey,
         server: &FakeServer,
+    ) -> LoginOutcome {
+        decide_on_server(req, settings, key, server)
+    }
+
+    fn decide_on_server(
+        req: &LoginRequest<'_>,
+        settings: &Settings,
+        key: &TestKey,
+        server: &impl Server,
     ) -> LoginOutcome {
         let keys = KeySet::from_json(jwks(&[key]).to_string().as_bytes()).unwrap();
         let check_for = |issuer: &str, scope: Option<&str>| {

@@ -46,6 +46,13 @@ pub static CA_FILE: Str = Str::new(None);
 pub static INSECURE_ALLOW_HTTP_LOOPBACK: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static INSECURE_SKIP_AUDIENCE: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static SESSION_POLICY: Str = Str::new(Some(c"idle"));
+pub static PROVISION: Str = Str::new(Some(c"off"));
+pub static PROVISION_PREFIX: Str = Str::new(None);
+pub static PROVISION_SUFFIX: Str = Str::new(None);
+pub static PROVISION_ROLE: Str = Str::new(None);
+pub static PROVISION_DATABASE: Str = Str::new(Some(c"postgres"));
+pub static PROVISION_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(5000);
+pub static PROVISION_RECHECK: GucSetting<i32> = GucSetting::<i32>::new(300);
 pub static SESSION_GRACE: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static SESSION_IDLE_HARD_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(3600);
 pub static MAX_SESSION_AGE: GucSetting<i32> = GucSetting::<i32>::new(0);
@@ -170,6 +177,13 @@ pub fn issuers_file_assigned(v: &str) {
     changed();
 }
 
+/// `gprxy.provision`: `off`, `create` or `sync`.
+pub fn check_provision(v: &str) -> Result<(), String> {
+    gprxy_core::provision::ProvisionMode::parse(v)
+        .map(|_| ())
+        .ok_or_else(|| "not off, create or sync".to_owned())
+}
+
 /// `gprxy.session_policy`: `off`, `idle` or `strict`.
 pub fn check_session_policy(v: &str) -> Result<(), String> {
     SessionMode::parse(v)
@@ -213,6 +227,12 @@ pub struct Settings {
     pub issuers: Option<Arc<IssuerSet>>,
     /// When a session ends after its login (`gprxy.session_policy` and its limits).
     pub session: SessionPolicy,
+    /// Roles from groups without an issuers file (`gprxy.provision` and its prefix and suffix).
+    pub provision: gprxy_core::provision::ProvisionPolicy,
+    /// How long a login waits for the provisioner.
+    pub provision_timeout: Duration,
+    /// How long a login that changed nothing is not asked again.
+    pub provision_recheck: Duration,
 }
 
 /// Bumped by every `gprxy.*` setting's assign hook (at definition, and whenever a reload
@@ -304,6 +324,14 @@ impl Settings {
                 idle_hard_limit_secs: secs(SESSION_IDLE_HARD_LIMIT.get()).as_secs(),
                 max_session_age_secs: Some(secs(MAX_SESSION_AGE.get()).as_secs()).filter(|&a| a > 0),
             },
+            provision: gprxy_core::provision::ProvisionPolicy {
+                // The check hook refused anything else.
+                mode: gprxy_core::provision::ProvisionMode::parse(&string(&PROVISION)).unwrap_or_default(),
+                prefix: string(&PROVISION_PREFIX),
+                suffix: string(&PROVISION_SUFFIX),
+            },
+            provision_timeout: Duration::from_millis(u64::try_from(PROVISION_TIMEOUT.get()).unwrap_or(0)),
+            provision_recheck: secs(PROVISION_RECHECK.get()),
         };
         if s.issuers.is_none() {
             if let Some(why) = ISSUERS_REFUSED.lock().clone() {
@@ -314,6 +342,12 @@ impl Settings {
             }
         }
         s.cache.check()?;
+        if s.provision.mode != gprxy_core::provision::ProvisionMode::Off && s.role_map.is_empty() {
+            return Err(ConfigError::new(
+                Setting::RoleMap,
+                "gprxy.provision needs it: its targets are the only group roles gprxy grants or revokes",
+            ));
+        }
         if s.issuers.is_some() {
             s.refuse_global_issuer_settings()?;
         }
@@ -331,6 +365,10 @@ impl Settings {
             (self.jwks_uri.is_some(), "gprxy.jwks_uri"),
             (self.authn_claim != "sub", "gprxy.authn_claim"),
             (self.issuer_qualified, "gprxy.authn_issuer_qualified"),
+            (
+                self.provision != gprxy_core::provision::ProvisionPolicy::default(),
+                "gprxy.provision (and its prefix and suffix)",
+            ),
             (self.role_claim.is_some(), "gprxy.role_claim"),
             (self.algorithms != Algorithm::ALL.to_vec(), "gprxy.allowed_algorithms"),
             (!self.required_scopes.is_empty(), "gprxy.required_scopes"),
@@ -426,6 +464,14 @@ impl Settings {
         }
     }
 
+    /// How `issuer`'s logins provision roles: its entry's policy, else `gprxy.provision`.
+    pub fn provision(&self, issuer: &str) -> gprxy_core::provision::ProvisionPolicy {
+        match &self.issuers {
+            Some(set) => set.get(issuer).map(|e| e.provision.clone()).unwrap_or_default(),
+            None => self.provision.clone(),
+        }
+    }
+
     /// The token-role to database-role pairs for `issuer`: its entry's `role_map` with an
     /// issuers file (another issuer's never applies), else `gprxy.role_map`.
     pub fn role_map(&self, issuer: &str) -> &[(String, String)] {
@@ -488,6 +534,9 @@ impl Settings {
             authn_claim: "sub".into(),
             issuer_qualified: false,
             shared_subject_namespace: false,
+            provision: gprxy_core::provision::ProvisionPolicy::default(),
+            provision_timeout: Duration::from_secs(5),
+            provision_recheck: Duration::from_secs(300),
             role_claim: None,
             role_map: Vec::new(),
             algorithms: Algorithm::ALL.to_vec(),

@@ -158,6 +158,10 @@ fn main() {
         let missed = introspection(rounds, per_round);
         std::process::exit(i32::from(!missed.is_empty()));
     }
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("provision") {
+        let missed = provisioning(rounds, per_round);
+        std::process::exit(i32::from(!missed.is_empty()));
+    }
 
     let rsa = TestKey::rsa("bench-rs256");
     let p256 = TestKey::p256("bench-es256");
@@ -283,6 +287,7 @@ fn main() {
     drop(pg);
     drop(idp);
     missed.extend(introspection(rounds, per_round));
+    missed.extend(provisioning(rounds, per_round));
     if !missed.is_empty() {
         eprintln!("connect: {} goal(s) missed", missed.len());
         std::process::exit(1);
@@ -365,4 +370,74 @@ fn introspection(rounds: usize, per_round: usize) -> Vec<String> {
         out.push(line);
     }
     out
+}
+
+/// A provisioned role's unchanged login against a delegated group-role login on one server with
+/// `gprxy.provision = sync` (#29). Returns the goals missed.
+fn provisioning(rounds: usize, per_round: usize) -> Vec<String> {
+    let rsa = TestKey::rsa("bench-provision");
+    let idp = TestIssuer::start(&[&rsa]);
+    let pg = validator_cluster("db")
+        .conf("log_connections = off")
+        .conf("gprxy.provision = 'sync'")
+        .conf("gprxy.provision_role = 'gprxy_provisioner'")
+        .conf("gprxy.provision_recheck = 86400")
+        .conf("gprxy.role_claim = 'groups'")
+        .conf("gprxy.role_map = 'eng:app_reader'")
+        .hba(format!(
+            "host all all 127.0.0.1/32 oauth issuer=\"{}\" scope=\"openid\" delegate_ident_mapping=1",
+            idp.issuer()
+        ))
+        .start();
+    pg.sql("CREATE EXTENSION gprxy_validator; CREATE ROLE app_reader NOLOGIN");
+    let setup = std::fs::read_to_string(gprxy_tests::sql_dir().join("06_provisioning.sql")).expect("sql/06");
+    pg.sql(&setup.replace("app_reader, app_writer", "app_reader"));
+    assert!(pg.wait_for_log("gprxy: provisioner ready", std::time::Duration::from_secs(20)), "{}", pg.log());
+    let addr: SocketAddr = ([127, 0, 0, 1], pg.port()).into();
+    let mut claims = idp.claims("alice", "db");
+    claims["exp"] = json!(gprxy_core::unix_time() + 3600);
+    claims["groups"] = json!(["eng"]);
+    let token: &'static str = Box::leak(rsa.token(json!({"typ": "at+jwt"}), &claims).into_boxed_str());
+    let mut methods = [
+        Method {
+            name: "delegated_group",
+            user: "app_reader",
+            auth: Auth::Bearer(token),
+            wall_ms: vec![],
+            cpu_s: 0.0,
+        },
+        Method {
+            name: "provisioned_unchanged",
+            user: "alice",
+            auth: Auth::Bearer(token),
+            wall_ms: vec![],
+            cpu_s: 0.0,
+        },
+    ];
+    // app_reader is NOLOGIN: a group role one logs in as needs LOGIN.
+    pg.sql("ALTER ROLE app_reader LOGIN");
+    warm_up(addr, &methods);
+    let provisioned = pg.log().matches("gprxy: provision action=").count();
+    measure(addr, &mut methods, rounds, per_round);
+    assert_eq!(
+        pg.log().matches("gprxy: provision action=").count(),
+        provisioned,
+        "the unchanged logins were answered from shared memory"
+    );
+    println!("provisioning: {rounds} interleaved rounds x {per_round} connections per method; medians");
+    for m in &methods {
+        println!(
+            "  {:<22} {:>9.3} ms {:>19.3} ms machine CPU",
+            m.name,
+            median(m.wall_ms.clone()),
+            m.cpu_s * 1000.0 / (rounds * per_round) as f64
+        );
+    }
+    let extra = median(methods[1].wall_ms.clone()) - median(methods[0].wall_ms.clone());
+    let line = format!("provisioned_unchanged - delegated_group: {extra:+.3} ms (goal <= 0.05 ms)");
+    println!("  {line} {}", if extra <= 0.05 { "ok" } else { "MISSED" });
+    if extra > 0.05 {
+        return vec![line];
+    }
+    Vec::new()
 }

@@ -30,6 +30,10 @@ macro_rules! string_check_hook {
 }
 
 #[cfg(feature = "pg18")]
+mod provision;
+#[cfg(feature = "pg18")]
+pub use provision::*;
+#[cfg(feature = "pg18")]
 mod role;
 #[cfg(feature = "pg18")]
 pub use role::role_powers;

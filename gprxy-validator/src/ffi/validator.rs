@@ -256,6 +256,7 @@ string_check_hook!(check_url, s::check_url);
 string_check_hook!(check_file, s::check_file);
 string_check_hook!(check_issuers_file, s::check_issuers_file);
 string_check_hook!(check_session_policy, s::check_session_policy);
+string_check_hook!(check_provision, s::check_provision);
 
 // `gprxy.issuers_file`'s assign hook: its check hook's parse comes into force.
 #[pg_guard]
@@ -291,6 +292,16 @@ fn define_string(
     setting: &'static pgrx::GucSetting<Option<CString>>,
     hook: pg_sys::GucStringCheckHook,
 ) {
+    define_string_in(name, desc, setting, hook, GucContext::Sighup);
+}
+
+fn define_string_in(
+    name: &'static CStr,
+    desc: &'static CStr,
+    setting: &'static pgrx::GucSetting<Option<CString>>,
+    hook: pg_sys::GucStringCheckHook,
+    context: GucContext,
+) {
     // SAFETY: the hooks are #[pg_guard]ed; name, description and setting are 'static.
     unsafe {
         GucRegistry::define_string_guc_with_hooks(
@@ -298,7 +309,7 @@ fn define_string(
             desc,
             c"",
             setting,
-            GucContext::Sighup,
+            context,
             GucFlags::default(),
             hook,
             Some(string_changed),
@@ -418,6 +429,54 @@ fn define_settings() {
         c"gprxy.authn_issuer_qualified",
         c"Identity is issuer#claim instead of the claim alone.",
         &s::AUTHN_ISSUER_QUALIFIED,
+    );
+    define_string(
+        c"gprxy.provision",
+        c"Roles from groups in delegated mode: off, create (a person's role at first login) or sync (and kept in step).",
+        &s::PROVISION,
+        Some(check_provision),
+    );
+    define_string(
+        c"gprxy.provision_prefix",
+        c"Put before the identity in a provisioned role's name.",
+        &s::PROVISION_PREFIX,
+        None,
+    );
+    define_string(
+        c"gprxy.provision_suffix",
+        c"Put after the identity in a provisioned role's name.",
+        &s::PROVISION_SUFFIX,
+        None,
+    );
+    define_string_in(
+        c"gprxy.provision_role",
+        c"The role the provisioner connects as (CREATEROLE, ADMIN on the managed groups); empty: no provisioner.",
+        &s::PROVISION_ROLE,
+        None,
+        GucContext::Postmaster,
+    );
+    define_string_in(
+        c"gprxy.provision_database",
+        c"The database the provisioner connects to (where gprxy.provisioned_roles is).",
+        &s::PROVISION_DATABASE,
+        None,
+        GucContext::Postmaster,
+    );
+    define_int(
+        c"gprxy.provision_timeout",
+        c"How long a login waits for the provisioner.",
+        &s::PROVISION_TIMEOUT,
+        100,
+        60_000,
+        GucFlags::UNIT_MS,
+    );
+    define_int(
+        c"gprxy.provision_recheck",
+        c"How long a login that asked for the same roles is answered from shared memory.",
+        &s::PROVISION_RECHECK,
+        0,
+        86_400,
+        GucFlags::UNIT_S,
     );
     define_bool(
         c"gprxy.shared_subject_namespace",
@@ -637,6 +696,7 @@ pub fn init() {
         s::Settings::prepare();
         pg_shmem_init!(SHARED = SharedKeys::default());
         pg_shmem_init!(ANSWERS = SharedAnswers::default());
+        super::provision::init_shmem();
         SHMEM_READY.store(true, Ordering::Relaxed);
         BackgroundWorkerBuilder::new("gprxy JWKS refresher")
             .set_type("gprxy JWKS refresher")
@@ -646,6 +706,7 @@ pub fn init() {
             .set_start_time(BgWorkerStartTime::PostmasterStart)
             .set_restart_time(Some(std::time::Duration::from_secs(10)))
             .load();
+        super::provision::register_worker();
         keep_code_resident();
     }
 }
