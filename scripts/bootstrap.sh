@@ -6,6 +6,9 @@
 #   - PostgreSQL 18 and 17, built from Debian's source packages into $GPRXY_CACHE/pg-<version>
 #     (never from sid or trixie binaries: they would replace libc); 17 runs fallback mode's tests
 #   - cargo-pgrx 0.18.1, registered with pg18, pg17 and pg15; cargo-fuzz for the fuzz targets
+#   - Node.js and npm (Debian's, when absent) and tests/provider's package-lock.json (oidc-provider,
+#     the real OpenID Provider of tests/tests/certified_provider.rs), `npm ci`'d into
+#     $GPRXY_CACHE/node/oidc-provider-<lockfile hash>/node_modules
 #   - an unprivileged OS user that test servers run as (PostgreSQL refuses root)
 #
 # A second run checks stamps and changes nothing. A failed step stops with its name.
@@ -93,4 +96,34 @@ if ! grep -qF "$want" "$cfg" 2>/dev/null || ! grep -qF "$PG15_CONFIG" "$cfg" 2>/
   cargo pgrx init --pg18 "$PREFIX/bin/pg_config" --pg17 "$PG17_CONFIG" --pg15 "$PG15_CONFIG" >/dev/null
 fi
 
-echo "bootstrap: ok (PostgreSQL $PG18_FULL at $PREFIX, cargo-pgrx $PGRX_VERSION)" >&2
+# ---------------------------------------------------------------- Node.js and oidc-provider
+step "Node.js and npm"
+if ! command -v node >/dev/null 2>&1; then
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs >/dev/null
+fi
+if ! command -v npm >/dev/null 2>&1; then   # NodeSource's nodejs brings its own npm
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends npm >/dev/null
+fi
+# oidc-provider 9.13 uses URL.parse and crypto.hash (Node 20.18 and later; it asks for 22 and
+# warns on 20). Debian 12's own nodejs is 18.20, which has neither: such a machine needs a newer
+# Node (the project's machines have NodeSource's 20).
+if ! node -e 'process.exit(typeof URL.parse === "function" && typeof require("node:crypto").hash === "function" ? 0 : 1)'; then
+  echo "bootstrap: Node $(node --version) is too old for oidc-provider 9.13 (needs URL.parse and crypto.hash: Node 20.18 or later)" >&2
+  false
+fi
+
+LOCK="$ROOT/tests/provider/package-lock.json"
+NODE_DIR="$CACHE/node/oidc-provider-$(sha256sum "$LOCK" | cut -c1-12)"
+step "oidc-provider (npm ci of tests/provider/package-lock.json) into $NODE_DIR"
+if [ ! -f "$NODE_DIR/.installed" ]; then
+  rm -rf "$NODE_DIR.tmp"
+  mkdir -p "$NODE_DIR.tmp"
+  cp "$ROOT/tests/provider/package.json" "$LOCK" "$NODE_DIR.tmp/"
+  (cd "$NODE_DIR.tmp" && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error >/dev/null)
+  touch "$NODE_DIR.tmp/.installed"
+  rm -rf "$NODE_DIR"
+  mv "$NODE_DIR.tmp" "$NODE_DIR"
+fi
+
+echo "bootstrap: ok (PostgreSQL $PG18_FULL at $PREFIX, cargo-pgrx $PGRX_VERSION, node $(node --version))" >&2

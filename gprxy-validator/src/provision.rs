@@ -175,7 +175,14 @@ pub fn remembered(req: &Request, recheck: Duration) -> bool {
     let key = req.key();
     let recheck_ms = u64::try_from(recheck.as_millis()).unwrap_or(u64::MAX);
     let now = now_ms();
-    PROVISION.share().remembered.iter().any(|r| r.key == key && r.at_ms.saturating_add(recheck_ms) > now)
+    let lately =
+        PROVISION.share().remembered.iter().any(|r| r.key == key && r.at_ms.saturating_add(recheck_ms) > now);
+    if lately {
+        // Another backend's request made the role moments ago; this one may have looked the name
+        // up (pg_hba.conf matching) and cached it as missing.
+        crate::ffi::accept_invalidations();
+    }
+    lately
 }
 
 /// Asks the provisioner for `req` and waits for its answer (backends, during authentication).

@@ -11,6 +11,7 @@ pub mod hostile;
 pub mod idp;
 pub mod machine;
 pub mod pgwire;
+pub mod provider;
 pub mod proxy;
 
 pub use certs::TestCerts;

@@ -167,9 +167,17 @@ fn without_the_provisioner_a_first_login_is_refused_and_nothing_is_made() {
     assert!(s.pg.wait_for_log("parameter \"gprxy.provision_timeout\" changed", Duration::from_secs(5)));
     std::thread::scope(|scope| {
         let locker = scope.spawn(|| {
-            s.pg.sql("BEGIN; LOCK TABLE gprxy.provisioned_roles; SELECT pg_sleep(4); COMMIT;");
+            s.pg.sql("BEGIN; LOCK TABLE gprxy.provisioned_roles; SELECT pg_sleep(5); COMMIT;");
         });
-        std::thread::sleep(Duration::from_millis(500));
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        while s.pg.sql(
+            "SELECT count(*) FROM pg_locks WHERE relation = 'gprxy.provisioned_roles'::regclass \
+             AND mode = 'AccessExclusiveLock' AND granted",
+        ) != "1"
+        {
+            assert!(std::time::Instant::now() < deadline, "the lock was never taken");
+            std::thread::sleep(Duration::from_millis(20));
+        }
         assert!(s.login("frank", "frank", &["eng", "ops"]).is_err());
         let audit = s.last_audit();
         assert!(
