@@ -12,6 +12,8 @@ use serde_json::{json, Value};
 struct State {
     jwks: Value,
     tokens: HashMap<String, Grant>,
+    /// Client ids whose access token is made at each grant, with its lifetime in seconds.
+    minted: HashMap<String, (Arc<Mint>, i64)>,
     refreshes: HashMap<String, Grant>,
     pending: HashMap<String, u32>,
     jwks_status: Option<u16>,
@@ -38,6 +40,9 @@ struct Introspection {
     delay: std::time::Duration,
     requests: usize,
 }
+
+/// Makes a new access token (for a client id handed tokens that live seconds).
+type Mint = dyn Fn() -> String + Send + Sync;
 
 /// What the token endpoint answers for a device code or a refresh token.
 #[derive(Clone)]
@@ -100,6 +105,17 @@ impl TestIssuer {
     pub fn hand_out(&self, client_id: &str, token: &str) {
         let grant = Grant { access: token.to_owned(), refresh: None, expires_in: 300 };
         self.state.lock().tokens.insert(client_id.to_owned(), grant);
+    }
+
+    /// The device flow hands `client_id` a token `mint` makes at each grant (a short-lived token
+    /// that is fresh whenever the client logs in), said to be valid `expires_in` seconds.
+    pub fn hand_out_minted(
+        &self,
+        client_id: &str,
+        expires_in: i64,
+        mint: impl Fn() -> String + Send + Sync + 'static,
+    ) {
+        self.state.lock().minted.insert(client_id.to_owned(), (Arc::new(mint), expires_in));
     }
 
     /// The device flow hands `client_id` this access token (valid `expires_in` seconds, as the
@@ -247,6 +263,9 @@ fn handle(req: &Request, base: &str, state: &Mutex<State>) -> Response {
             if let Some(n) = st.pending.get_mut(&device).filter(|n| **n > 0) {
                 *n -= 1;
                 return Response::json(&json!({"error": "authorization_pending"})).with_status(400);
+            }
+            if let Some((mint, expires_in)) = st.minted.get(&device) {
+                return Grant { access: mint(), refresh: None, expires_in: *expires_in }.answer();
             }
             match st.tokens.get(&device) {
                 Some(g) => g.answer(),

@@ -9,16 +9,34 @@ fn demo_tour_passes_every_step() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "demo check failed:\n{stdout}\n{stderr}");
-    assert!(stdout.contains("demo check: all 8 steps passed"), "{stdout}");
+    assert!(stdout.contains("demo check: all 11 steps passed"), "{stdout}");
     for shown in [
         "app_writer|oauth:alice|alice@acme.example|",
         "acme public, alice private",
         "bob private, globex public",
         "reason=expired",
+        // #31: a session ended at its token's expiry, judged from the server's side (no backend
+        // with its pid in pg_stat_activity), the client's FATAL and the audit line.
+        "before the next statement: SELECT count(*) FROM pg_stat_activity WHERE pid = ",
+        "-> FATAL:  28000: gprxy: the access token expired at ",
+        "gprxy: event=session_expired policy=idle role=\"app_writer\" authn_id=\"alice\"",
+        // An opaque token introspected (one request for two logins), revoked, refused.
+        "-> app_auditor|oauth:carol|carol@acme.example",
+        "oauth login refused reason=token_inactive role=\"app_auditor\"",
+        // Two issuers: each alice on her issuer's line; Partner's token refused on Acme's.
+        "(issuers_share_role)",
+        "-> app_partner|oauth:alice|http://127.0.0.1:",
+        "oauth login refused reason=iss_mismatch role=\"app_writer\"",
         "To log in, open",
         "gprxy_logins_total",
     ] {
         assert!(stdout.contains(shown), "the tour did not show {shown:?}:\n{stdout}");
+    }
+    // Each step prints the command to copy, and never a token or the introspection secret in
+    // full: tokens appear as fingerprints only.
+    assert!(stdout.matches("\n    $ ").count() >= 7, "{stdout}");
+    for secret in ["eyJ", "demo-opaque-", "demo-secret-"] {
+        assert!(!stdout.contains(secret) && !stderr.contains(secret), "{secret:?} printed:\n{stdout}");
     }
 }
 
@@ -152,4 +170,52 @@ fn demo_whose_parent_dies_stops_by_itself() {
     parent.arg("-c").arg("\"$0\" & wait").arg(env!("CARGO_BIN_EXE_gprxy-demo"));
     let rest = start(parent).stop_with("-KILL");
     assert!(rest.iter().any(|l| l.starts_with("Stopping the proxies")), "{rest:?}");
+}
+
+/// #31: the tour's longest waits (a token's expiry, a kept introspection answer going stale)
+/// stop within moments of Ctrl-C, mid-tour, and leave nothing behind either.
+#[test]
+fn demo_stopped_while_a_session_waits_for_its_token_to_expire_stops_at_once() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gprxy-demo"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run gprxy-demo");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut shown = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.expect("demo output");
+        let waiting = line.contains("the session idles...");
+        shown.push(line);
+        if waiting {
+            break;
+        }
+    }
+    let text = shown.join("\n");
+    assert!(text.contains("the session idles..."), "{text}");
+    // PostgreSQL 18's folder (the issuers file is in its data folder) and the demo's own (the
+    // CA file of the psql commands).
+    let between = |start: &str, end: char| -> PathBuf {
+        let from = text.find(start).unwrap_or_else(|| panic!("{start}: {text}")) + start.len();
+        let rest = &text[from..];
+        PathBuf::from(&rest[..rest.find(end).expect("end")])
+    };
+    let pg18 = between("gprxy.issuers_file = '", '\'');
+    let pg18 = pg18.parent().and_then(|p| p.parent()).expect("server root").to_path_buf();
+    let demo_dir = between("sslrootcert=", ' ').parent().expect("demo folder").to_path_buf();
+    let folders = vec![pg18, demo_dir];
+    assert!(folders.iter().all(|f| f.exists()), "{folders:?}");
+    let sent = std::time::Instant::now();
+    assert!(Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let _ = child.wait();
+    let took = sent.elapsed();
+    assert!(rest.iter().any(|l| l.starts_with("Stopped early")), "{rest:?}");
+    assert!(!rest.iter().any(|l| l.starts_with("[8]")), "the tour went on: {rest:?}");
+    // The wait is seconds long; stopping takes the servers' shutdown, not the wait.
+    assert!(took < std::time::Duration::from_secs(5), "stopped {took:?} after SIGINT");
+    for f in &folders {
+        assert!(!f.exists(), "{} is left behind", f.display());
+    }
+    assert_eq!(processes_in(&folders), Vec::<String>::new(), "processes left");
 }

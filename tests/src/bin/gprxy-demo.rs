@@ -4,29 +4,36 @@
 //! PostgreSQL 18 with gprxy_validator preloaded and PostgreSQL 15 with gprxy_validator's SQL
 //! side, both with sql/'s demo schema; gprxy in front of each (pass-through for 18, fallback for
 //! 15) with a self-signed certificate made now. Then a tour: device-flow login through the proxy,
-//! row-level security for two tenants, a refused expired token with the server's reason, the
-//! token helper and psql 15 through the fallback proxy, the metrics. It leaves everything running
+//! row-level security for two tenants, a refused expired token with the server's reason, a
+//! session ended when its token expires, an opaque token checked by introspection and then
+//! revoked, two issuers in one issuers file, the token helper and psql 15 through the fallback
+//! proxy, the metrics. Each step prints the command a user would copy. It leaves everything running
 //! with commands to try and cleans up on Ctrl-C, SIGTERM or SIGHUP, or when its parent (make)
 //! dies: whatever it started is stopped and its folders deleted, mid-tour too.
 //! `--check` runs the same tour, asserts every step's result and exits (used by `make test`).
 
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
 
+use gprxy_core::fingerprint;
+use gprxy_core::session::UtcTime;
 use gprxy_core::testkit::{now, test_ca, TestKey};
 use gprxy_tests::idp::TestIssuer;
 use gprxy_tests::proxy::{context_conf, gprxy_bin, ContextKeyFile, FallbackSetup, Proxy};
-use gprxy_tests::{
-    apply_sql_file, oauth_psql_with, require_validator, validator_cluster, Cluster, PgVersion,
-};
+use gprxy_tests::{apply_sql_file, oauth_psql_with, require_validator, Cluster, PgVersion};
 use serde_json::json;
 
 const AUD: &str = "gprxy-demo";
 const ACME: &str = "11111111-1111-1111-1111-111111111111";
 const GLOBEX: &str = "22222222-2222-2222-2222-222222222222";
+/// The lifetime of the tokens client id `demo-short` gets (the session-end step).
+const SHORT_SECS: i64 = 6;
+/// How long the opaque-token issuer's active answers are kept (the revocation step waits it out).
+const ANSWER_TTL_SECS: u64 = 3;
 
 struct Tour {
     check: bool,
@@ -40,11 +47,30 @@ static STOP: AtomicBool = AtomicBool::new(false);
 /// Unwinds out of the tour (dropping, so stopping and deleting, what it started).
 struct Stopped;
 
+/// Unwinds when a signal or the parent's death asked the demo to stop.
+fn stop_if_asked() {
+    if STOP.load(Ordering::SeqCst) {
+        std::panic::resume_unwind(Box::new(Stopped));
+    }
+}
+
+/// Waits `d`, stopping within a tenth of a second when asked to (the tour's waits for a token to
+/// expire or a kept answer to go stale take seconds).
+fn pause(d: Duration) {
+    let until = Instant::now() + d;
+    loop {
+        stop_if_asked();
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        std::thread::sleep(left.min(Duration::from_millis(100)));
+    }
+}
+
 impl Tour {
     fn step(&mut self, what: &str) {
-        if STOP.load(Ordering::SeqCst) {
-            std::panic::resume_unwind(Box::new(Stopped));
-        }
+        stop_if_asked();
         self.step += 1;
         println!("\n[{}] {what}", self.step);
     }
@@ -61,6 +87,54 @@ impl Tour {
         if self.check && !ok {
             self.failures.push(format!("step {}: {label}", self.step));
         }
+    }
+
+    /// Prints the command a user would copy to do what the step does.
+    fn command(&self, cmd: &str) {
+        println!("    $ {cmd}");
+    }
+}
+
+/// The command line of psql 18 logging in with the device flow of `issuer`'s `client_id`.
+fn psql18_command(conninfo: &str, issuer: &str, client_id: &str, sql: &str) -> String {
+    format!(
+        "PGOAUTHDEBUG=UNSAFE {} \"{conninfo} oauth_issuer={issuer} oauth_client_id={client_id}\" -X -A -t -c \"{sql}\"",
+        PgVersion::V18.bin("psql").display()
+    )
+}
+
+/// psql's error output without libpq's PGOAUTHDEBUG=UNSAFE trace, which holds the tokens in full.
+fn without_trace(err: &str) -> String {
+    let trace =
+        |l: &str| l.starts_with("[libcurl]") || l.starts_with("[libpq]") || l.contains("access_token");
+    err.lines().filter(|l| !trace(l)).collect::<Vec<_>>().join("\n")
+}
+
+/// [`oauth_psql_with`]: psql 18's device flow; an error is psql's output without the trace.
+fn psql18(conninfo: &str, issuer: &str, client_id: &str, sql: &str) -> Result<String, String> {
+    oauth_psql_with(conninfo, issuer, client_id, sql).map_err(|e| without_trace(&e))
+}
+
+/// psql's FATAL line in its error output (the whole output when there is none).
+fn fatal_line(err: &str) -> String {
+    let err = without_trace(err);
+    err.lines().find(|l| l.contains("FATAL")).unwrap_or(&err).trim().to_owned()
+}
+
+/// Waits up to five seconds for the server log's gprxy audit line that contains all of `parts`.
+fn audit_line(pg: &Cluster, parts: &[&str]) -> Option<String> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let found = pg
+            .log()
+            .lines()
+            .filter(|l| l.contains("gprxy: "))
+            .find(|l| parts.iter().all(|p| l.contains(p)))
+            .map(str::to_owned);
+        if found.is_some() || Instant::now() > deadline {
+            return found;
+        }
+        pause(Duration::from_millis(50));
     }
 }
 
@@ -87,6 +161,86 @@ fn run(cmd: &mut Command) -> (bool, String, String) {
     let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     let text = |b: &[u8]| String::from_utf8_lossy(b).trim_end().to_owned();
     (out.status.success(), text(&out.stdout), text(&out.stderr))
+}
+
+/// The session-end step: psql 18 logs in straight to PostgreSQL 18 with a short-lived token,
+/// idles past its expiry, then sends its next statement; the server's side is judged by
+/// pg_stat_activity and the audit line.
+fn session_end(tour: &mut Tour, pg: &Cluster, conninfo: &str) {
+    let psql18 = PgVersion::V18.bin("psql");
+    let first = "SELECT pg_backend_pid(), gprxy.claims()->>'exp';";
+    let next = "SELECT 1;";
+    tour.command(&format!(
+        "(echo \"{first}\"; sleep {}; echo '{next}') | PGOAUTHDEBUG=UNSAFE {} -X -A -t -v VERBOSITY=verbose \"{conninfo}\"",
+        SHORT_SECS + 2,
+        psql18.display()
+    ));
+    let mut child = Command::new(&psql18)
+        .args(["-X", "-A", "-t", "-v", "VERBOSITY=verbose"])
+        .arg(conninfo)
+        .env("PGOAUTHDEBUG", "UNSAFE")
+        .env_remove("PGPASSWORD")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", psql18.display()));
+    let mut stdin = child.stdin.take().expect("psql's stdin");
+    let mut stdout = BufReader::new(child.stdout.take().expect("psql's stdout"));
+    let _ = writeln!(stdin, "{first}");
+    let mut answer = String::new();
+    let _ = stdout.read_line(&mut answer);
+    let parsed = answer
+        .trim()
+        .split_once('|')
+        .and_then(|(p, e)| Some((p.parse::<u32>().ok()?, e.parse::<i64>().ok()?)));
+    let Some((pid, exp)) = parsed else {
+        drop(stdin);
+        let out = child.wait_with_output().map(|o| without_trace(&String::from_utf8_lossy(&o.stderr)));
+        tour.expect("psql logs in", &out.unwrap_or_default(), "(a backend pid and the token's exp)");
+        tour.expect_that("psql logs in with the short-lived token", false);
+        return;
+    };
+    println!(
+        "    -> backend pid {pid}; the token expires at {} (exp {exp}); the session idles...",
+        UtcTime(exp as u64)
+    );
+    // Past the expiry, before the client says anything: the server ended the session itself.
+    let unix_now = || {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+    };
+    pause(Duration::from_secs_f64((exp as f64 + 1.0 - unix_now()).max(0.0)));
+    let alive = format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut count = pg.sql(&alive);
+    while count != "0" && Instant::now() < deadline {
+        pause(Duration::from_millis(100));
+        count = pg.sql(&alive);
+    }
+    tour.expect(&format!("a second after the expiry, before the next statement: {alive}"), &count, "0");
+    let _ = writeln!(stdin, "{next}");
+    drop(stdin);
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut stdout, &mut rest);
+    let out = child.wait_with_output().expect("psql");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let said = fatal_line(&err);
+    let said = said.find("FATAL").map_or(said.as_str(), |i| &said[i..]);
+    tour.expect(
+        &format!("psql, the next statement ({next})"),
+        said,
+        &format!("FATAL:  28000: gprxy: the access token expired at {}; log in again", UtcTime(exp as u64)),
+    );
+    tour.expect_that("psql exits with status 2 (connection lost)", out.status.code() == Some(2));
+    let line = audit_line(pg, &["event=session_expired", &format!("[{pid}]")]);
+    let line = line.as_deref().unwrap_or("(none)");
+    tour.expect("server log (gprxy_validator's audit line)", line, line);
+    tour.expect_that(
+        "the audit line names policy idle, the role and alice",
+        line.contains(
+            "gprxy: event=session_expired policy=idle role=\"app_writer\" authn_id=\"alice\" sub=\"alice\"",
+        ),
+    );
 }
 
 fn main() {
@@ -133,9 +287,9 @@ fn demo(check: bool, stop_rx: &mpsc::Receiver<()>) -> Result<(), Vec<String>> {
     let dir = files.path();
 
     tour.step(
-        "A development issuer on loopback (approves every device login: a test tool, never production)",
+        "Development issuers on loopback (they approve every device login: a test tool, never production)",
     );
-    let key = TestKey::rsa("demo-key-1");
+    let key = Arc::new(TestKey::rsa("demo-key-1"));
     let idp = TestIssuer::start(&[&key]);
     let iss = idp.issuer();
     let alice = token(&key, &iss, "alice", ACME, "writer", 3600);
@@ -146,18 +300,79 @@ fn demo(check: bool, stop_rx: &mpsc::Receiver<()>) -> Result<(), Vec<String>> {
     idp.hand_out("demo-expired", &expired);
     idp.hand_out_with_refresh("demo-cli", &alice, "demo-refresh", 3600);
     idp.on_refresh("demo-refresh", &alice, None, 3600);
-    println!("    issuer {iss}: discovery, JWKS, device flow; RS256 tokens for alice (Acme, writer) and bob (Globex, reader)");
+    // A token made at each login, living SHORT_SECS: fresh whenever the user tries it.
+    let (mint_key, mint_iss) = (key.clone(), iss.clone());
+    idp.hand_out_minted("demo-short", SHORT_SECS, move || {
+        token(&mint_key, &mint_iss, "alice", ACME, "writer", SHORT_SECS)
+    });
+    println!("    Acme SSO {iss}: discovery, JWKS, device flow; RS256 tokens for alice (Acme, writer) and bob (Globex, reader)");
+    // An issuer of opaque tokens, checked by introspection (RFC 7662) with gprxy's client secret.
+    let opaque_idp = TestIssuer::start(&[]);
+    let opaque_iss = opaque_idp.issuer();
+    let introspection_secret = format!("demo-secret-{}", fingerprint(bob.as_bytes()));
+    opaque_idp.introspection_client("gprxy", &introspection_secret);
+    let carol = format!("demo-opaque-{}", fingerprint(format!("{alice}{bob}").as_bytes()));
+    let t = now();
+    opaque_idp.opaque_token(
+        &carol,
+        json!({"iss": opaque_iss, "sub": "carol", "aud": AUD, "iat": t, "exp": t + 3600,
+               "scope": "openid db:read", "email": "carol@acme.example", "roles": ["auditor"]}),
+    );
+    opaque_idp.hand_out("demo-carol", &carol);
+    println!(
+        "    Reference-token SSO {opaque_iss}: opaque tokens (carol, auditor) and an introspection endpoint"
+    );
+    // A second JWT issuer with an alice of its own: another person than Acme's alice.
+    let partner_key = TestKey::rsa("partner-key-1");
+    let partner = TestIssuer::start(&[&partner_key]);
+    let partner_iss = partner.issuer();
+    let partner_alice = partner_key.token(
+        json!({"typ": "at+jwt"}),
+        &json!({"iss": partner_iss, "sub": "alice", "aud": AUD, "iat": t, "nbf": t - 5, "exp": t + 3600,
+                "scope": "openid db:read", "email": "alice@partner.example", "roles": ["partner"]}),
+    );
+    partner.hand_out("demo-partner-alice", &partner_alice);
+    // A client that brings Partner's token to Acme's line (Acme's dev issuer hands it out).
+    idp.hand_out("demo-stray", &partner_alice);
+    println!("    Partner SSO {partner_iss}: RS256 tokens for Partner's own alice (partner)");
 
     tour.step("PostgreSQL 18 with gprxy_validator preloaded, and PostgreSQL 15 with its SQL side; sql/ demo schema in both");
-    // The dev issuer is plain HTTP on loopback: validator_cluster allows that (tests only).
-    let pg18 = validator_cluster(AUD)
-        .conf("gprxy.role_claim = 'roles'")
-        .conf("gprxy.role_map = 'admin:app_admin, writer:app_writer, reader:app_reader'")
-        .hba(format!(
-            "host all all 127.0.0.1/32 oauth issuer=\"{iss}\" scope=\"openid db:read\" delegate_ident_mapping=1"
-        ))
+    // One pg_hba line per issuer, each on roles of its own (step 9 says why); the dev issuers
+    // are plain HTTP on loopback, which gprxy.insecure_allow_http_loopback allows (tests only).
+    let line = |roles: &str, issuer: &str| {
+        format!(
+            "host all {roles} 127.0.0.1/32 oauth issuer=\"{issuer}\" scope=\"openid db:read\" delegate_ident_mapping=1"
+        )
+    };
+    let pg18 = Cluster::builder(PgVersion::V18)
+        .conf("shared_preload_libraries = 'gprxy_validator'")
+        .conf("oauth_validator_libraries = 'gprxy_validator'")
+        .conf("gprxy.insecure_allow_http_loopback = on")
+        .conf("gprxy.session_policy = 'idle'")
+        .hba(line("app_admin,app_writer,app_reader", &iss))
+        .hba(line("app_auditor", &opaque_iss))
+        .hba(line("app_partner", &partner_iss))
         .start();
-    pg18.sql("CREATE EXTENSION gprxy_validator");
+    // The issuers file and the introspection secret, readable by the server's OS user.
+    let secret_path = write(pg18.data_dir(), "introspection.secret", &format!("{introspection_secret}\n"));
+    let issuers = format!(
+        "[[issuer]]\nissuer = \"{iss}\"\naudience = [\"{AUD}\"]\nrole_claim = \"roles\"\n\
+         role_map = {{ admin = \"app_admin\", writer = \"app_writer\", reader = \"app_reader\" }}\n\n\
+         [[issuer]]\nissuer = \"{opaque_iss}\"\naudience = [\"{AUD}\"]\ntokens = \"introspect\"\n\
+         role_claim = \"roles\"\nrole_map = {{ auditor = \"app_auditor\" }}\n\
+         [issuer.introspection]\nclient_id = \"gprxy\"\nclient_secret_file = \"{}\"\n\
+         cache_ttl_max_secs = {ANSWER_TTL_SECS}\ninactive_ttl_secs = 1\n\n\
+         [[issuer]]\nissuer = \"{partner_iss}\"\naudience = [\"{AUD}\"]\nrole_claim = \"roles\"\n\
+         role_map = {{ partner = \"app_partner\" }}\n",
+        secret_path.display()
+    );
+    let issuers_path = write(pg18.data_dir(), "gprxy-issuers.toml", &issuers);
+    pg18.sql(&format!("ALTER SYSTEM SET gprxy.issuers_file = '{}'", issuers_path.display()));
+    pg18.sql("SELECT pg_reload_conf()");
+    let loaded = pg18.wait_for_log("parameter \"gprxy.issuers_file\" changed", Duration::from_secs(10));
+    pg18.sql(
+        "CREATE EXTENSION gprxy_validator; CREATE ROLE app_auditor LOGIN; CREATE ROLE app_partner LOGIN",
+    );
     // Fallback mode's signed context: the proxy's key file, its public half pinned in
     // PostgreSQL 15's postgresql.conf with the service accounts that may set a context.
     let context_key = ContextKeyFile::create(dir.join("context.key"));
@@ -181,6 +396,13 @@ fn demo(check: bool, stop_rx: &mpsc::Receiver<()>) -> Result<(), Vec<String>> {
     ));
     let libs = pg18.sql("SHOW oauth_validator_libraries");
     tour.expect("PostgreSQL 18: SHOW oauth_validator_libraries", &libs, "gprxy_validator");
+    let policy = pg18.sql("SHOW gprxy.session_policy");
+    tour.expect("PostgreSQL 18: SHOW gprxy.session_policy", &policy, "idle");
+    println!(
+        "    PostgreSQL 18: gprxy.issuers_file = '{}' (three issuers, one pg_hba line each)",
+        issuers_path.display()
+    );
+    tour.expect_that("the issuers file is loaded", loaded);
     let ext15 = pg15.sql("SELECT extversion FROM pg_extension WHERE extname = 'gprxy_validator'");
     tour.expect("PostgreSQL 15: gprxy_validator version", &ext15, "0.1.0");
 
@@ -218,19 +440,24 @@ fn demo(check: bool, stop_rx: &mpsc::Receiver<()>) -> Result<(), Vec<String>> {
     };
     tour.step("psql 18 logs in through the proxy with the OAuth device flow (sslmode=verify-full)");
     let sql = "SELECT current_user, system_user, gprxy.claims()->>'email', gprxy.claims()->>'tenant_id'";
-    let out = oauth_psql_with(&via18("app_writer"), &iss, "demo-alice", sql).unwrap_or_else(|e| e);
+    tour.command(&psql18_command(&via18("app_writer"), &iss, "demo-alice", sql));
+    println!(
+        "    (PGOAUTHDEBUG=UNSAFE lets libpq 18 use this plain-HTTP issuer; it also makes libpq print its HTTP\n    \
+         trace, tokens included: for a development issuer only)"
+    );
+    let out = psql18(&via18("app_writer"), &iss, "demo-alice", sql).unwrap_or_else(|e| e);
     tour.expect(sql, &out, &format!("app_writer|oauth:alice|alice@acme.example|{ACME}"));
 
     tour.step("Row-level security on gprxy.claim(): two users of two tenants run the same query");
     let titles = "SELECT string_agg(title, ', ' ORDER BY title) FROM posts";
-    let out = oauth_psql_with(&via18("app_writer"), &iss, "demo-alice", titles).unwrap_or_else(|e| e);
+    let out = psql18(&via18("app_writer"), &iss, "demo-alice", titles).unwrap_or_else(|e| e);
     tour.expect(&format!("alice (Acme): {titles}"), &out, "acme public, alice private");
-    let out = oauth_psql_with(&via18("app_reader"), &iss, "demo-bob", titles).unwrap_or_else(|e| e);
+    let out = psql18(&via18("app_reader"), &iss, "demo-bob", titles).unwrap_or_else(|e| e);
     tour.expect(&format!("bob (Globex): {titles}"), &out, "bob private, globex public");
 
     tour.step("An expired token is refused; the server log says why");
-    let err =
-        oauth_psql_with(&via18("app_writer"), &iss, "demo-expired", "SELECT 1").err().unwrap_or_default();
+    tour.command(&psql18_command(&via18("app_writer"), &iss, "demo-expired", "SELECT 1"));
+    let err = psql18(&via18("app_writer"), &iss, "demo-expired", "SELECT 1").err().unwrap_or_default();
     let psql_said = err.lines().find(|l| l.contains("FATAL")).unwrap_or(&err).trim().to_owned();
     let want = format!("connection to server at \"127.0.0.1\", port {} failed: FATAL:  OAuth bearer authentication failed for user \"app_writer\"", passthrough.port);
     tour.expect("psql", &psql_said, &want);
@@ -245,6 +472,87 @@ fn demo(check: bool, stop_rx: &mpsc::Receiver<()>) -> Result<(), Vec<String>> {
         refused.as_deref().unwrap_or("(none)"),
     );
     tour.expect_that("the audit line names reason=expired", reason == "reason=expired");
+
+    tour.step(&format!(
+        "A session ends when its token does: a {SHORT_SECS} s token, the session idles past its expiry (gprxy.session_policy = idle)"
+    ));
+    // Straight to PostgreSQL 18: behind gprxy, the proxy's own [session] policy ends such a
+    // session too, and whichever end comes first is the one the client reads.
+    let direct = format!("host=127.0.0.1 port={} user=app_writer dbname=postgres", pg18.port());
+    session_end(&mut tour, &pg18, &format!("{direct} oauth_issuer={iss} oauth_client_id=demo-short"));
+
+    tour.step("An opaque token checked by introspection (RFC 7662), then revoked at its issuer");
+    let sql = "SELECT current_user, system_user, gprxy.claim('email')";
+    tour.command(&psql18_command(&via18("app_auditor"), &opaque_iss, "demo-carol", sql));
+    let carol_fp = fingerprint(carol.as_bytes());
+    let login = || psql18(&via18("app_auditor"), &opaque_iss, "demo-carol", sql).unwrap_or_else(|e| e);
+    let out = login();
+    let first_done = Instant::now();
+    let want = "app_auditor|oauth:carol|carol@acme.example";
+    tour.expect(
+        &format!("carol's opaque token (token_fp={carol_fp}): the issuer's answer holds the claims"),
+        &out,
+        want,
+    );
+    let out = login();
+    tour.expect("the same login again", &out, want);
+    let asked = opaque_idp.introspection_requests().to_string();
+    tour.expect(
+        "introspection requests for the two logins (the answer is kept in shared memory)",
+        &asked,
+        "1",
+    );
+    opaque_idp.revoke_token(&carol);
+    println!(
+        "    the issuer revokes carol's token; an active answer is kept at most cache_ttl_max_secs = {ANSWER_TTL_SECS}, then asked again"
+    );
+    let stale = first_done + Duration::from_secs(ANSWER_TTL_SECS) + Duration::from_millis(300);
+    pause(stale.saturating_duration_since(Instant::now()));
+    let err = psql18(&via18("app_auditor"), &opaque_iss, "demo-carol", "SELECT 1").err().unwrap_or_default();
+    tour.expect(
+        "psql, the next login",
+        &fatal_line(&err),
+        &format!("connection to server at \"127.0.0.1\", port {} failed: FATAL:  OAuth bearer authentication failed for user \"app_auditor\"", passthrough.port),
+    );
+    let refused = audit_line(&pg18, &["oauth login refused", &format!("token_fp={carol_fp}")]);
+    let refused = refused.as_deref().unwrap_or("(none)");
+    tour.expect("server log (gprxy_validator's audit line)", refused, refused);
+    tour.expect_that(
+        "the audit line names reason=token_inactive",
+        refused.contains(" reason=token_inactive "),
+    );
+
+    tour.step("Two issuers in one issuers file: each user logs in with its own issuer's token, on its issuer's pg_hba line");
+    println!(
+        "    Acme's line reaches app_admin, app_writer and app_reader, Partner's only app_partner. Both issue an\n    \
+         alice: were one role reachable from both lines with plain identities, Partner's alice would be Acme's\n    \
+         alice to pg_ident, system_user and every policy on gprxy.identity(), so gprxy_validator would refuse\n    \
+         the login (issuers_share_role) unless the entries say issuer_qualified = true (identities\n    \
+         <iss>#<sub>) or gprxy.shared_subject_namespace = on. Different roles keep the identities plain."
+    );
+    let sql = "SELECT current_user, system_user, gprxy.claim('iss')";
+    tour.command(&psql18_command(&via18("app_writer"), &iss, "demo-alice", sql));
+    let out = psql18(&via18("app_writer"), &iss, "demo-alice", sql).unwrap_or_else(|e| e);
+    tour.expect("Acme's alice", &out, &format!("app_writer|oauth:alice|{iss}"));
+    tour.command(&psql18_command(&via18("app_partner"), &partner_iss, "demo-partner-alice", sql));
+    let out = psql18(&via18("app_partner"), &partner_iss, "demo-partner-alice", sql).unwrap_or_else(|e| e);
+    tour.expect("Partner's alice", &out, &format!("app_partner|oauth:alice|{partner_iss}"));
+    println!("    Partner's alice's token brought to Acme's line (Acme's dev issuer hands it to client id demo-stray):");
+    tour.command(&psql18_command(&via18("app_writer"), &iss, "demo-stray", "SELECT 1"));
+    let err = psql18(&via18("app_writer"), &iss, "demo-stray", "SELECT 1").err().unwrap_or_default();
+    tour.expect(
+        "psql",
+        &fatal_line(&err),
+        &format!("connection to server at \"127.0.0.1\", port {} failed: FATAL:  OAuth bearer authentication failed for user \"app_writer\"", passthrough.port),
+    );
+    let stray_fp = format!("token_fp={}", fingerprint(partner_alice.as_bytes()));
+    let refused = audit_line(&pg18, &["oauth login refused", &stray_fp]);
+    let refused = refused.as_deref().unwrap_or("(none)");
+    tour.expect("server log (gprxy_validator's audit line)", refused, refused);
+    tour.expect_that(
+        "the audit line names reason=iss_mismatch and Partner as the token's issuer",
+        refused.contains(" reason=iss_mismatch ") && refused.contains(&format!("iss=\"{partner_iss}\"")),
+    );
 
     tour.step("The token helper and psql 15 through the fallback proxy (PostgreSQL 15, token as password)");
     let config_dir = dir.join("gprxy-config");
@@ -322,6 +630,22 @@ fn demo(check: bool, stop_rx: &mpsc::Receiver<()>) -> Result<(), Vec<String>> {
     );
     println!("                           (client id demo-bob logs in bob as app_reader)");
     println!(
+        "  a session's end:         PGOAUTHDEBUG=UNSAFE {} \"{direct} oauth_issuer={iss} oauth_client_id=demo-short\" -v VERBOSITY=verbose",
+        psql18.display()
+    );
+    println!(
+        "                           (a new {SHORT_SECS} s token each login: wait, then run a statement)"
+    );
+    println!(
+        "  the second issuer:       PGOAUTHDEBUG=UNSAFE {} \"{} oauth_issuer={partner_iss} oauth_client_id=demo-partner-alice\" -c 'SELECT gprxy.claims()'",
+        psql18.display(),
+        via18("app_partner")
+    );
+    println!(
+        "  issuers file:            {} (carol's opaque token stays revoked: reason=token_inactive)",
+        issuers_path.display()
+    );
+    println!(
         "  token helper:            export GPRXY_CONFIG_DIR={}; {} token",
         config_dir.display(),
         gprxy_bin().display()
@@ -340,6 +664,6 @@ fn demo(check: bool, stop_rx: &mpsc::Receiver<()>) -> Result<(), Vec<String>> {
     println!("  logs:                    {} and {}", pg18.log_path().display(), pg15.log_path().display());
     println!("\nPress Ctrl-C to stop everything and delete {}.", dir.display());
     let _ = stop_rx.recv();
-    println!("Stopping the proxies, PostgreSQL and the issuer; deleting the demo folders.");
+    println!("Stopping the proxies, PostgreSQL and the issuers; deleting the demo folders.");
     Ok(())
 }
