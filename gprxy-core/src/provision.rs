@@ -59,7 +59,7 @@ pub const MAX_ROLE_BYTES: usize = 63;
 
 /// The role a person's identity is provisioned as: `prefix + identity + suffix`, exactly (no case
 /// folding: the name is always quoted). Refused when longer than PostgreSQL keeps (it would cut
-/// the name, and two people could land on one role), empty, holding a control character, or
+/// the name, and two people could land on one role), empty, holding a control or invisible formatting character, or
 /// starting with `pg_` (reserved by PostgreSQL).
 pub fn role_name(policy: &ProvisionPolicy, identity: &str) -> Result<String, String> {
     if identity.is_empty() {
@@ -72,8 +72,8 @@ pub fn role_name(policy: &ProvisionPolicy, identity: &str) -> Result<String, Str
             name.len()
         ));
     }
-    if name.chars().any(char::is_control) {
-        return Err("the role name would hold a control character".into());
+    if name.chars().any(|c| c.is_control() || invisible(c)) {
+        return Err("the role name would hold a control or invisible formatting character".into());
     }
     if name.starts_with("pg_") {
         return Err("role names starting with pg_ are reserved by PostgreSQL: set a provision prefix".into());
@@ -81,13 +81,21 @@ pub fn role_name(policy: &ProvisionPolicy, identity: &str) -> Result<String, Str
     Ok(name)
 }
 
+/// Unicode formatting characters that render as nothing or reorder text (a name could display as
+/// another one in `\du` or a log).
+fn invisible(c: char) -> bool {
+    matches!(c, '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+        | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206F}' | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}')
+}
+
 /// What the catalog and gprxy's own record say about a person's role.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Existing {
     /// A role of that name exists.
     pub exists: bool,
-    /// gprxy's record of who the role was created for (issuer, identity); None: gprxy did not
-    /// create it.
+    /// gprxy's record of who the role was created for (issuer, identity), when the record is of
+    /// this very role (its OID): None when gprxy did not create it, or created another role of
+    /// the same name that was dropped since.
     pub created_for: Option<(String, String)>,
     /// The managed group roles it is a member of now.
     pub member_of: Vec<String>,
@@ -218,10 +226,10 @@ mod tests {
             role_name(&ProvisionPolicy::default(), &long).unwrap_err(),
             "the role name would be 64 bytes, above PostgreSQL's 63: use a shorter identity claim or prefix"
         );
-        assert_eq!(
-            role_name(&ProvisionPolicy::default(), "a\nb").unwrap_err(),
-            "the role name would hold a control character"
-        );
+        let hidden = "the role name would hold a control or invisible formatting character";
+        assert_eq!(role_name(&ProvisionPolicy::default(), "a\nb").unwrap_err(), hidden);
+        assert_eq!(role_name(&ProvisionPolicy::default(), "adm\u{202E}nimda").unwrap_err(), hidden);
+        assert_eq!(role_name(&ProvisionPolicy::default(), "al\u{200B}ice").unwrap_err(), hidden);
         assert!(role_name(&ProvisionPolicy::default(), "pg_monitor").unwrap_err().contains("reserved"));
         assert_eq!(role_name(&ProvisionPolicy::default(), "").unwrap_err(), "the identity is empty");
     }

@@ -122,11 +122,13 @@ REVOKE EXECUTE ON FUNCTION gprxy.set_context(text), gprxy.reset_context() FROM P
 #[cfg(oauth_validator)]
 pgrx::extension_sql!(
     r#"
--- Roles from groups (gprxy.provision): what gprxy's provisioner created, for whom, and when the
+-- Roles from groups (gprxy.provision): what gprxy's provisioner created (the role's OID: a role
+-- dropped and made again by hand under the name is not gprxy's), for whom, and when the
 -- person last logged in through it. The provisioner (gprxy.provision_role) reads and writes it in
 -- gprxy.provision_database; nothing else needs it (sql/06_provisioning.sql).
 CREATE TABLE gprxy.provisioned_roles (
     role name PRIMARY KEY,
+    role_oid oid NOT NULL,
     issuer text NOT NULL,
     identity text NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now(),
@@ -138,6 +140,7 @@ REVOKE ALL ON gprxy.provisioned_roles FROM PUBLIC;
 CREATE FUNCTION gprxy.unused_provisioned_roles(days integer)
 RETURNS TABLE (role name, issuer text, identity text, last_login timestamptz)
 LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT p.role, p.issuer, p.identity, p.last_login FROM gprxy.provisioned_roles p
     WHERE p.last_login < now() - make_interval(days => days) ORDER BY p.last_login
@@ -149,16 +152,19 @@ $$;
 CREATE FUNCTION gprxy.drop_provisioned_role(role name, reassign_to name)
 RETURNS void
 LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM gprxy.provisioned_roles p WHERE p.role = drop_provisioned_role.role) THEN
+    IF NOT EXISTS (SELECT 1 FROM gprxy.provisioned_roles p JOIN pg_roles r ON r.oid = p.role_oid
+                   WHERE p.role = drop_provisioned_role.role AND r.rolname = p.role) THEN
         RAISE EXCEPTION 'gprxy: role % was not made by gprxy''s provisioner', drop_provisioned_role.role;
     END IF;
     EXECUTE format('REASSIGN OWNED BY %I TO %I', drop_provisioned_role.role, reassign_to);
     EXECUTE format('DROP OWNED BY %I', drop_provisioned_role.role);
     EXECUTE format('DROP ROLE %I', drop_provisioned_role.role);
     DELETE FROM gprxy.provisioned_roles p WHERE p.role = drop_provisioned_role.role;
-    RAISE LOG 'gprxy: provision action=drop role="%" reassigned_to="%"', drop_provisioned_role.role, reassign_to;
+    RAISE LOG 'gprxy: provision action=drop role=% reassigned_to=%',
+        quote_ident(drop_provisioned_role.role), quote_ident(reassign_to);
 END
 $$;
 REVOKE EXECUTE ON FUNCTION gprxy.unused_provisioned_roles(integer), gprxy.drop_provisioned_role(name, name) FROM PUBLIC;

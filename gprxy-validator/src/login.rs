@@ -292,6 +292,11 @@ fn provision_own_role(
     if own != req.role {
         return None;
     }
+    // A person never takes a group's name, even one the DBA has not made yet (the group's later
+    // grants would be theirs): such a login is a group-role login, as without provisioning.
+    if settings.all_role_map_targets().contains(&own.as_str()) {
+        return None;
+    }
     let managed: Vec<&String> = settings.role_map(issuer, req.hba_entry).iter().map(|(_, to)| to).collect();
     let wanted: Vec<String> = granted.iter().filter(|g| managed.contains(g)).cloned().collect();
     let request = crate::provision::Request {

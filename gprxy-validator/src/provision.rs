@@ -83,6 +83,7 @@ pub struct Slot {
     wanted: [Fixed<NAME>; GROUPS],
     wanted_n: u8,
     ok: bool,
+    oid: u32,
     code: Fixed<CODE>,
     detail: Fixed<DETAIL>,
     taken_at_ms: u64,
@@ -100,6 +101,7 @@ impl Slot {
         wanted: [Fixed::EMPTY; GROUPS],
         wanted_n: 0,
         ok: false,
+        oid: 0,
         code: Fixed::EMPTY,
         detail: Fixed::EMPTY,
         taken_at_ms: 0,
@@ -111,6 +113,8 @@ impl Slot {
 struct Remembered {
     key: [u8; 32],
     at_ms: u64,
+    /// The role's OID when it was provisioned: a role of the same name made since is another.
+    oid: u32,
 }
 
 /// The provisioner's shared memory: the worker's process id (0: not running), the request
@@ -130,7 +134,7 @@ impl Default for SharedProvision {
             worker_pid: 0,
             next_id: 1,
             slots: [Slot::EMPTY; SLOTS],
-            remembered: [Remembered { key: [0; 32], at_ms: 0 }; REMEMBERED],
+            remembered: [Remembered { key: [0; 32], at_ms: 0, oid: 0 }; REMEMBERED],
         }
     }
 }
@@ -179,14 +183,18 @@ pub fn remembered(req: &Request, recheck: Duration) -> bool {
     let key = req.key();
     let recheck_ms = u64::try_from(recheck.as_millis()).unwrap_or(u64::MAX);
     let now = now_ms();
-    let lately =
-        PROVISION.share().remembered.iter().any(|r| r.key == key && r.at_ms.saturating_add(recheck_ms) > now);
-    if lately {
-        // Another backend's request made the role moments ago; this one may have looked the name
-        // up (pg_hba.conf matching) and cached it as missing.
-        crate::ffi::accept_invalidations();
-    }
-    lately
+    let oid = PROVISION
+        .share()
+        .remembered
+        .iter()
+        .find(|r| r.key == key && r.at_ms.saturating_add(recheck_ms) > now)
+        .map(|r| r.oid);
+    let Some(oid) = oid else { return false };
+    // Another backend's request may have made the role moments ago, and this one may have looked
+    // the name up (pg_hba.conf matching) and cached it as missing.
+    crate::ffi::accept_invalidations();
+    // The very role provisioned then: one dropped and made again by hand since is not gprxy's.
+    crate::ffi::role_oid(&req.role) == Some(oid)
 }
 
 /// Asks the provisioner for `req` and waits for its answer (backends, during authentication).
@@ -273,7 +281,7 @@ pub fn request(req: &Request, timeout: Duration, recheck: Duration) -> Result<()
                 return Err(unavailable("the request was lost"));
             }
             if slot.state == DONE {
-                let answer = (slot.ok, slot.code.get(), slot.detail.get());
+                let answer = (slot.ok, slot.code.get(), slot.detail.get(), slot.oid);
                 slot.state = FREE;
                 Some(answer)
             } else if Instant::now() >= deadline {
@@ -286,11 +294,11 @@ pub fn request(req: &Request, timeout: Duration, recheck: Duration) -> Result<()
                 None
             }
         };
-        if let Some((ok, code, detail)) = answer {
+        if let Some((ok, code, detail, oid)) = answer {
             if !ok {
                 return Err((static_code(&code), detail));
             }
-            remember(key);
+            remember(key, oid);
             crate::ffi::accept_invalidations();
             return Ok(());
         }
@@ -305,7 +313,7 @@ fn static_code(code: &str) -> &'static str {
     }
 }
 
-fn remember(key: [u8; 32]) {
+fn remember(key: [u8; 32], oid: u32) {
     let mut shared = PROVISION.exclusive();
     let now = now_ms();
     let i = shared
@@ -313,7 +321,7 @@ fn remember(key: [u8; 32]) {
         .iter()
         .position(|r| r.key == key)
         .unwrap_or_else(|| (0..REMEMBERED).min_by_key(|&i| shared.remembered[i].at_ms).unwrap_or(0));
-    shared.remembered[i] = Remembered { key, at_ms: now };
+    shared.remembered[i] = Remembered { key, at_ms: now, oid };
 }
 
 /// Forgets what was provisioned lately (the worker, after a reload: the policy may differ).
@@ -336,10 +344,10 @@ pub fn serve() {
         }
         while let Some((index, id, req)) = take_pending() {
             let outcome = crate::ffi::in_transaction(|| provision(&req));
-            let (ok, code, detail) = match outcome {
-                Ok(Ok(())) => (true, "ok".to_owned(), String::new()),
-                Ok(Err((code, detail))) => (false, code.to_owned(), detail),
-                Err(error) => (false, "provision_failed".to_owned(), error),
+            let (ok, oid, code, detail) = match outcome {
+                Ok(Ok(oid)) => (true, oid, "ok".to_owned(), String::new()),
+                Ok(Err((code, detail))) => (false, 0, code.to_owned(), detail),
+                Err(error) => (false, 0, "provision_failed".to_owned(), error),
             };
             if !ok {
                 pgrx::log!(
@@ -357,6 +365,7 @@ pub fn serve() {
                     slot.state = FREE;
                 } else {
                     slot.ok = ok;
+                    slot.oid = oid;
                     slot.code = Fixed::cut(&code);
                     slot.detail = Fixed::cut(&detail);
                     slot.state = DONE;
@@ -389,8 +398,12 @@ fn q(v: &str) -> gprxy_core::Quoted {
 }
 
 /// One request, inside the worker's transaction: reads what the catalog and gprxy's record say,
-/// plans with gprxy-core and carries the plan out, one audit line per change.
-fn provision(req: &Request) -> Result<(), Refused> {
+/// plans with gprxy-core and carries the plan out, one audit line per change. Returns the role's
+/// OID. Every query names pg_catalog's objects, under a search_path of pg_catalog and pg_temp
+/// only: a function a user planted in a schema of the default path never runs as the provisioner.
+fn provision(req: &Request) -> Result<u32, Refused> {
+    let failed = |e: pgrx::spi::Error| ("provision_failed", format!("catalog: {e}"));
+    Spi::run("SET LOCAL search_path = pg_catalog, pg_temp").map_err(failed)?;
     let settings = Settings::current().map_err(|e| ("provision_failed", crate::settings::describe(&e)))?;
     // The worker's own view of the policy decides what is managed, not the request's.
     let managed: Vec<String> = {
@@ -400,31 +413,46 @@ fn provision(req: &Request) -> Result<(), Refused> {
         m.dedup();
         m
     };
-    let failed = |e: pgrx::spi::Error| ("provision_failed", format!("catalog: {e}"));
-    let exists = Spi::get_one_with_args::<bool>(
-        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1)",
-        &[req.role.as_str().into()],
-    )
-    .map_err(failed)?
-    .unwrap_or(false);
-    let (issuer, identity) = Spi::get_two_with_args::<String, String>(
-        "SELECT issuer, identity FROM gprxy.provisioned_roles WHERE role = $1",
+    let role_oid = |name: &str| {
+        Spi::get_one_with_args::<i64>(
+            "SELECT oid::pg_catalog.int8 FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) $1",
+            &[name.into()],
+        )
+        .or_else(|e| match e {
+            pgrx::spi::Error::InvalidPosition => Ok(None),
+            e => Err(e),
+        })
+        .map_err(failed)
+    };
+    let current = role_oid(&req.role)?;
+    let (issuer, identity, recorded) = Spi::get_three_with_args::<String, String, i64>(
+        "SELECT issuer, identity, role_oid::pg_catalog.int8 FROM gprxy.provisioned_roles \
+         WHERE role OPERATOR(pg_catalog.=) $1",
         &[req.role.as_str().into()],
     )
     .or_else(|e| match e {
-        pgrx::spi::Error::InvalidPosition => Ok((None, None)),
+        pgrx::spi::Error::InvalidPosition => Ok((None, None, None)),
         e => Err(e),
     })
     .map_err(failed)?;
     let member_of = Spi::get_one_with_args::<Vec<String>>(
-        "SELECT coalesce(array_agg(g.rolname::text), '{}') FROM pg_catalog.pg_auth_members m \
-         JOIN pg_catalog.pg_roles g ON g.oid = m.roleid JOIN pg_catalog.pg_roles r ON r.oid = m.member \
-         WHERE r.rolname = $1 AND m.grantor = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = current_user)",
+        "SELECT pg_catalog.array_agg(g.rolname::pg_catalog.text) FROM pg_catalog.pg_auth_members m \
+         JOIN pg_catalog.pg_roles g ON g.oid OPERATOR(pg_catalog.=) m.roleid \
+         JOIN pg_catalog.pg_roles r ON r.oid OPERATOR(pg_catalog.=) m.member \
+         WHERE r.rolname OPERATOR(pg_catalog.=) $1 AND m.grantor OPERATOR(pg_catalog.=) \
+         (SELECT oid FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) CURRENT_USER)",
         &[req.role.as_str().into()],
     )
     .map_err(failed)?
     .unwrap_or_default();
-    let existing = Existing { exists, created_for: issuer.zip(identity), member_of };
+    // gprxy's record counts only for the very role it made (its OID): a role dropped and made
+    // again by hand under the same name is not gprxy's.
+    let ours = current.is_some() && recorded == current;
+    let existing = Existing {
+        exists: current.is_some(),
+        created_for: if ours { issuer.zip(identity) } else { None },
+        member_of,
+    };
     let login = Login {
         mode: req.mode,
         role: &req.role,
@@ -444,8 +472,10 @@ fn provision(req: &Request) -> Result<(), Refused> {
         Spi::run(&sql).map_err(failed)?;
         if *action == Action::Create {
             Spi::run_with_args(
-                "INSERT INTO gprxy.provisioned_roles (role, issuer, identity) VALUES ($1, $2, $3) \
-                 ON CONFLICT (role) DO UPDATE SET issuer = $2, identity = $3, created_at = now(), last_login = now()",
+                "INSERT INTO gprxy.provisioned_roles (role, role_oid, issuer, identity) \
+                 SELECT $1, oid, $2, $3 FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) $1 \
+                 ON CONFLICT (role) DO UPDATE SET role_oid = excluded.role_oid, issuer = $2, identity = $3, \
+                 created_at = pg_catalog.now(), last_login = pg_catalog.now()",
                 &[req.role.as_str().into(), req.issuer.as_str().into(), req.identity.as_str().into()],
             )
             .map_err(failed)?;
@@ -460,9 +490,10 @@ fn provision(req: &Request) -> Result<(), Refused> {
         );
     }
     Spi::run_with_args(
-        "UPDATE gprxy.provisioned_roles SET last_login = now() WHERE role = $1",
+        "UPDATE gprxy.provisioned_roles SET last_login = pg_catalog.now() WHERE role OPERATOR(pg_catalog.=) $1",
         &[req.role.as_str().into()],
     )
     .map_err(failed)?;
-    Ok(())
+    let oid = role_oid(&req.role)?.ok_or(("provision_failed", "the role vanished".to_owned()))?;
+    u32::try_from(oid).map_err(|_| ("provision_failed", "an OID out of range".to_owned()))
 }

@@ -517,6 +517,14 @@ impl Settings {
         }
     }
 
+    /// Every group role any role map can grant (every entry's, or `gprxy.role_map`).
+    pub fn all_role_map_targets(&self) -> Vec<&str> {
+        match &self.issuers {
+            Some(set) => set.iter().flat_map(|e| e.role_map.iter().map(|(_, to)| to.as_str())).collect(),
+            None => self.role_map.iter().map(|(_, to)| to.as_str()).collect(),
+        }
+    }
+
     /// The token-role to database-role pairs for `issuer`: its entry's `role_map` with an
     /// issuers file (another issuer's never applies), else `gprxy.role_map`.
     pub fn role_map(&self, issuer: &str, entry: Option<&str>) -> &[(String, String)] {

@@ -198,9 +198,8 @@ gprxy_roles_can_match(List *tokens, const char *role, Oid roleid)
 /*
  * The issuers of every oauth line of pg_hba.conf (as the file reads now, its includes followed)
  * whose user column can match role, one per line in a string palloc'd in the caller's memory
- * context; NULL when the file cannot be opened. Lines that do not parse are skipped: PostgreSQL
- * refuses such a file on reload, so they are not in force. Parsing happens in a context of its
- * own, deleted before returning.
+ * context; NULL when the file cannot be opened or any line of it (includes too) does not
+ * tokenize or parse. Parsing happens in a context of its own, deleted before returning.
  */
 char *
 gprxy_hba_oauth_issuers_for_role(const char *role)
@@ -229,10 +228,19 @@ gprxy_hba_oauth_issuers_for_role(const char *role)
 		TokenizedAuthLine *tok = lfirst(cell);
 		HbaLine    *hba;
 
-		if (tok->err_msg != NULL)
-			continue;
-		hba = parse_hba_line(tok, DEBUG3);
-		if (hba == NULL || hba->auth_method != uaOAuth || hba->oauth_issuer == NULL)
+		/*
+		 * A line that does not tokenize or parse (an include that became unreadable, a typo):
+		 * PostgreSQL keeps the lines in force from before, which may be anything, so the
+		 * answer is "cannot tell" (the caller refuses).
+		 */
+		if (tok->err_msg != NULL || (hba = parse_hba_line(tok, DEBUG3)) == NULL)
+		{
+			free_auth_file(file, 0);
+			MemoryContextSwitchTo(old);
+			MemoryContextDelete(work);
+			return NULL;
+		}
+		if (hba->auth_method != uaOAuth || hba->oauth_issuer == NULL)
 			continue;
 		if (gprxy_roles_can_match(hba->roles, role, roleid))
 			appendStringInfo(&found, "%s\n", hba->oauth_issuer);

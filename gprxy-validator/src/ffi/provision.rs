@@ -46,6 +46,16 @@ pub fn wake(pid: i32) -> bool {
     unsafe { libc::kill(pid, libc::SIGUSR1) == 0 }
 }
 
+/// The OID of role `name` as this backend's catalog cache sees it (None: no such role).
+pub fn role_oid(name: &str) -> Option<u32> {
+    let name = CString::new(name).ok()?;
+    // SAFETY: a NUL-terminated name alive for the call; missing_ok, so no ERROR for a missing
+    // role; the guard turns any other ERROR into a Rust panic. Runs during authentication, where
+    // hba.c itself looks roles up.
+    let oid = unsafe { pg_sys::ffi::pg_guard_ffi_boundary(|| pg_sys::get_role_oid(name.as_ptr(), true)) };
+    (oid != pg_sys::InvalidOid).then(|| oid.to_u32())
+}
+
 /// This process's id.
 pub fn own_pid() -> i32 {
     // SAFETY: a plain integer PostgreSQL sets at process start.
