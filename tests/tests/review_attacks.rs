@@ -233,3 +233,65 @@ fn held_dangerous_identities_and_a_group_made_powerful_later() {
     assert!(again.is_err(), "{again:?}");
     assert!(s.last_audit().contains("reason=role_privileged"), "{}", s.last_audit());
 }
+
+fn oauth_login(idp: &TestIssuer, key: &TestKey, port: u16, db: &str, user: &str, sub: &str) -> Result<String, String> {
+    let token = key.token(json!({"typ": "at+jwt"}), &idp.claims(sub, "db"));
+    let client = format!("c{}", gprxy_core::fingerprint(token.as_bytes()));
+    idp.hand_out(&client, &token);
+    gprxy_tests::oauth_psql_with(
+        &format!("host=127.0.0.1 port={port} user={user} dbname={db}"),
+        &idp.issuer(),
+        &client,
+        "SELECT current_user, system_user",
+    )
+}
+
+/// DEFECT (fails on 407154c), with HELD parts first. The #27 check reads pg_hba.conf *from disk*
+/// at each login, not the lines in force; a line that does not tokenize (an `include` whose file
+/// cannot be read) is skipped. Held: issuer B's line for another database, reaching `alice` only
+/// through a nested `+outer_g` membership, is counted, and A's `alice` is refused. Then the included
+/// file holding both oauth lines becomes unreadable (chmod 000, no reload: PostgreSQL keeps the
+/// lines in force): the check now sees no other issuer, and A's `alice` and B's `alice` both log in
+/// as role `alice` — one role, two namespaces, the exact case the check exists to refuse. Fix:
+/// fail closed when any line (an include) has a tokenizing error, and compare with the file's
+/// load time (or read the postmaster's parsed lines) rather than the file as it reads now.
+#[test]
+fn defect_an_unreadable_include_lets_two_issuers_reach_one_role() {
+    use std::os::unix::fs::PermissionsExt;
+    let (ka, kb) = (TestKey::rsa("a"), TestKey::rsa("b"));
+    let (a, b) = (TestIssuer::start(&[&ka]), TestIssuer::start(&[&kb]));
+    let dir = tempfile::Builder::new().prefix("gprxy-review-hba").tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let inc = dir.path().join("oauth.conf");
+    std::fs::write(
+        &inc,
+        format!(
+            "host postgres all 127.0.0.1/32 oauth issuer=\"{}\" scope=\"openid\" map=m\n\
+             host other +outer_g 127.0.0.1/32 oauth issuer=\"{}\" scope=\"openid\" map=m\n",
+            a.issuer(),
+            b.issuer()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&inc, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let pg = validator_cluster("db").hba(format!("include {}", inc.display())).ident("m alice alice").start();
+    pg.sql("CREATE ROLE alice LOGIN; CREATE ROLE inner_g; CREATE ROLE outer_g; GRANT outer_g TO inner_g; GRANT inner_g TO alice");
+    pg.sql("CREATE DATABASE other");
+    pg.sql("CREATE EXTENSION gprxy_validator");
+    let port = pg.port();
+    // Held: nested +group on a line for another database is counted.
+    let first = oauth_login(&a, &ka, port, "postgres", "alice", "alice");
+    assert!(first.is_err(), "{first:?}");
+    let audit = pg.log().lines().rfind(|l| l.contains("gprxy: oauth login")).unwrap_or_default().to_owned();
+    assert!(audit.contains("reason=issuers_share_role"), "{audit}");
+    // The include becomes unreadable; nothing is reloaded, so both lines stay in force.
+    std::fs::set_permissions(&inc, std::fs::Permissions::from_mode(0o000)).unwrap();
+    let via_a = oauth_login(&a, &ka, port, "postgres", "alice", "alice");
+    let via_b = oauth_login(&b, &kb, port, "other", "alice", "alice");
+    std::fs::set_permissions(&inc, std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert!(
+        via_a.is_err() && via_b.is_err(),
+        "two issuers' `alice` reached role alice: A {via_a:?}, B {via_b:?}; log: {}",
+        pg.log().lines().filter(|l| l.contains("gprxy: oauth login")).collect::<Vec<_>>().join("\n")
+    );
+}
