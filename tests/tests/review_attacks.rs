@@ -34,7 +34,9 @@ fn setup(mode: &str, role_map: &str, extra: &[&str]) -> Setup {
         b = b.conf(*e);
     }
     let pg = b.start();
-    pg.sql("CREATE EXTENSION gprxy_validator; CREATE ROLE app_reader NOLOGIN; CREATE ROLE app_writer NOLOGIN");
+    pg.sql(
+        "CREATE EXTENSION gprxy_validator; CREATE ROLE app_reader NOLOGIN; CREATE ROLE app_writer NOLOGIN",
+    );
     let setup = std::fs::read_to_string(gprxy_tests::sql_dir().join("06_provisioning.sql")).unwrap();
     pg.sql(&setup);
     assert!(pg.wait_for_log("gprxy: provisioner ready", Duration::from_secs(20)), "{}", pg.log());
@@ -134,7 +136,8 @@ fn held_a_provisioner_ended_mid_request_does_not_leak_its_slot() {
     for round in 0..8 {
         std::thread::scope(|scope| {
             let locker = scope.spawn(move || {
-                let _ = s.pg.try_sql("BEGIN; LOCK TABLE gprxy.provisioned_roles; SELECT pg_sleep(2); COMMIT;");
+                let _ =
+                    s.pg.try_sql("BEGIN; LOCK TABLE gprxy.provisioned_roles; SELECT pg_sleep(2); COMMIT;");
             });
             let deadline = Instant::now() + Duration::from_secs(5);
             while s.pg.sql(
@@ -202,7 +205,9 @@ fn defect_an_identity_named_like_an_absent_managed_group_becomes_that_group() {
          record {}, carol ({carol:?}) member of {}",
         "app_auditor",
         s.pg.sql("SELECT rolcanlogin FROM pg_roles WHERE rolname = 'app_auditor'"),
-        s.pg.sql("SELECT role || ' for ' || identity FROM gprxy.provisioned_roles WHERE role = 'app_auditor'"),
+        s.pg.sql(
+            "SELECT role || ' for ' || identity FROM gprxy.provisioned_roles WHERE role = 'app_auditor'"
+        ),
         s.members("carol")
     );
 }
@@ -234,7 +239,14 @@ fn held_dangerous_identities_and_a_group_made_powerful_later() {
     assert!(s.last_audit().contains("reason=role_privileged"), "{}", s.last_audit());
 }
 
-fn oauth_login(idp: &TestIssuer, key: &TestKey, port: u16, db: &str, user: &str, sub: &str) -> Result<String, String> {
+fn oauth_login(
+    idp: &TestIssuer,
+    key: &TestKey,
+    port: u16,
+    db: &str,
+    user: &str,
+    sub: &str,
+) -> Result<String, String> {
     let token = key.token(json!({"typ": "at+jwt"}), &idp.claims(sub, "db"));
     let client = format!("c{}", gprxy_core::fingerprint(token.as_bytes()));
     idp.hand_out(&client, &token);
