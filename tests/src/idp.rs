@@ -17,6 +17,8 @@ struct State {
     jwks_status: Option<u16>,
     jwks_black_hole: bool,
     introspection: Introspection,
+    /// Client-credentials clients: id -> (secret, token handed out).
+    clients: HashMap<String, (String, Grant)>,
 }
 
 /// The introspection endpoint's state (RFC 7662).
@@ -109,6 +111,13 @@ impl TestIssuer {
     pub fn on_refresh(&self, refresh: &str, access: &str, rotated: Option<&str>, expires_in: i64) {
         let grant = Grant { access: access.to_owned(), refresh: rotated.map(str::to_owned), expires_in };
         self.state.lock().refreshes.insert(refresh.to_owned(), grant);
+    }
+
+    /// The client-credentials grant gives `token` (valid `expires_in` seconds) to `id`
+    /// authenticated with `secret`, by HTTP Basic or in the form.
+    pub fn client_credentials(&self, id: &str, secret: &str, token: &str, expires_in: i64) {
+        let grant = Grant { access: token.to_owned(), refresh: None, expires_in };
+        self.state.lock().clients.insert(id.to_owned(), (secret.to_owned(), grant));
     }
 
     /// Revokes (expires) a refresh token: the grant answers invalid_grant.
@@ -218,6 +227,9 @@ fn handle(req: &Request, base: &str, state: &Mutex<State>) -> Response {
                 .with_status(400),
             }
         }
+        ("POST", "/token") if req.form("grant_type").as_deref() == Some("client_credentials") => {
+            client_grant(req, &state.lock())
+        }
         ("POST", "/token") => {
             let device = req.form("device_code").or_else(|| client_id(req)).unwrap_or_default();
             let mut st = state.lock();
@@ -232,6 +244,27 @@ fn handle(req: &Request, base: &str, state: &Mutex<State>) -> Response {
         }
         ("POST", "/introspect") => introspect(req, &mut state.lock().introspection),
         _ => Response::status(404),
+    }
+}
+
+/// The client-credentials grant: the client authenticated by HTTP Basic (RFC 6749 section
+/// 2.3.1) or by `client_id` and `client_secret` in the form; anything else is `invalid_client`.
+fn client_grant(req: &Request, st: &State) -> Response {
+    use base64::Engine as _;
+    let basic = req.headers.get("authorization").and_then(|h| h.strip_prefix("Basic ")).and_then(|b| {
+        let pair = base64::engine::general_purpose::STANDARD.decode(b).ok()?;
+        let pair = String::from_utf8(pair).ok()?;
+        let (id, secret) = pair.split_once(':')?;
+        Some((id.to_owned(), secret.to_owned()))
+    });
+    let posted = req.form("client_id").zip(req.form("client_secret"));
+    let Some((id, secret)) = basic.or(posted) else {
+        return Response::json(&json!({"error": "invalid_client"})).with_status(401);
+    };
+    match st.clients.get(&id) {
+        Some((s, grant)) if *s == secret => grant.answer(),
+        _ => Response::json(&json!({"error": "invalid_client", "error_description": "client authentication failed"}))
+            .with_status(401),
     }
 }
 
