@@ -124,7 +124,8 @@ pub fn write_config(dir: &Path, profile: &str, socket_dir: &Path, tcp_port: Opti
 /// Runs `gprxy ARGS` and returns (success, stdout, stderr).
 pub fn run_gprxy(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
     let mut cmd = Command::new(gprxy_bin());
-    cmd.args(args);
+    // Errors as a user sees them: no backtrace.
+    cmd.args(args).env_remove("RUST_BACKTRACE").env_remove("RUST_LIB_BACKTRACE");
     for (k, v) in env {
         cmd.env(k, v);
     }
