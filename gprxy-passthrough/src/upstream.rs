@@ -53,7 +53,8 @@ pub async fn start_tls(
     }
     let name = rustls::pki_types::ServerName::try_from(server_name.to_owned())
         .map_err(|_| format!("bad server name {server_name:?}"))?;
-    let s = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.map_err(|e| format!("TLS: {e}"))?;
+    let s =
+        tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.map_err(|e| format!("TLS: {e}"))?;
     Ok(Box::new(s))
 }
 

@@ -112,7 +112,10 @@ impl Drop for Connector {
 
 /// Writes the profiles file for profile `p`; returns its path.
 pub fn write_config(dir: &Path, profile: &str, socket_dir: &Path, tcp_port: Option<u16>) -> PathBuf {
-    let mut text = format!("[log]\nformat = \"json\"\n[profile.p]\n{profile}\nlisten.unix_dir = \"{}\"\n", socket_dir.display());
+    let mut text = format!(
+        "[log]\nformat = \"json\"\n[profile.p]\n{profile}\nlisten.unix_dir = \"{}\"\n",
+        socket_dir.display()
+    );
     if let Some(port) = tcp_port {
         text.push_str(&format!("listen.tcp = \"127.0.0.1:{port}\"\n"));
     }

@@ -102,7 +102,10 @@ fn psql_logs_in_to_postgres_18_through_the_socket_and_a_rotated_token_file_is_pi
     let file = dir.path().join("token");
     let (t1, t2) = (s.token("j1", 300), s.token("j2", 300));
     write_token_file(&file, &t1);
-    let c = Connector::start(&format!("{}token.source = \"file\"\ntoken.path = \"{}\"\n", s.upstream(), file.display()), false);
+    let c = Connector::start(
+        &format!("{}token.source = \"file\"\ntoken.path = \"{}\"\n", s.upstream(), file.display()),
+        false,
+    );
     // The socket is in a private folder, and only this user may use it.
     use std::os::unix::fs::PermissionsExt;
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
@@ -117,19 +120,47 @@ fn psql_logs_in_to_postgres_18_through_the_socket_and_a_rotated_token_file_is_pi
     let fetched: Vec<bool> = logins.iter().map(|e| e["fetched"].as_bool().unwrap()).collect();
     assert_eq!(fetched, [true, false, true]);
     let fps: Vec<&str> = logins.iter().map(|e| e["token_fp"].as_str().unwrap()).collect();
-    assert_eq!(fps, [gprxy_core::fingerprint(t1.as_bytes()), gprxy_core::fingerprint(t1.as_bytes()), gprxy_core::fingerprint(t2.as_bytes())]);
-    assert_eq!((logins[2]["sub"].as_str(), logins[2]["mechanism"].as_str(), logins[2]["tls"].as_bool()), (Some("alice"), Some("OAUTHBEARER"), Some(true)));
+    assert_eq!(
+        fps,
+        [
+            gprxy_core::fingerprint(t1.as_bytes()),
+            gprxy_core::fingerprint(t1.as_bytes()),
+            gprxy_core::fingerprint(t2.as_bytes())
+        ]
+    );
+    assert_eq!(
+        (logins[2]["sub"].as_str(), logins[2]["mechanism"].as_str(), logins[2]["tls"].as_bool()),
+        (Some("alice"), Some("OAUTHBEARER"), Some(true))
+    );
     assert_no_secret(&c.log(), &[&t1, &t2]);
     // --check fetches and logs in once, printing what it did and no token.
-    let config = write_config(dir.path(), &format!("{}token.source = \"file\"\ntoken.path = \"{}\"\n", s.upstream(), file.display()), &dir.path().join("s"), None);
+    let config = write_config(
+        dir.path(),
+        &format!("{}token.source = \"file\"\ntoken.path = \"{}\"\n", s.upstream(), file.display()),
+        &dir.path().join("s"),
+        None,
+    );
     let (ok, out, err) = run_gprxy(&["connect", "--check", "--config", config.to_str().unwrap()], &[]);
     assert!(ok, "{err}");
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 3, "{out}");
-    let head = format!("token (file): fingerprint {}, sub alice, iss {}, expires in ", gprxy_core::fingerprint(t2.as_bytes()), s.idp.issuer());
-    let left: i64 = lines[1].strip_prefix(&head).and_then(|r| r.strip_suffix(" s")).and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{out}"));
+    let head = format!(
+        "token (file): fingerprint {}, sub alice, iss {}, expires in ",
+        gprxy_core::fingerprint(t2.as_bytes()),
+        s.idp.issuer()
+    );
+    let left: i64 = lines[1]
+        .strip_prefix(&head)
+        .and_then(|r| r.strip_suffix(" s"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{out}"));
     assert!((290..=300).contains(&left), "{out}");
-    assert!(lines[2].starts_with("logged in as alice to postgres (TLS verified for localhost, OAUTHBEARER); server version 18."), "{out}");
+    assert!(
+        lines[2].starts_with(
+            "logged in as alice to postgres (TLS verified for localhost, OAUTHBEARER); server version 18."
+        ),
+        "{out}"
+    );
     assert_no_secret(&(out + &err), &[&t2]);
 }
 
@@ -147,7 +178,11 @@ fn a_server_certificate_that_does_not_verify_is_refused() {
     let e = psql(&c.conninfo("alice"), "SELECT 1").unwrap_err();
     assert!(e.ends_with("FATAL:  gprxy connect: cannot reach the database server"), "{e}");
     let warn = c.log();
-    assert!(warn.contains("cannot reach the server") && warn.contains("TLS: invalid peer certificate: UnknownIssuer"), "{warn}");
+    assert!(
+        warn.contains("cannot reach the server")
+            && warn.contains("TLS: invalid peer certificate: UnknownIssuer"),
+        "{warn}"
+    );
     assert_eq!(s.pg.log().matches("connection authorized: user=alice").count(), 0);
 }
 
@@ -157,7 +192,10 @@ fn the_session_ends_at_the_tokens_end_and_the_next_connection_gets_a_new_token()
     let dir = private_dir();
     let file = dir.path().join("token");
     write_token_file(&file, &s.token("short", 4));
-    let c = Connector::start(&format!("{}token.source = \"file\"\ntoken.path = \"{}\"\n", s.upstream(), file.display()), true);
+    let c = Connector::start(
+        &format!("{}token.source = \"file\"\ntoken.path = \"{}\"\n", s.upstream(), file.display()),
+        true,
+    );
     let addr = ([127, 0, 0, 1], c.tcp_port.unwrap()).into();
     let mut conn = pgwire::connect(addr, "alice", "postgres", Auth::None).unwrap();
     assert_eq!(conn.scalar("SELECT gprxy.claim('jti')").unwrap().as_deref(), Some("short"));
@@ -178,7 +216,10 @@ fn a_cancel_request_reaches_the_server_through_the_connector() {
     let dir = private_dir();
     let file = dir.path().join("token");
     write_token_file(&file, &s.token("j1", 300));
-    let c = Connector::start(&format!("{}token.source = \"file\"\ntoken.path = \"{}\"\n", s.upstream(), file.display()), true);
+    let c = Connector::start(
+        &format!("{}token.source = \"file\"\ntoken.path = \"{}\"\n", s.upstream(), file.display()),
+        true,
+    );
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], c.tcp_port.unwrap()).into();
     let mut conn = pgwire::connect(addr, "alice", "postgres", Auth::None).unwrap();
     let key = conn.key.unwrap();
@@ -208,11 +249,12 @@ fn another_os_user_is_refused_on_the_socket_and_on_loopback_tcp() {
     let as_test_user = |conninfo: &str| {
         output(command_as_test_user(PgVersion::V15.bin("psql")).args(["-X", "-A", "-t", "-c", WHO, conninfo]))
     };
-    let test_uid: u32 = String::from_utf8(Command::new("id").args(["-u", &test_user()]).output().unwrap().stdout)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let test_uid: u32 =
+        String::from_utf8(Command::new("id").args(["-u", &test_user()]).output().unwrap().stdout)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
     // By default the folder is private: the other user cannot even reach the socket.
     let c = Connector::start(&profile, true);
     let open_up = |c: &Connector| {
@@ -223,10 +265,13 @@ fn another_os_user_is_refused_on_the_socket_and_on_loopback_tcp() {
     let e = as_test_user(&c.conninfo("alice")).unwrap_err();
     assert!(e.contains(".s.PGSQL.5432\" failed: Permission denied"), "{e}");
     // On loopback TCP anyone can connect(): the kernel's socket table names the user, refused.
-    let tcp = format!("host=127.0.0.1 port={} user=alice dbname=postgres sslmode=disable", c.tcp_port.unwrap());
+    let tcp =
+        format!("host=127.0.0.1 port={} user=alice dbname=postgres sslmode=disable", c.tcp_port.unwrap());
     let e = as_test_user(&tcp).unwrap_err();
     assert!(
-        e.ends_with(&format!("FATAL:  gprxy connect: connections from OS user {test_uid} are not allowed on this connector")),
+        e.ends_with(&format!(
+            "FATAL:  gprxy connect: connections from OS user {test_uid} are not allowed on this connector"
+        )),
         "{e}"
     );
     // The connector's own user gets in on both.
@@ -237,11 +282,16 @@ fn another_os_user_is_refused_on_the_socket_and_on_loopback_tcp() {
     open_up(&c);
     let e = as_test_user(&c.conninfo("alice")).unwrap_err();
     assert!(
-        e.ends_with(&format!("FATAL:  gprxy connect: connections from OS user {test_uid} are not allowed on this connector")),
+        e.ends_with(&format!(
+            "FATAL:  gprxy connect: connections from OS user {test_uid} are not allowed on this connector"
+        )),
         "{e}"
     );
     let refused = c.wait_events("connect_refused", 1);
-    assert_eq!((refused[0]["uid"].as_i64(), refused[0]["listener"].as_str()), (Some(i64::from(test_uid)), Some("unix")));
+    assert_eq!(
+        (refused[0]["uid"].as_i64(), refused[0]["listener"].as_str()),
+        (Some(i64::from(test_uid)), Some("unix"))
+    );
     assert_eq!(c.events("connect_login").len(), 0, "no token was used for the refused user");
     drop(c);
     let c = Connector::start(&format!("{profile}listen.allow_uids = [{test_uid}]\n"), false);
@@ -328,12 +378,118 @@ fn client_credentials_log_in_and_a_refused_secret_is_reported_without_the_secret
 }
 
 #[test]
+fn private_key_jwt_signs_a_fresh_assertion_for_each_token_request() {
+    let s = pg18(&[]);
+    let dir = private_dir();
+    let key = dir.path().join("client.key");
+    let public = dir.path().join("client.pub.der");
+    let openssl = |args: &[&str]| {
+        let out =
+            Command::new("openssl").args(args).output().expect("openssl (scripts/bootstrap.sh installs it)");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    openssl(&[
+        "genpkey",
+        "-algorithm",
+        "RSA",
+        "-pkeyopt",
+        "rsa_keygen_bits:2048",
+        "-out",
+        key.to_str().unwrap(),
+    ]);
+    openssl(&[
+        "rsa",
+        "-in",
+        key.to_str().unwrap(),
+        "-RSAPublicKey_out",
+        "-outform",
+        "DER",
+        "-out",
+        public.to_str().unwrap(),
+    ]);
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let t = s.token("pkj", 300);
+    s.idp.client_key("svc-key", std::fs::read(&public).unwrap(), &t, 300);
+    let profile = format!(
+        "{}token.source = \"client_credentials\"\ntoken.issuer = \"{}\"\ntoken.client_id = \"svc-key\"\ntoken.client_auth = \"private_key_jwt\"\ntoken.private_key_file = \"{}\"\ntoken.insecure_allow_http_loopback = true\n",
+        s.upstream(),
+        s.idp.issuer(),
+        key.display()
+    );
+    let config = write_config(dir.path(), &profile, &dir.path().join("s"), None);
+    let args = ["token", "--profile", "p", "--config", config.to_str().unwrap()];
+    // Two requests, two assertions: the issuer refuses a replayed `jti`, so both succeeding
+    // shows each was new.
+    for _ in 0..2 {
+        let (ok, out, err) = run_gprxy(&args, &[]);
+        assert!(ok, "{err}");
+        assert_eq!(out.trim(), t);
+    }
+    let c = Connector::start(&profile, false);
+    assert_eq!(psql(&c.conninfo("alice"), WHO).unwrap(), "alice|oauth:alice|alice|pkj");
+    // Another key is refused by the issuer.
+    let other = dir.path().join("other.key");
+    openssl(&[
+        "genpkey",
+        "-algorithm",
+        "RSA",
+        "-pkeyopt",
+        "rsa_keygen_bits:2048",
+        "-out",
+        other.to_str().unwrap(),
+    ]);
+    std::fs::set_permissions(&other, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let config = write_config(
+        dir.path(),
+        &profile.replace(key.to_str().unwrap(), other.to_str().unwrap()),
+        &dir.path().join("s"),
+        None,
+    );
+    let (ok, _, err) = run_gprxy(&["token", "--profile", "p", "--config", config.to_str().unwrap()], &[]);
+    assert!(!ok);
+    assert_eq!(err.trim(), "gprxy: profile p: token (client_credentials): the issuer refused the token request: invalid_client (HTTP 401)");
+}
+
+#[test]
+fn the_stored_device_login_is_a_source_and_is_refreshed_when_near_its_end() {
+    let s = pg18(&[]);
+    let dir = private_dir();
+    let (t1, t2) = (s.token("dev1", 30), s.token("dev2", 300));
+    // `gprxy login` against the test issuer (its device flow approves itself).
+    s.idp.hand_out_with_refresh("laptop", &t1, "refresh-1", 30);
+    s.idp.on_refresh("refresh-1", &t2, Some("refresh-2"), 300);
+    let env = [("GPRXY_CONFIG_DIR", dir.path().to_str().unwrap())];
+    let (ok, _, err) = run_gprxy(
+        &["login", "--issuer", &s.idp.issuer(), "--client-id", "laptop", "--insecure-allow-http-loopback"],
+        &env,
+    );
+    assert!(ok, "{err}");
+    let profile = format!("{}token.source = \"device\"\n", s.upstream());
+    let config = write_config(dir.path(), &profile, &dir.path().join("s"), None);
+    // 30 s left is inside the minute's margin: refreshed with the refresh token, and stored.
+    let (ok, out, err) = run_gprxy(&["token", "--profile", "p", "--config", config.to_str().unwrap()], &env);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), t2);
+    use std::os::unix::fs::PermissionsExt;
+    let creds = dir.path().join("credentials.json");
+    assert_eq!(std::fs::metadata(&creds).unwrap().permissions().mode() & 0o777, 0o600);
+    assert!(std::fs::read_to_string(&creds).unwrap().contains("refresh-2"));
+    let c = Connector::start_env(&profile, false, &env);
+    assert_eq!(psql(&c.conninfo("alice"), WHO).unwrap(), "alice|oauth:alice|alice|dev2");
+}
+
+#[test]
 fn an_exec_command_gives_the_token_and_a_failing_one_is_reported() {
     let s = pg18(&[]);
     let dir = private_dir();
     let file = dir.path().join("t");
     write_token_file(&file, &s.token("ex", 300));
-    let good = format!("{}token.source = \"exec\"\ntoken.command = [\"/bin/cat\", \"{}\"]\n", s.upstream(), file.display());
+    let good = format!(
+        "{}token.source = \"exec\"\ntoken.command = [\"/bin/cat\", \"{}\"]\n",
+        s.upstream(),
+        file.display()
+    );
     let c = Connector::start(&good, false);
     assert_eq!(psql(&c.conninfo("alice"), WHO).unwrap(), "alice|oauth:alice|alice|ex");
     drop(c);
@@ -369,12 +525,18 @@ fn a_github_actions_token_request_is_answered_by_a_local_stand_in() {
         "{}token.source = \"github_actions\"\ntoken.audience = \"https://github.com/acme\"\ntoken.insecure_allow_http_loopback = true\n",
         s.upstream()
     );
-    let env = [("ACTIONS_ID_TOKEN_REQUEST_URL", url.as_str()), ("ACTIONS_ID_TOKEN_REQUEST_TOKEN", "request-token-1")];
+    let env = [
+        ("ACTIONS_ID_TOKEN_REQUEST_URL", url.as_str()),
+        ("ACTIONS_ID_TOKEN_REQUEST_TOKEN", "request-token-1"),
+    ];
     let c = Connector::start_env(&profile, false, &env);
     assert_eq!(psql(&c.conninfo("alice"), WHO).unwrap(), "alice|oauth:alice|alice|gha");
     assert_eq!(
         seen.lock()[0],
-        ("/_apis/token?api-version=2.0&audience=https%3A%2F%2Fgithub.com%2Facme".to_owned(), Some("Bearer request-token-1".to_owned()))
+        (
+            "/_apis/token?api-version=2.0&audience=https%3A%2F%2Fgithub.com%2Facme".to_owned(),
+            Some("Bearer request-token-1".to_owned())
+        )
     );
     assert_no_secret(&c.log(), &[&t, "request-token-1"]);
     drop(c);
@@ -485,7 +647,12 @@ fn fallback_mode_on_15_logs_in_with_the_token_as_a_password_over_tls() {
     let config = write_config(dir.path(), &profile, &dir.path().join("s"), None);
     let (ok, out, err) = run_gprxy(&["connect", "--check", "--config", config.to_str().unwrap()], &[]);
     assert!(ok, "{err}");
-    assert!(out.contains("logged in as svc-batch to postgres (TLS verified for localhost, password); server version 15."), "{out}");
+    assert!(
+        out.contains(
+            "logged in as svc-batch to postgres (TLS verified for localhost, password); server version 15."
+        ),
+        "{out}"
+    );
 }
 
 #[test]
@@ -534,7 +701,10 @@ fn driver_world(life: i64) -> (Pg18, tempfile::TempDir, Connector, std::thread::
     let s = pg18(&["gprxy.session_policy = 'strict'"]);
     let dir = private_dir();
     let file = dir.path().join("token");
-    let c = Connector::start(&format!("{}token.source = \"file\"\ntoken.path = \"{}\"\n", s.upstream(), file.display()), true);
+    let c = Connector::start(
+        &format!("{}token.source = \"file\"\ntoken.path = \"{}\"\n", s.upstream(), file.display()),
+        true,
+    );
     write_token_file(&file, &s.token("first", life));
     let (log, second) = (c.dir().join("connect.log"), s.token("second", 300));
     let agent = std::thread::spawn(move || {
@@ -605,9 +775,8 @@ fn node_postgres_logs_in_through_the_socket_and_reconnects_after_the_sessions_en
     let (_s, dir, c, agent) = driver_world(6);
     let script = dir.path().join("driver.js");
     std::fs::write(&script, NODE_PG).unwrap();
-    let out = output(
-        Command::new("node").arg(&script).arg(&c.socket_dir).arg("5432").env("NODE_PATH", &modules),
-    );
+    let out =
+        output(Command::new("node").arg(&script).arg(&c.socket_dir).arg("5432").env("NODE_PATH", &modules));
     agent.join().unwrap();
     assert_eq!(out.unwrap(), "first|error event 28000|second");
 }
@@ -640,13 +809,7 @@ fn pgjdbc_logs_in_on_loopback_tcp_and_reconnects_after_the_sessions_end() {
     let (_s, dir, c, agent) = driver_world(12);
     let src = dir.path().join("ConnectDriver.java");
     std::fs::write(&src, JDBC).unwrap();
-    let out = output(
-        Command::new("java")
-            .arg("-cp")
-            .arg(jar)
-            .arg(&src)
-            .arg(c.tcp_port.unwrap().to_string()),
-    );
+    let out = output(Command::new("java").arg("-cp").arg(jar).arg(&src).arg(c.tcp_port.unwrap().to_string()));
     agent.join().unwrap();
     assert_eq!(out.unwrap(), "first|SQLException 28000|second");
 }

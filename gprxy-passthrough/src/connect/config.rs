@@ -274,15 +274,15 @@ pub struct ConnectConfig {
 impl ConnectConfig {
     /// Reads and checks the file.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
         Self::parse(&text).map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))
     }
 
     /// Checks the text of a file.
     pub fn parse(text: &str) -> anyhow::Result<Self> {
-        let file: FileConfig =
-            toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", gprxy_core::issuers::toml_error(text, &e)))?;
+        let file: FileConfig = toml::from_str(text)
+            .map_err(|e| anyhow::anyhow!("{}", gprxy_core::issuers::toml_error(text, &e)))?;
         if file.profile.is_empty() {
             bail!("no profile: add a [profile.NAME] table");
         }
@@ -418,7 +418,12 @@ fn check_profile(name: &str, p: FileProfile) -> anyhow::Result<Profile> {
         tls,
         refresh_margin_secs: p.refresh_margin_secs,
         connect_timeout: std::time::Duration::from_secs(p.connect_timeout_secs.max(1)),
-        listen: Listen { unix_dir, port: p.listen.port.unwrap_or(5432), tcp, allow_uids: p.listen.allow_uids },
+        listen: Listen {
+            unix_dir,
+            port: p.listen.port.unwrap_or(5432),
+            tcp,
+            allow_uids: p.listen.allow_uids,
+        },
         token: p.token,
     })
 }
@@ -483,7 +488,10 @@ token.client_secret_file = "/etc/gprxy/app.secret"
         let text = GOOD.replace("\"client_credentials\"", "\"s3cr3t-value\"");
         let e = ConnectConfig::parse(&text).unwrap_err().to_string();
         assert!(!e.contains("s3cr3t"), "{e}");
-        let text = GOOD.replace("token.client_secret_file = \"/etc/gprxy/app.secret\"", "token.client_secret = \"s3cr3t-value\"");
+        let text = GOOD.replace(
+            "token.client_secret_file = \"/etc/gprxy/app.secret\"",
+            "token.client_secret = \"s3cr3t-value\"",
+        );
         let e = ConnectConfig::parse(&text).unwrap_err().to_string();
         assert!(!e.contains("s3cr3t"), "{e}");
     }

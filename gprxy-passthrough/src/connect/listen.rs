@@ -61,7 +61,8 @@ pub fn bind_unix(listen: &Listen, own: u32) -> anyhow::Result<tokio::net::UnixLi
         }
         std::fs::remove_file(&path).with_context(|| format!("cannot remove the stale {}", path.display()))?;
     }
-    let listener = tokio::net::UnixListener::bind(&path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    let listener = tokio::net::UnixListener::bind(&path)
+        .with_context(|| format!("cannot listen on {}", path.display()))?;
     let sock_mode = if shared { 0o666 } else { 0o600 };
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(sock_mode))
         .with_context(|| format!("cannot chmod {}", path.display()))?;
@@ -180,7 +181,10 @@ mod tests {
             "00000000000000000000000001000000", "00000000000000000000000001000000"
         );
         if cfg!(target_endian = "little") {
-            assert_eq!(find_owner(&v6, "[::1]:54321".parse().unwrap(), "[::1]:5432".parse().unwrap()), Some(1002));
+            assert_eq!(
+                find_owner(&v6, "[::1]:54321".parse().unwrap(), "[::1]:5432".parse().unwrap()),
+                Some(1002)
+            );
         }
     }
 }

@@ -56,7 +56,9 @@ pub async fn run(profile: Profile) -> anyhow::Result<()> {
                 tokio::spawn(async move {
                     let mut s: crate::conn::BoxStream = Box::new(s);
                     match uid {
-                        Some(u) if allowed.permits(u) => session::handle(ctx, s, format!("unix uid {u}")).await,
+                        Some(u) if allowed.permits(u) => {
+                            session::handle(ctx, s, format!("unix uid {u}")).await
+                        }
                         _ => refuse(&mut s, uid, "unix").await,
                     }
                 });
@@ -81,7 +83,9 @@ pub async fn run(profile: Profile) -> anyhow::Result<()> {
                 let uid = ours.and_then(|o| listen::tcp_peer_uid(peer, o));
                 let mut s: crate::conn::BoxStream = Box::new(s);
                 match uid {
-                    Some(u) if allowed.permits(u) => session::handle(ctx, s, format!("tcp {peer} uid {u}")).await,
+                    Some(u) if allowed.permits(u) => {
+                        session::handle(ctx, s, format!("tcp {peer} uid {u}")).await
+                    }
                     _ => refuse(&mut s, uid, "tcp").await,
                 }
             });
@@ -102,10 +106,18 @@ pub async fn run(profile: Profile) -> anyhow::Result<()> {
 /// Refuses a connection from another OS user with an ErrorResponse.
 async fn refuse(s: &mut crate::conn::BoxStream, uid: Option<u32>, listener: &str) {
     let who = uid.map_or_else(|| "an unknown user".to_owned(), |u| format!("OS user {u}"));
-    warn!(event = "connect_refused", listener, uid = uid.map(i64::from).unwrap_or(-1), "connection from another OS user refused");
+    warn!(
+        event = "connect_refused",
+        listener,
+        uid = uid.map(i64::from).unwrap_or(-1),
+        "connection from another OS user refused"
+    );
     let message = format!("gprxy connect: connections from {who} are not allowed on this connector");
     let _ = s
-        .write_all(&BackendMessage::ErrorResponse { sqlstate: SqlState::INVALID_AUTHORIZATION, message: &message }.to_bytes())
+        .write_all(
+            &BackendMessage::ErrorResponse { sqlstate: SqlState::INVALID_AUTHORIZATION, message: &message }
+                .to_bytes(),
+        )
         .await;
     let _ = s.shutdown().await;
 }
@@ -116,9 +128,13 @@ pub async fn check(profile: Profile, out: &mut dyn std::io::Write) -> anyhow::Re
     let ctx = Ctx::new(profile)?;
     let p = &ctx.profile;
     let _ = writeln!(out, "profile {}: upstream {}, {}", p.name, p.upstream, listen::describe(&p.listen));
-    let (fetched, _) = ctx.tokens.get().await.map_err(|e| anyhow::anyhow!("token ({}): {e}", ctx.tokens.kind()))?;
+    let (fetched, _) =
+        ctx.tokens.get().await.map_err(|e| anyhow::anyhow!("token ({}): {e}", ctx.tokens.kind()))?;
     let who = gprxy_core::peek_unverified(fetched.token.expose());
-    let left = fetched.expires_at.map_or_else(|| "unknown expiry".to_owned(), |e| format!("expires in {} s", e - gprxy_core::unix_time()));
+    let left = fetched.expires_at.map_or_else(
+        || "unknown expiry".to_owned(),
+        |e| format!("expires in {} s", e - gprxy_core::unix_time()),
+    );
     let _ = writeln!(
         out,
         "token ({}): fingerprint {}, sub {}, iss {}, {left}",
@@ -139,12 +155,13 @@ pub async fn check(profile: Profile, out: &mut dyn std::io::Write) -> anyhow::Re
         Some(t) => format!("TLS verified for {}", t.server_name),
         None => "INSECURE plain TCP (tests only)".to_owned(),
     };
-    let mut logged = session::log_in(up, ctx.tls.is_some(), p.login, &params, &fetched.token).await.map_err(|e| {
-        if let session::LoginError::Server { .. } = e {
-            warn!("the server refused the token");
-        }
-        anyhow::anyhow!("login refused: {}", e.describe())
-    })?;
+    let mut logged =
+        session::log_in(up, ctx.tls.is_some(), p.login, &params, &fetched.token).await.map_err(|e| {
+            if let session::LoginError::Server { .. } = e {
+                warn!("the server refused the token");
+            }
+            anyhow::anyhow!("login refused: {}", e.describe())
+        })?;
     let _ = writeln!(
         out,
         "logged in as {user} to {} ({tls}, {}); server version {}",

@@ -107,7 +107,10 @@ pub async fn open(ctx: &Ctx) -> Result<BoxStream, LoginError> {
     let p = &ctx.profile;
     let unreachable = |e: String| {
         warn!(profile = %p.name, upstream = %p.upstream, error = %e, "cannot reach the server");
-        LoginError::Refused(SqlState::CONNECTION_FAILURE, "gprxy connect: cannot reach the database server".into())
+        LoginError::Refused(
+            SqlState::CONNECTION_FAILURE,
+            "gprxy connect: cannot reach the database server".into(),
+        )
     };
     let tcp = tokio::time::timeout(p.connect_timeout, TcpStream::connect(&p.upstream))
         .await
@@ -136,9 +139,13 @@ pub async fn log_in(
 ) -> Result<LoggedIn, LoginError> {
     let mut out = BytesMut::new();
     let pairs = params.iter().map(|(k, v)| (k.as_str(), v.as_str()));
-    frontend::startup_message(pairs, &mut out).map_err(|e| LoginError::refused(format!("gprxy connect: {e}")))?;
+    frontend::startup_message(pairs, &mut out)
+        .map_err(|e| LoginError::refused(format!("gprxy connect: {e}")))?;
     let io = |e: std::io::Error| {
-        LoginError::Refused(SqlState::CONNECTION_FAILURE, format!("gprxy connect: the server connection failed: {e}"))
+        LoginError::Refused(
+            SqlState::CONNECTION_FAILURE,
+            format!("gprxy connect: the server connection failed: {e}"),
+        )
     };
     up.write_all(&out).await.map_err(io)?;
     up.flush().await.map_err(io)?;
@@ -148,10 +155,17 @@ pub async fn log_in(
     let mut mechanism = "";
     let mut key = None;
     let mut server_version = None;
-    let bad = |e: proto::ProtoError| LoginError::Refused(SqlState::PROTOCOL_VIOLATION, format!("gprxy connect: the server broke the protocol: {e}"));
+    let bad = |e: proto::ProtoError| {
+        LoginError::Refused(
+            SqlState::PROTOCOL_VIOLATION,
+            format!("gprxy connect: the server broke the protocol: {e}"),
+        )
+    };
     loop {
         let m = loop {
-            if let Some(m) = proto::parse_message(&mut buf, proto::MAX_SERVER_AUTH_MESSAGE, "server message").map_err(bad)? {
+            if let Some(m) = proto::parse_message(&mut buf, proto::MAX_SERVER_AUTH_MESSAGE, "server message")
+                .map_err(bad)?
+            {
                 break m;
             }
             if up.read_buf(&mut buf).await.map_err(io)? == 0 {
@@ -313,7 +327,12 @@ async fn serve(ctx: Arc<Ctx>, client: &mut BoxStream) -> Result<(), ()> {
         Ok(Ok(_)) => return Err(()),
         Ok(Err(e)) => {
             let msg = format!("gprxy connect: {e}");
-            let _ = conn::send(client, &BackendMessage::ErrorResponse { sqlstate: SqlState::PROTOCOL_VIOLATION, message: &msg }.to_bytes()).await;
+            let _ = conn::send(
+                client,
+                &BackendMessage::ErrorResponse { sqlstate: SqlState::PROTOCOL_VIOLATION, message: &msg }
+                    .to_bytes(),
+            )
+            .await;
             warn!(event = "connect_login", outcome = "refused", error = %msg, "bad startup packet");
             return Err(());
         }
@@ -332,7 +351,12 @@ async fn serve(ctx: Arc<Ctx>, client: &mut BoxStream) -> Result<(), ()> {
         Err(e) => {
             let msg = format!("gprxy connect: no token for profile {}: {e}", ctx.profile.name);
             warn!(event = "connect_login", outcome = "no_token", source = ctx.tokens.kind(), %user, %database, error = %e, "no token");
-            let _ = conn::send(client, &BackendMessage::ErrorResponse { sqlstate: SqlState::CONNECTION_FAILURE, message: &msg }.to_bytes()).await;
+            let _ = conn::send(
+                client,
+                &BackendMessage::ErrorResponse { sqlstate: SqlState::CONNECTION_FAILURE, message: &msg }
+                    .to_bytes(),
+            )
+            .await;
             return Err(());
         }
     };
@@ -389,7 +413,12 @@ async fn serve(ctx: Arc<Ctx>, client: &mut BoxStream) -> Result<(), ()> {
 /// Forwards a cancel request whose key belongs to a live session of this connector.
 async fn forward_cancel(ctx: &Ctx, key: CancelKey) {
     if ctx.cancel_keys.get(&key).is_none() {
-        info!(event = "cancel", pid = key.0, outcome = "dropped", "cancel request with an unknown key dropped");
+        info!(
+            event = "cancel",
+            pid = key.0,
+            outcome = "dropped",
+            "cancel request with an unknown key dropped"
+        );
         return;
     }
     match open(ctx).await {

@@ -262,7 +262,8 @@ impl ClientCredentials {
         if let Some(e) = self.configured_endpoint.as_ref().or(self.endpoint.get()) {
             return Ok(e.clone());
         }
-        let (_, meta) = gprxy_core::issuer_metadata(fetcher, &self.issuer).map_err(TokenError::Unreachable)?;
+        let (_, meta) =
+            gprxy_core::issuer_metadata(fetcher, &self.issuer).map_err(TokenError::Unreachable)?;
         let endpoint = meta
             .get("token_endpoint")
             .and_then(Value::as_str)
@@ -321,7 +322,10 @@ impl ClientCredentials {
                     k.secret_pkcs8_der(),
                 )
                 .map_err(|_| bad("not a P-256 PKCS#8 key"))?;
-                pair.sign(&rng, input.as_bytes()).map_err(|_| TokenError::Assertion("signing failed".into()))?.as_ref().to_vec()
+                pair.sign(&rng, input.as_bytes())
+                    .map_err(|_| TokenError::Assertion("signing failed".into()))?
+                    .as_ref()
+                    .to_vec()
             }
             ("EdDSA", rustls::pki_types::PrivateKeyDer::Pkcs8(k)) => {
                 let pair = signature::Ed25519KeyPair::from_pkcs8(k.secret_pkcs8_der())
@@ -330,8 +334,12 @@ impl ClientCredentials {
             }
             ("RS256", key) => {
                 let pair = match key {
-                    rustls::pki_types::PrivateKeyDer::Pkcs8(k) => signature::RsaKeyPair::from_pkcs8(k.secret_pkcs8_der()),
-                    rustls::pki_types::PrivateKeyDer::Pkcs1(k) => signature::RsaKeyPair::from_der(k.secret_pkcs1_der()),
+                    rustls::pki_types::PrivateKeyDer::Pkcs8(k) => {
+                        signature::RsaKeyPair::from_pkcs8(k.secret_pkcs8_der())
+                    }
+                    rustls::pki_types::PrivateKeyDer::Pkcs1(k) => {
+                        signature::RsaKeyPair::from_der(k.secret_pkcs1_der())
+                    }
                     _ => return Err(bad("not an RSA key")),
                 }
                 .map_err(|_| bad("not a usable RSA key"))?;
@@ -367,7 +375,10 @@ impl TokenSource for ClientCredentials {
             }
             Credential::Key { file, alg } => {
                 form.push(("client_id", self.client_id.clone()));
-                form.push(("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer".into()));
+                form.push((
+                    "client_assertion_type",
+                    "urn:ietf:params:oauth:client-assertion-type:jwt-bearer".into(),
+                ));
                 form.push(("client_assertion", self.assertion(file, alg, &endpoint)?));
             }
         }
@@ -479,7 +490,10 @@ impl TokenSource for Exec {
                 Ok(None) => {
                     let _ = child.kill();
                     let _ = child.wait();
-                    return Err(fail(format!("did not finish within {} s and was killed", self.timeout.as_secs())));
+                    return Err(fail(format!(
+                        "did not finish within {} s and was killed",
+                        self.timeout.as_secs()
+                    )));
                 }
                 Err(e) => return Err(fail(format!("cannot be waited for: {e}"))),
             }
@@ -491,20 +505,24 @@ impl TokenSource for Exec {
             let text = String::from_utf8_lossy(&err);
             let last = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
             let last: String = last.chars().take(200).collect();
-            let how = status.code().map_or_else(|| "was killed by a signal".to_owned(), |c| format!("exited with status {c}"));
+            let how = status
+                .code()
+                .map_or_else(|| "was killed by a signal".to_owned(), |c| format!("exited with status {c}"));
             return Err(fail(if last.is_empty() { how } else { format!("{how}: {last}") }));
         }
         let text = String::from_utf8(out).map_err(|_| fail("printed something that is not UTF-8".into()))?;
         let trimmed = text.trim();
         if trimmed.starts_with('{') {
-            let v: Value = serde_json::from_str(trimmed).map_err(|_| fail("printed JSON that does not parse".into()))?;
+            let v: Value =
+                serde_json::from_str(trimmed).map_err(|_| fail("printed JSON that does not parse".into()))?;
             let token = v
                 .get("access_token")
                 .or_else(|| v.get("token"))
                 .or_else(|| v.pointer("/status/token"))
                 .and_then(Value::as_str)
                 .ok_or_else(|| fail("printed JSON without access_token, token or status.token".into()))?;
-            return checked(token, v.get("expires_in").and_then(Value::as_i64)).map_err(|e| fail(format!("printed {e}")));
+            return checked(token, v.get("expires_in").and_then(Value::as_i64))
+                .map_err(|e| fail(format!("printed {e}")));
         }
         checked(trimmed, None).map_err(|e| fail(format!("printed {e}")))
     }
@@ -533,7 +551,8 @@ impl TokenSource for GithubActions {
         let bearer = var("ACTIONS_ID_TOKEN_REQUEST_TOKEN")?;
         let sep = if url.contains('?') { '&' } else { '?' };
         let url = format!("{url}{sep}audience={}", percent(&self.audience));
-        let (status, body) = fetcher(&self.http)?.get_with_bearer(&url, &bearer).map_err(TokenError::Unreachable)?;
+        let (status, body) =
+            fetcher(&self.http)?.get_with_bearer(&url, &bearer).map_err(TokenError::Unreachable)?;
         token_answer(status, &body, "value")
     }
 
@@ -562,7 +581,11 @@ pub struct TokenCache {
 impl TokenCache {
     /// A cache in front of `source`.
     pub fn new(source: Arc<dyn TokenSource>, margin_secs: u64) -> Self {
-        Self { source, margin: i64::try_from(margin_secs).unwrap_or(i64::MAX), current: tokio::sync::Mutex::new(None) }
+        Self {
+            source,
+            margin: i64::try_from(margin_secs).unwrap_or(i64::MAX),
+            current: tokio::sync::Mutex::new(None),
+        }
     }
 
     /// The source's kind.
@@ -668,15 +691,23 @@ mod tests {
     fn a_token_debug_shows_only_its_fingerprint_and_answers_never_quote_a_description() {
         let t = Token("secret.token.value".into());
         assert!(!format!("{t:?}").contains("secret"));
-        let e = token_answer(401, br#"{"error":"invalid_client","error_description":"bad secret hunter2"}"#, "access_token")
-            .unwrap_err();
+        let e = token_answer(
+            401,
+            br#"{"error":"invalid_client","error_description":"bad secret hunter2"}"#,
+            "access_token",
+        )
+        .unwrap_err();
         assert_eq!(e.to_string(), "the issuer refused the token request: invalid_client (HTTP 401)");
     }
 
     #[test]
     fn a_failing_command_is_reported_with_its_status_and_last_error_line() {
         let exec = Exec {
-            command: vec!["/bin/sh".into(), "-c".into(), "echo not-a-token; echo 'vault: permission denied' >&2; exit 3".into()],
+            command: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "echo not-a-token; echo 'vault: permission denied' >&2; exit 3".into(),
+            ],
             timeout: Duration::from_secs(5),
         };
         assert_eq!(
@@ -684,7 +715,10 @@ mod tests {
             "the command /bin/sh exited with status 3: vault: permission denied"
         );
         let exec = Exec { command: vec!["/bin/sleep".into(), "5".into()], timeout: Duration::from_secs(1) };
-        assert_eq!(exec.fetch().unwrap_err().to_string(), "the command /bin/sleep did not finish within 1 s and was killed");
+        assert_eq!(
+            exec.fetch().unwrap_err().to_string(),
+            "the command /bin/sleep did not finish within 1 s and was killed"
+        );
     }
 
     #[test]
