@@ -119,6 +119,8 @@ pub enum TlsMode {
 /// Where a profile's token comes from.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "source", rename_all = "snake_case", deny_unknown_fields)]
+// Read once per profile at start: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum TokenSpec {
     /// The stored device-flow login of `gprxy login`, refreshed with its refresh token.
     Device {
