@@ -39,6 +39,7 @@ pub async fn run(profile: Profile) -> anyhow::Result<()> {
     info!(event = "listening", profile = %ctx.profile.name, socket = %socket_path.display(),
           tcp = %listen.tcp.map(|a| a.to_string()).unwrap_or_default(), upstream = %ctx.profile.upstream,
           source = ctx.tokens.kind(), "gprxy connect is ready");
+    let keeper = tokio::spawn(ctx.tokens.clone().keep_fresh());
     let unix_loop = {
         let (ctx, allowed) = (ctx.clone(), allowed.clone());
         async move {
@@ -98,6 +99,7 @@ pub async fn run(profile: Profile) -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+    keeper.abort();
     let _ = std::fs::remove_file(&socket_path);
     info!(event = "stopped", "gprxy connect stopped");
     Ok(())

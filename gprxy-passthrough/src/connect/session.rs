@@ -23,7 +23,7 @@ pub struct Ctx {
     /// The profile.
     pub profile: Profile,
     /// Its token.
-    pub tokens: TokenCache,
+    pub tokens: Arc<TokenCache>,
     /// TLS to the server (None: the insecure test mode).
     pub tls: Option<Arc<rustls::ClientConfig>>,
     /// Cancel keys of live sessions (a cancel request with any other key is dropped).
@@ -41,7 +41,7 @@ impl Ctx {
             None => None,
         };
         let source = super::token_source::from_spec(&profile.token);
-        let tokens = TokenCache::new(source, profile.refresh_margin_secs);
+        let tokens = Arc::new(TokenCache::new(source, profile.refresh_margin_secs));
         Ok(Self { profile, tokens, tls, cancel_keys: CancelKeys::default() })
     }
 }

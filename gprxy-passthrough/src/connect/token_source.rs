@@ -18,6 +18,9 @@ use serde_json::{Map, Value};
 use super::config::{ClientAuth, TokenSpec};
 use crate::user_login;
 
+/// A token this close to its `exp` is no longer offered when a refresh fails.
+const STILL_VALID_SECS: i64 = 5;
+
 /// Longest token accepted from any source (PostgreSQL's own limit on a bearer token).
 pub const MAX_TOKEN: usize = 65_535;
 
@@ -593,7 +596,8 @@ impl TokenCache {
         self.source.kind()
     }
 
-    /// A token good for a while yet, and whether it was fetched now.
+    /// A token good for a while yet, and whether it was fetched now. When a fetch fails while
+    /// the current token is still valid (inside the refresh margin), that token is used.
     pub async fn get(&self) -> Result<(Fetched, bool), TokenError> {
         // Held across the fetch: callers meanwhile wait for its token instead of fetching too.
         let mut current = self.current.lock().await;
@@ -606,18 +610,68 @@ impl TokenCache {
         let source = self.source.clone();
         let fetched = tokio::task::spawn_blocking(move || source.fetch())
             .await
-            .map_err(|e| TokenError::BadAnswer(format!("the fetch failed: {e}")))??;
-        *current = Some((fetched.clone(), now));
-        Ok((fetched, true))
+            .map_err(|e| TokenError::BadAnswer(format!("the fetch failed: {e}")))
+            .and_then(|r| r);
+        match fetched {
+            Ok(fetched) => {
+                *current = Some((fetched.clone(), now));
+                Ok((fetched, true))
+            }
+            Err(e) => match current.as_ref() {
+                Some((f, _))
+                    if f.expires_at.is_some_and(|exp| now + STILL_VALID_SECS < exp)
+                        && !self.source.changed() =>
+                {
+                    tracing::warn!(event = "token_refresh_failed", source = self.source.kind(), error = %e,
+                                   token_fp = %f.token.fingerprint(), "cannot refresh the token; the current one is still valid");
+                    Ok((f.clone(), false))
+                }
+                _ => Err(e),
+            },
+        }
     }
 
     fn fresh(&self, f: &Fetched, fetched_at: i64, now: i64) -> bool {
-        match f.expires_at {
-            // No expiry known: used for this one connection only.
-            None => false,
-            Some(exp) => {
-                let margin = self.margin.min((exp - fetched_at).max(0) / 2);
-                now < exp - margin
+        self.refresh_point(f, fetched_at).is_some_and(|at| now < at)
+    }
+
+    /// When a token fetched at `fetched_at` is to be replaced: `margin` before it expires, at most
+    /// half its remaining life then. None: no expiry known (used for one connection only).
+    fn refresh_point(&self, f: &Fetched, fetched_at: i64) -> Option<i64> {
+        f.expires_at.map(|exp| exp - self.margin.min((exp - fetched_at).max(0) / 2))
+    }
+
+    /// Refreshes the token ahead of time, for as long as it runs: once a connection has fetched
+    /// a token with a known expiry, a new one is fetched at its refresh point, so that
+    /// connections find a fresh token waiting. Failures are retried every ten seconds.
+    pub async fn keep_fresh(self: Arc<Self>) {
+        loop {
+            let point = {
+                let current = self.current.lock().await;
+                current.as_ref().and_then(|(f, at)| self.refresh_point(f, *at))
+            };
+            let now = gprxy_core::unix_time();
+            match point {
+                Some(at) if at > now => {
+                    tokio::time::sleep(Duration::from_secs(u64::try_from(at - now).unwrap_or(1).min(60)))
+                        .await;
+                }
+                Some(_) => match self.get().await {
+                    Ok((f, true)) => {
+                        tracing::info!(event = "token_refreshed", source = self.source.kind(),
+                                       token_fp = %f.token.fingerprint(), "token refreshed ahead of its end");
+                        // A source that gives a token already due (a stale file, a short-lived
+                        // token) is asked again after a pause, never in a loop.
+                        let due = self.refresh_point(&f, now).is_some_and(|at| at <= gprxy_core::unix_time());
+                        tokio::time::sleep(Duration::from_secs(if due { 10 } else { 1 })).await;
+                    }
+                    Ok((_, false)) => tokio::time::sleep(Duration::from_secs(1)).await,
+                    Err(e) => {
+                        tracing::warn!(event = "token_refresh_failed", source = self.source.kind(), error = %e, "cannot refresh the token");
+                        tokio::time::sleep(Duration::from_secs(10)).await;
+                    }
+                },
+                None => tokio::time::sleep(Duration::from_secs(1)).await,
             }
         }
     }
@@ -685,6 +739,22 @@ mod tests {
         cache.get().await.unwrap();
         cache.get().await.unwrap();
         assert_eq!(source.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn the_token_is_refreshed_ahead_of_its_end_without_a_connection_asking() {
+        // 6 s of life: refreshed 3 s after it was fetched.
+        let source = Arc::new(Counting { calls: AtomicUsize::new(0), lifetime: Some(6) });
+        let cache = Arc::new(TokenCache::new(source.clone(), 60));
+        let keeper = tokio::spawn(cache.clone().keep_fresh());
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(source.calls.load(Ordering::SeqCst), 0, "nothing is fetched before a connection asks");
+        assert_eq!(cache.get().await.unwrap().0.token.expose(), "t0");
+        tokio::time::sleep(Duration::from_millis(4000)).await;
+        assert_eq!(source.calls.load(Ordering::SeqCst), 2);
+        let (f, fetched) = cache.get().await.unwrap();
+        assert_eq!((f.token.expose(), fetched), ("t1", false));
+        keeper.abort();
     }
 
     #[test]
