@@ -30,10 +30,29 @@ impl Connector {
         let socket_dir = dir.path().join("sock");
         let tcp_port = tcp.then(crate::free_port);
         let path = write_config(dir.path(), profile, &socket_dir, tcp_port);
+        Self::spawn(dir, &path, "p", socket_dir, tcp_port, env)
+    }
+
+    /// Starts `gprxy connect --profile NAME` with a whole configuration file's `text`, whose
+    /// profile listens in `socket_dir`; `dir` (kept until drop) receives the log.
+    pub fn start_file(dir: tempfile::TempDir, text: &str, profile: &str, socket_dir: PathBuf) -> Self {
+        let path = dir.path().join("connect.toml");
+        std::fs::write(&path, text).expect("write config");
+        Self::spawn(dir, &path, profile, socket_dir, None, &[])
+    }
+
+    fn spawn(
+        dir: tempfile::TempDir,
+        config: &Path,
+        profile: &str,
+        socket_dir: PathBuf,
+        tcp_port: Option<u16>,
+        env: &[(&str, &str)],
+    ) -> Self {
         let log = std::fs::File::create(dir.path().join("connect.log")).expect("log file");
         let mut cmd = Command::new(gprxy_bin());
-        cmd.args(["connect", "--profile", "p", "--config"])
-            .arg(&path)
+        cmd.args(["connect", "--profile", profile, "--config"])
+            .arg(config)
             .env("GPRXY_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -50,7 +69,9 @@ impl Connector {
     fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if self.log().contains("\"event\":\"listening\"") {
+            // JSON or text logs (a configuration file without `[log] format = "json"`).
+            let log = self.log();
+            if log.contains("\"event\":\"listening\"") || log.contains("event=\"listening\"") {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));

@@ -164,6 +164,81 @@ fn psql_logs_in_to_postgres_18_through_the_socket_and_a_rotated_token_file_is_pi
     assert_no_secret(&(out + &err), &[&t2]);
 }
 
+/// The README's `gprxy connect` example, with its names swapped for the test's server, issuer
+/// and files: `--check` prints what the README shows, and psql logs in through the socket.
+#[test]
+fn the_readme_example_runs() {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md")).unwrap();
+    let section = &readme[readme.find("### `gprxy connect`").expect("the README's connect section")..];
+    let start = section.find("```toml\n").unwrap() + "```toml\n".len();
+    let example = &section[start..start + section[start..].find("```").unwrap()];
+    let key = TestKey::rsa("k1");
+    let idp = TestIssuer::start(&[&key]);
+    let certs = TestCerts::for_server();
+    let pg = validator_cluster(AUD)
+        .conf("ssl = on")
+        .conf(format!("ssl_cert_file = '{}'", certs.cert_path.display()))
+        .conf(format!("ssl_key_file = '{}'", certs.key_path.display()))
+        .hba(format!(
+            "hostssl all all 127.0.0.1/32 oauth issuer=\"{}\" scope=\"openid db:read\" map=m",
+            idp.issuer()
+        ))
+        .ident("m billing-batch alice")
+        .start();
+    pg.sql("CREATE ROLE alice LOGIN");
+    pg.sql("CREATE DATABASE app");
+    pg.try_sql_in("app", "CREATE EXTENSION gprxy_validator").unwrap();
+    let dir = private_dir();
+    let secret = dir.path().join("billing-batch.secret");
+    std::fs::write(&secret, "readme-secret-1\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut claims = idp.claims("billing-batch", AUD);
+    claims["jti"] = json!("readme");
+    let t = key.token(json!({"typ": "at+jwt"}), &claims);
+    idp.client_credentials("billing-batch", "readme-secret-1", &t, 300);
+    let socket_dir = dir.path().join("sock");
+    let text = example
+        .replace("db.example.com:5432", &format!("localhost:{}", pg.port()))
+        .replace("/etc/ssl/certs/db-ca.pem", certs.ca_path.to_str().unwrap())
+        .replace("/run/user/1000/gprxy/app", socket_dir.to_str().unwrap())
+        .replace("https://sso.example.com/realms/corp", &idp.issuer())
+        .replace("/etc/gprxy/billing-batch.secret", secret.to_str().unwrap())
+        + "token.insecure_allow_http_loopback = true\n";
+    let config = dir.path().join("readme.toml");
+    std::fs::write(&config, &text).unwrap();
+    let (ok, out, err) =
+        run_gprxy(&["connect", "--profile", "app", "--check", "--config", config.to_str().unwrap()], &[]);
+    assert!(ok, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines[0],
+        format!(
+            "profile app: upstream localhost:{}, unix socket {}/.s.PGSQL.5432",
+            pg.port(),
+            socket_dir.display()
+        )
+    );
+    assert!(
+        lines[1].starts_with(&format!(
+            "token (client_credentials): fingerprint {}, sub billing-batch, iss {}, expires in ",
+            gprxy_core::fingerprint(t.as_bytes()),
+            idp.issuer()
+        )),
+        "{out}"
+    );
+    assert!(
+        lines[2].starts_with(
+            "logged in as alice to app (TLS verified for localhost, OAUTHBEARER); server version 18."
+        ),
+        "{out}"
+    );
+    let c = Connector::start_file(dir, &text, "app", socket_dir.clone());
+    let out = psql(&format!("host={} port=5432 user=alice dbname=app", socket_dir.display()), WHO).unwrap();
+    assert_eq!(out, "alice|oauth:billing-batch|billing-batch|readme");
+    assert_no_secret(&c.log(), &[&t, "readme-secret-1"]);
+}
+
 #[test]
 fn a_server_certificate_that_does_not_verify_is_refused() {
     let s = pg18(&[]);
