@@ -174,7 +174,7 @@ fn main() -> anyhow::Result<ExitCode> {
                     }
                 });
             }
-            rt.block_on(connect::run(profile))?;
+            rt.block_on(connect::run(path, profile))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::ContextKey { file, generate } => {

@@ -79,6 +79,16 @@ impl Connector {
         panic!("gprxy connect did not start:\n{}", self.log());
     }
 
+    /// Sends `sig` (`HUP`, `TERM`, ...) to the connector.
+    pub fn signal(&self, sig: &str) {
+        let _ = Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status();
+    }
+
+    /// The configuration file.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("connect.toml")
+    }
+
     /// The folder of test files.
     pub fn dir(&self) -> &Path {
         self.dir.path()

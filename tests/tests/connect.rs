@@ -286,6 +286,70 @@ fn the_session_ends_at_the_tokens_end_and_the_next_connection_gets_a_new_token()
 }
 
 #[test]
+fn sighup_reads_the_profile_again_and_refuses_a_change_of_listener() {
+    let s = pg18(&[]);
+    let dir = private_dir();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    write_token_file(&a, &s.token("from-a", 300));
+    write_token_file(&b, &s.token("from-b", 300));
+    let c = Connector::start(
+        &format!("{}token.source = \"file\"\ntoken.path = \"{}\"\n", s.upstream(), a.display()),
+        false,
+    );
+    // A session open across the reload keeps working.
+    let mut open = psql_session(&c);
+    assert_eq!(psql(&c.conninfo("alice"), WHO).unwrap(), "alice|oauth:alice|alice|from-a");
+    let config = c.config_path();
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace(a.to_str().unwrap(), b.to_str().unwrap())).unwrap();
+    c.signal("HUP");
+    assert_eq!(c.wait_events("reload", 1)[0]["outcome"], "ok");
+    assert_eq!(psql(&c.conninfo("alice"), WHO).unwrap(), "alice|oauth:alice|alice|from-b");
+    // A broken file or a new listener is refused; the profile in force stays.
+    std::fs::write(&config, text.replace("[profile.p]", "[profile.p]\nlisten.tcp = \"127.0.0.1:1\""))
+        .unwrap();
+    c.signal("HUP");
+    let reloads = c.wait_events("reload", 2);
+    assert_eq!(reloads[1]["outcome"], "refused");
+    assert_eq!(
+        reloads[1]["error"],
+        "listen.unix_dir, listen.port and listen.tcp cannot change while running: restart gprxy connect"
+    );
+    std::fs::write(&config, text.replace("token.source", "token.sauce")).unwrap();
+    c.signal("HUP");
+    let reloads = c.wait_events("reload", 3);
+    assert_eq!(reloads[2]["outcome"], "refused");
+    assert!(reloads[2]["error"].as_str().unwrap().contains("(key token.sauce)"), "{}", reloads[2]);
+    assert_eq!(psql(&c.conninfo("alice"), WHO).unwrap(), "alice|oauth:alice|alice|from-b");
+    use std::io::Write;
+    writeln!(open.0, "SELECT gprxy.claim('jti');").unwrap();
+    drop(open.0);
+    let out = open.1.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "from-a",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A psql 15 session reading its SQL from stdin, logged in before this returns.
+fn psql_session(c: &Connector) -> (std::process::ChildStdin, std::process::Child) {
+    let before = c.events("connect_login").len();
+    let mut child = Command::new(PgVersion::V15.bin("psql"))
+        .args(["-X", "-A", "-t", "-q", "-f", "-", &c.conninfo("alice")])
+        .env_remove("PGPASSWORD")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdin = child.stdin.take().unwrap();
+    assert_eq!(c.wait_events("connect_login", before + 1).len(), before + 1, "psql did not log in");
+    (stdin, child)
+}
+
+#[test]
 fn a_cancel_request_reaches_the_server_through_the_connector() {
     let s = pg18(&[]);
     let dir = private_dir();

@@ -6,7 +6,6 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::Path;
 
 use anyhow::{bail, Context};
 
@@ -133,20 +132,13 @@ fn parse_addr(field: &str) -> Option<SocketAddr> {
     Some(SocketAddr::new(ip, port))
 }
 
-/// Whether a path is a socket this user may bind (for `--check`): its folder exists or can be
-/// made.
+/// The listeners, for `--check`.
 pub fn describe(listen: &Listen) -> String {
     let mut s = format!("unix socket {}", listen.socket_path().display());
     if let Some(t) = listen.tcp {
         s.push_str(&format!(", tcp {t} (loopback; same-user check through the kernel's socket table)"));
     }
     s
-}
-
-/// True when `p` exists and is a socket.
-pub fn is_socket(p: &Path) -> bool {
-    use std::os::unix::fs::FileTypeExt;
-    std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket())
 }
 
 #[cfg(test)]

@@ -24,11 +24,42 @@ use crate::proto::{BackendMessage, SqlState};
 use config::Profile;
 use session::Ctx;
 
-/// Runs the connector for one profile until SIGINT or SIGTERM.
-pub async fn run(profile: Profile) -> anyhow::Result<()> {
-    let ctx = Arc::new(Ctx::new(profile)?);
-    let listen = ctx.profile.listen.clone();
-    let allowed = listen::Allowed::new(&listen)?;
+/// What the accept loops read for each new connection; replaced on SIGHUP.
+struct Current {
+    ctx: Arc<Ctx>,
+    allowed: listen::Allowed,
+    keeper: tokio::task::JoinHandle<()>,
+}
+
+impl Current {
+    fn new(ctx: Ctx) -> anyhow::Result<Self> {
+        let allowed = listen::Allowed::new(&ctx.profile.listen)?;
+        let ctx = Arc::new(ctx);
+        let keeper = tokio::spawn(ctx.tokens.clone().keep_fresh());
+        Ok(Self { ctx, allowed, keeper })
+    }
+}
+
+/// Reads the profile again for SIGHUP. Listener settings cannot change while running (the
+/// sockets are bound): a file that changes them is refused, as is one that does not load.
+fn reload(path: &std::path::Path, name: &str, old: &Ctx) -> anyhow::Result<Ctx> {
+    let cfg = config::ConnectConfig::load(path)?;
+    let profile = cfg.profile(Some(name))?.clone();
+    let (a, b) = (&profile.listen, &old.profile.listen);
+    if (&a.unix_dir, a.port, a.tcp) != (&b.unix_dir, b.port, b.tcp) {
+        anyhow::bail!(
+            "listen.unix_dir, listen.port and listen.tcp cannot change while running: restart gprxy connect"
+        );
+    }
+    Ctx::new_sharing(profile, old)
+}
+
+/// Runs the connector for one profile of the file at `path` until SIGINT or SIGTERM; SIGHUP
+/// reads the profile again (new connections use it; sessions keep theirs).
+pub async fn run(path: std::path::PathBuf, profile: Profile) -> anyhow::Result<()> {
+    let name = profile.name.clone();
+    let listen = profile.listen.clone();
+    let current = Arc::new(parking_lot::RwLock::new(Current::new(Ctx::new(profile)?)?));
     let own = listen::own_uid()?;
     let unix = listen::bind_unix(&listen, own)?;
     let socket_path = listen.socket_path();
@@ -36,12 +67,14 @@ pub async fn run(profile: Profile) -> anyhow::Result<()> {
         Some(addr) => Some(listen::bind_tcp(addr).await?),
         None => None,
     };
-    info!(event = "listening", profile = %ctx.profile.name, socket = %socket_path.display(),
-          tcp = %listen.tcp.map(|a| a.to_string()).unwrap_or_default(), upstream = %ctx.profile.upstream,
-          source = ctx.tokens.kind(), "gprxy connect is ready");
-    let keeper = tokio::spawn(ctx.tokens.clone().keep_fresh());
+    {
+        let c = current.read();
+        info!(event = "listening", profile = %name, socket = %socket_path.display(),
+              tcp = %listen.tcp.map(|a| a.to_string()).unwrap_or_default(), upstream = %c.ctx.profile.upstream,
+              source = c.ctx.tokens.kind(), "gprxy connect is ready");
+    }
     let unix_loop = {
-        let (ctx, allowed) = (ctx.clone(), allowed.clone());
+        let current = current.clone();
         async move {
             loop {
                 let (s, _) = match unix.accept().await {
@@ -52,8 +85,10 @@ pub async fn run(profile: Profile) -> anyhow::Result<()> {
                     }
                 };
                 let uid = listen::unix_peer_uid(&s).ok();
-                let ctx = ctx.clone();
-                let allowed = allowed.clone();
+                let (ctx, allowed) = {
+                    let c = current.read();
+                    (c.ctx.clone(), c.allowed.clone())
+                };
                 tokio::spawn(async move {
                     let mut s: crate::conn::BoxStream = Box::new(s);
                     match uid {
@@ -66,40 +101,67 @@ pub async fn run(profile: Profile) -> anyhow::Result<()> {
             }
         }
     };
-    let tcp_loop = async move {
-        let Some(tcp) = tcp else { return std::future::pending::<()>().await };
-        loop {
-            let (s, peer) = match tcp.accept().await {
-                Ok(x) => x,
-                Err(e) => {
-                    crate::conn::accept_failed(&e).await;
-                    continue;
-                }
-            };
-            let ours = s.local_addr().ok();
-            let _ = s.set_nodelay(true);
-            let (ctx, allowed) = (ctx.clone(), allowed.clone());
-            tokio::spawn(async move {
-                // Read while the peer's socket is surely in the table: it has just connected.
-                let uid = ours.and_then(|o| listen::tcp_peer_uid(peer, o));
-                let mut s: crate::conn::BoxStream = Box::new(s);
-                match uid {
-                    Some(u) if allowed.permits(u) => {
-                        session::handle(ctx, s, format!("tcp {peer} uid {u}")).await
+    let tcp_loop = {
+        let current = current.clone();
+        async move {
+            let Some(tcp) = tcp else { return std::future::pending::<()>().await };
+            loop {
+                let (s, peer) = match tcp.accept().await {
+                    Ok(x) => x,
+                    Err(e) => {
+                        crate::conn::accept_failed(&e).await;
+                        continue;
                     }
-                    _ => refuse(&mut s, uid, "tcp").await,
+                };
+                let ours = s.local_addr().ok();
+                let _ = s.set_nodelay(true);
+                let (ctx, allowed) = {
+                    let c = current.read();
+                    (c.ctx.clone(), c.allowed.clone())
+                };
+                tokio::spawn(async move {
+                    // Read while the peer's socket is surely in the table: it has just connected.
+                    let uid = ours.and_then(|o| listen::tcp_peer_uid(peer, o));
+                    let mut s: crate::conn::BoxStream = Box::new(s);
+                    match uid {
+                        Some(u) if allowed.permits(u) => {
+                            session::handle(ctx, s, format!("tcp {peer} uid {u}")).await;
+                        }
+                        _ => refuse(&mut s, uid, "tcp").await,
+                    }
+                });
+            }
+        }
+    };
+    let reloads = {
+        let current = current.clone();
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        async move {
+            while hup.recv().await.is_some() {
+                let old = current.read().ctx.clone();
+                match reload(&path, &name, &old).and_then(Current::new) {
+                    Ok(new) => {
+                        info!(event = "reload", outcome = "ok", upstream = %new.ctx.profile.upstream,
+                              source = new.ctx.tokens.kind(), "profile reloaded");
+                        let old = std::mem::replace(&mut *current.write(), new);
+                        old.keeper.abort();
+                    }
+                    Err(e) => {
+                        warn!(event = "reload", outcome = "refused", error = %e, "reload refused; the profile in force stays")
+                    }
                 }
-            });
+            }
         }
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         () = unix_loop => {}
         () = tcp_loop => {}
+        () = reloads => {}
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
-    keeper.abort();
+    current.read().keeper.abort();
     let _ = std::fs::remove_file(&socket_path);
     info!(event = "stopped", "gprxy connect stopped");
     Ok(())

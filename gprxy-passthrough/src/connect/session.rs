@@ -26,13 +26,24 @@ pub struct Ctx {
     pub tokens: Arc<TokenCache>,
     /// TLS to the server (None: the insecure test mode).
     pub tls: Option<Arc<rustls::ClientConfig>>,
-    /// Cancel keys of live sessions (a cancel request with any other key is dropped).
-    pub cancel_keys: CancelKeys,
+    /// Cancel keys of live sessions (a cancel request with any other key is dropped); kept
+    /// across reloads.
+    pub cancel_keys: Arc<CancelKeys>,
 }
 
 impl Ctx {
     /// The shared state of `profile`.
     pub fn new(profile: Profile) -> anyhow::Result<Self> {
+        Self::build(profile, Arc::default())
+    }
+
+    /// The state of a reloaded `profile`: a new token cache (its source may have changed), the
+    /// live sessions' cancel keys kept.
+    pub fn new_sharing(profile: Profile, old: &Ctx) -> anyhow::Result<Self> {
+        Self::build(profile, old.cancel_keys.clone())
+    }
+
+    fn build(profile: Profile, cancel_keys: Arc<CancelKeys>) -> anyhow::Result<Self> {
         let tls = match &profile.tls {
             Some(t) => Some(crate::tls::client_config(
                 &t.ca_file,
@@ -42,7 +53,7 @@ impl Ctx {
         };
         let source = super::token_source::from_spec(&profile.token);
         let tokens = Arc::new(TokenCache::new(source, profile.refresh_margin_secs));
-        Ok(Self { profile, tokens, tls, cancel_keys: CancelKeys::default() })
+        Ok(Self { profile, tokens, tls, cancel_keys })
     }
 }
 
@@ -344,7 +355,6 @@ async fn serve(ctx: Arc<Ctx>, client: &mut BoxStream) -> Result<(), ()> {
     let params = upstream_params(&ctx.profile, &startup);
     let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()).unwrap_or_default();
     let (user, database) = (param("user"), param("database"));
-    let refuse = |e: LoginError| e;
     let started = std::time::Instant::now();
     let (fetched, fresh) = match ctx.tokens.get().await {
         Ok(t) => t,
@@ -363,7 +373,7 @@ async fn serve(ctx: Arc<Ctx>, client: &mut BoxStream) -> Result<(), ()> {
     let token = fetched.token;
     let who = gprxy_core::peek_unverified(token.expose());
     let result = match open(&ctx).await {
-        Ok(up) => log_in(up, ctx.tls.is_some(), ctx.profile.login, &params, &token).await.map_err(refuse),
+        Ok(up) => log_in(up, ctx.tls.is_some(), ctx.profile.login, &params, &token).await,
         Err(e) => Err(e),
     };
     let mut up = match result {
