@@ -34,7 +34,7 @@ APT_PACKAGES=(
   pgbouncer curl ca-certificates xz-utils bzip2 python3 openssl libkrb5-dev
   python3-psycopg python3-prometheus-client
   # gprxy connect's driver tests: pgJDBC and a JDK to run it (node and npm: see below)
-  libpostgresql-jdbc-java openjdk-17-jdk-headless
+  libpostgresql-jdbc-java openjdk-17-jdk-headless python3-pip
   # make package (dpkg-deb, dpkg-shlibdeps), its install test (adduser, systemd-analyze) and the
   # scale-out test's load balancer
   dpkg-dev adduser systemd haproxy
@@ -91,6 +91,16 @@ if ! cmp -s "$ROOT/tests/node/package-lock.json" "$NODE_DIR/package-lock.json" 2
   mkdir -p "$NODE_DIR"
   cp "$ROOT/tests/node/package.json" "$ROOT/tests/node/package-lock.json" "$NODE_DIR/"
   (cd "$NODE_DIR" && npm ci --no-audit --no-fund --ignore-scripts >/dev/null)
+fi
+
+step "asyncpg for the connector's driver tests into $CACHE/python"
+# Pinned with its hash by tests/python/requirements.txt, for Debian's python3.
+ASYNCPG_DIR="$CACHE/python/asyncpg-0.32.0"
+if [ ! -f "$ASYNCPG_DIR/asyncpg/__init__.py" ]; then
+  rm -rf "$ASYNCPG_DIR.tmp"
+  /usr/bin/python3 -m pip install --disable-pip-version-check --no-cache-dir --require-hashes \
+    --target "$ASYNCPG_DIR.tmp" -r "$ROOT/tests/python/requirements.txt" >/dev/null
+  mv "$ASYNCPG_DIR.tmp" "$ASYNCPG_DIR"
 fi
 
 step "cargo-fuzz"

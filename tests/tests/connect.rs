@@ -2,7 +2,8 @@
 //! in upstream with a token from the profile's source. Upstream is PostgreSQL 18 with
 //! gprxy_validator and no proxy in front (OAUTHBEARER), or PostgreSQL 15 through gprxy's
 //! fallback mode (the token as a password). Real clients: psql 15, psycopg 3, node-postgres,
-//! pgJDBC; the session's end at the token's end and each driver's reconnect with a new token.
+//! pgJDBC, asyncpg; the session's end at the token's end and each driver's reconnect with a new
+//! token.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -887,6 +888,45 @@ fn psycopg_3_logs_in_through_the_socket_and_reconnects_after_the_sessions_end() 
     let (head, tail) = out.split_once(" at ").unwrap_or_else(|| panic!("{out}"));
     assert_eq!(head, "first|OperationalError None consuming input failed: gprxy: the access token expired");
     assert!(tail.ends_with("Z; log in again|second"), "{out}");
+}
+
+const ASYNCPG: &str = r#"
+import asyncio, sys
+import asyncpg
+async def main(host):
+    conn = await asyncpg.connect(host=host, port=5432, user="alice", database="postgres")
+    first = await conn.fetchval("SELECT gprxy.claim('jti')")
+    err = "no error"
+    for _ in range(150):
+        try:
+            await conn.fetchval("SELECT 1")
+        except Exception as e:
+            err = f"{type(e).__name__} {getattr(e, 'sqlstate', None)} {str(e).strip()}"
+            break
+        await asyncio.sleep(0.2)
+    conn2 = await asyncpg.connect(host=host, port=5432, user="alice", database="postgres")
+    second = await conn2.fetchval("SELECT gprxy.claim('jti')")
+    await conn2.close()
+    print(f"{first}|{err}|{second}")
+asyncio.run(main(sys.argv[1]))
+"#;
+
+#[test]
+fn asyncpg_logs_in_through_the_socket_and_reconnects_after_the_sessions_end() {
+    let site = gprxy_tests::cache_dir().join("python").join("asyncpg-0.32.0");
+    assert!(
+        site.join("asyncpg").join("__init__.py").exists(),
+        "asyncpg is not installed at {}: run scripts/bootstrap.sh (make test does)",
+        site.display()
+    );
+    let (_s, dir, c, agent) = driver_world(6);
+    let script = dir.path().join("driver_asyncpg.py");
+    std::fs::write(&script, ASYNCPG).unwrap();
+    let out =
+        output(Command::new("/usr/bin/python3").arg(&script).arg(&c.socket_dir).env("PYTHONPATH", &site));
+    agent.join().unwrap();
+    // asyncpg drops the server's FATAL: only that the connection is closed.
+    assert_eq!(out.unwrap(), "first|InterfaceError None connection is closed|second");
 }
 
 const NODE_PG: &str = r#"
