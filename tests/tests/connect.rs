@@ -478,9 +478,13 @@ fn client_credentials_log_in_and_a_refused_secret_is_reported_without_the_secret
             s.idp.issuer(),
             secret.display()
         );
-        let c = Connector::start(&profile, false);
+        // Logged at the most verbose level, with every library's events: still no secret.
+        let c = Connector::start_env(&profile, false, &[("GPRXY_LOG", "trace")]);
         assert_eq!(psql(&c.conninfo("alice"), WHO).unwrap(), "alice|oauth:alice|alice|cc", "{auth}");
-        assert_no_secret(&c.log(), &[&t, "right-secret-9f3k"]);
+        assert!(c.log().contains("TRACE"), "the log is not at trace level");
+        use base64::Engine as _;
+        let basic = base64::engine::general_purpose::STANDARD.encode("svc:right-secret-9f3k");
+        assert_no_secret(&c.log(), &[&t, "right-secret-9f3k", &basic]);
     }
     // The issuer refuses a wrong secret: the application and `gprxy token` are told why.
     std::fs::write(&secret, "wrong-secret-7a1b\n").unwrap();
