@@ -79,6 +79,11 @@ impl Connector {
         panic!("gprxy connect did not start:\n{}", self.log());
     }
 
+    /// The connector's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends `sig` (`HUP`, `TERM`, ...) to the connector.
     pub fn signal(&self, sig: &str) {
         let _ = Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status();

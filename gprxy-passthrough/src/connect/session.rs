@@ -442,3 +442,127 @@ async fn forward_cancel(ctx: &Ctx, key: CancelKey) {
         Err(e) => warn!(event = "cancel", pid = key.0, error = %e.describe(), "cancel request not forwarded"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conn::duplex::{next, pair};
+
+    fn params() -> Vec<(String, String)> {
+        vec![("user".into(), "alice".into()), ("database".into(), "app".into())]
+    }
+
+    fn token() -> Token {
+        super::super::token_source::tests_token("h.p.s")
+    }
+
+    /// The server under test: reads the startup packet, then plays `script` (what to send, and
+    /// whether to read one message after it); returns the messages it read.
+    async fn server(mut s: BoxStream, script: Vec<(BytesMut, bool)>) -> Vec<proto::Message> {
+        let mut buf = BytesMut::new();
+        // The startup packet has no tag: read its length, then the rest.
+        while buf.len() < 4 {
+            s.read_buf(&mut buf).await.unwrap();
+        }
+        let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+        while buf.len() < len {
+            s.read_buf(&mut buf).await.unwrap();
+        }
+        let _ = buf.split_to(len);
+        let mut got = Vec::new();
+        for (send, read) in script {
+            conn::send(&mut s, &send).await.unwrap();
+            if read {
+                got.push(next(&mut s, &mut buf).await);
+            }
+        }
+        got
+    }
+
+    fn done() -> BytesMut {
+        let mut b = BackendMessage::AuthenticationOk.to_bytes();
+        BackendMessage::BackendKeyData { pid: 7, secret: b"k3y!" }.encode(&mut b);
+        BackendMessage::ReadyForQuery(b'I').encode(&mut b);
+        b
+    }
+
+    #[tokio::test]
+    async fn oauthbearer_sends_the_token_and_hands_the_server_s_answer_to_the_application() {
+        let (ours, theirs) = pair();
+        let offer = BackendMessage::AuthenticationSasl(&["OAUTHBEARER".to_owned()]).to_bytes();
+        let fake = tokio::spawn(server(theirs, vec![(offer, true), (done(), false)]));
+        let up = log_in(ours, true, LoginMethod::Auto, &params(), &token()).await.unwrap();
+        let got = fake.await.unwrap();
+        let (mech, data) = proto::parse_sasl_initial(&got[0]).unwrap();
+        assert_eq!(
+            (mech.as_str(), data.as_deref()),
+            ("OAUTHBEARER", Some(&b"n,,\x01auth=Bearer h.p.s\x01\x01"[..]))
+        );
+        assert_eq!((up.mechanism, up.key), ("OAUTHBEARER", Some((7, b"k3y!".to_vec()))));
+        assert_eq!(up.to_client, done());
+    }
+
+    #[tokio::test]
+    async fn a_refused_token_is_acknowledged_and_the_server_s_error_is_kept_for_the_application() {
+        let (ours, theirs) = pair();
+        let offer = BackendMessage::AuthenticationSasl(&["OAUTHBEARER".to_owned()]).to_bytes();
+        let challenge =
+            BackendMessage::AuthenticationSaslContinue(br#"{"status":"invalid_token"}"#).to_bytes();
+        let refusal = BackendMessage::ErrorResponse {
+            sqlstate: SqlState::INVALID_AUTHORIZATION,
+            message: "OAuth bearer authentication failed",
+        }
+        .to_bytes();
+        let fake =
+            tokio::spawn(server(theirs, vec![(offer, true), (challenge, true), (refusal.clone(), false)]));
+        let Err(LoginError::Server { raw, sqlstate, message }) =
+            log_in(ours, true, LoginMethod::Auto, &params(), &token()).await
+        else {
+            panic!("not refused")
+        };
+        let got = fake.await.unwrap();
+        assert_eq!(got[1].body(), b"\x01", "the error challenge is acknowledged (RFC 7628 3.2.3)");
+        assert_eq!(
+            (raw, sqlstate.as_str(), message.as_str()),
+            (refusal, "28000", "OAuth bearer authentication failed")
+        );
+    }
+
+    #[tokio::test]
+    async fn other_methods_and_a_password_without_tls_are_refused_without_sending_the_token() {
+        for (ask, tls, method, expected) in [
+            (
+                BackendMessage::AuthenticationSasl(&["SCRAM-SHA-256".to_owned()]).to_bytes(),
+                true,
+                LoginMethod::Auto,
+                "gprxy connect: the server offers SCRAM-SHA-256 for this user, not OAUTHBEARER",
+            ),
+            (
+                proto::frame(b'R', &[0, 0, 0, 5, 1, 2, 3, 4]),
+                true,
+                LoginMethod::Auto,
+                "gprxy connect: the server asks for an MD5 password; this profile logs in only with a token (OAUTHBEARER or the token as a password)",
+            ),
+            (
+                BackendMessage::AuthenticationCleartextPassword.to_bytes(),
+                false,
+                LoginMethod::Auto,
+                "gprxy connect: the server asks for the token as a password over a connection without TLS; refused",
+            ),
+            (
+                BackendMessage::AuthenticationCleartextPassword.to_bytes(),
+                true,
+                LoginMethod::Oauthbearer,
+                "gprxy connect: the server asks for a password; this profile logs in only with a token (OAUTHBEARER)",
+            ),
+        ] {
+            let (ours, theirs) = pair();
+            let fake = tokio::spawn(server(theirs, vec![(ask, false)]));
+            match log_in(ours, tls, method, &params(), &token()).await {
+                Err(LoginError::Refused(s, m)) => assert_eq!((s.code(), m.as_str()), ("28000", expected)),
+                other => panic!("{expected}: {:?}", other.err()),
+            }
+            fake.await.unwrap();
+        }
+    }
+}

@@ -685,6 +685,12 @@ impl TokenCache {
     }
 }
 
+/// A token for other modules' tests.
+#[cfg(test)]
+pub fn tests_token(t: &str) -> Token {
+    Token(t.to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
