@@ -157,9 +157,10 @@ fn psql_logs_in_to_postgres_18_through_the_socket_and_a_rotated_token_file_is_pi
         .unwrap_or_else(|| panic!("{out}"));
     assert!((290..=300).contains(&left), "{out}");
     assert!(
-        lines[2].starts_with(
-            "logged in as alice to postgres (TLS verified for localhost, OAUTHBEARER); server version 18."
-        ),
+        lines[2].starts_with(&format!(
+            "logged in as alice to postgres on 127.0.0.1:{} (TLS verified for localhost, OAUTHBEARER); server version 18.",
+            s.pg.port()
+        )),
         "{out}"
     );
     assert_no_secret(&(out + &err), &[&t2]);
@@ -229,15 +230,40 @@ fn the_readme_example_runs() {
         "{out}"
     );
     assert!(
-        lines[2].starts_with(
-            "logged in as alice to app (TLS verified for localhost, OAUTHBEARER); server version 18."
-        ),
+        lines[2].starts_with(&format!(
+            "logged in as alice to app on localhost:{} (TLS verified for localhost, OAUTHBEARER); server version 18.",
+            pg.port()
+        )),
         "{out}"
     );
     let c = Connector::start_file(dir, &text, "app", socket_dir.clone());
     let out = psql(&format!("host={} port=5432 user=alice dbname=app", socket_dir.display()), WHO).unwrap();
     assert_eq!(out, "alice|oauth:billing-batch|billing-batch|readme");
     assert_no_secret(&c.log(), &[&t, "readme-secret-1"]);
+}
+
+#[test]
+fn several_upstreams_are_tried_in_order() {
+    let s = pg18(&[]);
+    let dir = private_dir();
+    let file = dir.path().join("token");
+    write_token_file(&file, &s.token("j1", 300));
+    let dead = gprxy_tests::free_port();
+    let profile = format!(
+        "upstream = [\"127.0.0.1:{dead}\", \"127.0.0.1:{}\"]\ntls.ca_file = \"{}\"\ntls.server_name = \"localhost\"\ntoken.source = \"file\"\ntoken.path = \"{}\"\n",
+        s.pg.port(),
+        s.certs.ca_path.display(),
+        file.display()
+    );
+    let c = Connector::start(&profile, false);
+    assert_eq!(psql(&c.conninfo("alice"), WHO).unwrap(), "alice|oauth:alice|alice|j1");
+    let login = &c.wait_events("connect_login", 1)[0];
+    assert_eq!(login["upstream"], format!("127.0.0.1:{}", s.pg.port()));
+    assert!(
+        c.log().contains(&format!("\"upstream\":\"127.0.0.1:{dead}\"")),
+        "the first upstream was tried: {}",
+        c.log()
+    );
 }
 
 #[test]
@@ -792,9 +818,10 @@ fn fallback_mode_on_15_logs_in_with_the_token_as_a_password_over_tls() {
     let (ok, out, err) = run_gprxy(&["connect", "--check", "--config", config.to_str().unwrap()], &[]);
     assert!(ok, "{err}");
     assert!(
-        out.contains(
-            "logged in as svc-batch to postgres (TLS verified for localhost, password); server version 15."
-        ),
+        out.contains(&format!(
+            "logged in as svc-batch to postgres on 127.0.0.1:{} (TLS verified for localhost, password); server version 15.",
+            f.proxy.port
+        )),
         "{out}"
     );
 }

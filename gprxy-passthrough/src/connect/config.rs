@@ -36,7 +36,7 @@ struct FileLog {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileProfile {
-    upstream: String,
+    upstream: OneOrMany,
     #[serde(default)]
     user: Option<String>,
     #[serde(default)]
@@ -52,6 +52,14 @@ struct FileProfile {
     #[serde(default)]
     listen: FileListen,
     token: TokenSpec,
+}
+
+/// One `host:port` or a list of them.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
 }
 
 fn default_margin() -> u64 {
@@ -213,8 +221,8 @@ pub enum ClientAuth {
 pub struct Tls {
     /// CA file the server's certificate must chain to.
     pub ca_file: PathBuf,
-    /// The name the certificate must carry.
-    pub server_name: String,
+    /// The name the certificate must carry (default: the host of the upstream being reached).
+    pub server_name: Option<String>,
     /// Client certificate and key (libpq's sslcert/sslkey).
     pub client_cert: Option<(PathBuf, PathBuf)>,
 }
@@ -244,7 +252,9 @@ impl Listen {
 pub struct Profile {
     /// Its name.
     pub name: String,
-    /// The server, `host:port`.
+    /// The servers, `host:port`, tried in order for each connection until one answers.
+    pub upstreams: Vec<String>,
+    /// The servers as one line, for logs.
     pub upstream: String,
     /// Default user when the application names none.
     pub user: Option<String>,
@@ -324,13 +334,18 @@ fn check_profile(name: &str, p: FileProfile) -> anyhow::Result<Profile> {
     if !valid_name(name) {
         bail!("a profile name is letters, digits, '-' and '_' (at most 64)");
     }
-    let Some((host, port)) = p.upstream.rsplit_once(':') else {
-        bail!("upstream: not host:port");
+    let upstreams = match p.upstream {
+        OneOrMany::One(u) => vec![u],
+        OneOrMany::Many(v) => v,
     };
-    if host.is_empty() || port.parse::<u16>().is_err() {
-        bail!("upstream: not host:port");
+    if upstreams.is_empty() || upstreams.len() > 16 {
+        bail!("upstream: one to 16 servers, each \"host:port\"");
     }
-    let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+    for u in &upstreams {
+        if host_of(u).is_none() {
+            bail!("upstream: not host:port");
+        }
+    }
     let tls = match p.tls.mode {
         TlsMode::VerifyFull => {
             let ca_file = p.tls.ca_file.context(
@@ -341,7 +356,7 @@ fn check_profile(name: &str, p: FileProfile) -> anyhow::Result<Profile> {
                 (None, None) => None,
                 _ => bail!("tls.cert and tls.key: give both or neither"),
             };
-            Some(Tls { ca_file, server_name: p.tls.server_name.unwrap_or(host), client_cert })
+            Some(Tls { ca_file, server_name: p.tls.server_name, client_cert })
         }
         TlsMode::InsecurePlainForTests => {
             if p.tls.ca_file.is_some() || p.tls.cert.is_some() || p.tls.key.is_some() {
@@ -413,7 +428,8 @@ fn check_profile(name: &str, p: FileProfile) -> anyhow::Result<Profile> {
     }
     Ok(Profile {
         name: name.to_owned(),
-        upstream: p.upstream,
+        upstream: upstreams.join(", "),
+        upstreams,
         user: p.user,
         database: p.database,
         login: p.login,
@@ -428,6 +444,13 @@ fn check_profile(name: &str, p: FileProfile) -> anyhow::Result<Profile> {
         },
         token: p.token,
     })
+}
+
+/// The host of `host:port` (brackets of an IPv6 literal removed); None when it is not that.
+pub fn host_of(upstream: &str) -> Option<&str> {
+    let (host, port) = upstream.rsplit_once(':')?;
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    (!host.is_empty() && port.parse::<u16>().is_ok()).then_some(host)
 }
 
 /// `$XDG_RUNTIME_DIR/gprxy/<profile>`, else `<config dir>/run/<profile>`.
@@ -461,8 +484,8 @@ token.client_secret_file = "/etc/gprxy/app.secret"
         let c = ConnectConfig::parse(GOOD).unwrap();
         let p = c.profile(None).unwrap();
         assert_eq!(p.user.as_deref(), Some("alice"));
-        let tls = p.tls.as_ref().unwrap();
-        assert_eq!(tls.server_name, "db.example.com");
+        assert!(p.tls.as_ref().unwrap().server_name.is_none());
+        assert_eq!(p.upstreams, ["db.example.com:5432"]);
         assert_eq!(p.listen.tcp, Some("127.0.0.1:6543".parse().unwrap()));
         assert_eq!(p.listen.socket_path(), PathBuf::from("/run/user/1000/gprxy/app/.s.PGSQL.5432"));
         assert!(matches!(

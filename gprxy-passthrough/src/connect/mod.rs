@@ -214,9 +214,13 @@ pub async fn check(profile: Profile, out: &mut dyn std::io::Write) -> anyhow::Re
     if let Some(d) = &database {
         params.push(("database".to_owned(), d.clone()));
     }
-    let up = session::open(&ctx).await.map_err(|e| anyhow::anyhow!("{}", e.describe()))?;
+    let (up, i) = session::open(&ctx).await.map_err(|e| anyhow::anyhow!("{}", e.describe()))?;
+    let upstream = &p.upstreams[i];
     let tls = match &p.tls {
-        Some(t) => format!("TLS verified for {}", t.server_name),
+        Some(t) => format!(
+            "TLS verified for {}",
+            t.server_name.as_deref().or_else(|| config::host_of(upstream)).unwrap_or_default()
+        ),
         None => "INSECURE plain TCP (tests only)".to_owned(),
     };
     let mut logged =
@@ -228,7 +232,7 @@ pub async fn check(profile: Profile, out: &mut dyn std::io::Write) -> anyhow::Re
         })?;
     let _ = writeln!(
         out,
-        "logged in as {user} to {} ({tls}, {}); server version {}",
+        "logged in as {user} to {} on {upstream} ({tls}, {}); server version {}",
         database.as_deref().unwrap_or(&user),
         logged.mechanism,
         logged.server_version.as_deref().unwrap_or("unknown")

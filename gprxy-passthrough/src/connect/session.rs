@@ -15,8 +15,11 @@ use tracing::{info, warn};
 
 use super::config::{LoginMethod, Profile};
 use super::token_source::{Token, TokenCache};
-use crate::conn::{self, BoxStream, CancelKey, CancelKeys};
+use crate::conn::{self, BoxStream, CancelKey};
 use crate::proto::{self, auth, BackendMessage, FirstPacket, SqlState, Startup};
+
+/// Live sessions' cancel keys → the index of their upstream.
+pub type CancelKeys = parking_lot::Mutex<std::collections::HashMap<CancelKey, usize>>;
 
 /// What every connection of one profile shares.
 pub struct Ctx {
@@ -26,8 +29,8 @@ pub struct Ctx {
     pub tokens: Arc<TokenCache>,
     /// TLS to the server (None: the insecure test mode).
     pub tls: Option<Arc<rustls::ClientConfig>>,
-    /// Cancel keys of live sessions (a cancel request with any other key is dropped); kept
-    /// across reloads.
+    /// Cancel keys of live sessions and the upstream each is on (a cancel request with any
+    /// other key is dropped); kept across reloads.
     pub cancel_keys: Arc<CancelKeys>,
 }
 
@@ -113,29 +116,45 @@ pub struct LoggedIn {
     pub server_version: Option<String>,
 }
 
-/// Opens a server connection (TLS unless the insecure test mode).
-pub async fn open(ctx: &Ctx) -> Result<BoxStream, LoginError> {
+/// Opens a server connection (TLS unless the insecure test mode): the profile's upstreams in
+/// order until one answers. Returns the stream and which upstream it is.
+pub async fn open(ctx: &Ctx) -> Result<(BoxStream, usize), LoginError> {
+    for i in 0..ctx.profile.upstreams.len() {
+        if let Ok(s) = open_one(ctx, i).await {
+            return Ok((s, i));
+        }
+    }
+    Err(LoginError::Refused(
+        SqlState::CONNECTION_FAILURE,
+        "gprxy connect: cannot reach the database server".into(),
+    ))
+}
+
+/// Opens a connection to upstream `i`, logging why not.
+pub async fn open_one(ctx: &Ctx, i: usize) -> Result<BoxStream, ()> {
     let p = &ctx.profile;
+    let upstream = &p.upstreams[i];
     let unreachable = |e: String| {
-        warn!(profile = %p.name, upstream = %p.upstream, error = %e, "cannot reach the server");
-        LoginError::Refused(
-            SqlState::CONNECTION_FAILURE,
-            "gprxy connect: cannot reach the database server".into(),
-        )
+        warn!(profile = %p.name, upstream = %upstream, error = %e, "cannot reach the server");
     };
-    let tcp = tokio::time::timeout(p.connect_timeout, TcpStream::connect(&p.upstream))
-        .await
-        .map_err(|_| unreachable("connect timed out".into()))?
-        .map_err(|e| unreachable(e.to_string()))?;
+    let tcp = match tokio::time::timeout(p.connect_timeout, TcpStream::connect(upstream)).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => return Err(unreachable(e.to_string())),
+        Err(_) => return Err(unreachable("connect timed out".into())),
+    };
     let _ = tcp.set_nodelay(true);
     match (&ctx.tls, &p.tls) {
-        (Some(cfg), Some(t)) => tokio::time::timeout(
-            p.connect_timeout,
-            crate::upstream::start_tls(tcp, cfg.clone(), &t.server_name),
-        )
-        .await
-        .map_err(|_| unreachable("TLS handshake timed out".into()))?
-        .map_err(unreachable),
+        (Some(cfg), Some(t)) => {
+            let name =
+                t.server_name.as_deref().or_else(|| super::config::host_of(upstream)).unwrap_or_default();
+            match tokio::time::timeout(p.connect_timeout, crate::upstream::start_tls(tcp, cfg.clone(), name))
+                .await
+            {
+                Ok(Ok(s)) => Ok(s),
+                Ok(Err(e)) => Err(unreachable(e)),
+                Err(_) => Err(unreachable("TLS handshake timed out".into())),
+            }
+        }
         _ => Ok(Box::new(tcp)),
     }
 }
@@ -372,8 +391,12 @@ async fn serve(ctx: Arc<Ctx>, client: &mut BoxStream) -> Result<(), ()> {
     };
     let token = fetched.token;
     let who = gprxy_core::peek_unverified(token.expose());
+    let mut upstream_index = 0;
     let result = match open(&ctx).await {
-        Ok(up) => log_in(up, ctx.tls.is_some(), ctx.profile.login, &params, &token).await,
+        Ok((up, i)) => {
+            upstream_index = i;
+            log_in(up, ctx.tls.is_some(), ctx.profile.login, &params, &token).await
+        }
         Err(e) => Err(e),
     };
     let mut up = match result {
@@ -393,10 +416,10 @@ async fn serve(ctx: Arc<Ctx>, client: &mut BoxStream) -> Result<(), ()> {
         }
     };
     if let Some(k) = &up.key {
-        ctx.cancel_keys.insert(k.clone(), k.clone());
+        ctx.cancel_keys.lock().insert(k.clone(), upstream_index);
     }
     info!(event = "connect_login", outcome = "ok", source = ctx.tokens.kind(), %user, %database,
-          mechanism = up.mechanism, token_fp = %token.fingerprint(), fetched = fresh,
+          upstream = %ctx.profile.upstreams[upstream_index], mechanism = up.mechanism, token_fp = %token.fingerprint(), fetched = fresh,
           sub = who.sub.as_deref().unwrap_or(""), iss = who.iss.as_deref().unwrap_or(""),
           tls = ctx.tls.is_some(), ms = started.elapsed().as_secs_f64() * 1e3, "logged in");
     drop(token);
@@ -414,15 +437,16 @@ async fn serve(ctx: Arc<Ctx>, client: &mut BoxStream) -> Result<(), ()> {
     }
     .await;
     if let Some(k) = &up.key {
-        ctx.cancel_keys.remove(k);
+        ctx.cancel_keys.lock().remove(k);
     }
     info!(event = "connect_end", %user, %database, error = relayed.err().map(|e| e.to_string()).unwrap_or_default(), "session ended");
     Ok(())
 }
 
-/// Forwards a cancel request whose key belongs to a live session of this connector.
+/// Forwards a cancel request whose key belongs to a live session of this connector, to that
+/// session's upstream.
 async fn forward_cancel(ctx: &Ctx, key: CancelKey) {
-    if ctx.cancel_keys.get(&key).is_none() {
+    let Some(i) = ctx.cancel_keys.lock().get(&key).copied() else {
         info!(
             event = "cancel",
             pid = key.0,
@@ -430,8 +454,8 @@ async fn forward_cancel(ctx: &Ctx, key: CancelKey) {
             "cancel request with an unknown key dropped"
         );
         return;
-    }
-    match open(ctx).await {
+    };
+    match open_one(ctx, i).await {
         Ok(mut up) => {
             let _ = up.write_all(&proto::encode_cancel(key.0, &key.1)).await;
             let _ = up.flush().await;
@@ -439,7 +463,7 @@ async fn forward_cancel(ctx: &Ctx, key: CancelKey) {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), up.read(&mut sink)).await;
             info!(event = "cancel", pid = key.0, outcome = "forwarded", "cancel request forwarded");
         }
-        Err(e) => warn!(event = "cancel", pid = key.0, error = %e.describe(), "cancel request not forwarded"),
+        Err(()) => warn!(event = "cancel", pid = key.0, "cancel request not forwarded"),
     }
 }
 
