@@ -152,7 +152,7 @@ fn main() {
     let rounds = env_usize("BENCH_ROUNDS", 300);
     let (mut direct, mut through) = (Vec::new(), Vec::new());
     for i in 0..rounds {
-        let mut time = |f: &dyn Fn(), into: &mut Vec<f64>| {
+        let time = |f: &dyn Fn(), into: &mut Vec<f64>| {
             let t = Instant::now();
             f();
             into.push(t.elapsed().as_secs_f64() * 1e3);

@@ -117,11 +117,13 @@ pub struct LoggedIn {
 }
 
 /// Opens a server connection (TLS unless the insecure test mode): the profile's upstreams in
-/// order until one answers. Returns the stream and which upstream it is.
+/// order until one answers, each failure logged. Returns the stream and which upstream it is.
 pub async fn open(ctx: &Ctx) -> Result<(BoxStream, usize), LoginError> {
-    for i in 0..ctx.profile.upstreams.len() {
-        if let Ok(s) = open_one(ctx, i).await {
-            return Ok((s, i));
+    let p = &ctx.profile;
+    for (i, upstream) in p.upstreams.iter().enumerate() {
+        match open_one(ctx, i).await {
+            Ok(s) => return Ok((s, i)),
+            Err(e) => warn!(profile = %p.name, upstream = %upstream, error = %e, "cannot reach the server"),
         }
     }
     Err(LoginError::Refused(
@@ -130,17 +132,14 @@ pub async fn open(ctx: &Ctx) -> Result<(BoxStream, usize), LoginError> {
     ))
 }
 
-/// Opens a connection to upstream `i`, logging why not.
-pub async fn open_one(ctx: &Ctx, i: usize) -> Result<BoxStream, ()> {
+/// Opens a connection to upstream `i`; the error says what failed, for the log.
+pub async fn open_one(ctx: &Ctx, i: usize) -> Result<BoxStream, String> {
     let p = &ctx.profile;
     let upstream = &p.upstreams[i];
-    let unreachable = |e: String| {
-        warn!(profile = %p.name, upstream = %upstream, error = %e, "cannot reach the server");
-    };
     let tcp = match tokio::time::timeout(p.connect_timeout, TcpStream::connect(upstream)).await {
         Ok(Ok(t)) => t,
-        Ok(Err(e)) => return Err(unreachable(e.to_string())),
-        Err(_) => return Err(unreachable("connect timed out".into())),
+        Ok(Err(e)) => return Err(e.to_string()),
+        Err(_) => return Err("connect timed out".into()),
     };
     let _ = tcp.set_nodelay(true);
     match (&ctx.tls, &p.tls) {
@@ -150,9 +149,8 @@ pub async fn open_one(ctx: &Ctx, i: usize) -> Result<BoxStream, ()> {
             match tokio::time::timeout(p.connect_timeout, crate::upstream::start_tls(tcp, cfg.clone(), name))
                 .await
             {
-                Ok(Ok(s)) => Ok(s),
-                Ok(Err(e)) => Err(unreachable(e)),
-                Err(_) => Err(unreachable("TLS handshake timed out".into())),
+                Ok(r) => r,
+                Err(_) => Err("TLS handshake timed out".into()),
             }
         }
         _ => Ok(Box::new(tcp)),
@@ -463,7 +461,7 @@ async fn forward_cancel(ctx: &Ctx, key: CancelKey) {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), up.read(&mut sink)).await;
             info!(event = "cancel", pid = key.0, outcome = "forwarded", "cancel request forwarded");
         }
-        Err(()) => warn!(event = "cancel", pid = key.0, "cancel request not forwarded"),
+        Err(e) => warn!(event = "cancel", pid = key.0, error = %e, "cancel request not forwarded"),
     }
 }
 
