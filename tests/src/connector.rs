@@ -146,6 +146,16 @@ impl Drop for Connector {
     }
 }
 
+/// `GET /metrics` from a connector's `listen.metrics` port.
+pub fn get_metrics(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics listener");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").expect("request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("answer");
+    out
+}
+
 /// Writes the profiles file for profile `p`; returns its path.
 pub fn write_config(dir: &Path, profile: &str, socket_dir: &Path, tcp_port: Option<u16>) -> PathBuf {
     let mut text = format!(

@@ -103,8 +103,13 @@ fn psql_logs_in_to_postgres_18_through_the_socket_and_a_rotated_token_file_is_pi
     let file = dir.path().join("token");
     let (t1, t2) = (s.token("j1", 300), s.token("j2", 300));
     write_token_file(&file, &t1);
+    let metrics_port = gprxy_tests::free_port();
     let c = Connector::start(
-        &format!("{}token.source = \"file\"\ntoken.path = \"{}\"\n", s.upstream(), file.display()),
+        &format!(
+            "{}token.source = \"file\"\ntoken.path = \"{}\"\nlisten.metrics = \"127.0.0.1:{metrics_port}\"\n",
+            s.upstream(),
+            file.display()
+        ),
         false,
     );
     // The socket is in a private folder, and only this user may use it.
@@ -134,6 +139,15 @@ fn psql_logs_in_to_postgres_18_through_the_socket_and_a_rotated_token_file_is_pi
         (Some("alice"), Some("OAUTHBEARER"), Some(true))
     );
     assert_no_secret(&c.log(), &[&t1, &t2]);
+    let m = gprxy_tests::connector::get_metrics(metrics_port);
+    for line in [
+        "gprxy_connect_logins_total{mechanism=\"OAUTHBEARER\",outcome=\"success\"} 3\n",
+        "gprxy_connect_token_fetches_total{source=\"file\",outcome=\"success\"} 2\n",
+        "gprxy_connect_sessions_active 0\n",
+    ] {
+        assert!(m.contains(line), "{line} not in:\n{m}");
+    }
+    assert_no_secret(&m, &[&t1, &t2]);
     // --check fetches and logs in once, printing what it did and no token.
     let config = write_config(
         dir.path(),
@@ -340,7 +354,7 @@ fn sighup_reads_the_profile_again_and_refuses_a_change_of_listener() {
     assert_eq!(reloads[1]["outcome"], "refused");
     assert_eq!(
         reloads[1]["error"],
-        "listen.unix_dir, listen.port and listen.tcp cannot change while running: restart gprxy connect"
+        "listen.unix_dir, listen.port, listen.tcp and listen.metrics cannot change while running: restart gprxy connect"
     );
     std::fs::write(&config, text.replace("token.source", "token.sauce")).unwrap();
     c.signal("HUP");

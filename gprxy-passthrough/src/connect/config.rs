@@ -95,6 +95,8 @@ struct FileListen {
     #[serde(default)]
     tcp: Option<String>,
     #[serde(default)]
+    metrics: Option<String>,
+    #[serde(default)]
     allow_uids: Vec<u32>,
 }
 
@@ -236,6 +238,8 @@ pub struct Listen {
     pub port: u16,
     /// A TCP listener on loopback, when asked for.
     pub tcp: Option<SocketAddr>,
+    /// `/metrics` and `/healthz` on loopback, when asked for.
+    pub metrics: Option<SocketAddr>,
     /// Other OS users that may connect (the connector's own user always may).
     pub allow_uids: Vec<u32>,
 }
@@ -365,19 +369,17 @@ fn check_profile(name: &str, p: FileProfile) -> anyhow::Result<Profile> {
             None
         }
     };
-    let tcp = match p.listen.tcp {
-        None => None,
-        Some(t) => {
-            let addr: SocketAddr =
-                t.parse().map_err(|_| anyhow::anyhow!("listen.tcp: not an address like 127.0.0.1:6432"))?;
-            if !addr.ip().is_loopback() {
-                bail!(
-                    "listen.tcp: {addr} is not a loopback address; gprxy connect listens only on 127.0.0.1 or ::1"
-                );
-            }
-            Some(addr)
+    let loopback = |key: &str, value: Option<String>| -> anyhow::Result<Option<SocketAddr>> {
+        let Some(t) = value else { return Ok(None) };
+        let addr: SocketAddr =
+            t.parse().map_err(|_| anyhow::anyhow!("{key}: not an address like 127.0.0.1:6432"))?;
+        if !addr.ip().is_loopback() {
+            bail!("{key}: {addr} is not a loopback address; gprxy connect listens only on 127.0.0.1 or ::1");
         }
+        Ok(Some(addr))
     };
+    let tcp = loopback("listen.tcp", p.listen.tcp)?;
+    let metrics = loopback("listen.metrics", p.listen.metrics)?;
     let unix_dir = p.listen.unix_dir.unwrap_or_else(|| default_socket_dir(name));
     if !unix_dir.is_absolute() {
         bail!("listen.unix_dir: must be an absolute path");
@@ -440,6 +442,7 @@ fn check_profile(name: &str, p: FileProfile) -> anyhow::Result<Profile> {
             unix_dir,
             port: p.listen.port.unwrap_or(5432),
             tcp,
+            metrics,
             allow_uids: p.listen.allow_uids,
         },
         token: p.token,
@@ -500,6 +503,15 @@ token.client_secret_file = "/etc/gprxy/app.secret"
         assert_eq!(
             ConnectConfig::parse(&text).unwrap_err().to_string(),
             "profile \"app\": listen.tcp: 0.0.0.0:6543 is not a loopback address; gprxy connect listens only on 127.0.0.1 or ::1"
+        );
+    }
+
+    #[test]
+    fn the_metrics_listener_is_loopback_only_too() {
+        let text = GOOD.replace("listen.tcp = \"127.0.0.1:6543\"", "listen.metrics = \"0.0.0.0:9187\"");
+        assert_eq!(
+            ConnectConfig::parse(&text).unwrap_err().to_string(),
+            "profile \"app\": listen.metrics: 0.0.0.0:9187 is not a loopback address; gprxy connect listens only on 127.0.0.1 or ::1"
         );
     }
 

@@ -80,7 +80,7 @@ pub fn unix_peer_uid(s: &tokio::net::UnixStream) -> std::io::Result<u32> {
 /// too; checked again here, where it matters).
 pub async fn bind_tcp(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
     if !addr.ip().is_loopback() {
-        bail!("listen.tcp: {addr} is not a loopback address; gprxy connect listens only on 127.0.0.1 or ::1");
+        bail!("{addr} is not a loopback address; gprxy connect listens only on 127.0.0.1 or ::1");
     }
     tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))
 }

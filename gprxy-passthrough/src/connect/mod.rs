@@ -8,10 +8,12 @@
 //! - [`listen`]: who may connect (peer credentials on the Unix socket, the kernel's socket
 //!   table on loopback TCP);
 //! - [`token_source`]: the token sources and the per-profile cache;
-//! - [`config`]: the profiles file.
+//! - [`config`]: the profiles file; [`metrics`]: what `/metrics` shows (served by
+//!   [`crate::admin`]).
 
 pub mod config;
 pub mod listen;
+pub mod metrics;
 pub mod session;
 pub mod token_source;
 
@@ -46,9 +48,9 @@ fn reload(path: &std::path::Path, name: &str, old: &Ctx) -> anyhow::Result<Ctx> 
     let cfg = config::ConnectConfig::load(path)?;
     let profile = cfg.profile(Some(name))?.clone();
     let (a, b) = (&profile.listen, &old.profile.listen);
-    if (&a.unix_dir, a.port, a.tcp) != (&b.unix_dir, b.port, b.tcp) {
+    if (&a.unix_dir, a.port, a.tcp, a.metrics) != (&b.unix_dir, b.port, b.tcp, b.metrics) {
         anyhow::bail!(
-            "listen.unix_dir, listen.port and listen.tcp cannot change while running: restart gprxy connect"
+            "listen.unix_dir, listen.port, listen.tcp and listen.metrics cannot change while running: restart gprxy connect"
         );
     }
     Ctx::new_sharing(profile, old)
@@ -67,6 +69,10 @@ pub async fn run(path: std::path::PathBuf, profile: Profile) -> anyhow::Result<(
         Some(addr) => Some(listen::bind_tcp(addr).await?),
         None => None,
     };
+    if let Some(addr) = listen.metrics {
+        let l = listen::bind_tcp(addr).await?;
+        tokio::spawn(crate::admin::serve(l, current.read().ctx.metrics.clone()));
+    }
     {
         let c = current.read();
         info!(event = "listening", profile = %name, socket = %socket_path.display(),
@@ -95,7 +101,13 @@ pub async fn run(path: std::path::PathBuf, profile: Profile) -> anyhow::Result<(
                         Some(u) if allowed.permits(u) => {
                             session::handle(ctx, s, format!("unix uid {u}")).await
                         }
-                        _ => refuse(&mut s, uid, "unix").await,
+                        _ => {
+                            ctx.metrics
+                                .refused_peers
+                                .get_or_create(&metrics::ListenerLabels { listener: "unix" })
+                                .inc();
+                            refuse(&mut s, uid, "unix").await;
+                        }
                     }
                 });
             }
@@ -127,7 +139,13 @@ pub async fn run(path: std::path::PathBuf, profile: Profile) -> anyhow::Result<(
                         Some(u) if allowed.permits(u) => {
                             session::handle(ctx, s, format!("tcp {peer} uid {u}")).await;
                         }
-                        _ => refuse(&mut s, uid, "tcp").await,
+                        _ => {
+                            ctx.metrics
+                                .refused_peers
+                                .get_or_create(&metrics::ListenerLabels { listener: "tcp" })
+                                .inc();
+                            refuse(&mut s, uid, "tcp").await;
+                        }
                     }
                 });
             }

@@ -32,21 +32,27 @@ pub struct Ctx {
     /// Cancel keys of live sessions and the upstream each is on (a cancel request with any
     /// other key is dropped); kept across reloads.
     pub cancel_keys: Arc<CancelKeys>,
+    /// Metrics; kept across reloads.
+    pub metrics: Arc<super::metrics::Metrics>,
 }
 
 impl Ctx {
     /// The shared state of `profile`.
     pub fn new(profile: Profile) -> anyhow::Result<Self> {
-        Self::build(profile, Arc::default())
+        Self::build(profile, Arc::default(), Arc::default())
     }
 
     /// The state of a reloaded `profile`: a new token cache (its source may have changed), the
     /// live sessions' cancel keys kept.
     pub fn new_sharing(profile: Profile, old: &Ctx) -> anyhow::Result<Self> {
-        Self::build(profile, old.cancel_keys.clone())
+        Self::build(profile, old.cancel_keys.clone(), old.metrics.clone())
     }
 
-    fn build(profile: Profile, cancel_keys: Arc<CancelKeys>) -> anyhow::Result<Self> {
+    fn build(
+        profile: Profile,
+        cancel_keys: Arc<CancelKeys>,
+        metrics: Arc<super::metrics::Metrics>,
+    ) -> anyhow::Result<Self> {
         let tls = match &profile.tls {
             Some(t) => Some(crate::tls::client_config(
                 &t.ca_file,
@@ -55,8 +61,8 @@ impl Ctx {
             None => None,
         };
         let source = super::token_source::from_spec(&profile.token);
-        let tokens = Arc::new(TokenCache::new(source, profile.refresh_margin_secs));
-        Ok(Self { profile, tokens, tls, cancel_keys })
+        let tokens = Arc::new(TokenCache::new(source, profile.refresh_margin_secs).counted(metrics.clone()));
+        Ok(Self { profile, tokens, tls, cancel_keys, metrics })
     }
 }
 
@@ -377,6 +383,7 @@ async fn serve(ctx: Arc<Ctx>, client: &mut BoxStream) -> Result<(), ()> {
         Ok(t) => t,
         Err(e) => {
             let msg = format!("gprxy connect: no token for profile {}: {e}", ctx.profile.name);
+            ctx.metrics.login("none", "no_token");
             warn!(event = "connect_login", outcome = "no_token", source = ctx.tokens.kind(), %user, %database, error = %e, "no token");
             let _ = conn::send(
                 client,
@@ -400,6 +407,11 @@ async fn serve(ctx: Arc<Ctx>, client: &mut BoxStream) -> Result<(), ()> {
     let mut up = match result {
         Ok(up) => up,
         Err(e) => {
+            let outcome = match &e {
+                LoginError::Refused(s, _) if *s == SqlState::CONNECTION_FAILURE => "unreachable",
+                _ => "refused",
+            };
+            ctx.metrics.login("none", outcome);
             if let LoginError::Server { sqlstate, .. } = &e {
                 if sqlstate == SqlState::INVALID_AUTHORIZATION.code() {
                     // Refused (expired, revoked): the next connection fetches a new one.
@@ -416,6 +428,9 @@ async fn serve(ctx: Arc<Ctx>, client: &mut BoxStream) -> Result<(), ()> {
     if let Some(k) = &up.key {
         ctx.cancel_keys.lock().insert(k.clone(), upstream_index);
     }
+    ctx.metrics.login(up.mechanism, "success");
+    ctx.metrics.login_duration.observe(started.elapsed().as_secs_f64());
+    ctx.metrics.sessions.inc();
     info!(event = "connect_login", outcome = "ok", source = ctx.tokens.kind(), %user, %database,
           upstream = %ctx.profile.upstreams[upstream_index], mechanism = up.mechanism, token_fp = %token.fingerprint(), fetched = fresh,
           sub = who.sub.as_deref().unwrap_or(""), iss = who.iss.as_deref().unwrap_or(""),
@@ -430,10 +445,11 @@ async fn serve(ctx: Arc<Ctx>, client: &mut BoxStream) -> Result<(), ()> {
         if !buf.is_empty() {
             up.stream.write_all(&buf).await?;
         }
-        let (a, b) = (Default::default(), Default::default());
+        let (a, b) = ctx.metrics.relayed_bytes();
         crate::relay::copy_both_ways(client, &mut up.stream, a, b).await
     }
     .await;
+    ctx.metrics.sessions.dec();
     if let Some(k) = &up.key {
         ctx.cancel_keys.lock().remove(k);
     }

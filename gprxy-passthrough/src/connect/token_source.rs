@@ -579,6 +579,7 @@ pub struct TokenCache {
     source: Arc<dyn TokenSource>,
     margin: i64,
     current: tokio::sync::Mutex<Option<(Fetched, i64)>>,
+    metrics: Option<Arc<super::metrics::Metrics>>,
 }
 
 impl TokenCache {
@@ -588,7 +589,14 @@ impl TokenCache {
             source,
             margin: i64::try_from(margin_secs).unwrap_or(i64::MAX),
             current: tokio::sync::Mutex::new(None),
+            metrics: None,
         }
+    }
+
+    /// The same, counting its fetches in `metrics`.
+    pub fn counted(mut self, metrics: Arc<super::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// The source's kind.
@@ -612,6 +620,12 @@ impl TokenCache {
             .await
             .map_err(|e| TokenError::BadAnswer(format!("the fetch failed: {e}")))
             .and_then(|r| r);
+        if let Some(m) = &self.metrics {
+            let outcome = if fetched.is_ok() { "success" } else { "failure" };
+            m.token_fetches
+                .get_or_create(&super::metrics::FetchLabels { source: self.source.kind(), outcome })
+                .inc();
+        }
         match fetched {
             Ok(fetched) => {
                 *current = Some((fetched.clone(), now));
