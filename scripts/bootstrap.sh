@@ -98,7 +98,7 @@ step "asyncpg for the connector's driver tests into $CACHE/python"
 ASYNCPG_DIR="$CACHE/python/asyncpg-0.32.0"
 if [ ! -f "$ASYNCPG_DIR/asyncpg/__init__.py" ]; then
   rm -rf "$ASYNCPG_DIR.tmp"
-  /usr/bin/python3 -m pip install --disable-pip-version-check --no-cache-dir --require-hashes \
+  /usr/bin/python3 -m pip install --disable-pip-version-check --no-cache-dir --require-hashes --root-user-action=ignore \
     --target "$ASYNCPG_DIR.tmp" -r "$ROOT/tests/python/requirements.txt" >/dev/null
   mv "$ASYNCPG_DIR.tmp" "$ASYNCPG_DIR"
 fi
