@@ -284,3 +284,44 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod socket_folder {
+    use super::*;
+
+    fn listen(dir: &std::path::Path) -> Listen {
+        Listen { unix_dir: dir.join("run"), port: 5432, tcp: None, metrics: None, allow_uids: Vec::new() }
+    }
+
+    #[tokio::test]
+    async fn a_live_socket_is_refused_a_stale_one_replaced_and_the_folder_made_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = listen(dir.path());
+        let own = own_uid().unwrap();
+        let first = bind_unix(&l, own).unwrap();
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!((mode(&l.unix_dir), mode(&l.socket_path())), (0o700, 0o600));
+        assert_eq!(
+            bind_unix(&l, own).unwrap_err().to_string(),
+            format!("{}: another connector is listening there", l.socket_path().display())
+        );
+        drop(first);
+        // The socket file is left behind, as after a crash: replaced.
+        assert!(l.socket_path().exists());
+        bind_unix(&l, own).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_folder_another_user_owns_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = listen(dir.path());
+        std::fs::create_dir(&l.unix_dir).unwrap();
+        // As if it belonged to someone else: this process's uid plus one.
+        let own = own_uid().unwrap();
+        let e = bind_unix(&l, own + 1).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!("{}: belongs to uid {own}, not to this user ({})", l.unix_dir.display(), own + 1)
+        );
+    }
+}

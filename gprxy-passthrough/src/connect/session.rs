@@ -604,3 +604,64 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod hostile {
+    use super::*;
+    use crate::conn::duplex::{next, pair};
+
+    fn ctx() -> Arc<Ctx> {
+        let text = "[profile.p]\nupstream = \"127.0.0.1:1\"\ntls.mode = \"insecure-plain-for-tests\"\n\
+                    listen.unix_dir = \"/nonexistent\"\ntoken.source = \"file\"\ntoken.path = \"/nonexistent\"\n";
+        let cfg = super::super::config::ConnectConfig::parse(text).unwrap();
+        Arc::new(Ctx::new(cfg.profile(None).unwrap().clone()).unwrap())
+    }
+
+    async fn error_for(bytes: Vec<u8>) -> (String, String) {
+        let (ours, mut theirs) = pair();
+        let task = tokio::spawn(handle(ctx(), ours, "test".into()));
+        theirs.write_all(&bytes).await.unwrap();
+        let mut buf = BytesMut::new();
+        // The refusal is the first thing sent (an SSLRequest with bytes after it gets no `N`).
+        let m = next(&mut theirs, &mut buf).await;
+        assert_eq!(m.tag, b'E');
+        task.await.unwrap();
+        proto::error_fields(&m)
+    }
+
+    #[tokio::test]
+    async fn bytes_sent_with_an_encryption_request_are_refused() {
+        let mut bytes = vec![0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+        let mut startup = BytesMut::new();
+        frontend::startup_message([("user", "alice")], &mut startup).unwrap();
+        bytes.extend_from_slice(&startup);
+        assert_eq!(
+            error_for(bytes).await,
+            (
+                "08P01".into(),
+                "gprxy connect: invalid startup packet: bytes after an encryption request".into()
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn an_oversized_startup_packet_is_refused_before_it_is_read() {
+        let bytes = 20_000u32.to_be_bytes().to_vec();
+        assert_eq!(
+            error_for(bytes).await,
+            (
+                "08P01".into(),
+                "gprxy connect: startup packet of 20000 bytes exceeds the limit of 10000".into()
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn without_a_token_the_application_is_told_why_and_nothing_is_sent_upstream() {
+        let mut startup = BytesMut::new();
+        frontend::startup_message([("user", "alice")], &mut startup).unwrap();
+        let (code, message) = error_for(startup.to_vec()).await;
+        assert_eq!(code, "08006");
+        assert!(message.starts_with("gprxy connect: no token for profile p: /nonexistent: "), "{message}");
+    }
+}
