@@ -139,7 +139,13 @@ fn psql_logs_in_to_postgres_18_through_the_socket_and_a_rotated_token_file_is_pi
         (Some("alice"), Some("OAUTHBEARER"), Some(true))
     );
     assert_no_secret(&c.log(), &[&t1, &t2]);
-    let m = gprxy_tests::connector::get_metrics(metrics_port);
+    // The last session ends just after psql exits.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut m = gprxy_tests::connector::get_metrics(metrics_port);
+    while !m.contains("gprxy_connect_sessions_active 0\n") && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        m = gprxy_tests::connector::get_metrics(metrics_port);
+    }
     for line in [
         "gprxy_connect_logins_total{mechanism=\"OAUTHBEARER\",outcome=\"success\"} 3\n",
         "gprxy_connect_token_fetches_total{source=\"file\",outcome=\"success\"} 2\n",

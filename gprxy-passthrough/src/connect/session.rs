@@ -329,6 +329,17 @@ pub async fn handle(ctx: Arc<Ctx>, mut client: BoxStream, peer: String) {
 }
 
 async fn serve(ctx: Arc<Ctx>, client: &mut BoxStream) -> Result<(), ()> {
+    // The server connection (TCP and TLS) needs nothing from the application: it is opened while
+    // the startup packet arrives and the token is looked up (the peer was already allowed).
+    let mut opening = Some({
+        let ctx = ctx.clone();
+        tokio::spawn(async move { open(&ctx).await })
+    });
+    let abort = |o: &mut Option<tokio::task::JoinHandle<_>>| {
+        if let Some(h) = o.take() {
+            h.abort();
+        }
+    };
     let mut buf = BytesMut::with_capacity(1024);
     let first = tokio::time::timeout(std::time::Duration::from_secs(30), async {
         loop {
@@ -355,11 +366,16 @@ async fn serve(ctx: Arc<Ctx>, client: &mut BoxStream) -> Result<(), ()> {
     let startup = match first {
         Ok(Ok(FirstPacket::Startup(s))) => s,
         Ok(Ok(FirstPacket::Cancel { pid, key })) => {
+            abort(&mut opening);
             forward_cancel(&ctx, (pid, key)).await;
             return Ok(());
         }
-        Ok(Ok(_)) => return Err(()),
+        Ok(Ok(_)) => {
+            abort(&mut opening);
+            return Err(());
+        }
         Ok(Err(e)) => {
+            abort(&mut opening);
             let msg = format!("gprxy connect: {e}");
             let _ = conn::send(
                 client,
@@ -370,10 +386,16 @@ async fn serve(ctx: Arc<Ctx>, client: &mut BoxStream) -> Result<(), ()> {
             warn!(event = "connect_login", outcome = "refused", error = %msg, "bad startup packet");
             return Err(());
         }
-        Err(_) => return Err(()),
+        Err(_) => {
+            abort(&mut opening);
+            return Err(());
+        }
     };
     if let Some(nego) = proto::negotiate_protocol_version(&startup) {
-        conn::send(client, &nego).await.map_err(|_| ())?;
+        if conn::send(client, &nego).await.is_err() {
+            abort(&mut opening);
+            return Err(());
+        }
     }
     let params = upstream_params(&ctx.profile, &startup);
     let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()).unwrap_or_default();
@@ -382,6 +404,7 @@ async fn serve(ctx: Arc<Ctx>, client: &mut BoxStream) -> Result<(), ()> {
     let (fetched, fresh) = match ctx.tokens.get().await {
         Ok(t) => t,
         Err(e) => {
+            abort(&mut opening);
             let msg = format!("gprxy connect: no token for profile {}: {e}", ctx.profile.name);
             ctx.metrics.login("none", "no_token");
             warn!(event = "connect_login", outcome = "no_token", source = ctx.tokens.kind(), %user, %database, error = %e, "no token");
@@ -397,7 +420,16 @@ async fn serve(ctx: Arc<Ctx>, client: &mut BoxStream) -> Result<(), ()> {
     let token = fetched.token;
     let who = gprxy_core::peek_unverified(token.expose());
     let mut upstream_index = 0;
-    let result = match open(&ctx).await {
+    let opened = match opening.take() {
+        Some(h) => h.await.unwrap_or_else(|_| {
+            Err(LoginError::Refused(
+                SqlState::CONNECTION_FAILURE,
+                "gprxy connect: cannot reach the database server".into(),
+            ))
+        }),
+        None => open(&ctx).await,
+    };
+    let result = match opened {
         Ok((up, i)) => {
             upstream_index = i;
             log_in(up, ctx.tls.is_some(), ctx.profile.login, &params, &token).await
@@ -657,7 +689,7 @@ mod hostile {
     }
 
     #[tokio::test]
-    async fn without_a_token_the_application_is_told_why_and_nothing_is_sent_upstream() {
+    async fn without_a_token_the_application_is_told_why() {
         let mut startup = BytesMut::new();
         frontend::startup_message([("user", "alice")], &mut startup).unwrap();
         let (code, message) = error_for(startup.to_vec()).await;
