@@ -53,7 +53,8 @@ enum Command {
         /// A profile of the connector's configuration file.
         #[arg(long)]
         profile: Option<String>,
-        /// The connector's configuration file (default: connect.toml in gprxy's config folder).
+        /// With --profile: the connector's configuration file (default: connect.toml in gprxy's
+        /// config folder).
         #[arg(long, env = "GPRXY_CONNECT_CONFIG")]
         config: Option<PathBuf>,
     },
@@ -135,14 +136,16 @@ fn main() -> anyhow::Result<ExitCode> {
                 Ok(())
             })))
         }
-        Command::Token { profile: None, config: None } => Ok(login_result(
+        // Without --profile: the stored login, as before (a connector config in the environment
+        // does not change what plain `gprxy token` prints).
+        Command::Token { profile: None, .. } => Ok(login_result(
             user_login::token(&user_login::credentials_path(), gprxy_core::unix_time())
                 .map(|t| println!("{t}")),
         )),
-        Command::Token { profile, config } => {
+        Command::Token { profile: Some(profile), config } => {
             let path = config.unwrap_or_else(connect::config::default_path);
             let cfg = connect::config::ConnectConfig::load(&path)?;
-            let profile = cfg.profile(profile.as_deref())?.clone();
+            let profile = cfg.profile(Some(&profile))?.clone();
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             match rt.block_on(connect::token(profile)) {
                 Ok(t) => {
