@@ -287,6 +287,24 @@ fn several_upstreams_are_tried_in_order() {
 }
 
 #[test]
+fn a_five_kilobyte_token_logs_in() {
+    let s = pg18(&[]);
+    let dir = private_dir();
+    let file = dir.path().join("token");
+    let mut c = s.idp.claims("alice", AUD);
+    c["jti"] = json!("big");
+    c["groups"] = json!((0..120).map(|i| format!("group-with-a-long-name-{i:04}")).collect::<Vec<_>>());
+    let t = s.key.token(json!({"typ": "at+jwt"}), &c);
+    assert!((5000..8000).contains(&t.len()), "{}", t.len());
+    write_token_file(&file, &t);
+    let conn = Connector::start(
+        &format!("{}token.source = \"file\"\ntoken.path = \"{}\"\n", s.upstream(), file.display()),
+        false,
+    );
+    assert_eq!(psql(&conn.conninfo("alice"), WHO).unwrap(), "alice|oauth:alice|alice|big");
+}
+
+#[test]
 fn a_server_certificate_that_does_not_verify_is_refused() {
     let s = pg18(&[]);
     let other = TestCerts::new();
