@@ -107,6 +107,7 @@ bench: bootstrap install-extension
 	run python3 scripts/bench-ratios.py target "validate_*" bare_verify validate_warm_cache 1.3; \
 	run cargo bench -p gprxy-tests --bench connect; \
 	run env GPRXY_BIN=$(CURDIR)/target/release/gprxy cargo bench -p gprxy-tests --bench fallback; \
+	run env GPRXY_BIN=$(CURDIR)/target/release/gprxy cargo bench -p gprxy-tests --bench connector; \
 	run python3 scripts/bench-ratios.py target "fallback_connect" direct_scram pooled_fallback 0.3; \
 	run env GPRXY_BIN=$(CURDIR)/target/release/gprxy cargo run -q --release -p gprxy-tests --bin gprxy-bench-proxy; \
 	if [ $${#failed[@]} -gt 0 ]; then printf 'bench: missed or failed: %s\n' "$${failed[@]}"; exit 1; fi

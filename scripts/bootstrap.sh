@@ -41,6 +41,8 @@ APT_PACKAGES=(
   zlib1g-dev clang libclang-dev postgresql-15 postgresql-server-dev-15 postgresql-client-15
   pgbouncer curl ca-certificates xz-utils bzip2 python3 openssl libkrb5-dev
   python3-psycopg python3-prometheus-client
+  # gprxy connect's driver tests: pgJDBC and a JDK to run it (node and npm: see below)
+  libpostgresql-jdbc-java openjdk-17-jdk-headless python3-pip
   # make package (dpkg-deb, dpkg-shlibdeps), its install test (adduser, systemd-analyze) and the
   # scale-out test's load balancer
   dpkg-dev adduser systemd haproxy
@@ -103,6 +105,28 @@ if ! "$PGRX_ROOT/bin/cargo-pgrx" pgrx --version 2>/dev/null | grep -q "$PGRX_VER
   cargo install cargo-pgrx --version "$PGRX_VERSION" --locked --ignore-rust-version --root "$PGRX_ROOT"
 fi
 export PATH="$PGRX_ROOT/bin:$PATH"
+
+step "node-postgres for the connector's driver tests into $CACHE/node"
+# Pinned by tests/node/package-lock.json; installed again only when the lockfile changes.
+NODE_DIR="$CACHE/node"
+# Node 20 and its npm come with the machine (NodeSource's nodejs); Debian's npm would conflict.
+command -v npm >/dev/null || { echo "bootstrap: npm is missing (Node 20 with npm is expected on the machine)" >&2; exit 1; }
+if ! cmp -s "$ROOT/tests/node/package-lock.json" "$NODE_DIR/package-lock.json" 2>/dev/null \
+   || [ ! -f "$NODE_DIR/node_modules/pg/package.json" ]; then
+  mkdir -p "$NODE_DIR"
+  cp "$ROOT/tests/node/package.json" "$ROOT/tests/node/package-lock.json" "$NODE_DIR/"
+  (cd "$NODE_DIR" && npm ci --no-audit --no-fund --ignore-scripts >/dev/null)
+fi
+
+step "asyncpg for the connector's driver tests into $CACHE/python"
+# Pinned with its hash by tests/python/requirements.txt, for Debian's python3.
+ASYNCPG_DIR="$CACHE/python/asyncpg-0.32.0"
+if [ ! -f "$ASYNCPG_DIR/asyncpg/__init__.py" ]; then
+  rm -rf "$ASYNCPG_DIR.tmp"
+  /usr/bin/python3 -m pip install --disable-pip-version-check --no-cache-dir --require-hashes --root-user-action=ignore \
+    --target "$ASYNCPG_DIR.tmp" -r "$ROOT/tests/python/requirements.txt" >/dev/null
+  mv "$ASYNCPG_DIR.tmp" "$ASYNCPG_DIR"
+fi
 
 step "cargo-fuzz"
 if ! command -v cargo-fuzz >/dev/null 2>&1; then

@@ -267,6 +267,20 @@ impl UreqFetcher {
         Ok((status, body))
     }
 
+    /// GETs `url` with `Authorization: Bearer <bearer>` (a token-request endpoint such as
+    /// GitHub Actions' OIDC one); returns the status and body under the same limits.
+    pub fn get_with_bearer(&self, url: &str, bearer: &str) -> Result<(u16, Vec<u8>), KeyError> {
+        check_url(url, self.settings.insecure_allow_http_loopback)?;
+        let sent = self
+            .agent
+            .get(url)
+            .header("Accept", "application/json")
+            .header("Authorization", format!("Bearer {bearer}"))
+            .call();
+        let (status, _, body) = self.finish(url, sent, false)?;
+        Ok((status, body))
+    }
+
     /// Status, `Cache-Control` max-age and body of a response: transport errors mapped,
     /// redirects refused, any status but 200 refused before the body when `require_200`, the
     /// body capped.

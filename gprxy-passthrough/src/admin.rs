@@ -90,9 +90,27 @@ fn admit(admission: &Arc<Mutex<Admission>>, peer: IpAddr) -> Option<(Place, ones
     Some((Place { id, peer, admission: admission.clone() }, rx))
 }
 
+/// What the admin listener serves: the proxy's, or `gprxy connect`'s.
+pub trait AdminSource: Send + Sync + 'static {
+    /// The Prometheus text exposition.
+    fn metrics(&self) -> String;
+    /// Whether new connections are refused (`/healthz` answers 503).
+    fn draining(&self) -> bool;
+}
+
+impl AdminSource for Proxy {
+    fn metrics(&self) -> String {
+        self.shared.metrics.render()
+    }
+
+    fn draining(&self) -> bool {
+        self.shared.draining.load(Ordering::Relaxed)
+    }
+}
+
 /// Serves until the process ends. Requests are read up to 4 KiB; anything else is 404.
 /// `/healthz` answers 503 `draining` once SIGTERM has stopped new connections.
-pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>) {
+pub async fn serve<S: AdminSource>(listener: TcpListener, proxy: Arc<S>) {
     let admission = Arc::new(Mutex::new(Admission::default()));
     loop {
         let (sock, peer) = match listener.accept().await {
@@ -108,7 +126,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>) {
             // Evicted only while waiting for the request: once it is served the sender is
             // dropped (an Err here), which must not cut the answer short.
             tokio::select! {
-                () = answer(sock, &place, &proxy) => {}
+                () = answer(sock, &place, &*proxy) => {}
                 Ok(()) = evicted => {}
             }
         });
@@ -116,7 +134,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>) {
 }
 
 /// Reads one request (within [`HEADER_TIMEOUT`]) and answers it.
-async fn answer(mut sock: TcpStream, place: &Place, proxy: &Proxy) {
+async fn answer<S: AdminSource>(mut sock: TcpStream, place: &Place, proxy: &S) {
     let mut buf = vec![0u8; 4096];
     let mut n = 0;
     let read = tokio::time::timeout(HEADER_TIMEOUT, async {
@@ -140,8 +158,8 @@ async fn answer(mut sock: TcpStream, place: &Place, proxy: &Proxy) {
     let line = String::from_utf8_lossy(&buf[..n]);
     let path = line.split_whitespace().nth(1).unwrap_or("");
     let (status, ctype, body) = match (line.starts_with("GET "), path) {
-        (true, "/metrics") => ("200 OK", "text/plain; version=0.0.4", proxy.shared.metrics.render()),
-        (true, "/healthz") if proxy.shared.draining.load(Ordering::Relaxed) => {
+        (true, "/metrics") => ("200 OK", "text/plain; version=0.0.4", proxy.metrics()),
+        (true, "/healthz") if proxy.draining() => {
             ("503 Service Unavailable", "text/plain", "draining\n".to_owned())
         }
         (true, "/healthz") => ("200 OK", "text/plain", "ok\n".to_owned()),

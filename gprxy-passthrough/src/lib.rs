@@ -13,13 +13,16 @@
 //! - Below everything: [`proto`] (framing without I/O), [`relay`] (bytes both ways), [`track`]
 //!   (requests against answers), [`config`], [`metrics`], [`tls`].
 //!
-//! Apart: [`user_login`], the user's side (`gprxy login`, `gprxy token`).
+//! Apart: [`user_login`], the user's side (`gprxy login`, `gprxy token`), and [`connect`], the
+//! connector beside an application (`gprxy connect`), which stands on `user_login` and on the
+//! proxy's framing, relay, upstream and TLS modules.
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod admin;
 pub mod config;
 pub mod conn;
+pub mod connect;
 pub mod fallback;
 pub mod lifetime;
 pub mod metrics;

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use gprxy_passthrough::{config, server, user_login};
+use gprxy_passthrough::{config, connect, server, user_login};
 
 use clap::{Parser, Subcommand};
 
@@ -51,8 +51,30 @@ enum Command {
         #[arg(long, hide = true)]
         insecure_allow_http_loopback: bool,
     },
-    /// Print a valid access token (refreshed when less than a minute is left).
-    Token,
+    /// Print a valid access token (refreshed when less than a minute is left): the stored
+    /// login's, or a `gprxy connect` profile's with --profile.
+    Token {
+        /// A profile of the connector's configuration file.
+        #[arg(long)]
+        profile: Option<String>,
+        /// With --profile: the connector's configuration file (default: connect.toml in gprxy's
+        /// config folder).
+        #[arg(long, env = "GPRXY_CONNECT_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Run the connector beside an application: it connects to a local socket without a
+    /// password, and the connector logs in upstream with a token (see README).
+    Connect {
+        /// Configuration file (default: connect.toml in gprxy's config folder).
+        #[arg(long, short, env = "GPRXY_CONNECT_CONFIG")]
+        config: Option<PathBuf>,
+        /// The profile to serve (may be left out when the file has one).
+        #[arg(long, short)]
+        profile: Option<String>,
+        /// Fetch a token and log in once, printing what was done, then exit.
+        #[arg(long)]
+        check: bool,
+    },
     /// Print the public key to pin in gprxy.context_keys for a fallback-mode context key file,
     /// making the file first (mode 0600) with --generate.
     ContextKey {
@@ -131,10 +153,50 @@ fn main() -> anyhow::Result<ExitCode> {
                 Ok(())
             })))
         }
-        Command::Token => Ok(login_result(
+        // Without --profile: the stored login, as before (a connector config in the environment
+        // does not change what plain `gprxy token` prints).
+        Command::Token { profile: None, .. } => Ok(login_result(
             user_login::token(&user_login::credentials_path(), gprxy_core::unix_time())
                 .map(|t| println!("{t}")),
         )),
+        Command::Token { profile: Some(profile), config } => {
+            let path = config.unwrap_or_else(connect::config::default_path);
+            let cfg = connect::config::ConnectConfig::load(&path)?;
+            let profile = cfg.profile(Some(&profile))?.clone();
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            match rt.block_on(connect::token(profile)) {
+                Ok(t) => {
+                    println!("{t}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("gprxy: {e}");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+        Command::Connect { config, profile, check } => {
+            let path = config.unwrap_or_else(connect::config::default_path);
+            let cfg = connect::config::ConnectConfig::load(&path)?;
+            let profile = cfg.profile(profile.as_deref())?.clone();
+            init_logging(cfg.log_format);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .worker_threads(2)
+                .thread_name("gprxy-connect")
+                .build()?;
+            if check {
+                return Ok(match rt.block_on(connect::check(profile, &mut std::io::stdout())) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("gprxy connect --check: {e}");
+                        ExitCode::FAILURE
+                    }
+                });
+            }
+            rt.block_on(connect::run(path, profile))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::ContextKey { file, generate } => {
             if generate {
                 use std::io::Write;

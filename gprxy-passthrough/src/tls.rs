@@ -44,14 +44,32 @@ pub fn server_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::Serv
 
 /// The client side for the upstream server: its certificate must chain to `ca_file`.
 pub fn upstream_config(ca_file: &Path) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    client_config(ca_file, None)
+}
+
+/// [`upstream_config`] with a client certificate chain and key (libpq's `sslcert`/`sslkey`).
+pub fn client_config(
+    ca_file: &Path,
+    client_cert: Option<(&Path, &Path)>,
+) -> anyhow::Result<Arc<rustls::ClientConfig>> {
     let mut roots = rustls::RootCertStore::empty();
     for c in certs(ca_file)? {
         roots.add(c).context("bad CA certificate")?;
     }
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let mut cfg = match client_cert {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let chain = certs(cert)?;
+            let pem = std::fs::read(key).with_context(|| format!("cannot read {}", key.display()))?;
+            let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut pem.as_slice())
+                .with_context(|| "bad key PEM".to_string())?
+                .context("no private key in the key file")?;
+            builder.with_client_auth_cert(chain, key).context("client certificate and key do not match")?
+        }
+    };
     cfg.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
     Ok(Arc::new(cfg))
 }

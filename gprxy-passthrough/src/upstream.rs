@@ -33,21 +33,28 @@ pub async fn connect(shared: &Shared, config: &Config) -> Result<BoxStream, Sess
     let (Some(tls), Some(up_cfg)) = (shared.upstream_tls.read().clone(), config.upstream_tls.clone()) else {
         return Ok(Box::new(tcp));
     };
-    let mut tcp = tcp;
+    start_tls(tcp, tls, &up_cfg.server_name).await.map_err(unreachable)
+}
+
+/// Asks the server for TLS (SSLRequest) and makes the handshake, verifying the server's
+/// certificate for `server_name`. The error says what failed, for the log.
+pub async fn start_tls(
+    mut tcp: TcpStream,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+    server_name: &str,
+) -> Result<BoxStream, String> {
     let mut ssl_request = bytes::BytesMut::new();
     postgres_protocol::message::frontend::ssl_request(&mut ssl_request);
-    tcp.write_all(&ssl_request).await?;
+    tcp.write_all(&ssl_request).await.map_err(|e| e.to_string())?;
     let mut answer = [0u8; 1];
-    tcp.read_exact(&mut answer).await?;
+    tcp.read_exact(&mut answer).await.map_err(|e| e.to_string())?;
     if answer[0] != b'S' {
-        return Err(unreachable("server refused TLS".into()));
+        return Err("server refused TLS".into());
     }
-    let name = rustls::pki_types::ServerName::try_from(up_cfg.server_name.clone())
-        .map_err(|_| unreachable(format!("bad server name {:?}", up_cfg.server_name)))?;
-    let s = tokio_rustls::TlsConnector::from(tls)
-        .connect(name, tcp)
-        .await
-        .map_err(|e| unreachable(format!("TLS: {e}")))?;
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_owned())
+        .map_err(|_| format!("bad server name {server_name:?}"))?;
+    let s =
+        tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.map_err(|e| format!("TLS: {e}"))?;
     Ok(Box::new(s))
 }
 

@@ -23,6 +23,12 @@ struct State {
     /// The `resource` values of each POST, by path, in order.
     resources: Vec<(String, Vec<String>)>,
     introspection: Introspection,
+    /// Client-credentials clients: id -> (secret, token handed out).
+    clients: HashMap<String, (String, Grant)>,
+    /// `private_key_jwt` clients: id -> (PKCS#1 DER RSA public key, token handed out).
+    key_clients: HashMap<String, (Vec<u8>, Grant)>,
+    /// Assertion ids seen (a replayed assertion is refused).
+    jtis: std::collections::HashSet<String>,
 }
 
 /// The introspection endpoint's state (RFC 7662).
@@ -129,6 +135,20 @@ impl TestIssuer {
     pub fn on_refresh(&self, refresh: &str, access: &str, rotated: Option<&str>, expires_in: i64) {
         let grant = Grant { access: access.to_owned(), refresh: rotated.map(str::to_owned), expires_in };
         self.state.lock().refreshes.insert(refresh.to_owned(), grant);
+    }
+
+    /// The client-credentials grant gives `token` (valid `expires_in` seconds) to `id`
+    /// authenticated with `secret`, by HTTP Basic or in the form.
+    pub fn client_credentials(&self, id: &str, secret: &str, token: &str, expires_in: i64) {
+        let grant = Grant { access: token.to_owned(), refresh: None, expires_in };
+        self.state.lock().clients.insert(id.to_owned(), (secret.to_owned(), grant));
+    }
+
+    /// The client-credentials grant gives `token` to `id` authenticated by a `private_key_jwt`
+    /// assertion (RFC 7523) signed RS256 by the key whose public half is `rsa_public_pkcs1_der`.
+    pub fn client_key(&self, id: &str, rsa_public_pkcs1_der: Vec<u8>, token: &str, expires_in: i64) {
+        let grant = Grant { access: token.to_owned(), refresh: None, expires_in };
+        self.state.lock().key_clients.insert(id.to_owned(), (rsa_public_pkcs1_der, grant));
     }
 
     /// Revokes (expires) a refresh token: the grant answers invalid_grant.
@@ -257,6 +277,12 @@ fn handle(req: &Request, base: &str, state: &Mutex<State>) -> Response {
                 .with_status(400),
             }
         }
+        ("POST", "/token") if req.form("grant_type").as_deref() == Some("client_credentials") => {
+            if req.form("client_assertion_type").is_some() {
+                return assertion_grant(req, base, &mut state.lock());
+            }
+            client_grant(req, &state.lock())
+        }
         ("POST", "/token") => {
             let device = req.form("device_code").or_else(|| client_id(req)).unwrap_or_default();
             let mut st = state.lock();
@@ -275,6 +301,75 @@ fn handle(req: &Request, base: &str, state: &Mutex<State>) -> Response {
         ("POST", "/introspect") => introspect(req, &mut state.lock().introspection),
         _ => Response::status(404),
     }
+}
+
+/// The client-credentials grant: the client authenticated by HTTP Basic (RFC 6749 section
+/// 2.3.1) or by `client_id` and `client_secret` in the form; anything else is `invalid_client`.
+fn client_grant(req: &Request, st: &State) -> Response {
+    use base64::Engine as _;
+    let basic = req.headers.get("authorization").and_then(|h| h.strip_prefix("Basic ")).and_then(|b| {
+        let pair = base64::engine::general_purpose::STANDARD.decode(b).ok()?;
+        let pair = String::from_utf8(pair).ok()?;
+        let (id, secret) = pair.split_once(':')?;
+        Some((id.to_owned(), secret.to_owned()))
+    });
+    let posted = req.form("client_id").zip(req.form("client_secret"));
+    let Some((id, secret)) = basic.or(posted) else {
+        return Response::json(&json!({"error": "invalid_client"})).with_status(401);
+    };
+    match st.clients.get(&id) {
+        Some((s, grant)) if *s == secret => grant.answer(),
+        _ => Response::json(
+            &json!({"error": "invalid_client", "error_description": "client authentication failed"}),
+        )
+        .with_status(401),
+    }
+}
+
+/// The client-credentials grant with a client assertion (RFC 7523 section 2.2, OpenID Connect
+/// Core section 9): type jwt-bearer, RS256 signature by the client's key, `iss` and `sub` the
+/// client id, `aud` the token endpoint, not expired, its `jti` not seen before.
+fn assertion_grant(req: &Request, base: &str, st: &mut State) -> Response {
+    use base64::Engine as _;
+    let refuse = |why: &str| {
+        Response::json(&json!({"error": "invalid_client", "error_description": why})).with_status(401)
+    };
+    if req.form("client_assertion_type").as_deref()
+        != Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer")
+    {
+        return refuse("assertion type");
+    }
+    let (Some(id), Some(assertion)) = (req.form("client_id"), req.form("client_assertion")) else {
+        return refuse("no client_id or assertion");
+    };
+    let Some((key, grant)) = st.key_clients.get(&id).cloned() else { return refuse("unknown client") };
+    let Some((input, sig)) = assertion.rsplit_once('.') else { return refuse("not a JWT") };
+    let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(s).ok();
+    let Some(sig) = b64(sig) else { return refuse("signature encoding") };
+    let public =
+        aws_lc_rs::signature::UnparsedPublicKey::new(&aws_lc_rs::signature::RSA_PKCS1_2048_8192_SHA256, key);
+    if public.verify(input.as_bytes(), &sig).is_err() {
+        return refuse("bad signature");
+    }
+    let mut parts = input.split('.');
+    let header: Option<Value> = parts.next().and_then(b64).and_then(|h| serde_json::from_slice(&h).ok());
+    let claims: Option<Value> = parts.next().and_then(b64).and_then(|c| serde_json::from_slice(&c).ok());
+    let (Some(header), Some(c)) = (header, claims) else { return refuse("not JSON") };
+    let now = gprxy_core::testkit::now();
+    let token_endpoint = format!("{base}/token");
+    if header["alg"] != "RS256"
+        || c["iss"] != id.as_str()
+        || c["sub"] != id.as_str()
+        || c["aud"] != token_endpoint.as_str()
+        || !c["exp"].as_i64().is_some_and(|e| e > now && e <= now + 300)
+    {
+        return refuse("claims");
+    }
+    let Some(jti) = c["jti"].as_str() else { return refuse("no jti") };
+    if !st.jtis.insert(jti.to_owned()) {
+        return refuse("replayed");
+    }
+    grant.answer()
 }
 
 /// RFC 7662: an opaque token registered as active answers with its claims, a JWT with its own

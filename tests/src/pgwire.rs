@@ -185,7 +185,11 @@ impl PgConn {
                 return Ok(m);
             }
             let mut chunk = [0u8; 16384];
-            let n = self.stream.read(&mut chunk).map_err(io_err)?;
+            let n = match self.stream.read(&mut chunk) {
+                // A signal that interrupted the wait is not the server's doing: read again.
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => r.map_err(io_err)?,
+            };
             if n == 0 {
                 return Err(io_err("server closed the connection"));
             }
@@ -212,7 +216,11 @@ impl PgConn {
                 }
             }
             let mut chunk = [0u8; 16384];
-            let n = self.stream.read(&mut chunk).map_err(io_err)?;
+            let n = match self.stream.read(&mut chunk) {
+                // A signal that interrupted the wait is not the server's doing: read again.
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => r.map_err(io_err)?,
+            };
             if n == 0 {
                 return Err(io_err("server closed the connection"));
             }

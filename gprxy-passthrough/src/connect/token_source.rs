@@ -1,0 +1,834 @@
+//! Where a profile's access token comes from: one [`TokenSource`] per kind of source, and the
+//! [`TokenCache`] in front of it (one fetch in flight per profile, a token reused until shortly
+//! before it expires, a token file read again when it changes).
+//!
+//! A token is never logged or put in an error: what is logged is its fingerprint
+//! ([`gprxy_core::fingerprint`]), `sub` and `iss`.
+
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use gprxy_core::{HttpSettings, KeyError, UreqFetcher};
+use parking_lot::Mutex;
+use serde_json::{Map, Value};
+
+use super::config::{ClientAuth, TokenSpec};
+use crate::user_login;
+
+/// A token this close to its `exp` is no longer offered when a refresh fails.
+const STILL_VALID_SECS: i64 = 5;
+
+/// Longest token accepted from any source (PostgreSQL's own limit on a bearer token).
+pub const MAX_TOKEN: usize = 65_535;
+
+/// An access token. Its `Debug` shows the fingerprint only.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(String);
+
+impl Token {
+    /// The token itself, to send upstream.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Its fingerprint, for logs.
+    pub fn fingerprint(&self) -> String {
+        gprxy_core::fingerprint(self.0.as_bytes())
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Token({})", self.fingerprint())
+    }
+}
+
+/// A fetched token and when it expires (Unix time), if known.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    /// The token.
+    pub token: Token,
+    /// `exp`, or the response's `expires_in` from when it was fetched.
+    pub expires_at: Option<i64>,
+}
+
+/// Why no token could be had. The messages are what the user reads; they never hold a token
+/// or a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    /// The stored device-flow login failed (missing, expired and not refreshable, ...).
+    #[error("{0}")]
+    Device(#[from] user_login::LoginError),
+    /// The issuer could not be reached.
+    #[error("cannot reach the issuer: {0}")]
+    Unreachable(KeyError),
+    /// The issuer answered with an OAuth error.
+    #[error("the issuer refused the token request: {error} (HTTP {status})")]
+    Refused {
+        /// OAuth `error` code.
+        error: String,
+        /// HTTP status.
+        status: u16,
+    },
+    /// The answer was not a token.
+    #[error("the answer is not a token: {0}")]
+    BadAnswer(String),
+    /// A file could not be read or is unsafe.
+    #[error("{path}: {reason}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The command failed.
+    #[error("the command {program} {outcome}")]
+    Exec {
+        /// The program.
+        program: String,
+        /// What happened.
+        outcome: String,
+    },
+    /// A needed environment variable is not set.
+    #[error("{0}")]
+    Environment(String),
+    /// Signing a client assertion failed.
+    #[error("cannot sign the client assertion: {0}")]
+    Assertion(String),
+}
+
+/// One way of getting a token. Blocking: called on a blocking thread by [`TokenCache`].
+pub trait TokenSource: Send + Sync {
+    /// Gets a new token.
+    fn fetch(&self) -> Result<Fetched, TokenError>;
+
+    /// Whether what the last fetch read has changed since (a token file rewritten).
+    fn changed(&self) -> bool {
+        false
+    }
+
+    /// A short name for logs and `--check`.
+    fn kind(&self) -> &'static str;
+}
+
+/// The source a profile's `[token]` describes.
+pub fn from_spec(spec: &TokenSpec) -> Arc<dyn TokenSource> {
+    match spec.clone() {
+        TokenSpec::Device { credentials_file } => {
+            Arc::new(Device { path: credentials_file.unwrap_or_else(user_login::credentials_path) })
+        }
+        TokenSpec::ClientCredentials {
+            issuer,
+            token_endpoint,
+            client_id,
+            client_auth,
+            client_secret_file,
+            client_secret_env,
+            private_key_file,
+            private_key_alg,
+            scope,
+            audience,
+            resource,
+            ca_file,
+            insecure_allow_http_loopback,
+        } => Arc::new(ClientCredentials {
+            issuer,
+            endpoint: OnceLock::new(),
+            configured_endpoint: token_endpoint,
+            client_id,
+            auth: match client_auth {
+                ClientAuth::ClientSecretBasic | ClientAuth::ClientSecretPost => Credential::Secret {
+                    basic: client_auth == ClientAuth::ClientSecretBasic,
+                    file: client_secret_file,
+                    env: client_secret_env,
+                },
+                ClientAuth::PrivateKeyJwt => Credential::Key {
+                    file: private_key_file.unwrap_or_default(),
+                    alg: private_key_alg.unwrap_or_else(|| "RS256".into()),
+                },
+            },
+            scope,
+            audience,
+            resource,
+            http: http_settings(ca_file, insecure_allow_http_loopback),
+        }),
+        TokenSpec::File { path } => Arc::new(TokenFile { path, seen: Mutex::new(None) }),
+        TokenSpec::Exec { command, timeout_secs } => {
+            Arc::new(Exec { command, timeout: Duration::from_secs(timeout_secs) })
+        }
+        TokenSpec::GithubActions { audience, insecure_allow_http_loopback } => {
+            Arc::new(GithubActions { audience, http: http_settings(None, insecure_allow_http_loopback) })
+        }
+    }
+}
+
+fn http_settings(ca_file: Option<PathBuf>, insecure: bool) -> HttpSettings {
+    HttpSettings {
+        connect_timeout: Duration::from_secs(5),
+        read_timeout: Duration::from_secs(10),
+        insecure_allow_http_loopback: insecure,
+        ca_file,
+        ..HttpSettings::default()
+    }
+}
+
+fn fetcher(settings: &HttpSettings) -> Result<UreqFetcher, TokenError> {
+    UreqFetcher::new(settings.clone()).map_err(|e| TokenError::BadAnswer(e.to_string()))
+}
+
+/// A token checked for what any source must give: not empty, one line of printable ASCII, at
+/// most [`MAX_TOKEN`] bytes. The expiry is the token's `exp` (read unverified: only to decide
+/// when to fetch again) or `expires_in`, whichever is earlier.
+fn checked(token: &str, expires_in: Option<i64>) -> Result<Fetched, TokenError> {
+    let token = token.trim();
+    if token.is_empty() {
+        return Err(TokenError::BadAnswer("empty".into()));
+    }
+    if token.len() > MAX_TOKEN {
+        return Err(TokenError::BadAnswer(format!("{} bytes, more than {MAX_TOKEN}", token.len())));
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(TokenError::BadAnswer("not one line of printable characters".into()));
+    }
+    let now = gprxy_core::unix_time();
+    let from_token = gprxy_core::peek_claim(token, "exp").and_then(|v| v.parse::<i64>().ok());
+    let from_answer = expires_in.map(|s| now + s);
+    let expires_at = match (from_token, from_answer) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    Ok(Fetched { token: Token(token.to_owned()), expires_at })
+}
+
+/// Reads a secret or key file: a regular file that neither group nor others can read.
+fn read_private_file(path: &Path) -> Result<Vec<u8>, TokenError> {
+    read_file_checked(path, 0o077, "readable by others")
+}
+
+/// Reads a regular file none of whose `mask` mode bits are set.
+fn read_file_checked(path: &Path, mask: u32, what: &str) -> Result<Vec<u8>, TokenError> {
+    let err = |reason: String| TokenError::File { path: path.to_path_buf(), reason };
+    let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(err("not a regular file".into()));
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & mask != 0 {
+        return Err(err(format!("{what} (mode {mode:o}); run chmod 600 on it")));
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_TOKEN as u64 + 1).read_to_end(&mut bytes))
+        .map_err(|e| err(e.to_string()))?;
+    Ok(bytes)
+}
+
+/// `gprxy login`'s stored login.
+struct Device {
+    path: PathBuf,
+}
+
+impl TokenSource for Device {
+    fn fetch(&self) -> Result<Fetched, TokenError> {
+        let token = user_login::token(&self.path, gprxy_core::unix_time())?;
+        checked(&token, None)
+    }
+
+    fn kind(&self) -> &'static str {
+        "device"
+    }
+}
+
+enum Credential {
+    Secret { basic: bool, file: Option<PathBuf>, env: Option<String> },
+    Key { file: PathBuf, alg: String },
+}
+
+/// The client-credentials grant.
+struct ClientCredentials {
+    issuer: String,
+    configured_endpoint: Option<String>,
+    endpoint: OnceLock<String>,
+    client_id: String,
+    auth: Credential,
+    scope: Option<String>,
+    audience: Option<String>,
+    resource: Option<String>,
+    http: HttpSettings,
+}
+
+impl ClientCredentials {
+    fn endpoint(&self, fetcher: &UreqFetcher) -> Result<String, TokenError> {
+        if let Some(e) = self.configured_endpoint.as_ref().or(self.endpoint.get()) {
+            return Ok(e.clone());
+        }
+        let (_, meta) =
+            gprxy_core::issuer_metadata(fetcher, &self.issuer).map_err(TokenError::Unreachable)?;
+        let endpoint = meta
+            .get("token_endpoint")
+            .and_then(Value::as_str)
+            .ok_or_else(|| TokenError::BadAnswer("the issuer's metadata has no token_endpoint".into()))?
+            .to_owned();
+        Ok(self.endpoint.get_or_init(|| endpoint).clone())
+    }
+
+    fn secret(file: Option<&Path>, env: Option<&str>) -> Result<String, TokenError> {
+        let secret = match (file, env) {
+            (Some(path), _) => {
+                let bytes = read_private_file(path)?;
+                String::from_utf8(bytes)
+                    .map_err(|_| TokenError::File { path: path.to_path_buf(), reason: "not UTF-8".into() })?
+            }
+            (None, Some(var)) => std::env::var(var)
+                .map_err(|_| TokenError::Environment(format!("the environment variable {var} is not set")))?,
+            (None, None) => return Err(TokenError::Environment("no client secret configured".into())),
+        };
+        let secret = secret.trim_end_matches(['\r', '\n']).to_owned();
+        if secret.is_empty() {
+            return Err(TokenError::Environment("the client secret is empty".into()));
+        }
+        Ok(secret)
+    }
+
+    /// A client assertion (RFC 7523 section 2.2): `iss` and `sub` the client id, `aud` the
+    /// token endpoint, valid for a minute, a fresh `jti`.
+    fn assertion(&self, key_file: &Path, alg: &str, endpoint: &str) -> Result<String, TokenError> {
+        use aws_lc_rs::signature;
+        use base64::Engine as _;
+        let pem = read_private_file(key_file)?;
+        let bad = |what: &str| TokenError::File {
+            path: key_file.to_path_buf(),
+            reason: format!("not a {alg} private key in PEM ({what})"),
+        };
+        let der = rustls_pemfile::private_key(&mut pem.as_slice())
+            .map_err(|_| bad("bad PEM"))?
+            .ok_or_else(|| bad("no private key"))?;
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let mut jti = [0u8; 16];
+        aws_lc_rs::rand::fill(&mut jti).map_err(|_| TokenError::Assertion("no randomness".into()))?;
+        let now = gprxy_core::unix_time();
+        let header = serde_json::json!({"alg": alg, "typ": "JWT"});
+        let claims = serde_json::json!({
+            "iss": self.client_id, "sub": self.client_id, "aud": endpoint,
+            "iat": now, "nbf": now, "exp": now + 60,
+            "jti": jti.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+        });
+        let input = format!("{}.{}", b64(header.to_string().as_bytes()), b64(claims.to_string().as_bytes()));
+        let rng = aws_lc_rs::rand::SystemRandom::new();
+        let sig = match (alg, &der) {
+            ("ES256", rustls::pki_types::PrivateKeyDer::Pkcs8(k)) => {
+                let pair = signature::EcdsaKeyPair::from_pkcs8(
+                    &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+                    k.secret_pkcs8_der(),
+                )
+                .map_err(|_| bad("not a P-256 PKCS#8 key"))?;
+                pair.sign(&rng, input.as_bytes())
+                    .map_err(|_| TokenError::Assertion("signing failed".into()))?
+                    .as_ref()
+                    .to_vec()
+            }
+            ("EdDSA", rustls::pki_types::PrivateKeyDer::Pkcs8(k)) => {
+                let pair = signature::Ed25519KeyPair::from_pkcs8(k.secret_pkcs8_der())
+                    .map_err(|_| bad("not an Ed25519 PKCS#8 key"))?;
+                pair.sign(input.as_bytes()).as_ref().to_vec()
+            }
+            ("RS256", key) => {
+                let pair = match key {
+                    rustls::pki_types::PrivateKeyDer::Pkcs8(k) => {
+                        signature::RsaKeyPair::from_pkcs8(k.secret_pkcs8_der())
+                    }
+                    rustls::pki_types::PrivateKeyDer::Pkcs1(k) => {
+                        signature::RsaKeyPair::from_der(k.secret_pkcs1_der())
+                    }
+                    _ => return Err(bad("not an RSA key")),
+                }
+                .map_err(|_| bad("not a usable RSA key"))?;
+                let mut out = vec![0u8; pair.public_modulus_len()];
+                pair.sign(&signature::RSA_PKCS1_SHA256, &rng, input.as_bytes(), &mut out)
+                    .map_err(|_| TokenError::Assertion("signing failed".into()))?;
+                out
+            }
+            _ => return Err(bad("PKCS#8 expected")),
+        };
+        Ok(format!("{input}.{}", b64(&sig)))
+    }
+}
+
+impl TokenSource for ClientCredentials {
+    fn fetch(&self) -> Result<Fetched, TokenError> {
+        let fetcher = fetcher(&self.http)?;
+        let endpoint = self.endpoint(&fetcher)?;
+        let mut form: Vec<(&str, String)> = vec![("grant_type", "client_credentials".into())];
+        for (k, v) in [("scope", &self.scope), ("audience", &self.audience), ("resource", &self.resource)] {
+            if let Some(v) = v {
+                form.push((k, v.clone()));
+            }
+        }
+        let mut basic = None;
+        match &self.auth {
+            Credential::Secret { basic: true, file, env } => {
+                basic = Some(Self::secret(file.as_deref(), env.as_deref())?);
+            }
+            Credential::Secret { basic: false, file, env } => {
+                form.push(("client_id", self.client_id.clone()));
+                form.push(("client_secret", Self::secret(file.as_deref(), env.as_deref())?));
+            }
+            Credential::Key { file, alg } => {
+                form.push(("client_id", self.client_id.clone()));
+                form.push((
+                    "client_assertion_type",
+                    "urn:ietf:params:oauth:client-assertion-type:jwt-bearer".into(),
+                ));
+                form.push(("client_assertion", self.assertion(file, alg, &endpoint)?));
+            }
+        }
+        let pairs: Vec<(&str, &str)> = form.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let (status, body) = fetcher
+            .post_form_as(&endpoint, &pairs, basic.as_deref().map(|s| (self.client_id.as_str(), s)))
+            .map_err(TokenError::Unreachable)?;
+        token_answer(status, &body, "access_token")
+    }
+
+    fn kind(&self) -> &'static str {
+        "client_credentials"
+    }
+}
+
+/// A token endpoint's answer: `field` on success, the OAuth `error` code otherwise (never the
+/// description, which an issuer may fill with what it was sent).
+fn token_answer(status: u16, body: &[u8], field: &str) -> Result<Fetched, TokenError> {
+    let answer: Map<String, Value> = match serde_json::from_slice(body) {
+        Ok(Value::Object(m)) => m,
+        _ if status != 200 => return Err(TokenError::Refused { error: "(no OAuth error)".into(), status }),
+        _ => return Err(TokenError::BadAnswer("not a JSON object".into())),
+    };
+    if status != 200 || answer.contains_key("error") {
+        let error = answer
+            .get("error")
+            .and_then(Value::as_str)
+            .filter(|e| e.len() <= 64 && e.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+            .unwrap_or("(no OAuth error)")
+            .to_owned();
+        return Err(TokenError::Refused { error, status });
+    }
+    let token = answer
+        .get(field)
+        .and_then(Value::as_str)
+        .ok_or_else(|| TokenError::BadAnswer(format!("no {field}")))?;
+    checked(token, answer.get("expires_in").and_then(Value::as_i64))
+}
+
+/// A token file, read again whenever it changes (inode, size or modification time).
+struct TokenFile {
+    path: PathBuf,
+    seen: Mutex<Option<(u64, u64, i64, i64)>>,
+}
+
+impl TokenFile {
+    fn stamp(&self) -> Option<(u64, u64, i64, i64)> {
+        std::fs::metadata(&self.path).ok().map(|m| (m.ino(), m.size(), m.mtime(), m.mtime_nsec()))
+    }
+}
+
+impl TokenSource for TokenFile {
+    fn fetch(&self) -> Result<Fetched, TokenError> {
+        let before = self.stamp();
+        // Another program writes it (a kubelet, Vault Agent): others may read it, as a
+        // projected token often is, but whoever may write it could plant any token.
+        let bytes = read_file_checked(&self.path, 0o022, "writable by others")?;
+        let text = String::from_utf8(bytes)
+            .map_err(|_| TokenError::File { path: self.path.clone(), reason: "not UTF-8".into() })?;
+        let fetched = checked(&text, None)
+            .map_err(|e| TokenError::File { path: self.path.clone(), reason: e.to_string() })?;
+        *self.seen.lock() = before;
+        Ok(fetched)
+    }
+
+    fn changed(&self) -> bool {
+        *self.seen.lock() != self.stamp()
+    }
+
+    fn kind(&self) -> &'static str {
+        "file"
+    }
+}
+
+/// A command printing a token (or a JSON object with `access_token`, `token` or kubectl's
+/// `status.token`).
+struct Exec {
+    command: Vec<String>,
+    timeout: Duration,
+}
+
+impl TokenSource for Exec {
+    fn fetch(&self) -> Result<Fetched, TokenError> {
+        let program = self.command[0].clone();
+        let fail = |outcome: String| TokenError::Exec { program: program.clone(), outcome };
+        let mut child = std::process::Command::new(&self.command[0])
+            .args(&self.command[1..])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| fail(format!("cannot be started: {e}")))?;
+        let capture = |r: Option<Box<dyn Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut out = Vec::new();
+                if let Some(r) = r {
+                    let _ = r.take(2 * MAX_TOKEN as u64).read_to_end(&mut out);
+                }
+                out
+            })
+        };
+        let stdout = capture(child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>));
+        let stderr = capture(child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>));
+        let deadline = Instant::now() + self.timeout;
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(s)) => break s,
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+                Ok(None) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(fail(format!(
+                        "did not finish within {} s and was killed",
+                        self.timeout.as_secs()
+                    )));
+                }
+                Err(e) => return Err(fail(format!("cannot be waited for: {e}"))),
+            }
+        };
+        let out = stdout.join().unwrap_or_default();
+        let err = stderr.join().unwrap_or_default();
+        if !status.success() {
+            // The command's last line on stderr says why; cut, and never its stdout.
+            let text = String::from_utf8_lossy(&err);
+            let last = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+            let last: String = last.chars().take(200).collect();
+            let how = status
+                .code()
+                .map_or_else(|| "was killed by a signal".to_owned(), |c| format!("exited with status {c}"));
+            return Err(fail(if last.is_empty() { how } else { format!("{how}: {last}") }));
+        }
+        let text = String::from_utf8(out).map_err(|_| fail("printed something that is not UTF-8".into()))?;
+        let trimmed = text.trim();
+        if trimmed.starts_with('{') {
+            let v: Value =
+                serde_json::from_str(trimmed).map_err(|_| fail("printed JSON that does not parse".into()))?;
+            let token = v
+                .get("access_token")
+                .or_else(|| v.get("token"))
+                .or_else(|| v.pointer("/status/token"))
+                .and_then(Value::as_str)
+                .ok_or_else(|| fail("printed JSON without access_token, token or status.token".into()))?;
+            return checked(token, v.get("expires_in").and_then(Value::as_i64))
+                .map_err(|e| fail(format!("printed {e}")));
+        }
+        checked(trimmed, None).map_err(|e| fail(format!("printed {e}")))
+    }
+
+    fn kind(&self) -> &'static str {
+        "exec"
+    }
+}
+
+/// GitHub Actions' OIDC token request.
+struct GithubActions {
+    audience: String,
+    http: HttpSettings,
+}
+
+impl TokenSource for GithubActions {
+    fn fetch(&self) -> Result<Fetched, TokenError> {
+        let var = |k: &str| {
+            std::env::var(k).ok().filter(|v| !v.is_empty()).ok_or_else(|| {
+                TokenError::Environment(format!(
+                    "{k} is not set: run inside a GitHub Actions job with `permissions: id-token: write`"
+                ))
+            })
+        };
+        let url = var("ACTIONS_ID_TOKEN_REQUEST_URL")?;
+        let bearer = var("ACTIONS_ID_TOKEN_REQUEST_TOKEN")?;
+        let sep = if url.contains('?') { '&' } else { '?' };
+        let url = format!("{url}{sep}audience={}", percent(&self.audience));
+        let (status, body) =
+            fetcher(&self.http)?.get_with_bearer(&url, &bearer).map_err(TokenError::Unreachable)?;
+        token_answer(status, &body, "value")
+    }
+
+    fn kind(&self) -> &'static str {
+        "github_actions"
+    }
+}
+
+fn percent(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => char::from(b).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// One profile's token: one fetch in flight, the token reused until `margin` before it
+/// expires (at most half its remaining life at fetch time), a changed file read again.
+pub struct TokenCache {
+    source: Arc<dyn TokenSource>,
+    margin: i64,
+    current: tokio::sync::Mutex<Option<(Fetched, i64)>>,
+    metrics: Option<Arc<super::metrics::Metrics>>,
+}
+
+impl TokenCache {
+    /// A cache in front of `source`.
+    pub fn new(source: Arc<dyn TokenSource>, margin_secs: u64) -> Self {
+        Self {
+            source,
+            margin: i64::try_from(margin_secs).unwrap_or(i64::MAX),
+            current: tokio::sync::Mutex::new(None),
+            metrics: None,
+        }
+    }
+
+    /// The same, counting its fetches in `metrics`.
+    pub fn counted(mut self, metrics: Arc<super::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// The source's kind.
+    pub fn kind(&self) -> &'static str {
+        self.source.kind()
+    }
+
+    /// A token good for a while yet, and whether it was fetched now. When a fetch fails while
+    /// the current token is still valid (inside the refresh margin), that token is used.
+    pub async fn get(&self) -> Result<(Fetched, bool), TokenError> {
+        // Held across the fetch: callers meanwhile wait for its token instead of fetching too.
+        let mut current = self.current.lock().await;
+        let now = gprxy_core::unix_time();
+        if let Some((f, fetched_at)) = current.as_ref() {
+            if self.fresh(f, *fetched_at, now) && !self.source.changed() {
+                return Ok((f.clone(), false));
+            }
+        }
+        let source = self.source.clone();
+        let fetched = tokio::task::spawn_blocking(move || source.fetch())
+            .await
+            .map_err(|e| TokenError::BadAnswer(format!("the fetch failed: {e}")))
+            .and_then(|r| r);
+        if let Some(m) = &self.metrics {
+            let outcome = if fetched.is_ok() { "success" } else { "failure" };
+            m.token_fetches
+                .get_or_create(&super::metrics::FetchLabels { source: self.source.kind(), outcome })
+                .inc();
+        }
+        match fetched {
+            Ok(fetched) => {
+                *current = Some((fetched.clone(), now));
+                Ok((fetched, true))
+            }
+            Err(e) => match current.as_ref() {
+                Some((f, _))
+                    if f.expires_at.is_some_and(|exp| now + STILL_VALID_SECS < exp)
+                        && !self.source.changed() =>
+                {
+                    tracing::warn!(event = "token_refresh_failed", source = self.source.kind(), error = %e,
+                                   token_fp = %f.token.fingerprint(), "cannot refresh the token; the current one is still valid");
+                    Ok((f.clone(), false))
+                }
+                _ => Err(e),
+            },
+        }
+    }
+
+    fn fresh(&self, f: &Fetched, fetched_at: i64, now: i64) -> bool {
+        self.refresh_point(f, fetched_at).is_some_and(|at| now < at)
+    }
+
+    /// When a token fetched at `fetched_at` is to be replaced: `margin` before it expires, at most
+    /// half its remaining life then. None: no expiry known (used for one connection only).
+    fn refresh_point(&self, f: &Fetched, fetched_at: i64) -> Option<i64> {
+        f.expires_at.map(|exp| exp - self.margin.min((exp - fetched_at).max(0) / 2))
+    }
+
+    /// Refreshes the token ahead of time, for as long as it runs: once a connection has fetched
+    /// a token with a known expiry, a new one is fetched at its refresh point, so that
+    /// connections find a fresh token waiting. Failures are retried every ten seconds.
+    pub async fn keep_fresh(self: Arc<Self>) {
+        loop {
+            let point = {
+                let current = self.current.lock().await;
+                current.as_ref().and_then(|(f, at)| self.refresh_point(f, *at))
+            };
+            let now = gprxy_core::unix_time();
+            match point {
+                Some(at) if at > now => {
+                    tokio::time::sleep(Duration::from_secs(u64::try_from(at - now).unwrap_or(1).min(60)))
+                        .await;
+                }
+                Some(_) => match self.get().await {
+                    Ok((f, true)) => {
+                        tracing::info!(event = "token_refreshed", source = self.source.kind(),
+                                       token_fp = %f.token.fingerprint(), "token refreshed ahead of its end");
+                        // A source that gives a token already due (a stale file, a short-lived
+                        // token) is asked again after a pause, never in a loop.
+                        let due = self.refresh_point(&f, now).is_some_and(|at| at <= gprxy_core::unix_time());
+                        tokio::time::sleep(Duration::from_secs(if due { 10 } else { 1 })).await;
+                    }
+                    Ok((_, false)) => tokio::time::sleep(Duration::from_secs(1)).await,
+                    Err(e) => {
+                        tracing::warn!(event = "token_refresh_failed", source = self.source.kind(), error = %e, "cannot refresh the token");
+                        tokio::time::sleep(Duration::from_secs(10)).await;
+                    }
+                },
+                None => tokio::time::sleep(Duration::from_secs(1)).await,
+            }
+        }
+    }
+
+    /// Forgets `token` (the server refused it): the next connection fetches a new one.
+    pub async fn forget(&self, token: &Token) {
+        let mut current = self.current.lock().await;
+        if current.as_ref().is_some_and(|(f, _)| &f.token == token) {
+            *current = None;
+        }
+    }
+}
+
+/// A token for other modules' tests.
+#[cfg(test)]
+pub fn tests_token(t: &str) -> Token {
+    Token(t.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    struct Counting {
+        calls: AtomicUsize,
+        lifetime: Option<i64>,
+    }
+
+    impl TokenSource for Counting {
+        fn fetch(&self) -> Result<Fetched, TokenError> {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(50));
+            Ok(Fetched {
+                token: Token(format!("t{n}")),
+                expires_at: self.lifetime.map(|l| gprxy_core::unix_time() + l),
+            })
+        }
+        fn kind(&self) -> &'static str {
+            "test"
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_callers_share_one_fetch_and_the_token_is_reused() {
+        let source = Arc::new(Counting { calls: AtomicUsize::new(0), lifetime: Some(3600) });
+        let cache = Arc::new(TokenCache::new(source.clone(), 60));
+        let tasks: Vec<_> = (0..10)
+            .map(|_| {
+                let c = cache.clone();
+                tokio::spawn(async move { c.get().await.unwrap().0.token })
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(t.await.unwrap().expose(), "t0");
+        }
+        assert_eq!(source.calls.load(Ordering::SeqCst), 1);
+        cache.forget(&Token("t0".into())).await;
+        assert_eq!(cache.get().await.unwrap().0.token.expose(), "t1");
+    }
+
+    #[tokio::test]
+    async fn a_token_near_its_end_or_without_one_is_fetched_again() {
+        // 10 s of life, margin 60 s: reused for the first half only.
+        let source = Arc::new(Counting { calls: AtomicUsize::new(0), lifetime: Some(10) });
+        let cache = TokenCache::new(source.clone(), 60);
+        assert!(cache.get().await.unwrap().1);
+        assert!(!cache.get().await.unwrap().1);
+        let source = Arc::new(Counting { calls: AtomicUsize::new(0), lifetime: None });
+        let cache = TokenCache::new(source.clone(), 60);
+        cache.get().await.unwrap();
+        cache.get().await.unwrap();
+        assert_eq!(source.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn the_token_is_refreshed_ahead_of_its_end_without_a_connection_asking() {
+        // 6 s of life: refreshed 3 s after it was fetched.
+        let source = Arc::new(Counting { calls: AtomicUsize::new(0), lifetime: Some(6) });
+        let cache = Arc::new(TokenCache::new(source.clone(), 60));
+        let keeper = tokio::spawn(cache.clone().keep_fresh());
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(source.calls.load(Ordering::SeqCst), 0, "nothing is fetched before a connection asks");
+        assert_eq!(cache.get().await.unwrap().0.token.expose(), "t0");
+        tokio::time::sleep(Duration::from_millis(4000)).await;
+        assert_eq!(source.calls.load(Ordering::SeqCst), 2);
+        let (f, fetched) = cache.get().await.unwrap();
+        assert_eq!((f.token.expose(), fetched), ("t1", false));
+        keeper.abort();
+    }
+
+    #[test]
+    fn a_token_debug_shows_only_its_fingerprint_and_answers_never_quote_a_description() {
+        let t = Token("secret.token.value".into());
+        assert!(!format!("{t:?}").contains("secret"));
+        let e = token_answer(
+            401,
+            br#"{"error":"invalid_client","error_description":"bad secret hunter2"}"#,
+            "access_token",
+        )
+        .unwrap_err();
+        assert_eq!(e.to_string(), "the issuer refused the token request: invalid_client (HTTP 401)");
+    }
+
+    #[test]
+    fn a_failing_command_is_reported_with_its_status_and_last_error_line() {
+        let exec = Exec {
+            command: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "echo not-a-token; echo 'vault: permission denied' >&2; exit 3".into(),
+            ],
+            timeout: Duration::from_secs(5),
+        };
+        assert_eq!(
+            exec.fetch().unwrap_err().to_string(),
+            "the command /bin/sh exited with status 3: vault: permission denied"
+        );
+        let exec = Exec { command: vec!["/bin/sleep".into(), "5".into()], timeout: Duration::from_secs(1) };
+        assert_eq!(
+            exec.fetch().unwrap_err().to_string(),
+            "the command /bin/sleep did not finish within 1 s and was killed"
+        );
+    }
+
+    #[test]
+    fn a_token_file_is_read_again_when_it_changes_and_must_be_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "first.token\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let f = TokenFile { path: path.clone(), seen: Mutex::new(None) };
+        assert_eq!(f.fetch().unwrap().token.expose(), "first.token");
+        assert!(!f.changed());
+        std::fs::write(path.with_extension("new"), "second.token").unwrap();
+        std::fs::set_permissions(path.with_extension("new"), std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::rename(path.with_extension("new"), &path).unwrap();
+        assert!(f.changed());
+        assert_eq!(f.fetch().unwrap().token.expose(), "second.token");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o664)).unwrap();
+        assert_eq!(
+            f.fetch().unwrap_err().to_string(),
+            format!("{}: writable by others (mode 664); run chmod 600 on it", path.display())
+        );
+    }
+}
