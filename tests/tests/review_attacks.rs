@@ -1,7 +1,7 @@
 //! Review of #29 (roles from groups) and #27 (two issuers, one role) as an attacker, judged from
-//! the catalog. A test named `defect_*` shows a defect: it FAILS on the code it was written
-//! against (main at 407154c) and passes once the defect is fixed. A test named `held_*` shows an
-//! attack that the code withstands.
+//! the catalog. A test named `attack_*` is an attack that found a defect: it failed on the code it
+//! was written against (main at 407154c) and passes since the mends that followed. A test named
+//! `held_*` is an attack the code withstood from the start.
 
 use std::time::{Duration, Instant};
 
@@ -78,7 +78,7 @@ impl Setup {
 /// the role's OID (or compare pg_authid's OID / creation) and treat a name whose OID differs as a
 /// collision; or delete the record when the role is gone.
 #[test]
-fn defect_a_hand_made_role_under_a_stale_record_is_adopted() {
+fn attack_a_hand_made_role_under_a_stale_record_is_adopted() {
     let s = setup("sync", "eng:app_reader,ops:app_writer", &[]);
     assert_eq!(s.login("alice", "alice", &["eng"]).unwrap(), "alice|oauth:alice");
     // Off-boarding by hand, then a new hand-made account of the same name.
@@ -107,7 +107,7 @@ fn defect_a_hand_made_role_under_a_stale_record_is_adopted() {
 /// remembered entry should also carry the role's OID and be checked against the syscache
 /// (one lookup), or drop_provisioned_role should clear the shared memory.
 #[test]
-fn defect_a_remembered_login_reaches_a_role_remade_by_hand() {
+fn attack_a_remembered_login_reaches_a_role_remade_by_hand() {
     let s = setup("sync", "eng:app_reader,ops:app_writer", &[]);
     assert_eq!(s.login("alice", "alice", &["eng"]).unwrap(), "alice|oauth:alice");
     s.pg.sql("SELECT gprxy.drop_provisioned_role('alice', 'postgres')");
@@ -190,7 +190,7 @@ fn held_a_provisioner_ended_mid_request_does_not_leak_its_slot() {
 /// attacker. Fix: refuse a provisioned name equal to a role-map target (any issuer's), and
 /// recommend a prefix.
 #[test]
-fn defect_an_identity_named_like_an_absent_managed_group_becomes_that_group() {
+fn attack_an_identity_named_like_an_absent_managed_group_becomes_that_group() {
     let s = setup("sync", "eng:app_reader,ops:app_writer,audit:app_auditor", &[]);
     let squat = s.login("app_auditor", "app_auditor", &[]);
     // A colleague in the IdP's audit group logs in: the provisioner grants them the attacker's role.
@@ -268,7 +268,7 @@ fn oauth_login(
 /// fail closed when any line (an include) has a tokenizing error, and compare with the file's
 /// load time (or read the postmaster's parsed lines) rather than the file as it reads now.
 #[test]
-fn defect_an_unreadable_include_lets_two_issuers_reach_one_role() {
+fn attack_an_unreadable_include_lets_two_issuers_reach_one_role() {
     use std::os::unix::fs::PermissionsExt;
     let (ka, kb) = (TestKey::rsa("a"), TestKey::rsa("b"));
     let (a, b) = (TestIssuer::start(&[&ka]), TestIssuer::start(&[&kb]));
@@ -320,7 +320,7 @@ fn defect_an_unreadable_include_lets_two_issuers_reach_one_role() {
 /// search_path = pg_catalog, pg_temp` after connecting (and schema-qualify); declare the
 /// extension's functions with `SET search_path = pg_catalog, pg_temp`.
 #[test]
-fn defect_a_writable_schema_on_the_path_hijacks_the_provisioner_and_the_drop_function() {
+fn attack_a_writable_schema_on_the_path_hijacks_the_provisioner_and_the_drop_function() {
     let s = setup("sync", "eng:app_reader,ops:app_writer", &[]);
     s.pg.sql("GRANT CREATE ON SCHEMA public TO PUBLIC");
     assert_eq!(s.login("alice", "alice", &["eng"]).unwrap(), "alice|oauth:alice");
