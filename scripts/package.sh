@@ -180,6 +180,8 @@ echo /etc/gprxy/gprxy.toml >"$stage/DEBIAN/conffiles"
 chmod 0644 "$stage/DEBIAN/conffiles"
 add_docs "$stage" "$pkg"
 install -m 0644 "$ROOT/README.md" "$stage/usr/share/doc/$pkg/README.md"
+install -d "$stage/usr/share/doc/$pkg/docs"
+install -m 0644 "$ROOT"/docs/*.md "$stage/usr/share/doc/$pkg/docs/"
 install -d "$stage/usr/share/doc/$pkg/examples"
 install -m 0644 "$ROOT/gprxy.toml.example" "$ROOT/issuers.toml.example" "$stage/usr/share/doc/$pkg/examples/"
 build_deb "$stage" "$pkg" "Package: $pkg

@@ -123,18 +123,34 @@ pub async fn serve<S: AdminSource>(listener: TcpListener, proxy: Arc<S>) {
         let Some((place, evicted)) = admit(&admission, peer.ip()) else { continue };
         let proxy = proxy.clone();
         tokio::spawn(async move {
+            let mut sock = sock;
             // Evicted only while waiting for the request: once it is served the sender is
             // dropped (an Err here), which must not cut the answer short.
-            tokio::select! {
-                () = answer(sock, &place, &*proxy) => {}
-                Ok(()) = evicted => {}
+            let evicted_first = {
+                let served = answer(&mut sock, &place, &*proxy);
+                tokio::pin!(served);
+                tokio::select! {
+                    () = &mut served => false,
+                    Ok(()) = evicted => true,
+                }
+            };
+            // A connection whose request already sits in its socket (a health check this task
+            // had not read yet) is answered anyway: only silent ones make room.
+            if evicted_first && request_waiting(&sock) {
+                answer(&mut sock, &place, &*proxy).await;
             }
         });
     }
 }
 
+/// Whether bytes the peer sent wait unread in the socket (a non-blocking peek).
+fn request_waiting(sock: &TcpStream) -> bool {
+    let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    matches!(socket2::SockRef::from(sock).peek(&mut byte), Ok(n) if n > 0)
+}
+
 /// Reads one request (within [`HEADER_TIMEOUT`]) and answers it.
-async fn answer<S: AdminSource>(mut sock: TcpStream, place: &Place, proxy: &S) {
+async fn answer<S: AdminSource>(sock: &mut TcpStream, place: &Place, proxy: &S) {
     let mut buf = vec![0u8; 4096];
     let mut n = 0;
     let read = tokio::time::timeout(HEADER_TIMEOUT, async {

@@ -190,8 +190,11 @@ fn psql_logs_in_to_postgres_18_through_the_socket_and_a_rotated_token_file_is_pi
 /// and files: `--check` prints what the README shows, and psql logs in through the socket.
 #[test]
 fn the_readme_example_runs() {
-    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md")).unwrap();
-    let section = &readme[readme.find("### `gprxy connect`").expect("the README's connect section")..];
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/applications.md"))
+            .unwrap();
+    let section =
+        &readme[readme.find("### `gprxy connect`").expect("docs/applications.md's connect section")..];
     let start = section.find("```toml\n").unwrap() + "```toml\n".len();
     let example = &section[start..start + section[start..].find("```").unwrap()];
     let key = TestKey::rsa("k1");

@@ -564,20 +564,25 @@ fn define_settings() {
         &s::PROVISION_SUFFIX,
         None,
     );
-    define_string_in(
-        c"gprxy.provision_role",
-        c"The role the provisioner connects as (CREATEROLE, ADMIN on the managed groups); empty: no provisioner.",
-        &s::PROVISION_ROLE,
-        None,
-        GucContext::Postmaster,
-    );
-    define_string_in(
-        c"gprxy.provision_database",
-        c"The database the provisioner connects to (where gprxy.provisioned_roles is).",
-        &s::PROVISION_DATABASE,
-        None,
-        GucContext::Postmaster,
-    );
+    // The provisioner exists only when the library is preloaded; its settings are read at server
+    // start (PostgreSQL refuses to define such settings later).
+    // SAFETY: reading a postmaster-set flag during library load.
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        define_string_in(
+            c"gprxy.provision_role",
+            c"The role the provisioner connects as (CREATEROLE, ADMIN on the managed groups); empty: no provisioner.",
+            &s::PROVISION_ROLE,
+            None,
+            GucContext::Postmaster,
+        );
+        define_string_in(
+            c"gprxy.provision_database",
+            c"The database the provisioner connects to (where gprxy.provisioned_roles is).",
+            &s::PROVISION_DATABASE,
+            None,
+            GucContext::Postmaster,
+        );
+    }
     define_int(
         c"gprxy.provision_timeout",
         c"How long a login waits for the provisioner.",
