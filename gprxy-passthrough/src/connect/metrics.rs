@@ -33,12 +33,8 @@ pub struct ListenerLabels {
     pub listener: &'static str,
 }
 
-/// Labels of the byte counter.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct DirectionLabels {
-    /// `client_to_server` or `server_to_client`.
-    pub direction: &'static str,
-}
+/// Labels of the byte counter: the proxy's.
+pub use crate::metrics::DirectionLabels;
 
 /// Every metric `gprxy connect` exports (prefix `gprxy_connect`).
 pub struct Metrics {
