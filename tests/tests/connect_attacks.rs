@@ -356,3 +356,33 @@ fn a_trace_level_log_does_not_hold_the_client_secret_or_the_token_in_pieces() {
         "in the log, 16 bytes a line: the client secret ({basic}) {secret_logged}, the access token {token_logged}"
     );
 }
+
+/// DEFECT (fails on 0cbb358): a configuration file others may write is loaded (at start and on
+/// each SIGHUP). Whoever can write it runs any program as the connector's user (`token.source =
+/// "exec"`), or points `upstream` and `tls.ca_file` at a server of theirs, which then receives
+/// the token. The proxy refuses policy files group or others may write (`read_policy_file`);
+/// the connector's file is not checked at all. Fix: refuse a connect.toml that group or others
+/// may write or that another user than this one or root owns.
+#[test]
+fn a_configuration_file_others_may_write_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("ran");
+    let config = dir.path().join("connect.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[profile.p]\nupstream = \"127.0.0.1:1\"\ntls.mode = \"insecure-plain-for-tests\"\n\
+             listen.unix_dir = \"{}\"\ntoken.source = \"exec\"\n\
+             token.command = [\"/bin/sh\", \"-c\", \"touch {}; echo a.b.c\"]\n",
+            dir.path().join("s").display(),
+            marker.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let (_, _, err) = gprxy_tests::connector::run_gprxy(
+        &["connect", "--check", "--profile", "p", "--config", config.to_str().unwrap()],
+        &[],
+    );
+    assert!(!marker.exists(), "a command from a file anyone may write ran: {err}");
+}
