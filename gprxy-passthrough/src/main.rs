@@ -95,6 +95,11 @@ enum Command {
 
 fn init_logging(format: config::LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("GPRXY_LOG").unwrap_or_else(|_| "info".into());
+    // The HTTP client's own trace hex-dumps every byte it sends and receives (client secrets in
+    // Authorization headers, tokens in answers), 16 bytes a line: never logged, whatever
+    // GPRXY_LOG asks for.
+    let quiet = |d: &str| d.parse().expect("a valid directive");
+    let filter = filter.add_directive(quiet("ureq_proto=info")).add_directive(quiet("ureq=info"));
     // Colours only on a terminal: a log file or journald gets plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder =

@@ -102,7 +102,7 @@ for _ in range(n):
     s.close()
 "#;
 
-/// DEFECT (fails on 0cbb358): on loopback TCP another OS user gets in as root. The attacker
+/// Was a DEFECT (failed on 0cbb358; mended since): on loopback TCP another OS user gets in as root. The attacker
 /// sends its startup packet and a statement and closes at once; by the time the connector asks
 /// the kernel's socket table who owns the peer's socket, that socket is a TIME_WAIT entry, which
 /// sock_diag (and /proc/net/tcp) report with uid 0. A connector running as root (a container's
@@ -129,7 +129,7 @@ fn a_peer_that_closed_before_the_lookup_is_not_taken_for_root() {
     let refused = c.events("connect_refused");
     assert_eq!(
         s.loot(),
-        "0 ",
+        "0",
         "OS user {} ran statements as alice; {} logins, {} refusals (uids {:?})",
         attacker_uid(),
         logins.len(),
@@ -190,7 +190,7 @@ c.sendall(b'E' + struct.pack('!I', len(body) + 4) + body)
 c.close()
 "#;
 
-/// DEFECT (fails on 0cbb358): a socket folder under a folder another user owns. The connector
+/// Was a DEFECT (failed on 0cbb358; mended since): a socket folder under a folder another user owns. The connector
 /// checks only the last component of `listen.unix_dir` (its own, 0700); a parent the attacker
 /// owns (here `shared/`, made by the attacker before the connector first ran, as in /tmp) lets
 /// the attacker rename the connector's folder away at any time and put its own folder and
@@ -261,7 +261,7 @@ fn a_socket_folder_inside_a_folder_another_user_owns_is_refused() {
     );
 }
 
-/// DEFECT (fails on 0cbb358): a token file another user owns is used. The file check refuses
+/// Was a DEFECT (failed on 0cbb358; mended since): a token file another user owns is used. The file check refuses
 /// mode bits that let group or others write, but not an owner who is someone else: whoever owns
 /// the file may write it whatever its mode. Here the file's folder is world-writable and sticky
 /// like /tmp, and the attacker wrote the file (mode 0644) before the agent that normally writes
@@ -300,7 +300,7 @@ fn a_token_file_another_user_owns_is_refused() {
     assert!(said.contains(file.to_str().unwrap()), "the application is told which file: {said}");
 }
 
-/// DEFECT (fails on 0cbb358): with `GPRXY_LOG=trace` the HTTP library dumps every byte it sends
+/// Was a DEFECT (failed on 0cbb358; mended since): with `GPRXY_LOG=trace` the HTTP library dumps every byte it sends
 /// and receives, 16 to a log line (`ureq_proto::util`): the `Authorization: Basic` header
 /// holding the client secret, and the issuer's answer holding the access token. Whoever reads
 /// the log (a log shipper, a support bundle) can put the rows together; connect.rs's trace-level
@@ -357,7 +357,7 @@ fn a_trace_level_log_does_not_hold_the_client_secret_or_the_token_in_pieces() {
     );
 }
 
-/// DEFECT (fails on 0cbb358): a configuration file others may write is loaded (at start and on
+/// Was a DEFECT (failed on 0cbb358; mended since): a configuration file others may write is loaded (at start and on
 /// each SIGHUP). Whoever can write it runs any program as the connector's user (`token.source =
 /// "exec"`), or points `upstream` and `tls.ca_file` at a server of theirs, which then receives
 /// the token. The proxy refuses policy files group or others may write (`read_policy_file`);

@@ -290,6 +290,29 @@ pub struct ConnectConfig {
 impl ConnectConfig {
     /// Reads and checks the file.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        // Whoever may write it runs programs as this user (an `exec` source) and picks where the
+        // token goes: this user's or root's, written by nobody else.
+        let own = super::listen::own_uid()?;
+        let meta =
+            std::fs::metadata(path).with_context(|| format!("cannot read config file {}", path.display()))?;
+        let link = std::fs::symlink_metadata(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        for uid in [meta.uid(), link.uid()] {
+            if uid != own && uid != 0 {
+                bail!(
+                    "config file {}: belongs to uid {uid}, not to this user ({own}) or root",
+                    path.display()
+                );
+            }
+        }
+        if meta.mode() & 0o022 != 0 {
+            bail!(
+                "config file {}: others may write it (mode {:o}); run chmod go-w on it",
+                path.display(),
+                meta.mode() & 0o777
+            );
+        }
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config file {}", path.display()))?;
         Self::parse(&text).map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))

@@ -45,6 +45,26 @@ impl Allowed {
 pub fn bind_unix(listen: &Listen, own: u32) -> anyhow::Result<tokio::net::UnixListener> {
     let dir = &listen.unix_dir;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    // Every folder above it too: one another user owns, or may write without the sticky bit,
+    // lets them move ours away and put their own socket where the application connects.
+    for above in dir.ancestors().skip(1).filter(|a| !a.as_os_str().is_empty()) {
+        let m = std::fs::metadata(above).with_context(|| format!("cannot read {}", above.display()))?;
+        if m.uid() != own && m.uid() != 0 {
+            bail!(
+                "{}: belongs to uid {}, who could replace the socket folder below it",
+                above.display(),
+                m.uid()
+            );
+        }
+        let mode = m.mode();
+        if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+            bail!(
+                "{}: others may write it (mode {:o}, no sticky bit) and could replace the socket folder below it",
+                above.display(),
+                mode & 0o7777
+            );
+        }
+    }
     let meta = std::fs::symlink_metadata(dir).with_context(|| format!("cannot read {}", dir.display()))?;
     if !meta.is_dir() {
         bail!("{}: not a folder", dir.display());
@@ -107,6 +127,11 @@ const NLMSG_HDR: usize = 16;
 /// Offset of `idiag_uid` in `struct inet_diag_msg` (family, state, timer, retrans: 4 bytes;
 /// `inet_diag_sockid`: 48; expires, rqueue, wqueue: 12).
 const UID_OFFSET: usize = 4 + 48 + 12;
+/// `idiag_state` (after `idiag_family`), and `TCP_ESTABLISHED`.
+const STATE_OFFSET: usize = 1;
+const TCP_ESTABLISHED: u8 = 1;
+/// `idiag_inode`, after `idiag_uid`.
+const INODE_OFFSET: usize = UID_OFFSET + 4;
 
 /// `struct inet_diag_sockid` fields for an address: the 16-byte address field (IPv4 in its
 /// first 4 bytes) and the port, in network order.
@@ -120,7 +145,9 @@ fn diag_addr(a: SocketAddr) -> ([u8; 16], [u8; 2]) {
 }
 
 /// The `SOCK_DIAG_BY_FAMILY` request for the one TCP socket whose local address is `peer` and
-/// remote address `ours` (`inet_diag_req_v2`, all states, no cookie).
+/// remote address `ours` (`inet_diag_req_v2`, established sockets only, no cookie). A peer that
+/// closed before the lookup leaves a TIME_WAIT entry, which the kernel reports with uid 0 and no
+/// inode: it belongs to nobody and must never pass for root's.
 fn diag_request(peer: SocketAddr, ours: SocketAddr) -> Vec<u8> {
     let family = if canonical(peer).is_ipv4() { AF_INET } else { AF_INET6 };
     let (src, sport) = diag_addr(peer);
@@ -132,7 +159,7 @@ fn diag_request(peer: SocketAddr, ours: SocketAddr) -> Vec<u8> {
     m.extend_from_slice(&1u32.to_ne_bytes()); // sequence
     m.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel fills it in
     m.extend_from_slice(&[family, IPPROTO_TCP, 0, 0]);
-    m.extend_from_slice(&u32::MAX.to_ne_bytes()); // every state
+    m.extend_from_slice(&(1u32 << TCP_ESTABLISHED).to_ne_bytes()); // established only
     m.extend_from_slice(&sport);
     m.extend_from_slice(&dport);
     m.extend_from_slice(&src);
@@ -154,8 +181,16 @@ fn diag_answer(a: &[u8]) -> std::io::Result<Option<u32>> {
     if kind != SOCK_DIAG_BY_FAMILY {
         return Err(bad());
     }
-    let at = NLMSG_HDR + UID_OFFSET;
-    Ok(Some(u32::from_ne_bytes(a.get(at..at + 4).ok_or_else(bad)?.try_into().map_err(|_| bad())?)))
+    let word = |off: usize| -> std::io::Result<u32> {
+        let at = NLMSG_HDR + off;
+        Ok(u32::from_ne_bytes(a.get(at..at + 4).ok_or_else(bad)?.try_into().map_err(|_| bad())?))
+    };
+    let state = *a.get(NLMSG_HDR + STATE_OFFSET).ok_or_else(bad)?;
+    // Only a live socket someone holds has an owner.
+    if state != TCP_ESTABLISHED || word(INODE_OFFSET)? == 0 {
+        return Ok(None);
+    }
+    Ok(Some(word(UID_OFFSET)?))
 }
 
 /// Asks sock_diag for the owner of the socket at `peer` connected to `ours`. Blocking, but the
@@ -186,13 +221,16 @@ fn proc_table_uid(peer: SocketAddr, ours: SocketAddr) -> Option<u32> {
     None
 }
 
-/// In one table's text, the uid of the socket whose local address is `peer` and remote `ours`.
+/// In one table's text, the uid of the established socket (state `01`, a non-zero inode: a
+/// TIME_WAIT entry shows uid 0 and belongs to nobody) whose local address is `peer` and remote
+/// `ours`.
 fn find_owner(table: &str, peer: SocketAddr, ours: SocketAddr) -> Option<u32> {
     let (peer, ours) = (canonical(peer), canonical(ours));
     table.lines().skip(1).find_map(|line| {
         let f: Vec<&str> = line.split_whitespace().collect();
         let (local, remote, uid) = (parse_addr(f.get(1)?)?, parse_addr(f.get(2)?)?, f.get(7)?);
-        (canonical(local) == peer && canonical(remote) == ours).then(|| uid.parse().ok()).flatten()
+        let live = f.get(3) == Some(&"01") && f.get(9).is_some_and(|inode| *inode != "0");
+        (live && canonical(local) == peer && canonical(remote) == ours).then(|| uid.parse().ok()).flatten()
     })
 }
 
@@ -271,6 +309,9 @@ mod tests {
         if cfg!(target_endian = "little") {
             assert_eq!(find_owner(v4, peer, ours), Some(1001));
             assert_eq!(find_owner(v4, ours, peer), None);
+            // A peer that already closed: TIME_WAIT (06), uid 0, no inode: nobody's.
+            let gone = v4.replace(" 01 ", " 06 ").replace("  1001        0 1 ", "     0        0 0 ");
+            assert_eq!(find_owner(&gone, peer, ours), None);
         }
         let v6 = format!(
             "header\n 0: {}:D431 {}:1538 01 00000000:00000000 00:00000000 00000000  1002 0 1\n",

@@ -215,6 +215,15 @@ fn read_file_checked(path: &Path, mask: u32, what: &str) -> Result<Vec<u8>, Toke
     if !meta.is_file() {
         return Err(err("not a regular file".into()));
     }
+    // Its owner may always write it, whatever its mode: this user or root only, and so for a
+    // symbolic link at the path (Kubernetes' projected tokens are root's links to root's files).
+    let own = super::listen::own_uid().map_err(|e| err(e.to_string()))?;
+    let link = std::fs::symlink_metadata(path).map_err(|e| err(e.to_string()))?;
+    for uid in [meta.uid(), link.uid()] {
+        if uid != own && uid != 0 {
+            return Err(err(format!("belongs to uid {uid}, not to this user ({own}) or root")));
+        }
+    }
     let mode = meta.permissions().mode() & 0o777;
     if mode & mask != 0 {
         return Err(err(format!("{what} (mode {mode:o}); run chmod 600 on it")));
