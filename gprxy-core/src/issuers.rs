@@ -308,10 +308,7 @@ fn check_entry_name(name: &str) -> Result<(), ConfigError> {
     if ok {
         Ok(())
     } else {
-        Err(ConfigError::new(
-            Setting::EntryName,
-            format!("{name:?}: use 1 to 64 letters, digits, '.', '_' or '-'"),
-        ))
+        Err(ConfigError::new(Setting::EntryName, "use 1 to 64 letters, digits, '.', '_' or '-'".to_owned()))
     }
 }
 
@@ -491,7 +488,10 @@ impl IssuerSet {
             if let Some(n) = &entry.name {
                 check_entry_name(n).map_err(at)?;
                 if issuers.iter().any(|p| p.name.as_deref() == Some(n)) {
-                    return Err(at(ConfigError::new(Setting::EntryName, format!("{n:?} named twice"))));
+                    return Err(at(ConfigError::new(
+                        Setting::EntryName,
+                        "named twice: each entry's name is its own",
+                    )));
                 }
             }
             let id = crate::jwks::issuer_id(&name).unwrap_or_else(|_| name.clone());
@@ -766,12 +766,12 @@ role_map = { admin = "billing_admin" }
         let same_name = TWO_OF_A.replace("a-billing", "a-reporting");
         assert_eq!(
             named(&same_name).unwrap_err(),
-            "issuer 2 (\"https://a.example\"): name: \"a-reporting\" named twice"
+            "issuer 2 (\"https://a.example\"): name: named twice: each entry's name is its own"
         );
         let bad_name = TWO_OF_A.replace("a-billing", "a billing");
         assert_eq!(
             named(&bad_name).unwrap_err(),
-            "issuer 2 (\"https://a.example\"): name: \"a billing\": use 1 to 64 letters, digits, '.', '_' or '-'"
+            "issuer 2 (\"https://a.example\"): name: use 1 to 64 letters, digits, '.', '_' or '-'"
         );
     }
 

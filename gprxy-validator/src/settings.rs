@@ -402,7 +402,7 @@ impl Settings {
             return match entry {
                 Some(name) => Err(ConfigError::new(
                     Setting::EntryName,
-                    format!("{name:?} names an entry, but gprxy.issuers_file is not set"),
+                    "names an entry, but gprxy.issuers_file is not set".to_owned(),
                 )),
                 None => Ok(None),
             };
@@ -417,13 +417,16 @@ impl Settings {
             return self.entry(issuer);
         };
         let Some(found) = set.named(name) else {
-            return Err(ConfigError::new(Setting::EntryName, format!("{name:?} is not in the issuers file")));
+            return Err(ConfigError::new(
+                Setting::EntryName,
+                "names no entry of the issuers file".to_owned(),
+            ));
         };
         if found.issuer() != gprxy_core::jwks::issuer_id(issuer).unwrap_or_else(|_| issuer.to_owned()) {
             return Err(ConfigError::new(
                 Setting::EntryName,
                 format!(
-                    "{name:?} is an entry of issuer {:?}, not of the pg_hba.conf line's issuer {issuer:?}",
+                    "names an entry of issuer {:?}, not of the pg_hba.conf line's issuer {issuer:?}",
                     found.issuer()
                 ),
             ));
@@ -635,7 +638,7 @@ audience = ["b"]
         let err = |r: Result<Option<&IssuerPolicy>, ConfigError>| describe(&r.map(|_| ()).unwrap_err());
         assert_eq!(
             err(s.select("https://a.example", Some("billing"))),
-            "pg_hba.conf validator.entry: \"billing\" names an entry, but gprxy.issuers_file is not set"
+            "pg_hba.conf validator.entry: names an entry, but gprxy.issuers_file is not set"
         );
         assert!(s.select("https://a.example", None).unwrap().is_none());
         s.issuers = Some(Arc::new(IssuerSet::from_toml_named(file, false).unwrap()));
@@ -649,11 +652,11 @@ audience = ["b"]
         );
         assert_eq!(
             err(s.select("https://a.example", Some("payroll"))),
-            "pg_hba.conf validator.entry: \"payroll\" is not in the issuers file"
+            "pg_hba.conf validator.entry: names no entry of the issuers file"
         );
         assert_eq!(
             err(s.select("https://b.example", Some("billing"))),
-            "pg_hba.conf validator.entry: \"billing\" is an entry of issuer \"https://a.example\", not of the pg_hba.conf line's issuer \"https://b.example\""
+            "pg_hba.conf validator.entry: names an entry of issuer \"https://a.example\", not of the pg_hba.conf line's issuer \"https://b.example\""
         );
         // The entry's role map is the one used; without a pick there is no policy.
         let roles = ["admin".to_owned()];
