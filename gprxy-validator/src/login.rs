@@ -260,7 +260,7 @@ impl Server for Live {
         req: &crate::provision::Request,
         settings: &Settings,
     ) -> Result<(), (&'static str, String)> {
-        crate::provision::request(req, settings.provision_timeout, settings.provision_recheck)
+        crate::provision::request(req, settings.provision_timeout)
     }
     fn provisioned_lately(&self, req: &crate::provision::Request, settings: &Settings) -> bool {
         crate::provision::remembered(req, settings.provision_recheck)

@@ -197,15 +197,14 @@ pub fn remembered(req: &Request, recheck: Duration) -> bool {
     crate::ffi::role_oid(&req.role) == Some(oid)
 }
 
-/// Asks the provisioner for `req` and waits for its answer (backends, during authentication).
-pub fn request(req: &Request, timeout: Duration, recheck: Duration) -> Result<(), Refused> {
+/// Asks the provisioner for `req` and waits for its answer (backends, during authentication,
+/// after [`remembered`] said no).
+pub fn request(req: &Request, timeout: Duration) -> Result<(), Refused> {
     let unavailable = |d: &str| ("provision_unavailable", d.to_owned());
     if !crate::ffi::shmem_ready() {
         return Err(unavailable("gprxy_validator is not in shared_preload_libraries: no provisioner"));
     }
-    if remembered(req, recheck) {
-        return Ok(());
-    }
+    // The caller asked `remembered` first: this is a login that changes something.
     let key = req.key();
     let too_long = |what: &str| ("provision_refused", format!("the {what} is too long to provision"));
     let role = Fixed::new(&req.role).ok_or_else(|| too_long("role name"))?;

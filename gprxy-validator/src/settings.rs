@@ -400,7 +400,7 @@ impl Settings {
     pub fn select(&self, issuer: &str, entry: Option<&str>) -> Result<Option<&IssuerPolicy>, ConfigError> {
         let Some(set) = &self.issuers else {
             return match entry {
-                Some(name) => Err(ConfigError::new(
+                Some(_) => Err(ConfigError::new(
                     Setting::EntryName,
                     "names an entry, but gprxy.issuers_file is not set".to_owned(),
                 )),
