@@ -298,6 +298,8 @@ fn a_token_file_another_user_owns_is_refused() {
         attacker_uid()
     );
     assert!(said.contains(file.to_str().unwrap()), "the application is told which file: {said}");
+    // From the server's side: no login of the planted token's identity was ever attempted.
+    assert!(!s.pg.log().contains("authn_id=\"mallory\""), "{}", s.pg.log());
 }
 
 /// Was a DEFECT (failed on 0cbb358; mended since): with `GPRXY_LOG=trace` the HTTP library dumps every byte it sends
