@@ -15,6 +15,8 @@ mod ffi;
 mod login;
 #[cfg(oauth_validator)]
 mod provision;
+#[cfg(oauth_validator)]
+mod role_powers;
 mod session;
 #[cfg(oauth_validator)]
 mod settings;

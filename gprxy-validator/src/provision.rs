@@ -13,6 +13,7 @@ use gprxy_core::provision::{plan, quote_ident, Action, Existing, Login, Provisio
 use pgrx::spi::Spi;
 
 use crate::ffi::PROVISION;
+use crate::role_powers::privileged_role;
 use crate::settings::Settings;
 
 /// Requests in flight at once (logins beyond wait for a free slot, inside their bound).
@@ -308,6 +309,7 @@ fn static_code(code: &str) -> &'static str {
     match code {
         "provision_collision" => "provision_collision",
         "provision_other_identity" => "provision_other_identity",
+        "provision_privileged_group" => "provision_privileged_group",
         _ => "provision_failed",
     }
 }
@@ -335,14 +337,16 @@ fn forget_all() {
 pub fn serve() {
     use pgrx::bgworkers::BackgroundWorker;
     PROVISION.exclusive().worker_pid = crate::ffi::own_pid();
+    let mut refused = refuse_privileged_groups();
     pgrx::log!("gprxy: provisioner ready");
     while BackgroundWorker::wait_latch(Some(Duration::from_secs(10))) {
         if BackgroundWorker::sighup_received() {
             crate::ffi::reload_config();
             forget_all();
+            refused = refuse_privileged_groups();
         }
         while let Some((index, id, req)) = take_pending() {
-            let outcome = crate::ffi::in_transaction(|| provision(&req));
+            let outcome = crate::ffi::in_transaction(|| provision(&req, &refused));
             let (ok, oid, code, detail) = match outcome {
                 Ok(Ok(oid)) => (true, oid, "ok".to_owned(), String::new()),
                 Ok(Err((code, detail))) => (false, 0, code.to_owned(), detail),
@@ -376,6 +380,60 @@ pub fn serve() {
     pgrx::log!("gprxy: provisioner stopped");
 }
 
+/// The managed groups refused when the provisioner read the settings (at its start and at each
+/// reload): a role map target with powers beyond its grants (SUPERUSER, REPLICATION, BYPASSRLS,
+/// CREATEROLE, or a member of such a role) is never granted, whatever its powers later, until
+/// the DBA changes it and reloads. One line each in the server log; a target that does not exist
+/// yet is named too (a login whose groups map to it is refused until it is made).
+/// Returns group → why.
+fn refuse_privileged_groups() -> Vec<(String, String)> {
+    let Ok(settings) = Settings::current() else {
+        // Every request is refused with the settings' error; nothing to check.
+        return Vec::new();
+    };
+    let groups = settings.provisioned_groups();
+    if groups.is_empty() {
+        return Vec::new();
+    }
+    let checked = crate::ffi::in_transaction(|| {
+        let mut refused = Vec::new();
+        for g in &groups {
+            match crate::ffi::role_powers(g.group) {
+                None => pgrx::log!(
+                    "gprxy: provision group={} (mapped from {} by {}) does not exist yet: logins whose groups map to it are refused until it is made",
+                    q(g.group),
+                    q(g.from),
+                    g.place
+                ),
+                Some(powers) => {
+                    if let Some(why) = privileged_role(g.group, Some(powers)) {
+                        pgrx::log!(
+                            "gprxy: provision refused at load group={} (mapped from {} by {}): {why}; it is never granted until it is changed and the settings reloaded",
+                            q(g.group),
+                            q(g.from),
+                            g.place
+                        );
+                        refused.push((g.group.to_owned(), why));
+                    }
+                }
+            }
+        }
+        Ok::<_, ()>(refused)
+    });
+    match checked {
+        Ok(Ok(refused)) => refused,
+        Ok(Err(())) => Vec::new(),
+        Err(error) => {
+            // The catalog could not be read: refuse every managed group (fail closed).
+            pgrx::log!("gprxy: provision could not check the managed groups at load: {error}; all are refused until the next reload");
+            groups
+                .iter()
+                .map(|g| (g.group.to_owned(), format!("the check at load failed: {error}")))
+                .collect()
+        }
+    }
+}
+
 fn take_pending() -> Option<(usize, u64, Request)> {
     let mut shared = PROVISION.exclusive();
     let i = shared.slots.iter().position(|s| s.state == PENDING)?;
@@ -400,7 +458,7 @@ fn q(v: &str) -> gprxy_core::Quoted {
 /// plans with gprxy-core and carries the plan out, one audit line per change. Returns the role's
 /// OID. Every query names pg_catalog's objects, under a search_path of pg_catalog and pg_temp
 /// only: a function a user planted in a schema of the default path never runs as the provisioner.
-fn provision(req: &Request) -> Result<u32, Refused> {
+fn provision(req: &Request, refused_at_load: &[(String, String)]) -> Result<u32, Refused> {
     let failed = |e: pgrx::spi::Error| ("provision_failed", format!("catalog: {e}"));
     Spi::run("SET LOCAL search_path = pg_catalog, pg_temp").map_err(failed)?;
     let settings = Settings::current().map_err(|e| ("provision_failed", crate::settings::describe(&e)))?;
@@ -412,6 +470,12 @@ fn provision(req: &Request) -> Result<u32, Refused> {
         m.dedup();
         m
     };
+    if let Some((group, why)) = refused_at_load.iter().find(|(g, _)| req.wanted.contains(g)) {
+        return Err((
+            "provision_privileged_group",
+            format!("group {group:?} was refused when the provisioner read the settings: {why}"),
+        ));
+    }
     let role_oid = |name: &str| {
         Spi::get_one_with_args::<i64>(
             "SELECT oid::pg_catalog.int8 FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) $1",

@@ -200,6 +200,17 @@ pub fn check_file(v: &str) -> Result<(), String> {
     }
 }
 
+/// A group role a provisioning policy grants and revokes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManagedGroup<'a> {
+    /// Where it is mapped: `entry NAME`, `issuer "URL"` or `gprxy.role_map`.
+    pub place: String,
+    /// The token's group.
+    pub from: &'a str,
+    /// The database role.
+    pub group: &'a str,
+}
+
 /// The settings in force, typed.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -517,6 +528,35 @@ impl Settings {
                 self.select(issuer, entry).ok().flatten().map(|e| e.provision.clone()).unwrap_or_default()
             }
             None => self.provision.clone(),
+        }
+    }
+
+    /// Every group role a provisioning policy manages, with where it is mapped (an issuers-file
+    /// entry's name, else its issuer, or `gprxy.role_map`) and the token group mapped to it.
+    pub fn provisioned_groups(&self) -> Vec<ManagedGroup<'_>> {
+        use gprxy_core::provision::ProvisionMode;
+        match &self.issuers {
+            Some(set) => set
+                .iter()
+                .filter(|e| e.provision.mode != ProvisionMode::Off)
+                .flat_map(|e| {
+                    let place = e
+                        .name
+                        .clone()
+                        .map_or_else(|| format!("issuer {:?}", e.issuer()), |n| format!("entry {n}"));
+                    e.role_map.iter().map(move |(from, to)| ManagedGroup {
+                        place: place.clone(),
+                        from,
+                        group: to,
+                    })
+                })
+                .collect(),
+            None if self.provision.mode != ProvisionMode::Off => self
+                .role_map
+                .iter()
+                .map(|(from, to)| ManagedGroup { place: "gprxy.role_map".to_owned(), from, group: to })
+                .collect(),
+            None => Vec::new(),
         }
     }
 

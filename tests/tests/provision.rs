@@ -124,6 +124,54 @@ fn create_keeps_memberships_a_hand_made_role_is_refused_and_a_privileged_group_t
     assert_eq!(s.pg.sql("SELECT count(*) FROM pg_roles WHERE rolname = 'carol'"), "0");
 }
 
+/// A group mapped to a role with powers beyond its grants is refused when the provisioner reads
+/// the settings (its start, each reload), named in the server log; the verdict holds until the
+/// DBA changes the role and reloads: a role that loses CREATEROLE without a reload is still not
+/// granted (the login's own check alone would let it through), one after the reload is.
+#[test]
+fn a_group_mapped_to_a_privileged_role_is_refused_at_load_until_changed_and_reloaded() {
+    let s = setup("sync");
+    // setup() made app_admin (root's target) with CREATEROLE before the provisioner could start.
+    let log = s.pg.log();
+    assert!(
+        log.contains(
+            "gprxy: provision refused at load group=\"app_admin\" (mapped from \"root\" by gprxy.role_map): \
+             role \"app_admin\" has CREATEROLE: delegated mode never maps a token to such a role; \
+             it is never granted until it is changed and the settings reloaded"
+        ),
+        "{log}"
+    );
+    assert!(!log.contains("refused at load group=\"app_reader\""), "{log}");
+    // The other groups are provisioned as before.
+    assert_eq!(s.login("gina", "gina", &["eng"]).unwrap(), "gina|oauth:gina");
+
+    // The DBA takes the power away and lets the provisioner grant it, but does not reload.
+    s.pg.sql(
+        "ALTER ROLE app_admin NOCREATEROLE; \
+         GRANT app_admin TO gprxy_provisioner WITH ADMIN OPTION, INHERIT FALSE, SET FALSE",
+    );
+    assert!(s.login("gina", "gina", &["eng", "root"]).is_err());
+    let audit = s.last_audit();
+    assert!(audit.contains("refused reason=provision_privileged_group role=\"gina\""), "{audit}");
+    assert!(
+        audit.contains(
+            "detail=\"group \\\"app_admin\\\" was refused when the provisioner read the settings: role"
+        ),
+        "{audit}"
+    );
+    assert_eq!(s.members("gina"), "app_reader by gprxy_provisioner");
+
+    let checks = s.pg.log().matches("gprxy: provisioner ready").count();
+    s.pg.sql("SELECT pg_reload_conf()");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while s.login("gina", "gina", &["eng", "root"]).is_err() {
+        assert!(std::time::Instant::now() < deadline, "{}", s.last_audit());
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(s.members("gina"), "app_admin by gprxy_provisioner,app_reader by gprxy_provisioner");
+    assert_eq!(s.pg.log().matches("gprxy: provisioner ready").count(), checks, "a reload, not a restart");
+}
+
 /// Eight first logins of one person at once make one role and one record, and all log in.
 #[test]
 fn concurrent_first_logins_make_one_role() {

@@ -4,7 +4,7 @@ use std::ffi::CString;
 
 use pgrx::pg_sys;
 
-use crate::login::RolePowers;
+use crate::role_powers::RolePowers;
 
 /// Looks `role` up in pg_authid through the syscache. pg_authid is a shared catalog, readable
 /// during authentication (InitPostgres has started a transaction by then, as hba.c's own role
