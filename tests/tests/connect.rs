@@ -444,6 +444,61 @@ fn a_cancel_request_reaches_the_server_through_the_connector() {
     assert_eq!(cancels[1]["outcome"], "dropped");
 }
 
+/// `max_connections` is a promise about server backends: with two sessions open a third
+/// connection is refused with `too_many_connections` before anything reaches the server, and a
+/// slot is given back when a session ends.
+#[test]
+fn max_connections_bounds_the_server_backends_and_a_slot_is_given_back_at_a_sessions_end() {
+    let s = pg18(&[]);
+    let dir = private_dir();
+    let file = dir.path().join("token");
+    write_token_file(&file, &s.token("j1", 300));
+    let c = Connector::start(
+        &format!(
+            "{}max_connections = 2\ntoken.source = \"file\"\ntoken.path = \"{}\"\n",
+            s.upstream(),
+            file.display()
+        ),
+        true,
+    );
+    let backends = || {
+        s.pg.sql("SELECT count(*) FROM pg_stat_activity WHERE usename = 'alice' AND backend_type = 'client backend'")
+    };
+    let (first, mut first_child) = psql_session(&c);
+    let (_second, _second_child) = psql_session(&c);
+    assert_eq!(backends(), "2");
+    let connections_before = s.pg.log().matches("connection received: host=127.0.0.1").count();
+    let e = psql(&c.conninfo("alice"), "SELECT 1").unwrap_err();
+    assert!(
+        e.ends_with("FATAL:  gprxy connect: too many connections: this connector's max_connections are open"),
+        "{e}"
+    );
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], c.tcp_port.unwrap()).into();
+    let Err(e) = pgwire::connect(addr, "alice", "postgres", Auth::None) else { panic!("a third session") };
+    assert_eq!(e.code.as_deref(), Some("53300"), "{e:?}");
+    assert_eq!(backends(), "2");
+    assert_eq!(
+        s.pg.log().matches("connection received: host=127.0.0.1").count(),
+        connections_before,
+        "a refused connection never reached the server"
+    );
+    assert_eq!(c.events("connect_refused").iter().filter(|e| e["reason"] == "max_connections").count(), 2);
+    // The first session ends: its slot is free again.
+    drop(first);
+    first_child.wait().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let third = loop {
+        match psql(&c.conninfo("alice"), "SELECT gprxy.claim('jti')") {
+            Ok(out) => break out,
+            Err(e) => {
+                assert!(std::time::Instant::now() < deadline, "the slot was never given back: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    };
+    assert_eq!(third, "j1");
+}
+
 #[test]
 fn another_os_user_is_refused_on_the_socket_and_on_loopback_tcp() {
     assert!(running_as_root(), "this test runs clients as the test user: run it as root (make test does)");

@@ -47,6 +47,8 @@ struct FileProfile {
     refresh_margin_secs: u64,
     #[serde(default = "default_connect_timeout")]
     connect_timeout_secs: u64,
+    #[serde(default = "default_max_connections")]
+    max_connections: usize,
     #[serde(default)]
     tls: FileTls,
     #[serde(default)]
@@ -68,6 +70,11 @@ fn default_margin() -> u64 {
 
 fn default_connect_timeout() -> u64 {
     10
+}
+
+/// Each application connection is a server backend: PostgreSQL's own default `max_connections`.
+fn default_max_connections() -> usize {
+    100
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -272,6 +279,8 @@ pub struct Profile {
     pub refresh_margin_secs: u64,
     /// Time to reach the server.
     pub connect_timeout: std::time::Duration,
+    /// Application connections at once (each is a server backend); more are refused.
+    pub max_connections: usize,
     /// Listeners.
     pub listen: Listen,
     /// The token source.
@@ -401,6 +410,9 @@ fn check_profile(name: &str, p: FileProfile) -> anyhow::Result<Profile> {
         }
         Ok(Some(addr))
     };
+    if p.max_connections == 0 || p.max_connections > 10_000 {
+        bail!("max_connections: 1 to 10000");
+    }
     let tcp = loopback("listen.tcp", p.listen.tcp)?;
     let metrics = loopback("listen.metrics", p.listen.metrics)?;
     let unix_dir = p.listen.unix_dir.unwrap_or_else(|| default_socket_dir(name));
@@ -461,6 +473,7 @@ fn check_profile(name: &str, p: FileProfile) -> anyhow::Result<Profile> {
         tls,
         refresh_margin_secs: p.refresh_margin_secs,
         connect_timeout: std::time::Duration::from_secs(p.connect_timeout_secs.max(1)),
+        max_connections: p.max_connections,
         listen: Listen {
             unix_dir,
             port: p.listen.port.unwrap_or(5432),
@@ -535,6 +548,16 @@ token.client_secret_file = "/etc/gprxy/app.secret"
         assert_eq!(
             ConnectConfig::parse(&text).unwrap_err().to_string(),
             "profile \"app\": listen.metrics: 0.0.0.0:9187 is not a loopback address; gprxy connect listens only on 127.0.0.1 or ::1"
+        );
+    }
+
+    #[test]
+    fn max_connections_defaults_to_postgres_own_and_zero_is_refused() {
+        assert_eq!(ConnectConfig::parse(GOOD).unwrap().profile(None).unwrap().max_connections, 100);
+        let text = GOOD.replace("user = \"alice\"", "max_connections = 0");
+        assert_eq!(
+            ConnectConfig::parse(&text).unwrap_err().to_string(),
+            "profile \"app\": max_connections: 1 to 10000"
         );
     }
 

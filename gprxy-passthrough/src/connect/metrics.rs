@@ -47,6 +47,8 @@ pub struct Metrics {
     pub token_fetches: Family<FetchLabels, Counter>,
     /// Connections from OS users not allowed, by listener.
     pub refused_peers: Family<ListenerLabels, Counter>,
+    /// Connections refused because `max_connections` were open.
+    pub refused_at_limit: Counter,
     /// Sessions relaying now.
     pub sessions: Gauge,
     /// Bytes relayed after login.
@@ -70,11 +72,26 @@ impl Metrics {
         registry.register("token_fetches", "Token fetches by source and outcome", token_fetches.clone());
         let refused_peers = Family::<ListenerLabels, Counter>::default();
         registry.register("refused_peers", "Connections from OS users not allowed", refused_peers.clone());
+        let refused_at_limit = Counter::default();
+        registry.register(
+            "refused_at_limit",
+            "Connections refused because max_connections were open",
+            refused_at_limit.clone(),
+        );
         let sessions = Gauge::default();
         registry.register("sessions_active", "Sessions relaying now", sessions.clone());
         let bytes = Family::<DirectionLabels, Counter>::default();
         registry.register("relayed_bytes", "Bytes relayed after login", bytes.clone());
-        Self { registry, logins, login_duration, token_fetches, refused_peers, sessions, bytes }
+        Self {
+            registry,
+            logins,
+            login_duration,
+            token_fetches,
+            refused_peers,
+            refused_at_limit,
+            sessions,
+            bytes,
+        }
     }
 
     /// Counts a login.

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod session;
 pub mod token_source;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::io::AsyncWriteExt;
@@ -79,8 +80,10 @@ pub async fn run(path: std::path::PathBuf, profile: Profile) -> anyhow::Result<(
               tcp = %listen.tcp.map(|a| a.to_string()).unwrap_or_default(), upstream = %c.ctx.profile.upstream,
               source = c.ctx.tokens.kind(), "gprxy connect is ready");
     }
+    let open = Open::default();
     let unix_loop = {
         let current = current.clone();
+        let open = open.clone();
         async move {
             loop {
                 let (s, _) = match unix.accept().await {
@@ -95,21 +98,8 @@ pub async fn run(path: std::path::PathBuf, profile: Profile) -> anyhow::Result<(
                     let c = current.read();
                     (c.ctx.clone(), c.allowed.clone())
                 };
-                tokio::spawn(async move {
-                    let mut s: crate::conn::BoxStream = Box::new(s);
-                    match uid {
-                        Some(u) if allowed.permits(u) => {
-                            session::handle(ctx, s, format!("unix uid {u}")).await
-                        }
-                        _ => {
-                            ctx.metrics
-                                .refused_peers
-                                .get_or_create(&metrics::ListenerLabels { listener: "unix" })
-                                .inc();
-                            refuse(&mut s, uid, "unix").await;
-                        }
-                    }
-                });
+                let who = uid.map(|u| format!("unix uid {u}"));
+                tokio::spawn(admit(ctx, allowed, open.clone(), Box::new(s), uid, "unix", who));
             }
         }
     };
@@ -131,22 +121,12 @@ pub async fn run(path: std::path::PathBuf, profile: Profile) -> anyhow::Result<(
                     let c = current.read();
                     (c.ctx.clone(), c.allowed.clone())
                 };
+                let open = open.clone();
                 tokio::spawn(async move {
                     // Read while the peer's socket is surely in the table: it has just connected.
                     let uid = ours.and_then(|o| listen::tcp_peer_uid(peer, o));
-                    let mut s: crate::conn::BoxStream = Box::new(s);
-                    match uid {
-                        Some(u) if allowed.permits(u) => {
-                            session::handle(ctx, s, format!("tcp {peer} uid {u}")).await;
-                        }
-                        _ => {
-                            ctx.metrics
-                                .refused_peers
-                                .get_or_create(&metrics::ListenerLabels { listener: "tcp" })
-                                .inc();
-                            refuse(&mut s, uid, "tcp").await;
-                        }
-                    }
+                    let who = uid.map(|u| format!("tcp {peer} uid {u}"));
+                    admit(ctx, allowed, open, Box::new(s), uid, "tcp", who).await;
                 });
             }
         }
@@ -183,6 +163,70 @@ pub async fn run(path: std::path::PathBuf, profile: Profile) -> anyhow::Result<(
     let _ = std::fs::remove_file(&socket_path);
     info!(event = "stopped", "gprxy connect stopped");
     Ok(())
+}
+
+/// The application connections open now, over both listeners: each is a server backend.
+#[derive(Clone, Default)]
+struct Open(Arc<AtomicUsize>);
+
+/// One of them; given back when dropped (the session ended, however it ended).
+struct Slot(Arc<AtomicUsize>);
+
+impl Open {
+    /// A slot, unless `max` are taken.
+    fn take(&self, max: usize) -> Option<Slot> {
+        self.0.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).ok()?;
+        Some(Slot(self.0.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// One accepted connection: another OS user's is refused; one beyond `max_connections` is
+/// refused with `too_many_connections` (only allowed users' connections count: another user
+/// cannot fill the connector); else the session, holding its slot until it ends.
+async fn admit(
+    ctx: Arc<Ctx>,
+    allowed: listen::Allowed,
+    open: Open,
+    mut s: crate::conn::BoxStream,
+    uid: Option<u32>,
+    listener: &'static str,
+    who: Option<String>,
+) {
+    match (uid, who) {
+        (Some(u), Some(who)) if allowed.permits(u) => {
+            let Some(_slot) = open.take(ctx.profile.max_connections) else {
+                ctx.metrics.refused_at_limit.inc();
+                warn!(
+                    event = "connect_refused",
+                    listener,
+                    uid = i64::from(u),
+                    reason = "max_connections",
+                    "connection refused: max_connections are open"
+                );
+                let message =
+                    "gprxy connect: too many connections: this connector's max_connections are open";
+                let _ = s
+                    .write_all(
+                        &BackendMessage::ErrorResponse { sqlstate: SqlState::TOO_MANY_CONNECTIONS, message }
+                            .to_bytes(),
+                    )
+                    .await;
+                let _ = s.shutdown().await;
+                return;
+            };
+            session::handle(ctx, s, who).await;
+        }
+        _ => {
+            ctx.metrics.refused_peers.get_or_create(&metrics::ListenerLabels { listener }).inc();
+            refuse(&mut s, uid, listener).await;
+        }
+    }
 }
 
 /// Refuses a connection from another OS user with an ErrorResponse.
