@@ -17,8 +17,8 @@
 //!    session that ended is still there (running its statements, for a pooled one) 2 s later;
 //! 3. every session starts as its own identity in a clean session: no earlier user's
 //!    prepared statements, cursors, LISTEN, temporary tables, settings or open transaction;
-//! 4. at the end the proxy has no session open, its pools nothing in use, and its memory is
-//!    back near where it was.
+//! 4. at the end the proxy (or `gprxy connect`) has no session open, its pools nothing in use,
+//!    and its memory is back near where it was.
 //!
 //! A failure names the seed, the target and the session's steps up to where it broke.
 
@@ -30,6 +30,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use parking_lot::Mutex;
 use serde_json::json;
 
+use crate::connector::{get_metrics, write_token_file, Connector};
 use crate::idp::TestIssuer;
 use crate::pgwire::{self, msg, Auth, PgConn, PgError};
 use crate::proxy::{context_conf, ContextKeyFile, FallbackSetup, Proxy};
@@ -179,6 +180,9 @@ pub enum Kind {
     PassthroughServerPolicy,
     /// gprxy pass-through, the server's policy off: gprxy alone ends sessions.
     PassthroughProxyPolicy,
+    /// `gprxy connect` in front of PostgreSQL 18 with gprxy_validator (TLS, OAUTHBEARER, a token
+    /// file written for each session just before it connects), the server's policy on.
+    Connector,
     /// gprxy fallback mode in front of 15 or 17, one account with a pool of `pool`.
     Fallback {
         /// The pool's size.
@@ -192,6 +196,7 @@ impl fmt::Display for Kind {
             Self::Validator => write!(f, "validator"),
             Self::PassthroughServerPolicy => write!(f, "passthrough-server-policy"),
             Self::PassthroughProxyPolicy => write!(f, "passthrough-proxy-policy"),
+            Self::Connector => write!(f, "connector"),
             Self::Fallback { pool } => write!(f, "fallback-pool-{pool}"),
         }
     }
@@ -210,6 +215,8 @@ pub struct Target {
     pub pg: Cluster,
     /// The proxy, if the target has one.
     pub proxy: Option<Proxy>,
+    /// The connector, if the target is one.
+    connector: Option<ConnectorEnd>,
     certs: TestCerts,
     _context_key: Option<ContextKeyFile>,
     tick_oid: u32,
@@ -220,19 +227,39 @@ const SCHEMA: &str = "CREATE TABLE gen_rows (session text, kind text, who text D
      CREATE FUNCTION gen_tick(text) RETURNS int LANGUAGE sql AS $$ INSERT INTO gen_rows (session, kind) VALUES ($1, 'fastpath'); SELECT 1 $$; \
      GRANT ALL ON gen_rows TO gen";
 
+/// `gprxy connect` with a token file: each session writes its token and connects while it holds
+/// `turn`, so that the connector's login uses that session's token.
+struct ConnectorEnd {
+    connector: Connector,
+    token_file: std::path::PathBuf,
+    turn: Mutex<()>,
+    metrics_port: u16,
+    _dir: tempfile::TempDir,
+}
+
 impl Target {
     /// Starts the servers (and proxy) of `kind` with `policy`.
     pub fn start(kind: Kind, policy: Policy) -> Self {
         let key = TestKey::rsa("k");
         let idp = TestIssuer::start(&[&key]);
-        let certs = TestCerts::new();
+        let certs = if kind == Kind::Connector { TestCerts::for_server() } else { TestCerts::new() };
         let hard = format!("{HARD_LIMIT}s");
         let proxy_session =
             format!("[session]\npolicy = \"{}\"\nidle_hard_limit_secs = {HARD_LIMIT}\n", policy.name());
         let (pg, proxy, context_key) = match kind {
-            Kind::Validator | Kind::PassthroughServerPolicy | Kind::PassthroughProxyPolicy => {
+            Kind::Validator
+            | Kind::Connector
+            | Kind::PassthroughServerPolicy
+            | Kind::PassthroughProxyPolicy => {
                 let server_policy = if kind == Kind::PassthroughProxyPolicy { "off" } else { policy.name() };
-                let pg = validator_cluster("db")
+                let mut builder = validator_cluster("db");
+                if kind == Kind::Connector {
+                    builder = builder
+                        .conf("ssl = on")
+                        .conf(format!("ssl_cert_file = '{}'", certs.cert_path.display()))
+                        .conf(format!("ssl_key_file = '{}'", certs.key_path.display()));
+                }
+                let pg = builder
                     .conf("track_commit_timestamp = on")
                     .conf(format!("gprxy.session_policy = '{server_policy}'"))
                     .conf(format!("gprxy.session_idle_hard_limit = '{hard}'"))
@@ -251,7 +278,7 @@ impl Target {
                 ));
                 let pw = certs.dir().join("terminator.pw");
                 std::fs::write(&pw, "terminator-secret-1\n").unwrap();
-                let proxy = (kind != Kind::Validator).then(|| {
+                let proxy = (!matches!(kind, Kind::Validator | Kind::Connector)).then(|| {
                     let session = if kind == Kind::PassthroughServerPolicy {
                         "[session]\npolicy = \"off\"\n".to_owned()
                     } else {
@@ -298,13 +325,33 @@ impl Target {
             }
         };
         let tick_oid = pg.sql("SELECT 'gen_tick'::regproc::oid").parse().expect("gen_tick's oid");
-        Self { kind, policy, idp, key, pg, proxy, certs, _context_key: context_key, tick_oid }
+        let connector = (kind == Kind::Connector).then(|| {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let token_file = dir.path().join("token");
+            let metrics_port = crate::free_port();
+            let connector = Connector::start(
+                &format!(
+                    "upstream = \"127.0.0.1:{}\"\ndatabase = \"postgres\"\ntls.ca_file = \"{}\"\n\
+                     tls.server_name = \"localhost\"\ntoken.source = \"file\"\ntoken.path = \"{}\"\n\
+                     listen.metrics = \"127.0.0.1:{metrics_port}\"\n",
+                    pg.port(),
+                    certs.ca_path.display(),
+                    token_file.display()
+                ),
+                true,
+            );
+            ConnectorEnd { connector, token_file, turn: Mutex::new(()), metrics_port, _dir: dir }
+        });
+        Self { kind, policy, idp, key, pg, proxy, connector, certs, _context_key: context_key, tick_oid }
     }
 
     fn addr(&self) -> SocketAddr {
-        match &self.proxy {
-            Some(p) => p.addr(),
-            None => SocketAddr::from(([127, 0, 0, 1], self.pg.port())),
+        match (&self.proxy, &self.connector) {
+            (Some(p), _) => p.addr(),
+            (None, Some(c)) => {
+                SocketAddr::from(([127, 0, 0, 1], c.connector.tcp_port.expect("its TCP port")))
+            }
+            (None, None) => SocketAddr::from(([127, 0, 0, 1], self.pg.port())),
         }
     }
 
@@ -317,8 +364,20 @@ impl Target {
             Kind::Fallback { .. } => {
                 pgwire::connect_tls(self.addr(), sid, "postgres", Auth::Password(&token), &self.certs.ca)
             }
+            Kind::Connector => {
+                let c = self.connector.as_ref().expect("the connector");
+                // The application sends no password: the connector's login uses the file's token.
+                let _turn = c.turn.lock();
+                write_token_file(&c.token_file, &token);
+                pgwire::connect(self.addr(), ROLE, "postgres", Auth::None)
+            }
             _ => pgwire::connect(self.addr(), ROLE, "postgres", Auth::Bearer(&token)),
         }
+    }
+
+    /// The process relaying the sessions, if gprxy runs one (proxy or connector).
+    fn relay_pid(&self) -> Option<u32> {
+        self.proxy.as_ref().map(Proxy::pid).or_else(|| self.connector.as_ref().map(|c| c.connector.pid()))
     }
 
     /// The judge's own connection (the superuser, over loopback).
@@ -608,7 +667,7 @@ pub fn run(t: &Target, seed: u64, clients: u64, secs: f64) -> Report {
     let report = Mutex::new(Report::default());
     let done = AtomicBool::new(false);
     let sessions: Mutex<Vec<SessionRun>> = Mutex::new(Vec::new());
-    let baseline_rss = t.proxy.as_ref().map(|p| rss_kib(p.pid()));
+    let baseline_rss = t.relay_pid().map(rss_kib);
     let started = Instant::now();
     std::thread::scope(|s| {
         let sampler = s.spawn(|| sample(t, &done, &sessions));
@@ -788,6 +847,28 @@ fn judge_end_state(t: &Target, report: &mut Report, baseline_rss: Option<u64>) {
             what: format!("{busy} server processes still busy"),
         });
     }
+    if let Some(c) = &t.connector {
+        let text = get_metrics(c.metrics_port);
+        let active =
+            text.lines().find_map(|l| l.strip_prefix("gprxy_connect_sessions_active ")).unwrap_or("?");
+        if active.trim() != "0" {
+            report.violations.push(Violation {
+                invariant: 4,
+                sid: None,
+                what: format!("the connector has {active} sessions relaying"),
+            });
+        }
+    }
+    if let (Some(base), Some(pid)) = (baseline_rss, t.relay_pid()) {
+        let now = rss_kib(pid);
+        if now > base * 2 + 16 * 1024 {
+            report.violations.push(Violation {
+                invariant: 4,
+                sid: None,
+                what: format!("the proxy's or connector's memory {now} KiB after the run, {base} KiB before"),
+            });
+        }
+    }
     let Some(p) = &t.proxy else { return };
     let active = p.metric("gprxy_connections_active");
     if active != 0.0 {
@@ -813,16 +894,6 @@ fn judge_end_state(t: &Target, report: &mut Report, baseline_rss: Option<u64>) {
                 what: format!(
                     "pool: {in_use} in use, {idle} idle, {backends} server processes (size {pool})"
                 ),
-            });
-        }
-    }
-    if let Some(base) = baseline_rss {
-        let now = rss_kib(p.pid());
-        if now > base * 2 + 16 * 1024 {
-            report.violations.push(Violation {
-                invariant: 4,
-                sid: None,
-                what: format!("proxy memory {now} KiB after the run, {base} KiB before"),
             });
         }
     }

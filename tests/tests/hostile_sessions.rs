@@ -13,8 +13,9 @@ fn env<T: std::str::FromStr>(name: &str) -> Option<T> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
-const TARGETS: [Kind; 4] = [
+const TARGETS: [Kind; 5] = [
     Kind::Validator,
+    Kind::Connector,
     Kind::PassthroughServerPolicy,
     Kind::PassthroughProxyPolicy,
     Kind::Fallback { pool: 2 },
