@@ -7,7 +7,7 @@
 //! row-level security for two tenants, a refused expired token with the server's reason, a
 //! session ended when its token expires, an opaque token checked by introspection and then
 //! revoked, two issuers in one issuers file, the token helper and psql 15 through the fallback
-//! proxy, the metrics. Each step prints the command a user would copy. It leaves everything running
+//! proxy, psql 15 to PostgreSQL 18 through `gprxy connect` with no password, the metrics. Each step prints the command a user would copy. It leaves everything running
 //! with commands to try and cleans up on Ctrl-C, SIGTERM or SIGHUP, or when its parent (make)
 //! dies: whatever it started is stopped and its folders deleted, mid-tour too.
 //! `--check` runs the same tour, asserts every step's result and exits (used by `make test`).
@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use gprxy_core::fingerprint;
 use gprxy_core::session::UtcTime;
 use gprxy_core::testkit::{now, test_ca, TestKey};
+use gprxy_tests::connector::Connector;
 use gprxy_tests::idp::TestIssuer;
 use gprxy_tests::proxy::{context_conf, gprxy_bin, ContextKeyFile, FallbackSetup, Proxy};
 use gprxy_tests::{apply_sql_file, oauth_psql_with, require_validator, Cluster, PgVersion};
@@ -592,6 +593,59 @@ fn demo(check: bool, stop_rx: &mpsc::Receiver<()>) -> Result<(), Vec<String>> {
         "SET\nacme public, alice private",
     );
 
+    tour.step(
+        "gprxy connect: psql 15 (no OAuth in its libpq) logs in to PostgreSQL 18 with no password, through the connector's socket",
+    );
+    // A token file another program keeps current (a Kubernetes projected token, Vault Agent):
+    // here, alice's token written by the demo.
+    let alice_jwt = write(dir, "alice.jwt", &alice);
+    let connect_dir = tempfile::Builder::new().prefix("connect-").tempdir_in(dir).expect("temp dir");
+    let connect_socket = connect_dir.path().join("sock");
+    let connect_toml = format!(
+        "[profile.demo]\nupstream = \"127.0.0.1:{}\"\nuser = \"app_writer\"\ndatabase = \"postgres\"\n\
+         tls.ca_file = \"{}\"\ntls.server_name = \"localhost\"\nlisten.unix_dir = \"{}\"\n\
+         token.source = \"file\"\ntoken.path = \"{}\"\n",
+        passthrough.port,
+        ca_path.display(),
+        connect_socket.display(),
+        alice_jwt.display()
+    );
+    let connect_path = connect_dir.path().join("connect.toml");
+    println!("    {} (the profile: upstream is the pass-through, verify-full TLS):", connect_path.display());
+    for l in connect_toml.lines() {
+        println!("      {l}");
+    }
+    let connector = Connector::start_file(connect_dir, &connect_toml, "demo", connect_socket.clone());
+    tour.command(&format!(
+        "{} connect --config {} --profile demo --check",
+        gprxy_bin().display(),
+        connect_path.display()
+    ));
+    let (ok, said, err) = run(Command::new(gprxy_bin())
+        .args(["connect", "--check", "--profile", "demo", "--config"])
+        .arg(&connect_path));
+    for l in said.lines() {
+        println!("    -> {l}");
+    }
+    tour.expect_that(&format!("gprxy connect --check logs in{}", if ok { "" } else { &err }), ok);
+    let via_connector =
+        format!("host={} port=5432 user=app_writer dbname=postgres", connect_socket.display());
+    let sql = "SELECT current_user, system_user, gprxy.claims()->>'email'";
+    let (_, out, err) = run(Command::new(&psql15).args(["-X", "-A", "-t", "-c", sql, &via_connector]));
+    let out = if out.is_empty() { err } else { out };
+    tour.expect(
+        &format!("{} \"{via_connector}\" -c \"{sql}\"", psql15.display()),
+        &out,
+        "app_writer|oauth:alice|alice@acme.example",
+    );
+    let log = connector.log();
+    let line = log.lines().rfind(|l| l.contains("connect_login")).unwrap_or_default();
+    println!("    {}: {line}", connector.dir().join("connect.log").display());
+    tour.expect_that(
+        "the connector's log names the token by its fingerprint, never the token",
+        line.contains(&fingerprint(alice.as_bytes())) && !log.contains(&alice),
+    );
+
     tour.step("Metrics");
     for (name, p) in [("pass-through", &passthrough), ("fallback", &fallback)] {
         let m = p.admin_get("/metrics");
@@ -621,7 +675,6 @@ fn demo(check: bool, stop_rx: &mpsc::Receiver<()>) -> Result<(), Vec<String>> {
         return Err(tour.failures);
     }
     let psql18 = PgVersion::V18.bin("psql");
-    let alice_jwt = write(dir, "alice.jwt", &alice);
     println!("\nEverything is running. Try:");
     println!(
         "  device flow via gprxy:   PGOAUTHDEBUG=UNSAFE {} \"{} oauth_issuer={iss} oauth_client_id=demo-alice\" -c 'SELECT gprxy.claims()'",
@@ -654,6 +707,11 @@ fn demo(check: bool, stop_rx: &mpsc::Receiver<()>) -> Result<(), Vec<String>> {
         "  psql 15, fallback:       PGPASSWORD=$(cat {}) {} \"{via15}\"",
         alice_jwt.display(),
         psql15.display()
+    );
+    println!(
+        "  gprxy connect:           {} \"{via_connector}\"   (profile {})",
+        psql15.display(),
+        connect_path.display()
     );
     println!(
         "  superuser (18):          {} -h {} -p {} -U postgres",
