@@ -9,7 +9,7 @@ fn demo_tour_passes_every_step() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "demo check failed:\n{stdout}\n{stderr}");
-    assert!(stdout.contains("demo check: all 12 steps passed"), "{stdout}");
+    assert!(stdout.contains("demo check: all 13 steps passed"), "{stdout}");
     for shown in [
         "app_writer|oauth:alice|alice@acme.example|",
         "acme public, alice private",
@@ -28,6 +28,11 @@ fn demo_tour_passes_every_step() {
         "-> app_partner|oauth:alice|http://127.0.0.1:",
         "oauth login refused reason=iss_mismatch role=\"app_writer\"",
         "To log in, open",
+        // Roles from groups: dana's own role, made at her first login and following her group.
+        "-> dana|oauth:dana|t|f\n",
+        "-> app_writer granted by gprxy_provisioner\n",
+        "-> dana|oauth:dana|f|t\n",
+        "-> gprxy: provision action=revoke role=\"dana\" group=\"app_writer\"",
         // gprxy connect: psql 15 with no password, the identity from the token file's token.
         "logged in as app_writer to postgres on 127.0.0.1:",
         "sock port=5432 user=app_writer dbname=postgres\" -c \"SELECT current_user, system_user, gprxy.claims()->>'email'\"\n    -> app_writer|oauth:alice|alice@acme.example\n",

@@ -7,7 +7,9 @@
 //! row-level security for two tenants, a refused expired token with the server's reason, a
 //! session ended when its token expires, an opaque token checked by introspection and then
 //! revoked, two issuers in one issuers file, the token helper and psql 15 through the fallback
-//! proxy, psql 15 to PostgreSQL 18 through `gprxy connect` with no password, the metrics. Each step prints the command a user would copy. It leaves everything running
+//! proxy, a person's own role made at first login and kept in step with their IdP group (a third
+//! PostgreSQL 18, `gprxy.provision = 'sync'`), psql 15 to PostgreSQL 18 through `gprxy connect`
+//! with no password, the metrics. Each step prints the command a user would copy. It leaves everything running
 //! with commands to try and cleans up on Ctrl-C, SIGTERM or SIGHUP, or when its parent (make)
 //! dies: whatever it started is stopped and its folders deleted, mid-tour too.
 //! `--check` runs the same tour, asserts every step's result and exits (used by `make test`).
@@ -395,6 +397,23 @@ fn demo(check: bool, stop_rx: &mpsc::Receiver<()>) -> Result<(), Vec<String>> {
     pg15.sql(&format!(
         "SET password_encryption = 'scram-sha-256'; ALTER ROLE app_writer PASSWORD '{writer_pw}'; ALTER ROLE app_reader PASSWORD '{reader_pw}'"
     ));
+    // Roles from groups: a PostgreSQL 18 of its own, where people log in as themselves (started
+    // now: its provisioner is up by the time the tour gets there).
+    let people = Cluster::builder(PgVersion::V18)
+        .conf("shared_preload_libraries = 'gprxy_validator'")
+        .conf("oauth_validator_libraries = 'gprxy_validator'")
+        .conf("gprxy.insecure_allow_http_loopback = on")
+        .conf(format!("gprxy.audience = '{AUD}'"))
+        .conf("gprxy.role_claim = 'roles'")
+        .conf("gprxy.role_map = 'writer:app_writer,reader:app_reader'")
+        .conf("gprxy.provision = 'sync'")
+        .conf("gprxy.provision_role = 'gprxy_provisioner'")
+        .hba(line("all", &iss))
+        .start();
+    people.sql("CREATE EXTENSION gprxy_validator");
+    for f in ["01_roles.sql", "06_provisioning.sql"] {
+        apply_sql_file(&people, "postgres", f);
+    }
     let libs = pg18.sql("SHOW oauth_validator_libraries");
     tour.expect("PostgreSQL 18: SHOW oauth_validator_libraries", &libs, "gprxy_validator");
     let policy = pg18.sql("SHOW gprxy.session_policy");
@@ -593,6 +612,56 @@ fn demo(check: bool, stop_rx: &mpsc::Receiver<()>) -> Result<(), Vec<String>> {
         "SET\nacme public, alice private",
     );
 
+    tour.step("Roles from groups: dana has no role; her first login makes it, with her IdP group's role, and a later login follows the group change");
+    let dana_writer = token(&key, &iss, "dana", ACME, "writer", 3600);
+    let dana_reader = token(&key, &iss, "dana", ACME, "reader", 3600);
+    idp.hand_out("demo-dana", &dana_writer);
+    idp.hand_out("demo-dana-moved", &dana_reader);
+    println!(
+        "    a third PostgreSQL 18 ({}): gprxy.provision = 'sync', gprxy.role_map = 'writer:app_writer,reader:app_reader',\n    \
+         gprxy.provision_role = 'gprxy_provisioner' (sql/06_provisioning.sql), pg_hba: host all all ... oauth ... delegate_ident_mapping=1",
+        people.root().display()
+    );
+    let ready = people.wait_for_log("gprxy: provisioner ready", Duration::from_secs(20));
+    tour.expect_that("the provisioner is ready", ready);
+    let exists = "SELECT count(*) FROM pg_roles WHERE rolname = 'dana'";
+    tour.expect(&format!("before: {exists}"), &people.sql(exists), "0");
+    let people_direct = format!("host=127.0.0.1 port={} user=dana dbname=postgres", people.port());
+    let sql = "SELECT current_user, system_user, pg_has_role('app_writer', 'member'), pg_has_role('app_reader', 'member')";
+    tour.command(&psql18_command(&people_direct, &iss, "demo-dana", sql));
+    let out = psql18(&people_direct, &iss, "demo-dana", sql).unwrap_or_else(|e| without_trace(&e));
+    tour.expect(sql, &out, "dana|oauth:dana|t|f");
+    let members = "SELECT string_agg(g.rolname || ' granted by ' || gr.rolname, ', ') FROM pg_auth_members m \
+         JOIN pg_roles g ON g.oid = m.roleid JOIN pg_roles gr ON gr.oid = m.grantor WHERE m.member = 'dana'::regrole";
+    tour.expect(
+        "the catalog: dana's memberships",
+        &people.sql(members),
+        "app_writer granted by gprxy_provisioner",
+    );
+    println!("    (the IdP moves dana from writer to reader; her next token says roles: [\"reader\"])");
+    let out = psql18(&people_direct, &iss, "demo-dana-moved", sql).unwrap_or_else(|e| without_trace(&e));
+    tour.expect(sql, &out, "dana|oauth:dana|f|t");
+    tour.expect(
+        "the catalog: dana's memberships",
+        &people.sql(members),
+        "app_reader granted by gprxy_provisioner",
+    );
+    let log = people.log();
+    for action in [
+        "create role=\"dana\"",
+        "grant role=\"dana\" group=\"app_writer\"",
+        "revoke role=\"dana\" group=\"app_writer\"",
+        "grant role=\"dana\" group=\"app_reader\"",
+    ] {
+        let line = log.lines().find(|l| l.contains(&format!("gprxy: provision action={action}")));
+        match line {
+            Some(l) => println!("    -> {}", l.split_once(" LOG:  ").map_or(l, |(_, rest)| rest)),
+            None => tour.expect_that(&format!("the audit line for {action}"), false),
+        }
+    }
+    let listed = people.sql("SELECT role || ' ' || identity FROM gprxy.provisioned_roles");
+    tour.expect("SELECT role, identity FROM gprxy.provisioned_roles", &listed, "dana dana");
+
     tour.step(
         "gprxy connect: psql 15 (no OAuth in its libpq) logs in to PostgreSQL 18 with no password, through the connector's socket",
     );
@@ -719,7 +788,17 @@ fn demo(check: bool, stop_rx: &mpsc::Receiver<()>) -> Result<(), Vec<String>> {
         pg18.root().display(),
         pg18.port()
     );
-    println!("  logs:                    {} and {}", pg18.log_path().display(), pg15.log_path().display());
+    println!(
+        "  roles from groups:       PGOAUTHDEBUG=UNSAFE {} \"{people_direct} oauth_issuer={iss} oauth_client_id=demo-dana\"",
+        psql18.display()
+    );
+    println!("                           (demo-dana-moved: dana's token after the IdP moved her to reader)");
+    println!(
+        "  logs:                    {}, {} and {}",
+        pg18.log_path().display(),
+        pg15.log_path().display(),
+        people.log_path().display()
+    );
     println!("\nPress Ctrl-C to stop everything and delete {}.", dir.display());
     let _ = stop_rx.recv();
     println!("Stopping the proxies, PostgreSQL and the issuers; deleting the demo folders.");
