@@ -11,6 +11,13 @@ use serde::Deserialize;
 
 use crate::config::LogFormat;
 
+/// This process's effective uid, as the kernel reports it for `/proc/self`: the user whose
+/// files (and root's) the connector trusts, and who may connect.
+pub fn own_uid() -> anyhow::Result<u32> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata("/proc/self").context("cannot read /proc/self")?.uid())
+}
+
 /// The default configuration file: `$GPRXY_CONFIG_DIR/connect.toml` (see
 /// [`crate::user_login::config_dir`]).
 pub fn default_path() -> PathBuf {
@@ -302,7 +309,7 @@ impl ConnectConfig {
         use std::os::unix::fs::MetadataExt;
         // Whoever may write it runs programs as this user (an `exec` source) and picks where the
         // token goes: this user's or root's, written by nobody else.
-        let own = super::listen::own_uid()?;
+        let own = own_uid()?;
         let meta =
             std::fs::metadata(path).with_context(|| format!("cannot read config file {}", path.display()))?;
         let link = std::fs::symlink_metadata(path)

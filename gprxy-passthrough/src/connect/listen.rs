@@ -12,12 +12,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
 use anyhow::{bail, Context};
 
-use super::config::Listen;
-
-/// This process's effective uid, as the kernel reports it for `/proc/self`.
-pub fn own_uid() -> anyhow::Result<u32> {
-    Ok(std::fs::metadata("/proc/self").context("cannot read /proc/self")?.uid())
-}
+use super::config::{own_uid, Listen};
 
 /// Who may connect: this process's user and the configured ones.
 #[derive(Debug, Clone)]

@@ -63,7 +63,7 @@ pub async fn run(path: std::path::PathBuf, profile: Profile) -> anyhow::Result<(
     let name = profile.name.clone();
     let listen = profile.listen.clone();
     let current = Arc::new(parking_lot::RwLock::new(Current::new(Ctx::new(profile)?)?));
-    let own = listen::own_uid()?;
+    let own = config::own_uid()?;
     let unix = listen::bind_unix(&listen, own)?;
     let socket_path = listen.socket_path();
     let tcp = match listen.tcp {

@@ -217,7 +217,7 @@ fn read_file_checked(path: &Path, mask: u32, what: &str) -> Result<Vec<u8>, Toke
     }
     // Its owner may always write it, whatever its mode: this user or root only, and so for a
     // symbolic link at the path (Kubernetes' projected tokens are root's links to root's files).
-    let own = super::listen::own_uid().map_err(|e| err(e.to_string()))?;
+    let own = super::config::own_uid().map_err(|e| err(e.to_string()))?;
     let link = std::fs::symlink_metadata(path).map_err(|e| err(e.to_string()))?;
     for uid in [meta.uid(), link.uid()] {
         if uid != own && uid != 0 {
