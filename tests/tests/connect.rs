@@ -10,84 +10,20 @@ use std::process::Command;
 use std::time::Duration;
 
 use gprxy_core::testkit::{TestKey, TestServer};
+use gprxy_tests::connect_upstream::{fallback, output, pg18, psql, Pg18, AUD};
 use gprxy_tests::connector::{run_gprxy, write_config, write_token_file, Connector};
 use gprxy_tests::idp::TestIssuer;
 use gprxy_tests::pgwire::{self, Auth};
-use gprxy_tests::proxy::{context_conf, ContextKeyFile, FallbackSetup, Proxy};
 use gprxy_tests::{
-    apply_sql_file, command_as_test_user, require_validator, running_as_root, test_user, validator_cluster,
-    Cluster, PgVersion, TestCerts,
+    command_as_test_user, running_as_root, test_user, validator_cluster, Cluster, PgVersion, TestCerts,
 };
 use serde_json::json;
 
-const AUD: &str = "db";
 const WHO: &str = "SELECT current_user, system_user, gprxy.subject(), gprxy.claim('jti')";
-
-/// PostgreSQL 18 with TLS and gprxy_validator; every loopback login is OAuth (hostssl).
-struct Pg18 {
-    idp: TestIssuer,
-    key: TestKey,
-    pg: Cluster,
-    certs: TestCerts,
-}
-
-fn pg18(conf: &[&str]) -> Pg18 {
-    let key = TestKey::rsa("k1");
-    let idp = TestIssuer::start(&[&key]);
-    let certs = TestCerts::for_server();
-    let mut b = validator_cluster(AUD)
-        .conf("ssl = on")
-        .conf(format!("ssl_cert_file = '{}'", certs.cert_path.display()))
-        .conf(format!("ssl_key_file = '{}'", certs.key_path.display()))
-        .hba(format!(
-            "hostssl all all 127.0.0.1/32 oauth issuer=\"{}\" scope=\"openid db:read\" map=m",
-            idp.issuer()
-        ))
-        .ident("m alice alice");
-    for c in conf {
-        b = b.conf(*c);
-    }
-    let pg = b.start();
-    pg.sql("CREATE ROLE alice LOGIN; CREATE EXTENSION gprxy_validator");
-    Pg18 { idp, key, pg, certs }
-}
-
-impl Pg18 {
-    /// A token for alice with this `jti`, expiring `exp_in` seconds from now.
-    fn token(&self, jti: &str, exp_in: i64) -> String {
-        let mut c = self.idp.claims("alice", AUD);
-        c["jti"] = json!(jti);
-        c["exp"] = json!(gprxy_core::unix_time() + exp_in);
-        self.key.token(json!({"typ": "at+jwt"}), &c)
-    }
-
-    /// The profile's upstream and TLS lines.
-    fn upstream(&self) -> String {
-        format!(
-            "upstream = \"127.0.0.1:{}\"\nuser = \"alice\"\ndatabase = \"postgres\"\ntls.ca_file = \"{}\"\ntls.server_name = \"localhost\"\n",
-            self.pg.port(),
-            self.certs.ca_path.display()
-        )
-    }
-}
 
 /// A private folder for token and secret files.
 fn private_dir() -> tempfile::TempDir {
     tempfile::tempdir().expect("temp dir")
-}
-
-/// psql 15 with `conninfo` and no password anywhere; stdout or stderr.
-fn psql(conninfo: &str, sql: &str) -> Result<String, String> {
-    output(Command::new(PgVersion::V15.bin("psql")).args(["-X", "-A", "-t", "-c", sql, conninfo]))
-}
-
-fn output(cmd: &mut Command) -> Result<String, String> {
-    let out = cmd.env_remove("PGPASSWORD").env_remove("PGHOST").output().expect("run client");
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
-    }
 }
 
 fn assert_no_secret(text: &str, secrets: &[&str]) {
@@ -770,75 +706,15 @@ fn a_github_actions_token_request_is_answered_by_a_local_stand_in() {
 
 // ---- Fallback mode on PostgreSQL 15: the token goes upstream as a password over TLS. ----
 
-struct Fallback {
-    idp: TestIssuer,
-    key: TestKey,
-    _pg: Cluster,
-    proxy: Proxy,
-    certs: TestCerts,
-    _context_key: ContextKeyFile,
-}
-
-fn fallback() -> Fallback {
-    let version = PgVersion::fallback_upstream();
-    require_validator(version);
-    let key = TestKey::rsa("k");
-    let idp = TestIssuer::start(&[&key]);
-    let certs = TestCerts::new();
-    let context_key = ContextKeyFile::create(certs.dir().join("context.key"));
-    let mut builder = Cluster::builder(version).hba("host all app_writer 127.0.0.1/32 scram-sha-256");
-    for line in context_conf(&[&context_key.public]) {
-        builder = builder.conf(line);
-    }
-    let pg = builder.start();
-    pg.sql("CREATE EXTENSION gprxy_validator");
-    apply_sql_file(&pg, "postgres", "01_roles.sql");
-    apply_sql_file(&pg, "postgres", "05_signed_context.sql");
-    pg.sql("SET password_encryption = 'scram-sha-256'; ALTER ROLE app_writer PASSWORD 'writer-secret-1'");
-    let pw = certs.dir().join("writer.pw");
-    std::fs::write(&pw, "writer-secret-1\n").unwrap();
-    let proxy = Proxy::start(
-        &FallbackSetup {
-            upstream_port: pg.port(),
-            cert: &certs.cert_path,
-            key: &certs.key_path,
-            issuer: &idp.issuer(),
-            audience: AUD,
-            rules: &[("writer", "app_writer", &pw)],
-            context_key: Some(&context_key.path),
-            extra: "",
-        }
-        .toml(),
-    );
-    Fallback { idp, key, _pg: pg, proxy, certs, _context_key: context_key }
-}
-
-impl Fallback {
-    fn token(&self, sub: &str, exp_in: i64) -> String {
-        let mut c = self.idp.claims(sub, AUD);
-        c["roles"] = json!(["writer"]);
-        c["exp"] = json!(gprxy_core::unix_time() + exp_in);
-        self.key.token(json!({"typ": "at+jwt"}), &c)
-    }
-
-    fn upstream(&self) -> String {
-        format!(
-            "upstream = \"127.0.0.1:{}\"\ndatabase = \"postgres\"\ntls.ca_file = \"{}\"\ntls.server_name = \"localhost\"\n",
-            self.proxy.port,
-            self.certs.ca_path.display()
-        )
-    }
-}
-
 #[test]
 fn fallback_mode_on_15_logs_in_with_the_token_as_a_password_over_tls() {
-    let f = fallback();
+    let f = fallback("");
     let dir = private_dir();
     let secret = dir.path().join("secret");
     std::fs::write(&secret, "svc-secret-1").unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let t = f.token("svc-batch", 300);
+    let t = f.token("svc-batch", "cc", 300);
     f.idp.client_credentials("batch", "svc-secret-1", &t, 300);
     let profile = format!(
         "{}user = \"svc-batch\"\ntoken.source = \"client_credentials\"\ntoken.issuer = \"{}\"\ntoken.client_id = \"batch\"\ntoken.client_auth = \"client_secret_post\"\ntoken.client_secret_file = \"{}\"\ntoken.insecure_allow_http_loopback = true\n",
