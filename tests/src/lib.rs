@@ -7,6 +7,7 @@
 
 mod certs;
 mod cluster;
+pub mod connect_upstream;
 pub mod connector;
 pub mod hostile;
 pub mod idp;

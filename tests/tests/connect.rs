@@ -1,93 +1,28 @@
 //! `gprxy connect` end to end: applications connect to its socket with no password; it logs
 //! in upstream with a token from the profile's source. Upstream is PostgreSQL 18 with
 //! gprxy_validator and no proxy in front (OAUTHBEARER), or PostgreSQL 15 through gprxy's
-//! fallback mode (the token as a password). Real clients: psql 15, psycopg 3, node-postgres,
-//! pgJDBC, asyncpg; the session's end at the token's end and each driver's reconnect with a new
-//! token.
+//! fallback mode (the token as a password). The real drivers' sessions, their end at the
+//! token's end and their reconnects are in connect_drivers.rs.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use gprxy_core::testkit::{TestKey, TestServer};
+use gprxy_tests::connect_upstream::{fallback, output, pg18, psql, AUD};
 use gprxy_tests::connector::{run_gprxy, write_config, write_token_file, Connector};
 use gprxy_tests::idp::TestIssuer;
 use gprxy_tests::pgwire::{self, Auth};
-use gprxy_tests::proxy::{context_conf, ContextKeyFile, FallbackSetup, Proxy};
 use gprxy_tests::{
-    apply_sql_file, command_as_test_user, require_validator, running_as_root, test_user, validator_cluster,
-    Cluster, PgVersion, TestCerts,
+    command_as_test_user, running_as_root, test_user, validator_cluster, Cluster, PgVersion, TestCerts,
 };
 use serde_json::json;
 
-const AUD: &str = "db";
 const WHO: &str = "SELECT current_user, system_user, gprxy.subject(), gprxy.claim('jti')";
-
-/// PostgreSQL 18 with TLS and gprxy_validator; every loopback login is OAuth (hostssl).
-struct Pg18 {
-    idp: TestIssuer,
-    key: TestKey,
-    pg: Cluster,
-    certs: TestCerts,
-}
-
-fn pg18(conf: &[&str]) -> Pg18 {
-    let key = TestKey::rsa("k1");
-    let idp = TestIssuer::start(&[&key]);
-    let certs = TestCerts::for_server();
-    let mut b = validator_cluster(AUD)
-        .conf("ssl = on")
-        .conf(format!("ssl_cert_file = '{}'", certs.cert_path.display()))
-        .conf(format!("ssl_key_file = '{}'", certs.key_path.display()))
-        .hba(format!(
-            "hostssl all all 127.0.0.1/32 oauth issuer=\"{}\" scope=\"openid db:read\" map=m",
-            idp.issuer()
-        ))
-        .ident("m alice alice");
-    for c in conf {
-        b = b.conf(*c);
-    }
-    let pg = b.start();
-    pg.sql("CREATE ROLE alice LOGIN; CREATE EXTENSION gprxy_validator");
-    Pg18 { idp, key, pg, certs }
-}
-
-impl Pg18 {
-    /// A token for alice with this `jti`, expiring `exp_in` seconds from now.
-    fn token(&self, jti: &str, exp_in: i64) -> String {
-        let mut c = self.idp.claims("alice", AUD);
-        c["jti"] = json!(jti);
-        c["exp"] = json!(gprxy_core::unix_time() + exp_in);
-        self.key.token(json!({"typ": "at+jwt"}), &c)
-    }
-
-    /// The profile's upstream and TLS lines.
-    fn upstream(&self) -> String {
-        format!(
-            "upstream = \"127.0.0.1:{}\"\nuser = \"alice\"\ndatabase = \"postgres\"\ntls.ca_file = \"{}\"\ntls.server_name = \"localhost\"\n",
-            self.pg.port(),
-            self.certs.ca_path.display()
-        )
-    }
-}
 
 /// A private folder for token and secret files.
 fn private_dir() -> tempfile::TempDir {
     tempfile::tempdir().expect("temp dir")
-}
-
-/// psql 15 with `conninfo` and no password anywhere; stdout or stderr.
-fn psql(conninfo: &str, sql: &str) -> Result<String, String> {
-    output(Command::new(PgVersion::V15.bin("psql")).args(["-X", "-A", "-t", "-c", sql, conninfo]))
-}
-
-fn output(cmd: &mut Command) -> Result<String, String> {
-    let out = cmd.env_remove("PGPASSWORD").env_remove("PGHOST").output().expect("run client");
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
-    }
 }
 
 fn assert_no_secret(text: &str, secrets: &[&str]) {
@@ -825,75 +760,15 @@ fn a_github_actions_token_request_is_answered_by_a_local_stand_in() {
 
 // ---- Fallback mode on PostgreSQL 15: the token goes upstream as a password over TLS. ----
 
-struct Fallback {
-    idp: TestIssuer,
-    key: TestKey,
-    _pg: Cluster,
-    proxy: Proxy,
-    certs: TestCerts,
-    _context_key: ContextKeyFile,
-}
-
-fn fallback() -> Fallback {
-    let version = PgVersion::fallback_upstream();
-    require_validator(version);
-    let key = TestKey::rsa("k");
-    let idp = TestIssuer::start(&[&key]);
-    let certs = TestCerts::new();
-    let context_key = ContextKeyFile::create(certs.dir().join("context.key"));
-    let mut builder = Cluster::builder(version).hba("host all app_writer 127.0.0.1/32 scram-sha-256");
-    for line in context_conf(&[&context_key.public]) {
-        builder = builder.conf(line);
-    }
-    let pg = builder.start();
-    pg.sql("CREATE EXTENSION gprxy_validator");
-    apply_sql_file(&pg, "postgres", "01_roles.sql");
-    apply_sql_file(&pg, "postgres", "05_signed_context.sql");
-    pg.sql("SET password_encryption = 'scram-sha-256'; ALTER ROLE app_writer PASSWORD 'writer-secret-1'");
-    let pw = certs.dir().join("writer.pw");
-    std::fs::write(&pw, "writer-secret-1\n").unwrap();
-    let proxy = Proxy::start(
-        &FallbackSetup {
-            upstream_port: pg.port(),
-            cert: &certs.cert_path,
-            key: &certs.key_path,
-            issuer: &idp.issuer(),
-            audience: AUD,
-            rules: &[("writer", "app_writer", &pw)],
-            context_key: Some(&context_key.path),
-            extra: "",
-        }
-        .toml(),
-    );
-    Fallback { idp, key, _pg: pg, proxy, certs, _context_key: context_key }
-}
-
-impl Fallback {
-    fn token(&self, sub: &str, exp_in: i64) -> String {
-        let mut c = self.idp.claims(sub, AUD);
-        c["roles"] = json!(["writer"]);
-        c["exp"] = json!(gprxy_core::unix_time() + exp_in);
-        self.key.token(json!({"typ": "at+jwt"}), &c)
-    }
-
-    fn upstream(&self) -> String {
-        format!(
-            "upstream = \"127.0.0.1:{}\"\ndatabase = \"postgres\"\ntls.ca_file = \"{}\"\ntls.server_name = \"localhost\"\n",
-            self.proxy.port,
-            self.certs.ca_path.display()
-        )
-    }
-}
-
 #[test]
 fn fallback_mode_on_15_logs_in_with_the_token_as_a_password_over_tls() {
-    let f = fallback();
+    let f = fallback("");
     let dir = private_dir();
     let secret = dir.path().join("secret");
     std::fs::write(&secret, "svc-secret-1").unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let t = f.token("svc-batch", 300);
+    let t = f.token("svc-batch", "cc", 300);
     f.idp.client_credentials("batch", "svc-secret-1", &t, 300);
     let profile = format!(
         "{}user = \"svc-batch\"\ntoken.source = \"client_credentials\"\ntoken.issuer = \"{}\"\ntoken.client_id = \"batch\"\ntoken.client_auth = \"client_secret_post\"\ntoken.client_secret_file = \"{}\"\ntoken.insecure_allow_http_loopback = true\n",
@@ -945,177 +820,4 @@ fn the_token_is_never_sent_as_a_password_without_tls() {
     );
     assert_no_secret(&(c.log() + &pg.log()), &[t]);
     assert!(!pg.log().contains("password authentication failed"), "no password reached the server");
-}
-
-// ---- Real drivers: log in, the identity, the session's end and the driver's reconnect. ----
-
-/// Where bootstrap put node-postgres (`$GPRXY_CACHE/node/node_modules`).
-fn node_modules() -> PathBuf {
-    let p = gprxy_tests::cache_dir().join("node").join("node_modules");
-    assert!(
-        p.join("pg").join("package.json").exists(),
-        "node-postgres is not installed at {}: run scripts/bootstrap.sh (make test does)",
-        p.display()
-    );
-    p
-}
-
-/// The driver scenario, for each driver: connect, read the token's `jti`, query every 200 ms
-/// until the server ends the session at the token's end (`life` seconds from now), keep the
-/// driver's error, reconnect and read the new token's `jti` (a token agent writes the next
-/// token once the first login is made). Each driver prints `first|<its error>|second`.
-fn driver_world(life: i64) -> (Pg18, tempfile::TempDir, Connector, std::thread::JoinHandle<()>) {
-    let s = pg18(&["gprxy.session_policy = 'strict'"]);
-    let dir = private_dir();
-    let file = dir.path().join("token");
-    let c = Connector::start(
-        &format!("{}token.source = \"file\"\ntoken.path = \"{}\"\n", s.upstream(), file.display()),
-        true,
-    );
-    write_token_file(&file, &s.token("first", life));
-    let (log, second) = (c.dir().join("connect.log"), s.token("second", 300));
-    let agent = std::thread::spawn(move || {
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while !std::fs::read_to_string(&log).unwrap_or_default().contains("\"event\":\"connect_login\"") {
-            assert!(std::time::Instant::now() < deadline, "the driver never logged in");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        write_token_file(&file, &second);
-    });
-    (s, dir, c, agent)
-}
-
-const PSYCOPG: &str = r#"
-import sys, time, psycopg
-conninfo = sys.argv[1]
-with psycopg.connect(conninfo, autocommit=True) as conn:
-    first = conn.execute("SELECT gprxy.claim('jti')").fetchone()[0]
-    err = "no error"
-    for _ in range(150):
-        try:
-            conn.execute("SELECT 1")
-        except psycopg.OperationalError as e:
-            err = f"{type(e).__name__} {e.sqlstate} {str(e).strip().splitlines()[0]}"
-            break
-        time.sleep(0.2)
-with psycopg.connect(conninfo, autocommit=True) as conn:
-    second = conn.execute("SELECT gprxy.claim('jti')").fetchone()[0]
-print(f"{first}|{err}|{second}")
-"#;
-
-#[test]
-fn psycopg_3_logs_in_through_the_socket_and_reconnects_after_the_sessions_end() {
-    let (_s, dir, c, agent) = driver_world(6);
-    let script = dir.path().join("driver.py");
-    std::fs::write(&script, PSYCOPG).unwrap();
-    let out = output(Command::new("/usr/bin/python3").arg(&script).arg(c.conninfo("alice")));
-    agent.join().unwrap();
-    // psycopg 3.1 (Debian's) shows the server's FATAL as the error's text, without its SQLSTATE.
-    let out = out.unwrap();
-    let (head, tail) = out.split_once(" at ").unwrap_or_else(|| panic!("{out}"));
-    assert_eq!(head, "first|OperationalError None consuming input failed: gprxy: the access token expired");
-    assert!(tail.ends_with("Z; log in again|second"), "{out}");
-}
-
-const ASYNCPG: &str = r#"
-import asyncio, sys
-import asyncpg
-async def main(host):
-    conn = await asyncpg.connect(host=host, port=5432, user="alice", database="postgres")
-    first = await conn.fetchval("SELECT gprxy.claim('jti')")
-    err = "no error"
-    for _ in range(150):
-        try:
-            await conn.fetchval("SELECT 1")
-        except Exception as e:
-            err = f"{type(e).__name__} {getattr(e, 'sqlstate', None)} {str(e).strip()}"
-            break
-        await asyncio.sleep(0.2)
-    conn2 = await asyncpg.connect(host=host, port=5432, user="alice", database="postgres")
-    second = await conn2.fetchval("SELECT gprxy.claim('jti')")
-    await conn2.close()
-    print(f"{first}|{err}|{second}")
-asyncio.run(main(sys.argv[1]))
-"#;
-
-#[test]
-fn asyncpg_logs_in_through_the_socket_and_reconnects_after_the_sessions_end() {
-    let site = gprxy_tests::cache_dir().join("python").join("asyncpg-0.32.0");
-    assert!(
-        site.join("asyncpg").join("__init__.py").exists(),
-        "asyncpg is not installed at {}: run scripts/bootstrap.sh (make test does)",
-        site.display()
-    );
-    let (_s, dir, c, agent) = driver_world(6);
-    let script = dir.path().join("driver_asyncpg.py");
-    std::fs::write(&script, ASYNCPG).unwrap();
-    let out =
-        output(Command::new("/usr/bin/python3").arg(&script).arg(&c.socket_dir).env("PYTHONPATH", &site));
-    agent.join().unwrap();
-    // asyncpg drops the server's FATAL: only that the connection is closed.
-    assert_eq!(out.unwrap(), "first|InterfaceError None connection is closed|second");
-}
-
-const NODE_PG: &str = r#"
-const { Client } = require('pg');
-const [host, port] = process.argv.slice(2);
-async function jti() {
-  const c = new Client({ host, port: Number(port), user: 'alice', database: 'postgres' });
-  const fatal = new Promise((resolve) => c.on('error', (e) => resolve(`error event ${e.code}`)));
-  await c.connect();
-  const r = await c.query("SELECT gprxy.claim('jti') AS j");
-  return { c, j: r.rows[0].j, fatal };
-}
-(async () => {
-  const a = await jti();
-  const ended = await a.fatal;
-  const b = await jti();
-  console.log(`${a.j}|${ended}|${b.j}`);
-  await b.c.end();
-})().catch((e) => { console.error(e); process.exit(1); });
-"#;
-
-#[test]
-fn node_postgres_logs_in_through_the_socket_and_reconnects_after_the_sessions_end() {
-    let modules = node_modules();
-    let (_s, dir, c, agent) = driver_world(6);
-    let script = dir.path().join("driver.js");
-    std::fs::write(&script, NODE_PG).unwrap();
-    let out =
-        output(Command::new("node").arg(&script).arg(&c.socket_dir).arg("5432").env("NODE_PATH", &modules));
-    agent.join().unwrap();
-    assert_eq!(out.unwrap(), "first|error event 28000|second");
-}
-
-const JDBC: &str = r#"
-import java.sql.*;
-public class ConnectDriver {
-  static String jti(Connection c) throws SQLException {
-    try (ResultSet r = c.createStatement().executeQuery("SELECT gprxy.claim('jti')")) { r.next(); return r.getString(1); }
-  }
-  public static void main(String[] a) throws Exception {
-    String url = "jdbc:postgresql://127.0.0.1:" + a[0] + "/postgres?user=alice&sslmode=disable";
-    Connection c = DriverManager.getConnection(url);
-    String first = jti(c);
-    String err = "no error";
-    for (int i = 0; i < 150; i++) {
-      try { jti(c); } catch (SQLException e) { err = "SQLException " + e.getSQLState(); break; }
-      Thread.sleep(200);
-    }
-    Connection d = DriverManager.getConnection(url);
-    System.out.println(first + "|" + err + "|" + jti(d));
-  }
-}
-"#;
-
-#[test]
-fn pgjdbc_logs_in_on_loopback_tcp_and_reconnects_after_the_sessions_end() {
-    let jar = Path::new("/usr/share/java/postgresql.jar");
-    assert!(jar.exists(), "pgJDBC is not installed: run scripts/bootstrap.sh (libpostgresql-jdbc-java)");
-    let (_s, dir, c, agent) = driver_world(12);
-    let src = dir.path().join("ConnectDriver.java");
-    std::fs::write(&src, JDBC).unwrap();
-    let out = output(Command::new("java").arg("-cp").arg(jar).arg(&src).arg(c.tcp_port.unwrap().to_string()));
-    agent.join().unwrap();
-    assert_eq!(out.unwrap(), "first|SQLException 28000|second");
 }

@@ -9,63 +9,21 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use gprxy_core::testkit::TestKey;
+use gprxy_tests::connect_upstream::Pg18;
 use gprxy_tests::connector::{write_token_file, Connector};
-use gprxy_tests::idp::TestIssuer;
 use gprxy_tests::proxy::gprxy_bin;
-use gprxy_tests::{command_as_test_user, running_as_root, validator_cluster, Cluster, PgVersion, TestCerts};
-use serde_json::json;
+use gprxy_tests::{command_as_test_user, running_as_root, PgVersion};
 
-const AUD: &str = "db";
-
-/// PostgreSQL 18 with TLS and gprxy_validator (as in connect.rs), with a table `loot` alice
-/// may write to: what an attacker's blind statements leave behind.
-struct Pg18 {
-    idp: TestIssuer,
-    key: TestKey,
-    pg: Cluster,
-    certs: TestCerts,
-}
-
+/// PostgreSQL 18 as in connect.rs, with a table `loot` alice may write to: what an attacker's
+/// blind statements leave behind.
 fn pg18() -> Pg18 {
-    let key = TestKey::rsa("k1");
-    let idp = TestIssuer::start(&[&key]);
-    let certs = TestCerts::for_server();
-    let pg = validator_cluster(AUD)
-        .conf("ssl = on")
-        .conf(format!("ssl_cert_file = '{}'", certs.cert_path.display()))
-        .conf(format!("ssl_key_file = '{}'", certs.key_path.display()))
-        .hba(format!(
-            "hostssl all all 127.0.0.1/32 oauth issuer=\"{}\" scope=\"openid db:read\" map=m",
-            idp.issuer()
-        ))
-        .ident("m alice alice")
-        .start();
-    pg.sql(
-        "CREATE ROLE alice LOGIN; CREATE EXTENSION gprxy_validator; \
-         CREATE TABLE loot (who text); GRANT INSERT ON loot TO alice",
-    );
-    Pg18 { idp, key, pg, certs }
+    let s = gprxy_tests::connect_upstream::pg18(&[]);
+    s.pg.sql("CREATE TABLE loot (who text); GRANT INSERT ON loot TO alice");
+    s
 }
 
-impl Pg18 {
-    fn token(&self, sub: &str, jti: &str) -> String {
-        let mut c = self.idp.claims(sub, AUD);
-        c["jti"] = json!(jti);
-        self.key.token(json!({"typ": "at+jwt"}), &c)
-    }
-
-    fn upstream(&self) -> String {
-        format!(
-            "upstream = \"127.0.0.1:{}\"\nuser = \"alice\"\ndatabase = \"postgres\"\ntls.ca_file = \"{}\"\ntls.server_name = \"localhost\"\n",
-            self.pg.port(),
-            self.certs.ca_path.display()
-        )
-    }
-
-    fn loot(&self) -> String {
-        self.pg.sql("SELECT count(*) || ' ' || coalesce(string_agg(DISTINCT who, ','), '') FROM loot")
-    }
+fn loot(s: &Pg18) -> String {
+    s.pg.sql("SELECT count(*) || ' ' || coalesce(string_agg(DISTINCT who, ','), '') FROM loot")
 }
 
 fn attacker_uid() -> u32 {
@@ -116,7 +74,7 @@ fn a_peer_that_closed_before_the_lookup_is_not_taken_for_root() {
     let s = pg18();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("token");
-    write_token_file(&file, &s.token("alice", "j1"));
+    write_token_file(&file, &s.token("j1", 300));
     let c = Connector::start(
         &format!("{}token.source = \"file\"\ntoken.path = \"{}\"\n", s.upstream(), file.display()),
         true,
@@ -128,7 +86,7 @@ fn a_peer_that_closed_before_the_lookup_is_not_taken_for_root() {
     let logins = c.events("connect_login");
     let refused = c.events("connect_refused");
     assert_eq!(
-        s.loot(),
+        loot(&s),
         "0",
         "OS user {} ran statements as alice; {} logins, {} refusals (uids {:?})",
         attacker_uid(),
@@ -275,7 +233,7 @@ fn a_token_file_another_user_owns_is_refused() {
     let dir = traversable_dir();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
     let file = dir.path().join("token");
-    let planted = s.token("mallory", "planted");
+    let planted = s.token_for("mallory", "planted", 300);
     let out =
         as_attacker("/bin/sh", &["-c", &format!("umask 022; printf %s '{planted}' > {}", file.display())]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -316,7 +274,7 @@ fn a_trace_level_log_does_not_hold_the_client_secret_or_the_token_in_pieces() {
     let secret = dir.path().join("secret");
     std::fs::write(&secret, "right-secret-9f3k\n").unwrap();
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let t = s.token("alice", "cc");
+    let t = s.token("cc", 300);
     s.idp.client_credentials("svc", "right-secret-9f3k", &t, 300);
     let profile = format!(
         "{}token.source = \"client_credentials\"\ntoken.issuer = \"{}\"\ntoken.client_id = \"svc\"\n\
