@@ -114,12 +114,15 @@ pub trait TokenSource: Send + Sync {
     fn kind(&self) -> &'static str;
 }
 
-/// The source a profile's `[token]` describes.
-pub fn from_spec(spec: &TokenSpec) -> Arc<dyn TokenSource> {
+/// The source a profile's `[token]` describes; `margin_secs` is the profile's refresh margin
+/// (the stored device login is refreshed when no more time than that is left).
+pub fn from_spec(spec: &TokenSpec, margin_secs: u64) -> Arc<dyn TokenSource> {
     match spec.clone() {
-        TokenSpec::Device { credentials_file } => {
-            Arc::new(Device { path: credentials_file.unwrap_or_else(user_login::credentials_path) })
-        }
+        TokenSpec::Device { credentials_file } => Arc::new(Device {
+            path: credentials_file.unwrap_or_else(user_login::credentials_path),
+            margin: i64::try_from(margin_secs).unwrap_or(i64::MAX),
+            handed_out: Mutex::new(None),
+        }),
         TokenSpec::ClientCredentials {
             issuer,
             token_endpoint,
@@ -235,15 +238,26 @@ fn read_file_checked(path: &Path, mask: u32, what: &str) -> Result<Vec<u8>, Toke
     Ok(bytes)
 }
 
-/// `gprxy login`'s stored login.
+/// `gprxy login`'s stored login: the stored token while more than the profile's margin is
+/// left, else refreshed (see [`user_login::token_within`]: one refresh at a time among the
+/// processes sharing the file).
 struct Device {
     path: PathBuf,
+    margin: i64,
+    /// The fingerprint of the token this source last gave: another one stored was refreshed
+    /// by another process since, and is taken as it is.
+    handed_out: Mutex<Option<String>>,
 }
 
 impl TokenSource for Device {
     fn fetch(&self) -> Result<Fetched, TokenError> {
-        let token = user_login::token(&self.path, gprxy_core::unix_time())?;
-        checked(&token, None)
+        let now = gprxy_core::unix_time();
+        let handed_out = self.handed_out.lock().clone();
+        let (token, expires_at) =
+            user_login::token_within(&self.path, now, self.margin, handed_out.as_deref())?;
+        let fetched = checked(&token, Some(expires_at - now))?;
+        *self.handed_out.lock() = Some(fetched.token.fingerprint());
+        Ok(fetched)
     }
 
     fn kind(&self) -> &'static str {
