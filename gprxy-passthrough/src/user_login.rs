@@ -355,16 +355,67 @@ pub fn refresh(creds: &mut Credentials, now: i64) -> Result<(), LoginError> {
     Ok(())
 }
 
-/// A valid access token from the stored credentials, refreshed (and saved) when less than
+/// A valid access token from the stored credentials, refreshed (and saved) unless more than
 /// [`REFRESH_MARGIN_SECS`] are left.
 pub fn token(path: &Path, now: i64) -> Result<String, LoginError> {
+    token_within(path, now, REFRESH_MARGIN_SECS, None).map(|(token, _)| token)
+}
+
+/// A token another process stored is taken as it is only with more than this left.
+const TAKEN_AS_IS_SECS: i64 = 5;
+
+/// The stored access token and when it expires: as stored while more than `margin` seconds
+/// are left, or when it is not the token whose fingerprint is `handed_out` (one the caller had
+/// and now finds due: another process refreshed it since), else refreshed with the refresh
+/// token and saved.
+///
+/// Processes sharing the credentials (`gprxy token`, connectors of several profiles) take
+/// turns: a refresh runs under an exclusive lock on `<file>.lock`, and one that waited for
+/// another's refresh takes the token that one stored. Two refreshes with the same refresh token
+/// would be a replay, for which a provider rotating refresh tokens ends the whole grant
+/// (RFC 9700 section 4.14.2).
+pub fn token_within(
+    path: &Path,
+    now: i64,
+    margin: i64,
+    handed_out: Option<&str>,
+) -> Result<(String, i64), LoginError> {
+    let left = |c: &Credentials| c.expires_at - now;
+    let replaced = |c: &Credentials| {
+        handed_out.is_some_and(|fp| gprxy_core::fingerprint(c.access_token.as_bytes()) != fp)
+            && left(c) > TAKEN_AS_IS_SECS
+    };
+    let seen = load(path)?;
+    if left(&seen) > margin || replaced(&seen) {
+        return Ok((seen.access_token, seen.expires_at));
+    }
+    let _turn = lock(path)?;
     let mut creds = load(path)?;
-    if creds.expires_at - now >= REFRESH_MARGIN_SECS {
-        return Ok(creds.access_token);
+    let refreshed_meanwhile = creds.access_token != seen.access_token && left(&creds) > TAKEN_AS_IS_SECS;
+    if left(&creds) > margin || refreshed_meanwhile {
+        return Ok((creds.access_token, creds.expires_at));
     }
     refresh(&mut creds, now)?;
     save(path, &creds)?;
-    Ok(creds.access_token)
+    Ok((creds.access_token, creds.expires_at))
+}
+
+/// An exclusive lock on `<path>.lock` (mode 0600), held until the file is dropped.
+fn lock(path: &Path) -> Result<std::fs::File, LoginError> {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".lock");
+    let lock_path = path.with_file_name(name);
+    let io = |source| LoginError::Io { path: lock_path.clone(), source };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&lock_path)
+        .map_err(io)?;
+    file.lock().map_err(io)?;
+    Ok(file)
 }
 
 /// Reads the credentials, refusing a file others can read.
@@ -460,9 +511,47 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("credentials.json");
         save(&path, &creds()).unwrap();
-        assert_eq!(token(&path, 1000 - REFRESH_MARGIN_SECS).unwrap(), "a.b.c");
-        // Inside the margin it must refresh; the issuer here does not exist.
-        assert!(matches!(token(&path, 1000 - REFRESH_MARGIN_SECS + 1), Err(LoginError::Unreachable { .. })));
+        assert_eq!(token(&path, 1000 - REFRESH_MARGIN_SECS - 1).unwrap(), "a.b.c");
+        // With the margin or less left it must refresh; the issuer here does not exist.
+        assert!(matches!(token(&path, 1000 - REFRESH_MARGIN_SECS), Err(LoginError::Unreachable { .. })));
+        // A caller's own margin; and a token other than the one the caller had is taken as it
+        // is (someone refreshed it), while it has a few seconds left.
+        assert_eq!(token_within(&path, 900, 99, None).unwrap(), ("a.b.c".to_owned(), 1000));
+        assert!(matches!(token_within(&path, 900, 100, None), Err(LoginError::Unreachable { .. })));
+        let other = gprxy_core::fingerprint(b"x.y.z");
+        assert_eq!(token_within(&path, 990, 100, Some(&other)).unwrap(), ("a.b.c".to_owned(), 1000));
+        assert!(matches!(token_within(&path, 996, 100, Some(&other)), Err(LoginError::Unreachable { .. })));
+        let same = gprxy_core::fingerprint(b"a.b.c");
+        assert!(matches!(token_within(&path, 990, 100, Some(&same)), Err(LoginError::Unreachable { .. })));
+    }
+
+    #[test]
+    fn a_refresh_waits_for_another_processs_and_takes_the_token_it_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("credentials.json");
+        save(&path, &creds()).unwrap();
+        // Another process is refreshing: it holds the lock.
+        let turn = lock(&path).unwrap();
+        assert_eq!(
+            std::fs::metadata(dir.path().join("credentials.json.lock")).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let waiter = {
+            let path = path.clone();
+            std::thread::spawn(move || token_within(&path, 990, 60, None))
+        };
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!waiter.is_finished(), "the second refresh did not wait for the first");
+        // Refreshed within the same second: the same expiry, another token.
+        save(
+            &path,
+            &Credentials { access_token: "d.e.f".into(), refresh_token: Some("r2".into()), ..creds() },
+        )
+        .unwrap();
+        drop(turn);
+        // It takes the new token: no refresh with r1, which the other's refresh used up (the
+        // issuer here does not exist, so a refresh would fail).
+        assert_eq!(waiter.join().unwrap().unwrap(), ("d.e.f".to_owned(), 1000));
     }
 
     #[test]

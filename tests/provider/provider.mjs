@@ -36,6 +36,15 @@ const entry = path.join(modules, 'oidc-provider', 'lib', 'index.js');
 const { default: Provider } = await import(pathToFileURL(entry).href);
 
 const config = JSON.parse(fs.readFileSync(process.argv[2], 'utf8'));
+// A private_key_jwt client may name its public key as PEM (`public_key_pem`, with `alg`): it is
+// registered as the client's key set (jwks), as a client's registration would publish it.
+for (const client of config.clients ?? []) {
+  if (client.public_key_pem) {
+    const jwk = crypto.createPublicKey(client.public_key_pem).export({ format: 'jwk' });
+    client.jwks = { keys: [{ ...jwk, alg: client.token_endpoint_auth_signing_alg, use: 'sig' }] };
+    delete client.public_key_pem;
+  }
+}
 const accounts = config.accounts ?? {};
 const clientClaims = config.client_claims ?? {};
 const ttlByClient = config.access_token_ttl_by_client ?? {};
@@ -146,15 +155,28 @@ function build() {
 }
 
 let handler = build();
+// Milliseconds the token endpoint waits before it answers (POST /delay): a slow issuer.
+let tokenDelay = 0;
 server.on('request', (req, res) => {
   const p = new URL(req.url, issuer).pathname;
   counts[p] = (counts[p] ?? 0) + 1;
-  handler(req, res);
+  // Which token requests authenticated the client with HTTP Basic (client_secret_basic; the
+  // provider takes a secret in the header or in the form from any secret client).
+  if (p === '/token' && /^basic /i.test(req.headers.authorization ?? '')) {
+    counts['/token:basic'] = (counts['/token:basic'] ?? 0) + 1;
+  }
+  if (p === '/token' && tokenDelay > 0) {
+    const h = handler;
+    setTimeout(() => h(req, res), tokenDelay);
+  } else {
+    handler(req, res);
+  }
 });
 
 // The control listener: POST /rotate?alg=ES256 (a new signing key first in the key set; the
-// older keys stay published), POST /retire (only the newest key stays), GET /counts (requests
-// per path).
+// older keys stay published), POST /retire (only the newest key stays), POST /delay?ms=N (the
+// token endpoint answers N ms late), GET /counts (requests per path, and `/token:basic`: token
+// requests with HTTP Basic client authentication).
 const control = http.createServer((req, res) => {
   const url = new URL(req.url, 'http://127.0.0.1');
   const answer = (status, body) => {
@@ -172,6 +194,9 @@ const control = http.createServer((req, res) => {
       if (keys[0].alg !== 'RS256') keys.push(newKey('RS256'));
       handler = build();
       answer(200, { kids: keys.map((k) => k.kid) });
+    } else if (req.method === 'POST' && url.pathname === '/delay') {
+      tokenDelay = Number(url.searchParams.get('ms') ?? 0);
+      answer(200, { ms: tokenDelay });
     } else if (req.method === 'GET' && url.pathname === '/counts') {
       answer(200, counts);
     } else {

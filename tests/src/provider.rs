@@ -175,6 +175,22 @@ impl Provider {
         self.counts()["/jwks"].as_u64().unwrap_or(0)
     }
 
+    /// Requests to the token endpoint so far (counted as they arrive, before any answer).
+    pub fn token_requests(&self) -> u64 {
+        self.counts()["/token"].as_u64().unwrap_or(0)
+    }
+
+    /// Token requests that authenticated the client with HTTP Basic (client_secret_basic).
+    pub fn basic_token_requests(&self) -> u64 {
+        self.counts()["/token:basic"].as_u64().unwrap_or(0)
+    }
+
+    /// The token endpoint answers `ms` milliseconds late from now on (0: at once).
+    pub fn delay_token_endpoint(&self, ms: u64) {
+        let r = http("POST", &format!("http://127.0.0.1:{}/delay?ms={ms}", self.control_port), &[], Some(""));
+        assert_eq!(r.status, 200, "delay: {}", r.body);
+    }
+
     /// Requests to the introspection endpoint so far.
     pub fn introspection_requests(&self) -> u64 {
         self.counts()["/token/introspection"].as_u64().unwrap_or(0)

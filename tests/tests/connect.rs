@@ -496,6 +496,58 @@ fn another_os_user_is_refused_on_the_socket_and_on_loopback_tcp() {
     assert_eq!(as_test_user(&c.conninfo("alice")).unwrap(), "alice|oauth:alice|alice|j1");
 }
 
+/// `listen.tcp` on the IPv6 loopback: the kernel's socket table is asked for an IPv6 peer
+/// (sock_diag with AF_INET6), which names this user (admitted) and the test user (refused).
+#[test]
+fn an_ipv6_loopback_listener_admits_this_user_and_refuses_another() {
+    assert!(running_as_root(), "this test runs clients as the test user: run it as root (make test does)");
+    assert!(
+        std::net::TcpListener::bind("[::1]:0").is_ok(),
+        "no IPv6 loopback on this machine (ip -6 addr show lo): this test needs ::1"
+    );
+    let s = pg18(&[]);
+    let dir = private_dir();
+    let file = dir.path().join("token");
+    write_token_file(&file, &s.token("v6", 300));
+    let port = gprxy_tests::free_port();
+    let c = Connector::start(
+        &format!(
+            "{}token.source = \"file\"\ntoken.path = \"{}\"\nlisten.tcp = \"[::1]:{port}\"\n",
+            s.upstream(),
+            file.display()
+        ),
+        false,
+    );
+    let tcp = format!("host=::1 port={port} user=alice dbname=postgres sslmode=disable");
+    assert_eq!(psql(&tcp, WHO).unwrap(), "alice|oauth:alice|alice|v6");
+    let login = &c.wait_events("connect_login", 1)[0];
+    let peer = login["span"]["peer"].as_str().unwrap_or_else(|| panic!("{login}"));
+    assert!(peer.starts_with("tcp [::1]:") && peer.ends_with(" uid 0"), "{peer}");
+    // Another OS user on ::1 is found in the table too, and refused.
+    let test_uid: u32 =
+        String::from_utf8(Command::new("id").args(["-u", &test_user()]).output().unwrap().stdout)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+    let e =
+        output(command_as_test_user(PgVersion::V15.bin("psql")).args(["-X", "-A", "-t", "-c", WHO, &tcp]))
+            .unwrap_err();
+    assert!(
+        e.ends_with(&format!(
+            "FATAL:  gprxy connect: connections from OS user {test_uid} are not allowed on this connector"
+        )),
+        "{e}"
+    );
+    let refused = c.wait_events("connect_refused", 1);
+    assert_eq!(
+        (refused[0]["uid"].as_i64(), refused[0]["listener"].as_str()),
+        (Some(i64::from(test_uid)), Some("tcp"))
+    );
+    // The server saw one login, this user's.
+    assert_eq!(s.pg.log().matches("connection authorized: user=alice").count(), 1, "{}", s.pg.log());
+}
+
 #[test]
 fn a_tcp_listener_beyond_loopback_is_refused_at_start() {
     let dir = private_dir();

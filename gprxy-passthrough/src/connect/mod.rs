@@ -308,7 +308,7 @@ pub async fn check(profile: Profile, out: &mut dyn std::io::Write) -> anyhow::Re
 
 /// `gprxy token --profile P`: a token from the profile's source.
 pub async fn token(profile: Profile) -> anyhow::Result<String> {
-    let source = token_source::from_spec(&profile.token);
+    let source = token_source::from_spec(&profile.token, profile.refresh_margin_secs);
     let kind = source.kind();
     let fetched = tokio::task::spawn_blocking(move || source.fetch())
         .await?

@@ -60,7 +60,7 @@ impl Ctx {
             )?),
             None => None,
         };
-        let source = super::token_source::from_spec(&profile.token);
+        let source = super::token_source::from_spec(&profile.token, profile.refresh_margin_secs);
         let tokens = Arc::new(TokenCache::new(source, profile.refresh_margin_secs).counted(metrics.clone()));
         Ok(Self { profile, tokens, tls, cancel_keys, metrics })
     }

@@ -114,12 +114,15 @@ pub trait TokenSource: Send + Sync {
     fn kind(&self) -> &'static str;
 }
 
-/// The source a profile's `[token]` describes.
-pub fn from_spec(spec: &TokenSpec) -> Arc<dyn TokenSource> {
+/// The source a profile's `[token]` describes; `margin_secs` is the profile's refresh margin
+/// (the stored device login is refreshed when no more time than that is left).
+pub fn from_spec(spec: &TokenSpec, margin_secs: u64) -> Arc<dyn TokenSource> {
     match spec.clone() {
-        TokenSpec::Device { credentials_file } => {
-            Arc::new(Device { path: credentials_file.unwrap_or_else(user_login::credentials_path) })
-        }
+        TokenSpec::Device { credentials_file } => Arc::new(Device {
+            path: credentials_file.unwrap_or_else(user_login::credentials_path),
+            margin: i64::try_from(margin_secs).unwrap_or(i64::MAX),
+            handed_out: Mutex::new(None),
+        }),
         TokenSpec::ClientCredentials {
             issuer,
             token_endpoint,
@@ -235,15 +238,26 @@ fn read_file_checked(path: &Path, mask: u32, what: &str) -> Result<Vec<u8>, Toke
     Ok(bytes)
 }
 
-/// `gprxy login`'s stored login.
+/// `gprxy login`'s stored login: the stored token while more than the profile's margin is
+/// left, else refreshed (see [`user_login::token_within`]: one refresh at a time among the
+/// processes sharing the file).
 struct Device {
     path: PathBuf,
+    margin: i64,
+    /// The fingerprint of the token this source last gave: another one stored was refreshed
+    /// by another process since, and is taken as it is.
+    handed_out: Mutex<Option<String>>,
 }
 
 impl TokenSource for Device {
     fn fetch(&self) -> Result<Fetched, TokenError> {
-        let token = user_login::token(&self.path, gprxy_core::unix_time())?;
-        checked(&token, None)
+        let now = gprxy_core::unix_time();
+        let handed_out = self.handed_out.lock().clone();
+        let (token, expires_at) =
+            user_login::token_within(&self.path, now, self.margin, handed_out.as_deref())?;
+        let fetched = checked(&token, Some(expires_at - now))?;
+        *self.handed_out.lock() = Some(fetched.token.fingerprint());
+        Ok(fetched)
     }
 
     fn kind(&self) -> &'static str {
@@ -582,13 +596,29 @@ fn percent(v: &str) -> String {
         .collect()
 }
 
+/// After a refused or failed fetch, the current token (while still valid) is used for this
+/// long before the issuer is asked again, by the refresh ahead of time or by a connection.
+const RETRY_SECS: i64 = 10;
+
 /// One profile's token: one fetch in flight, the token reused until `margin` before it
-/// expires (at most half its remaining life at fetch time), a changed file read again.
+/// expires (at most half its remaining life at fetch time), a changed file read again, and,
+/// while [`TokenCache::keep_fresh`] runs, refreshed ahead of that point without a connection
+/// waiting for it.
 pub struct TokenCache {
     source: Arc<dyn TokenSource>,
     margin: i64,
-    current: tokio::sync::Mutex<Option<(Fetched, i64)>>,
+    state: Mutex<State>,
+    /// Held for the length of a fetch: one in flight per profile.
+    flight: tokio::sync::Mutex<()>,
     metrics: Option<Arc<super::metrics::Metrics>>,
+}
+
+#[derive(Default)]
+struct State {
+    /// The token and when it was fetched (Unix time).
+    current: Option<(Fetched, i64)>,
+    /// When the last fetch failed, if it did after the current token was fetched.
+    failed_at: Option<i64>,
 }
 
 impl TokenCache {
@@ -597,7 +627,8 @@ impl TokenCache {
         Self {
             source,
             margin: i64::try_from(margin_secs).unwrap_or(i64::MAX),
-            current: tokio::sync::Mutex::new(None),
+            state: Mutex::new(State::default()),
+            flight: tokio::sync::Mutex::new(()),
             metrics: None,
         }
     }
@@ -613,17 +644,44 @@ impl TokenCache {
         self.source.kind()
     }
 
-    /// A token good for a while yet, and whether it was fetched now. When a fetch fails while
-    /// the current token is still valid (inside the refresh margin), that token is used.
+    /// A token good for a while yet, and whether it was fetched now. A connection never waits
+    /// for a fetch while the current token is still valid (more than a few seconds left) and a
+    /// fetch is in flight (the refresh ahead of time) or failed less than ten seconds ago; when
+    /// its own fetch fails, such a token is used too.
     pub async fn get(&self) -> Result<(Fetched, bool), TokenError> {
-        // Held across the fetch: callers meanwhile wait for its token instead of fetching too.
-        let mut current = self.current.lock().await;
-        let now = gprxy_core::unix_time();
-        if let Some((f, fetched_at)) = current.as_ref() {
-            if self.fresh(f, *fetched_at, now) && !self.source.changed() {
-                return Ok((f.clone(), false));
-            }
+        if let Some(f) = self.reusable(gprxy_core::unix_time()) {
+            return Ok((f, false));
         }
+        let flight = match self.flight.try_lock() {
+            Ok(flight) => flight,
+            Err(_) => match self.still_valid(gprxy_core::unix_time()) {
+                Some(f) => return Ok((f, false)),
+                // Callers meanwhile wait for the fetch in flight instead of fetching too.
+                None => self.flight.lock().await,
+            },
+        };
+        let now = gprxy_core::unix_time();
+        // Fetched, or failed, while this caller waited.
+        if let Some(f) = self.reusable(now) {
+            return Ok((f, false));
+        }
+        let fetched = self.fetch(now).await;
+        drop(flight);
+        match fetched {
+            Ok(f) => Ok((f, true)),
+            Err(e) => match self.still_valid(gprxy_core::unix_time()) {
+                Some(f) => {
+                    tracing::warn!(event = "token_refresh_failed", source = self.source.kind(), error = %e,
+                                   token_fp = %f.token.fingerprint(), "cannot refresh the token; the current one is still valid");
+                    Ok((f, false))
+                }
+                None => Err(e),
+            },
+        }
+    }
+
+    /// Fetches from the source (the caller holds `flight`) and keeps the outcome.
+    async fn fetch(&self, now: i64) -> Result<Fetched, TokenError> {
         let source = self.source.clone();
         let fetched = tokio::task::spawn_blocking(move || source.fetch())
             .await
@@ -635,27 +693,38 @@ impl TokenCache {
                 .get_or_create(&super::metrics::FetchLabels { source: self.source.kind(), outcome })
                 .inc();
         }
-        match fetched {
-            Ok(fetched) => {
-                *current = Some((fetched.clone(), now));
-                Ok((fetched, true))
+        let mut state = self.state.lock();
+        match &fetched {
+            Ok(f) => {
+                state.current = Some((f.clone(), now));
+                state.failed_at = None;
             }
-            Err(e) => match current.as_ref() {
-                Some((f, _))
-                    if f.expires_at.is_some_and(|exp| now + STILL_VALID_SECS < exp)
-                        && !self.source.changed() =>
-                {
-                    tracing::warn!(event = "token_refresh_failed", source = self.source.kind(), error = %e,
-                                   token_fp = %f.token.fingerprint(), "cannot refresh the token; the current one is still valid");
-                    Ok((f.clone(), false))
-                }
-                _ => Err(e),
-            },
+            Err(_) => state.failed_at = Some(gprxy_core::unix_time()),
         }
+        fetched
     }
 
-    fn fresh(&self, f: &Fetched, fetched_at: i64, now: i64) -> bool {
-        self.refresh_point(f, fetched_at).is_some_and(|at| now < at)
+    /// The current token if it is before its refresh point and its source has not changed.
+    fn fresh(&self, now: i64) -> Option<Fetched> {
+        let state = self.state.lock();
+        let (f, at) = state.current.as_ref()?;
+        (self.refresh_point(f, *at).is_some_and(|p| now < p) && !self.source.changed()).then(|| f.clone())
+    }
+
+    /// The fresh token, or the still valid one while the last fetch failed less than
+    /// [`RETRY_SECS`] ago.
+    fn reusable(&self, now: i64) -> Option<Fetched> {
+        let retry_later = self.state.lock().failed_at.is_some_and(|t| now < t + RETRY_SECS);
+        self.fresh(now).or_else(|| if retry_later { self.still_valid(now) } else { None })
+    }
+
+    /// The current token if more than [`STILL_VALID_SECS`] of it are left and its source has
+    /// not changed.
+    fn still_valid(&self, now: i64) -> Option<Fetched> {
+        let state = self.state.lock();
+        let (f, _) = state.current.as_ref()?;
+        (f.expires_at.is_some_and(|exp| now + STILL_VALID_SECS < exp) && !self.source.changed())
+            .then(|| f.clone())
     }
 
     /// When a token fetched at `fetched_at` is to be replaced: `margin` before it expires, at most
@@ -664,46 +733,70 @@ impl TokenCache {
         f.expires_at.map(|exp| exp - self.margin.min((exp - fetched_at).max(0) / 2))
     }
 
+    /// When the refresh ahead of time is due: the current token's refresh point, or, after a
+    /// failed fetch, [`RETRY_SECS`] after it. None: nothing to refresh ahead of.
+    fn due_at(&self) -> Option<i64> {
+        let state = self.state.lock();
+        let (f, at) = state.current.as_ref()?;
+        let point = self.refresh_point(f, *at)?;
+        Some(state.failed_at.map_or(point, |t| point.max(t + RETRY_SECS)))
+    }
+
     /// Refreshes the token ahead of time, for as long as it runs: once a connection has fetched
     /// a token with a known expiry, a new one is fetched at its refresh point, so that
-    /// connections find a fresh token waiting. Failures are retried every ten seconds.
+    /// connections find a fresh token waiting (and those that come during the fetch use the
+    /// current one). A failed refresh is tried again ten seconds later.
     pub async fn keep_fresh(self: Arc<Self>) {
         loop {
-            let point = {
-                let current = self.current.lock().await;
-                current.as_ref().and_then(|(f, at)| self.refresh_point(f, *at))
-            };
             let now = gprxy_core::unix_time();
-            match point {
-                Some(at) if at > now => {
+            match self.due_at() {
+                Some(at) if at <= now => {}
+                Some(at) => {
                     tokio::time::sleep(Duration::from_secs(u64::try_from(at - now).unwrap_or(1).min(60)))
                         .await;
+                    continue;
                 }
-                Some(_) => match self.get().await {
-                    Ok((f, true)) => {
-                        tracing::info!(event = "token_refreshed", source = self.source.kind(),
-                                       token_fp = %f.token.fingerprint(), "token refreshed ahead of its end");
-                        // A source that gives a token already due (a stale file, a short-lived
-                        // token) is asked again after a pause, never in a loop.
-                        let due = self.refresh_point(&f, now).is_some_and(|at| at <= gprxy_core::unix_time());
-                        tokio::time::sleep(Duration::from_secs(if due { 10 } else { 1 })).await;
-                    }
-                    Ok((_, false)) => tokio::time::sleep(Duration::from_secs(1)).await,
-                    Err(e) => {
-                        tracing::warn!(event = "token_refresh_failed", source = self.source.kind(), error = %e, "cannot refresh the token");
-                        tokio::time::sleep(Duration::from_secs(10)).await;
-                    }
-                },
-                None => tokio::time::sleep(Duration::from_secs(1)).await,
+                None => {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            }
+            let flight = self.flight.lock().await;
+            let now = gprxy_core::unix_time();
+            // A connection fetched while this waited.
+            if self.fresh(now).is_some() {
+                continue;
+            }
+            let before = self.state.lock().current.as_ref().map(|(f, _)| f.token.clone());
+            let fetched = self.fetch(now).await;
+            drop(flight);
+            match fetched {
+                Ok(f) if before.as_ref() == Some(&f.token) => {
+                    tracing::debug!(event = "token_unchanged", source = self.source.kind(),
+                                    token_fp = %f.token.fingerprint(), "the source gave the same token again");
+                }
+                Ok(f) => {
+                    tracing::info!(event = "token_refreshed", source = self.source.kind(),
+                                   token_fp = %f.token.fingerprint(), "token refreshed ahead of its end");
+                }
+                Err(e) => {
+                    tracing::warn!(event = "token_refresh_failed", source = self.source.kind(), error = %e, "cannot refresh the token");
+                    continue;
+                }
+            }
+            // A source that gives a token already due (a stale file, a short-lived token) is
+            // asked again after a pause, never in a loop.
+            if self.due_at().is_some_and(|at| at <= gprxy_core::unix_time()) {
+                tokio::time::sleep(Duration::from_secs(RETRY_SECS.unsigned_abs())).await;
             }
         }
     }
 
     /// Forgets `token` (the server refused it): the next connection fetches a new one.
     pub async fn forget(&self, token: &Token) {
-        let mut current = self.current.lock().await;
-        if current.as_ref().is_some_and(|(f, _)| &f.token == token) {
-            *current = None;
+        let mut state = self.state.lock();
+        if state.current.as_ref().is_some_and(|(f, _)| &f.token == token) {
+            *state = State::default();
         }
     }
 }
@@ -784,6 +877,97 @@ mod tests {
         let (f, fetched) = cache.get().await.unwrap();
         assert_eq!((f.token.expose(), fetched), ("t1", false));
         keeper.abort();
+    }
+
+    /// A source that takes `delay` and fails while `fail` is set.
+    struct Scripted {
+        calls: AtomicUsize,
+        delay: Duration,
+        fail: std::sync::atomic::AtomicBool,
+    }
+
+    impl TokenSource for Scripted {
+        fn fetch(&self) -> Result<Fetched, TokenError> {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(self.delay);
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(TokenError::Refused { error: "invalid_client".into(), status: 401 });
+            }
+            Ok(Fetched { token: Token(format!("t{n}")), expires_at: Some(gprxy_core::unix_time() + 300) })
+        }
+        fn kind(&self) -> &'static str {
+            "test"
+        }
+    }
+
+    /// A cache whose current token `old` has `left` seconds of life and is due (fetched as
+    /// long before as it has left).
+    fn due_cache(source: Arc<Scripted>, left: i64) -> Arc<TokenCache> {
+        let cache = TokenCache::new(source, 60);
+        let now = gprxy_core::unix_time();
+        cache.state.lock().current =
+            Some((Fetched { token: Token("old".into()), expires_at: Some(now + left) }, now - left));
+        assert!(cache.fresh(now).is_none() && cache.due_at().is_some_and(|at| at <= now));
+        Arc::new(cache)
+    }
+
+    #[tokio::test]
+    async fn connections_use_the_current_token_while_the_refresh_ahead_of_time_is_in_flight() {
+        let source = Arc::new(Scripted {
+            calls: AtomicUsize::new(0),
+            delay: Duration::from_millis(1500),
+            fail: false.into(),
+        });
+        let cache = due_cache(source.clone(), 30);
+        let keeper = tokio::spawn(cache.clone().keep_fresh());
+        while source.calls.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let asked = Instant::now();
+        let (f, fetched) = cache.get().await.unwrap();
+        assert_eq!((f.token.expose(), fetched), ("old", false));
+        assert!(asked.elapsed() < Duration::from_millis(500), "waited {:?}", asked.elapsed());
+        // Once the refresh is done its token is the one handed out; one fetch in all.
+        tokio::time::sleep(Duration::from_millis(1700)).await;
+        let (f, fetched) = cache.get().await.unwrap();
+        assert_eq!((f.token.expose(), fetched, source.calls.load(Ordering::SeqCst)), ("t0", false, 1));
+        // With the current token nearly at its end, a connection waits for the fetch in flight
+        // (and shares it).
+        let cache = due_cache(source.clone(), STILL_VALID_SECS);
+        let other = cache.clone();
+        let first = tokio::spawn(async move { other.get().await.unwrap() });
+        while source.calls.load(Ordering::SeqCst) == 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (f, fetched) = cache.get().await.unwrap();
+        assert_eq!((f.token.expose(), fetched), ("t1", false));
+        assert_eq!(first.await.unwrap().0.token.expose(), "t1");
+        assert_eq!(source.calls.load(Ordering::SeqCst), 2);
+        keeper.abort();
+    }
+
+    #[tokio::test]
+    async fn a_failed_fetch_is_not_tried_again_for_ten_seconds_while_the_token_is_still_valid() {
+        let source =
+            Arc::new(Scripted { calls: AtomicUsize::new(0), delay: Duration::ZERO, fail: true.into() });
+        let cache = due_cache(source.clone(), 30);
+        // A connection's fetch fails: the current token is used, and the next connections and
+        // the refresh ahead of time do not ask again for ten seconds.
+        assert_eq!(cache.get().await.unwrap().0.token.expose(), "old");
+        assert_eq!(cache.get().await.unwrap().0.token.expose(), "old");
+        let keeper = tokio::spawn(cache.clone().keep_fresh());
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert_eq!(source.calls.load(Ordering::SeqCst), 1);
+        keeper.abort();
+        // Without a valid token each connection asks.
+        let cache = due_cache(source.clone(), STILL_VALID_SECS);
+        for _ in 0..2 {
+            assert_eq!(
+                cache.get().await.unwrap_err().to_string(),
+                "the issuer refused the token request: invalid_client (HTTP 401)"
+            );
+        }
+        assert_eq!(source.calls.load(Ordering::SeqCst), 3);
     }
 
     #[test]
