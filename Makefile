@@ -61,6 +61,7 @@ test: bootstrap lint install-extension package
 	cargo build $(IRV) --workspace --bins
 	cargo test $(IRV) --workspace --no-fail-fast
 	GPRXY_FALLBACK_PG=17 cargo test $(IRV) -p gprxy-tests --no-fail-fast --test fallback --test context --test introspection
+	GPRXY_FALLBACK_PG=17 cargo test $(IRV) -p gprxy-tests --no-fail-fast --test connect_drivers through_fallback
 	# The validator's and the pass-through's end-to-end tests again on PostgreSQL 19, with what 19
 	# adds (tests/tests/validator_pg19.rs). Bootstrap goes on without 19 when the mirror has no
 	# source of it (it says so): then this says it did not run.
