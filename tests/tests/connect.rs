@@ -810,6 +810,57 @@ fn a_github_actions_token_request_is_answered_by_a_local_stand_in() {
     );
 }
 
+// ---- gprxy pass-through in front of PostgreSQL 18: OAUTHBEARER relayed, or the bridge. ----
+
+/// The connector in front of gprxy pass-through (TLS to gprxy, TLS from gprxy to PostgreSQL 18):
+/// OAUTHBEARER relayed to the server; with the token-as-password bridge the proxy asks for a
+/// password, the connector sends the token as one over TLS and the proxy logs in with it. The
+/// server logs each login with the token's identity, and the session is the token's.
+#[test]
+fn through_gprxy_pass_through_oauthbearer_is_relayed_and_the_bridge_takes_the_token_as_a_password() {
+    let s = pg18(&[]);
+    let dir = private_dir();
+    let file = dir.path().join("token");
+    let token = s.token("via-proxy", 300);
+    write_token_file(&file, &token);
+    for (bridge, mechanism) in [(false, "OAUTHBEARER"), (true, "password")] {
+        let proxy = gprxy_tests::proxy::Proxy::start(&format!(
+            "upstream = \"127.0.0.1:{}\"\n{}[tls]\ncert = \"{}\"\nkey = \"{}\"\n\
+             [upstream_tls]\nenabled = true\nca_file = \"{}\"\nserver_name = \"localhost\"\n",
+            s.pg.port(),
+            if bridge { "[bridge]\ntoken_as_password = true\n" } else { "" },
+            s.certs.cert_path.display(),
+            s.certs.key_path.display(),
+            s.certs.ca_path.display()
+        ));
+        let profile = format!(
+            "upstream = \"127.0.0.1:{}\"\nuser = \"alice\"\ndatabase = \"postgres\"\ntls.ca_file = \"{}\"\n\
+             tls.server_name = \"localhost\"\ntoken.source = \"file\"\ntoken.path = \"{}\"\n",
+            proxy.port,
+            s.certs.ca_path.display(),
+            file.display()
+        );
+        let c = Connector::start(&profile, false);
+        let logins_before = s.pg.log().matches("gprxy: oauth login authorized").count();
+        assert_eq!(
+            psql(&c.conninfo("alice"), WHO).unwrap(),
+            "alice|oauth:alice|alice|via-proxy",
+            "bridge {bridge}"
+        );
+        let login = &c.wait_events("connect_login", 1)[0];
+        assert_eq!(login["mechanism"].as_str(), Some(mechanism), "bridge {bridge}");
+        // The server validated the token itself: one more authorized login, as alice.
+        let log = s.pg.log();
+        assert_eq!(log.matches("gprxy: oauth login authorized").count(), logins_before + 1, "{log}");
+        assert!(log
+            .lines()
+            .rfind(|l| l.contains("gprxy: oauth login authorized"))
+            .unwrap()
+            .contains("authn_id=\"alice\""));
+        assert_no_secret(&(c.log() + &proxy.log()), &[&token]);
+    }
+}
+
 // ---- Fallback mode on PostgreSQL 15: the token goes upstream as a password over TLS. ----
 
 #[test]
