@@ -99,6 +99,7 @@ fn start(mut cmd: Command) -> Running {
     let logs = after("logs:").pop().expect("log paths");
     let mut folders: Vec<PathBuf> = logs
         .split(" and ")
+        .flat_map(|p| p.split(", "))
         .map(|p| std::path::Path::new(p.trim()).parent().expect("server root").to_path_buf())
         .collect();
     folders.push(demo_dir.into());
@@ -108,6 +109,8 @@ fn start(mut cmd: Command) -> Running {
         .filter_map(|l| l.split("http://127.0.0.1:").nth(1)?.split('/').next()?.parse().ok())
         .collect();
     assert_eq!(admin.len(), 2, "{text}");
+    // The three servers' folders and the demo's own.
+    assert_eq!(folders.len(), 4, "{folders:?}");
     assert!(folders.iter().all(|f| f.exists()), "{folders:?}");
     assert!(admin.iter().all(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_ok()));
     Running { child, lines, folders, admin, pid, ended: false }
