@@ -699,6 +699,7 @@ mod tests {
             replication: false,
             bypass_rls: false,
             create_role: false,
+            server_role: false,
             member_of: None,
         })
     }

@@ -525,6 +525,17 @@ fn provision(req: &Request, refused_at_load: &[(String, String)]) -> Result<u32,
     };
     let actions = plan(&login, &managed, &existing, settings.shared_subject_namespace)
         .map_err(|r| (r.code(), r.to_string()))?;
+    // Each group's powers now, in this transaction, right before it is granted: the login's
+    // check was made in its backend before the request was queued, and the verdict at load
+    // covers only what was privileged then; a group given powers since is not granted.
+    crate::ffi::accept_invalidations();
+    for action in &actions {
+        if let Action::Grant(g) = action {
+            if let Some(why) = privileged_role(g, crate::ffi::role_powers(g)) {
+                return Err(("provision_privileged_group", why));
+            }
+        }
+    }
     let role = quote_ident(&req.role);
     for action in &actions {
         let (sql, what, group) = match action {

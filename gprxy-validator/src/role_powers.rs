@@ -9,13 +9,17 @@ pub struct RolePowers {
     pub replication: bool,
     pub bypass_rls: bool,
     pub create_role: bool,
+    /// It is itself one of PostgreSQL's server-file or server-program roles
+    /// (`pg_execute_server_program`, `pg_read_server_files`, `pg_write_server_files`).
+    pub server_role: bool,
     /// A role with such powers that this one is a member of (and so can SET ROLE to).
     pub member_of: Option<String>,
 }
 
 /// Why delegated mode refuses to log a token in as `role` (None: it may). A role that is a
-/// superuser, or has REPLICATION or BYPASSRLS, is never reached through a token's claims,
-/// whatever they say; a role that cannot be looked up is refused too.
+/// superuser, or has REPLICATION, BYPASSRLS or CREATEROLE, or is (or is a member of) a role that
+/// reads or writes the server's files or runs programs on it, is never reached through a token's
+/// claims, whatever they say; a role that cannot be looked up is refused too.
 pub fn privileged_role(role: &str, powers: Option<RolePowers>) -> Option<String> {
     let Some(p) = powers else {
         return Some(format!("role {role:?} was not found in pg_authid"));
@@ -35,9 +39,51 @@ pub fn privileged_role(role: &str, powers: Option<RolePowers>) -> Option<String>
             what.join(", ")
         ));
     }
+    if p.server_role {
+        return Some(format!(
+            "role {role:?} reads or writes the server's files or runs programs on it: delegated mode never maps a token to such a role"
+        ));
+    }
     p.member_of.map(|other| {
         format!(
             "role {role:?} is a member of {other:?}, which has powers beyond its grants: delegated mode never maps a token to such a role"
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ordinary() -> RolePowers {
+        RolePowers {
+            superuser: false,
+            replication: false,
+            bypass_rls: false,
+            create_role: false,
+            server_role: false,
+            member_of: None,
+        }
+    }
+
+    #[test]
+    fn a_server_file_or_program_role_itself_is_privileged_as_its_members_are() {
+        assert_eq!(privileged_role("app_reader", Some(ordinary())), None);
+        assert_eq!(
+            privileged_role("pg_execute_server_program", Some(RolePowers { server_role: true, ..ordinary() }))
+                .as_deref(),
+            Some(
+                "role \"pg_execute_server_program\" reads or writes the server's files or runs programs on it: \
+                 delegated mode never maps a token to such a role"
+            )
+        );
+        let member = RolePowers { member_of: Some("pg_read_server_files".into()), ..ordinary() };
+        assert!(privileged_role("app_reader", Some(member))
+            .unwrap()
+            .contains("is a member of \"pg_read_server_files\""));
+        assert_eq!(
+            privileged_role("app_admin", Some(RolePowers { create_role: true, ..ordinary() })).as_deref(),
+            Some("role \"app_admin\" has CREATEROLE: delegated mode never maps a token to such a role")
+        );
+    }
 }

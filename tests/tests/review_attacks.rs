@@ -354,3 +354,98 @@ fn attack_a_writable_schema_on_the_path_hijacks_the_provisioner_and_the_drop_fun
          {alice_groups:?} (her token names only eng), rolsuper={alice_super}"
     );
 }
+
+// ---- Review of the refusal of privileged groups at load (9262379), as an attacker: main at
+// 37be449. `attack_*` failed there; `held_*` held.
+
+/// DEFECT (fails on 37be449). PostgreSQL's server-program and server-file roles are refused as
+/// something a group *reaches*, but not as the group itself: `privileged_role` looks at the
+/// role's attributes (none) and at the roles it is a member of (none). A role map whose target is
+/// `pg_execute_server_program` (the DBA gave the provisioner ADMIN on it, as on any managed group)
+/// passes the check at load and the login's own check; the provisioner grants it, and only the
+/// check of the person's own role afterwards refuses the login — the membership stays in the
+/// catalog, and once the mapping is removed sync never revokes it (no longer managed).
+#[test]
+fn attack_a_group_mapped_straight_to_a_server_program_role_is_granted() {
+    let s = setup("sync", "eng:app_reader,ops:pg_execute_server_program", &[]);
+    s.pg.sql(
+        "GRANT pg_execute_server_program TO gprxy_provisioner WITH ADMIN OPTION, INHERIT FALSE, SET FALSE",
+    );
+    let got = s.login("mallory", "mallory", &["eng", "ops"]);
+    let members = s.members("mallory");
+    assert!(
+        got.is_err() && !members.contains("pg_execute_server_program"),
+        "the provisioner granted a server-program role: login {:?}, mallory is a member of {members:?}; \
+         audit: {}",
+        got.as_ref().map_err(|e| e.lines().last()),
+        s.last_audit()
+    );
+    assert!(
+        s.last_audit().contains("refused reason=provision_privileged_group role=\"mallory\""),
+        "{}",
+        s.last_audit()
+    );
+    assert!(
+        s.pg.log().contains(
+            "gprxy: provision refused at load group=\"pg_execute_server_program\" (mapped from \"ops\" by gprxy.role_map): \
+             role \"pg_execute_server_program\" reads or writes the server's files or runs programs on it: \
+             delegated mode never maps a token to such a role; it is never granted until it is changed and the settings reloaded"
+        ),
+        "{}",
+        s.pg.log()
+    );
+}
+
+/// DEFECT (fails on 37be449). The provisioner grants on the word of the login's check of the
+/// group's powers, made in the login's backend before the request is queued; the worker itself
+/// checks only what it refused at load. A group given CREATEROLE after that check and before the
+/// worker's GRANT (here: the worker waits for a lock on gprxy.provisioned_roles meanwhile) is
+/// granted: the person's own role is then a member of a CREATEROLE role, in the catalog, though
+/// the login is refused afterwards by the check of the person's role.
+#[test]
+fn attack_a_group_made_powerful_while_the_provisioner_works_is_granted() {
+    let s = setup("sync", "eng:app_reader,ops:app_writer", &["gprxy.provision_timeout = 20000"]);
+    let s = &s;
+    std::thread::scope(|scope| {
+        let locker = scope.spawn(move || {
+            s.pg.sql("BEGIN; LOCK TABLE gprxy.provisioned_roles; SELECT pg_sleep(2); COMMIT;");
+        });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while s.pg.sql(
+            "SELECT count(*) FROM pg_locks WHERE relation = 'gprxy.provisioned_roles'::regclass \
+             AND mode = 'AccessExclusiveLock' AND granted",
+        ) != "1"
+        {
+            assert!(Instant::now() < deadline, "the lock was never taken");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let login = scope.spawn(move || s.login("carol", "carol", &["eng"]));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while s.pg.sql(
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'gprxy provisioner' \
+             AND wait_event_type = 'Lock'",
+        ) != "1"
+        {
+            assert!(Instant::now() < deadline, "the provisioner never waited");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // The login's backend has checked app_reader; the worker has not granted it yet.
+        s.pg.sql("ALTER ROLE app_reader CREATEROLE");
+        let got = login.join().unwrap();
+        locker.join().unwrap();
+        let members = s.members("carol");
+        assert!(
+            got.is_err() && !members.contains("app_reader"),
+            "a CREATEROLE group was granted: login {:?}, carol is a member of {members:?}; audit: {}",
+            got.as_ref().map_err(|e| e.lines().last()),
+            s.last_audit()
+        );
+        assert!(
+            s.last_audit().contains("refused reason=provision_privileged_group role=\"carol\""),
+            "{}",
+            s.last_audit()
+        );
+        // One transaction: nothing of the refused request was made.
+        assert_eq!(s.pg.sql("SELECT count(*) FROM pg_roles WHERE rolname = 'carol'"), "0");
+    });
+}

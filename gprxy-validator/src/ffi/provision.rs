@@ -62,11 +62,13 @@ pub fn own_pid() -> i32 {
     unsafe { pg_sys::MyProcPid }
 }
 
-/// Makes this backend see catalog changes other processes committed (a role the provisioner just
-/// made, which an earlier lookup here may have cached as missing).
+/// Makes this process see catalog changes other processes committed (a role the provisioner just
+/// made, which an earlier lookup here may have cached as missing; a group's powers changed while
+/// the provisioner worked).
 pub fn accept_invalidations() {
-    // SAFETY: both run during authentication inside the transaction InitPostgres opened, as
-    // any catalog access there does; the guard turns an ERROR into a Rust panic.
+    // SAFETY: both run inside a transaction (during authentication, the one InitPostgres opened;
+    // in the provisioner, its own), as any catalog access there does; the guard turns an ERROR
+    // into a Rust panic.
     unsafe {
         pg_sys::ffi::pg_guard_ffi_boundary(|| {
             pg_sys::AcceptInvalidationMessages();

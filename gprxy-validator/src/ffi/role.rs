@@ -30,25 +30,30 @@ pub fn role_powers(role: &str) -> Option<RolePowers> {
                 replication: (*form).rolreplication,
                 bypass_rls: (*form).rolbypassrls,
                 create_role: (*form).rolcreaterole,
+                server_role: false,
                 member_of: None,
             },
         )
     };
     // SAFETY: `tuple` came from SearchSysCache1 above and is released once.
     unsafe { pg_sys::ReleaseSysCache(tuple) };
+    powers.server_role = SERVER_ROLES.contains(&oid.to_u32());
     powers.member_of = powerful_role_reached(oid);
     Some(powers)
 }
+
+/// PostgreSQL's roles that read or write the server's files or run programs on it: a superuser's
+/// powers in all but name.
+const SERVER_ROLES: [u32; 3] = [
+    pg_sys::ROLE_PG_EXECUTE_SERVER_PROGRAM,
+    pg_sys::ROLE_PG_READ_SERVER_FILES,
+    pg_sys::ROLE_PG_WRITE_SERVER_FILES,
+];
 
 /// The first role other than `member` that has powers beyond its grants (SUPERUSER, REPLICATION,
 /// BYPASSRLS, CREATEROLE, or the server-file and server-program roles) and that `member` belongs
 /// to, directly or through other roles, whatever their INHERIT setting (SET ROLE reaches it).
 fn powerful_role_reached(member: pg_sys::Oid) -> Option<String> {
-    let server_roles = [
-        pg_sys::ROLE_PG_EXECUTE_SERVER_PROGRAM,
-        pg_sys::ROLE_PG_READ_SERVER_FILES,
-        pg_sys::ROLE_PG_WRITE_SERVER_FILES,
-    ];
     let mut found = None;
     // SAFETY: a heap scan of pg_authid (a shared catalog, readable during authentication as the
     // syscache lookup above is) with no keys and the catalog snapshot; every tuple starts with
@@ -75,7 +80,7 @@ fn powerful_role_reached(member: pg_sys::Oid) -> Option<String> {
                 || (*form).rolreplication
                 || (*form).rolbypassrls
                 || (*form).rolcreaterole
-                || server_roles.iter().any(|r| oid.to_u32() == *r);
+                || SERVER_ROLES.contains(&oid.to_u32());
             if oid != member && powerful && pg_sys::is_member_of_role_nosuper(member, oid) {
                 let name = std::ffi::CStr::from_ptr((*form).rolname.data.as_ptr());
                 found = Some(name.to_string_lossy().into_owned());
