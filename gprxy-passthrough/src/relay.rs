@@ -236,6 +236,32 @@ where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
+    copy(a, b, a_to_b, b_to_a, false).await
+}
+
+/// As [`copy_both_ways`], but over as soon as `b` has ended (its bytes written to `a`, whose
+/// writing half is then shut down), whatever `a` does: for a relay whose `b` is a server
+/// connection, the session is over when the server has closed it, even while the application
+/// keeps its socket open without reading; an end of `a` first still waits for `b`'s.
+pub async fn copy_until_b_ends<A, B>(a: &mut A, b: &mut B, a_to_b: Counter, b_to_a: Counter) -> io::Result<()>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    copy(a, b, a_to_b, b_to_a, true).await
+}
+
+async fn copy<A, B>(
+    a: &mut A,
+    b: &mut B,
+    a_to_b: Counter,
+    b_to_a: Counter,
+    until_b_ends: bool,
+) -> io::Result<()>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
     let (mut forward, mut back) = (Pipe::new(a_to_b, true), Pipe::new(b_to_a, true));
     let (mut forward_done, mut back_done) = (false, false);
     let pass = |_: &[u8]| Verdict::Pass;
@@ -255,7 +281,7 @@ where
         if !back_done {
             step(&mut back_done, back.poll_copy(cx, b, a, pass))?;
         }
-        if forward_done && back_done {
+        if back_done && (forward_done || until_b_ends) {
             Poll::Ready(Ok(()))
         } else {
             Poll::Pending
@@ -435,6 +461,35 @@ mod tests {
         let end = tokio::time::timeout(std::time::Duration::from_secs(2), copy).await.expect("stuck");
         assert!(matches!(end, End::Eof), "{end:?}");
         assert_eq!((w.0.as_slice(), w.1), (&b"bye"[..], 2));
+    }
+
+    #[tokio::test]
+    async fn until_b_ends_is_over_at_the_servers_end_while_the_client_holds_its_socket() {
+        let (mut client, mut proxy_client) = tokio::io::duplex(1024);
+        let (mut proxy_server, mut server) = tokio::io::duplex(1024);
+        server.write_all(b"FATAL").await.unwrap();
+        server.shutdown().await.unwrap();
+        // The client neither writes nor closes: copy_both_ways would wait for it.
+        let relay =
+            copy_until_b_ends(&mut proxy_client, &mut proxy_server, Counter::default(), Counter::default());
+        tokio::time::timeout(std::time::Duration::from_secs(2), relay).await.expect("stuck").unwrap();
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"FATAL", "the server's bytes and its end were passed on");
+        // The client's end first: the relay still waits for the server's.
+        let (mut client, mut proxy_client) = tokio::io::duplex(1024);
+        let (mut proxy_server, mut server) = tokio::io::duplex(1024);
+        client.shutdown().await.unwrap();
+        let relay = tokio::spawn(async move {
+            copy_until_b_ends(&mut proxy_client, &mut proxy_server, Counter::default(), Counter::default())
+                .await
+        });
+        assert_eq!(server.read(&mut [0u8; 1]).await.unwrap(), 0, "the client's end was passed on");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(!relay.is_finished(), "over before the server's end");
+        drop(server);
+        relay.await.unwrap().unwrap();
+        drop(client);
     }
 
     #[tokio::test]

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use gprxy_tests::connect_upstream::Pg18;
 use gprxy_tests::connector::{write_token_file, Connector};
+use gprxy_tests::pgwire::{self, Auth};
 use gprxy_tests::proxy::gprxy_bin;
 use gprxy_tests::{command_as_test_user, running_as_root, PgVersion};
 
@@ -345,4 +346,169 @@ fn a_configuration_file_others_may_write_is_refused() {
         &[],
     );
     assert!(!marker.exists(), "a command from a file anyone may write ran: {err}");
+}
+
+// ---- Review of `max_connections` (ebd3f31) as an attacker, main at 37be449: not another OS
+// user here, but the application itself and the server, judged from pg_stat_activity and the
+// server log. A test whose doc comment says DEFECT failed on 37be449.
+
+/// A connector in front of `s` with `max_connections = max`, its TCP listener on, and a token
+/// file for alice.
+fn capped(s: &Pg18, max: usize) -> (Connector, tempfile::TempDir, std::net::SocketAddr) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("token");
+    write_token_file(&file, &s.token("j1", 300));
+    let c = Connector::start(
+        &format!(
+            "{}max_connections = {max}\ntoken.source = \"file\"\ntoken.path = \"{}\"\n",
+            s.upstream(),
+            file.display()
+        ),
+        true,
+    );
+    let addr = ([127, 0, 0, 1], c.tcp_port.unwrap()).into();
+    (c, dir, addr)
+}
+
+fn alice_backends(s: &Pg18) -> String {
+    s.pg.sql(
+        "SELECT count(*) FROM pg_stat_activity WHERE usename = 'alice' AND backend_type = 'client backend'",
+    )
+}
+
+/// DEFECT (fails on 37be449). A cancel request is a connection of its own, and it was counted
+/// against `max_connections` like a session: with the connector full, every cancel is refused
+/// with 53300 and never reaches the server, so a runaway query cannot be cancelled exactly when
+/// the application has used all its connections. PostgreSQL's own limit lets cancel requests
+/// through (they open no session). Judged from the server: the statement is still running.
+#[test]
+fn attack_a_cancel_request_at_max_connections_never_reaches_the_server() {
+    let s = pg18();
+    let (c, _dir, addr) = capped(&s, 1);
+    let mut conn = pgwire::connect(addr, "alice", "postgres", Auth::None).unwrap();
+    let key = conn.key.unwrap();
+    let running = std::thread::spawn(move || {
+        let e = conn.query("SELECT pg_sleep(20)").unwrap_err();
+        (conn, e)
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let sleeping = || {
+        s.pg.sql("SELECT count(*) FROM pg_stat_activity WHERE usename = 'alice' AND state = 'active' AND query = 'SELECT pg_sleep(20)'")
+    };
+    while sleeping() != "1" {
+        assert!(Instant::now() < deadline, "the statement never ran");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    pgwire::cancel(addr, key).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sleeping() != "0" {
+        assert!(
+            Instant::now() < deadline,
+            "the cancel request never reached the server: its statement still runs; connector: {:?}",
+            c.events("connect_refused")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(s.pg.log().contains("ERROR:  canceling statement due to user request"), "{}", s.pg.log());
+    let (mut conn, e) = running.join().unwrap();
+    assert_eq!(e.code.as_deref(), Some("57014"), "{e:?}");
+    assert_eq!(c.wait_events("cancel", 1)[0]["outcome"], "forwarded");
+    assert!(c.events("connect_refused").is_empty(), "{:?}", c.events("connect_refused"));
+    // Full, a startup is still refused with 53300, and no backend appears for it.
+    let Err(e) = pgwire::connect(addr, "alice", "postgres", Auth::None) else { panic!("a second session") };
+    assert_eq!(e.code.as_deref(), Some("53300"), "{e:?}");
+    assert_eq!(alice_backends(&s), "1");
+    // The session goes on.
+    assert_eq!(conn.scalar("SELECT gprxy.claim('jti')").unwrap().as_deref(), Some("j1"));
+}
+
+/// DEFECT (fails on 37be449). A session's slot was given back only when both sides had ended:
+/// when the server ends a session (pg_terminate_backend here; the token's end, an idle timeout)
+/// and the application does not close its socket (an idle connection in a pool, not read from),
+/// the relay waits for the application forever. The server has no backend for it, yet the slot
+/// stays taken: with `max_connections = 1` the next connection is refused with 53300 while the
+/// server serves none of the connector's.
+#[test]
+fn attack_a_session_the_server_ended_keeps_its_slot_while_the_application_holds_the_socket() {
+    let s = pg18();
+    let (_c, _dir, addr) = capped(&s, 1);
+    let idle = pgwire::connect(addr, "alice", "postgres", Auth::None).unwrap();
+    assert_eq!(alice_backends(&s), "1");
+    s.pg.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'alice'");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alice_backends(&s) != "0" {
+        assert!(Instant::now() < deadline, "the backend never ended");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // `idle` is open still, unread: the FATAL waits in its socket.
+    let mut next = Err(None);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        match pgwire::connect(addr, "alice", "postgres", Auth::None) {
+            Ok(c) => {
+                next = Ok(c);
+                break;
+            }
+            Err(e) => next = Err(Some(e)),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut next = next.unwrap_or_else(|e| {
+        panic!("no backend on the server, yet the connector is full: {e:?}; backends: {}", alice_backends(&s))
+    });
+    assert_eq!(next.scalar("SELECT gprxy.claim('jti')").unwrap().as_deref(), Some("j1"));
+    assert_eq!(alice_backends(&s), "1");
+    drop(idle);
+}
+
+/// DEFECT (fails on 37be449, and after the two mends above). A slot was given back as soon as
+/// the relay failed on the application's side, though the server's backend may live on: an
+/// application that sends a long statement and then resets its connection (it closes with
+/// unread answers in its socket: the kernel sends RST) frees its slot at once, while its backend
+/// runs the statement to its end (PostgreSQL notices a gone client only when it next writes). A
+/// next connection then gets a slot, and the server has two of the connector's backends with
+/// `max_connections = 1`; in a loop, any number. Judged from pg_stat_activity.
+#[test]
+fn attack_a_client_reset_mid_statement_frees_its_slot_while_its_backend_runs() {
+    let s = pg18();
+    let (c, _dir, addr) = capped(&s, 1);
+    let mut first = pgwire::connect(addr, "alice", "postgres", Auth::None).unwrap();
+    // An answer left unread, then a long statement.
+    first.send_raw(&pgwire::msg::query("SELECT 1")).unwrap();
+    first.send_raw(&pgwire::msg::query("SELECT pg_sleep(30)")).unwrap();
+    let sleeping = || {
+        s.pg.sql("SELECT count(*) FROM pg_stat_activity WHERE usename = 'alice' AND state = 'active' AND query = 'SELECT pg_sleep(30)'")
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sleeping() != "1" {
+        assert!(Instant::now() < deadline, "the statement never ran");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Closed with unread bytes: a reset.
+    drop(first);
+    std::thread::sleep(Duration::from_millis(500));
+    let second = pgwire::connect(addr, "alice", "postgres", Auth::None);
+    let backends = alice_backends(&s);
+    assert!(
+        second.as_ref().is_err_and(|e| e.code.as_deref() == Some("53300")) && backends == "1",
+        "with max_connections = 1 the server has {backends} backends of the connector's (the reset one \
+         still sleeping); the next connection: {:?}",
+        second.as_ref().map(|_| "logged in")
+    );
+    // When the backend is gone (its statement cancelled, it reads the connector's end), the slot
+    // is free.
+    s.pg.sql("SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE usename = 'alice'");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut next = loop {
+        match pgwire::connect(addr, "alice", "postgres", Auth::None) {
+            Ok(c) => break c,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "the slot was never given back: {e:?}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    };
+    assert_eq!(next.scalar("SELECT gprxy.claim('jti')").unwrap().as_deref(), Some("j1"));
+    assert_eq!(alice_backends(&s), "1");
+    assert!(c.events("connect_end").len() >= 1);
 }

@@ -187,8 +187,9 @@ impl Drop for Slot {
 }
 
 /// One accepted connection: another OS user's is refused; one beyond `max_connections` is
-/// refused with `too_many_connections` (only allowed users' connections count: another user
-/// cannot fill the connector); else the session, holding its slot until it ends.
+/// refused with `too_many_connections` after its startup packet, unless it is a cancel request,
+/// which is forwarded (only allowed users' connections count: another user cannot fill the
+/// connector); else the session, holding its slot while it may have a server backend.
 async fn admit(
     ctx: Arc<Ctx>,
     allowed: listen::Allowed,
@@ -200,7 +201,10 @@ async fn admit(
 ) {
     match (uid, who) {
         (Some(u), Some(who)) if allowed.permits(u) => {
-            let Some(_slot) = open.take(ctx.profile.max_connections) else {
+            let Some(slot) = open.take(ctx.profile.max_connections) else {
+                if session::cancel_at_limit(&ctx, &mut s).await {
+                    return;
+                }
                 ctx.metrics.refused_at_limit.inc();
                 warn!(
                     event = "connect_refused",
@@ -220,7 +224,7 @@ async fn admit(
                 let _ = s.shutdown().await;
                 return;
             };
-            session::handle(ctx, s, who).await;
+            session::handle(ctx, s, who, slot).await;
         }
         _ => {
             ctx.metrics.refused_peers.get_or_create(&metrics::ListenerLabels { listener }).inc();

@@ -321,14 +321,67 @@ pub fn upstream_params(profile: &Profile, startup: &Startup) -> Vec<(String, Str
     params
 }
 
-/// Serves one application connection.
-pub async fn handle(ctx: Arc<Ctx>, mut client: BoxStream, peer: String) {
+/// Serves one application connection, holding `slot` (one of the connector's
+/// `max_connections`) for as long as it may have a server backend: a cancel request gives it
+/// back before it is forwarded (it opens no session), a session when the server has closed its
+/// connection.
+pub async fn handle<S: Send>(ctx: Arc<Ctx>, mut client: BoxStream, peer: String, slot: S) {
     let span = tracing::info_span!("connect_session", profile = %ctx.profile.name, peer = %peer);
-    let _ = tracing::Instrument::instrument(serve(ctx, &mut client), span).await;
+    let _ = tracing::Instrument::instrument(serve(ctx, &mut client, slot), span).await;
     let _ = client.shutdown().await;
 }
 
-async fn serve(ctx: Arc<Ctx>, client: &mut BoxStream) -> Result<(), ()> {
+/// How long an application has to send its startup packet (or cancel request).
+const FIRST_PACKET_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Reads the application's first packet, answering encryption requests with `N`. None: none
+/// came within [`FIRST_PACKET_WITHIN`].
+async fn first_packet(
+    client: &mut BoxStream,
+    buf: &mut BytesMut,
+) -> Option<Result<FirstPacket, proto::ProtoError>> {
+    tokio::time::timeout(FIRST_PACKET_WITHIN, async {
+        loop {
+            match proto::parse_first_packet(buf) {
+                Ok(Some(FirstPacket::SslRequest | FirstPacket::GssEncRequest)) => {
+                    // The local socket carries no encryption; bytes sent before the answer are
+                    // a protocol violation (CVE-2021-23214 class).
+                    if !buf.is_empty() {
+                        return Err(proto::ProtoError::BadStartup("bytes after an encryption request"));
+                    }
+                    client.write_all(b"N").await.map_err(|_| proto::ProtoError::BadStartup("closed"))?;
+                }
+                Ok(Some(p)) => return Ok(p),
+                Ok(None) => {
+                    if client.read_buf(buf).await.unwrap_or(0) == 0 {
+                        return Err(proto::ProtoError::BadStartup("closed before the startup packet"));
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await
+    .ok()
+}
+
+/// A connection that came while `max_connections` were open: its first packet is read all the
+/// same, so that a cancel request is forwarded (PostgreSQL's own limit lets them through: they
+/// open no session, and one is most needed when every connection is busy). Returns whether it
+/// was one; the caller refuses anything else.
+pub async fn cancel_at_limit(ctx: &Ctx, client: &mut BoxStream) -> bool {
+    let mut buf = BytesMut::with_capacity(1024);
+    match first_packet(client, &mut buf).await {
+        Some(Ok(FirstPacket::Cancel { pid, key })) => {
+            forward_cancel(ctx, (pid, key)).await;
+            let _ = client.shutdown().await;
+            true
+        }
+        _ => false,
+    }
+}
+
+async fn serve<S: Send>(ctx: Arc<Ctx>, client: &mut BoxStream, slot: S) -> Result<(), ()> {
     // The server connection (TCP and TLS) needs nothing from the application: it is opened while
     // the startup packet arrives and the token is looked up (the peer was already allowed).
     let mut opening = Some({
@@ -341,40 +394,20 @@ async fn serve(ctx: Arc<Ctx>, client: &mut BoxStream) -> Result<(), ()> {
         }
     };
     let mut buf = BytesMut::with_capacity(1024);
-    let first = tokio::time::timeout(std::time::Duration::from_secs(30), async {
-        loop {
-            match proto::parse_first_packet(&mut buf) {
-                Ok(Some(FirstPacket::SslRequest | FirstPacket::GssEncRequest)) => {
-                    // The local socket carries no encryption; bytes sent before the answer are
-                    // a protocol violation (CVE-2021-23214 class).
-                    if !buf.is_empty() {
-                        return Err(proto::ProtoError::BadStartup("bytes after an encryption request"));
-                    }
-                    client.write_all(b"N").await.map_err(|_| proto::ProtoError::BadStartup("closed"))?;
-                }
-                Ok(Some(p)) => return Ok(p),
-                Ok(None) => {
-                    if client.read_buf(&mut buf).await.unwrap_or(0) == 0 {
-                        return Err(proto::ProtoError::BadStartup("closed before the startup packet"));
-                    }
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    })
-    .await;
+    let first = first_packet(client, &mut buf).await;
     let startup = match first {
-        Ok(Ok(FirstPacket::Startup(s))) => s,
-        Ok(Ok(FirstPacket::Cancel { pid, key })) => {
+        Some(Ok(FirstPacket::Startup(s))) => s,
+        Some(Ok(FirstPacket::Cancel { pid, key })) => {
             abort(&mut opening);
+            drop(slot);
             forward_cancel(&ctx, (pid, key)).await;
             return Ok(());
         }
-        Ok(Ok(_)) => {
+        Some(Ok(_)) => {
             abort(&mut opening);
             return Err(());
         }
-        Ok(Err(e)) => {
+        Some(Err(e)) => {
             abort(&mut opening);
             let msg = format!("gprxy connect: {e}");
             let _ = conn::send(
@@ -386,7 +419,7 @@ async fn serve(ctx: Arc<Ctx>, client: &mut BoxStream) -> Result<(), ()> {
             warn!(event = "connect_login", outcome = "refused", error = %msg, "bad startup packet");
             return Err(());
         }
-        Err(_) => {
+        None => {
             abort(&mut opening);
             return Err(());
         }
@@ -478,15 +511,32 @@ async fn serve(ctx: Arc<Ctx>, client: &mut BoxStream) -> Result<(), ()> {
             up.stream.write_all(&buf).await?;
         }
         let (a, b) = ctx.metrics.relayed_bytes();
-        crate::relay::copy_both_ways(client, &mut up.stream, a, b).await
+        // Over when the server has closed (its backend is gone), whether or not the application
+        // closes its socket: the slot is then free, as the server's backend is.
+        crate::relay::copy_until_b_ends(client, &mut up.stream, a, b).await
     }
     .await;
     ctx.metrics.sessions.dec();
     if let Some(k) = &up.key {
         ctx.cancel_keys.lock().remove(k);
     }
+    let failed = relayed.is_err();
     info!(event = "connect_end", %user, %database, error = relayed.err().map(|e| e.to_string()).unwrap_or_default(), "session ended");
+    if failed {
+        until_the_server_closes(&mut up.stream).await;
+    }
     Ok(())
+}
+
+/// After a relay that failed (the application reset its connection mid-statement, say), the
+/// server's backend may live on, running its statement to its end (PostgreSQL notices a gone
+/// client only when it next reads or writes): the connector's end is passed on, and what the
+/// server still sends is read and dropped until it closes, so that the session's slot is held for
+/// as long as its backend is there.
+async fn until_the_server_closes(up: &mut BoxStream) {
+    let _ = up.shutdown().await;
+    let mut sink = vec![0u8; 8192];
+    while matches!(up.read(&mut sink).await, Ok(n) if n > 0) {}
 }
 
 /// Forwards a cancel request whose key belongs to a live session of this connector, to that
@@ -651,7 +701,7 @@ mod hostile {
 
     async fn error_for(bytes: Vec<u8>) -> (String, String) {
         let (ours, mut theirs) = pair();
-        let task = tokio::spawn(handle(ctx(), ours, "test".into()));
+        let task = tokio::spawn(handle(ctx(), ours, "test".into(), ()));
         theirs.write_all(&bytes).await.unwrap();
         let mut buf = BytesMut::new();
         // The refusal is the first thing sent (an SSLRequest with bytes after it gets no `N`).
