@@ -13,8 +13,11 @@
 //!    before the end and commits before the hard limit (pass-through with only gprxy's policy:
 //!    one of a request sent before the end, which gprxy cannot look inside);
 //! 2. at every sample a service account has at most its pool's size of server processes
-//!    serving clients, plus one gprxy opens to end a backend; and no server process of a
+//!    serving clients, plus one gprxy opens to end a backend (through `gprxy connect`, at most
+//!    its `max_connections`, below the clients' number); and no server process of a
 //!    session that ended is still there (running its statements, for a pooled one) 2 s later;
+//!    without a pool, none is there 2 s after its application left with nothing in flight
+//!    (closed its socket with no statement running and no COPY open), whenever its token ends;
 //! 3. every session starts as its own identity in a clean session: no earlier user's
 //!    prepared statements, cursors, LISTEN, temporary tables, settings or open transaction;
 //! 4. at the end the proxy (or `gprxy connect`) has no session open, its pools nothing in use,
@@ -181,7 +184,8 @@ pub enum Kind {
     /// gprxy pass-through, the server's policy off: gprxy alone ends sessions.
     PassthroughProxyPolicy,
     /// `gprxy connect` in front of PostgreSQL 18 with gprxy_validator (TLS, OAUTHBEARER, a token
-    /// file written for each session just before it connects), the server's policy on.
+    /// file written for each session just before it connects), the server's policy on, with
+    /// `max_connections` = [`CONNECTOR_MAX_CONNECTIONS`].
     Connector,
     /// gprxy fallback mode in front of 15 or 17, one account with a pool of `pool`.
     Fallback {
@@ -226,6 +230,11 @@ const SCHEMA: &str = "CREATE TABLE gen_rows (session text, kind text, who text D
      at timestamptz DEFAULT clock_timestamp(), xact_start timestamptz DEFAULT now()); \
      CREATE FUNCTION gen_tick(text) RETURNS int LANGUAGE sql AS $$ INSERT INTO gen_rows (session, kind) VALUES ($1, 'fastpath'); SELECT 1 $$; \
      GRANT ALL ON gen_rows TO gen";
+
+/// The connector target's `max_connections`: fewer than the four clients a run has, so that the
+/// limit is reached while sessions are cancelled, abandoned and cut; at every sample the server
+/// has at most this many of the connector's backends.
+pub const CONNECTOR_MAX_CONNECTIONS: u32 = 3;
 
 /// `gprxy connect` with a token file: each session writes its token and connects while it holds
 /// `turn`, so that the connector's login uses that session's token.
@@ -333,7 +342,7 @@ impl Target {
                 &format!(
                     "upstream = \"127.0.0.1:{}\"\ndatabase = \"postgres\"\ntls.ca_file = \"{}\"\n\
                      tls.server_name = \"localhost\"\ntoken.source = \"file\"\ntoken.path = \"{}\"\n\
-                     listen.metrics = \"127.0.0.1:{metrics_port}\"\n",
+                     listen.metrics = \"127.0.0.1:{metrics_port}\"\nmax_connections = {CONNECTOR_MAX_CONNECTIONS}\n",
                     pg.port(),
                     certs.ca_path.display(),
                     token_file.display()
@@ -411,6 +420,10 @@ pub struct SessionRun {
     pub ran: usize,
     /// Why it stopped early, if it did (what the client saw: for the report only).
     pub stopped: Option<String>,
+    /// When the client closed its socket with nothing in flight (no statement running, no COPY
+    /// open): its server process, if it has one of its own, is to end then, whenever its token
+    /// ends. None: it left something running, or its first query failed.
+    pub left_idle_at: Option<f64>,
 }
 
 impl SessionRun {
@@ -601,6 +614,7 @@ impl Client<'_> {
             Step::Disconnect => Err(Over("disconnected".into())),
             Step::Abandon(ms) => {
                 self.send(&msg::query(&format!("SELECT pg_sleep({}) /* {sid} */", *ms as f64 / 1000.0)))?;
+                self.owed += 1;
                 Err(Over("left with a statement running".into()))
             }
             Step::AbandonLoop => {
@@ -608,6 +622,7 @@ impl Client<'_> {
                     "DO $$BEGIN LOOP BEGIN PERFORM pg_sleep(0.05); EXCEPTION WHEN query_canceled THEN NULL; END; \
                      INSERT INTO gen_rows (session, kind) VALUES ('{sid}', 'abandoned'); COMMIT; END LOOP; END$$ /* {sid} */"
                 )))?;
+                self.owed += 1;
                 Err(Over("left with a loop running".into()))
             }
         }
@@ -627,7 +642,8 @@ fn run_session(t: &Target, rng: &mut Rng, sid: String) -> (Option<SessionRun>, O
     let steps = steps(rng);
     let Ok(mut c) = t.connect(&sid, exp) else { return (None, None) };
     let _ = c.set_read_timeout(Duration::from_secs(HARD_LIMIT + 8));
-    let mut run = SessionRun { sid: sid.clone(), exp, pid: None, steps, ran: 0, stopped: None };
+    let mut run =
+        SessionRun { sid: sid.clone(), exp, pid: None, steps, ran: 0, stopped: None, left_idle_at: None };
     let mut violation = None;
     match c.query(CLEAN_CHECK) {
         Ok(rows) => {
@@ -658,6 +674,9 @@ fn run_session(t: &Target, rng: &mut Rng, sid: String) -> (Option<SessionRun>, O
             break;
         }
     }
+    let idle = client.owed == 0 && !client.in_copy;
+    drop(client);
+    run.left_idle_at = idle.then(unix_now);
     (Some(run), violation)
 }
 
@@ -681,6 +700,7 @@ pub fn run(t: &Target, seed: u64, clients: u64, secs: f64) -> Report {
                     let sid = format!("s{client}-{n}");
                     n += 1;
                     let (ran, violation) = run_session(t, &mut rng, sid);
+                    let refused = ran.is_none();
                     let mut r = report.lock();
                     match ran {
                         Some(ran) => {
@@ -690,6 +710,11 @@ pub fn run(t: &Target, seed: u64, clients: u64, secs: f64) -> Report {
                         None => r.refused_logins += 1,
                     }
                     r.violations.extend(violation);
+                    drop(r);
+                    if refused {
+                        // As a client would, not in a tight loop (a connector full, a pool busy).
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
                 }
             }));
         }
@@ -733,6 +758,20 @@ fn sample(t: &Target, done: &AtomicBool, sessions: &Mutex<Vec<SessionRun>>) -> (
             ))
             .unwrap_or_default();
         let now = unix_now();
+        if let (Kind::Connector, Some(row)) = (t.kind, rows.first()) {
+            let n: u32 = row[3].as_deref().unwrap_or("0").parse().unwrap_or(0);
+            let told = seen.iter().any(|v: &Violation| v.invariant == 2 && v.sid.is_none());
+            if n > CONNECTOR_MAX_CONNECTIONS && !told {
+                seen.push(Violation {
+                    invariant: 2,
+                    sid: None,
+                    what: format!(
+                        "{n} server processes of {ROLE} at once through a connector with max_connections = \
+                         {CONNECTOR_MAX_CONNECTIONS}"
+                    ),
+                });
+            }
+        }
         if let (Some(size), Some(row)) = (pool, rows.first()) {
             let n: u32 = row[3].as_deref().unwrap_or("0").parse().unwrap_or(0);
             let told = seen.iter().any(|v: &Violation| v.invariant == 2 && v.sid.is_none());
@@ -745,6 +784,28 @@ fn sample(t: &Target, done: &AtomicBool, sessions: &Mutex<Vec<SessionRun>>) -> (
             }
         }
         for s in sessions.lock().iter() {
+            // Without a pool, an application that left with nothing in flight takes its server
+            // process with it, whenever its token ends (the server's own policy ends it only then:
+            // a relay that keeps it would go unseen until then).
+            if let (None, Some(left), Some(pid)) = (pool, s.left_idle_at, s.pid) {
+                let told =
+                    seen.iter().any(|v: &Violation| v.invariant == 2 && v.sid.as_deref() == Some(&s.sid));
+                let row = rows.iter().find(|r| r[0].as_deref() == Some(pid.to_string().as_str()));
+                if let (true, Some(row), false) = (now > left + GONE_WITHIN, row, told) {
+                    seen.push(Violation {
+                        invariant: 2,
+                        sid: Some(s.sid.clone()),
+                        what: format!(
+                            "{:.1} s after its application left with nothing in flight ({:.1} s before its token's end) \
+                             its server process {pid} is still there ({}: {})",
+                            now - left,
+                            s.exp as f64 - left,
+                            row[1].as_deref().unwrap_or(""),
+                            row[2].as_deref().unwrap_or("")
+                        ),
+                    });
+                }
+            }
             if now < s.last_commit(t.policy) + GONE_WITHIN {
                 continue;
             }
