@@ -449,3 +449,42 @@ fn attack_a_group_made_powerful_while_the_provisioner_works_is_granted() {
         assert_eq!(s.pg.sql("SELECT count(*) FROM pg_roles WHERE rolname = 'carol'"), "0");
     });
 }
+
+/// HELD (since the mends above; the worker's check at grant time is the second line). Groups
+/// that change after the load, with no reload: a role-map target absent at load (named in the log
+/// as not existing yet) made later as a SUPERUSER; a harmless target dropped and a CREATEROLE
+/// role renamed into its name. Neither is granted, and nothing of the login is made.
+#[test]
+fn held_a_group_made_or_renamed_into_place_after_the_load_is_not_granted() {
+    let s = setup("sync", "eng:app_reader,ops:app_writer,audit:app_auditor", &[]);
+    assert!(
+        s.pg.log().contains(
+            "gprxy: provision group=\"app_auditor\" (mapped from \"audit\" by gprxy.role_map) does not exist yet"
+        ),
+        "{}",
+        s.pg.log()
+    );
+    s.pg.sql(
+        "CREATE ROLE app_auditor NOLOGIN SUPERUSER; \
+         GRANT app_auditor TO gprxy_provisioner WITH ADMIN OPTION, INHERIT FALSE, SET FALSE",
+    );
+    assert!(s.login("carol", "carol", &["eng", "audit"]).is_err());
+    assert!(
+        s.last_audit().contains("refused reason=provision_privileged_group role=\"carol\""),
+        "{}",
+        s.last_audit()
+    );
+    assert!(s.last_audit().contains("role \\\"app_auditor\\\" has SUPERUSER"), "{}", s.last_audit());
+    assert_eq!(s.pg.sql("SELECT count(*) FROM pg_roles WHERE rolname = 'carol'"), "0");
+
+    s.pg.sql(
+        "DROP ROLE app_writer; CREATE ROLE ops_boss NOLOGIN CREATEROLE; ALTER ROLE ops_boss RENAME TO app_writer; \
+         GRANT app_writer TO gprxy_provisioner WITH ADMIN OPTION, INHERIT FALSE, SET FALSE",
+    );
+    assert!(s.login("dave", "dave", &["eng", "ops"]).is_err());
+    assert!(s.last_audit().contains("role \\\"app_writer\\\" has CREATEROLE"), "{}", s.last_audit());
+    assert_eq!(s.pg.sql("SELECT count(*) FROM pg_roles WHERE rolname = 'dave'"), "0");
+    // The other groups are provisioned as before.
+    assert_eq!(s.login("erin", "erin", &["eng"]).unwrap(), "erin|oauth:erin");
+    assert_eq!(s.members("erin"), "app_reader by gprxy_provisioner");
+}
