@@ -514,3 +514,47 @@ fn attack_a_client_reset_mid_statement_frees_its_slot_while_its_backend_runs() {
     let ends = c.events("connect_end");
     assert!(ends.iter().any(|e| e["error"].as_str().is_some_and(|x| x.contains("reset"))), "{ends:?}");
 }
+
+/// HELD (and the limit of the mend above). While a reset application's session holds its slot
+/// until its backend is gone, the connector does not read the server's answers to their end for
+/// it: a statement whose answers were streaming when the application reset its connection (a
+/// SELECT calling a function that writes a row for each answer) fails at the server's next write,
+/// as it would without the connector, and nothing of it commits; its backend is gone and its
+/// slot free. (Read to its end, the statement would have run to its end and committed.)
+#[test]
+fn held_a_client_reset_while_answers_stream_commits_nothing() {
+    let s = pg18();
+    s.pg.sql(
+        "CREATE TABLE seen (n int); GRANT INSERT ON seen TO alice; \
+         CREATE FUNCTION note_row(int) RETURNS text LANGUAGE sql VOLATILE \
+           AS $$ INSERT INTO seen VALUES ($1); SELECT repeat('x', 2000) $$",
+    );
+    let (_c, _dir, addr) = capped(&s, 1);
+    let mut first = pgwire::connect(addr, "alice", "postgres", Auth::None).unwrap();
+    // About 200 MB of answers: far more than the sockets on the way hold.
+    first.send_raw(&pgwire::msg::query("SELECT note_row(g) FROM generate_series(1, 100000) g")).unwrap();
+    // The server blocks writing answers nobody reads.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while s
+        .pg
+        .sql("SELECT count(*) FROM pg_stat_activity WHERE usename = 'alice' AND wait_event = 'ClientWrite'")
+        != "1"
+    {
+        assert!(Instant::now() < deadline, "the answers never backed up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alice_backends(&s) != "0" {
+        assert!(Instant::now() < deadline, "the backend of the reset session lives on");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        s.pg.sql("SELECT count(*) FROM seen"),
+        "0",
+        "rows of a statement whose client was gone committed"
+    );
+    assert!(s.pg.log().contains("FATAL:  connection to client lost"), "{}", s.pg.log());
+    let mut next = pgwire::connect(addr, "alice", "postgres", Auth::None).unwrap();
+    assert_eq!(next.scalar("SELECT gprxy.claim('jti')").unwrap().as_deref(), Some("j1"));
+}

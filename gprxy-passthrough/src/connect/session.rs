@@ -529,14 +529,15 @@ async fn serve<S: Send>(ctx: Arc<Ctx>, client: &mut BoxStream, slot: S) -> Resul
 }
 
 /// After a relay that failed (the application reset its connection mid-statement, say), the
-/// server's backend may live on, running its statement to its end (PostgreSQL notices a gone
-/// client only when it next reads or writes): the connector's end is passed on, and what the
-/// server still sends is read and dropped until it closes, so that the session's slot is held for
-/// as long as its backend is there.
+/// server's backend may live on, running its statement (PostgreSQL notices a gone client only
+/// when it next reads or writes): the connector's end is passed on, and the session's slot is
+/// held until the server closes or next sends something. Then the connection is dropped, so the
+/// backend finds its client gone at its next read or write, as it would have without the
+/// connector (a statement whose answers are streaming fails, and nothing of it commits: it is
+/// not read to its end).
 async fn until_the_server_closes(up: &mut BoxStream) {
     let _ = up.shutdown().await;
-    let mut sink = vec![0u8; 8192];
-    while matches!(up.read(&mut sink).await, Ok(n) if n > 0) {}
+    let _ = up.read(&mut [0u8; 1]).await;
 }
 
 /// Forwards a cancel request whose key belongs to a live session of this connector, to that
