@@ -495,8 +495,8 @@ fn attack_a_client_reset_mid_statement_frees_its_slot_while_its_backend_runs() {
          still sleeping); the next connection: {:?}",
         second.as_ref().map(|_| "logged in")
     );
-    // When the backend is gone (its statement cancelled, it reads the connector's end), the slot
-    // is free.
+    // Its statement cancelled, the server answers: the slot is free, and the backend, reading the
+    // connector's end, is gone before the next login is through.
     s.pg.sql("SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE usename = 'alice'");
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut next = loop {
