@@ -382,11 +382,12 @@ pub fn serve() {
 
 /// The managed groups refused when the provisioner read the settings (at its start and at each
 /// reload): a role map target with powers beyond its grants (SUPERUSER, REPLICATION, BYPASSRLS,
-/// CREATEROLE, or a member of such a role) is never granted, whatever its powers later, until
+/// CREATEROLE, a server-program or server-file role, or a member of such a role) is never granted, whatever its powers later, until
 /// the DBA changes it and reloads. One line each in the server log; a target that does not exist
 /// yet is named too (a login whose groups map to it is refused until it is made).
-/// Returns group → why.
-fn refuse_privileged_groups() -> Vec<(String, String)> {
+/// When the catalog cannot be read, every managed group is refused (`provision_failed`) until
+/// the next reload: fail closed.
+fn refuse_privileged_groups() -> Vec<RefusedGroup> {
     let Ok(settings) = Settings::current() else {
         // Every request is refused with the settings' error; nothing to check.
         return Vec::new();
@@ -413,7 +414,11 @@ fn refuse_privileged_groups() -> Vec<(String, String)> {
                             q(g.from),
                             g.place
                         );
-                        refused.push((g.group.to_owned(), why));
+                        refused.push(RefusedGroup {
+                            group: g.group.to_owned(),
+                            code: "provision_privileged_group",
+                            why,
+                        });
                     }
                 }
             }
@@ -428,10 +433,22 @@ fn refuse_privileged_groups() -> Vec<(String, String)> {
             pgrx::log!("gprxy: provision could not check the managed groups at load: {error}; all are refused until the next reload");
             groups
                 .iter()
-                .map(|g| (g.group.to_owned(), format!("the check at load failed: {error}")))
+                .map(|g| RefusedGroup {
+                    group: g.group.to_owned(),
+                    code: "provision_failed",
+                    why: format!("the check at load failed: {error}"),
+                })
                 .collect()
         }
     }
+}
+
+/// A managed group the provisioner refused when it read the settings.
+struct RefusedGroup {
+    group: String,
+    /// The login's reason.
+    code: &'static str,
+    why: String,
 }
 
 fn take_pending() -> Option<(usize, u64, Request)> {
@@ -458,7 +475,7 @@ fn q(v: &str) -> gprxy_core::Quoted {
 /// plans with gprxy-core and carries the plan out, one audit line per change. Returns the role's
 /// OID. Every query names pg_catalog's objects, under a search_path of pg_catalog and pg_temp
 /// only: a function a user planted in a schema of the default path never runs as the provisioner.
-fn provision(req: &Request, refused_at_load: &[(String, String)]) -> Result<u32, Refused> {
+fn provision(req: &Request, refused_at_load: &[RefusedGroup]) -> Result<u32, Refused> {
     let failed = |e: pgrx::spi::Error| ("provision_failed", format!("catalog: {e}"));
     Spi::run("SET LOCAL search_path = pg_catalog, pg_temp").map_err(failed)?;
     let settings = Settings::current().map_err(|e| ("provision_failed", crate::settings::describe(&e)))?;
@@ -470,10 +487,10 @@ fn provision(req: &Request, refused_at_load: &[(String, String)]) -> Result<u32,
         m.dedup();
         m
     };
-    if let Some((group, why)) = refused_at_load.iter().find(|(g, _)| req.wanted.contains(g)) {
+    if let Some(r) = refused_at_load.iter().find(|r| req.wanted.contains(&r.group)) {
         return Err((
-            "provision_privileged_group",
-            format!("group {group:?} was refused when the provisioner read the settings: {why}"),
+            r.code,
+            format!("group {:?} was refused when the provisioner read the settings: {}", r.group, r.why),
         ));
     }
     let role_oid = |name: &str| {
