@@ -810,6 +810,65 @@ fn a_github_actions_token_request_is_answered_by_a_local_stand_in() {
     );
 }
 
+/// A server that asks for a client certificate (`clientcert=verify-ca` on the OAuth line): a
+/// profile without `tls.cert`/`tls.key` is refused by the server, one with them logs in; a key
+/// that others can read is refused at start, as libpq refuses such an sslkey.
+#[test]
+fn a_client_certificate_is_presented_when_the_server_asks_for_one() {
+    let key = TestKey::rsa("k1");
+    let idp = TestIssuer::start(&[&key]);
+    let certs = TestCerts::for_server();
+    let pg = validator_cluster(AUD)
+        .conf("ssl = on")
+        .conf(format!("ssl_cert_file = '{}'", certs.cert_path.display()))
+        .conf(format!("ssl_key_file = '{}'", certs.key_path.display()))
+        .conf(format!("ssl_ca_file = '{}'", certs.ca_path.display()))
+        .hba(format!(
+            "hostssl all all 127.0.0.1/32 oauth issuer=\"{}\" scope=\"openid db:read\" map=m clientcert=verify-ca",
+            idp.issuer()
+        ))
+        .ident("m alice alice")
+        .start();
+    pg.sql("CREATE ROLE alice LOGIN; CREATE EXTENSION gprxy_validator");
+    let dir = private_dir();
+    let file = dir.path().join("token");
+    let mut claims = idp.claims("alice", AUD);
+    claims["jti"] = json!("with-cert");
+    write_token_file(&file, &key.token(json!({"typ": "at+jwt"}), &claims));
+    // The test CA's certificate for localhost, as this user's client certificate and key.
+    let (cert, client_key) = (dir.path().join("client.pem"), dir.path().join("client.key"));
+    std::fs::copy(&certs.cert_path, &cert).unwrap();
+    std::fs::copy(&certs.key_path, &client_key).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&client_key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let base = format!(
+        "upstream = \"127.0.0.1:{}\"\nuser = \"alice\"\ndatabase = \"postgres\"\ntls.ca_file = \"{}\"\n\
+         tls.server_name = \"localhost\"\ntoken.source = \"file\"\ntoken.path = \"{}\"\n",
+        pg.port(),
+        certs.ca_path.display(),
+        file.display()
+    );
+    let without = Connector::start(&base, false);
+    let e = psql(&without.conninfo("alice"), WHO).unwrap_err();
+    assert!(e.ends_with("FATAL:  connection requires a valid client certificate"), "{e}");
+    drop(without);
+    let with = format!("{base}tls.cert = \"{}\"\ntls.key = \"{}\"\n", cert.display(), client_key.display());
+    let c = Connector::start(&with, false);
+    assert_eq!(psql(&c.conninfo("alice"), WHO).unwrap(), "alice|oauth:alice|alice|with-cert");
+    drop(c);
+    std::fs::set_permissions(&client_key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let config = write_config(dir.path(), &with, &dir.path().join("s"), None);
+    let (ok, _, err) = run_gprxy(&["connect", "--check", "--config", config.to_str().unwrap()], &[]);
+    assert!(!ok);
+    assert!(
+        err.contains(&format!(
+            "tls.key: {}: readable by others (mode 644); run chmod 600 on it",
+            client_key.display()
+        )),
+        "{err}"
+    );
+}
+
 // ---- gprxy pass-through in front of PostgreSQL 18: OAUTHBEARER relayed, or the bridge. ----
 
 /// The connector in front of gprxy pass-through (TLS to gprxy, TLS from gprxy to PostgreSQL 18):

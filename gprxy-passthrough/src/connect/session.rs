@@ -53,6 +53,10 @@ impl Ctx {
         cancel_keys: Arc<CancelKeys>,
         metrics: Arc<super::metrics::Metrics>,
     ) -> anyhow::Result<Self> {
+        if let Some((_, key)) = profile.tls.as_ref().and_then(|t| t.client_cert.as_ref()) {
+            // As libpq refuses an sslkey that group or others can read.
+            super::token_source::check_private_file(key).map_err(|e| anyhow::anyhow!("tls.key: {e}"))?;
+        }
         let tls = match &profile.tls {
             Some(t) => Some(crate::tls::client_config(
                 &t.ca_file,

@@ -211,6 +211,12 @@ fn read_private_file(path: &Path) -> Result<Vec<u8>, TokenError> {
     read_file_checked(path, 0o077, "readable by others")
 }
 
+/// Checks a private key that is not a token source's (the TLS client key, libpq's sslkey): as
+/// a secret or key file.
+pub fn check_private_file(path: &Path) -> Result<(), TokenError> {
+    read_private_file(path).map(drop)
+}
+
 /// Reads a regular file none of whose `mask` mode bits are set.
 fn read_file_checked(path: &Path, mask: u32, what: &str) -> Result<Vec<u8>, TokenError> {
     let err = |reason: String| TokenError::File { path: path.to_path_buf(), reason };
