@@ -694,14 +694,7 @@ mod tests {
     }
 
     fn ordinary() -> Option<RolePowers> {
-        Some(RolePowers {
-            superuser: false,
-            replication: false,
-            bypass_rls: false,
-            create_role: false,
-            server_role: false,
-            member_of: None,
-        })
+        Some(RolePowers::ordinary())
     }
 
     /// Two issuers' pg_hba lines reaching the requested role, with plain identities: refused

@@ -16,6 +16,21 @@ pub struct RolePowers {
     pub member_of: Option<String>,
 }
 
+#[cfg(test)]
+impl RolePowers {
+    /// A role with no power beyond its grants (for tests).
+    pub fn ordinary() -> Self {
+        Self {
+            superuser: false,
+            replication: false,
+            bypass_rls: false,
+            create_role: false,
+            server_role: false,
+            member_of: None,
+        }
+    }
+}
+
 /// Why delegated mode refuses to log a token in as `role` (None: it may). A role that is a
 /// superuser, or has REPLICATION, BYPASSRLS or CREATEROLE, or is (or is a member of) a role that
 /// reads or writes the server's files or runs programs on it, is never reached through a token's
@@ -56,14 +71,7 @@ mod tests {
     use super::*;
 
     fn ordinary() -> RolePowers {
-        RolePowers {
-            superuser: false,
-            replication: false,
-            bypass_rls: false,
-            create_role: false,
-            server_role: false,
-            member_of: None,
-        }
+        RolePowers::ordinary()
     }
 
     #[test]

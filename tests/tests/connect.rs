@@ -434,6 +434,22 @@ fn max_connections_bounds_the_server_backends_and_a_slot_is_given_back_at_a_sess
     assert_eq!(third, "j1");
 }
 
+/// `e`, what psql run as OS user `uid` said, is the connector's refusal, and the connector logged
+/// it with the uid and `listener`.
+fn assert_refused_as(c: &Connector, e: &str, uid: u32, listener: &str) {
+    assert!(
+        e.ends_with(&format!(
+            "FATAL:  gprxy connect: connections from OS user {uid} are not allowed on this connector"
+        )),
+        "{e}"
+    );
+    let refused = c.wait_events("connect_refused", 1);
+    assert_eq!(
+        (refused[0]["uid"].as_i64(), refused[0]["listener"].as_str()),
+        (Some(i64::from(uid)), Some(listener))
+    );
+}
+
 #[test]
 fn another_os_user_is_refused_on_the_socket_and_on_loopback_tcp() {
     assert!(running_as_root(), "this test runs clients as the test user: run it as root (make test does)");
@@ -478,17 +494,7 @@ fn another_os_user_is_refused_on_the_socket_and_on_loopback_tcp() {
     let c = Connector::start(&format!("{profile}listen.allow_uids = [{}]\n", test_uid + 1), false);
     open_up(&c);
     let e = as_test_user(&c.conninfo("alice")).unwrap_err();
-    assert!(
-        e.ends_with(&format!(
-            "FATAL:  gprxy connect: connections from OS user {test_uid} are not allowed on this connector"
-        )),
-        "{e}"
-    );
-    let refused = c.wait_events("connect_refused", 1);
-    assert_eq!(
-        (refused[0]["uid"].as_i64(), refused[0]["listener"].as_str()),
-        (Some(i64::from(test_uid)), Some("unix"))
-    );
+    assert_refused_as(&c, &e, test_uid, "unix");
     assert_eq!(c.events("connect_login").len(), 0, "no token was used for the refused user");
     drop(c);
     let c = Connector::start(&format!("{profile}listen.allow_uids = [{test_uid}]\n"), false);
@@ -533,17 +539,7 @@ fn an_ipv6_loopback_listener_admits_this_user_and_refuses_another() {
     let e =
         output(command_as_test_user(PgVersion::V15.bin("psql")).args(["-X", "-A", "-t", "-c", WHO, &tcp]))
             .unwrap_err();
-    assert!(
-        e.ends_with(&format!(
-            "FATAL:  gprxy connect: connections from OS user {test_uid} are not allowed on this connector"
-        )),
-        "{e}"
-    );
-    let refused = c.wait_events("connect_refused", 1);
-    assert_eq!(
-        (refused[0]["uid"].as_i64(), refused[0]["listener"].as_str()),
-        (Some(i64::from(test_uid)), Some("tcp"))
-    );
+    assert_refused_as(&c, &e, test_uid, "tcp");
     // The server saw one login, this user's.
     assert_eq!(s.pg.log().matches("connection authorized: user=alice").count(), 1, "{}", s.pg.log());
 }
