@@ -92,9 +92,7 @@ fn main() {
     let pg = validator_cluster("db")
         .conf("log_connections = off")
         .conf("log_min_messages = warning")
-        .conf("ssl = on")
-        .conf(format!("ssl_cert_file = '{}'", certs.cert_path.display()))
-        .conf(format!("ssl_key_file = '{}'", certs.key_path.display()))
+        .tls(&certs)
         .hba("host all postgres 127.0.0.1/32 trust")
         .hba(format!(
             "hostssl all alice 127.0.0.1/32 oauth issuer=\"{}\" scope=\"openid db:read\" map=m",

@@ -148,6 +148,14 @@ impl ClusterBuilder {
         self
     }
 
+    /// TLS on, with `certs`' certificate and key (made for the server's OS user:
+    /// [`crate::TestCerts::for_server`]).
+    pub fn tls(self, certs: &crate::TestCerts) -> Self {
+        self.conf("ssl = on")
+            .conf(format!("ssl_cert_file = '{}'", certs.cert_path.display()))
+            .conf(format!("ssl_key_file = '{}'", certs.key_path.display()))
+    }
+
     /// Adds a pg_hba.conf line (before the harness's own superuser lines).
     pub fn hba(mut self, line: impl Into<String>) -> Self {
         self.hba.push(line.into());

@@ -263,10 +263,7 @@ impl Target {
                 let server_policy = if kind == Kind::PassthroughProxyPolicy { "off" } else { policy.name() };
                 let mut builder = validator_cluster("db");
                 if kind == Kind::Connector {
-                    builder = builder
-                        .conf("ssl = on")
-                        .conf(format!("ssl_cert_file = '{}'", certs.cert_path.display()))
-                        .conf(format!("ssl_key_file = '{}'", certs.key_path.display()));
+                    builder = builder.tls(&certs);
                 }
                 let pg = builder
                     .conf("track_commit_timestamp = on")

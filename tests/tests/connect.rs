@@ -136,9 +136,7 @@ fn the_readme_example_runs() {
     let idp = TestIssuer::start(&[&key]);
     let certs = TestCerts::for_server();
     let pg = validator_cluster(AUD)
-        .conf("ssl = on")
-        .conf(format!("ssl_cert_file = '{}'", certs.cert_path.display()))
-        .conf(format!("ssl_key_file = '{}'", certs.key_path.display()))
+        .tls(&certs)
         .hba(format!(
             "hostssl all all 127.0.0.1/32 oauth issuer=\"{}\" scope=\"openid db:read\" map=m",
             idp.issuer()
@@ -815,9 +813,7 @@ fn a_client_certificate_is_presented_when_the_server_asks_for_one() {
     let idp = TestIssuer::start(&[&key]);
     let certs = TestCerts::for_server();
     let pg = validator_cluster(AUD)
-        .conf("ssl = on")
-        .conf(format!("ssl_cert_file = '{}'", certs.cert_path.display()))
-        .conf(format!("ssl_key_file = '{}'", certs.key_path.display()))
+        .tls(&certs)
         .conf(format!("ssl_ca_file = '{}'", certs.ca_path.display()))
         .hba(format!(
             "hostssl all all 127.0.0.1/32 oauth issuer=\"{}\" scope=\"openid db:read\" map=m clientcert=verify-ca",

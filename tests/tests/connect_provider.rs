@@ -69,9 +69,7 @@ impl World {
         let idp = Provider::start_with(config);
         let certs = TestCerts::for_server();
         let mut b = validator_cluster(AUDIENCE)
-            .conf("ssl = on")
-            .conf(format!("ssl_cert_file = '{}'", certs.cert_path.display()))
-            .conf(format!("ssl_key_file = '{}'", certs.key_path.display()))
+            .tls(&certs)
             .hba(format!(
                 "hostssl all all 127.0.0.1/32 oauth issuer=\"{}\" scope=\"openid db:read\" map=m",
                 idp.issuer()

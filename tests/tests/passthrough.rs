@@ -376,9 +376,7 @@ fn upstream_tls_is_verified_and_channel_binding_never_crosses_the_proxy() {
     // PostgreSQL 18 with its own TLS; the key readable only by the server's user.
     let server = TestCerts::for_server();
     let pg = Cluster::builder(PgVersion::validator())
-        .conf("ssl = on")
-        .conf(format!("ssl_cert_file = '{}'", server.cert_path.display()))
-        .conf(format!("ssl_key_file = '{}'", server.key_path.display()))
+        .tls(&server)
         .hba("hostssl all scram_user 127.0.0.1/32 scram-sha-256")
         .hba("hostssl all plain_user 127.0.0.1/32 trust")
         .start();
