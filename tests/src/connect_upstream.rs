@@ -62,6 +62,21 @@ impl Pg18 {
         self.key.token(json!({"typ": "at+jwt"}), &c)
     }
 
+    /// A connector in front of this server, its token source a file holding alice's token with
+    /// `jti` "j1" (five minutes), `extra` profile lines, its TCP listener on when `tcp`. The
+    /// folder holds the token file: keep it with the connector.
+    pub fn connector(&self, extra: &str, tcp: bool) -> (crate::connector::Connector, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("token");
+        crate::connector::write_token_file(&file, &self.token("j1", 300));
+        let profile = format!(
+            "{}{extra}token.source = \"file\"\ntoken.path = \"{}\"\n",
+            self.upstream(),
+            file.display()
+        );
+        (crate::connector::Connector::start(&profile, tcp), dir)
+    }
+
     /// The profile's upstream and TLS lines (user alice, database postgres).
     pub fn upstream(&self) -> String {
         format!(

@@ -353,13 +353,7 @@ fn psql_session(c: &Connector) -> (std::process::ChildStdin, std::process::Child
 #[test]
 fn a_cancel_request_reaches_the_server_through_the_connector() {
     let s = pg18(&[]);
-    let dir = private_dir();
-    let file = dir.path().join("token");
-    write_token_file(&file, &s.token("j1", 300));
-    let c = Connector::start(
-        &format!("{}token.source = \"file\"\ntoken.path = \"{}\"\n", s.upstream(), file.display()),
-        true,
-    );
+    let (c, _dir) = s.connector("", true);
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], c.tcp_port.unwrap()).into();
     let mut conn = pgwire::connect(addr, "alice", "postgres", Auth::None).unwrap();
     let key = conn.key.unwrap();
@@ -383,17 +377,7 @@ fn a_cancel_request_reaches_the_server_through_the_connector() {
 #[test]
 fn max_connections_bounds_the_server_backends_and_a_slot_is_given_back_at_a_sessions_end() {
     let s = pg18(&[]);
-    let dir = private_dir();
-    let file = dir.path().join("token");
-    write_token_file(&file, &s.token("j1", 300));
-    let c = Connector::start(
-        &format!(
-            "{}max_connections = 2\ntoken.source = \"file\"\ntoken.path = \"{}\"\n",
-            s.upstream(),
-            file.display()
-        ),
-        true,
-    );
+    let (c, _dir) = s.connector("max_connections = 2\n", true);
     let backends = || {
         s.pg.sql("SELECT count(*) FROM pg_stat_activity WHERE usename = 'alice' AND backend_type = 'client backend'")
     };

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use gprxy_tests::connect_upstream::Pg18;
-use gprxy_tests::connector::{write_token_file, Connector};
+use gprxy_tests::connector::Connector;
 use gprxy_tests::pgwire::{self, Auth};
 use gprxy_tests::proxy::gprxy_bin;
 use gprxy_tests::{command_as_test_user, running_as_root, PgVersion};
@@ -73,13 +73,7 @@ for _ in range(n):
 fn a_peer_that_closed_before_the_lookup_is_not_taken_for_root() {
     assert!(running_as_root(), "the attacker is the test user: run as root (make test does)");
     let s = pg18();
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("token");
-    write_token_file(&file, &s.token("j1", 300));
-    let c = Connector::start(
-        &format!("{}token.source = \"file\"\ntoken.path = \"{}\"\n", s.upstream(), file.display()),
-        true,
-    );
+    let (c, _dir) = s.connector("", true);
     let port = c.tcp_port.unwrap().to_string();
     let out = as_attacker("/usr/bin/python3", &["-c", BLIND_CLIENT, &port, "10"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -355,17 +349,7 @@ fn a_configuration_file_others_may_write_is_refused() {
 /// A connector in front of `s` with `max_connections = max`, its TCP listener on, and a token
 /// file for alice.
 fn capped(s: &Pg18, max: usize) -> (Connector, tempfile::TempDir, std::net::SocketAddr) {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("token");
-    write_token_file(&file, &s.token("j1", 300));
-    let c = Connector::start(
-        &format!(
-            "{}max_connections = {max}\ntoken.source = \"file\"\ntoken.path = \"{}\"\n",
-            s.upstream(),
-            file.display()
-        ),
-        true,
-    );
+    let (c, dir) = s.connector(&format!("max_connections = {max}\n"), true);
     let addr = ([127, 0, 0, 1], c.tcp_port.unwrap()).into();
     (c, dir, addr)
 }
