@@ -98,6 +98,9 @@ pub enum TokenError {
     /// Signing a client assertion failed.
     #[error("cannot sign the client assertion: {0}")]
     Assertion(String),
+    /// The fetch this caller waited for failed: its error, shared by every caller that waited.
+    #[error("{0}")]
+    Shared(Arc<TokenError>),
 }
 
 /// One way of getting a token. Blocking: called on a blocking thread by [`TokenCache`].
@@ -625,6 +628,10 @@ struct State {
     current: Option<(Fetched, i64)>,
     /// When the last fetch failed, if it did after the current token was fetched.
     failed_at: Option<i64>,
+    /// Fetches done (succeeded or failed).
+    fetches: u64,
+    /// The last fetch's error, if it failed.
+    last_error: Option<Arc<TokenError>>,
 }
 
 impl TokenCache {
@@ -658,6 +665,7 @@ impl TokenCache {
         if let Some(f) = self.reusable(gprxy_core::unix_time()) {
             return Ok((f, false));
         }
+        let before = self.state.lock().fetches;
         let flight = match self.flight.try_lock() {
             Ok(flight) => flight,
             Err(_) => match self.still_valid(gprxy_core::unix_time()) {
@@ -670,6 +678,15 @@ impl TokenCache {
         // Fetched, or failed, while this caller waited.
         if let Some(f) = self.reusable(now) {
             return Ok((f, false));
+        }
+        // A fetch that failed while this caller waited for it is its answer too: with the
+        // issuer down, connections that came together are refused together, each after one
+        // fetch's time, not one after another (the last after all their timeouts).
+        {
+            let state = self.state.lock();
+            if let (true, Some(e)) = (state.fetches != before, &state.last_error) {
+                return Err(TokenError::Shared(e.clone()));
+            }
         }
         let fetched = self.fetch(now).await;
         drop(flight);
@@ -700,14 +717,21 @@ impl TokenCache {
                 .inc();
         }
         let mut state = self.state.lock();
-        match &fetched {
+        state.fetches += 1;
+        match fetched {
             Ok(f) => {
                 state.current = Some((f.clone(), now));
                 state.failed_at = None;
+                state.last_error = None;
+                Ok(f)
             }
-            Err(_) => state.failed_at = Some(gprxy_core::unix_time()),
+            Err(e) => {
+                state.failed_at = Some(gprxy_core::unix_time());
+                let e = Arc::new(e);
+                state.last_error = Some(e.clone());
+                Err(TokenError::Shared(e))
+            }
         }
-        fetched
     }
 
     /// The current token if it is before its refresh point and its source has not changed.
@@ -950,6 +974,32 @@ mod tests {
         assert_eq!(first.await.unwrap().0.token.expose(), "t1");
         assert_eq!(source.calls.load(Ordering::SeqCst), 2);
         keeper.abort();
+    }
+
+    #[tokio::test]
+    async fn connections_waiting_behind_a_failed_fetch_share_its_error_instead_of_fetching_in_turn() {
+        // No token yet, the issuer refusing after a second: eight connections at once.
+        let source = Arc::new(Scripted {
+            calls: AtomicUsize::new(0),
+            delay: Duration::from_millis(1000),
+            fail: true.into(),
+        });
+        let cache = Arc::new(TokenCache::new(source.clone(), 60));
+        let started = Instant::now();
+        let waiters: Vec<_> = (0..8)
+            .map(|_| {
+                let cache = cache.clone();
+                tokio::spawn(async move { cache.get().await.map(|_| ()).unwrap_err().to_string() })
+            })
+            .collect();
+        for w in waiters {
+            assert_eq!(w.await.unwrap(), "the issuer refused the token request: invalid_client (HTTP 401)");
+        }
+        assert_eq!(source.calls.load(Ordering::SeqCst), 1, "one fetch for all eight");
+        assert!(started.elapsed() < Duration::from_millis(1900), "took {:?}", started.elapsed());
+        // The next connection, after that, asks again.
+        source.fail.store(false, Ordering::SeqCst);
+        assert_eq!(cache.get().await.unwrap().0.token.expose(), "t1");
     }
 
     #[tokio::test]
