@@ -540,7 +540,8 @@ fn check_fallback(mut f: FileFallback) -> anyhow::Result<Fallback> {
             })?,
             (None, Some(path)) => std::fs::read_to_string(path)
                 .with_context(|| {
-                    format!("fallback.accounts.{}: cannot read {}", rule.account, path.display())
+                    // The key, not the value: a password pasted here stays out of the message.
+                    format!("fallback.accounts.{}.password_file: cannot read the file", rule.account)
                 })?
                 .trim_end_matches(['\n', '\r'])
                 .to_owned(),
@@ -652,7 +653,8 @@ fn one_issuer(f: &FileFallback) -> anyhow::Result<gprxy_core::IssuerSet> {
 /// credentials are).
 pub fn load_context_key(path: &Path) -> anyhow::Result<gprxy_core::context::ContextKey> {
     use std::os::unix::fs::PermissionsExt;
-    let what = || format!("fallback.context_key_file: {}", path.display());
+    // The key, not the value: a key pasted here stays out of the message.
+    let what = || "fallback.context_key_file".to_owned();
     let meta = std::fs::metadata(path).with_context(what)?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
@@ -866,6 +868,24 @@ mod tests {
         format!(
             "upstream = \"h:1\"\n{TLS}[fallback]\nissuer = \"https://idp\"\naudience = [\"db\"]\nrole_claim = \"roles\"\n{extra}"
         )
+    }
+
+    /// A password or a private key pasted where a file's path goes never reaches the error.
+    #[test]
+    fn a_secret_pasted_under_a_file_key_stays_out_of_the_error() {
+        let pasted = "s3cr3t-pasted-value";
+        let text = fallback(&format!(
+            "[[fallback.map]]\nrole = \"w\"\naccount = \"app_writer\"\n[fallback.accounts.app_writer]\npassword_file = \"{pasted}\"\n"
+        ));
+        let e = format!("{:#}", load(&text).unwrap_err());
+        assert!(e.starts_with("fallback.accounts.app_writer.password_file: cannot read the file: "), "{e}");
+        assert!(!e.contains(pasted), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("server.pem");
+        std::fs::write(&cert, gprxy_core::testkit::test_ca().1).unwrap();
+        let e = format!("{:#}", crate::tls::server_config(&cert, Path::new(pasted)).unwrap_err());
+        assert!(e.starts_with("cannot read the private key file: "), "{e}");
+        assert!(!e.contains(pasted), "{e}");
     }
 
     #[test]
@@ -1146,13 +1166,7 @@ mod tests {
         let line = format!("context_key_file = \"{}\"\n", key.display());
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
         let e = with(&line).unwrap_err().to_string();
-        assert_eq!(
-            e,
-            format!(
-                "fallback.context_key_file: {}: mode 0644 lets others read the key; chmod 600 it",
-                key.display()
-            )
-        );
+        assert_eq!(e, "fallback.context_key_file: mode 0644 lets others read the key; chmod 600 it");
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
         let f = with(&line).unwrap().fallback.unwrap();
         assert_eq!(f.context_key.unwrap().public_key().len(), 43);

@@ -25,7 +25,7 @@ fn certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
 /// The server side for clients.
 pub fn server_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     let chain = certs(cert)?;
-    let pem = std::fs::read(key).with_context(|| format!("cannot read {}", key.display()))?;
+    let pem = std::fs::read(key).context("cannot read the private key file")?;
     let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut pem.as_slice())
         .with_context(|| "bad key PEM".to_string())?
         .context("no private key in the key file")?;
@@ -63,7 +63,7 @@ pub fn client_config(
         None => builder.with_no_client_auth(),
         Some((cert, key)) => {
             let chain = certs(cert)?;
-            let pem = std::fs::read(key).with_context(|| format!("cannot read {}", key.display()))?;
+            let pem = std::fs::read(key).context("cannot read the private key file")?;
             let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut pem.as_slice())
                 .with_context(|| "bad key PEM".to_string())?
                 .context("no private key in the key file")?;

@@ -389,6 +389,35 @@ fn check_profile(name: &str, p: FileProfile) -> anyhow::Result<Profile> {
             bail!("upstream: not host:port");
         }
     }
+    // Every file is named by an absolute path: a secret or token pasted under a file key (a
+    // client secret as `client_secret_file`, a PEM as `tls.key`) is refused here, by the key's
+    // name, instead of reaching an error message as a file that cannot be read.
+    let token_files: Vec<(&str, Option<&PathBuf>)> = match &p.token {
+        TokenSpec::Device { credentials_file } => vec![("token.credentials_file", credentials_file.as_ref())],
+        TokenSpec::ClientCredentials { client_secret_file, private_key_file, ca_file, .. } => vec![
+            ("token.client_secret_file", client_secret_file.as_ref()),
+            ("token.private_key_file", private_key_file.as_ref()),
+            ("token.ca_file", ca_file.as_ref()),
+        ],
+        TokenSpec::File { path } => vec![("token.path", Some(path))],
+        TokenSpec::Exec { .. } | TokenSpec::GithubActions { .. } => Vec::new(),
+    };
+    for (key, path) in [
+        ("tls.ca_file", p.tls.ca_file.as_ref()),
+        ("tls.cert", p.tls.cert.as_ref()),
+        ("tls.key", p.tls.key.as_ref()),
+        ("listen.unix_dir", p.listen.unix_dir.as_ref()),
+    ]
+    .into_iter()
+    .chain(token_files)
+    {
+        if let Some(path) = path {
+            let printable = path.to_str().is_some_and(|t| !t.chars().any(char::is_control));
+            if !path.is_absolute() || !printable {
+                bail!("{key}: must be an absolute path (the file's path, never its contents)");
+            }
+        }
+    }
     let tls = match p.tls.mode {
         TlsMode::VerifyFull => {
             let ca_file = p.tls.ca_file.context(
@@ -423,9 +452,6 @@ fn check_profile(name: &str, p: FileProfile) -> anyhow::Result<Profile> {
     let tcp = loopback("listen.tcp", p.listen.tcp)?;
     let metrics = loopback("listen.metrics", p.listen.metrics)?;
     let unix_dir = p.listen.unix_dir.unwrap_or_else(|| default_socket_dir(name));
-    if !unix_dir.is_absolute() {
-        bail!("listen.unix_dir: must be an absolute path");
-    }
     match &p.token {
         TokenSpec::ClientCredentials {
             client_auth,
@@ -584,6 +610,28 @@ token.client_secret_file = "/etc/gprxy/app.secret"
         );
         let e = ConnectConfig::parse(&text).unwrap_err().to_string();
         assert!(!e.contains("s3cr3t"), "{e}");
+        // The secret itself, or a key's PEM, pasted where a file's path goes.
+        for (key, pasted) in [
+            ("token.client_secret_file", "s3cr3t-value"),
+            ("tls.ca_file", "-----BEGIN CERTIFICATE-----\\nMIIs3cr3t"),
+            ("tls.key", "/etc/x\\n-----BEGIN PRIVATE KEY-----\\ns3cr3t"),
+        ] {
+            let text = GOOD.replace("user = \"alice\"", &format!("{key} = \"{pasted}\""));
+            let text = if key == "token.client_secret_file" {
+                text.replace("token.client_secret_file = \"/etc/gprxy/app.secret\"\n", "")
+            } else if key == "tls.ca_file" {
+                text.replace("tls.ca_file = \"/etc/ssl/db-ca.pem\"\n", "")
+            } else {
+                text.replace("user = \"alice\"", "").replace("tls.key", "tls.cert = \"/etc/c.pem\"\ntls.key")
+            };
+            assert_eq!(
+                ConnectConfig::parse(&text).unwrap_err().to_string(),
+                format!(
+                    "profile \"app\": {key}: must be an absolute path (the file's path, never its contents)"
+                ),
+                "{text}"
+            );
+        }
     }
 
     #[test]
