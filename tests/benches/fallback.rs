@@ -8,8 +8,8 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use gprxy_core::testkit::TestKey;
 use gprxy_tests::idp::TestIssuer;
 use gprxy_tests::pgwire::{connect, connect_tls, Auth};
-use gprxy_tests::proxy::{context_conf, ContextKeyFile, FallbackSetup, Proxy};
-use gprxy_tests::{apply_sql_file, Cluster, PgVersion, TestCerts};
+use gprxy_tests::proxy::{start_signed_context_upstream, ContextKeyFile, FallbackSetup, Proxy};
+use gprxy_tests::{Cluster, PgVersion, TestCerts};
 use serde_json::json;
 
 fn bench(c: &mut Criterion) {
@@ -17,16 +17,12 @@ fn bench(c: &mut Criterion) {
     let idp = TestIssuer::start(&[&key]);
     let certs = TestCerts::new();
     let context_key = ContextKeyFile::create(certs.dir().join("context.key"));
-    let mut pg = Cluster::builder(PgVersion::V15)
-        .conf("log_connections = off")
-        .hba("host all app_admin,app_writer,app_reader 127.0.0.1/32 scram-sha-256");
-    for line in context_conf(&[&context_key.public]) {
-        pg = pg.conf(line);
-    }
-    let pg = pg.start();
-    pg.sql("CREATE EXTENSION gprxy_validator");
-    apply_sql_file(&pg, "postgres", "01_roles.sql");
-    apply_sql_file(&pg, "postgres", "05_signed_context.sql");
+    let pg = start_signed_context_upstream(
+        Cluster::builder(PgVersion::V15)
+            .conf("log_connections = off")
+            .hba("host all app_admin,app_writer,app_reader 127.0.0.1/32 scram-sha-256"),
+        &[&context_key.public],
+    );
     pg.sql("SET password_encryption = 'scram-sha-256'; ALTER ROLE app_writer PASSWORD 'writer-secret-1'");
     let writer_pw = certs.dir().join("w.pw");
     std::fs::write(&writer_pw, "writer-secret-1").expect("pw");

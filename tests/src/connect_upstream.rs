@@ -8,8 +8,8 @@ use gprxy_core::testkit::TestKey;
 use serde_json::json;
 
 use crate::idp::TestIssuer;
-use crate::proxy::{context_conf, ContextKeyFile, FallbackSetup, Proxy};
-use crate::{apply_sql_file, require_validator, validator_cluster, Cluster, PgVersion, TestCerts};
+use crate::proxy::{start_signed_context_upstream, ContextKeyFile, FallbackSetup, Proxy};
+use crate::{require_validator, validator_cluster, Cluster, PgVersion, TestCerts};
 
 /// The audience both servers accept.
 pub const AUD: &str = "db";
@@ -112,14 +112,10 @@ pub fn fallback(extra: &str) -> Fallback {
     let idp = TestIssuer::start(&[&key]);
     let certs = TestCerts::new();
     let context_key = ContextKeyFile::create(certs.dir().join("context.key"));
-    let mut builder = Cluster::builder(version).hba("host all app_writer 127.0.0.1/32 scram-sha-256");
-    for line in context_conf(&[&context_key.public]) {
-        builder = builder.conf(line);
-    }
-    let pg = builder.start();
-    pg.sql("CREATE EXTENSION gprxy_validator");
-    apply_sql_file(&pg, "postgres", "01_roles.sql");
-    apply_sql_file(&pg, "postgres", "05_signed_context.sql");
+    let pg = start_signed_context_upstream(
+        Cluster::builder(version).hba("host all app_writer 127.0.0.1/32 scram-sha-256"),
+        &[&context_key.public],
+    );
     pg.sql("SET password_encryption = 'scram-sha-256'; ALTER ROLE app_writer PASSWORD 'writer-secret-1'");
     let pw = certs.dir().join("writer.pw");
     std::fs::write(&pw, "writer-secret-1\n").unwrap();

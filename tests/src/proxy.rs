@@ -353,6 +353,20 @@ pub fn context_conf(keys: &[&str]) -> [String; 2] {
     ]
 }
 
+/// Starts `builder` as fallback mode's upstream: the signed context pinned to `keys` (its
+/// postgresql.conf lines), gprxy_validator's SQL side, sql/01_roles.sql and
+/// sql/05_signed_context.sql.
+pub fn start_signed_context_upstream(mut builder: crate::ClusterBuilder, keys: &[&str]) -> crate::Cluster {
+    for line in context_conf(keys) {
+        builder = builder.conf(line);
+    }
+    let pg = builder.start();
+    pg.sql("CREATE EXTENSION gprxy_validator");
+    crate::apply_sql_file(&pg, "postgres", "01_roles.sql");
+    crate::apply_sql_file(&pg, "postgres", "05_signed_context.sql");
+    pg
+}
+
 impl FallbackSetup<'_> {
     /// The TOML for [`Proxy::start`].
     pub fn toml(&self) -> String {

@@ -5,7 +5,7 @@
 use gprxy_core::testkit::TestKey;
 use gprxy_tests::idp::TestIssuer;
 use gprxy_tests::pgwire::{connect_tls, Auth};
-use gprxy_tests::proxy::{context_conf, ContextKeyFile, FallbackSetup, Proxy};
+use gprxy_tests::proxy::{start_signed_context_upstream, ContextKeyFile, FallbackSetup, Proxy};
 use gprxy_tests::{apply_sql_file, oauth_psql_with, require_validator, Cluster, PgVersion, TestCerts};
 use serde_json::json;
 
@@ -63,16 +63,10 @@ fn server(pg_conf: &[&str]) -> (Cluster, TestCerts, ContextKeyFile) {
     let context_key = ContextKeyFile::create(certs.dir().join("context.key"));
     let mut builder =
         Cluster::builder(version).hba("host all app_admin,app_writer,app_reader 127.0.0.1/32 scram-sha-256");
-    for line in context_conf(&[&context_key.public]) {
-        builder = builder.conf(line);
-    }
     for line in pg_conf {
         builder = builder.conf(*line);
     }
-    let pg = builder.start();
-    pg.sql("CREATE EXTENSION gprxy_validator");
-    apply_sql_file(&pg, "postgres", "01_roles.sql");
-    apply_sql_file(&pg, "postgres", "05_signed_context.sql");
+    let pg = start_signed_context_upstream(builder, &[&context_key.public]);
     pg.sql("SET password_encryption = 'scram-sha-256'; ALTER ROLE app_writer PASSWORD 'writer-secret-1'; ALTER ROLE app_reader PASSWORD 'reader-secret-1'; ALTER ROLE app_admin PASSWORD 'admin-secret-1'");
     let p = |n: &str| certs.dir().join(n);
     std::fs::write(p("writer.pw"), "writer-secret-1\n").unwrap();

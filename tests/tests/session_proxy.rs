@@ -11,8 +11,8 @@ use gprxy_core::session::UtcTime;
 use gprxy_core::testkit::TestKey;
 use gprxy_tests::idp::TestIssuer;
 use gprxy_tests::pgwire::{connect, connect_tls, Auth, PgConn, PgError};
-use gprxy_tests::proxy::{context_conf, ContextKeyFile, FallbackSetup, Proxy};
-use gprxy_tests::{apply_sql_file, require_validator, validator_cluster, Cluster, PgVersion, TestCerts};
+use gprxy_tests::proxy::{start_signed_context_upstream, ContextKeyFile, FallbackSetup, Proxy};
+use gprxy_tests::{require_validator, validator_cluster, Cluster, PgVersion, TestCerts};
 use serde_json::{json, Value};
 
 /// Seconds from a short token's issue to its `exp`.
@@ -248,15 +248,11 @@ impl Pooled {
         let idp = TestIssuer::start(&[&key]);
         let certs = TestCerts::new();
         let context_key = ContextKeyFile::create(certs.dir().join("context.key"));
-        let mut builder = Cluster::builder(version)
-            .hba("host all app_admin,app_writer,app_reader 127.0.0.1/32 scram-sha-256");
-        for line in context_conf(&[&context_key.public]) {
-            builder = builder.conf(line);
-        }
-        let pg = builder.start();
-        pg.sql("CREATE EXTENSION gprxy_validator");
-        apply_sql_file(&pg, "postgres", "01_roles.sql");
-        apply_sql_file(&pg, "postgres", "05_signed_context.sql");
+        let pg = start_signed_context_upstream(
+            Cluster::builder(version)
+                .hba("host all app_admin,app_writer,app_reader 127.0.0.1/32 scram-sha-256"),
+            &[&context_key.public],
+        );
         pg.sql(
             "SET password_encryption = 'scram-sha-256'; ALTER ROLE app_writer PASSWORD 'writer-secret-1'; \
              ALTER ROLE app_reader PASSWORD 'reader-secret-1'; CREATE TABLE t (tag text)",

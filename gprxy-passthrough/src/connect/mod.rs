@@ -98,8 +98,7 @@ pub async fn run(path: std::path::PathBuf, profile: Profile) -> anyhow::Result<(
                     let c = current.read();
                     (c.ctx.clone(), c.allowed.clone())
                 };
-                let who = uid.map(|u| format!("unix uid {u}"));
-                tokio::spawn(admit(ctx, allowed, open.clone(), Box::new(s), uid, "unix", who));
+                tokio::spawn(admit(ctx, allowed, open.clone(), Box::new(s), uid, "unix", "unix".to_owned()));
             }
         }
     };
@@ -125,8 +124,7 @@ pub async fn run(path: std::path::PathBuf, profile: Profile) -> anyhow::Result<(
                 tokio::spawn(async move {
                     // Read while the peer's socket is surely in the table: it has just connected.
                     let uid = ours.and_then(|o| listen::tcp_peer_uid(peer, o));
-                    let who = uid.map(|u| format!("tcp {peer} uid {u}"));
-                    admit(ctx, allowed, open, Box::new(s), uid, "tcp", who).await;
+                    admit(ctx, allowed, open, Box::new(s), uid, "tcp", format!("tcp {peer}")).await;
                 });
             }
         }
@@ -197,10 +195,10 @@ async fn admit(
     mut s: crate::conn::BoxStream,
     uid: Option<u32>,
     listener: &'static str,
-    who: Option<String>,
+    peer: String,
 ) {
-    match (uid, who) {
-        (Some(u), Some(who)) if allowed.permits(u) => {
+    match uid {
+        Some(u) if allowed.permits(u) => {
             let Some(slot) = open.take(ctx.profile.max_connections) else {
                 if session::cancel_at_limit(&ctx, &mut s).await {
                     return;
@@ -215,16 +213,10 @@ async fn admit(
                 );
                 let message =
                     "gprxy connect: too many connections: this connector's max_connections are open";
-                let _ = s
-                    .write_all(
-                        &BackendMessage::ErrorResponse { sqlstate: SqlState::TOO_MANY_CONNECTIONS, message }
-                            .to_bytes(),
-                    )
-                    .await;
-                let _ = s.shutdown().await;
+                send_error(&mut s, SqlState::TOO_MANY_CONNECTIONS, message).await;
                 return;
             };
-            session::handle(ctx, s, who, slot).await;
+            session::handle(ctx, s, format!("{peer} uid {u}"), slot).await;
         }
         _ => {
             ctx.metrics.refused_peers.get_or_create(&metrics::ListenerLabels { listener }).inc();
@@ -243,12 +235,12 @@ async fn refuse(s: &mut crate::conn::BoxStream, uid: Option<u32>, listener: &str
         "connection from another OS user refused"
     );
     let message = format!("gprxy connect: connections from {who} are not allowed on this connector");
-    let _ = s
-        .write_all(
-            &BackendMessage::ErrorResponse { sqlstate: SqlState::INVALID_AUTHORIZATION, message: &message }
-                .to_bytes(),
-        )
-        .await;
+    send_error(s, SqlState::INVALID_AUTHORIZATION, &message).await;
+}
+
+/// Refuses a connection before its session: one ErrorResponse, then the end.
+async fn send_error(s: &mut crate::conn::BoxStream, sqlstate: SqlState, message: &str) {
+    let _ = s.write_all(&BackendMessage::ErrorResponse { sqlstate, message }.to_bytes()).await;
     let _ = s.shutdown().await;
 }
 
